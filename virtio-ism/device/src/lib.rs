@@ -1,0 +1,1 @@
+//! virtio-ism device model.

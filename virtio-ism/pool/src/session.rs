@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The pool as one virtio-ism device sees it: a session that allocates, attaches, detaches
+//! and grants regions, and hears about what peers do to regions it holds. Both the in-process
+//! pool and the broker client implement [`PoolSession`], so the device never knows which one
+//! it talks to.
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+
+/// Host-wide name of a region: an unguessable 64-bit random value.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Token(pub u64);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({:#018x})", self.0)
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#018x}", self.0)
+    }
+}
+
+/// Host-wide id of one session (one virtio-ism device); reported in config space as `devid`
+/// and named by per-device grants. Never 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DevId(pub u64);
+
+/// Permission bits, numerically the virtio-ism draft's `VIRTIO_ISM_PERM_*` values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Perms(pub u64);
+
+impl Perms {
+    pub const READ: Perms = Perms(1 << 0);
+    pub const WRITE: Perms = Perms(1 << 1);
+    pub const ATTACH: Perms = Perms(1 << 2);
+    pub const MANAGE: Perms = Perms(1 << 3);
+    /// Only meaningful in a grant: clear the default permission instead of setting it.
+    pub const CLEAN_DEFAULT: Perms = Perms(1 << 4);
+    pub const NONE: Perms = Perms(0);
+
+    pub const fn contains(self, other: Perms) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub const fn union(self, other: Perms) -> Perms {
+        Perms(self.0 | other.0)
+    }
+}
+
+/// Who a grant applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantTarget {
+    /// Every device in the pool without a per-device entry.
+    Default,
+    /// One device.
+    Device(DevId),
+}
+
+/// Identity of a session, fixed when it opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Group id of the pool: devices with the same gid can share regions.
+    pub gid: u64,
+    pub devid: DevId,
+}
+
+/// A region this session holds: its memory as a memfd, and whether it may be mapped writable.
+/// A read-only lease's fd is opened read-only, so it cannot be mapped writable at all.
+#[derive(Debug)]
+pub struct RegionLease {
+    pub token: Token,
+    pub size: u64,
+    pub fd: OwnedFd,
+    pub writable: bool,
+}
+
+/// Something a peer or the operator did to a region this session holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// A peer attached a region this session holds.
+    PeerAttached { token: Token, peer: DevId },
+    /// A peer detached (or its VMM went away).
+    PeerDetached { token: Token, peer: DevId },
+    /// The region's grants changed.
+    Updated { token: Token },
+    /// The region was taken away from this session (operator removal); it must unmap it.
+    Revoked { token: Token },
+}
+
+/// Which permission an attach lacked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingPerm {
+    Attach,
+    Read,
+    Write,
+    Manage,
+}
+
+/// Every way the pool refuses a request.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("No region with token {0}")]
+    NoSuchRegion(Token),
+    #[error("Region {token} is not held by this device")]
+    NotHeld { token: Token },
+    #[error("Permission denied on region {token}: {missing:?} not granted")]
+    PermissionDenied { token: Token, missing: MissingPerm },
+    #[error("Invalid region size {0}: must be non-zero and a multiple of the page size")]
+    InvalidSize(u64),
+    #[error("Pool has {available} bytes free, {requested} requested")]
+    PoolExhausted { requested: u64, available: u64 },
+    #[error("Per-VM quota of {limit} bytes exceeded ({used} used, {requested} requested)")]
+    QuotaExceeded { limit: u64, used: u64, requested: u64 },
+    #[error("Region {0} is already held by this device")]
+    AlreadyHeld(Token),
+    #[error("Failed to create region memory")]
+    CreateMemory(#[source] std::io::Error),
+    #[error("Pool broker connection failed")]
+    Connection(#[source] std::io::Error),
+    #[error("Pool broker protocol error: {0}")]
+    Protocol(String),
+}
+
+/// One device's view of the pool.
+pub trait PoolSession: Send + Sync {
+    /// This session's gid and devid.
+    fn info(&self) -> SessionInfo;
+
+    /// Create a region of `size` bytes owned by this session (all permissions).
+    fn alloc(&self, size: u64) -> Result<RegionLease, PoolError>;
+
+    /// Hold an existing region. `want` is READ and/or WRITE; `Perms::NONE` means "whatever
+    /// this device is granted". The lease is writable only if WRITE is granted and asked for
+    /// (or nothing was asked for).
+    fn attach(&self, token: Token, want: Perms) -> Result<RegionLease, PoolError>;
+
+    /// Stop holding a region; it is freed when its last holder goes.
+    fn detach(&self, token: Token) -> Result<(), PoolError>;
+
+    /// Set the default grant or one device's grant (owner or MANAGE holders only).
+    fn grant(&self, token: Token, target: GrantTarget, perms: Perms) -> Result<(), PoolError>;
+
+    /// Events queued for this session since the last call.
+    fn take_events(&self) -> Vec<PoolEvent>;
+
+    /// A file descriptor that becomes readable when events are queued (for a device's epoll
+    /// loop). Reading it is the caller's job after `take_events` returns empty.
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
