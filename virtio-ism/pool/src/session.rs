@@ -112,7 +112,11 @@ pub enum PoolError {
     #[error("Pool has {available} bytes free, {requested} requested")]
     PoolExhausted { requested: u64, available: u64 },
     #[error("Per-VM quota of {limit} bytes exceeded ({used} used, {requested} requested)")]
-    QuotaExceeded { limit: u64, used: u64, requested: u64 },
+    QuotaExceeded {
+        limit: u64,
+        used: u64,
+        requested: u64,
+    },
     #[error("Region {0} is already held by this device")]
     AlreadyHeld(Token),
     #[error("Failed to create region memory")]
