@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Every number of the virtio-ism wire protocol, in one place.
+//!
+//! Sources ("Gen B" of the draft, see docs/protocol.md):
+//! - [D] the virtio-ism draft as carried by the Linux PoC header
+//!   `include/linux/virtio_ism.h` and uapi `include/uapi/linux/virtio_ism.h`
+//!   (fengidri/linux-kernel-virtio-ism @ 19acb39831be);
+//! - [S] the virtio specification (`content.tex` device ID table, `transport-pci.tex`);
+//! - [X] this project's extensions, each behind a feature bit (docs/protocol.md, "Extensions").
+
+/// Virtio device ID of the ISM device. [S] (commit 985bbf397db4)
+pub const VIRTIO_ID_ISM: u32 = 44;
+/// PCI vendor ID of virtio devices. [S]
+pub const PCI_VENDOR_ID_VIRTIO: u16 = 0x1af4;
+/// Modern PCI device ID: 0x1040 + 44. [S]
+pub const PCI_DEVICE_ID_ISM: u16 = 0x1040 + VIRTIO_ID_ISM as u16;
+
+/// Feature bits (device-specific bits 0..=23).
+pub mod features {
+    /// Draft's only feature bit; its meaning was never specified and no PoC device offered it.
+    /// Reserved: this device never offers it. [D]
+    pub const VIRTIO_ISM_F_EVENT_IRQ: u32 = 0;
+    /// Queue 1 is an event queue reporting attach/detach/update/revoke/hot-add. [X]
+    pub const VIRTIO_ISM_F_EVENT_QUEUE: u32 = 1;
+    /// The QUERY control class (list held regions, describe one region). [X]
+    pub const VIRTIO_ISM_F_QUERY: u32 = 2;
+    /// VIRTIO_F_VERSION_1. [S]
+    pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+    /// The 64-bit mask of a feature bit number.
+    pub const fn bit(nr: u32) -> u64 {
+        1u64 << nr
+    }
+}
+
+/// Queue indices and sizes.
+pub mod queues {
+    /// The control queue. [D]
+    pub const CTRL_QUEUE_INDEX: u16 = 0;
+    /// The event queue, present only with VIRTIO_ISM_F_EVENT_QUEUE. [X]
+    pub const EVENT_QUEUE_INDEX: u16 = 1;
+    /// Maximum queue size offered (the QEMU PoC used 64 for the control queue). [D]
+    pub const QUEUE_SIZE: u16 = 64;
+}
+
+/// Shared-memory region ids (`virtio_pci_cap64.cap.id`). [D]
+pub mod shm {
+    pub const VIRTIO_ISM_SHM_ID_UNDEFINED: u8 = 0;
+    /// The sharable memory: regions are mapped at offsets of this region.
+    pub const VIRTIO_ISM_SHM_ID_REGIONS: u8 = 1;
+    /// The notify (doorbell) area: one `notify_size` slot per chunk.
+    pub const VIRTIO_ISM_SHM_ID_NOTIFY: u8 = 2;
+}
+
+/// Control classes and commands. [D] except QUERY [X].
+pub mod ctrl {
+    pub const VIRTIO_ISM_CTRL_ALLOC: u8 = 0;
+    pub const VIRTIO_ISM_CTRL_ALLOC_REGION: u8 = 0;
+
+    pub const VIRTIO_ISM_CTRL_ATTACH: u8 = 1;
+    pub const VIRTIO_ISM_CTRL_ATTACH_REGION: u8 = 0;
+
+    pub const VIRTIO_ISM_CTRL_DETACH: u8 = 2;
+    pub const VIRTIO_ISM_CTRL_DETACH_REGION: u8 = 0;
+
+    pub const VIRTIO_ISM_CTRL_GRANT: u8 = 3;
+    pub const VIRTIO_ISM_CTRL_GRANT_SET_DEFAULT: u8 = 0;
+    pub const VIRTIO_ISM_CTRL_GRANT_SET_FOR_DEVICE: u8 = 1;
+
+    pub const VIRTIO_ISM_CTRL_EVENT_VECTOR: u8 = 4;
+    pub const VIRTIO_ISM_CTRL_EVENT_VECTOR_SET: u8 = 0;
+
+    /// [X] needs VIRTIO_ISM_F_QUERY.
+    pub const VIRTIO_ISM_CTRL_QUERY: u8 = 5;
+    /// [X] list the tokens of every region this device holds.
+    pub const VIRTIO_ISM_CTRL_QUERY_LIST: u8 = 0;
+    /// [X] size, access and areas of one held region.
+    pub const VIRTIO_ISM_CTRL_QUERY_REGION: u8 = 1;
+}
+
+/// Status byte values, written first in the device-writable part of a request. [D]
+pub mod status {
+    pub const VIRTIO_ISM_OK: u8 = 0;
+    pub const VIRTIO_ISM_ENOENT: u8 = 2;
+    pub const VIRTIO_ISM_E2BIG: u8 = 7;
+    pub const VIRTIO_ISM_ENOMEM: u8 = 12;
+    /// Spelled `VIRTIO_ISM_ENOSPEC` in the draft header.
+    pub const VIRTIO_ISM_ENOSPC: u8 = 28;
+    pub const VIRTIO_ISM_PERM_EATTACH: u8 = 100;
+    pub const VIRTIO_ISM_PERM_EREAD: u8 = 101;
+    pub const VIRTIO_ISM_PERM_EWRITE: u8 = 102;
+    pub const VIRTIO_ISM_ERR: u8 = 255;
+}
+
+/// Permission bits of GRANT and ATTACH's `rw_perm`. [D]
+pub mod perm {
+    pub const VIRTIO_ISM_PERM_READ: u64 = 1 << 0;
+    pub const VIRTIO_ISM_PERM_WRITE: u64 = 1 << 1;
+    pub const VIRTIO_ISM_PERM_ATTACH: u64 = 1 << 2;
+    pub const VIRTIO_ISM_PERM_MANAGE: u64 = 1 << 3;
+    pub const VIRTIO_ISM_PERM_CLEAN_DEFAULT: u64 = 1 << 4;
+    /// Every bit a GRANT may carry.
+    pub const VIRTIO_ISM_PERM_ALL: u64 = VIRTIO_ISM_PERM_READ
+        | VIRTIO_ISM_PERM_WRITE
+        | VIRTIO_ISM_PERM_ATTACH
+        | VIRTIO_ISM_PERM_MANAGE
+        | VIRTIO_ISM_PERM_CLEAN_DEFAULT;
+}
+
+/// Event types: [D] declares UPDATE/ATTACH/DETACH as bit values; REVOKE, REGION_ADDED and
+/// OVERFLOW are [X].
+pub mod event {
+    pub const VIRTIO_ISM_EVENT_UPDATE: u64 = 1 << 0;
+    pub const VIRTIO_ISM_EVENT_ATTACH: u64 = 1 << 1;
+    pub const VIRTIO_ISM_EVENT_DETACH: u64 = 1 << 2;
+    /// [X] the host took the region away; the device has already unmapped it.
+    pub const VIRTIO_ISM_EVENT_REVOKE: u64 = 1 << 3;
+    /// [X] the host attached a region to this device (hotplug); describe it with QUERY_REGION.
+    pub const VIRTIO_ISM_EVENT_REGION_ADDED: u64 = 1 << 4;
+    /// [X] events were dropped because the driver did not post buffers; re-sync with QUERY.
+    pub const VIRTIO_ISM_EVENT_OVERFLOW: u64 = 1 << 5;
+}
+
+/// QUERY_REGION `flags` bits. [X]
+pub mod region_flags {
+    /// The region is mapped readable (always set).
+    pub const VIRTIO_ISM_REGION_READ: u64 = 1 << 0;
+    /// The region is mapped writable.
+    pub const VIRTIO_ISM_REGION_WRITE: u64 = 1 << 1;
+    /// This device allocated the region.
+    pub const VIRTIO_ISM_REGION_OWNER: u64 = 1 << 8;
+    /// The host attached the region to this device (hotplug), not the driver.
+    pub const VIRTIO_ISM_REGION_HOTPLUGGED: u64 = 1 << 9;
+}
+
+/// MSI-X "no vector": EVENT_VECTOR with this value unbinds the region's vector. [S]
+pub const VIRTIO_MSI_NO_VECTOR: u64 = 0xffff;
