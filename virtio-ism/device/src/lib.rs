@@ -1,1 +1,28 @@
-//! virtio-ism device model.
+// SPDX-License-Identifier: Apache-2.0
+//! virtio-ism device model, independent of KVM and of the transport.
+//!
+//! [`Ism`] implements [`virtio_device::VirtioDevice`]. It takes regions from the host pool
+//! through an [`ism_pool::PoolSession`], maps them into its shared-memory window through a
+//! [`ShmWindow`] the VMM provides, and serves the control queue (and, when negotiated, the
+//! event queue) from a worker thread. [`IsmHandle`] is the VMM's side door: doorbells
+//! ([`KickSink`]), peer kicks and region hotplug. docs/protocol.md is the wire specification.
+
+mod chunks;
+pub mod config;
+mod ctrl;
+mod device;
+mod metrics;
+mod regions;
+mod window;
+mod worker;
+
+pub use config::{ConfigError, IsmConfig, WindowLayout};
+pub use ctrl::{MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES};
+pub use device::{AVAIL_FEATURES, HandleError, Ism, IsmError, IsmHandle};
+pub use metrics::IsmMetrics;
+pub use regions::{MAX_MSIX_VECTOR, MAX_PENDING_EVENTS};
+pub use window::{KickSink, ShmWindow};
+pub use worker::{IsmWorker, WorkerError};
+
+#[cfg(test)]
+mod tests;

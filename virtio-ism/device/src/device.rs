@@ -1,0 +1,423 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The control plane: features, config space, activation, reset and the shared-memory window
+//! description. `Ism` implements `VirtioDevice`; `IsmHandle` is what the rest of the VMM keeps
+//! to hot-add regions and route doorbells.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use ism_pool::{Perms, PoolSession, Token};
+use log::{error, warn};
+use virtio_device::{
+    ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
+    VirtioSharedMemory, VirtioSharedMemoryList, read_config_from_slice,
+};
+use virtio_ism_proto::defs::features::{
+    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit,
+};
+use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX, QUEUE_SIZE};
+use virtio_ism_proto::defs::shm::{VIRTIO_ISM_SHM_ID_NOTIFY, VIRTIO_ISM_SHM_ID_REGIONS};
+use virtio_ism_proto::defs::VIRTIO_ID_ISM;
+use virtio_ism_proto::{Area, ConfigSpace, EventType, WireStruct};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::config::{ConfigError, IsmConfig, WindowLayout};
+use crate::metrics::IsmMetrics;
+use crate::regions::{RegionTable, pool_status};
+use crate::window::{KickSink, ShmWindow};
+use crate::worker::{IsmWorker, WorkerError};
+
+/// Features this device offers.
+pub const AVAIL_FEATURES: u64 =
+    bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_ISM_F_EVENT_QUEUE) | bit(VIRTIO_ISM_F_QUERY);
+
+/// Why a device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum IsmError {
+    #[error("Invalid virtio-ism configuration")]
+    Config(#[source] ConfigError),
+    #[error("Failed to create the wake eventfd")]
+    CreateWakeEvent(#[source] io::Error),
+}
+
+/// Why a host-side region operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("Device is not active: the driver has not started it")]
+    NotActive,
+    #[error("Attaching region {token} failed with status {status:?}")]
+    Attach {
+        token: Token,
+        status: virtio_ism_proto::Status,
+    },
+}
+
+struct ActiveState {
+    kill_evt: EventFd,
+    worker: Option<JoinHandle<Result<(), WorkerError>>>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// Lifecycle: nothing runs before the driver sets DRIVER_OK.
+enum DeviceState {
+    Inactive,
+    Active(ActiveState),
+}
+
+/// A virtio-ism device.
+pub struct Ism {
+    id: String,
+    layout: WindowLayout,
+    config_space: [u8; ConfigSpace::SIZE],
+    acked_features: u64,
+    queue_sizes: [u16; 2],
+    table: Arc<Mutex<RegionTable>>,
+    metrics: Arc<IsmMetrics>,
+    shm_addr: GuestAddress,
+    kick_sink: Option<Arc<dyn KickSink>>,
+    wake_evt: Arc<EventFd>,
+    pool_fd: Option<std::os::fd::RawFd>,
+    state: DeviceState,
+}
+
+fn lock(table: &Mutex<RegionTable>) -> MutexGuard<'_, RegionTable> {
+    table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Ism {
+    /// A device named `id` taking regions from `session` and mapping them through `window`.
+    /// gid and devid come from the session.
+    pub fn new(
+        id: impl Into<String>,
+        config: IsmConfig,
+        session: Arc<dyn PoolSession>,
+        window: Arc<dyn ShmWindow>,
+    ) -> Result<Self, IsmError> {
+        let layout = config.layout().map_err(IsmError::Config)?;
+        let info = session.info();
+        let pool_fd = session.event_fd();
+        let metrics = Arc::new(IsmMetrics::default());
+        let config_space = ConfigSpace {
+            gid: info.gid,
+            devid: info.devid.0,
+            chunk_size: layout.chunk_size,
+            notify_size: layout.notify_size,
+        }
+        .to_bytes()
+        .unwrap_or([0; ConfigSpace::SIZE]);
+        Ok(Self {
+            id: id.into(),
+            layout,
+            config_space,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            table: Arc::new(Mutex::new(RegionTable::new(
+                layout,
+                session,
+                window,
+                metrics.clone(),
+            ))),
+            metrics,
+            shm_addr: GuestAddress(0),
+            kick_sink: None,
+            wake_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(IsmError::CreateWakeEvent)?),
+            pool_fd,
+            state: DeviceState::Inactive,
+        })
+    }
+
+    /// Where doorbell writes go (see [`KickSink`]). Without one, kicks are counted and dropped.
+    pub fn with_kick_sink(mut self, sink: Arc<dyn KickSink>) -> Self {
+        self.kick_sink = Some(sink);
+        self
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn layout(&self) -> WindowLayout {
+        self.layout
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// A handle for the VMM: hotplug, doorbells. Valid for the device's whole life.
+    pub fn handle(&self) -> IsmHandle {
+        IsmHandle {
+            table: self.table.clone(),
+            metrics: self.metrics.clone(),
+            kick_sink: self.kick_sink.clone(),
+            wake_evt: self.wake_evt.clone(),
+            layout: self.layout,
+        }
+    }
+
+    /// Everything `activate` does except starting the thread: take the queues and memory and
+    /// return the worker that serves them. Tests drive the returned worker synchronously.
+    pub fn activate_worker(&mut self, ctx: ActivationContext) -> Result<IsmWorker, ActivateError> {
+        if matches!(self.state, DeviceState::Active(_)) {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let mut ctrl = None;
+        let mut events = None;
+        let enabled = ctx.queues.len();
+        for (index, queue, evt) in ctx.queues {
+            match index {
+                CTRL_QUEUE_INDEX => ctrl = Some((queue, evt)),
+                EVENT_QUEUE_INDEX if self.acked_features & bit(VIRTIO_ISM_F_EVENT_QUEUE) != 0 => {
+                    events = Some((queue, evt))
+                }
+                other => warn!("virtio-ism {}: ignoring queue {other}", self.id),
+            }
+        }
+        let Some((ctrl_queue, ctrl_evt)) = ctrl else {
+            return Err(ActivateError::BadQueueCount {
+                needed: 1,
+                enabled,
+            });
+        };
+        let kill_evt = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::CloneEventFd)?;
+        let worker = IsmWorker {
+            mem: ctx.mem,
+            ctrl_queue,
+            ctrl_evt,
+            event_queue: events,
+            table: self.table.clone(),
+            interrupt: ctx.interrupt_cb.clone(),
+            features: self.acked_features,
+            metrics: self.metrics.clone(),
+            kill_evt: kill_evt.try_clone().map_err(ActivateError::CloneEventFd)?,
+            wake_evt: self.wake_evt.try_clone().map_err(ActivateError::CloneEventFd)?,
+            pool_fd: self.pool_fd,
+        };
+        lock(&self.table).set_active(Some(ctx.interrupt_cb.clone()), worker.event_queue.is_some());
+        self.state = DeviceState::Active(ActiveState {
+            kill_evt,
+            worker: None,
+            interrupt: ctx.interrupt_cb,
+        });
+        Ok(worker)
+    }
+
+    fn stop(&mut self) -> Option<Arc<dyn VirtioInterrupt>> {
+        let DeviceState::Active(mut active) =
+            std::mem::replace(&mut self.state, DeviceState::Inactive)
+        else {
+            lock(&self.table).release_all();
+            return None;
+        };
+        if let Some(worker) = active.worker.take() {
+            if let Err(e) = active.kill_evt.write(1) {
+                error!("virtio-ism {}: failed to signal the worker: {e}", self.id);
+            }
+            match worker.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!("virtio-ism {}: worker failed: {e}", self.id),
+                Err(_) => error!("virtio-ism {}: worker panicked", self.id),
+            }
+        }
+        lock(&self.table).release_all();
+        Some(active.interrupt)
+    }
+}
+
+impl VirtioDevice for Ism {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_ISM
+    }
+
+    /// Two queues: control (0) and event (1). Queue 1 is used only when the driver negotiates
+    /// VIRTIO_ISM_F_EVENT_QUEUE, like virtio-net's control queue; a draft driver sets up
+    /// queue 0 alone.
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        AVAIL_FEATURES
+    }
+
+    fn ack_features(&mut self, value: u64) {
+        let unknown = value & !AVAIL_FEATURES;
+        if unknown != 0 {
+            warn!("virtio-ism {}: driver acked unoffered features {unknown:#x}", self.id);
+        }
+        self.acked_features |= value & AVAIL_FEATURES;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_from_slice(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        warn!(
+            "virtio-ism {}: ignoring {}-byte write to read-only config at {offset:#x}",
+            self.id,
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        let worker = self.activate_worker(ctx)?;
+        let spawned = std::thread::Builder::new()
+            .name("virtio-ism".into())
+            .spawn(move || {
+                let result = worker.run();
+                if let Err(e) = &result {
+                    error!("virtio-ism worker: {e}");
+                }
+                result
+            });
+        match spawned {
+            Ok(handle) => {
+                if let DeviceState::Active(active) = &mut self.state {
+                    active.worker = Some(handle);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.stop();
+                Err(ActivateError::SpawnWorker(e))
+            }
+        }
+    }
+
+    /// Stop the worker, unmap every region and give every region back to the pool.
+    fn reset(&mut self) -> Option<Arc<dyn VirtioInterrupt>> {
+        self.acked_features = 0;
+        self.stop()
+    }
+
+    fn shutdown(&mut self) {
+        self.stop();
+    }
+
+    fn get_shm_regions(&self) -> Option<VirtioSharedMemoryList> {
+        Some(VirtioSharedMemoryList {
+            addr: self.shm_addr,
+            len: self.layout.window_size,
+            region_list: vec![
+                VirtioSharedMemory {
+                    id: VIRTIO_ISM_SHM_ID_REGIONS,
+                    offset: 0,
+                    len: self.layout.shm_size,
+                },
+                VirtioSharedMemory {
+                    id: VIRTIO_ISM_SHM_ID_NOTIFY,
+                    offset: self.layout.notify_offset,
+                    len: self.layout.notify_len,
+                },
+            ],
+        })
+    }
+
+    fn set_shm_regions(&mut self, list: VirtioSharedMemoryList) -> Result<(), ShmError> {
+        if list.len != self.layout.window_size {
+            return Err(ShmError::Move(format!(
+                "window length {:#x} differs from the device's {:#x}",
+                list.len, self.layout.window_size
+            )));
+        }
+        self.shm_addr = list.addr;
+        Ok(())
+    }
+
+    fn counters(&self) -> Option<Counters> {
+        Some(self.metrics.counters())
+    }
+}
+
+impl Drop for Ism {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The VMM's side door into a device: doorbells, peer kicks and region hotplug.
+#[derive(Clone)]
+pub struct IsmHandle {
+    table: Arc<Mutex<RegionTable>>,
+    metrics: Arc<IsmMetrics>,
+    kick_sink: Option<Arc<dyn KickSink>>,
+    wake_evt: Arc<EventFd>,
+    layout: WindowLayout,
+}
+
+impl IsmHandle {
+    /// The guest wrote to shmid 2 at `offset` (relative to the notify area). Resolves the
+    /// region owning that slot and asks the kick sink to signal its other holders. Returns
+    /// the region kicked, if the slot belongs to one.
+    pub fn handle_notify(&self, offset: u64) -> Option<Token> {
+        if offset >= self.layout.notify_len {
+            return None;
+        }
+        let (token, from) = {
+            let table = lock(&self.table);
+            (table.notify_target(offset)?, table.info().devid)
+        };
+        IsmMetrics::inc(&self.metrics.kicks);
+        if let Some(sink) = &self.kick_sink {
+            sink.kick_peers(from, token);
+        }
+        Some(token)
+    }
+
+    /// A peer kicked `token`: raise the vector this guest bound to it. Returns whether an
+    /// interrupt was raised.
+    pub fn deliver_kick(&self, token: Token) -> bool {
+        lock(&self.table).deliver_kick(token)
+    }
+
+    /// Attach `token` on the host's behalf (REST region hotplug) with `want` (READ/WRITE, or
+    /// NONE for whatever is granted), map it and tell the driver with a REGION_ADDED event.
+    pub fn add_region(&self, token: Token, want: Perms) -> Result<Vec<Area>, HandleError> {
+        let mut table = lock(&self.table);
+        if !table.is_active() {
+            return Err(HandleError::NotActive);
+        }
+        let areas = table
+            .attach(token, want.0, u64::MAX, true)
+            .map_err(|r| HandleError::Attach {
+                token,
+                status: r.status,
+            })?;
+        if let Some(region) = table.region(token) {
+            let subject = table.subject(region);
+            table.post_event(EventType::RegionAdded, subject, 0);
+        }
+        drop(table);
+        self.wake();
+        Ok(areas)
+    }
+
+    /// Take a region away from the guest (REST region unplug): unmap it, give it back to the
+    /// pool and send a REVOKE event. Returns false if the device did not hold it.
+    pub fn remove_region(&self, token: Token) -> bool {
+        let removed = lock(&self.table).revoke(token);
+        if removed {
+            self.wake();
+        }
+        removed
+    }
+
+    /// Tokens of every region the device holds.
+    pub fn regions(&self) -> Vec<Token> {
+        lock(&self.table).tokens()
+    }
+
+    /// Map a pool refusal to the status a driver would see (for API error messages).
+    pub fn status_of(err: &ism_pool::PoolError) -> virtio_ism_proto::Status {
+        pool_status(err)
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.wake_evt.write(1) {
+            warn!("virtio-ism: failed to wake the worker: {e}");
+        }
+    }
+}

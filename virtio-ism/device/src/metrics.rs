@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Device counters: plain relaxed atomics, read by `VirtioDevice::counters`.
+
+use std::num::Wrapping;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_device::Counters;
+
+#[derive(Debug, Default)]
+pub struct IsmMetrics {
+    /// Control requests processed (valid or not).
+    pub ctrl_commands: AtomicU64,
+    /// Control requests answered with a status other than OK, or dropped as malformed.
+    pub ctrl_errors: AtomicU64,
+    /// Regions currently held (allocated, attached or hot-added).
+    pub regions_attached: AtomicU64,
+    /// Bytes currently mapped into the window.
+    pub bytes_mapped: AtomicU64,
+    /// Doorbell writes handled (`handle_notify`).
+    pub kicks: AtomicU64,
+    /// Kicks received from peers and raised as an interrupt.
+    pub kicks_delivered: AtomicU64,
+    /// Events written to the event queue.
+    pub events_delivered: AtomicU64,
+    /// Events dropped because the driver posted no buffers in time.
+    pub events_dropped: AtomicU64,
+    /// Event-queue buffers returned unused because they were malformed.
+    pub event_errors: AtomicU64,
+}
+
+impl IsmMetrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn sub(counter: &AtomicU64, value: u64) {
+        counter.fetch_sub(value, Ordering::Relaxed);
+    }
+
+    pub fn counters(&self) -> Counters {
+        let get = |c: &AtomicU64| Wrapping(c.load(Ordering::Relaxed));
+        Counters::from([
+            ("ctrl_commands", get(&self.ctrl_commands)),
+            ("ctrl_errors", get(&self.ctrl_errors)),
+            ("regions_attached", get(&self.regions_attached)),
+            ("bytes_mapped", get(&self.bytes_mapped)),
+            ("kicks", get(&self.kicks)),
+            ("kicks_delivered", get(&self.kicks_delivered)),
+            ("events_delivered", get(&self.events_delivered)),
+            ("events_dropped", get(&self.events_dropped)),
+            ("event_errors", get(&self.event_errors)),
+        ])
+    }
+}

@@ -1,0 +1,504 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The regions one device holds: pool leases mapped into chunk slots of its window, their
+//! interrupt vectors and the events about them. Every control command ends up here, after the
+//! request was copied out of guest memory and validated; nothing here touches guest memory.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use ism_pool::{
+    DevId, GrantTarget, MissingPerm, PoolError, PoolEvent, PoolSession, Perms, RegionLease,
+    SessionInfo, Token,
+};
+use log::{debug, warn};
+use virtio_device::{VirtioInterrupt, VirtioInterruptType};
+use virtio_ism_proto::defs::{perm, region_flags, VIRTIO_MSI_NO_VECTOR};
+use virtio_ism_proto::{Area, Event, EventType, Status};
+
+use crate::chunks::{ChunkMap, Extent};
+use crate::config::WindowLayout;
+use crate::metrics::IsmMetrics;
+use crate::window::ShmWindow;
+
+/// Granule the pool sizes regions in.
+pub const PAGE_SIZE: u64 = 4096;
+/// Highest MSI-X vector EVENT_VECTOR accepts (an MSI-X table has at most 2048 entries).
+pub const MAX_MSIX_VECTOR: u64 = 2047;
+/// Events kept for the event queue while the driver posts no buffers; past this they are
+/// dropped and an OVERFLOW event tells the driver to re-sync with QUERY.
+pub const MAX_PENDING_EVENTS: usize = 256;
+
+/// One region held by this device.
+#[derive(Debug)]
+pub struct Region {
+    pub token: Token,
+    pub size: u64,
+    pub writable: bool,
+    /// This device allocated it.
+    pub owner: bool,
+    /// The host attached it (hotplug), not the driver.
+    pub hotplugged: bool,
+    pub extents: Vec<Extent>,
+    /// MSI-X vector bound with EVENT_VECTOR.
+    pub vector: Option<u16>,
+    /// Other holders this device knows of.
+    pub peers: u64,
+}
+
+/// The facts about a region an event carries (the region may be gone already).
+#[derive(Clone, Copy, Debug)]
+pub struct EventSubject {
+    pub token: Token,
+    pub offset: u64,
+    pub peers: u64,
+    pub vector: Option<u16>,
+}
+
+/// A failed command: the status to return and, for E2BIG, how many entries were needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: Status,
+    pub needed: Option<u64>,
+}
+
+impl From<Status> for Refusal {
+    fn from(status: Status) -> Self {
+        Self {
+            status,
+            needed: None,
+        }
+    }
+}
+
+/// The status a pool refusal becomes on the wire.
+pub fn pool_status(err: &PoolError) -> Status {
+    match err {
+        PoolError::NoSuchRegion(_) | PoolError::NotHeld { .. } => Status::NoEnt,
+        PoolError::PermissionDenied { missing, .. } => match missing {
+            MissingPerm::Attach => Status::PermAttach,
+            MissingPerm::Read => Status::PermRead,
+            MissingPerm::Write => Status::PermWrite,
+            MissingPerm::Manage => Status::Err,
+        },
+        PoolError::PoolExhausted { .. }
+        | PoolError::QuotaExceeded { .. }
+        | PoolError::CreateMemory(_) => Status::NoMem,
+        _ => Status::Err,
+    }
+}
+
+/// Device state shared by the worker thread (control and event queues) and the VMM-facing
+/// handle (hotplug, doorbells, reset).
+pub struct RegionTable {
+    layout: WindowLayout,
+    info: SessionInfo,
+    session: Arc<dyn PoolSession>,
+    window: Arc<dyn ShmWindow>,
+    chunks: ChunkMap,
+    regions: BTreeMap<Token, Region>,
+    events: VecDeque<Event>,
+    overflowed: bool,
+    /// The driver negotiated the event queue and activated it.
+    event_queue: bool,
+    interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    metrics: Arc<IsmMetrics>,
+}
+
+impl RegionTable {
+    pub fn new(
+        layout: WindowLayout,
+        session: Arc<dyn PoolSession>,
+        window: Arc<dyn ShmWindow>,
+        metrics: Arc<IsmMetrics>,
+    ) -> Self {
+        Self {
+            layout,
+            info: session.info(),
+            chunks: ChunkMap::new(layout.chunks),
+            session,
+            window,
+            regions: BTreeMap::new(),
+            events: VecDeque::new(),
+            overflowed: false,
+            event_queue: false,
+            interrupt: None,
+            metrics,
+        }
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        self.info
+    }
+
+    /// Called at activation and reset.
+    pub fn set_active(&mut self, interrupt: Option<Arc<dyn VirtioInterrupt>>, event_queue: bool) {
+        self.interrupt = interrupt;
+        self.event_queue = event_queue;
+        self.events.clear();
+        self.overflowed = false;
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.interrupt.is_some()
+    }
+
+    pub fn region(&self, token: Token) -> Option<&Region> {
+        self.regions.get(&token)
+    }
+
+    pub fn tokens(&self) -> Vec<Token> {
+        self.regions.keys().copied().collect()
+    }
+
+    /// Areas of a region, in order, as the driver sees them (offsets in shmid 1).
+    pub fn areas(&self, region: &Region) -> Vec<Area> {
+        let mut remaining = region.size;
+        region
+            .extents
+            .iter()
+            .map(|extent| {
+                let len = (extent.count * self.layout.chunk_size).min(remaining);
+                remaining -= len;
+                Area {
+                    offset: extent.first * self.layout.chunk_size,
+                    size: len,
+                }
+            })
+            .collect()
+    }
+
+    fn chunks_for(&self, size: u64) -> Result<u64, Refusal> {
+        let count = size.div_ceil(self.layout.chunk_size);
+        if count > self.chunks.free_count() {
+            return Err(Status::NoSpc.into());
+        }
+        Ok(count)
+    }
+
+    /// ALLOC_REGION. `capacity` is how many areas the driver's reply buffer holds.
+    pub fn alloc(&mut self, size: u64, capacity: u64) -> Result<(Token, Vec<Area>), Refusal> {
+        if size == 0 {
+            return Err(Status::Err.into());
+        }
+        let size = size
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(Refusal::from(Status::NoSpc))?;
+        let count = self.chunks_for(size)?;
+        let plan = self.chunks.plan(count).ok_or(Refusal::from(Status::NoSpc))?;
+        if plan.len() as u64 > capacity {
+            // Decided before touching the pool, so the driver's retry sees the same plan.
+            return Err(Refusal {
+                status: Status::TooBig,
+                needed: Some(plan.len() as u64),
+            });
+        }
+        let lease = self.session.alloc(size).map_err(|e| {
+            debug!("virtio-ism: pool refused alloc of {size} bytes: {e}");
+            Refusal::from(pool_status(&e))
+        })?;
+        let token = lease.token;
+        self.install(lease, plan, true, false).inspect_err(|_| {
+            let _ = self.session.detach(token);
+        })?;
+        let areas = self.areas(&self.regions[&token]);
+        Ok((token, areas))
+    }
+
+    /// ATTACH_REGION (or a host hot-add when `hotplugged`). `rw_perm` keeps only READ/WRITE;
+    /// 0 means "whatever is granted".
+    pub fn attach(
+        &mut self,
+        token: Token,
+        rw_perm: u64,
+        capacity: u64,
+        hotplugged: bool,
+    ) -> Result<Vec<Area>, Refusal> {
+        if self.regions.contains_key(&token) {
+            return Err(Status::Err.into());
+        }
+        let want = Perms(rw_perm & (perm::VIRTIO_ISM_PERM_READ | perm::VIRTIO_ISM_PERM_WRITE));
+        let lease = self.session.attach(token, want).map_err(|e| {
+            debug!("virtio-ism: pool refused attach of {token}: {e}");
+            Refusal::from(pool_status(&e))
+        })?;
+        let outcome = self.place(&lease, capacity).and_then(|plan| {
+            self.install(lease, plan, false, hotplugged)
+        });
+        if let Err(refusal) = outcome {
+            let _ = self.session.detach(token);
+            return Err(refusal);
+        }
+        Ok(self.areas(&self.regions[&token]))
+    }
+
+    fn place(&self, lease: &RegionLease, capacity: u64) -> Result<Vec<Extent>, Refusal> {
+        if lease.size == 0 || !lease.size.is_multiple_of(PAGE_SIZE) {
+            warn!("virtio-ism: pool lease {} has bad size {}", lease.token, lease.size);
+            return Err(Status::Err.into());
+        }
+        let count = self.chunks_for(lease.size)?;
+        let plan = self.chunks.plan(count).ok_or(Refusal::from(Status::NoSpc))?;
+        if plan.len() as u64 > capacity {
+            return Err(Refusal {
+                status: Status::TooBig,
+                needed: Some(plan.len() as u64),
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Map a lease into the planned slots and record the region.
+    fn install(
+        &mut self,
+        lease: RegionLease,
+        plan: Vec<Extent>,
+        owner: bool,
+        hotplugged: bool,
+    ) -> Result<(), Refusal> {
+        let mut mapped: Vec<(u64, u64)> = Vec::with_capacity(plan.len());
+        let mut fd_offset = 0u64;
+        for extent in &plan {
+            let window_offset = extent.first * self.layout.chunk_size;
+            let len = (extent.count * self.layout.chunk_size).min(lease.size - fd_offset);
+            if let Err(e) =
+                self.window
+                    .map(window_offset, lease.fd.as_fd(), fd_offset, len, lease.writable)
+            {
+                warn!("virtio-ism: mapping region {} failed: {e}", lease.token);
+                for (off, len) in mapped {
+                    let _ = self.window.unmap(off, len);
+                }
+                return Err(Status::Err.into());
+            }
+            mapped.push((window_offset, len));
+            fd_offset += len;
+        }
+        self.chunks.commit(&plan, lease.token);
+        IsmMetrics::inc(&self.metrics.regions_attached);
+        IsmMetrics::add(&self.metrics.bytes_mapped, lease.size);
+        self.regions.insert(
+            lease.token,
+            Region {
+                token: lease.token,
+                size: lease.size,
+                writable: lease.writable,
+                owner,
+                hotplugged,
+                extents: plan,
+                vector: None,
+                peers: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Unmap a region and free its slots; the pool side is the caller's business.
+    fn uninstall(&mut self, token: Token) -> Option<Region> {
+        let region = self.regions.remove(&token)?;
+        for area in self.areas(&region) {
+            if let Err(e) = self.window.unmap(area.offset, area.size) {
+                warn!("virtio-ism: unmapping region {token} failed: {e}");
+            }
+        }
+        self.chunks.release(&region.extents);
+        IsmMetrics::sub(&self.metrics.regions_attached, 1);
+        IsmMetrics::sub(&self.metrics.bytes_mapped, region.size);
+        Some(region)
+    }
+
+    /// DETACH_REGION.
+    pub fn detach(&mut self, token: Token) -> Result<(), Refusal> {
+        self.uninstall(token).ok_or(Refusal::from(Status::NoEnt))?;
+        if let Err(e) = self.session.detach(token) {
+            warn!("virtio-ism: pool detach of {token} failed: {e}");
+        }
+        Ok(())
+    }
+
+    /// GRANT_SET_DEFAULT / GRANT_SET_FOR_DEVICE.
+    pub fn grant(&mut self, token: Token, target: GrantTarget, perms: u64) -> Result<(), Refusal> {
+        if perms & !perm::VIRTIO_ISM_PERM_ALL != 0 {
+            return Err(Status::Err.into());
+        }
+        if perms & perm::VIRTIO_ISM_PERM_CLEAN_DEFAULT != 0 && target != GrantTarget::Default {
+            return Err(Status::Err.into());
+        }
+        if let GrantTarget::Device(DevId(0)) = target {
+            return Err(Status::Err.into());
+        }
+        self.session
+            .grant(token, target, Perms(perms))
+            .map_err(|e| Refusal::from(pool_status(&e)))
+    }
+
+    /// EVENT_VECTOR_SET.
+    pub fn set_vector(&mut self, token: Token, vector: u64) -> Result<(), Refusal> {
+        let region = self
+            .regions
+            .get_mut(&token)
+            .ok_or(Refusal::from(Status::NoEnt))?;
+        region.vector = match vector {
+            VIRTIO_MSI_NO_VECTOR => None,
+            v if v <= MAX_MSIX_VECTOR => Some(v as u16),
+            _ => return Err(Status::Err.into()),
+        };
+        Ok(())
+    }
+
+    /// QUERY_REGION flags word.
+    pub fn flags(region: &Region) -> u64 {
+        let mut flags = region_flags::VIRTIO_ISM_REGION_READ;
+        if region.writable {
+            flags |= region_flags::VIRTIO_ISM_REGION_WRITE;
+        }
+        if region.owner {
+            flags |= region_flags::VIRTIO_ISM_REGION_OWNER;
+        }
+        if region.hotplugged {
+            flags |= region_flags::VIRTIO_ISM_REGION_HOTPLUGGED;
+        }
+        flags
+    }
+
+    /// Unmap and detach everything (device reset, shutdown).
+    pub fn release_all(&mut self) {
+        for token in self.tokens() {
+            let _ = self.detach(token);
+        }
+        self.set_active(None, false);
+    }
+
+    /// Host hot-unplug: drop the region and tell the driver it was revoked.
+    pub fn revoke(&mut self, token: Token) -> bool {
+        let Some(region) = self.uninstall(token) else {
+            return false;
+        };
+        if let Err(e) = self.session.detach(token) {
+            warn!("virtio-ism: pool detach of revoked {token} failed: {e}");
+        }
+        let subject = self.subject(&region);
+        self.post_event(EventType::Revoke, subject, 0);
+        true
+    }
+
+    /// Fold what the pool reports into the table; returns whether anything happened.
+    pub fn absorb_pool_events(&mut self) -> bool {
+        let events = self.session.take_events();
+        let had = !events.is_empty();
+        for event in events {
+            match event {
+                PoolEvent::PeerAttached { token, peer } => {
+                    if let Some(region) = self.regions.get_mut(&token) {
+                        region.peers += 1;
+                        let subject = self.subject(&self.regions[&token]);
+                        self.post_event(EventType::Attach, subject, peer.0);
+                    }
+                }
+                PoolEvent::PeerDetached { token, peer } => {
+                    if let Some(region) = self.regions.get_mut(&token) {
+                        region.peers = region.peers.saturating_sub(1);
+                        let subject = self.subject(&self.regions[&token]);
+                        self.post_event(EventType::Detach, subject, peer.0);
+                    }
+                }
+                PoolEvent::Updated { token } => {
+                    if let Some(region) = self.regions.get(&token) {
+                        let subject = self.subject(region);
+                        self.post_event(EventType::Update, subject, 0);
+                    }
+                }
+                PoolEvent::Revoked { token } => {
+                    // The pool already dropped our hold; just unmap.
+                    if let Some(region) = self.uninstall(token) {
+                        let subject = self.subject(&region);
+                        self.post_event(EventType::Revoke, subject, 0);
+                    }
+                }
+            }
+        }
+        had
+    }
+
+    /// What an event says about a region.
+    pub fn subject(&self, region: &Region) -> EventSubject {
+        EventSubject {
+            token: region.token,
+            offset: region
+                .extents
+                .first()
+                .map_or(0, |e| e.first * self.layout.chunk_size),
+            peers: region.peers,
+            vector: region.vector,
+        }
+    }
+
+    /// Queue an event for the event queue, or, without one, raise the region's vector (the
+    /// only way a draft driver can hear about it).
+    pub fn post_event(&mut self, kind: EventType, subject: EventSubject, devid: u64) {
+        if self.event_queue {
+            if self.events.len() >= MAX_PENDING_EVENTS {
+                IsmMetrics::add(&self.metrics.events_dropped, self.events.len() as u64);
+                self.events.clear();
+                self.overflowed = true;
+            }
+            self.events.push_back(Event {
+                ev_type: kind.raw(),
+                offset: subject.offset,
+                devid,
+                peers: subject.peers,
+                token: subject.token.0,
+            });
+        } else if let (Some(vector), Some(interrupt)) = (subject.vector, &self.interrupt) {
+            let _ = interrupt.trigger(VirtioInterruptType::Vector(vector));
+        }
+    }
+
+    /// Next event to deliver (an OVERFLOW marker first if events were dropped).
+    pub fn peek_event(&self) -> Option<Event> {
+        if self.overflowed {
+            return Some(Event {
+                ev_type: EventType::Overflow.raw(),
+                ..Event::default()
+            });
+        }
+        self.events.front().copied()
+    }
+
+    /// `delivered` (returned by `peek_event`) reached the driver.
+    pub fn pop_event(&mut self, delivered: &Event) {
+        if self.overflowed {
+            if delivered.kind() == EventType::Overflow {
+                self.overflowed = false;
+            }
+        } else if self.events.front() == Some(delivered) {
+            self.events.pop_front();
+        }
+        IsmMetrics::inc(&self.metrics.events_delivered);
+    }
+
+    /// The region whose notify slot is at `offset` within shmid 2.
+    pub fn notify_target(&self, offset: u64) -> Option<Token> {
+        let slot = offset / self.layout.notify_size;
+        if slot >= self.layout.chunks {
+            return None;
+        }
+        self.chunks.owner(slot)
+    }
+
+    /// A peer kicked `token`: raise its vector. Returns whether an interrupt was raised.
+    pub fn deliver_kick(&self, token: Token) -> bool {
+        let Some(vector) = self.regions.get(&token).and_then(|r| r.vector) else {
+            return false;
+        };
+        let Some(interrupt) = &self.interrupt else {
+            return false;
+        };
+        if interrupt.trigger(VirtioInterruptType::Vector(vector)).is_ok() {
+            IsmMetrics::inc(&self.metrics.kicks_delivered);
+            true
+        } else {
+            false
+        }
+    }
+}

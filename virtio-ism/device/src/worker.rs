@@ -1,0 +1,279 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The data plane: owns the queues and guest memory after activation and serves them, from an
+//! epoll loop on its own thread ("virtio-ism") or synchronously when tests call the
+//! `process_*` methods directly.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, error};
+use virtio_device::{GuestMemoryHandle, VirtioInterrupt, VirtioInterruptType};
+use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX};
+use virtio_ism_proto::{Event, WireStruct};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::ctrl::{MAX_CHAIN_DESCRIPTORS, serve_chain};
+use crate::metrics::IsmMetrics;
+use crate::regions::RegionTable;
+
+/// Everything that can stop the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("Failed to create the epoll instance")]
+    CreateEpoll(#[source] io::Error),
+    #[error("Failed to register a file descriptor with epoll")]
+    EpollCtl(#[source] io::Error),
+    #[error("Failed to wait on epoll")]
+    EpollWait(#[source] io::Error),
+    #[error("Failed to read a queue eventfd")]
+    ReadQueueEvent(#[source] io::Error),
+    #[error("Failed to return a buffer to the used ring")]
+    AddUsed(#[source] virtio_queue::Error),
+    #[error("Failed to check whether the driver wants an interrupt")]
+    NeedsNotification(#[source] virtio_queue::Error),
+    #[error("Failed to raise a queue interrupt")]
+    Interrupt(#[source] io::Error),
+}
+
+const EPOLL_KILL: u64 = 0;
+const EPOLL_CTRL: u64 = 1;
+const EPOLL_EVENTQ: u64 = 2;
+const EPOLL_WAKE: u64 = 3;
+const EPOLL_POOL: u64 = 4;
+/// How often pool events are polled when the session has no event fd.
+const POOL_POLL_MS: i32 = 100;
+
+/// The queues of an active device and what serving them needs.
+pub struct IsmWorker {
+    pub(crate) mem: GuestMemoryHandle,
+    pub(crate) ctrl_queue: Queue,
+    pub(crate) ctrl_evt: EventFd,
+    pub(crate) event_queue: Option<(Queue, EventFd)>,
+    pub(crate) table: Arc<Mutex<RegionTable>>,
+    pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
+    pub(crate) features: u64,
+    pub(crate) metrics: Arc<IsmMetrics>,
+    pub(crate) kill_evt: EventFd,
+    /// Signalled by `IsmHandle` when it queued events (hotplug, revoke).
+    pub(crate) wake_evt: EventFd,
+    pub(crate) pool_fd: Option<RawFd>,
+}
+
+fn lock(table: &Mutex<RegionTable>) -> MutexGuard<'_, RegionTable> {
+    table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl IsmWorker {
+    /// Serve every available control request. Returns whether any was served.
+    pub fn process_ctrl_queue(&mut self) -> Result<bool, WorkerError> {
+        let mem = self.mem.memory();
+        let mut served = false;
+        while let Some(chain) = self.ctrl_queue.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let (used, status) = serve_chain(
+                &mem,
+                chain.take(MAX_CHAIN_DESCRIPTORS + 1),
+                &self.table,
+                self.features,
+            );
+            IsmMetrics::inc(&self.metrics.ctrl_commands);
+            if status != Some(virtio_ism_proto::Status::Ok) {
+                IsmMetrics::inc(&self.metrics.ctrl_errors);
+            }
+            self.ctrl_queue
+                .add_used(&*mem, head, used)
+                .map_err(WorkerError::AddUsed)?;
+            served = true;
+        }
+        if served {
+            Self::notify(&mut self.ctrl_queue, &*mem, &*self.interrupt, CTRL_QUEUE_INDEX)?;
+        }
+        Ok(served)
+    }
+
+    /// Deliver pending events into the buffers the driver posted on the event queue.
+    /// Returns whether any buffer was used.
+    pub fn process_event_queue(&mut self) -> Result<bool, WorkerError> {
+        let Some((queue, _)) = self.event_queue.as_mut() else {
+            return Ok(false);
+        };
+        let mem = self.mem.memory();
+        let mut used_any = false;
+        loop {
+            let Some(event) = lock(&self.table).peek_event() else {
+                break;
+            };
+            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let bytes: [u8; Event::SIZE] = event.to_bytes().unwrap_or([0; Event::SIZE]);
+            let written = write_event(&mem, chain.take(MAX_CHAIN_DESCRIPTORS + 1), &bytes);
+            match written {
+                Some(len) => {
+                    lock(&self.table).pop_event(&event);
+                    queue.add_used(&*mem, head, len).map_err(WorkerError::AddUsed)?;
+                }
+                None => {
+                    IsmMetrics::inc(&self.metrics.event_errors);
+                    queue.add_used(&*mem, head, 0).map_err(WorkerError::AddUsed)?;
+                }
+            }
+            used_any = true;
+        }
+        if used_any {
+            Self::notify(queue, &*mem, &*self.interrupt, EVENT_QUEUE_INDEX)?;
+        }
+        Ok(used_any)
+    }
+
+    /// Take what the pool reports (peer attach/detach, grant updates, revocations) and
+    /// deliver the resulting events.
+    pub fn process_pool_events(&mut self) -> Result<bool, WorkerError> {
+        lock(&self.table).absorb_pool_events();
+        self.process_event_queue()
+    }
+
+    fn notify(
+        queue: &mut Queue,
+        mem: &vm_memory::GuestMemoryMmap,
+        interrupt: &dyn VirtioInterrupt,
+        index: u16,
+    ) -> Result<(), WorkerError> {
+        if queue
+            .needs_notification(mem)
+            .map_err(WorkerError::NeedsNotification)?
+        {
+            interrupt
+                .trigger(VirtioInterruptType::Queue(index))
+                .map_err(WorkerError::Interrupt)?;
+        }
+        Ok(())
+    }
+
+    /// The epoll loop; returns when the kill eventfd is written.
+    pub fn run(mut self) -> Result<(), WorkerError> {
+        let epoll = Epoll::new().map_err(WorkerError::CreateEpoll)?;
+        let add = |fd: RawFd, data: u64| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data))
+                .map_err(WorkerError::EpollCtl)
+        };
+        add(self.kill_evt.as_raw_fd(), EPOLL_KILL)?;
+        add(self.ctrl_evt.as_raw_fd(), EPOLL_CTRL)?;
+        add(self.wake_evt.as_raw_fd(), EPOLL_WAKE)?;
+        if let Some((_, evt)) = &self.event_queue {
+            add(evt.as_raw_fd(), EPOLL_EVENTQ)?;
+        }
+        if let Some(fd) = self.pool_fd {
+            add(fd, EPOLL_POOL)?;
+        }
+        let timeout = if self.pool_fd.is_some() {
+            -1
+        } else {
+            POOL_POLL_MS
+        };
+        // Requests queued before activation completed.
+        self.process_ctrl_queue()?;
+        self.process_pool_events()?;
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(WorkerError::EpollWait(e)),
+            };
+            if n == 0 {
+                self.process_pool_events()?;
+                continue;
+            }
+            for event in &events[..n] {
+                match event.data() {
+                    EPOLL_KILL => {
+                        debug!("virtio-ism: worker stopping");
+                        return Ok(());
+                    }
+                    EPOLL_CTRL => {
+                        self.ctrl_evt.read().map_err(WorkerError::ReadQueueEvent)?;
+                        self.process_ctrl_queue()?;
+                    }
+                    EPOLL_EVENTQ => {
+                        if let Some((_, evt)) = &self.event_queue {
+                            evt.read().map_err(WorkerError::ReadQueueEvent)?;
+                        }
+                        self.process_event_queue()?;
+                    }
+                    EPOLL_WAKE => {
+                        self.wake_evt.read().map_err(WorkerError::ReadQueueEvent)?;
+                        self.process_event_queue()?;
+                    }
+                    EPOLL_POOL => {
+                        self.process_pool_events()?;
+                        if let Some(fd) = self.pool_fd {
+                            drain_readable(fd);
+                        }
+                        // Events that arrived while draining.
+                        self.process_pool_events()?;
+                    }
+                    other => error!("virtio-ism: unexpected epoll token {other}"),
+                }
+            }
+        }
+    }
+}
+
+/// Consume the readiness of the pool's event fd (the session contract leaves reading it to the
+/// caller once `take_events` came back empty). Reads at most once and never blocks.
+fn drain_readable(fd: RawFd) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call; timeout 0 never blocks.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if ready == 1 && pfd.revents & libc::POLLIN != 0 {
+        let mut buf = [0u8; 8];
+        // SAFETY: `buf` is valid for 8 bytes of writes; the fd was just reported readable, so
+        // the read returns without blocking.
+        let _ = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    }
+}
+
+/// Write one event into an event-queue chain: every descriptor device-writable and inside
+/// guest memory, `Event::SIZE` bytes in total at least. None if the chain is unusable.
+fn write_event<I>(mem: &vm_memory::GuestMemoryMmap, descriptors: I, bytes: &[u8]) -> Option<u32>
+where
+    I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+{
+    let mut buffers = Vec::new();
+    let mut total = 0usize;
+    for (index, desc) in descriptors.into_iter().enumerate() {
+        if index == MAX_CHAIN_DESCRIPTORS || !desc.is_write_only() {
+            return None;
+        }
+        let len = desc.len() as usize;
+        if !mem.check_range(desc.addr(), len) {
+            return None;
+        }
+        buffers.push((desc.addr(), len));
+        total += len;
+    }
+    if total < bytes.len() {
+        return None;
+    }
+    let mut done = 0;
+    for (addr, len) in buffers {
+        if done == bytes.len() {
+            break;
+        }
+        let take = len.min(bytes.len() - done);
+        mem.write_slice(&bytes[done..done + take], addr).ok()?;
+        done += take;
+    }
+    Some(bytes.len() as u32)
+}
