@@ -1,5 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Host-wide region pool for virtio-ism.
+//!
+//! - [`session`]: the [`PoolSession`] contract the device codes against.
+//! - [`LocalPool`]: the pool logic, usable in-process (a VMM without a broker socket).
 
+pub mod config;
+pub mod events;
+pub mod local;
+pub mod memory;
 pub mod session;
+pub mod status;
+pub mod token;
+
+pub use config::{PoolConfig, parse_size};
+pub use local::{LocalPool, LocalSession};
 pub use session::*;
+pub use status::{PoolStatus, RegionStatus, SessionStatus};

@@ -150,7 +150,8 @@ pub trait PoolSession: Send + Sync {
     fn take_events(&self) -> Vec<PoolEvent>;
 
     /// A file descriptor that becomes readable when events are queued (for a device's epoll
-    /// loop). Reading it is the caller's job after `take_events` returns empty.
+    /// loop). The sessions in this crate reset it inside `take_events` (before taking the
+    /// queue, so no wakeup is lost); callers need not read it.
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }

@@ -1,0 +1,1015 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The pool itself: regions, grants, holders, quotas and events, all in one process.
+//!
+//! A VMM started without a broker socket uses a [`LocalPool`] directly; the broker daemon
+//! runs one too and gives every connection a [`LocalSession`] of it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::PoolConfig;
+use crate::events::EventQueue;
+use crate::memory::RegionMemory;
+use crate::session::{
+    DevId, GrantTarget, MissingPerm, Perms, PoolError, PoolEvent, PoolSession, RegionLease,
+    SessionInfo, Token,
+};
+use crate::status::{PoolStatus, RegionStatus, SessionStatus};
+use crate::token::{mint_token, random_nonzero_u64};
+
+/// Every permission an owner has.
+const OWNER_PERMS: Perms =
+    Perms(Perms::READ.0 | Perms::WRITE.0 | Perms::ATTACH.0 | Perms::MANAGE.0);
+
+/// Which VM a session's quota is charged to. Sessions of one VMM process (known by the
+/// broker from SO_PEERCRED) share one quota; otherwise every session is its own VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VmKey {
+    Session(DevId),
+    Process(u32),
+}
+
+struct Region {
+    memory: RegionMemory,
+    owner: DevId,
+    default_perms: Perms,
+    grants: BTreeMap<DevId, Perms>,
+    holders: BTreeSet<DevId>,
+}
+
+impl Region {
+    fn effective_perms(&self, devid: DevId) -> Perms {
+        if devid == self.owner {
+            return OWNER_PERMS;
+        }
+        self.grants
+            .get(&devid)
+            .copied()
+            .unwrap_or(self.default_perms)
+    }
+}
+
+struct SessionSlot {
+    vm: VmKey,
+    pid: Option<u32>,
+    held: BTreeSet<Token>,
+    events: Arc<EventQueue>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    next_devid: u64,
+    used: u64,
+    regions: HashMap<Token, Region>,
+    sessions: BTreeMap<DevId, SessionSlot>,
+    vm_used: HashMap<VmKey, u64>,
+}
+
+impl PoolState {
+    fn notify_holders(&self, region: &Region, except: Option<DevId>, event: PoolEvent) {
+        for holder in &region.holders {
+            if Some(*holder) == except {
+                continue;
+            }
+            if let Some(slot) = self.sessions.get(holder) {
+                slot.events.push(event);
+            }
+        }
+    }
+
+    fn charge(&mut self, vm: VmKey, bytes: u64) {
+        *self.vm_used.entry(vm).or_insert(0) += bytes;
+    }
+
+    fn refund(&mut self, vm: VmKey, bytes: u64) {
+        if let Some(used) = self.vm_used.get_mut(&vm) {
+            *used = used.saturating_sub(bytes);
+            if *used == 0 {
+                self.vm_used.remove(&vm);
+            }
+        }
+    }
+
+    /// Drops `devid`'s hold on `token`; frees the region when it was the last holder.
+    fn release(&mut self, devid: DevId, token: Token) {
+        let Some(vm) = self.sessions.get_mut(&devid).map(|slot| {
+            slot.held.remove(&token);
+            slot.vm
+        }) else {
+            return;
+        };
+        let Some(region) = self.regions.get_mut(&token) else {
+            return;
+        };
+        if !region.holders.remove(&devid) {
+            return;
+        }
+        let size = region.memory.size();
+        self.refund(vm, size);
+        let region = &self.regions[&token];
+        if region.holders.is_empty() {
+            // Dropping the region closes the pool's memfd; the pages go once every lease
+            // handed out for it is closed as well.
+            self.regions.remove(&token);
+            self.used -= size;
+        } else {
+            self.notify_holders(region, None, PoolEvent::PeerDetached { token, peer: devid });
+        }
+    }
+}
+
+/// An in-process region pool.
+pub struct LocalPool {
+    config: PoolConfig,
+    gid: u64,
+    state: Mutex<PoolState>,
+}
+
+impl std::fmt::Debug for LocalPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalPool")
+            .field("config", &self.config)
+            .field("gid", &self.gid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalPool {
+    /// A pool of `config.size` bytes. Fails with `InvalidSize` if the size is zero or not a
+    /// multiple of the page size, or the per-VM limit is zero.
+    pub fn new(config: PoolConfig) -> Result<Arc<Self>, PoolError> {
+        let page = config.page_size();
+        if config.size == 0 || !config.size.is_multiple_of(page) {
+            return Err(PoolError::InvalidSize(config.size));
+        }
+        if let Some(limit) = config.per_vm_limit
+            && limit == 0
+        {
+            return Err(PoolError::InvalidSize(limit));
+        }
+        let gid = match config.gid {
+            Some(gid) => gid,
+            None => random_nonzero_u64()?,
+        };
+        Ok(Arc::new(LocalPool {
+            config,
+            gid,
+            state: Mutex::new(PoolState {
+                next_devid: 1,
+                ..PoolState::default()
+            }),
+        }))
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    pub fn gid(&self) -> u64 {
+        self.gid
+    }
+
+    /// A new session with a fresh devid, charged as a VM of its own.
+    pub fn session(self: &Arc<Self>) -> Result<Arc<dyn PoolSession>, PoolError> {
+        Ok(self.open_session(None)?)
+    }
+
+    /// A new session; sessions opened with the same `pid` share one per-VM quota.
+    pub fn open_session(
+        self: &Arc<Self>,
+        pid: Option<u32>,
+    ) -> Result<Arc<LocalSession>, PoolError> {
+        let events = Arc::new(EventQueue::new().map_err(PoolError::CreateMemory)?);
+        let mut state = self.lock();
+        let devid = DevId(state.next_devid);
+        // Devids are never reused, so a grant made to a device that went away can never
+        // be inherited by a newcomer.
+        state.next_devid += 1;
+        let vm = match pid {
+            Some(pid) => VmKey::Process(pid),
+            None => VmKey::Session(devid),
+        };
+        state.sessions.insert(
+            devid,
+            SessionSlot {
+                vm,
+                pid,
+                held: BTreeSet::new(),
+                events: events.clone(),
+            },
+        );
+        Ok(Arc::new(LocalSession {
+            pool: self.clone(),
+            devid,
+            events,
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    /// Takes a region away from every holder (operator action): they get `Revoked` and the
+    /// region is freed. Memory already mapped stays mapped until each holder unmaps it.
+    pub fn revoke(&self, token: Token) -> Result<(), PoolError> {
+        let mut state = self.lock();
+        let region = state
+            .regions
+            .remove(&token)
+            .ok_or(PoolError::NoSuchRegion(token))?;
+        let size = region.memory.size();
+        state.used -= size;
+        for holder in &region.holders {
+            let Some(slot) = state.sessions.get_mut(holder) else {
+                continue;
+            };
+            slot.held.remove(&token);
+            slot.events.push(PoolEvent::Revoked { token });
+            let vm = slot.vm;
+            state.refund(vm, size);
+        }
+        Ok(())
+    }
+
+    /// A snapshot of every region and session.
+    pub fn status(&self) -> PoolStatus {
+        let state = self.lock();
+        let mut regions: Vec<RegionStatus> = state
+            .regions
+            .iter()
+            .map(|(token, region)| RegionStatus {
+                token: token.0,
+                size: region.memory.size(),
+                owner: region.owner.0,
+                default_perms: region.default_perms.0,
+                grants: region.grants.iter().map(|(d, p)| (d.0, p.0)).collect(),
+                holders: region.holders.iter().map(|d| d.0).collect(),
+            })
+            .collect();
+        regions.sort_by_key(|r| r.token);
+        PoolStatus {
+            protocol_version: 0,
+            gid: self.gid,
+            size: self.config.size,
+            used: state.used,
+            per_vm_limit: self.config.per_vm_limit,
+            hugepages: self.config.hugepages,
+            sessions: state
+                .sessions
+                .iter()
+                .map(|(devid, slot)| SessionStatus {
+                    devid: devid.0,
+                    pid: slot.pid,
+                    vm_used: state.vm_used.get(&slot.vm).copied().unwrap_or(0),
+                    held: slot.held.iter().map(|t| t.0).collect(),
+                })
+                .collect(),
+            regions,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // A panic while holding the lock leaves the state consistent (every mutation is
+        // completed before anything that can panic), so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_quota(&self, state: &PoolState, vm: VmKey, size: u64) -> Result<(), PoolError> {
+        if let Some(limit) = self.config.per_vm_limit {
+            let used = state.vm_used.get(&vm).copied().unwrap_or(0);
+            if used.checked_add(size).is_none_or(|total| total > limit) {
+                return Err(PoolError::QuotaExceeded {
+                    limit,
+                    used,
+                    requested: size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn alloc(&self, devid: DevId, size: u64) -> Result<RegionLease, PoolError> {
+        let page = self.config.page_size();
+        if size == 0 || !size.is_multiple_of(page) {
+            return Err(PoolError::InvalidSize(size));
+        }
+        let mut state = self.lock();
+        let vm = state.sessions.get(&devid).ok_or_else(session_closed)?.vm;
+        self.check_quota(&state, vm, size)?;
+        let available = self.config.size - state.used;
+        if size > available {
+            return Err(PoolError::PoolExhausted {
+                requested: size,
+                available,
+            });
+        }
+        let token = mint_token(|t| state.regions.contains_key(&t))?;
+        let memory = RegionMemory::create(&format!("ism-{token}"), size, self.config.hugepages)
+            .map_err(|e| PoolError::CreateMemory(e.into_io()))?;
+        let fd = memory
+            .read_write_fd()
+            .map_err(|e| PoolError::CreateMemory(e.into_io()))?;
+        state.regions.insert(
+            token,
+            Region {
+                memory,
+                owner: devid,
+                default_perms: Perms::NONE,
+                grants: BTreeMap::new(),
+                holders: BTreeSet::from([devid]),
+            },
+        );
+        state.used += size;
+        state.charge(vm, size);
+        if let Some(slot) = state.sessions.get_mut(&devid) {
+            slot.held.insert(token);
+        }
+        Ok(RegionLease {
+            token,
+            size,
+            fd,
+            writable: true,
+        })
+    }
+
+    fn attach(&self, devid: DevId, token: Token, want: Perms) -> Result<RegionLease, PoolError> {
+        let mut state = self.lock();
+        let vm = state.sessions.get(&devid).ok_or_else(session_closed)?.vm;
+        let region = state
+            .regions
+            .get(&token)
+            .ok_or(PoolError::NoSuchRegion(token))?;
+        if region.holders.contains(&devid) {
+            return Err(PoolError::AlreadyHeld(token));
+        }
+        let granted = region.effective_perms(devid);
+        let writable = check_attach(token, granted, want)?;
+        let size = region.memory.size();
+        self.check_quota(&state, vm, size)?;
+        let fd = if writable {
+            region.memory.read_write_fd()
+        } else {
+            region.memory.read_only_fd()
+        }
+        .map_err(|e| PoolError::CreateMemory(e.into_io()))?;
+        state.charge(vm, size);
+        if let Some(slot) = state.sessions.get_mut(&devid) {
+            slot.held.insert(token);
+        }
+        let region = state
+            .regions
+            .get_mut(&token)
+            .expect("region looked up above");
+        region.holders.insert(devid);
+        let region = &state.regions[&token];
+        state.notify_holders(
+            region,
+            Some(devid),
+            PoolEvent::PeerAttached { token, peer: devid },
+        );
+        Ok(RegionLease {
+            token,
+            size,
+            fd,
+            writable,
+        })
+    }
+
+    fn detach(&self, devid: DevId, token: Token) -> Result<(), PoolError> {
+        let mut state = self.lock();
+        let region = state
+            .regions
+            .get(&token)
+            .ok_or(PoolError::NoSuchRegion(token))?;
+        if !region.holders.contains(&devid) {
+            return Err(PoolError::NotHeld { token });
+        }
+        state.release(devid, token);
+        Ok(())
+    }
+
+    fn grant(
+        &self,
+        devid: DevId,
+        token: Token,
+        target: GrantTarget,
+        perms: Perms,
+    ) -> Result<(), PoolError> {
+        let mut state = self.lock();
+        let region = state
+            .regions
+            .get_mut(&token)
+            .ok_or(PoolError::NoSuchRegion(token))?;
+        if !region.holders.contains(&devid) {
+            return Err(PoolError::NotHeld { token });
+        }
+        if !region.effective_perms(devid).contains(Perms::MANAGE) {
+            return Err(PoolError::PermissionDenied {
+                token,
+                missing: MissingPerm::Manage,
+            });
+        }
+        // Bits this pool does not know are ignored, so newer drivers still work.
+        let bits = Perms(perms.0 & OWNER_PERMS.0);
+        let clean = perms.contains(Perms::CLEAN_DEFAULT);
+        match target {
+            GrantTarget::Default if clean => region.default_perms = Perms::NONE,
+            GrantTarget::Default => region.default_perms = bits,
+            // CLEAN_DEFAULT on a device grant drops the override: the device falls back to
+            // the default.
+            GrantTarget::Device(peer) if clean => {
+                region.grants.remove(&peer);
+            }
+            GrantTarget::Device(peer) => {
+                region.grants.insert(peer, bits);
+            }
+        }
+        let region = &state.regions[&token];
+        state.notify_holders(region, Some(devid), PoolEvent::Updated { token });
+        Ok(())
+    }
+
+    fn close_session(&self, devid: DevId) {
+        let mut state = self.lock();
+        let held: Vec<Token> = match state.sessions.get(&devid) {
+            Some(slot) => slot.held.iter().copied().collect(),
+            None => return,
+        };
+        for token in held {
+            state.release(devid, token);
+        }
+        state.sessions.remove(&devid);
+    }
+}
+
+fn session_closed() -> PoolError {
+    PoolError::Protocol("Session is closed".to_string())
+}
+
+/// Checks an attach against the granted bits; returns whether the lease is writable.
+///
+/// Any mapping needs READ (a file cannot be mapped write-only); WRITE makes it writable.
+fn check_attach(token: Token, granted: Perms, want: Perms) -> Result<bool, PoolError> {
+    let denied = |missing| PoolError::PermissionDenied { token, missing };
+    if !granted.contains(Perms::ATTACH) {
+        return Err(denied(MissingPerm::Attach));
+    }
+    if !granted.contains(Perms::READ) {
+        return Err(denied(MissingPerm::Read));
+    }
+    if want.contains(Perms::WRITE) && !granted.contains(Perms::WRITE) {
+        return Err(denied(MissingPerm::Write));
+    }
+    let asked_any = want.0 & (Perms::READ.0 | Perms::WRITE.0) != 0;
+    Ok(if asked_any {
+        want.contains(Perms::WRITE)
+    } else {
+        granted.contains(Perms::WRITE)
+    })
+}
+
+/// One device's session of a [`LocalPool`]. Closing it (dropping it, or [`close`]) drops
+/// every region it holds.
+///
+/// [`close`]: LocalSession::close
+pub struct LocalSession {
+    pool: Arc<LocalPool>,
+    devid: DevId,
+    events: Arc<EventQueue>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for LocalSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSession")
+            .field("devid", &self.devid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalSession {
+    pub fn devid(&self) -> DevId {
+        self.devid
+    }
+
+    pub fn pool(&self) -> &Arc<LocalPool> {
+        &self.pool
+    }
+
+    /// The event queue's eventfd, for poll.
+    pub fn event_fd_borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.events.fd()
+    }
+
+    /// Releases every region this session holds; later requests fail.
+    pub fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.pool.close_session(self.devid);
+        }
+    }
+}
+
+impl Drop for LocalSession {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl PoolSession for LocalSession {
+    fn info(&self) -> SessionInfo {
+        SessionInfo {
+            gid: self.pool.gid,
+            devid: self.devid,
+        }
+    }
+
+    fn alloc(&self, size: u64) -> Result<RegionLease, PoolError> {
+        self.pool.alloc(self.devid, size)
+    }
+
+    fn attach(&self, token: Token, want: Perms) -> Result<RegionLease, PoolError> {
+        self.pool.attach(self.devid, token, want)
+    }
+
+    fn detach(&self, token: Token) -> Result<(), PoolError> {
+        self.pool.detach(self.devid, token)
+    }
+
+    fn grant(&self, token: Token, target: GrantTarget, perms: Perms) -> Result<(), PoolError> {
+        self.pool.grant(self.devid, token, target, perms)
+    }
+
+    fn take_events(&self) -> Vec<PoolEvent> {
+        self.events.take()
+    }
+
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.events.raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::PAGE_SIZE;
+
+    fn pool(size: u64, per_vm_limit: Option<u64>) -> Arc<LocalPool> {
+        LocalPool::new(PoolConfig {
+            size,
+            per_vm_limit,
+            ..PoolConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn write_at(lease: &RegionLease, offset: u64, data: &[u8]) {
+        assert_eq!(
+            rustix::io::pwrite(&lease.fd, data, offset).unwrap(),
+            data.len()
+        );
+    }
+
+    fn read_at(lease: &RegionLease, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        assert_eq!(rustix::io::pread(&lease.fd, &mut buf, offset).unwrap(), len);
+        buf
+    }
+
+    #[test]
+    fn test_sessions_share_gid_and_get_distinct_nonzero_devids() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let a = pool.session().unwrap();
+        let b = pool.session().unwrap();
+        assert_eq!(a.info().gid, pool.gid());
+        assert_eq!(b.info().gid, pool.gid());
+        assert_ne!(a.info().devid, b.info().devid);
+        assert_ne!(a.info().devid.0, 0);
+        assert_ne!(pool.gid(), 0);
+    }
+
+    #[test]
+    fn test_new_rejects_bad_sizes() {
+        assert!(matches!(
+            LocalPool::new(PoolConfig {
+                size: 0,
+                ..PoolConfig::default()
+            }),
+            Err(PoolError::InvalidSize(0))
+        ));
+        assert!(matches!(
+            LocalPool::new(PoolConfig {
+                size: 4097,
+                ..PoolConfig::default()
+            }),
+            Err(PoolError::InvalidSize(4097))
+        ));
+        assert!(
+            LocalPool::new(PoolConfig {
+                size: 4 << 20,
+                hugepages: true,
+                per_vm_limit: None,
+                gid: None
+            })
+            .is_ok()
+        );
+        assert!(matches!(
+            LocalPool::new(PoolConfig {
+                size: 4096,
+                per_vm_limit: Some(0),
+                ..PoolConfig::default()
+            }),
+            Err(PoolError::InvalidSize(0))
+        ));
+    }
+
+    #[test]
+    fn test_alloc_gives_writable_zeroed_lease_with_random_token() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let a = pool.session().unwrap();
+        let lease = a.alloc(2 * PAGE_SIZE).unwrap();
+        assert!(lease.writable);
+        assert_eq!(lease.size, 2 * PAGE_SIZE);
+        assert_ne!(lease.token.0, 0);
+        assert_eq!(read_at(&lease, PAGE_SIZE, 4), vec![0; 4]);
+        write_at(&lease, 0, b"hi");
+        assert!(matches!(a.alloc(0), Err(PoolError::InvalidSize(0))));
+        assert!(matches!(a.alloc(100), Err(PoolError::InvalidSize(100))));
+    }
+
+    #[test]
+    fn test_attach_needs_grant_and_sees_same_memory() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let lease = owner.alloc(PAGE_SIZE).unwrap();
+        let token = lease.token;
+        assert!(matches!(
+            peer.attach(token, Perms::NONE),
+            Err(PoolError::PermissionDenied {
+                missing: MissingPerm::Attach,
+                ..
+            })
+        ));
+        owner
+            .grant(
+                token,
+                GrantTarget::Device(peer.info().devid),
+                Perms::ATTACH.union(Perms::READ).union(Perms::WRITE),
+            )
+            .unwrap();
+        let peer_lease = peer.attach(token, Perms::NONE).unwrap();
+        assert!(peer_lease.writable);
+        write_at(&lease, 10, b"from owner");
+        assert_eq!(read_at(&peer_lease, 10, 10), b"from owner");
+        write_at(&peer_lease, 100, b"from peer");
+        assert_eq!(read_at(&lease, 100, 9), b"from peer");
+        assert!(matches!(
+            peer.attach(token, Perms::NONE),
+            Err(PoolError::AlreadyHeld(_))
+        ));
+        assert!(matches!(
+            peer.attach(Token(12345), Perms::NONE),
+            Err(PoolError::NoSuchRegion(Token(12345)))
+        ));
+    }
+
+    #[test]
+    fn test_read_only_grant_gives_read_only_lease() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let token = owner.alloc(PAGE_SIZE).unwrap().token;
+        owner
+            .grant(
+                token,
+                GrantTarget::Default,
+                Perms::ATTACH.union(Perms::READ),
+            )
+            .unwrap();
+        assert!(matches!(
+            peer.attach(token, Perms::READ.union(Perms::WRITE)),
+            Err(PoolError::PermissionDenied {
+                missing: MissingPerm::Write,
+                ..
+            })
+        ));
+        let lease = peer.attach(token, Perms::NONE).unwrap();
+        assert!(!lease.writable);
+        assert!(rustix::io::pwrite(&lease.fd, b"x", 0).is_err());
+    }
+
+    #[test]
+    fn test_attach_without_read_is_refused() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let token = owner.alloc(PAGE_SIZE).unwrap().token;
+        owner
+            .grant(token, GrantTarget::Default, Perms::ATTACH)
+            .unwrap();
+        assert!(matches!(
+            peer.attach(token, Perms::NONE),
+            Err(PoolError::PermissionDenied {
+                missing: MissingPerm::Read,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn test_writable_grant_can_still_attach_read_only() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let token = owner.alloc(PAGE_SIZE).unwrap().token;
+        owner
+            .grant(
+                token,
+                GrantTarget::Default,
+                Perms(Perms::ATTACH.0 | Perms::READ.0 | Perms::WRITE.0),
+            )
+            .unwrap();
+        let lease = peer.attach(token, Perms::READ).unwrap();
+        assert!(!lease.writable);
+    }
+
+    #[test]
+    fn test_device_grant_overrides_default_and_clean_default_clears() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let other = pool.session().unwrap();
+        let token = owner.alloc(PAGE_SIZE).unwrap().token;
+        let rw = Perms(Perms::ATTACH.0 | Perms::READ.0 | Perms::WRITE.0);
+        owner.grant(token, GrantTarget::Default, rw).unwrap();
+        owner
+            .grant(token, GrantTarget::Device(peer.info().devid), Perms::NONE)
+            .unwrap();
+        assert!(matches!(
+            peer.attach(token, Perms::NONE),
+            Err(PoolError::PermissionDenied {
+                missing: MissingPerm::Attach,
+                ..
+            })
+        ));
+        // Dropping the override falls back to the default.
+        owner
+            .grant(
+                token,
+                GrantTarget::Device(peer.info().devid),
+                Perms::CLEAN_DEFAULT,
+            )
+            .unwrap();
+        assert!(peer.attach(token, Perms::NONE).unwrap().writable);
+        // Clearing the default locks everyone else out.
+        owner
+            .grant(token, GrantTarget::Default, Perms::CLEAN_DEFAULT)
+            .unwrap();
+        assert!(matches!(
+            other.attach(token, Perms::NONE),
+            Err(PoolError::PermissionDenied {
+                missing: MissingPerm::Attach,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn test_grant_needs_manage_and_holding() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let third = pool.session().unwrap();
+        let token = owner.alloc(PAGE_SIZE).unwrap().token;
+        let all = Perms(Perms::ATTACH.0 | Perms::READ.0 | Perms::WRITE.0);
+        assert!(matches!(
+            peer.grant(token, GrantTarget::Default, all),
+            Err(PoolError::NotHeld { .. })
+        ));
+        owner.grant(token, GrantTarget::Default, all).unwrap();
+        peer.attach(token, Perms::NONE).unwrap();
+        assert!(matches!(
+            peer.grant(token, GrantTarget::Device(third.info().devid), all),
+            Err(PoolError::PermissionDenied {
+                missing: MissingPerm::Manage,
+                ..
+            })
+        ));
+        owner
+            .grant(
+                token,
+                GrantTarget::Device(peer.info().devid),
+                all.union(Perms::MANAGE),
+            )
+            .unwrap();
+        peer.grant(token, GrantTarget::Default, Perms::NONE)
+            .unwrap();
+        assert!(third.attach(token, Perms::NONE).is_err());
+        // The owner keeps every permission whatever the grants say.
+        owner
+            .grant(token, GrantTarget::Device(owner.info().devid), Perms::NONE)
+            .unwrap();
+        owner
+            .grant(token, GrantTarget::Default, Perms::NONE)
+            .unwrap();
+    }
+
+    #[test]
+    fn test_events_reach_other_holders() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let token = owner.alloc(PAGE_SIZE).unwrap().token;
+        owner
+            .grant(
+                token,
+                GrantTarget::Default,
+                Perms(Perms::ATTACH.0 | Perms::READ.0),
+            )
+            .unwrap();
+        assert!(owner.take_events().is_empty());
+        peer.attach(token, Perms::NONE).unwrap();
+        let peer_id = peer.info().devid;
+        assert_eq!(
+            owner.take_events(),
+            vec![PoolEvent::PeerAttached {
+                token,
+                peer: peer_id
+            }]
+        );
+        assert!(peer.take_events().is_empty());
+        owner
+            .grant(token, GrantTarget::Default, Perms::NONE)
+            .unwrap();
+        assert_eq!(peer.take_events(), vec![PoolEvent::Updated { token }]);
+        assert!(owner.take_events().is_empty());
+        peer.detach(token).unwrap();
+        assert_eq!(
+            owner.take_events(),
+            vec![PoolEvent::PeerDetached {
+                token,
+                peer: peer_id
+            }]
+        );
+    }
+
+    #[test]
+    fn test_dropped_session_detaches_and_region_survives() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let lease = owner.alloc(PAGE_SIZE).unwrap();
+        let token = lease.token;
+        owner
+            .grant(
+                token,
+                GrantTarget::Default,
+                Perms(Perms::ATTACH.0 | Perms::READ.0 | Perms::WRITE.0),
+            )
+            .unwrap();
+        let peer_lease = peer.attach(token, Perms::NONE).unwrap();
+        write_at(&lease, 0, b"kept");
+        owner.take_events();
+        let owner_id = owner.info().devid;
+        drop(owner);
+        drop(lease);
+        assert_eq!(
+            peer.take_events(),
+            vec![PoolEvent::PeerDetached {
+                token,
+                peer: owner_id
+            }]
+        );
+        assert_eq!(read_at(&peer_lease, 0, 4), b"kept");
+        let status = pool.status();
+        assert_eq!(status.regions.len(), 1);
+        assert_eq!(status.regions[0].holders, vec![peer.info().devid.0]);
+        assert_eq!(status.used, PAGE_SIZE);
+    }
+
+    #[test]
+    fn test_last_holder_leaving_frees_region_and_quota() {
+        let pool = pool(4 * PAGE_SIZE, Some(4 * PAGE_SIZE));
+        let a = pool.session().unwrap();
+        let token = a.alloc(4 * PAGE_SIZE).unwrap().token;
+        assert!(matches!(
+            a.alloc(PAGE_SIZE),
+            Err(PoolError::QuotaExceeded { .. })
+        ));
+        a.detach(token).unwrap();
+        assert_eq!(pool.status().used, 0);
+        assert!(pool.status().regions.is_empty());
+        assert!(matches!(
+            a.attach(token, Perms::NONE),
+            Err(PoolError::NoSuchRegion(_))
+        ));
+        assert!(matches!(a.detach(token), Err(PoolError::NoSuchRegion(_))));
+        a.alloc(4 * PAGE_SIZE).unwrap();
+        drop(a);
+        let status = pool.status();
+        assert_eq!(status.used, 0);
+        assert!(status.sessions.is_empty());
+    }
+
+    #[test]
+    fn test_quota_and_pool_limits_are_reported() {
+        let pool = pool(8 * PAGE_SIZE, Some(4 * PAGE_SIZE));
+        let a = pool.session().unwrap();
+        let b = pool.session().unwrap();
+        let c = pool.session().unwrap();
+        a.alloc(3 * PAGE_SIZE).unwrap();
+        match a.alloc(2 * PAGE_SIZE) {
+            Err(PoolError::QuotaExceeded {
+                limit,
+                used,
+                requested,
+            }) => {
+                assert_eq!(
+                    (limit, used, requested),
+                    (4 * PAGE_SIZE, 3 * PAGE_SIZE, 2 * PAGE_SIZE)
+                );
+            }
+            other => panic!("expected QuotaExceeded, got {other:?}"),
+        }
+        b.alloc(4 * PAGE_SIZE).unwrap();
+        match c.alloc(2 * PAGE_SIZE) {
+            Err(PoolError::PoolExhausted {
+                requested,
+                available,
+            }) => {
+                assert_eq!((requested, available), (2 * PAGE_SIZE, PAGE_SIZE));
+            }
+            other => panic!("expected PoolExhausted, got {other:?}"),
+        }
+        c.alloc(PAGE_SIZE).unwrap();
+    }
+
+    #[test]
+    fn test_attach_counts_against_quota() {
+        let pool = pool(8 * PAGE_SIZE, Some(4 * PAGE_SIZE));
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let token = owner.alloc(3 * PAGE_SIZE).unwrap().token;
+        owner
+            .grant(
+                token,
+                GrantTarget::Default,
+                Perms(Perms::ATTACH.0 | Perms::READ.0),
+            )
+            .unwrap();
+        peer.alloc(2 * PAGE_SIZE).unwrap();
+        assert!(matches!(
+            peer.attach(token, Perms::NONE),
+            Err(PoolError::QuotaExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn test_sessions_of_one_process_share_quota() {
+        let pool = pool(8 * PAGE_SIZE, Some(4 * PAGE_SIZE));
+        let a = pool.open_session(Some(42)).unwrap();
+        let b = pool.open_session(Some(42)).unwrap();
+        let c = pool.open_session(Some(43)).unwrap();
+        a.alloc(3 * PAGE_SIZE).unwrap();
+        assert!(matches!(
+            b.alloc(2 * PAGE_SIZE),
+            Err(PoolError::QuotaExceeded { .. })
+        ));
+        c.alloc(2 * PAGE_SIZE).unwrap();
+    }
+
+    #[test]
+    fn test_revoke_notifies_every_holder_and_frees() {
+        let pool = pool(8 * PAGE_SIZE, Some(4 * PAGE_SIZE));
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let token = owner.alloc(4 * PAGE_SIZE).unwrap().token;
+        owner
+            .grant(
+                token,
+                GrantTarget::Default,
+                Perms(Perms::ATTACH.0 | Perms::READ.0),
+            )
+            .unwrap();
+        peer.attach(token, Perms::NONE).unwrap();
+        owner.take_events();
+        pool.revoke(token).unwrap();
+        assert_eq!(owner.take_events(), vec![PoolEvent::Revoked { token }]);
+        assert_eq!(peer.take_events(), vec![PoolEvent::Revoked { token }]);
+        assert_eq!(pool.status().used, 0);
+        assert!(matches!(
+            owner.detach(token),
+            Err(PoolError::NoSuchRegion(_))
+        ));
+        owner.alloc(4 * PAGE_SIZE).unwrap();
+        assert!(matches!(
+            pool.revoke(Token(1)),
+            Err(PoolError::NoSuchRegion(_))
+        ));
+    }
+
+    #[test]
+    fn test_event_fd_is_provided() {
+        let pool = pool(8 * PAGE_SIZE, None);
+        let a = pool.session().unwrap();
+        assert!(a.event_fd().is_some());
+    }
+}

@@ -1,0 +1,131 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The pool's status report: regions, their holders and grants, and quota use per VM.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of the whole pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolStatus {
+    /// Protocol version the broker speaks (0 for an in-process pool).
+    pub protocol_version: u16,
+    pub gid: u64,
+    /// Pool size in bytes.
+    pub size: u64,
+    /// Bytes of live regions.
+    pub used: u64,
+    pub per_vm_limit: Option<u64>,
+    pub hugepages: bool,
+    pub sessions: Vec<SessionStatus>,
+    pub regions: Vec<RegionStatus>,
+}
+
+/// One open session (one virtio-ism device).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionStatus {
+    pub devid: u64,
+    /// Process id of the VMM behind a broker connection, if known.
+    pub pid: Option<u32>,
+    /// Bytes charged to this session's VM (shared by every session of the same VMM process).
+    pub vm_used: u64,
+    /// Tokens of the regions this session holds.
+    pub held: Vec<u64>,
+}
+
+/// One live region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionStatus {
+    pub token: u64,
+    pub size: u64,
+    /// Devid of the session that allocated it.
+    pub owner: u64,
+    /// Default permission bits.
+    pub default_perms: u64,
+    /// Per-device grants as (devid, permission bits).
+    pub grants: Vec<(u64, u64)>,
+    /// Devids of its holders.
+    pub holders: Vec<u64>,
+}
+
+fn perms_text(bits: u64) -> String {
+    let names = [(1, "R"), (2, "W"), (4, "A"), (8, "M")];
+    let text: String = names
+        .iter()
+        .filter(|(bit, _)| bits & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if text.is_empty() {
+        "-".to_string()
+    } else {
+        text
+    }
+}
+
+fn bytes_text(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    for (unit, suffix) in UNITS {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
+            return format!("{}{suffix}", bytes / unit);
+        }
+    }
+    format!("{bytes}")
+}
+
+impl fmt::Display for PoolStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pool gid {:#018x}: {} of {} used, per-VM limit {}, {}",
+            self.gid,
+            bytes_text(self.used),
+            bytes_text(self.size),
+            self.per_vm_limit.map_or("none".to_string(), bytes_text),
+            if self.hugepages {
+                "huge pages"
+            } else {
+                "4K pages"
+            }
+        )?;
+        writeln!(f, "sessions: {}", self.sessions.len())?;
+        for session in &self.sessions {
+            let held: Vec<String> = session.held.iter().map(|t| format!("{t:#018x}")).collect();
+            writeln!(
+                f,
+                "  devid {:<5} pid {:<8} vm uses {:<6} holds [{}]",
+                session.devid,
+                session.pid.map_or("-".to_string(), |p| p.to_string()),
+                bytes_text(session.vm_used),
+                held.join(", ")
+            )?;
+        }
+        writeln!(f, "regions: {}", self.regions.len())?;
+        for region in &self.regions {
+            let holders: Vec<String> = region.holders.iter().map(|d| d.to_string()).collect();
+            let grants: Vec<String> = region
+                .grants
+                .iter()
+                .map(|(devid, perms)| format!("{devid}:{}", perms_text(*perms)))
+                .collect();
+            writeln!(
+                f,
+                "  {:#018x} {:<6} owner {:<5} default {:<4} grants [{}] holders [{}]",
+                region.token,
+                bytes_text(region.size),
+                region.owner,
+                perms_text(region.default_perms),
+                grants.join(", "),
+                holders.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
