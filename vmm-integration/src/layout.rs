@@ -22,6 +22,8 @@ pub const MMIO64_SIZE: u64 = 0x10_0000_0000;
 
 /// Where boot structures go in low RAM.
 pub const PVH_START_INFO: u64 = 0x6000;
+/// The PVH module list (the initramfs entry), after the 56-byte start info.
+pub const PVH_MODLIST_START: u64 = 0x6100;
 pub const MEMMAP_START: u64 = 0x7000;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const ZERO_PAGE_START: u64 = 0x7000;
@@ -76,8 +78,10 @@ mod tests {
 
     #[test]
     fn test_fixed_windows_do_not_overlap() {
-        assert!(MMIO32_START + MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
-        assert!(LOW_RAM_END <= MMIO32_START);
+        const {
+            assert!(MMIO32_START + MMIO32_SIZE <= PCI_ECAM_START);
+            assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+            assert!(LOW_RAM_END <= MMIO32_START);
+        }
     }
 }

@@ -1,0 +1,6 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Legacy port-I/O devices: the COM1 serial port, the ACPI power/reset port and the i8042
+//! reset line.
+
+pub mod power;
+pub mod serial;

@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Tiny PVH guests for tests: an ELF64 with one PT_LOAD at KERNEL_START holding 32-bit code
+//! and a PT_NOTE with the Xen PHYS32_ENTRY note pointing at it.
+
+use std::io::Write;
+
+use vmm_sys_util::tempfile::TempFile;
+
+use crate::layout;
+
+const CODE_OFFSET: usize = 0x1000;
+const NOTE_OFFSET: usize = 0x200;
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+/// An ELF image whose PVH entry runs `code` (32-bit protected mode, flat segments).
+pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    let entry = layout::KERNEL_START;
+    let mut f = vec![0u8; CODE_OFFSET + code.len()];
+    // ELF header.
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // ELFCLASS64
+    f[5] = 1; // little endian
+    f[6] = 1; // EV_CURRENT
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&entry.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    f[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
+    // PT_LOAD.
+    let load = &mut f[64..120];
+    load[0..4].copy_from_slice(&1u32.to_le_bytes());
+    load[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    load[8..16].copy_from_slice(&(CODE_OFFSET as u64).to_le_bytes());
+    load[16..24].copy_from_slice(&entry.to_le_bytes());
+    load[24..32].copy_from_slice(&entry.to_le_bytes());
+    load[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    load[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    load[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+    // PT_NOTE with one note: "Xen", PHYS32_ENTRY, the 32-bit entry address.
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes());
+    note.extend_from_slice(&4u32.to_le_bytes());
+    note.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(entry as u32).to_le_bytes());
+    let phdr = &mut f[120..176];
+    phdr[0..4].copy_from_slice(&4u32.to_le_bytes());
+    phdr[4..8].copy_from_slice(&4u32.to_le_bytes());
+    phdr[8..16].copy_from_slice(&(NOTE_OFFSET as u64).to_le_bytes());
+    phdr[32..40].copy_from_slice(&(note.len() as u64).to_le_bytes());
+    phdr[40..48].copy_from_slice(&(note.len() as u64).to_le_bytes());
+    phdr[48..56].copy_from_slice(&4u64.to_le_bytes());
+    f[NOTE_OFFSET..NOTE_OFFSET + note.len()].copy_from_slice(&note);
+    f[CODE_OFFSET..].copy_from_slice(code);
+    f
+}
+
+/// 32-bit code: `out dx, al` of each byte of `text` to COM1.
+pub fn print_code(text: &[u8]) -> Vec<u8> {
+    let port = layout::COM1_PORT.to_le_bytes();
+    let mut code = vec![0x66, 0xba, port[0], port[1]]; // mov dx, COM1
+    for b in text {
+        code.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
+    }
+    code
+}
+
+/// 32-bit code: write `value` to I/O `port`.
+pub fn out_code(port: u16, value: u8) -> Vec<u8> {
+    let p = port.to_le_bytes();
+    vec![0x66, 0xba, p[0], p[1], 0xb0, value, 0xee]
+}
+
+/// 32-bit code: `hlt` forever.
+pub fn halt_code() -> Vec<u8> {
+    vec![0xf4, 0xeb, 0xfd]
+}
+
+pub fn write_temp(bytes: &[u8]) -> TempFile {
+    let file = TempFile::new().unwrap();
+    file.as_file().write_all(bytes).unwrap();
+    file
+}
+
+pub fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        println!("SKIPPED: /dev/kvm missing, this test boots a guest");
+        false
+    }
+}

@@ -1,0 +1,380 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Wiring and exit handling: config -> VM (KVM VM, memory, vCPUs) -> devices -> buses, then
+//! wait for the first exit event and tear down.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::acpi::{AcpiError, AcpiInputs, create_acpi_tables};
+use crate::boot::{self, BootEntry, BootError, BootInputs};
+use crate::bus::{BusError, IoBuses};
+use crate::config::{SerialMode, VmConfig};
+use crate::exit::{ExitEvent, ExitNotifier};
+use crate::layout;
+use crate::legacy::power::{AcpiPowerPort, I8042ResetPort, ResetRequested};
+use crate::legacy::serial::{self, EventFdTrigger, SerialDevice};
+use crate::memory::{self, MemoryError};
+use crate::terminal::RawTerminal;
+use crate::vstate::pvm;
+use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("Failed to set up the KVM VM")]
+    Vm(#[source] VmError),
+    #[error("Failed to set up guest memory")]
+    Memory(#[source] MemoryError),
+    #[error("Failed to register guest memory with KVM")]
+    RegisterMemory(#[source] VmError),
+    #[error("Failed to create the ACPI tables")]
+    Acpi(#[source] AcpiError),
+    #[error("Failed to load the guest payload")]
+    Boot(#[source] BootError),
+    #[error("Failed to read the CPUID KVM supports")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("Failed to set up a vCPU")]
+    Vcpu(#[source] VcpuError),
+    #[error("Failed to spawn thread {0}")]
+    SpawnThread(String, #[source] std::io::Error),
+    #[error("Failed to register the vCPU kick signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("Failed to create the serial interrupt eventfd")]
+    SerialEventFd(#[source] std::io::Error),
+    #[error("Failed to register the serial irqfd on GSI {0}")]
+    SerialIrqfd(u32, #[source] kvm_ioctls::Error),
+    #[error("Failed to open the serial output file {0}")]
+    SerialFile(std::path::PathBuf, #[source] std::io::Error),
+    #[error("Failed to put the terminal in raw mode")]
+    RawTerminal(#[source] std::io::Error),
+    #[error("Failed to place device {0} on the I/O bus")]
+    Bus(&'static str, #[source] BusError),
+    #[error("--rng needs the virtio-pci transport, which is not built into this VMM yet")]
+    PciUnavailable,
+}
+
+/// vCPU threads are kicked out of KVM_RUN with this real-time signal at teardown.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only there to make KVM_RUN return EINTR; the stop flag tells the thread to leave.
+}
+
+/// A running VM: the pieces teardown needs.
+struct RunningVm {
+    vcpu_threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<ExitCounters>,
+    _raw_terminal: Option<RawTerminal>,
+}
+
+/// Build the VM from `config`, run it until it stops, tear it down. Returns why it stopped.
+pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
+    let pvm_policy = pvm::policy_enabled(config.platform.pvm);
+    if pvm_policy {
+        log::info!("PVM policy on: instruction fallback and Linux kernel parameters");
+    }
+
+    let vm = Vm::new().map_err(VmmError::Vm)?;
+    let mem = memory::create_guest_memory(&config.memory).map_err(VmmError::Memory)?;
+    vm.register_guest_memory(&mem)
+        .map_err(VmmError::RegisterMemory)?;
+    let guest_memory = GuestMemoryAtomic::new(mem.clone());
+
+    let buses = Arc::new(IoBuses::new());
+    let (exit, exit_rx) = ExitNotifier::new();
+    let reset = ResetRequested::default();
+
+    add_power_devices(&buses, &exit, &reset)?;
+    let serial = add_serial_device(&vm, &buses, &config.serial.mode)?;
+    add_pci_devices(&vm, &guest_memory, &buses, config)?;
+
+    let ram_end = memory::ram_end(config.memory.size);
+    let rsdp_addr = create_acpi_tables(
+        &mem,
+        &AcpiInputs {
+            vcpus: config.cpus.boot_vcpus,
+            mmio64_start: layout::mmio64_start(ram_end),
+        },
+    )
+    .map_err(VmmError::Acpi)?;
+    let entry = boot::load_payload(
+        &mem,
+        &BootInputs {
+            payload: &config.payload,
+            ram_size: config.memory.size,
+            rsdp_addr,
+            linux_extra_cmdline: pvm_policy.then_some(pvm::LINUX_CMDLINE_PARAMS),
+        },
+    )
+    .map_err(VmmError::Boot)?;
+    log::info!("Guest entry: {entry:x?}");
+
+    let raw_terminal = match (&config.serial.mode, &serial) {
+        (SerialMode::Tty, Some(dev)) => {
+            let raw = RawTerminal::stdin().map_err(VmmError::RawTerminal)?;
+            serial::spawn_stdin_reader(dev.clone())
+                .map_err(|e| VmmError::SpawnThread("serial-input".into(), e))?;
+            raw
+        }
+        _ => None,
+    };
+
+    let running = start_vcpus(&vm, &mem, &entry, config, &buses, &exit, &reset, pvm_policy)?;
+    let running = RunningVm {
+        _raw_terminal: raw_terminal,
+        ..running
+    };
+
+    // Every sender lives in a vCPU or device, so recv only fails if all of them are gone,
+    // which means every vCPU thread ended without reporting.
+    let event = exit_rx
+        .recv()
+        .unwrap_or_else(|_| ExitEvent::Error("All vCPUs stopped without a reason".into()));
+    teardown(running);
+    // Keep guest memory mapped until no vCPU can touch it.
+    drop(guest_memory);
+    Ok(event)
+}
+
+fn add_power_devices(
+    buses: &IoBuses,
+    exit: &ExitNotifier,
+    reset: &ResetRequested,
+) -> Result<(), VmmError> {
+    let acpi = AcpiPowerPort::new(exit.clone(), reset.clone());
+    buses
+        .register_pio(layout::ACPI_SLEEP_PORT, 1, Arc::new(Mutex::new(acpi)))
+        .map_err(|e| VmmError::Bus("acpi-power", e))?;
+    let i8042 = I8042ResetPort::new(exit.clone(), reset.clone());
+    buses
+        .register_pio(layout::I8042_PORT, 1, Arc::new(Mutex::new(i8042)))
+        .map_err(|e| VmmError::Bus("i8042", e))
+}
+
+type ComSerial = Arc<Mutex<SerialDevice<EventFdTrigger>>>;
+
+fn add_serial_device(
+    vm: &Vm,
+    buses: &IoBuses,
+    mode: &SerialMode,
+) -> Result<Option<ComSerial>, VmmError> {
+    let out = match mode {
+        SerialMode::Off => return Ok(None),
+        SerialMode::Null => serial::null_output(),
+        SerialMode::Tty => serial::stdout_output(),
+        SerialMode::File(path) => {
+            serial::file_output(path).map_err(|e| VmmError::SerialFile(path.clone(), e))?
+        }
+    };
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::SerialEventFd)?;
+    vm.fd()
+        .register_irqfd(&evt, layout::COM1_IRQ)
+        .map_err(|e| VmmError::SerialIrqfd(layout::COM1_IRQ, e))?;
+    let dev = Arc::new(Mutex::new(SerialDevice::new(EventFdTrigger::new(evt), out)));
+    buses
+        .register_pio(layout::COM1_PORT, 8, dev.clone())
+        .map_err(|e| VmmError::Bus("serial", e))?;
+    Ok(Some(dev))
+}
+
+/// PCI and virtio devices.
+// PCI CALL SITE: helper "pci" provides `pci::PciManager` and `devices::virtio_rng`; until
+// that lands, `--rng` is refused with a clear error instead of being ignored.
+fn add_pci_devices(
+    _vm: &Vm,
+    _mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    _buses: &Arc<IoBuses>,
+    config: &VmConfig,
+) -> Result<(), VmmError> {
+    if config.rng.is_some() {
+        return Err(VmmError::PciUnavailable);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_vcpus(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    entry: &BootEntry,
+    config: &VmConfig,
+    buses: &Arc<IoBuses>,
+    exit: &ExitNotifier,
+    reset: &ResetRequested,
+    pvm_policy: bool,
+) -> Result<RunningVm, VmmError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VmmError::SignalHandler)?;
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmmError::SupportedCpuid)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(ExitCounters::default());
+    let shared = VcpuShared {
+        buses: buses.clone(),
+        exit: exit.clone(),
+        reset: reset.clone(),
+        stop: stop.clone(),
+        counters: counters.clone(),
+        pvm_policy,
+    };
+    let vcpus_count = config.cpus.boot_vcpus;
+    let mut vcpus = Vec::with_capacity(usize::from(vcpus_count));
+    for id in 0..vcpus_count {
+        let vcpu = Vcpu::new(vm.fd(), id, shared.clone()).map_err(VmmError::Vcpu)?;
+        let boot = (id == 0).then_some((mem, entry));
+        vcpu.configure(&supported, vcpus_count, boot)
+            .map_err(VmmError::Vcpu)?;
+        vcpus.push(vcpu);
+    }
+    let mut vcpu_threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let name = format!("vcpu{}", vcpu.id());
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || vcpu.run())
+            .map_err(|e| VmmError::SpawnThread(name, e))?;
+        vcpu_threads.push(handle);
+    }
+    Ok(RunningVm {
+        vcpu_threads,
+        stop,
+        counters,
+        _raw_terminal: None,
+    })
+}
+
+/// Stop every vCPU: set the flag, kick each thread out of KVM_RUN until it has left.
+fn teardown(running: RunningVm) {
+    running.stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for handle in running.vcpu_threads {
+        while !handle.is_finished() && Instant::now() < deadline {
+            let _ = handle.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            log::warn!("A vCPU thread did not stop in time; exiting anyway");
+        }
+    }
+    let c = &running.counters;
+    log::info!(
+        "Unhandled exits: pio reads {}, pio writes {}, mmio reads {}, mmio writes {}; PVM completed instructions {}",
+        c.unhandled_pio_reads.load(Ordering::Relaxed),
+        c.unhandled_pio_writes.load(Ordering::Relaxed),
+        c.unhandled_mmio_reads.load(Ordering::Relaxed),
+        c.unhandled_mmio_writes.load(Ordering::Relaxed),
+        c.pvm_completed_insns.load(Ordering::Relaxed),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PayloadConfig, SerialConfig, VmParams};
+    use crate::test_guest::*;
+
+    fn config_for(kernel: &std::path::Path, serial: &std::path::Path) -> VmConfig {
+        VmConfig::parse(VmParams {
+            kernel: Some(kernel.to_str().unwrap().to_owned()),
+            memory: Some("size=32M".into()),
+            serial: Some(format!("file={}", serial.display())),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn boot(code: Vec<u8>) -> (Result<ExitEvent, VmmError>, String) {
+        let kernel = write_temp(&pvh_elf(&code));
+        let serial = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let config = config_for(kernel.as_path(), serial.as_path());
+        let result = run(&config);
+        let output = std::fs::read_to_string(serial.as_path()).unwrap();
+        (result, output)
+    }
+
+    #[test]
+    fn test_pvh_guest_prints_on_serial_and_powers_off_with_acpi_s5() {
+        if !kvm_available() {
+            return;
+        }
+        let mut code = print_code(b"OK\n");
+        code.extend(out_code(layout::ACPI_SLEEP_PORT, (5 << 2) | (1 << 5)));
+        code.extend(halt_code());
+        let (result, output) = boot(code);
+        assert_eq!(result.unwrap(), ExitEvent::Shutdown("ACPI S5"));
+        assert_eq!(output, "OK\n");
+    }
+
+    #[test]
+    fn test_guest_reset_requests_end_with_reboot() {
+        if !kvm_available() {
+            return;
+        }
+        let mut code = out_code(layout::I8042_PORT, 0xfe);
+        code.extend(halt_code());
+        let (result, _) = boot(code);
+        assert_eq!(result.unwrap(), ExitEvent::Reboot("i8042 reset"));
+        let mut code = out_code(layout::ACPI_SLEEP_PORT, layout::ACPI_RESET_VALUE);
+        code.extend(halt_code());
+        let (result, _) = boot(code);
+        assert_eq!(result.unwrap(), ExitEvent::Reboot("ACPI reset register"));
+    }
+
+    #[test]
+    fn test_triple_fault_is_reported_as_an_error_with_rip() {
+        if !kvm_available() {
+            return;
+        }
+        // ud2 with an empty IDT: #UD -> #GP -> #DF -> triple fault.
+        let (result, _) = boot(vec![0x0f, 0x0b]);
+        match result.unwrap() {
+            ExitEvent::Error(msg) => assert!(msg.contains("RIP"), "{msg}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_missing_or_corrupt_kernel_is_a_clear_error() {
+        if !kvm_available() {
+            return;
+        }
+        let serial = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let missing = std::path::Path::new("/nonexistent/vmlinux");
+        let err = run(&config_for(missing, serial.as_path())).unwrap_err();
+        assert!(
+            matches!(err, VmmError::Boot(BootError::OpenKernel(..))),
+            "{err:?}"
+        );
+
+        let garbage = write_temp(&[0x5a; 4096]);
+        let err = run(&config_for(garbage.as_path(), serial.as_path())).unwrap_err();
+        assert!(
+            matches!(err, VmmError::Boot(BootError::LoadKernel(..))),
+            "{err:?}"
+        );
+
+        // An ELF without the PVH note.
+        let mut elf = pvh_elf(&halt_code());
+        elf[0x200 + 8] = 0x99;
+        let no_note = write_temp(&elf);
+        let err = run(&config_for(no_note.as_path(), serial.as_path())).unwrap_err();
+        assert!(
+            matches!(err, VmmError::Boot(BootError::NoPvhEntry(..))),
+            "{err:?}"
+        );
+        let _ = (PayloadConfig::validate, SerialConfig::default);
+    }
+}
