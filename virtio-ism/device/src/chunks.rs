@@ -173,7 +173,13 @@ mod tests {
     fn test_bitmap_tail_and_word_skip() {
         let mut map = ChunkMap::new(130);
         let all = map.plan(130).unwrap();
-        assert_eq!(all, vec![Extent { first: 0, count: 130 }]);
+        assert_eq!(
+            all,
+            vec![Extent {
+                first: 0,
+                count: 130
+            }]
+        );
         map.commit(&all, Token(9));
         assert_eq!(map.plan(1), None);
         assert_eq!(map.owner(129), Some(Token(9)));
@@ -182,6 +188,12 @@ mod tests {
         assert_eq!(map.free_count(), 130);
         let first = map.plan(100).unwrap();
         map.commit(&first, Token(1));
-        assert_eq!(map.plan(30).unwrap(), vec![Extent { first: 100, count: 30 }]);
+        assert_eq!(
+            map.plan(30).unwrap(),
+            vec![Extent {
+                first: 100,
+                count: 30
+            }]
+        );
     }
 }

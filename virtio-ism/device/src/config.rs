@@ -25,7 +25,9 @@ pub struct IsmConfig {
 pub enum ConfigError {
     #[error("Chunk size {0} is not a power of two >= 4096")]
     ChunkSize(u64),
-    #[error("Shared-memory size {shm_size} is not a non-zero multiple of the chunk size {chunk_size}")]
+    #[error(
+        "Shared-memory size {shm_size} is not a non-zero multiple of the chunk size {chunk_size}"
+    )]
     ShmSize { shm_size: u64, chunk_size: u64 },
     #[error("Too many chunks: {0} (at most {MAX_CHUNKS})")]
     TooManyChunks(u64),

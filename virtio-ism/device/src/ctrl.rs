@@ -242,8 +242,7 @@ pub fn execute(table: &mut RegionTable, request: Request, writable_len: u64) -> 
         )),
         Request::EventVector(req) => outcome(table.set_vector(Token(req.token), req.vector)),
         Request::QueryList => {
-            let Some(capacity) = reply_capacity(writable_len, QueryListReplyHeader::SIZE, 8)
-            else {
+            let Some(capacity) = reply_capacity(writable_len, QueryListReplyHeader::SIZE, 8) else {
                 return Response::status(Status::Err);
             };
             let tokens = table.tokens();

@@ -13,12 +13,12 @@ use virtio_device::{
     ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
     VirtioSharedMemory, VirtioSharedMemoryList, read_config_from_slice,
 };
+use virtio_ism_proto::defs::VIRTIO_ID_ISM;
 use virtio_ism_proto::defs::features::{
     VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit,
 };
 use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX, QUEUE_SIZE};
 use virtio_ism_proto::defs::shm::{VIRTIO_ISM_SHM_ID_NOTIFY, VIRTIO_ISM_SHM_ID_REGIONS};
-use virtio_ism_proto::defs::VIRTIO_ID_ISM;
 use virtio_ism_proto::{Area, ConfigSpace, EventType, WireStruct};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -83,7 +83,9 @@ pub struct Ism {
 }
 
 fn lock(table: &Mutex<RegionTable>) -> MutexGuard<'_, RegionTable> {
-    table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    table
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Ism {
@@ -176,10 +178,7 @@ impl Ism {
             }
         }
         let Some((ctrl_queue, ctrl_evt)) = ctrl else {
-            return Err(ActivateError::BadQueueCount {
-                needed: 1,
-                enabled,
-            });
+            return Err(ActivateError::BadQueueCount { needed: 1, enabled });
         };
         let kill_evt = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::CloneEventFd)?;
         let worker = IsmWorker {
@@ -192,7 +191,10 @@ impl Ism {
             features: self.acked_features,
             metrics: self.metrics.clone(),
             kill_evt: kill_evt.try_clone().map_err(ActivateError::CloneEventFd)?,
-            wake_evt: self.wake_evt.try_clone().map_err(ActivateError::CloneEventFd)?,
+            wake_evt: self
+                .wake_evt
+                .try_clone()
+                .map_err(ActivateError::CloneEventFd)?,
             pool_fd: self.pool_fd,
         };
         lock(&self.table).set_active(Some(ctx.interrupt_cb.clone()), worker.event_queue.is_some());
@@ -245,7 +247,10 @@ impl VirtioDevice for Ism {
     fn ack_features(&mut self, value: u64) {
         let unknown = value & !AVAIL_FEATURES;
         if unknown != 0 {
-            warn!("virtio-ism {}: driver acked unoffered features {unknown:#x}", self.id);
+            warn!(
+                "virtio-ism {}: driver acked unoffered features {unknown:#x}",
+                self.id
+            );
         }
         self.acked_features |= value & AVAIL_FEATURES;
     }
@@ -380,12 +385,13 @@ impl IsmHandle {
         if !table.is_active() {
             return Err(HandleError::NotActive);
         }
-        let areas = table
-            .attach(token, want.0, u64::MAX, true)
-            .map_err(|r| HandleError::Attach {
-                token,
-                status: r.status,
-            })?;
+        let areas =
+            table
+                .attach(token, want.0, u64::MAX, true)
+                .map_err(|r| HandleError::Attach {
+                    token,
+                    status: r.status,
+                })?;
         if let Some(region) = table.region(token) {
             let subject = table.subject(region);
             table.post_event(EventType::RegionAdded, subject, 0);

@@ -8,12 +8,12 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ism_pool::{
-    DevId, GrantTarget, MissingPerm, PoolError, PoolEvent, PoolSession, Perms, RegionLease,
+    DevId, GrantTarget, MissingPerm, Perms, PoolError, PoolEvent, PoolSession, RegionLease,
     SessionInfo, Token,
 };
 use log::{debug, warn};
 use virtio_device::{VirtioInterrupt, VirtioInterruptType};
-use virtio_ism_proto::defs::{perm, region_flags, VIRTIO_MSI_NO_VECTOR};
+use virtio_ism_proto::defs::{VIRTIO_MSI_NO_VECTOR, perm, region_flags};
 use virtio_ism_proto::{Area, Event, EventType, Status};
 
 use crate::chunks::{ChunkMap, Extent};
@@ -185,7 +185,10 @@ impl RegionTable {
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or(Refusal::from(Status::NoSpc))?;
         let count = self.chunks_for(size)?;
-        let plan = self.chunks.plan(count).ok_or(Refusal::from(Status::NoSpc))?;
+        let plan = self
+            .chunks
+            .plan(count)
+            .ok_or(Refusal::from(Status::NoSpc))?;
         if plan.len() as u64 > capacity {
             // Decided before touching the pool, so the driver's retry sees the same plan.
             return Err(Refusal {
@@ -222,9 +225,9 @@ impl RegionTable {
             debug!("virtio-ism: pool refused attach of {token}: {e}");
             Refusal::from(pool_status(&e))
         })?;
-        let outcome = self.place(&lease, capacity).and_then(|plan| {
-            self.install(lease, plan, false, hotplugged)
-        });
+        let outcome = self
+            .place(&lease, capacity)
+            .and_then(|plan| self.install(lease, plan, false, hotplugged));
         if let Err(refusal) = outcome {
             let _ = self.session.detach(token);
             return Err(refusal);
@@ -234,11 +237,17 @@ impl RegionTable {
 
     fn place(&self, lease: &RegionLease, capacity: u64) -> Result<Vec<Extent>, Refusal> {
         if lease.size == 0 || !lease.size.is_multiple_of(PAGE_SIZE) {
-            warn!("virtio-ism: pool lease {} has bad size {}", lease.token, lease.size);
+            warn!(
+                "virtio-ism: pool lease {} has bad size {}",
+                lease.token, lease.size
+            );
             return Err(Status::Err.into());
         }
         let count = self.chunks_for(lease.size)?;
-        let plan = self.chunks.plan(count).ok_or(Refusal::from(Status::NoSpc))?;
+        let plan = self
+            .chunks
+            .plan(count)
+            .ok_or(Refusal::from(Status::NoSpc))?;
         if plan.len() as u64 > capacity {
             return Err(Refusal {
                 status: Status::TooBig,
@@ -261,10 +270,13 @@ impl RegionTable {
         for extent in &plan {
             let window_offset = extent.first * self.layout.chunk_size;
             let len = (extent.count * self.layout.chunk_size).min(lease.size - fd_offset);
-            if let Err(e) =
-                self.window
-                    .map(window_offset, lease.fd.as_fd(), fd_offset, len, lease.writable)
-            {
+            if let Err(e) = self.window.map(
+                window_offset,
+                lease.fd.as_fd(),
+                fd_offset,
+                len,
+                lease.writable,
+            ) {
                 warn!("virtio-ism: mapping region {} failed: {e}", lease.token);
                 for (off, len) in mapped {
                     let _ = self.window.unmap(off, len);
@@ -319,9 +331,6 @@ impl RegionTable {
     /// GRANT_SET_DEFAULT / GRANT_SET_FOR_DEVICE.
     pub fn grant(&mut self, token: Token, target: GrantTarget, perms: u64) -> Result<(), Refusal> {
         if perms & !perm::VIRTIO_ISM_PERM_ALL != 0 {
-            return Err(Status::Err.into());
-        }
-        if perms & perm::VIRTIO_ISM_PERM_CLEAN_DEFAULT != 0 && target != GrantTarget::Default {
             return Err(Status::Err.into());
         }
         if let GrantTarget::Device(DevId(0)) = target {
@@ -494,7 +503,10 @@ impl RegionTable {
         let Some(interrupt) = &self.interrupt else {
             return false;
         };
-        if interrupt.trigger(VirtioInterruptType::Vector(vector)).is_ok() {
+        if interrupt
+            .trigger(VirtioInterruptType::Vector(vector))
+            .is_ok()
+        {
             IsmMetrics::inc(&self.metrics.kicks_delivered);
             true
         } else {

@@ -1,0 +1,1352 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Drives the device as a guest driver would: requests are descriptor chains in guest memory
+//! (laid out like the Linux PoC driver's: header, payload, status, reply), regions come from a
+//! real in-process pool, and the window maps them for real so two devices share bytes.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
+
+use ism_pool::{DevId, LocalPool, PoolConfig, PoolSession, Token};
+use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use virtio_ism_proto::ctrl::{decode_areas, decode_tokens, reply_len};
+use virtio_ism_proto::defs::features::{
+    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_IRQ, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit,
+};
+use virtio_ism_proto::defs::perm::{
+    VIRTIO_ISM_PERM_ATTACH, VIRTIO_ISM_PERM_MANAGE, VIRTIO_ISM_PERM_READ, VIRTIO_ISM_PERM_WRITE,
+};
+use virtio_ism_proto::defs::region_flags;
+use virtio_ism_proto::*;
+use virtio_queue::Queue;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, ShmWindow};
+
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+const QUEUE_SIZE: u16 = 16;
+const CTRL_BASE: GuestAddress = GuestAddress(0x0);
+const EVENTQ_BASE: GuestAddress = GuestAddress(0x4000);
+/// Request bytes, status and reply buffers live from here on.
+const DATA_BASE: u64 = 0x10000;
+const MEM_SIZE: usize = 0x10_0000;
+
+const CHUNK: u64 = 64 << 10;
+const SHM: u64 = 16 * CHUNK;
+
+/// A window that really maps region memory: a PROT_NONE reservation with regions mapped over
+/// it, so what one device's window shows another's does too.
+struct MemWindow {
+    base: *mut u8,
+    len: usize,
+    maps: Mutex<Vec<(u64, u64, bool)>>,
+    mapped: Mutex<BTreeSet<u64>>,
+}
+
+// SAFETY: the raw pointer is only used for mmap calls and bounds-checked copies; the mapping
+// lives as long as the struct.
+unsafe impl Send for MemWindow {}
+// SAFETY: as above; concurrent copies into shared memory are what the device shares anyway.
+unsafe impl Sync for MemWindow {}
+
+impl MemWindow {
+    fn new(len: u64) -> Arc<Self> {
+        // SAFETY: anonymous PROT_NONE reservation; no existing memory is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        Arc::new(Self {
+            base: base.cast(),
+            len: len as usize,
+            maps: Mutex::new(Vec::new()),
+            mapped: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn is_mapped(&self, offset: u64) -> bool {
+        self.mapped.lock().unwrap().contains(&offset)
+    }
+
+    fn last_map(&self) -> (u64, u64, bool) {
+        *self.maps.lock().unwrap().last().unwrap()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        assert!(self.is_mapped_range(offset, data.len() as u64));
+        // SAFETY: the range is inside the reservation and currently mapped (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(offset as usize), data.len())
+        };
+    }
+
+    fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        assert!(self.is_mapped_range(offset, len as u64));
+        let mut out = vec![0u8; len];
+        // SAFETY: the range is inside the reservation and currently mapped (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(offset as usize), out.as_mut_ptr(), len)
+        };
+        out
+    }
+
+    fn is_mapped_range(&self, offset: u64, len: u64) -> bool {
+        let maps = self.maps.lock().unwrap();
+        let mapped = self.mapped.lock().unwrap();
+        maps.iter()
+            .any(|&(off, l, _)| mapped.contains(&off) && offset >= off && offset + len <= off + l)
+            && offset + len <= self.len as u64
+    }
+}
+
+impl ShmWindow for MemWindow {
+    fn map(
+        &self,
+        window_offset: u64,
+        fd: BorrowedFd<'_>,
+        fd_offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> io::Result<()> {
+        assert!(window_offset + len <= self.len as u64);
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: the target range lies inside our own reservation (asserted above).
+        let addr = unsafe {
+            libc::mmap(
+                self.base.add(window_offset as usize).cast(),
+                len as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                fd_offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.maps
+            .lock()
+            .unwrap()
+            .push((window_offset, len, writable));
+        self.mapped.lock().unwrap().insert(window_offset);
+        Ok(())
+    }
+
+    fn unmap(&self, window_offset: u64, len: u64) -> io::Result<()> {
+        assert!(window_offset + len <= self.len as u64);
+        // SAFETY: replaces a range of our own reservation with PROT_NONE anonymous memory.
+        let addr = unsafe {
+            libc::mmap(
+                self.base.add(window_offset as usize).cast(),
+                len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.mapped.lock().unwrap().remove(&window_offset);
+        Ok(())
+    }
+}
+
+impl Drop for MemWindow {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the reservation made in `new`.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+#[derive(Default)]
+struct RecordingInterrupt {
+    raised: Mutex<Vec<VirtioInterruptType>>,
+}
+
+impl VirtioInterrupt for RecordingInterrupt {
+    fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()> {
+        self.raised.lock().unwrap().push(int_type);
+        Ok(())
+    }
+}
+
+impl RecordingInterrupt {
+    fn take(&self) -> Vec<VirtioInterruptType> {
+        std::mem::take(&mut self.raised.lock().unwrap())
+    }
+}
+
+#[derive(Default)]
+struct RecordingKicks {
+    kicks: Mutex<Vec<(DevId, Token)>>,
+}
+
+impl KickSink for RecordingKicks {
+    fn kick_peers(&self, from: DevId, token: Token) {
+        self.kicks.lock().unwrap().push((from, token));
+    }
+}
+
+/// The driver's side of one split queue. The mock initialises the rings when created, so
+/// it is created once per queue (over leaked test memory, so it can live in `TestVm`).
+struct DriverQueue {
+    mem: &'static GuestMemoryMmap,
+    mock: MockSplitQueue<'static, GuestMemoryMmap>,
+    next_desc: u16,
+    used_seen: u16,
+}
+
+impl DriverQueue {
+    fn new(mem: &'static GuestMemoryMmap, base: GuestAddress) -> Self {
+        Self {
+            mem,
+            mock: MockSplitQueue::create(mem, base, QUEUE_SIZE),
+            next_desc: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn device_queue(&self) -> Queue {
+        self.mock.create_queue::<Queue>().unwrap()
+    }
+
+    /// The head index the next chain of `n` descriptors will get.
+    fn next_head(&self, n: u16) -> u16 {
+        if self.next_desc + n > QUEUE_SIZE {
+            0
+        } else {
+            self.next_desc
+        }
+    }
+
+    /// Put one chain of `(addr, len, device_writable)` buffers on the avail ring.
+    fn submit(&mut self, buffers: &[(u64, u32, bool)]) -> u16 {
+        let n = buffers.len() as u16;
+        let head = self.next_head(n);
+        for (i, &(addr, len, write)) in buffers.iter().enumerate() {
+            let i = i as u16;
+            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
+            if i + 1 < n {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, head + i + 1));
+            self.mock.desc_table().store(head + i, desc).unwrap();
+        }
+        // The avail ring by hand: the mock's helper does not wrap its index.
+        let mem = self.mem;
+        let avail = self.mock.avail_addr();
+        let idx: u16 = mem.read_obj(avail.unchecked_add(2)).unwrap();
+        let slot = u64::from(idx % QUEUE_SIZE);
+        mem.write_obj(head, avail.unchecked_add(4 + 2 * slot))
+            .unwrap();
+        mem.write_obj(idx.wrapping_add(1), avail.unchecked_add(2))
+            .unwrap();
+        self.next_desc = head + n;
+        head
+    }
+
+    /// Next used element `(head, len)`, if the device returned one.
+    fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
+        let used = self.mock.used_addr();
+        let idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
+        if idx == self.used_seen {
+            return None;
+        }
+        let slot = u64::from(self.used_seen % QUEUE_SIZE);
+        let elem = used.unchecked_add(4 + 8 * slot);
+        let id: u32 = mem.read_obj(elem).unwrap();
+        let len: u32 = mem.read_obj(elem.unchecked_add(4)).unwrap();
+        self.used_seen = self.used_seen.wrapping_add(1);
+        Some((id, len))
+    }
+}
+
+fn guest_memory() -> &'static GuestMemoryMmap {
+    Box::leak(Box::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+    ))
+}
+
+/// What came back for one request.
+#[derive(Debug)]
+struct Reply {
+    status: Status,
+    /// Reply bytes after the status byte (the whole buffer the driver gave).
+    body: Vec<u8>,
+    used_len: u32,
+}
+
+/// One guest with a virtio-ism device, its driver-side queues and its window.
+struct TestVm {
+    mem: &'static GuestMemoryMmap,
+    device: Ism,
+    worker: IsmWorker,
+    window: Arc<MemWindow>,
+    interrupts: Arc<RecordingInterrupt>,
+    kicks: Arc<RecordingKicks>,
+    ctrl: DriverQueue,
+    events: DriverQueue,
+    session: Arc<dyn PoolSession>,
+}
+
+fn pool() -> Arc<LocalPool> {
+    LocalPool::new(PoolConfig {
+        size: 64 << 20,
+        per_vm_limit: None,
+        hugepages: false,
+        gid: Some(0x15a),
+    })
+    .unwrap()
+}
+
+impl TestVm {
+    fn new(pool: &Arc<LocalPool>, features: u64) -> Self {
+        Self::with_session(pool.session().unwrap(), features)
+    }
+
+    fn with_session(session: Arc<dyn PoolSession>, features: u64) -> Self {
+        let mem = guest_memory();
+        let config = IsmConfig {
+            shm_size: SHM,
+            chunk_size: CHUNK,
+            notify_size: 4,
+        };
+        let window = MemWindow::new(config.layout().unwrap().window_size);
+        let kicks = Arc::new(RecordingKicks::default());
+        let mut device = Ism::new("ism0", config, session.clone(), window.clone())
+            .unwrap()
+            .with_kick_sink(kicks.clone());
+        device.ack_features(features);
+        let ctrl = DriverQueue::new(mem, CTRL_BASE);
+        let events = DriverQueue::new(mem, EVENTQ_BASE);
+        let interrupts = Arc::new(RecordingInterrupt::default());
+        let worker = device
+            .activate_worker(ActivationContext {
+                mem: GuestMemoryAtomic::new(mem.clone()),
+                interrupt_cb: interrupts.clone(),
+                queues: vec![
+                    (0, ctrl.device_queue(), EventFd::new(0).unwrap()),
+                    (1, events.device_queue(), EventFd::new(0).unwrap()),
+                ],
+            })
+            .unwrap();
+        Self {
+            mem,
+            device,
+            worker,
+            window,
+            interrupts,
+            kicks,
+            ctrl,
+            events,
+            session,
+        }
+    }
+
+    fn devid(&self) -> u64 {
+        self.session.info().devid.0
+    }
+
+    fn handle(&self) -> IsmHandle {
+        self.device.handle()
+    }
+
+    /// Send raw request bytes with a reply buffer of `writable` bytes, as four descriptors:
+    /// header, payload, status, reply (the Linux PoC driver's layout).
+    fn raw_request(&mut self, request: &[u8], writable: u32) -> Reply {
+        let hdr = DATA_BASE;
+        let payload = DATA_BASE + 0x100;
+        let status = DATA_BASE + 0x200;
+        let reply = DATA_BASE + 0x300;
+        self.mem
+            .write_slice(&[0xee; 0x2000], GuestAddress(hdr))
+            .unwrap();
+        let hdr_len = request.len().min(2);
+        self.mem
+            .write_slice(&request[..hdr_len], GuestAddress(hdr))
+            .unwrap();
+        self.mem
+            .write_slice(&request[hdr_len..], GuestAddress(payload))
+            .unwrap();
+        let mut chain = vec![(hdr, hdr_len as u32, false)];
+        if request.len() > 2 {
+            chain.push((payload, (request.len() - 2) as u32, false));
+        }
+        chain.push((status, 1, true));
+        if writable > 1 {
+            chain.push((reply, writable - 1, true));
+        }
+        let head = self.ctrl.submit(&chain);
+        assert!(self.worker.process_ctrl_queue().unwrap());
+        let (id, used_len) = self.ctrl.pop_used(&self.mem).expect("request not used");
+        assert_eq!(id, u32::from(head));
+        let mut status_byte = [0u8];
+        self.mem
+            .read_slice(&mut status_byte, GuestAddress(status))
+            .unwrap();
+        let mut body = vec![0u8; writable.saturating_sub(1) as usize];
+        self.mem.read_slice(&mut body, GuestAddress(reply)).unwrap();
+        Reply {
+            status: Status::from_raw(status_byte[0]),
+            body,
+            used_len,
+        }
+    }
+
+    fn request(&mut self, request: Request, writable: usize) -> Reply {
+        let mut bytes = [0u8; 64];
+        let n = request.encode(&mut bytes).unwrap();
+        self.raw_request(&bytes[..n], writable as u32)
+    }
+
+    fn alloc(&mut self, size: u64) -> (Token, Vec<Area>) {
+        let reply = self.request(
+            Request::Alloc(AllocRequest { size }),
+            reply_len(AllocReplyHeader::SIZE, Area::SIZE, 16),
+        );
+        assert_eq!(reply.status, Status::Ok, "alloc failed");
+        let header = AllocReplyHeader::decode(&reply.body).unwrap();
+        let areas = decode_areas(&reply.body[AllocReplyHeader::SIZE..], header.num)
+            .unwrap()
+            .collect::<Vec<_>>();
+        assert_eq!(
+            reply.used_len as usize,
+            1 + AllocReplyHeader::SIZE + Area::SIZE * areas.len()
+        );
+        (Token(header.token), areas)
+    }
+
+    fn attach_raw(&mut self, token: Token, rw_perm: u32) -> Reply {
+        self.request(
+            Request::Attach(AttachRequest {
+                token: token.0,
+                rw_perm,
+            }),
+            reply_len(AttachReplyHeader::SIZE, Area::SIZE, 16),
+        )
+    }
+
+    fn attach(&mut self, token: Token, rw_perm: u32) -> Vec<Area> {
+        let reply = self.attach_raw(token, rw_perm);
+        assert_eq!(reply.status, Status::Ok, "attach failed");
+        let header = AttachReplyHeader::decode(&reply.body).unwrap();
+        decode_areas(&reply.body[AttachReplyHeader::SIZE..], header.num)
+            .unwrap()
+            .collect()
+    }
+
+    fn simple(&mut self, request: Request) -> Status {
+        let reply = self.request(request, 1);
+        assert_eq!(reply.used_len, 1);
+        reply.status
+    }
+
+    fn grant_default(&mut self, token: Token, permissions: u64) -> Status {
+        self.simple(Request::GrantDefault(GrantDefaultRequest {
+            token: token.0,
+            permissions,
+        }))
+    }
+
+    fn grant_device(&mut self, token: Token, permissions: u64, peer: u64) -> Status {
+        self.simple(Request::GrantDevice(GrantDeviceRequest {
+            token: token.0,
+            permissions,
+            peer_devid: peer,
+        }))
+    }
+
+    fn post_event_buffers(&mut self, count: usize) {
+        for _ in 0..count {
+            let addr = DATA_BASE + 0x8000 + 0x40 * u64::from(self.events.next_head(1));
+            self.events.submit(&[(addr, Event::SIZE as u32, true)]);
+        }
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        self.worker.process_pool_events().unwrap();
+        let mut out = Vec::new();
+        while let Some((head, len)) = self.events.pop_used(&self.mem) {
+            assert_eq!(len as usize, Event::SIZE);
+            let addr = DATA_BASE + 0x8000 + 0x40 * u64::from(head);
+            let mut raw = [0u8; Event::SIZE];
+            self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+            out.push(Event::decode(&raw).unwrap());
+        }
+        out
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.device.counters().unwrap()[name].0
+    }
+}
+
+const ALL_FEATURES: u64 =
+    bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_ISM_F_EVENT_QUEUE) | bit(VIRTIO_ISM_F_QUERY);
+const DRAFT_FEATURES: u64 = bit(VIRTIO_F_VERSION_1);
+
+fn rw() -> u64 {
+    VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE | VIRTIO_ISM_PERM_ATTACH
+}
+
+#[test]
+fn test_config_space_reports_session_ids_and_sizes() {
+    let pool = pool();
+    let vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut raw = [0u8; 32];
+    vm.device.read_config(0, &mut raw);
+    let cfg = ConfigSpace::decode(&raw).unwrap();
+    assert_eq!(cfg.gid, 0x15a);
+    assert_eq!(cfg.devid, vm.devid());
+    assert_eq!(cfg.chunk_size, CHUNK);
+    assert_eq!(cfg.notify_size, 4);
+    // A 4-byte read of the low half of chunk_size, as the PoC's drivers do.
+    let mut low = [0u8; 4];
+    vm.device
+        .read_config(ConfigSpace::chunk_size as u64, &mut low);
+    assert_eq!(u32::from_le_bytes(low), CHUNK as u32);
+    assert_eq!(vm.device.device_type(), 44);
+}
+
+#[test]
+fn test_features_never_offer_event_irq_and_mask_unoffered() {
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, 0);
+    let offered = vm.device.features();
+    assert_ne!(offered & bit(VIRTIO_F_VERSION_1), 0);
+    assert_eq!(offered & bit(VIRTIO_ISM_F_EVENT_IRQ), 0);
+    vm.device
+        .ack_features(bit(VIRTIO_ISM_F_EVENT_IRQ) | bit(VIRTIO_ISM_F_QUERY) | (1 << 20));
+    assert_eq!(vm.device.acked_features(), bit(VIRTIO_ISM_F_QUERY));
+}
+
+#[test]
+fn test_shm_regions_describe_window_layout() {
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, 0);
+    let list = vm.device.get_shm_regions().unwrap();
+    assert_eq!(list.len, 2 * SHM);
+    assert_eq!(list.region_list.len(), 2);
+    assert_eq!(
+        (
+            list.region_list[0].id,
+            list.region_list[0].offset,
+            list.region_list[0].len
+        ),
+        (1, 0, SHM)
+    );
+    assert_eq!(
+        (
+            list.region_list[1].id,
+            list.region_list[1].offset,
+            list.region_list[1].len
+        ),
+        (2, SHM, 16 * 4)
+    );
+    let mut moved = list.clone();
+    moved.addr = GuestAddress(0x40_0000_0000);
+    vm.device.set_shm_regions(moved).unwrap();
+    assert_eq!(
+        vm.device.get_shm_regions().unwrap().addr,
+        GuestAddress(0x40_0000_0000)
+    );
+    let mut wrong = list;
+    wrong.len = SHM;
+    assert!(vm.device.set_shm_regions(wrong).is_err());
+}
+
+#[test]
+fn test_alloc_maps_region_writable_and_reports_areas() {
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, areas) = vm.alloc(3 * CHUNK);
+    assert_ne!(token.0, 0);
+    // A fresh window gets one contiguous area.
+    assert_eq!(
+        areas,
+        vec![Area {
+            offset: 0,
+            size: 3 * CHUNK
+        }]
+    );
+    assert_eq!(vm.window.last_map(), (0, 3 * CHUNK, true));
+    vm.window.write(CHUNK + 5, b"hello");
+    assert_eq!(vm.window.read(CHUNK + 5, 5), b"hello");
+    // Sizes are rounded up to pages; the next region starts at the next free chunk.
+    let (_, areas) = vm.alloc(100);
+    assert_eq!(
+        areas,
+        vec![Area {
+            offset: 3 * CHUNK,
+            size: 4096
+        }]
+    );
+    assert_eq!(vm.counter("regions_attached"), 2);
+    assert_eq!(vm.counter("bytes_mapped"), 3 * CHUNK + 4096);
+    assert_eq!(vm.counter("ctrl_errors"), 0);
+}
+
+#[test]
+fn test_alloc_e2big_reports_needed_areas_and_allocates_nothing() {
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    // Fragment the window: A B C with B freed leaves one free chunk between used ones.
+    let (_, _) = vm.alloc(CHUNK);
+    let (b, _) = vm.alloc(CHUNK);
+    let (_, _) = vm.alloc(CHUNK);
+    assert_eq!(
+        vm.simple(Request::Detach(DetachRequest { token: b.0 })),
+        Status::Ok
+    );
+    // 14 chunks needed, 13 contiguous at the end + 1 hole: two areas.
+    let small = reply_len(AllocReplyHeader::SIZE, Area::SIZE, 1);
+    let reply = vm.request(Request::Alloc(AllocRequest { size: 14 * CHUNK }), small);
+    assert_eq!(reply.status, Status::TooBig);
+    assert_eq!(AllocReplyHeader::decode(&reply.body).unwrap().num, 2);
+    assert_eq!(pool.status().regions.len(), 2, "E2BIG must not allocate");
+    // The driver's retry with room for 2 succeeds, and the region spans both pieces.
+    let reply = vm.request(
+        Request::Alloc(AllocRequest { size: 14 * CHUNK }),
+        reply_len(AllocReplyHeader::SIZE, Area::SIZE, 2),
+    );
+    assert_eq!(reply.status, Status::Ok);
+    let header = AllocReplyHeader::decode(&reply.body).unwrap();
+    let areas: Vec<Area> = decode_areas(&reply.body[16..], header.num)
+        .unwrap()
+        .collect();
+    assert_eq!(
+        areas,
+        vec![
+            Area {
+                offset: CHUNK,
+                size: CHUNK
+            },
+            Area {
+                offset: 3 * CHUNK,
+                size: 13 * CHUNK
+            }
+        ]
+    );
+    // The two areas are consecutive pieces of one region: a peer mapping it in one piece
+    // sees the end of the first area right before the start of the second.
+    vm.window.write(2 * CHUNK - 1, b"a");
+    vm.window.write(3 * CHUNK, b"b");
+    let token = Token(header.token);
+    assert_eq!(vm.grant_default(token, rw()), Status::Ok);
+    let mut peer = TestVm::new(&pool, DRAFT_FEATURES);
+    let peer_areas = peer.attach(token, 0);
+    assert_eq!(
+        peer_areas,
+        vec![Area {
+            offset: 0,
+            size: 14 * CHUNK
+        }]
+    );
+    assert_eq!(peer.window.read(CHUNK - 1, 2), b"ab");
+}
+
+#[test]
+fn test_alloc_failures_map_to_draft_statuses() {
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let alloc = |size| Request::Alloc(AllocRequest { size });
+    let big = reply_len(AllocReplyHeader::SIZE, Area::SIZE, 4);
+    assert_eq!(vm.request(alloc(0), big).status, Status::Err);
+    assert_eq!(vm.request(alloc(SHM + 1), big).status, Status::NoSpc);
+    assert_eq!(vm.request(alloc(u64::MAX), big).status, Status::NoSpc);
+    // Reply buffer without room for the reply header.
+    assert_eq!(vm.request(alloc(4096), 8).status, Status::Err);
+    // A pool smaller than the window: ENOMEM from the pool.
+    let tiny = LocalPool::new(PoolConfig {
+        size: CHUNK,
+        per_vm_limit: None,
+        hugepages: false,
+        gid: None,
+    })
+    .unwrap();
+    let mut vm = TestVm::new(&tiny, DRAFT_FEATURES);
+    assert_eq!(vm.request(alloc(2 * CHUNK), big).status, Status::NoMem);
+    assert_eq!(vm.counter("ctrl_errors"), 1);
+    assert_eq!(vm.counter("regions_attached"), 0);
+}
+
+#[test]
+fn test_two_devices_share_region_bytes() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    // Push B's free space so the offsets differ between the guests.
+    b.alloc(2 * CHUNK);
+    let (token, a_areas) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let b_areas = b.attach(token, 0);
+    assert_eq!(
+        b_areas,
+        vec![Area {
+            offset: 2 * CHUNK,
+            size: CHUNK
+        }]
+    );
+    assert_eq!(b.window.last_map(), (2 * CHUNK, CHUNK, true));
+    a.window.write(a_areas[0].offset + 100, b"from a");
+    assert_eq!(b.window.read(b_areas[0].offset + 100, 6), b"from a");
+    b.window.write(b_areas[0].offset, b"from b");
+    assert_eq!(a.window.read(a_areas[0].offset, 6), b"from b");
+}
+
+#[test]
+fn test_attach_without_grant_fails_perm_eattach() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(b.attach_raw(token, 0).status, Status::PermAttach);
+    // Read and write granted but not ATTACH is still no attach.
+    assert_eq!(
+        a.grant_default(token, VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE),
+        Status::Ok
+    );
+    assert_eq!(b.attach_raw(token, 0).status, Status::PermAttach);
+    assert_eq!(b.attach_raw(Token(token.0 ^ 1), 0).status, Status::NoEnt);
+    assert_eq!(b.counter("regions_attached"), 0);
+    assert_eq!(b.counter("ctrl_errors"), 3);
+}
+
+#[test]
+fn test_read_only_grant_maps_read_only_and_refuses_write() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, a_areas) = a.alloc(CHUNK);
+    a.window.write(a_areas[0].offset, b"read me");
+    assert_eq!(
+        a.grant_default(token, VIRTIO_ISM_PERM_ATTACH | VIRTIO_ISM_PERM_READ),
+        Status::Ok
+    );
+    assert_eq!(
+        b.attach_raw(token, VIRTIO_ISM_PERM_WRITE as u32).status,
+        Status::PermWrite
+    );
+    assert_eq!(
+        b.attach_raw(token, (VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE) as u32)
+            .status,
+        Status::PermWrite
+    );
+    // rw_perm 0 (the Linux PoC driver): whatever is granted, here read-only.
+    let areas = b.attach(token, 0);
+    assert_eq!(b.window.last_map(), (areas[0].offset, CHUNK, false));
+    assert_eq!(b.window.read(areas[0].offset, 7), b"read me");
+}
+
+#[test]
+fn test_read_request_on_write_grant_maps_read_only() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let areas = b.attach(token, VIRTIO_ISM_PERM_READ as u32);
+    assert_eq!(b.window.last_map(), (areas[0].offset, CHUNK, false));
+}
+
+#[test]
+fn test_per_device_grant_applies_to_that_device_only() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut c = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_device(token, rw(), b.devid()), Status::Ok);
+    assert_eq!(c.attach_raw(token, 0).status, Status::PermAttach);
+    b.attach(token, 0);
+    assert_eq!(b.window.last_map().2, true);
+    // devid 0 is nobody.
+    assert_eq!(a.grant_device(token, rw(), 0), Status::Err);
+    // Unknown permission bits are refused.
+    assert_eq!(a.grant_default(token, 1 << 40), Status::Err);
+    // Without MANAGE a holder cannot change grants.
+    assert_eq!(b.grant_device(token, rw(), c.devid()), Status::Err);
+    assert_eq!(c.attach_raw(token, 0).status, Status::PermAttach);
+    // With MANAGE it can.
+    assert_eq!(
+        a.grant_device(token, rw() | VIRTIO_ISM_PERM_MANAGE, b.devid()),
+        Status::Ok
+    );
+    assert_eq!(b.grant_device(token, rw(), c.devid()), Status::Ok);
+    c.attach(token, 0);
+    assert_eq!(a.grant_default(Token(token.0 ^ 1), rw()), Status::NoEnt);
+}
+
+#[test]
+fn test_multi_peer_attach_all_see_the_same_bytes() {
+    let pool = pool();
+    let mut owner = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, owner_areas) = owner.alloc(2 * CHUNK);
+    assert_eq!(owner.grant_default(token, rw()), Status::Ok);
+    let mut peers: Vec<(TestVm, Vec<Area>)> = (0..3)
+        .map(|_| {
+            let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+            let areas = vm.attach(token, 0);
+            (vm, areas)
+        })
+        .collect();
+    for (i, (vm, areas)) in peers.iter_mut().enumerate() {
+        vm.window
+            .write(areas[0].offset + CHUNK + i as u64, &[i as u8 + 1]);
+    }
+    assert_eq!(
+        owner.window.read(owner_areas[0].offset + CHUNK, 3),
+        vec![1, 2, 3]
+    );
+    let holders = &pool.status().regions[0].holders;
+    assert_eq!(holders.len(), 4);
+    // Attaching twice from one device is refused.
+    assert_eq!(peers[0].0.attach_raw(token, 0).status, Status::Err);
+}
+
+#[test]
+fn test_detach_unmaps_and_second_detach_is_enoent() {
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, areas) = vm.alloc(CHUNK);
+    assert!(vm.window.is_mapped(areas[0].offset));
+    assert_eq!(
+        vm.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::Ok
+    );
+    assert!(!vm.window.is_mapped(areas[0].offset));
+    assert_eq!(
+        vm.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::NoEnt
+    );
+    assert!(pool.status().regions.is_empty());
+    assert_eq!(vm.counter("bytes_mapped"), 0);
+    // The slot is free again.
+    let (_, again) = vm.alloc(CHUNK);
+    assert_eq!(again[0].offset, 0);
+}
+
+#[test]
+fn test_reset_unmaps_and_detaches_everything() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(CHUNK);
+    a.alloc(2 * CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let b_areas = b.attach(token, 0);
+    assert!(b.device.reset().is_some());
+    assert!(!b.window.is_mapped(b_areas[0].offset));
+    assert_eq!(b.device.acked_features(), 0);
+    assert_eq!(b.counter("regions_attached"), 0);
+    assert!(a.device.reset().is_some());
+    assert!(
+        pool.status().regions.is_empty(),
+        "reset must give every region back"
+    );
+    assert_eq!(a.counter("bytes_mapped"), 0);
+    // A second reset is harmless.
+    assert!(a.device.reset().is_none());
+}
+
+#[test]
+fn test_event_queue_reports_peer_attach_update_detach() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, ALL_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, areas) = a.alloc(CHUNK);
+    a.post_event_buffers(4);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    b.attach(token, 0);
+    assert_eq!(
+        b.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::Ok
+    );
+    a.interrupts.take();
+    let events = a.take_events();
+    let kinds: Vec<EventType> = events.iter().map(Event::kind).collect();
+    assert_eq!(kinds, vec![EventType::Attach, EventType::Detach]);
+    assert_eq!(events[0].devid, b.devid());
+    assert_eq!(events[0].token, token.0);
+    assert_eq!(events[0].offset, areas[0].offset);
+    assert_eq!(events[0].peers, 1);
+    assert_eq!(events[1].peers, 0);
+    assert!(a.interrupts.take().contains(&VirtioInterruptType::Queue(1)));
+    assert_eq!(a.counter("events_delivered"), 2);
+    // Grant changes by a MANAGE holder reach the owner as UPDATE.
+    assert_eq!(
+        a.grant_device(token, rw() | VIRTIO_ISM_PERM_MANAGE, b.devid()),
+        Status::Ok
+    );
+    b.attach(token, 0);
+    assert_eq!(b.grant_default(token, VIRTIO_ISM_PERM_ATTACH), Status::Ok);
+    let kinds: Vec<EventType> = a.take_events().iter().map(Event::kind).collect();
+    assert_eq!(kinds, vec![EventType::Attach, EventType::Update]);
+}
+
+#[test]
+fn test_events_wait_for_buffers_and_bad_buffers_are_returned_empty() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, ALL_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    b.attach(token, 0);
+    // No buffers yet: the event waits.
+    assert!(a.take_events().is_empty());
+    // A too-short buffer and a device-readable one come back with length 0.
+    a.events.submit(&[(DATA_BASE + 0x8000, 8, true)]);
+    a.events.submit(&[(DATA_BASE + 0x8040, 64, false)]);
+    a.worker.process_event_queue().unwrap();
+    assert_eq!(a.events.pop_used(&a.mem).unwrap().1, 0);
+    assert_eq!(a.events.pop_used(&a.mem).unwrap().1, 0);
+    assert_eq!(a.counter("event_errors"), 2);
+    a.post_event_buffers(1);
+    let events = a.take_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind(), EventType::Attach);
+}
+
+#[test]
+fn test_event_overflow_is_reported() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, ALL_FEATURES);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let mut peers: Vec<TestVm> = (0..3).map(|_| TestVm::new(&pool, 0)).collect();
+    for _ in 0..(crate::MAX_PENDING_EVENTS / 6 + 1) {
+        for p in peers.iter_mut() {
+            p.attach(token, 0);
+            assert_eq!(
+                p.simple(Request::Detach(DetachRequest { token: token.0 })),
+                Status::Ok
+            );
+        }
+    }
+    a.worker.process_pool_events().unwrap();
+    a.post_event_buffers(1);
+    let events = a.take_events();
+    assert_eq!(events[0].kind(), EventType::Overflow);
+    assert!(a.counter("events_dropped") > 0);
+}
+
+#[test]
+fn test_without_event_queue_region_events_raise_the_bound_vector() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let vector = |token: Token, vector| {
+        Request::EventVector(EventVectorRequest {
+            token: token.0,
+            vector,
+        })
+    };
+    assert_eq!(a.simple(vector(token, 3)), Status::Ok);
+    a.interrupts.take();
+    b.attach(token, 0);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.interrupts.take(), vec![VirtioInterruptType::Vector(3)]);
+    assert!(a.events.pop_used(&a.mem).is_none());
+}
+
+#[test]
+fn test_event_vector_and_kicks() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(2 * CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    b.alloc(CHUNK);
+    let b_areas = b.attach(token, 0);
+    let vector = |token: Token, vector| {
+        Request::EventVector(EventVectorRequest {
+            token: token.0,
+            vector,
+        })
+    };
+    assert_eq!(a.simple(vector(token, 5)), Status::Ok);
+    assert_eq!(a.simple(vector(token, 4096)), Status::Err);
+    assert_eq!(a.simple(vector(Token(token.0 ^ 1), 5)), Status::NoEnt);
+    // B rings the doorbell of the region's second chunk: slot = chunk index * notify_size.
+    let slot = (b_areas[0].offset / CHUNK + 1) * 4;
+    assert_eq!(b.handle().handle_notify(slot), Some(token));
+    assert_eq!(
+        *b.kicks.kicks.lock().unwrap(),
+        vec![(DevId(b.devid()), token)]
+    );
+    assert_eq!(b.counter("kicks"), 1);
+    // A free slot and a slot past the area kick nobody.
+    assert_eq!(b.handle().handle_notify(15 * 4), None);
+    assert_eq!(b.handle().handle_notify(1 << 20), None);
+    // The VMM routes the kick to A, which raises the vector A bound.
+    a.interrupts.take();
+    assert!(a.handle().deliver_kick(token));
+    assert_eq!(a.interrupts.take(), vec![VirtioInterruptType::Vector(5)]);
+    // B bound nothing: no interrupt.
+    assert!(!b.handle().deliver_kick(token));
+    // 0xffff unbinds.
+    assert_eq!(a.simple(vector(token, 0xffff)), Status::Ok);
+    assert!(!a.handle().deliver_kick(token));
+}
+
+#[test]
+fn test_query_commands_need_the_feature() {
+    let pool = pool();
+    let mut draft = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = draft.alloc(CHUNK);
+    assert_eq!(draft.request(Request::QueryList, 64).status, Status::Err);
+    assert_eq!(
+        draft
+            .request(
+                Request::QueryRegion(QueryRegionRequest { token: token.0 }),
+                64
+            )
+            .status,
+        Status::Err
+    );
+    let mut vm = TestVm::new(&pool, ALL_FEATURES);
+    let (t1, _) = vm.alloc(CHUNK);
+    let (t2, areas2) = vm.alloc(2 * CHUNK);
+    let reply = vm.request(Request::QueryList, 1 + 8 + 8);
+    assert_eq!(reply.status, Status::TooBig);
+    assert_eq!(QueryListReplyHeader::decode(&reply.body).unwrap().num, 2);
+    let reply = vm.request(Request::QueryList, 1 + 8 + 16);
+    assert_eq!(reply.status, Status::Ok);
+    let mut listed: Vec<u64> = decode_tokens(&reply.body[8..], 2).unwrap().collect();
+    listed.sort();
+    let mut expected = vec![t1.0, t2.0];
+    expected.sort();
+    assert_eq!(listed, expected);
+    let reply = vm.request(
+        Request::QueryRegion(QueryRegionRequest { token: t2.0 }),
+        1 + 32 + 16,
+    );
+    assert_eq!(reply.status, Status::Ok);
+    let header = QueryRegionReplyHeader::decode(&reply.body).unwrap();
+    assert_eq!(header.size, 2 * CHUNK);
+    assert_eq!(
+        header.flags,
+        region_flags::VIRTIO_ISM_REGION_READ
+            | region_flags::VIRTIO_ISM_REGION_WRITE
+            | region_flags::VIRTIO_ISM_REGION_OWNER
+    );
+    assert_eq!(header.vector, 0xffff);
+    assert_eq!(
+        decode_areas(&reply.body[32..], 1)
+            .unwrap()
+            .collect::<Vec<_>>(),
+        areas2
+    );
+    assert_eq!(
+        vm.request(Request::QueryRegion(QueryRegionRequest { token: 1 }), 64)
+            .status,
+        Status::NoEnt
+    );
+}
+
+#[test]
+fn test_attach_e2big_reports_needed_and_releases_the_hold() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(3 * CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    // Fragment B: used, free, used, free...
+    let held: Vec<Token> = (0..6).map(|_| b.alloc(CHUNK).0).collect();
+    for t in held.iter().step_by(2) {
+        assert_eq!(
+            b.simple(Request::Detach(DetachRequest { token: t.0 })),
+            Status::Ok
+        );
+    }
+    // Free: 0, 2, 4, then 6..16 contiguous: the 3 chunks fit contiguously at 6.
+    assert_eq!(
+        b.attach(token, 0),
+        vec![Area {
+            offset: 6 * CHUNK,
+            size: 3 * CHUNK
+        }]
+    );
+    assert_eq!(
+        b.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::Ok
+    );
+    // Fill 6..16 leaving only the three holes.
+    b.alloc(10 * CHUNK);
+    let reply = b.request(
+        Request::Attach(AttachRequest {
+            token: token.0,
+            rw_perm: 0,
+        }),
+        reply_len(AttachReplyHeader::SIZE, Area::SIZE, 2),
+    );
+    assert_eq!(reply.status, Status::TooBig);
+    assert_eq!(AttachReplyHeader::decode(&reply.body).unwrap().num, 3);
+    let holders = pool
+        .status()
+        .regions
+        .iter()
+        .find(|r| r.token == token.0)
+        .unwrap()
+        .holders
+        .len();
+    assert_eq!(holders, 1, "E2BIG attach must not keep the hold");
+    let areas = b.attach(token, 0);
+    assert_eq!(areas.len(), 3);
+    a.window.write(2 * CHUNK, b"third");
+    assert_eq!(b.window.read(areas[2].offset, 5), b"third");
+}
+
+#[test]
+fn test_window_full_is_enospc() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(2 * CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    b.alloc(15 * CHUNK);
+    assert_eq!(b.attach_raw(token, 0).status, Status::NoSpc);
+    assert_eq!(
+        pool.status()
+            .regions
+            .iter()
+            .find(|r| r.token == token.0)
+            .unwrap()
+            .holders
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn test_revoked_region_is_unmapped_and_reported() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, ALL_FEATURES);
+    let (token, areas) = a.alloc(CHUNK);
+    a.post_event_buffers(2);
+    pool.revoke(token).unwrap();
+    let events = a.take_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind(), EventType::Revoke);
+    assert_eq!(events[0].token, token.0);
+    assert!(!a.window.is_mapped(areas[0].offset));
+    assert_eq!(
+        a.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::NoEnt
+    );
+}
+
+#[test]
+fn test_host_hotplug_adds_and_removes_regions() {
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, ALL_FEATURES);
+    let (token, a_areas) = a.alloc(CHUNK);
+    assert_eq!(a.grant_device(token, rw(), b.devid()), Status::Ok);
+    b.post_event_buffers(4);
+    let areas = b.handle().add_region(token, ism_pool::Perms::NONE).unwrap();
+    assert_eq!(b.handle().regions(), vec![token]);
+    let events = b.take_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind(), EventType::RegionAdded);
+    assert_eq!(events[0].offset, areas[0].offset);
+    a.window.write(a_areas[0].offset, b"hot");
+    assert_eq!(b.window.read(areas[0].offset, 3), b"hot");
+    let reply = b.request(
+        Request::QueryRegion(QueryRegionRequest { token: token.0 }),
+        64,
+    );
+    let flags = QueryRegionReplyHeader::decode(&reply.body).unwrap().flags;
+    assert_ne!(flags & region_flags::VIRTIO_ISM_REGION_HOTPLUGGED, 0);
+    assert!(b.handle().remove_region(token));
+    assert!(!b.handle().remove_region(token));
+    let kinds: Vec<EventType> = b.take_events().iter().map(Event::kind).collect();
+    assert_eq!(kinds, vec![EventType::Revoke]);
+    assert!(!b.window.is_mapped(areas[0].offset));
+    // An inactive device refuses hotplug.
+    b.device.reset();
+    assert!(b.handle().add_region(token, ism_pool::Perms::NONE).is_err());
+}
+
+#[test]
+fn test_malformed_chains_get_err_or_nothing() {
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, ALL_FEATURES);
+    // Unknown class and unknown command.
+    assert_eq!(vm.raw_request(&[9, 0], 1).status, Status::Err);
+    assert_eq!(
+        vm.raw_request(&[0, 1, 0, 0, 0, 0, 0, 0, 1, 0], 1).status,
+        Status::Err
+    );
+    // Truncated payloads.
+    assert_eq!(vm.raw_request(&[0, 0, 1, 2, 3], 64).status, Status::Err);
+    assert_eq!(
+        vm.raw_request(&[1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 64)
+            .status,
+        Status::Err
+    );
+    assert_eq!(vm.raw_request(&[3], 1).status, Status::Err);
+
+    let status = DATA_BASE + 0x200;
+    let submit = |vm: &mut TestVm, chain: &[(u64, u32, bool)]| {
+        vm.mem.write_slice(&[0xaa], GuestAddress(status)).unwrap();
+        vm.ctrl.submit(chain);
+        vm.worker.process_ctrl_queue().unwrap();
+        let used = vm.ctrl.pop_used(&vm.mem).unwrap().1;
+        let mut byte = [0u8];
+        vm.mem.read_slice(&mut byte, GuestAddress(status)).unwrap();
+        (used, byte[0])
+    };
+    vm.mem
+        .write_slice(&[0, 0], GuestAddress(DATA_BASE))
+        .unwrap();
+    vm.mem
+        .write_slice(&4096u64.to_le_bytes(), GuestAddress(DATA_BASE + 2))
+        .unwrap();
+    // Readable after writable.
+    let (used, st) = submit(&mut vm, &[(status, 1, true), (DATA_BASE, 10, false)]);
+    assert_eq!((used, st), (1, 255));
+    // No writable buffer: nothing can be written, used length 0.
+    let (used, st) = submit(&mut vm, &[(DATA_BASE, 10, false)]);
+    assert_eq!((used, st), (0, 0xaa));
+    // Writable buffer outside guest memory: nothing written anywhere.
+    let (used, _) = submit(
+        &mut vm,
+        &[(DATA_BASE, 10, false), (MEM_SIZE as u64 - 4, 64, true)],
+    );
+    assert_eq!(used, 0);
+    // Readable buffer outside guest memory: ERR.
+    let (used, st) = submit(
+        &mut vm,
+        &[(MEM_SIZE as u64 + 0x1000, 10, false), (status, 1, true)],
+    );
+    assert_eq!((used, st), (1, 255));
+    // Request longer than any command.
+    let (used, st) = submit(&mut vm, &[(DATA_BASE, 4096, false), (status, 1, true)]);
+    assert_eq!((used, st), (1, 255));
+    // A reply scattered over 15 small writable buffers.
+    let mut long: Vec<(u64, u32, bool)> = vec![(DATA_BASE, 10, false)];
+    long.extend((0..15).map(|i| (status + 8 * i, 8, true)));
+    let (used, st) = submit(&mut vm, &long);
+    assert_eq!((used, st), (1, 0));
+    assert_eq!(
+        vm.counter("regions_attached"),
+        1,
+        "a 15-descriptor request is still valid"
+    );
+    assert_eq!(vm.counter("ctrl_errors"), 9);
+    assert_eq!(vm.counter("ctrl_commands"), 10);
+}
+
+#[test]
+fn test_status_and_reply_stay_inside_the_writable_buffer() {
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    // Reply buffer of exactly header + one area: nothing past it is touched.
+    let len = reply_len(AllocReplyHeader::SIZE, Area::SIZE, 1);
+    let reply = vm.request(Request::Alloc(AllocRequest { size: CHUNK }), len);
+    assert_eq!(reply.status, Status::Ok);
+    assert_eq!(reply.used_len as usize, len);
+    let mut after = [0u8; 16];
+    vm.mem
+        .read_slice(&mut after, GuestAddress(DATA_BASE + 0x300 + len as u64 - 1))
+        .unwrap();
+    assert_eq!(after, [0xee; 16]);
+}
+
+#[test]
+fn test_activate_runs_worker_thread_serving_kicks() {
+    let pool = pool();
+    let session = pool.session().unwrap();
+    let mem = guest_memory();
+    let config = IsmConfig {
+        shm_size: SHM,
+        chunk_size: CHUNK,
+        notify_size: 4,
+    };
+    let window = MemWindow::new(config.layout().unwrap().window_size);
+    let mut device = Ism::new("ism-thread", config, session, window).unwrap();
+    device.ack_features(DRAFT_FEATURES);
+    let mut ctrl = DriverQueue::new(mem, CTRL_BASE);
+    let kick = EventFd::new(0).unwrap();
+    let interrupts = Arc::new(RecordingInterrupt::default());
+    device
+        .activate(ActivationContext {
+            mem: GuestMemoryAtomic::new(mem.clone()),
+            interrupt_cb: interrupts.clone(),
+            queues: vec![(0, ctrl.device_queue(), kick.try_clone().unwrap())],
+        })
+        .unwrap();
+    let mut req = [0u8; 10];
+    Request::Alloc(AllocRequest { size: CHUNK })
+        .encode(&mut req)
+        .unwrap();
+    mem.write_slice(&req, GuestAddress(DATA_BASE)).unwrap();
+    ctrl.submit(&[(DATA_BASE, 10, false), (DATA_BASE + 0x100, 64, true)]);
+    kick.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let used = loop {
+        if let Some(used) = ctrl.pop_used(mem) {
+            break used;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker did not answer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert_eq!(used.1 as usize, 1 + 16 + 16);
+    assert!(interrupts.take().contains(&VirtioInterruptType::Queue(0)));
+    assert!(
+        device
+            .activate(ActivationContext {
+                mem: GuestMemoryAtomic::new(mem.clone()),
+                interrupt_cb: interrupts.clone(),
+                queues: vec![],
+            })
+            .is_err()
+    );
+    assert!(device.reset().is_some());
+    assert!(pool.status().regions.is_empty());
+}
+
+#[test]
+fn test_activation_needs_the_control_queue() {
+    let pool = pool();
+    let mem = guest_memory();
+    let config = IsmConfig {
+        shm_size: SHM,
+        chunk_size: CHUNK,
+        notify_size: 4,
+    };
+    let window = MemWindow::new(config.layout().unwrap().window_size);
+    let mut device = Ism::new("ism-q", config, pool.session().unwrap(), window).unwrap();
+    let events = DriverQueue::new(mem, EVENTQ_BASE);
+    let err = device.activate_worker(ActivationContext {
+        mem: GuestMemoryAtomic::new(mem.clone()),
+        interrupt_cb: Arc::new(RecordingInterrupt::default()),
+        queues: vec![(1, events.device_queue(), EventFd::new(0).unwrap())],
+    });
+    assert!(err.is_err());
+}

@@ -64,7 +64,9 @@ pub struct IsmWorker {
 }
 
 fn lock(table: &Mutex<RegionTable>) -> MutexGuard<'_, RegionTable> {
-    table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    table
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl IsmWorker {
@@ -90,7 +92,12 @@ impl IsmWorker {
             served = true;
         }
         if served {
-            Self::notify(&mut self.ctrl_queue, &*mem, &*self.interrupt, CTRL_QUEUE_INDEX)?;
+            Self::notify(
+                &mut self.ctrl_queue,
+                &*mem,
+                &*self.interrupt,
+                CTRL_QUEUE_INDEX,
+            )?;
         }
         Ok(served)
     }
@@ -116,11 +123,15 @@ impl IsmWorker {
             match written {
                 Some(len) => {
                     lock(&self.table).pop_event(&event);
-                    queue.add_used(&*mem, head, len).map_err(WorkerError::AddUsed)?;
+                    queue
+                        .add_used(&*mem, head, len)
+                        .map_err(WorkerError::AddUsed)?;
                 }
                 None => {
                     IsmMetrics::inc(&self.metrics.event_errors);
-                    queue.add_used(&*mem, head, 0).map_err(WorkerError::AddUsed)?;
+                    queue
+                        .add_used(&*mem, head, 0)
+                        .map_err(WorkerError::AddUsed)?;
                 }
             }
             used_any = true;
@@ -160,7 +171,11 @@ impl IsmWorker {
         let epoll = Epoll::new().map_err(WorkerError::CreateEpoll)?;
         let add = |fd: RawFd, data: u64| {
             epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data))
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, data),
+                )
                 .map_err(WorkerError::EpollCtl)
         };
         add(self.kill_evt.as_raw_fd(), EPOLL_KILL)?;
