@@ -4,13 +4,18 @@
 //! - [`session`]: the [`PoolSession`] contract the device codes against.
 //! - [`LocalPool`]: the pool logic, usable in-process (a VMM without a broker socket).
 
+pub mod broker;
+pub mod client;
 pub mod config;
 pub mod events;
+pub mod handler;
 pub mod local;
 pub mod memory;
+pub mod seqpacket;
 pub mod session;
 pub mod status;
 pub mod token;
+pub mod wire;
 
 pub use config::{PoolConfig, parse_size};
 pub use local::{LocalPool, LocalSession};

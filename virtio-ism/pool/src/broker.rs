@@ -1,0 +1,221 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The broker daemon's server: a listening socket, one thread per client connection, all
+//! sharing one [`LocalPool`].
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::handler::{Connection, Outgoing, PeerInfo};
+use crate::local::LocalPool;
+use crate::seqpacket;
+use crate::wire::{Reply, WireError};
+
+/// Connections served at once; beyond it newcomers are told so and closed.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A client that does not read its replies for this long is disconnected.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Failures while starting the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("Another broker is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("Failed to remove stale socket {0}")]
+    RemoveStale(PathBuf, #[source] io::Error),
+    #[error("Failed to listen on {0}")]
+    Listen(PathBuf, #[source] io::Error),
+    #[error("Failed to accept a connection")]
+    Accept(#[source] io::Error),
+}
+
+/// A bound, listening broker.
+pub struct Broker {
+    pool: Arc<LocalPool>,
+    listener: OwnedFd,
+    path: PathBuf,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Broker {
+    /// Listens on `path`. A socket file left by a dead broker is replaced; a live one is not.
+    pub fn bind(path: &Path, pool: Arc<LocalPool>) -> Result<Broker, BrokerError> {
+        if path.exists() {
+            if seqpacket::connect(path).is_ok() {
+                return Err(BrokerError::AlreadyRunning(path.to_path_buf()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| BrokerError::RemoveStale(path.to_path_buf(), e))?;
+        }
+        let listener =
+            seqpacket::listen(path, 128).map_err(|e| BrokerError::Listen(path.to_path_buf(), e))?;
+        Ok(Broker {
+            pool,
+            listener,
+            path: path.to_path_buf(),
+            connections: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves clients until accept fails.
+    pub fn run(&self) -> Result<(), BrokerError> {
+        loop {
+            let socket = match seqpacket::accept(self.listener.as_fd()) {
+                Ok(socket) => socket,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc_errno::EINTR | libc_errno::ECONNABORTED)
+                    ) =>
+                {
+                    continue;
+                }
+                // Out of fds or memory: back off instead of spinning, keep serving.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(
+                            libc_errno::EMFILE
+                                | libc_errno::ENFILE
+                                | libc_errno::ENOMEM
+                                | libc_errno::ENOBUFS
+                        )
+                    ) =>
+                {
+                    log::warn!("Accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                Err(e) => return Err(BrokerError::Accept(e)),
+            };
+            self.spawn_connection(socket);
+        }
+    }
+
+    fn spawn_connection(&self, socket: OwnedFd) {
+        let active = self.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        let guard = ConnectionSlot(self.connections.clone());
+        if active > MAX_CONNECTIONS {
+            let error = Reply::Error(WireError::protocol("Too many connections"));
+            let _ = seqpacket::send(socket.as_fd(), &error.encode(0), None);
+            return;
+        }
+        let peer = peer_info(&socket);
+        let pool = self.pool.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ism-pool-conn".into())
+            .spawn(move || {
+                let _guard = guard;
+                serve_connection(socket, Connection::new(pool, peer));
+            });
+        if let Err(e) = spawned {
+            log::warn!("Failed to start a connection thread: {e}");
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Errno values used above (rustix exposes them as `Errno`; std gives raw codes).
+mod libc_errno {
+    use rustix::io::Errno;
+    pub const EINTR: i32 = Errno::INTR.raw_os_error();
+    pub const ECONNABORTED: i32 = Errno::CONNABORTED.raw_os_error();
+    pub const EMFILE: i32 = Errno::MFILE.raw_os_error();
+    pub const ENFILE: i32 = Errno::NFILE.raw_os_error();
+    pub const ENOMEM: i32 = Errno::NOMEM.raw_os_error();
+    pub const ENOBUFS: i32 = Errno::NOBUFS.raw_os_error();
+}
+
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn peer_info(socket: &OwnedFd) -> PeerInfo {
+    match seqpacket::peer_credentials(socket.as_fd()) {
+        Ok((pid, uid)) => {
+            let own_uid = rustix::process::geteuid().as_raw();
+            PeerInfo {
+                pid: Some(pid),
+                trusted: uid == 0 || uid == own_uid,
+            }
+        }
+        Err(e) => {
+            log::warn!("No peer credentials: {e}");
+            PeerInfo {
+                pid: None,
+                trusted: false,
+            }
+        }
+    }
+}
+
+fn send_all(socket: &OwnedFd, out: Vec<Outgoing>) -> io::Result<()> {
+    for message in out {
+        seqpacket::send(
+            socket.as_fd(),
+            &message.bytes,
+            message.fd.as_ref().map(|fd| fd.as_fd()),
+        )?;
+        // The lease fd is closed here: the client now owns its copy.
+    }
+    Ok(())
+}
+
+/// Runs one connection until the client goes away (exit, crash or protocol violation).
+/// Dropping the connection closes its session, which releases every region it held.
+fn serve_connection(socket: OwnedFd, mut connection: Connection) {
+    if let Err(e) = seqpacket::set_send_timeout(socket.as_fd(), SEND_TIMEOUT) {
+        log::warn!("Failed to set send timeout: {e}");
+    }
+    loop {
+        let events = connection.session().cloned();
+        let (socket_ready, events_ready) = match seqpacket::wait_readable(
+            socket.as_fd(),
+            events.as_ref().map(|s| s.event_fd_borrowed()),
+        ) {
+            Ok(ready) => ready,
+            Err(e) => {
+                log::warn!("Poll failed: {e}");
+                break;
+            }
+        };
+        if events_ready && send_all(&socket, connection.drain_events()).is_err() {
+            break;
+        }
+        if !socket_ready {
+            continue;
+        }
+        let packet = match seqpacket::recv(socket.as_fd()) {
+            Ok(Some(packet)) => packet,
+            Ok(None) => break,
+            Err(e) => {
+                log::debug!("Receive failed: {e}");
+                break;
+            }
+        };
+        // Descriptors a client sends are never used; they close when `packet` drops.
+        let handled = connection.handle_packet(&packet.bytes, packet.truncated, packet.fds.len());
+        if send_all(&socket, handled.out).is_err() || handled.close {
+            break;
+        }
+    }
+    if let Some(session) = connection.session() {
+        log::info!("Device {} disconnected", session.devid().0);
+    }
+}

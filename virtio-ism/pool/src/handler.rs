@@ -1,0 +1,516 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The broker's per-connection request handler: packets in, replies (and lease fds) out.
+//!
+//! It owns no socket, so tests and the fuzz target drive it with plain byte slices.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use crate::local::{LocalPool, LocalSession};
+use crate::session::{PoolError, PoolSession};
+use crate::wire::{
+    self, MAX_MESSAGE_LEN, MAX_VERSION, MIN_VERSION, Reply, Request, Role, STATUS_CHUNK_LEN,
+    WireError,
+};
+
+/// Who is on the other end, from SO_PEERCRED.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub pid: Option<u32>,
+    /// May query status and revoke regions (root or the broker's own uid).
+    pub trusted: bool,
+}
+
+/// One message to send, with the lease fd it carries if any.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub bytes: Vec<u8>,
+    pub fd: Option<OwnedFd>,
+}
+
+impl Outgoing {
+    fn reply(id: u64, reply: &Reply) -> Self {
+        Outgoing {
+            bytes: reply.encode(id),
+            fd: None,
+        }
+    }
+
+    fn error(id: u64, error: WireError) -> Self {
+        Outgoing::reply(id, &Reply::Error(error))
+    }
+}
+
+/// What handling one packet produced.
+#[derive(Debug, Default)]
+pub struct Handled {
+    pub out: Vec<Outgoing>,
+    /// Close the connection after sending `out`.
+    pub close: bool,
+}
+
+enum State {
+    AwaitingHello,
+    Device { session: Arc<LocalSession> },
+    Observer { version: u16 },
+}
+
+/// The broker side of one client connection.
+pub struct Connection {
+    pool: Arc<LocalPool>,
+    peer: PeerInfo,
+    state: State,
+}
+
+impl Connection {
+    pub fn new(pool: Arc<LocalPool>, peer: PeerInfo) -> Self {
+        Connection {
+            pool,
+            peer,
+            state: State::AwaitingHello,
+        }
+    }
+
+    /// The pool session behind this connection, once it said hello as a device.
+    pub fn session(&self) -> Option<&Arc<LocalSession>> {
+        match &self.state {
+            State::Device { session } => Some(session),
+            _ => None,
+        }
+    }
+
+    /// Pending pool events of this connection's session, as messages.
+    pub fn drain_events(&self) -> Vec<Outgoing> {
+        match self.session() {
+            Some(session) => session
+                .take_events()
+                .into_iter()
+                .map(|event| Outgoing::reply(0, &Reply::Event(event)))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Handles one received packet. `truncated` says the packet was longer than the receive
+    /// buffer; `fds_attached` counts descriptors that came with it (already closed).
+    pub fn handle_packet(
+        &mut self,
+        packet: &[u8],
+        truncated: bool,
+        fds_attached: usize,
+    ) -> Handled {
+        let before_hello = matches!(self.state, State::AwaitingHello);
+        let refuse = |id: u64, error: WireError| Handled {
+            out: vec![Outgoing::error(id, error)],
+            close: before_hello,
+        };
+        if truncated || packet.len() > MAX_MESSAGE_LEN {
+            return refuse(
+                0,
+                WireError::protocol(format!("Message longer than {MAX_MESSAGE_LEN} bytes")),
+            );
+        }
+        if fds_attached > 0 {
+            return refuse(
+                0,
+                WireError::protocol("Unexpected file descriptors from client"),
+            );
+        }
+        let (id, request) = match wire::decode_request(packet) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                return refuse(
+                    e.id(),
+                    WireError::protocol(format!("Malformed message: {e}")),
+                );
+            }
+        };
+        match (&self.state, request) {
+            (
+                State::AwaitingHello,
+                Request::Hello {
+                    min_version,
+                    max_version,
+                    role,
+                },
+            ) => self.hello(id, min_version, max_version, role),
+            (State::AwaitingHello, _) => refuse(id, WireError::protocol("Expected hello first")),
+            (_, Request::Hello { .. }) => refuse(id, WireError::protocol("Hello sent twice")),
+            (State::Device { session }, request) => Handled {
+                out: vec![device_request(session, id, request)],
+                close: false,
+            },
+            (State::Observer { version }, request) => Handled {
+                out: self.observer_request(*version, id, request),
+                close: false,
+            },
+        }
+    }
+
+    fn hello(&mut self, id: u64, min_version: u16, max_version: u16, role: Role) -> Handled {
+        let version = max_version.min(MAX_VERSION);
+        if version < min_version.max(MIN_VERSION) {
+            return Handled {
+                out: vec![Outgoing::error(
+                    id,
+                    WireError::protocol(format!(
+                        "Unsupported protocol versions {min_version}..={max_version}; broker speaks {MIN_VERSION}..={MAX_VERSION}"
+                    )),
+                )],
+                close: true,
+            };
+        }
+        let gid = self.pool.gid();
+        let devid = match role {
+            Role::Device => match self.pool.open_session(self.peer.pid) {
+                Ok(session) => {
+                    let devid = session.devid().0;
+                    self.state = State::Device { session };
+                    devid
+                }
+                Err(e) => {
+                    return Handled {
+                        out: vec![Outgoing::error(id, WireError::from_pool_error(&e))],
+                        close: true,
+                    };
+                }
+            },
+            Role::Observer => {
+                self.state = State::Observer { version };
+                0
+            }
+        };
+        Handled {
+            out: vec![Outgoing::reply(
+                id,
+                &Reply::HelloOk {
+                    version,
+                    gid,
+                    devid,
+                },
+            )],
+            close: false,
+        }
+    }
+
+    fn observer_request(&self, version: u16, id: u64, request: Request) -> Vec<Outgoing> {
+        let untrusted = || {
+            vec![Outgoing::error(
+                id,
+                WireError::protocol("Refused: only root or the broker's user may do this"),
+            )]
+        };
+        match request {
+            Request::Status if !self.peer.trusted => untrusted(),
+            Request::Status => {
+                let mut status = self.pool.status();
+                status.protocol_version = version;
+                status_chunks(id, &status)
+            }
+            Request::Revoke { .. } if !self.peer.trusted => untrusted(),
+            Request::Revoke { token } => vec![result_reply(id, self.pool.revoke(token))],
+            _ => vec![Outgoing::error(
+                id,
+                WireError::protocol("Not allowed on an observer connection"),
+            )],
+        }
+    }
+}
+
+fn result_reply(id: u64, result: Result<(), PoolError>) -> Outgoing {
+    match result {
+        Ok(()) => Outgoing::reply(id, &Reply::Ok),
+        Err(e) => Outgoing::error(id, WireError::from_pool_error(&e)),
+    }
+}
+
+fn device_request(session: &LocalSession, id: u64, request: Request) -> Outgoing {
+    let lease = match request {
+        Request::Alloc { size } => session.alloc(size),
+        Request::Attach { token, want } => session.attach(token, want),
+        Request::Detach { token } => return result_reply(id, session.detach(token)),
+        Request::Grant {
+            token,
+            target,
+            perms,
+        } => return result_reply(id, session.grant(token, target, perms)),
+        Request::Status | Request::Revoke { .. } => {
+            return Outgoing::error(
+                id,
+                WireError::protocol("Not allowed on a device connection; connect as observer"),
+            );
+        }
+        Request::Hello { .. } => {
+            return Outgoing::error(id, WireError::protocol("Hello sent twice"));
+        }
+    };
+    match lease {
+        Ok(lease) => Outgoing {
+            bytes: Reply::Lease {
+                token: lease.token,
+                size: lease.size,
+                writable: lease.writable,
+            }
+            .encode(id),
+            fd: Some(lease.fd),
+        },
+        Err(e) => Outgoing::error(id, WireError::from_pool_error(&e)),
+    }
+}
+
+fn status_chunks(id: u64, status: &crate::status::PoolStatus) -> Vec<Outgoing> {
+    let json = match serde_json::to_vec(status) {
+        Ok(json) => json,
+        Err(e) => {
+            return vec![Outgoing::error(
+                id,
+                WireError::protocol(format!("Status: {e}")),
+            )];
+        }
+    };
+    let Ok(total) = u32::try_from(json.len()) else {
+        return vec![Outgoing::error(id, WireError::protocol("Status too large"))];
+    };
+    let mut out = Vec::new();
+    let mut offset = 0usize;
+    loop {
+        let end = (offset + STATUS_CHUNK_LEN).min(json.len());
+        out.push(Outgoing::reply(
+            id,
+            &Reply::StatusChunk {
+                total,
+                offset: offset as u32,
+                data: json[offset..end].to_vec(),
+            },
+        ));
+        offset = end;
+        if offset >= json.len() {
+            return out;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PoolConfig;
+    use crate::session::{GrantTarget, Perms, PoolEvent, Token};
+    use crate::wire::decode_reply;
+
+    fn pool() -> Arc<LocalPool> {
+        LocalPool::new(PoolConfig {
+            size: 1 << 20,
+            per_vm_limit: Some(1 << 19),
+            ..PoolConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn peer(trusted: bool) -> PeerInfo {
+        PeerInfo { pid: None, trusted }
+    }
+
+    fn hello(role: Role) -> Vec<u8> {
+        Request::Hello {
+            min_version: 1,
+            max_version: 1,
+            role,
+        }
+        .encode(1)
+    }
+
+    fn one_reply(handled: &Handled) -> (u64, Reply) {
+        assert_eq!(handled.out.len(), 1);
+        decode_reply(&handled.out[0].bytes).unwrap()
+    }
+
+    fn device(pool: &Arc<LocalPool>) -> Connection {
+        let mut conn = Connection::new(pool.clone(), peer(false));
+        let handled = conn.handle_packet(&hello(Role::Device), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::HelloOk { devid, .. } if devid != 0));
+        conn
+    }
+
+    #[test]
+    fn test_requests_before_hello_close_the_connection() {
+        let mut conn = Connection::new(pool(), peer(false));
+        let handled = conn.handle_packet(&Request::Alloc { size: 4096 }.encode(5), false, 0);
+        assert!(handled.close);
+        assert!(matches!(one_reply(&handled), (5, Reply::Error(_))));
+        let handled = conn.handle_packet(b"junk", false, 0);
+        assert!(handled.close);
+    }
+
+    #[test]
+    fn test_version_mismatch_is_refused() {
+        let mut conn = Connection::new(pool(), peer(false));
+        let packet = Request::Hello {
+            min_version: 2,
+            max_version: 9,
+            role: Role::Device,
+        }
+        .encode(1);
+        let handled = conn.handle_packet(&packet, false, 0);
+        assert!(handled.close);
+        match one_reply(&handled).1 {
+            Reply::Error(e) => assert!(e.text.contains("Unsupported protocol versions")),
+            other => panic!("unexpected {other:?}"),
+        }
+        // A client that speaks newer versions too gets the highest common one.
+        let mut conn = Connection::new(pool(), peer(false));
+        let packet = Request::Hello {
+            min_version: 1,
+            max_version: 9,
+            role: Role::Device,
+        }
+        .encode(1);
+        let handled = conn.handle_packet(&packet, false, 0);
+        assert!(matches!(
+            one_reply(&handled).1,
+            Reply::HelloOk { version: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn test_alloc_returns_lease_with_fd_and_errors_are_typed() {
+        let pool = pool();
+        let mut conn = device(&pool);
+        let handled = conn.handle_packet(&Request::Alloc { size: 8192 }.encode(9), false, 0);
+        assert!(handled.out[0].fd.is_some());
+        assert!(matches!(
+            one_reply(&handled),
+            (
+                9,
+                Reply::Lease {
+                    size: 8192,
+                    writable: true,
+                    ..
+                }
+            )
+        ));
+        let handled = conn.handle_packet(&Request::Alloc { size: 1 << 19 }.encode(10), false, 0);
+        match one_reply(&handled) {
+            (10, Reply::Error(e)) => {
+                assert!(matches!(
+                    e.into_pool_error(),
+                    PoolError::QuotaExceeded { .. }
+                ))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_malformed_packets_get_errors_and_connection_survives() {
+        let pool = pool();
+        let mut conn = device(&pool);
+        let mut cut = Request::Attach {
+            token: Token(1),
+            want: Perms::NONE,
+        }
+        .encode(4);
+        cut.truncate(20);
+        for (packet, truncated, fds) in [
+            (cut.as_slice(), false, 0),
+            (&[1u8, 2, 3][..], false, 0),
+            (&Request::Status.encode(6)[..], true, 0),
+            (&Request::Status.encode(6)[..], false, 1),
+        ] {
+            let handled = conn.handle_packet(packet, truncated, fds);
+            assert!(!handled.close);
+            assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+        }
+        let handled = conn.handle_packet(&Request::Alloc { size: 4096 }.encode(11), false, 0);
+        assert!(matches!(one_reply(&handled), (11, Reply::Lease { .. })));
+    }
+
+    #[test]
+    fn test_events_are_drained_as_messages() {
+        let pool = pool();
+        let mut owner = device(&pool);
+        let mut peer_conn = device(&pool);
+        let handled = owner.handle_packet(&Request::Alloc { size: 4096 }.encode(2), false, 0);
+        let Reply::Lease { token, .. } = one_reply(&handled).1 else {
+            panic!("no lease");
+        };
+        let grant = Request::Grant {
+            token,
+            target: GrantTarget::Default,
+            perms: Perms(Perms::ATTACH.0 | Perms::READ.0),
+        };
+        owner.handle_packet(&grant.encode(3), false, 0);
+        let attach = Request::Attach {
+            token,
+            want: Perms::NONE,
+        };
+        let handled = peer_conn.handle_packet(&attach.encode(4), false, 0);
+        assert!(matches!(
+            one_reply(&handled).1,
+            Reply::Lease {
+                writable: false,
+                ..
+            }
+        ));
+        let events = owner.drain_events();
+        assert_eq!(events.len(), 1);
+        let peer_devid = peer_conn.session().unwrap().devid();
+        assert_eq!(
+            decode_reply(&events[0].bytes).unwrap().1,
+            Reply::Event(PoolEvent::PeerAttached {
+                token,
+                peer: peer_devid
+            })
+        );
+    }
+
+    #[test]
+    fn test_status_needs_trusted_observer() {
+        let pool = pool();
+        let _dev = device(&pool);
+        let mut conn = Connection::new(pool.clone(), peer(false));
+        conn.handle_packet(&hello(Role::Observer), false, 0);
+        let handled = conn.handle_packet(&Request::Status.encode(2), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+        let mut conn = Connection::new(pool.clone(), peer(true));
+        conn.handle_packet(&hello(Role::Observer), false, 0);
+        let handled = conn.handle_packet(&Request::Status.encode(2), false, 0);
+        let Reply::StatusChunk {
+            total,
+            offset,
+            data,
+        } = one_reply(&handled).1
+        else {
+            panic!("no status");
+        };
+        assert_eq!((offset, data.len()), (0, total as usize));
+        let status: crate::status::PoolStatus = serde_json::from_slice(&data).unwrap();
+        assert_eq!(status.sessions.len(), 1);
+        assert_eq!(status.protocol_version, 1);
+        let handled = conn.handle_packet(&Request::Alloc { size: 4096 }.encode(3), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+    }
+
+    #[test]
+    fn test_large_status_is_chunked() {
+        let pool = LocalPool::new(PoolConfig {
+            size: 4096 * 1024,
+            ..PoolConfig::default()
+        })
+        .unwrap();
+        let session = pool.session().unwrap();
+        let _leases: Vec<_> = (0..600).map(|_| session.alloc(4096).unwrap()).collect();
+        let chunks = status_chunks(1, &pool.status());
+        assert!(chunks.len() > 1);
+        let mut json = Vec::new();
+        for chunk in &chunks {
+            let Reply::StatusChunk { offset, data, .. } = decode_reply(&chunk.bytes).unwrap().1
+            else {
+                panic!("not a chunk");
+            };
+            assert_eq!(offset as usize, json.len());
+            json.extend_from_slice(&data);
+        }
+        let status: crate::status::PoolStatus = serde_json::from_slice(&json).unwrap();
+        assert_eq!(status.regions.len(), 600);
+    }
+}

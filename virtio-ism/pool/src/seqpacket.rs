@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Unix SOCK_SEQPACKET sockets carrying one protocol message per packet, with file
+//! descriptors passed by SCM_RIGHTS.
+//!
+//! Packets keep message boundaries, so a malformed message never desynchronises the stream
+//! and an oversized one is detected (MSG_TRUNC) and answered instead of closing the link.
+
+use std::io;
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
+
+use crate::wire::MAX_MESSAGE_LEN;
+
+/// Most descriptors accepted with one packet; more are closed by the kernel.
+const MAX_FDS_PER_PACKET: usize = 4;
+
+fn new_socket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// A listening socket at `path`.
+pub fn listen(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
+    let socket = new_socket()?;
+    rustix::net::bind(&socket, &SocketAddrUnix::new(path)?)?;
+    rustix::net::listen(&socket, backlog)?;
+    Ok(socket)
+}
+
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    Ok(rustix::net::accept_with(listener, SocketFlags::CLOEXEC)?)
+}
+
+pub fn connect(path: &Path) -> io::Result<OwnedFd> {
+    let socket = new_socket()?;
+    rustix::net::connect(&socket, &SocketAddrUnix::new(path)?)?;
+    Ok(socket)
+}
+
+/// Bounds how long a send may block on a peer that does not read.
+pub fn set_send_timeout(socket: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    Ok(rustix::net::sockopt::set_socket_timeout(
+        socket,
+        rustix::net::sockopt::Timeout::Send,
+        Some(timeout),
+    )?)
+}
+
+/// Sends one packet, with `fd` attached if given.
+pub fn send(socket: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds;
+    if let Some(fd) = fd {
+        fds = [fd];
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other("Control buffer too small"));
+        }
+    }
+    let sent = rustix::net::sendmsg(
+        socket,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    if sent != bytes.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "Short packet send",
+        ));
+    }
+    Ok(())
+}
+
+/// One received packet.
+#[derive(Debug)]
+pub struct Packet {
+    /// At most MAX_MESSAGE_LEN bytes of it.
+    pub bytes: Vec<u8>,
+    /// The packet was longer than MAX_MESSAGE_LEN; `bytes` holds its start.
+    pub truncated: bool,
+    /// Descriptors that came with it (received close-on-exec).
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Receives one packet; `None` at end of stream.
+pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
+    let mut bytes = vec![0u8; MAX_MESSAGE_LEN];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_PACKET))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = loop {
+        match rustix::net::recvmsg(
+            socket,
+            &mut [IoSliceMut::new(&mut bytes)],
+            &mut control,
+            // CMSG_CLOEXEC: region fds must not leak into processes the VMM spawns.
+            // TRUNC: report the real length of an oversized packet.
+            RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
+        ) {
+            Ok(received) => break received,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received_fds) = message {
+            fds.extend(received_fds);
+        }
+    }
+    if received.bytes == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let truncated = received.bytes > MAX_MESSAGE_LEN || received.flags.contains(ReturnFlags::TRUNC);
+    bytes.truncate(received.bytes.min(MAX_MESSAGE_LEN));
+    Ok(Some(Packet {
+        bytes,
+        truncated,
+        fds,
+    }))
+}
+
+/// Stops both directions so that a thread blocked in `recv` on this socket returns.
+pub fn shutdown(socket: BorrowedFd<'_>) {
+    let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
+}
+
+/// Waits until `socket` or `extra` is readable (or hung up); returns (socket, extra).
+pub fn wait_readable(
+    socket: BorrowedFd<'_>,
+    extra: Option<BorrowedFd<'_>>,
+) -> io::Result<(bool, bool)> {
+    use rustix::event::{PollFd, PollFlags};
+    let wanted = PollFlags::IN;
+    let ready = |flags: PollFlags| {
+        flags.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL)
+    };
+    loop {
+        let result = match extra {
+            Some(extra) => {
+                let mut fds = [PollFd::new(&socket, wanted), PollFd::new(&extra, wanted)];
+                rustix::event::poll(&mut fds, None)
+                    .map(|_| (ready(fds[0].revents()), ready(fds[1].revents())))
+            }
+            None => {
+                let mut fds = [PollFd::new(&socket, wanted)];
+                rustix::event::poll(&mut fds, None).map(|_| (ready(fds[0].revents()), false))
+            }
+        };
+        match result {
+            Ok(readiness) => return Ok(readiness),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Peer process id and uid, from SO_PEERCRED.
+pub fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let cred = rustix::net::sockopt::socket_peercred(socket)?;
+    Ok((cred.pid.as_raw_nonzero().get() as u32, cred.uid.as_raw()))
+}
