@@ -94,7 +94,7 @@ impl IsmWorker {
         if served {
             Self::notify(
                 &mut self.ctrl_queue,
-                &*mem,
+                &mem,
                 &*self.interrupt,
                 CTRL_QUEUE_INDEX,
             )?;
@@ -137,7 +137,7 @@ impl IsmWorker {
             used_any = true;
         }
         if used_any {
-            Self::notify(queue, &*mem, &*self.interrupt, EVENT_QUEUE_INDEX)?;
+            Self::notify(queue, &mem, &*self.interrupt, EVENT_QUEUE_INDEX)?;
         }
         Ok(used_any)
     }
