@@ -51,6 +51,8 @@ pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// PCI configuration mechanism #1.
 pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
 pub const PCI_CONFIG_PORT_SIZE: u16 = 8;
+/// CMOS RTC index and data ports.
+pub const CMOS_PORT: u16 = 0x70;
 /// i8042 command port: 0xfe is the legacy reset a Linux guest falls back to.
 pub const I8042_PORT: u16 = 0x64;
 

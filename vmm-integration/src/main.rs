@@ -40,7 +40,7 @@ fn cli_options_sorted() -> Vec<Arg> {
             .num_args(1),
         Arg::new("cpus")
             .long("cpus")
-            .help(format!("boot=<boot_vcpus> ({})", CpusConfig::SYNTAX))
+            .help(CpusConfig::SYNTAX)
             .num_args(1),
         Arg::new("initramfs")
             .long("initramfs")

@@ -18,6 +18,7 @@ use crate::bus::{BusError, IoBuses};
 use crate::config::{SerialMode, VmConfig};
 use crate::exit::{ExitEvent, ExitNotifier};
 use crate::layout;
+use crate::legacy::cmos::Cmos;
 use crate::legacy::power::{AcpiPowerPort, I8042ResetPort, ResetRequested};
 use crate::legacy::serial::{self, EventFdTrigger, SerialDevice};
 use crate::memory::{self, MemoryError};
@@ -94,7 +95,7 @@ pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
     let (exit, exit_rx) = ExitNotifier::new();
     let reset = ResetRequested::default();
 
-    add_power_devices(&buses, &exit, &reset)?;
+    add_platform_devices(&buses, &exit, &reset)?;
     let serial = add_serial_device(&vm, &buses, &config.serial.mode)?;
     add_pci_devices(&vm, &guest_memory, &buses, config)?;
 
@@ -146,7 +147,7 @@ pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
     Ok(event)
 }
 
-fn add_power_devices(
+fn add_platform_devices(
     buses: &IoBuses,
     exit: &ExitNotifier,
     reset: &ResetRequested,
@@ -158,7 +159,10 @@ fn add_power_devices(
     let i8042 = I8042ResetPort::new(exit.clone(), reset.clone());
     buses
         .register_pio(layout::I8042_PORT, 1, Arc::new(Mutex::new(i8042)))
-        .map_err(|e| VmmError::Bus("i8042", e))
+        .map_err(|e| VmmError::Bus("i8042", e))?;
+    buses
+        .register_pio(layout::CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default())))
+        .map_err(|e| VmmError::Bus("cmos", e))
 }
 
 type ComSerial = Arc<Mutex<SerialDevice<EventFdTrigger>>>;

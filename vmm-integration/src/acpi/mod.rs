@@ -21,9 +21,8 @@ const OEM_ID: [u8; 6] = *b"ISMVMM";
 const OEM_TABLE_ID: [u8; 8] = *b"ISMVMM01";
 const OEM_REVISION: u32 = 1;
 
-/// FADT IA-PC boot architecture flags: no VGA, no CMOS RTC (neither is emulated).
+/// FADT IA-PC boot architecture flags: no VGA (the CMOS RTC is emulated, legacy/cmos.rs).
 const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
-const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -72,7 +71,7 @@ pub fn build_fadt(dsdt_addr: u64) -> Vec<u8> {
     fadt.reset_value = layout::ACPI_RESET_VALUE;
     fadt.sleep_control_reg = io_port_gas(layout::ACPI_SLEEP_PORT);
     fadt.sleep_status_reg = io_port_gas(layout::ACPI_SLEEP_PORT);
-    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_NO_VGA | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_NO_VGA.into();
     to_bytes(&fadt.finalize())
 }
 

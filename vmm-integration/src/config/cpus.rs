@@ -25,7 +25,7 @@ impl Default for CpusConfig {
 }
 
 impl CpusConfig {
-    pub const SYNTAX: &'static str = "boot=<boot_vcpus>,max=<max_vcpus>";
+    pub const SYNTAX: &'static str = "CPU parameters \"boot=<boot_vcpus>,max=<max_vcpus>\"";
 
     pub fn parse(input: &str) -> Result<Self, Error> {
         let mut parser = OptionParser::new();
