@@ -79,6 +79,57 @@ pub fn halt_code() -> Vec<u8> {
     vec![0xf4, 0xeb, 0xfd]
 }
 
+/// 32-bit code that loads an IDT whose #BP gate checks that the saved EIP is just past the
+/// `int3` (a trap), prints "BP\n" (or "BAD\n") and powers off through the ACPI sleep port.
+/// The handler does not return: the PVM emulator cannot run a 32-bit `iret`.
+pub fn int3_code() -> Vec<u8> {
+    let base = layout::KERNEL_START as u32;
+    let power_off = out_code(layout::ACPI_SLEEP_PORT, (5 << 2) | (1 << 5));
+    let mut code = vec![0xbc];
+    code.extend_from_slice(&(layout::BOOT_STACK_POINTER as u32).to_le_bytes()); // mov esp, imm32
+    let lidt_at = code.len();
+    code.extend_from_slice(&[0x0f, 0x01, 0x1d, 0, 0, 0, 0]); // lidt [disp32]
+    code.push(0xcc); // int3
+    let after_int3 = base + code.len() as u32;
+    code.extend(print_code(b"NO-BP\n"));
+    code.extend(&power_off);
+    code.extend(halt_code());
+
+    let handler = base + code.len() as u32;
+    code.extend_from_slice(&[0x8b, 0x04, 0x24]); // mov eax, [esp]
+    code.push(0x3d); // cmp eax, imm32
+    code.extend_from_slice(&after_int3.to_le_bytes());
+    let mut good = print_code(b"BP\n");
+    good.extend(&power_off);
+    good.extend(halt_code());
+    code.extend_from_slice(&[0x75, good.len() as u8]); // jne bad
+    code.extend(good);
+    code.extend(print_code(b"BAD\n"));
+    code.extend(&power_off);
+    code.extend(halt_code());
+
+    while code.len() % 8 != 0 {
+        code.push(0x90);
+    }
+    let idt = base + code.len() as u32;
+    for vector in 0..4u32 {
+        let gate: u64 = if vector == 3 {
+            u64::from(handler & 0xffff)
+                | (0x08 << 16)
+                | (0x8e00u64 << 32)
+                | (u64::from(handler >> 16) << 48)
+        } else {
+            0
+        };
+        code.extend_from_slice(&gate.to_le_bytes());
+    }
+    let idtr = base + code.len() as u32;
+    code.extend_from_slice(&(4u16 * 8 - 1).to_le_bytes());
+    code.extend_from_slice(&idt.to_le_bytes());
+    code[lidt_at + 3..lidt_at + 7].copy_from_slice(&idtr.to_le_bytes());
+    code
+}
+
 pub fn write_temp(bytes: &[u8]) -> TempFile {
     let file = TempFile::new().unwrap();
     file.as_file().write_all(bytes).unwrap();

@@ -287,7 +287,7 @@ fn teardown(running: RunningVm) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PayloadConfig, SerialConfig, VmParams};
+    use crate::config::{PvmMode, VmParams};
     use crate::test_guest::*;
 
     fn config_for(kernel: &std::path::Path, serial: &std::path::Path) -> VmConfig {
@@ -301,9 +301,14 @@ mod tests {
     }
 
     fn boot(code: Vec<u8>) -> (Result<ExitEvent, VmmError>, String) {
+        boot_with(code, PvmMode::Auto)
+    }
+
+    fn boot_with(code: Vec<u8>, pvm: PvmMode) -> (Result<ExitEvent, VmmError>, String) {
         let kernel = write_temp(&pvh_elf(&code));
         let serial = vmm_sys_util::tempfile::TempFile::new().unwrap();
-        let config = config_for(kernel.as_path(), serial.as_path());
+        let mut config = config_for(kernel.as_path(), serial.as_path());
+        config.platform.pvm = pvm;
         let result = run(&config);
         let output = std::fs::read_to_string(serial.as_path()).unwrap();
         (result, output)
@@ -335,6 +340,37 @@ mod tests {
         code.extend(halt_code());
         let (result, _) = boot(code);
         assert_eq!(result.unwrap(), ExitEvent::Reboot("ACPI reset register"));
+    }
+
+    #[test]
+    fn test_int3_reaches_the_guests_breakpoint_handler() {
+        if !kvm_available() {
+            return;
+        }
+        // On PVM the emulator may give up on int3; the policy then injects #BP itself.
+        let (result, output) = boot(int3_code());
+        assert_eq!(result.unwrap(), ExitEvent::Shutdown("ACPI S5"));
+        assert_eq!(output, "BP\n");
+    }
+
+    #[test]
+    fn test_without_pvm_policy_an_emulation_failure_reports_rip_and_bytes() {
+        if !kvm_available() {
+            return;
+        }
+        if !pvm::policy_enabled(PvmMode::Auto) {
+            println!("SKIPPED: not a PVM host, int3 runs natively");
+            return;
+        }
+        let (result, _) = boot_with(int3_code(), PvmMode::Off);
+        match result.unwrap() {
+            ExitEvent::Error(msg) => {
+                assert!(msg.contains("internal error"), "{msg}");
+                assert!(msg.contains("instruction bytes [cc "), "{msg}");
+                assert!(msg.contains("RIP 0x10000c"), "{msg}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
     }
 
     #[test]
@@ -379,6 +415,5 @@ mod tests {
             matches!(err, VmmError::Boot(BootError::NoPvhEntry(..))),
             "{err:?}"
         );
-        let _ = (PayloadConfig::validate, SerialConfig::default);
     }
 }
