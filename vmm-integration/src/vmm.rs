@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, create_sigset, register_signal_handler};
 
 use crate::acpi::{AcpiError, AcpiInputs, create_acpi_tables};
 use crate::boot::{self, BootEntry, BootError, BootInputs};
@@ -45,6 +45,8 @@ pub enum VmmError {
     Vcpu(#[source] VcpuError),
     #[error("Failed to spawn thread {0}")]
     SpawnThread(String, #[source] std::io::Error),
+    #[error("Failed to block the stop signals")]
+    BlockSignal(#[source] vmm_sys_util::errno::Error),
     #[error("Failed to register the vCPU kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
     #[error("Failed to create the serial interrupt eventfd")]
@@ -80,11 +82,15 @@ struct RunningVm {
 
 /// Build the VM from `config`, run it until it stops, tear it down. Returns why it stopped.
 pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
+    let (exit, exit_rx) = ExitNotifier::new();
     let pvm_policy = pvm::policy_enabled(config.platform.pvm);
     if pvm_policy {
         log::info!("PVM policy on: instruction fallback and Linux kernel parameters");
     }
 
+    // Before any thread exists, so every thread inherits the mask and only the
+    // "signal-handler" thread receives these.
+    spawn_signal_handler(ExitNotifier::clone(&exit))?;
     let vm = Vm::new().map_err(VmmError::Vm)?;
     let mem = memory::create_guest_memory(&config.memory).map_err(VmmError::Memory)?;
     vm.register_guest_memory(&mem)
@@ -92,7 +98,6 @@ pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
     let guest_memory = GuestMemoryAtomic::new(mem.clone());
 
     let buses = Arc::new(IoBuses::new());
-    let (exit, exit_rx) = ExitNotifier::new();
     let reset = ResetRequested::default();
 
     add_platform_devices(&buses, &exit, &reset)?;
@@ -145,6 +150,31 @@ pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
     // Keep guest memory mapped until no vCPU can touch it.
     drop(guest_memory);
     Ok(event)
+}
+
+/// Signals that stop the VMM cleanly (vCPUs stopped, terminal restored).
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// Block the stop signals in this thread (and so in every thread spawned after) and turn
+/// them into an exit event from a thread named "signal-handler".
+fn spawn_signal_handler(exit: ExitNotifier) -> Result<(), VmmError> {
+    let set = create_sigset(&STOP_SIGNALS).map_err(VmmError::BlockSignal)?;
+    // SAFETY: `set` is a valid sigset; blocking signals already blocked is a no-op.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(VmmError::BlockSignal(vmm_sys_util::errno::Error::new(ret)));
+    }
+    std::thread::Builder::new()
+        .name("signal-handler".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is a valid, initialised sigset and `sig` a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                exit.notify(ExitEvent::Error(format!("Stopped by signal {sig}")));
+            }
+        })
+        .map(drop)
+        .map_err(|e| VmmError::SpawnThread("signal-handler".into(), e))
 }
 
 fn add_platform_devices(
