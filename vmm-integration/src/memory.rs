@@ -59,9 +59,16 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
         builder = match &memfd {
             Some(file) => {
                 let fd = file.try_clone().map_err(MemoryError::CreateMemfd)?;
+                // Huge pages are reserved at mmap time (no MAP_NORESERVE), so a host without
+                // enough of them fails here rather than with SIGBUS on a guest access.
+                let flags = if cfg.hugepages {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_SHARED | libc::MAP_NORESERVE
+                };
                 builder
                     .with_file_offset(FileOffset::new(fd, file_offset))
-                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                    .with_mmap_flags(flags)
             }
             None => builder
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
