@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Arbitrary descriptor chains on the virtio-ism control (and event) queue of a device backed
+//! by a real in-process pool and a window that checks every map/unmap.
+//!
+//! Input layout:
+//!   [0]      features: bit 0 QUERY, bit 1 EVENT_QUEUE
+//!   [1..3]   le16 n: the next n bytes (at most 8 KiB) are copied to guest memory at DATA;
+//!            every 8-byte "PEERTOKN" in them is replaced by a token the fuzzed device may
+//!            attach (tokens are random, the fuzzer could never guess one)
+//!   then operations, each: ctl u8, then (ctl & 0xf) descriptors of 5 bytes
+//!            (flags u8, le16 offset from DATA, le16 len):
+//!     ctl bit 4: put the chain on the event queue instead of the control queue
+//!     ctl bit 5: let the peer attach/detach every region the device holds, then process
+//!                pool events
+//!     ctl bit 6: ring the doorbell at the first descriptor's offset and deliver a kick
+//!     flags bit 7: keep flags and next exactly as given (next = offset & 0xf) instead of
+//!                  linking the descriptors in order: loops, indirect tables, dangling links.
+#![no_main]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex};
+
+use ism_pool::{GrantTarget, LocalPool, Perms, PoolConfig, PoolSession, Token};
+use libfuzzer_sys::fuzz_target;
+use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use virtio_ism::{Ism, IsmConfig, ShmWindow};
+use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 0x10000;
+const QUEUE_SIZE: u16 = 16;
+const CTRL: (u64, u64, u64) = (0x0, 0x100, 0x200);
+const EVENTQ: (u64, u64, u64) = (0x400, 0x500, 0x600);
+const DATA: u64 = 0x1000;
+const MAX_DATA: usize = 0x2000;
+const MAGIC: &[u8; 8] = b"PEERTOKN";
+
+const CHUNK: u64 = 4096;
+const SHM: u64 = 64 * CHUNK;
+
+/// A window that keeps no memory but checks the device never maps outside shmid 1, never
+/// maps over a live mapping and only unmaps what it mapped.
+struct CheckedWindow {
+    mapped: Mutex<BTreeMap<u64, u64>>,
+}
+
+impl ShmWindow for CheckedWindow {
+    fn map(
+        &self,
+        window_offset: u64,
+        _fd: BorrowedFd<'_>,
+        _fd_offset: u64,
+        len: u64,
+        _writable: bool,
+    ) -> io::Result<()> {
+        assert!(len > 0 && window_offset % CHUNK == 0);
+        assert!(
+            window_offset.checked_add(len).unwrap() <= SHM,
+            "map outside shmid 1"
+        );
+        let mut mapped = self.mapped.lock().unwrap();
+        if let Some((&start, &l)) = mapped.range(..window_offset + len).next_back() {
+            assert!(start + l <= window_offset, "map over a live mapping");
+        }
+        mapped.insert(window_offset, len);
+        Ok(())
+    }
+
+    fn unmap(&self, window_offset: u64, len: u64) -> io::Result<()> {
+        let removed = self.mapped.lock().unwrap().remove(&window_offset);
+        assert_eq!(removed, Some(len), "unmap of something not mapped");
+        Ok(())
+    }
+}
+
+struct NoInterrupt;
+
+impl VirtioInterrupt for NoInterrupt {
+    fn trigger(&self, _int_type: VirtioInterruptType) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct DriverRing {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+}
+
+impl DriverRing {
+    fn new((desc, avail, used): (u64, u64, u64)) -> Self {
+        Self {
+            desc,
+            avail,
+            used,
+            avail_idx: 0,
+        }
+    }
+
+    fn queue(&self) -> Queue {
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.set_size(QUEUE_SIZE);
+        q.set_desc_table_address(Some(self.desc as u32), Some(0));
+        q.set_avail_ring_address(Some(self.avail as u32), Some(0));
+        q.set_used_ring_address(Some(self.used as u32), Some(0));
+        q.set_ready(true);
+        q
+    }
+
+    /// Write descriptors 0..n and publish descriptor 0 as the head.
+    fn submit(&mut self, mem: &GuestMemoryMmap, descs: &[(u8, u16, u16)]) {
+        let n = descs.len() as u16;
+        for (i, &(flags, off, len)) in descs.iter().enumerate() {
+            let i = i as u16;
+            let (flags, next) = if flags & 0x80 != 0 {
+                (u16::from(flags & 0x7f), off & 0xf)
+            } else {
+                let mut f = u16::from(flags & 0x2); // WRITE only
+                if i + 1 < n {
+                    f |= 1; // NEXT
+                }
+                (f, i + 1)
+            };
+            let at = GuestAddress(self.desc + 16 * u64::from(i));
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&(DATA + u64::from(off)).to_le_bytes());
+            raw[8..12].copy_from_slice(&u32::from(len).to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&raw, at).unwrap();
+        }
+        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
+        mem.write_obj(0u16, GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+}
+
+fn substitute_token(data: &mut [u8], token: Token) {
+    let mut i = 0;
+    while i + 8 <= data.len() {
+        if &data[i..i + 8] == MAGIC {
+            data[i..i + 8].copy_from_slice(&token.0.to_le_bytes());
+            i += 8;
+        } else {
+            i += 1;
+        }
+    }
+}
+
+fuzz_target!(|input: &[u8]| {
+    if input.len() < 3 {
+        return;
+    }
+    let features = {
+        let mut f = 1u64 << 32;
+        if input[0] & 1 != 0 {
+            f |= bit(VIRTIO_ISM_F_QUERY);
+        }
+        if input[0] & 2 != 0 {
+            f |= bit(VIRTIO_ISM_F_EVENT_QUEUE);
+        }
+        f
+    };
+    let data_len = (usize::from(u16::from_le_bytes([input[1], input[2]])))
+        .min(MAX_DATA)
+        .min(input.len() - 3);
+    let mut data = input[3..3 + data_len].to_vec();
+    let mut ops = &input[3 + data_len..];
+
+    let pool = LocalPool::new(PoolConfig {
+        size: 2 * SHM,
+        per_vm_limit: None,
+        hugepages: false,
+        gid: Some(1),
+    })
+    .unwrap();
+    let peer: Arc<dyn PoolSession> = pool.session().unwrap();
+    let peer_lease = peer.alloc(2 * CHUNK).unwrap();
+    let all = Perms(0xf);
+    peer.grant(peer_lease.token, GrantTarget::Default, all)
+        .unwrap();
+    substitute_token(&mut data, peer_lease.token);
+
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let window = Arc::new(CheckedWindow {
+        mapped: Mutex::new(BTreeMap::new()),
+    });
+    let config = IsmConfig {
+        shm_size: SHM,
+        chunk_size: CHUNK,
+        notify_size: 4,
+    };
+    let mut device = Ism::new("fuzz", config, pool.session().unwrap(), window.clone()).unwrap();
+    device.ack_features(features);
+    let handle = device.handle();
+    let mut ctrl = DriverRing::new(CTRL);
+    let mut eventq = DriverRing::new(EVENTQ);
+    let mut worker = device
+        .activate_worker(ActivationContext {
+            mem: GuestMemoryAtomic::new(mem.clone()),
+            interrupt_cb: Arc::new(NoInterrupt),
+            queues: vec![
+                (0, ctrl.queue(), EventFd::new(0).unwrap()),
+                (1, eventq.queue(), EventFd::new(0).unwrap()),
+            ],
+        })
+        .unwrap();
+
+    let mut steps = 0;
+    while let Some((&ctl, rest)) = ops.split_first() {
+        steps += 1;
+        if steps > 64 {
+            break;
+        }
+        let count = usize::from(ctl & 0xf);
+        let Some(raw) = rest.get(..count * 5) else {
+            break;
+        };
+        ops = &rest[count * 5..];
+        let descs: Vec<(u8, u16, u16)> = raw
+            .chunks_exact(5)
+            .map(|d| {
+                (
+                    d[0],
+                    u16::from_le_bytes([d[1], d[2]]),
+                    u16::from_le_bytes([d[3], d[4]]),
+                )
+            })
+            .collect();
+        if !descs.is_empty() {
+            if ctl & 0x10 != 0 {
+                eventq.submit(&mem, &descs);
+                worker.process_event_queue().unwrap();
+            } else {
+                ctrl.submit(&mem, &descs);
+                worker.process_ctrl_queue().unwrap();
+            }
+        }
+        if ctl & 0x20 != 0 {
+            for token in handle.regions() {
+                if peer.attach(token, Perms::NONE).is_err() {
+                    let _ = peer.detach(token);
+                }
+            }
+            worker.process_pool_events().unwrap();
+        }
+        if ctl & 0x40 != 0 {
+            let offset = descs.first().map_or(0, |d| u64::from(d.1));
+            if let Some(token) = handle.handle_notify(offset) {
+                handle.deliver_kick(token);
+            }
+        }
+    }
+
+    if std::env::var_os("ISM_FUZZ_DEBUG").is_some() {
+        let mut counters: Vec<_> = device.counters().unwrap_or_default().into_iter().collect();
+        counters.sort();
+        eprintln!("{counters:?}");
+    }
+    // Whatever the guest did, reset gives everything back.
+    let mut devid = [0u8; 8];
+    device.read_config(8, &mut devid);
+    let devid = u64::from_le_bytes(devid);
+    device.reset();
+    assert!(
+        window.mapped.lock().unwrap().is_empty(),
+        "reset left mappings"
+    );
+    assert!(
+        pool.status()
+            .regions
+            .iter()
+            .all(|r| !r.holders.contains(&devid)),
+        "reset left the device holding regions"
+    );
+});
