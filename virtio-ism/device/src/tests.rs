@@ -727,8 +727,11 @@ fn test_attach_without_grant_fails_perm_eattach() {
     );
     assert_eq!(b.attach_raw(token, 0).status, Status::PermAttach);
     assert_eq!(b.attach_raw(Token(token.0 ^ 1), 0).status, Status::NoEnt);
+    // ATTACH without READ: every mapping is readable, so that is PERM_EREAD.
+    assert_eq!(a.grant_default(token, VIRTIO_ISM_PERM_ATTACH), Status::Ok);
+    assert_eq!(b.attach_raw(token, 0).status, Status::PermRead);
     assert_eq!(b.counter("regions_attached"), 0);
-    assert_eq!(b.counter("ctrl_errors"), 3);
+    assert_eq!(b.counter("ctrl_errors"), 4);
 }
 
 #[test]
