@@ -140,7 +140,9 @@ fn write_cmdline(
             .map_err(BootError::Cmdline)?;
     }
     if let (true, Some(extra)) = (is_linux, inputs.linux_extra_cmdline) {
-        cmdline.insert_str(extra).map_err(BootError::Cmdline)?;
+        for param in missing_params(&inputs.payload.cmdline, extra) {
+            cmdline.insert_str(param).map_err(BootError::Cmdline)?;
+        }
     }
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cmdline)
         .map_err(BootError::WriteCmdline)?;
@@ -148,6 +150,17 @@ fn write_cmdline(
         .as_cstring()
         .map_err(BootError::Cmdline)?
         .into_bytes_with_nul())
+}
+
+/// The parameters of `extra` whose key (the text before `=`) the user's command line does
+/// not already set: the user's choice wins.
+fn missing_params<'a>(user: &str, extra: &'a str) -> Vec<&'a str> {
+    let key = |p: &str| p.split('=').next().unwrap_or_default().to_owned();
+    let user_keys: Vec<String> = user.split_whitespace().map(key).collect();
+    extra
+        .split_whitespace()
+        .filter(|p| !user_keys.contains(&key(p)))
+        .collect()
 }
 
 /// Place the initramfs page-aligned at the top of low RAM (below `max_addr` if given),
@@ -268,6 +281,24 @@ mod tests {
         // Too big to fit above the kernel.
         assert_eq!(initramfs_address(64 << 20, 60 << 20, 8 << 20, None), None);
         assert_eq!(initramfs_address(64 << 20, 0, 128 << 20, None), None);
+    }
+
+    #[test]
+    fn test_policy_params_never_override_the_users() {
+        let extra = "noxsave clearcpuid=cx16,popcnt,smap pvm_native_fixups";
+        assert_eq!(
+            missing_params("console=ttyS0", extra),
+            vec![
+                "noxsave",
+                "clearcpuid=cx16,popcnt,smap",
+                "pvm_native_fixups"
+            ]
+        );
+        assert_eq!(
+            missing_params("clearcpuid=cx16 pvm_native_fixups quiet", extra),
+            vec!["noxsave"]
+        );
+        assert!(missing_params(extra, extra).is_empty());
     }
 
     #[test]

@@ -17,8 +17,10 @@ use crate::config::PvmMode;
 const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
 
 /// Kernel parameters a Linux guest needs on PVM: hide the features whose instructions the
-/// emulator cannot run (xsave family, cmpxchg16b, popcnt, SMAP's clac/stac).
-pub const LINUX_CMDLINE_PARAMS: &str = "noxsave clearcpuid=cx16,popcnt,smap";
+/// emulator cannot run (xsave family, cmpxchg16b, popcnt, SMAP's clac/stac), and turn on the
+/// fixups of our guest kernel patch (resources/linux/pvm-guest.patch; other kernels pass the
+/// unknown parameter to init, harmlessly).
+pub const LINUX_CMDLINE_PARAMS: &str = "noxsave clearcpuid=cx16,popcnt,smap pvm_native_fixups";
 
 /// KVM_INTERNAL_ERROR_EMULATION and the flag saying instruction bytes follow in data[1..].
 const INTERNAL_ERROR_EMULATION: u32 = 1;
