@@ -291,7 +291,10 @@ mod tests {
         let com1: Vec<_> = entries.iter().filter(|e| e.gsi == 4).collect();
         assert_eq!(com1.len(), 2);
         // SAFETY: irqchip entries were built with the irqchip member of the union.
-        let chips: Vec<u32> = com1.iter().map(|e| unsafe { e.u.irqchip.irqchip }).collect();
+        let chips: Vec<u32> = com1
+            .iter()
+            .map(|e| unsafe { e.u.irqchip.irqchip })
+            .collect();
         assert!(chips.contains(&KVM_IRQCHIP_IOAPIC));
         assert!(chips.contains(&KVM_IRQCHIP_PIC_MASTER));
     }
@@ -344,12 +347,14 @@ mod tests {
         ops.register_irqfd(&irq, gsi).unwrap();
         // The legacy serial GSI still works next to the MSI routes.
         let serial = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        ops.register_irqfd(&serial, crate::layout::COM1_IRQ).unwrap();
+        ops.register_irqfd(&serial, crate::layout::COM1_IRQ)
+            .unwrap();
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let addr = crate::layout::MMIO32_START + 0x3000;
         ops.register_ioevent(&notify, addr).unwrap();
         ops.unregister_ioevent(&notify, addr).unwrap();
         ops.unregister_irqfd(&irq, gsi).unwrap();
-        ops.unregister_irqfd(&serial, crate::layout::COM1_IRQ).unwrap();
+        ops.unregister_irqfd(&serial, crate::layout::COM1_IRQ)
+            .unwrap();
     }
 }

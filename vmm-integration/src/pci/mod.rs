@@ -1,0 +1,213 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The PCI root complex: bus 0 with its host bridge, configuration access through
+//! 0xCF8/0xCFC and ECAM, BAR placement in the 32 and 64-bit windows, and virtio-pci devices
+//! plugged into it.
+
+pub mod bus;
+pub mod configuration;
+pub mod msix;
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::bus::{BusError, IoBuses};
+use crate::interrupt::{GsiRouter, InterruptError, IoEventRegistrar, KvmInterruptOps, MsiRouting};
+use crate::layout;
+use crate::virtio_pci::{VirtioPciDevice, VirtioPciError, VirtioPciResources};
+use bus::{PciBus, PciConfigIo, PciEcam, PciHostBridge};
+use virtio_device::VirtioDevice;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    #[error("Failed to register the PCI configuration ports")]
+    RegisterConfigIo(#[source] BusError),
+    #[error("Failed to register the PCI ECAM window")]
+    RegisterEcam(#[source] BusError),
+    #[error("Failed to create the {0} BAR allocator")]
+    CreateAllocator(&'static str, #[source] vm_allocator::Error),
+    #[error("Failed to create the GSI router")]
+    CreateRouter(#[source] InterruptError),
+    #[error("No room for a {size:#x}-byte BAR in the {window} window")]
+    AllocateBar {
+        window: &'static str,
+        size: u64,
+        #[source]
+        source: vm_allocator::Error,
+    },
+    #[error("MSI-X vector count {0} is not in 1..=2048")]
+    VectorCount(usize),
+    #[error("Failed to create virtio-pci device {0}")]
+    CreateVirtioPci(String, #[source] VirtioPciError),
+    #[error("Failed to register the settings BAR of {0}")]
+    RegisterBar(String, #[source] BusError),
+    #[error("PCI bus 0 has no free slot for {0}")]
+    BusFull(String),
+}
+
+/// What the VMM learns about a plugged device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciDeviceInfo {
+    pub id: String,
+    /// "0000:00:01.0"
+    pub bdf: String,
+}
+
+pub struct PciManager {
+    bus: Arc<PciBus>,
+    buses: Arc<IoBuses>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    router: Arc<GsiRouter>,
+    ioevents: Arc<dyn IoEventRegistrar>,
+    mmio32: AddressAllocator,
+    mmio64: AddressAllocator,
+    devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+}
+
+impl PciManager {
+    /// Build bus 0 with its host bridge and hook configuration access onto `buses`.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        buses: Arc<IoBuses>,
+        mmio64_start: u64,
+    ) -> Result<PciManager, PciError> {
+        let ops = Arc::new(KvmInterruptOps::new(vm));
+        Self::with_backend(ops.clone(), ops, mem, buses, mmio64_start)
+    }
+
+    /// As [`Self::new`], with the KVM operations supplied by the caller (tests use a fake).
+    pub fn with_backend(
+        routing: Arc<dyn MsiRouting>,
+        ioevents: Arc<dyn IoEventRegistrar>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        buses: Arc<IoBuses>,
+        mmio64_start: u64,
+    ) -> Result<PciManager, PciError> {
+        let bus = Arc::new(PciBus::new());
+        bus.add_device(Arc::new(Mutex::new(PciHostBridge::new())));
+        buses
+            .register_pio(
+                layout::PCI_CONFIG_ADDRESS_PORT,
+                layout::PCI_CONFIG_PORT_SIZE,
+                Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))),
+            )
+            .map_err(PciError::RegisterConfigIo)?;
+        buses
+            .register_mmio(
+                layout::PCI_ECAM_START,
+                layout::PCI_ECAM_SIZE,
+                Arc::new(Mutex::new(PciEcam::new(bus.clone()))),
+            )
+            .map_err(PciError::RegisterEcam)?;
+        let mmio32 = AddressAllocator::new(layout::MMIO32_START, layout::MMIO32_SIZE)
+            .map_err(|e| PciError::CreateAllocator("32-bit", e))?;
+        let mmio64 = AddressAllocator::new(mmio64_start, layout::MMIO64_SIZE)
+            .map_err(|e| PciError::CreateAllocator("64-bit", e))?;
+        let router = Arc::new(
+            GsiRouter::new(routing, layout::MSI_GSI_START).map_err(PciError::CreateRouter)?,
+        );
+        Ok(PciManager {
+            bus,
+            buses,
+            mem,
+            router,
+            ioevents,
+            mmio32,
+            mmio64,
+            devices: Vec::new(),
+        })
+    }
+
+    /// Plug `dev` in with one MSI-X vector per queue plus one for configuration changes.
+    pub fn add_virtio_device(
+        &mut self,
+        id: &str,
+        dev: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<PciDeviceInfo, PciError> {
+        let queues = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_max_sizes()
+            .len();
+        self.add_virtio_device_with_vectors(id, dev, queues.saturating_add(1))
+    }
+
+    /// Plug `dev` in with `msix_vectors` MSI-X vectors (virtio-ism binds extra vectors to
+    /// regions with a command).
+    pub fn add_virtio_device_with_vectors(
+        &mut self,
+        id: &str,
+        dev: Arc<Mutex<dyn VirtioDevice>>,
+        msix_vectors: usize,
+    ) -> Result<PciDeviceInfo, PciError> {
+        let vectors = u16::try_from(msix_vectors)
+            .ok()
+            .filter(|v| (1..=msix::MAX_MSIX_VECTORS).contains(v))
+            .ok_or(PciError::VectorCount(msix_vectors))?;
+        let settings_size = crate::virtio_pci::settings_bar_size(vectors);
+        let settings = self
+            .mmio32
+            .allocate(settings_size, settings_size, AllocPolicy::FirstMatch)
+            .map_err(|source| PciError::AllocateBar {
+                window: "32-bit",
+                size: settings_size,
+                source,
+            })?;
+        let shm_len = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_shm_regions()
+            .map(|l| l.len);
+        let shm = match shm_len {
+            Some(len) => {
+                // A bad length is reported by the transport with its own error.
+                let size = len.max(0x1000).next_power_of_two();
+                let r = self
+                    .mmio64
+                    .allocate(size, size, AllocPolicy::FirstMatch)
+                    .map_err(|source| PciError::AllocateBar {
+                        window: "64-bit",
+                        size,
+                        source,
+                    })?;
+                Some(r.start())
+            }
+            None => None,
+        };
+        let pci_dev = VirtioPciDevice::new(
+            id,
+            dev,
+            vectors,
+            VirtioPciResources {
+                settings_bar: settings.start(),
+                shm_bar: shm,
+            },
+            self.router.clone(),
+            self.ioevents.clone(),
+            self.buses.clone(),
+            self.mem.clone(),
+        )
+        .map_err(|e| PciError::CreateVirtioPci(id.to_owned(), e))?;
+        let pci_dev = Arc::new(Mutex::new(pci_dev));
+        self.buses
+            .register_mmio(settings.start(), settings_size, pci_dev.clone())
+            .map_err(|e| PciError::RegisterBar(id.to_owned(), e))?;
+        let Some(slot) = self.bus.add_device(pci_dev.clone()) else {
+            let _ = self.buses.deregister_mmio(settings.start());
+            return Err(PciError::BusFull(id.to_owned()));
+        };
+        self.devices.push(pci_dev);
+        let bdf = format!("0000:00:{slot:02x}.0");
+        log::info!(
+            "PCI {bdf}: {id}, settings BAR {:#x}+{settings_size:#x}, shm BAR {shm:x?}",
+            settings.start()
+        );
+        Ok(PciDeviceInfo {
+            id: id.to_owned(),
+            bdf,
+        })
+    }
+}

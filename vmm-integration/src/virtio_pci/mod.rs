@@ -1,0 +1,26 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The virtio-pci modern transport (virtio 1.2, 4.1): a PCI function whose capabilities point
+//! at the common configuration, notification, ISR and device configuration structures in its
+//! settings BAR, plus MSI-X, plus shared-memory regions in a 64-bit prefetchable BAR.
+
+mod common_config;
+mod device;
+mod interrupt;
+
+pub use device::{VirtioPciDevice, VirtioPciError, VirtioPciResources, settings_bar_size};
+
+/// Device status bits (virtio 1.2, 2.1).
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// Feature bits the transport itself looks at.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// PCI IDs: modern virtio devices are 0x1040 + device type.
+pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+pub const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
