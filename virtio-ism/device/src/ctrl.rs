@@ -12,7 +12,7 @@ use virtio_ism_proto::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::regions::{Refusal, RegionTable};
+use crate::regions::{Refusal, RegionTable, Regions};
 
 /// Most descriptors one control request may use (the Linux driver uses 4).
 pub const MAX_CHAIN_DESCRIPTORS: usize = 32;
@@ -195,7 +195,7 @@ fn refused<H: WireStruct>(refusal: Refusal, header: impl FnOnce(u64) -> H) -> Re
 
 /// Run one decoded request. `writable_len` is the size of the driver's reply buffer, status
 /// byte included; replies never exceed it.
-pub fn execute(table: &mut RegionTable, request: Request, writable_len: u64) -> Response {
+pub fn execute(regions: &Regions, request: Request, writable_len: u64) -> Response {
     let area_capacity =
         |header: usize| reply_capacity(writable_len, header, Area::SIZE).unwrap_or(0);
     match request {
@@ -203,7 +203,7 @@ pub fn execute(table: &mut RegionTable, request: Request, writable_len: u64) -> 
             if reply_capacity(writable_len, AllocReplyHeader::SIZE, Area::SIZE).is_none() {
                 return Response::status(Status::Err);
             }
-            match table.alloc(req.size, area_capacity(AllocReplyHeader::SIZE)) {
+            match regions.alloc(req.size, area_capacity(AllocReplyHeader::SIZE)) {
                 Ok((token, areas)) => Response::with(
                     Status::Ok,
                     AllocReplyHeader {
@@ -220,7 +220,7 @@ pub fn execute(table: &mut RegionTable, request: Request, writable_len: u64) -> 
                 return Response::status(Status::Err);
             }
             let capacity = area_capacity(AttachReplyHeader::SIZE);
-            match table.attach(Token(req.token), u64::from(req.rw_perm), capacity, false) {
+            match regions.attach(Token(req.token), u64::from(req.rw_perm), capacity, false) {
                 Ok(areas) => Response::with(
                     Status::Ok,
                     AttachReplyHeader {
@@ -231,21 +231,23 @@ pub fn execute(table: &mut RegionTable, request: Request, writable_len: u64) -> 
                 Err(r) => refused(r, |num| AttachReplyHeader { num }),
             }
         }
-        Request::Detach(req) => outcome(table.detach(Token(req.token))),
+        Request::Detach(req) => outcome(regions.detach(Token(req.token))),
         Request::GrantDefault(req) => {
-            outcome(table.grant(Token(req.token), GrantTarget::Default, req.permissions))
+            outcome(regions.grant(Token(req.token), GrantTarget::Default, req.permissions))
         }
-        Request::GrantDevice(req) => outcome(table.grant(
+        Request::GrantDevice(req) => outcome(regions.grant(
             Token(req.token),
             GrantTarget::Device(DevId(req.peer_devid)),
             req.permissions,
         )),
-        Request::EventVector(req) => outcome(table.set_vector(Token(req.token), req.vector)),
+        Request::EventVector(req) => {
+            outcome(regions.lock().set_vector(Token(req.token), req.vector))
+        }
         Request::QueryList => {
             let Some(capacity) = reply_capacity(writable_len, QueryListReplyHeader::SIZE, 8) else {
                 return Response::status(Status::Err);
             };
-            let tokens = table.tokens();
+            let tokens = regions.lock().tokens();
             let header = QueryListReplyHeader {
                 num: tokens.len() as u64,
             };
@@ -264,6 +266,7 @@ pub fn execute(table: &mut RegionTable, request: Request, writable_len: u64) -> 
             else {
                 return Response::status(Status::Err);
             };
+            let table = regions.lock();
             let Some(region) = table.region(Token(req.token)) else {
                 return Response::status(Status::NoEnt);
             };
@@ -297,7 +300,7 @@ fn outcome(result: Result<(), Refusal>) -> Response {
 pub fn serve_chain<I>(
     mem: &GuestMemoryMmap,
     descriptors: I,
-    table: &std::sync::Mutex<RegionTable>,
+    regions: &Regions,
     features: u64,
 ) -> (u32, Option<Status>)
 where
@@ -307,14 +310,9 @@ where
         return (0, None);
     };
     let response = match chain.request(features) {
-        Ok(request) => {
-            // Guest memory is not touched while the table is locked.
-            let mut table = match table.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            execute(&mut table, request, chain.writable_len())
-        }
+        // Guest memory is not touched while the request runs: it was copied out above and
+        // the reply is written below.
+        Ok(request) => execute(regions, request, chain.writable_len()),
         Err(_) => Response::status(Status::Err),
     };
     let used = chain.write_reply(mem, response.bytes());

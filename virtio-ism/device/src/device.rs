@@ -4,7 +4,7 @@
 //! to hot-add regions and route doorbells.
 
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ism_pool::{Perms, PoolSession, Token};
@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{ConfigError, IsmConfig, WindowLayout};
 use crate::metrics::IsmMetrics;
-use crate::regions::{RegionTable, pool_status};
+use crate::regions::{RegionTable, Regions, pool_status};
 use crate::window::{KickSink, ShmWindow};
 use crate::worker::{IsmWorker, WorkerError};
 
@@ -73,19 +73,13 @@ pub struct Ism {
     config_space: [u8; ConfigSpace::SIZE],
     acked_features: u64,
     queue_sizes: [u16; 2],
-    table: Arc<Mutex<RegionTable>>,
+    regions: Arc<Regions>,
     metrics: Arc<IsmMetrics>,
     shm_addr: GuestAddress,
     kick_sink: Option<Arc<dyn KickSink>>,
     wake_evt: Arc<EventFd>,
     pool_fd: Option<std::os::fd::RawFd>,
     state: DeviceState,
-}
-
-fn lock(table: &Mutex<RegionTable>) -> MutexGuard<'_, RegionTable> {
-    table
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Ism {
@@ -115,12 +109,10 @@ impl Ism {
             config_space,
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
-            table: Arc::new(Mutex::new(RegionTable::new(
-                layout,
+            regions: Arc::new(Regions::new(
+                RegionTable::new(layout, info, window, metrics.clone()),
                 session,
-                window,
-                metrics.clone(),
-            ))),
+            )),
             metrics,
             shm_addr: GuestAddress(0),
             kick_sink: None,
@@ -151,7 +143,7 @@ impl Ism {
     /// A handle for the VMM: hotplug, doorbells. Valid for the device's whole life.
     pub fn handle(&self) -> IsmHandle {
         IsmHandle {
-            table: self.table.clone(),
+            regions: self.regions.clone(),
             metrics: self.metrics.clone(),
             kick_sink: self.kick_sink.clone(),
             wake_evt: self.wake_evt.clone(),
@@ -186,7 +178,7 @@ impl Ism {
             ctrl_queue,
             ctrl_evt,
             event_queue: events,
-            table: self.table.clone(),
+            regions: self.regions.clone(),
             interrupt: ctx.interrupt_cb.clone(),
             features: self.acked_features,
             metrics: self.metrics.clone(),
@@ -197,7 +189,9 @@ impl Ism {
                 .map_err(ActivateError::CloneEventFd)?,
             pool_fd: self.pool_fd,
         };
-        lock(&self.table).set_active(Some(ctx.interrupt_cb.clone()), worker.event_queue.is_some());
+        self.regions
+            .lock()
+            .set_active(Some(ctx.interrupt_cb.clone()), worker.event_queue.is_some());
         self.state = DeviceState::Active(ActiveState {
             kill_evt,
             worker: None,
@@ -210,7 +204,7 @@ impl Ism {
         let DeviceState::Active(mut active) =
             std::mem::replace(&mut self.state, DeviceState::Inactive)
         else {
-            lock(&self.table).release_all();
+            self.regions.release_all();
             return None;
         };
         if let Some(worker) = active.worker.take() {
@@ -223,7 +217,7 @@ impl Ism {
                 Err(_) => error!("virtio-ism {}: worker panicked", self.id),
             }
         }
-        lock(&self.table).release_all();
+        self.regions.release_all();
         Some(active.interrupt)
     }
 }
@@ -346,7 +340,7 @@ impl Drop for Ism {
 /// The VMM's side door into a device: doorbells, peer kicks and region hotplug.
 #[derive(Clone)]
 pub struct IsmHandle {
-    table: Arc<Mutex<RegionTable>>,
+    regions: Arc<Regions>,
     metrics: Arc<IsmMetrics>,
     kick_sink: Option<Arc<dyn KickSink>>,
     wake_evt: Arc<EventFd>,
@@ -362,7 +356,7 @@ impl IsmHandle {
             return None;
         }
         let (token, from) = {
-            let table = lock(&self.table);
+            let table = self.regions.lock();
             (table.notify_target(offset)?, table.info().devid)
         };
         IsmMetrics::inc(&self.metrics.kicks);
@@ -375,28 +369,29 @@ impl IsmHandle {
     /// A peer kicked `token`: raise the vector this guest bound to it. Returns whether an
     /// interrupt was raised.
     pub fn deliver_kick(&self, token: Token) -> bool {
-        lock(&self.table).deliver_kick(token)
+        self.regions.lock().deliver_kick(token)
     }
 
     /// Attach `token` on the host's behalf (REST region hotplug) with `want` (READ/WRITE, or
     /// NONE for whatever is granted), map it and tell the driver with a REGION_ADDED event.
     pub fn add_region(&self, token: Token, want: Perms) -> Result<Vec<Area>, HandleError> {
-        let mut table = lock(&self.table);
-        if !table.is_active() {
+        if !self.regions.lock().is_active() {
             return Err(HandleError::NotActive);
         }
-        let areas =
-            table
-                .attach(token, want.0, u64::MAX, true)
-                .map_err(|r| HandleError::Attach {
-                    token,
-                    status: r.status,
-                })?;
-        if let Some(region) = table.region(token) {
-            let subject = table.subject(region);
-            table.post_event(EventType::RegionAdded, subject, 0);
+        let areas = self
+            .regions
+            .attach(token, want.0, u64::MAX, true)
+            .map_err(|r| HandleError::Attach {
+                token,
+                status: r.status,
+            })?;
+        {
+            let mut table = self.regions.lock();
+            if let Some(region) = table.region(token) {
+                let subject = table.subject(region);
+                table.post_event(EventType::RegionAdded, subject, 0);
+            }
         }
-        drop(table);
         self.wake();
         Ok(areas)
     }
@@ -404,7 +399,7 @@ impl IsmHandle {
     /// Take a region away from the guest (REST region unplug): unmap it, give it back to the
     /// pool and send a REVOKE event. Returns false if the device did not hold it.
     pub fn remove_region(&self, token: Token) -> bool {
-        let removed = lock(&self.table).revoke(token);
+        let removed = self.regions.revoke(token);
         if removed {
             self.wake();
         }
@@ -413,7 +408,7 @@ impl IsmHandle {
 
     /// Tokens of every region the device holds.
     pub fn regions(&self) -> Vec<Token> {
-        lock(&self.table).tokens()
+        self.regions.lock().tokens()
     }
 
     /// Map a pool refusal to the status a driver would see (for API error messages).

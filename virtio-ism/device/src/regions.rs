@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ism_pool::{
     DevId, GrantTarget, MissingPerm, Perms, PoolError, PoolEvent, PoolSession, RegionLease,
@@ -88,12 +88,11 @@ pub fn pool_status(err: &PoolError) -> Status {
     }
 }
 
-/// Device state shared by the worker thread (control and event queues) and the VMM-facing
-/// handle (hotplug, doorbells, reset).
+/// What one device holds and how it is mapped. Only ever used under the lock in [`Regions`];
+/// never calls the pool.
 pub struct RegionTable {
     layout: WindowLayout,
     info: SessionInfo,
-    session: Arc<dyn PoolSession>,
     window: Arc<dyn ShmWindow>,
     chunks: ChunkMap,
     regions: BTreeMap<Token, Region>,
@@ -108,15 +107,14 @@ pub struct RegionTable {
 impl RegionTable {
     pub fn new(
         layout: WindowLayout,
-        session: Arc<dyn PoolSession>,
+        info: SessionInfo,
         window: Arc<dyn ShmWindow>,
         metrics: Arc<IsmMetrics>,
     ) -> Self {
         Self {
             layout,
-            info: session.info(),
+            info,
             chunks: ChunkMap::new(layout.chunks),
-            session,
             window,
             regions: BTreeMap::new(),
             events: VecDeque::new(),
@@ -176,74 +174,23 @@ impl RegionTable {
         Ok(count)
     }
 
-    /// ALLOC_REGION. `capacity` is how many areas the driver's reply buffer holds.
-    pub fn alloc(&mut self, size: u64, capacity: u64) -> Result<(Token, Vec<Area>), Refusal> {
+    /// First half of ALLOC_REGION, before the pool is asked: validate `size` and check the
+    /// reply buffer can take the areas. Returns the size to ask the pool for. Deciding E2BIG
+    /// here means the driver's retry sees the same placement and the pool is not touched.
+    pub fn check_alloc(&self, size: u64, capacity: u64) -> Result<u64, Refusal> {
         if size == 0 {
             return Err(Status::Err.into());
         }
         let size = size
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or(Refusal::from(Status::NoSpc))?;
+        self.place(size, capacity)?;
+        Ok(size)
+    }
+
+    /// Choose slots for `size` bytes whose areas fit in `capacity` reply entries.
+    fn place(&self, size: u64, capacity: u64) -> Result<Vec<Extent>, Refusal> {
         let count = self.chunks_for(size)?;
-        let plan = self
-            .chunks
-            .plan(count)
-            .ok_or(Refusal::from(Status::NoSpc))?;
-        if plan.len() as u64 > capacity {
-            // Decided before touching the pool, so the driver's retry sees the same plan.
-            return Err(Refusal {
-                status: Status::TooBig,
-                needed: Some(plan.len() as u64),
-            });
-        }
-        let lease = self.session.alloc(size).map_err(|e| {
-            debug!("virtio-ism: pool refused alloc of {size} bytes: {e}");
-            Refusal::from(pool_status(&e))
-        })?;
-        let token = lease.token;
-        self.install(lease, plan, true, false).inspect_err(|_| {
-            let _ = self.session.detach(token);
-        })?;
-        let areas = self.areas(&self.regions[&token]);
-        Ok((token, areas))
-    }
-
-    /// ATTACH_REGION (or a host hot-add when `hotplugged`). `rw_perm` keeps only READ/WRITE;
-    /// 0 means "whatever is granted".
-    pub fn attach(
-        &mut self,
-        token: Token,
-        rw_perm: u64,
-        capacity: u64,
-        hotplugged: bool,
-    ) -> Result<Vec<Area>, Refusal> {
-        if self.regions.contains_key(&token) {
-            return Err(Status::Err.into());
-        }
-        let want = Perms(rw_perm & (perm::VIRTIO_ISM_PERM_READ | perm::VIRTIO_ISM_PERM_WRITE));
-        let lease = self.session.attach(token, want).map_err(|e| {
-            debug!("virtio-ism: pool refused attach of {token}: {e}");
-            Refusal::from(pool_status(&e))
-        })?;
-        let outcome = self
-            .place(&lease, capacity)
-            .and_then(|plan| self.install(lease, plan, false, hotplugged));
-        if let Err(refusal) = outcome {
-            let _ = self.session.detach(token);
-            return Err(refusal);
-        }
-        Ok(self.areas(&self.regions[&token]))
-    }
-
-    fn place(&self, lease: &RegionLease, capacity: u64) -> Result<Vec<Extent>, Refusal> {
-        if lease.size == 0 || !lease.size.is_multiple_of(PAGE_SIZE) {
-            warn!(
-                "virtio-ism: pool lease {} has bad size {}",
-                lease.token, lease.size
-            );
-            return Err(Status::Err.into());
-        }
-        let count = self.chunks_for(lease.size)?;
         let plan = self
             .chunks
             .plan(count)
@@ -255,6 +202,31 @@ impl RegionTable {
             });
         }
         Ok(plan)
+    }
+
+    /// Second half of ALLOC/ATTACH: map a lease the pool granted into free slots. On failure
+    /// the caller gives the lease back to the pool.
+    pub fn install_lease(
+        &mut self,
+        lease: RegionLease,
+        capacity: u64,
+        owner: bool,
+        hotplugged: bool,
+    ) -> Result<Vec<Area>, Refusal> {
+        if self.regions.contains_key(&lease.token) {
+            return Err(Status::Err.into());
+        }
+        if lease.size == 0 || !lease.size.is_multiple_of(PAGE_SIZE) {
+            warn!(
+                "virtio-ism: pool lease {} has bad size {}",
+                lease.token, lease.size
+            );
+            return Err(Status::Err.into());
+        }
+        let plan = self.place(lease.size, capacity)?;
+        let token = lease.token;
+        self.install(lease, plan, owner, hotplugged)?;
+        Ok(self.areas(&self.regions[&token]))
     }
 
     /// Map a lease into the planned slots and record the region.
@@ -306,7 +278,7 @@ impl RegionTable {
     }
 
     /// Unmap a region and free its slots; the pool side is the caller's business.
-    fn uninstall(&mut self, token: Token) -> Option<Region> {
+    pub fn uninstall(&mut self, token: Token) -> Option<Region> {
         let region = self.regions.remove(&token)?;
         for area in self.areas(&region) {
             if let Err(e) = self.window.unmap(area.offset, area.size) {
@@ -317,28 +289,6 @@ impl RegionTable {
         IsmMetrics::sub(&self.metrics.regions_attached, 1);
         IsmMetrics::sub(&self.metrics.bytes_mapped, region.size);
         Some(region)
-    }
-
-    /// DETACH_REGION.
-    pub fn detach(&mut self, token: Token) -> Result<(), Refusal> {
-        self.uninstall(token).ok_or(Refusal::from(Status::NoEnt))?;
-        if let Err(e) = self.session.detach(token) {
-            warn!("virtio-ism: pool detach of {token} failed: {e}");
-        }
-        Ok(())
-    }
-
-    /// GRANT_SET_DEFAULT / GRANT_SET_FOR_DEVICE.
-    pub fn grant(&mut self, token: Token, target: GrantTarget, perms: u64) -> Result<(), Refusal> {
-        if perms & !perm::VIRTIO_ISM_PERM_ALL != 0 {
-            return Err(Status::Err.into());
-        }
-        if let GrantTarget::Device(DevId(0)) = target {
-            return Err(Status::Err.into());
-        }
-        self.session
-            .grant(token, target, Perms(perms))
-            .map_err(|e| Refusal::from(pool_status(&e)))
     }
 
     /// EVENT_VECTOR_SET.
@@ -370,31 +320,19 @@ impl RegionTable {
         flags
     }
 
-    /// Unmap and detach everything (device reset, shutdown).
-    pub fn release_all(&mut self) {
-        for token in self.tokens() {
-            let _ = self.detach(token);
+    /// Unmap everything and forget the driver (device reset, shutdown). Returns the tokens
+    /// the caller must give back to the pool.
+    pub fn uninstall_all(&mut self) -> Vec<Token> {
+        let tokens = self.tokens();
+        for token in &tokens {
+            self.uninstall(*token);
         }
         self.set_active(None, false);
+        tokens
     }
 
-    /// Host hot-unplug: drop the region and tell the driver it was revoked.
-    pub fn revoke(&mut self, token: Token) -> bool {
-        let Some(region) = self.uninstall(token) else {
-            return false;
-        };
-        if let Err(e) = self.session.detach(token) {
-            warn!("virtio-ism: pool detach of revoked {token} failed: {e}");
-        }
-        let subject = self.subject(&region);
-        self.post_event(EventType::Revoke, subject, 0);
-        true
-    }
-
-    /// Fold what the pool reports into the table; returns whether anything happened.
-    pub fn absorb_pool_events(&mut self) -> bool {
-        let events = self.session.take_events();
-        let had = !events.is_empty();
+    /// Fold what the pool reported into the table and queue the resulting events.
+    pub fn absorb(&mut self, events: Vec<PoolEvent>) {
         for event in events {
             match event {
                 PoolEvent::PeerAttached { token, peer } => {
@@ -426,7 +364,6 @@ impl RegionTable {
                 }
             }
         }
-        had
     }
 
     /// What an event says about a region.
@@ -511,6 +448,134 @@ impl RegionTable {
             true
         } else {
             false
+        }
+    }
+}
+
+/// The region table behind its lock, plus the pool session. Shared by the worker thread
+/// (control and event queues) and the VMM-facing handle (hotplug, doorbells, reset).
+///
+/// Pool calls (possibly IPC to a broker) are made without holding the table lock, so a
+/// doorbell or hotplug never waits for the broker; slots are chosen again under the lock once
+/// the pool answered.
+pub struct Regions {
+    table: Mutex<RegionTable>,
+    session: Arc<dyn PoolSession>,
+}
+
+impl Regions {
+    pub fn new(table: RegionTable, session: Arc<dyn PoolSession>) -> Self {
+        Self {
+            table: Mutex::new(table),
+            session,
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, RegionTable> {
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// ALLOC_REGION. `capacity` is how many areas the driver's reply buffer holds.
+    pub fn alloc(&self, size: u64, capacity: u64) -> Result<(Token, Vec<Area>), Refusal> {
+        let size = self.lock().check_alloc(size, capacity)?;
+        let lease = self.session.alloc(size).map_err(|e| {
+            debug!("virtio-ism: pool refused alloc of {size} bytes: {e}");
+            Refusal::from(pool_status(&e))
+        })?;
+        let token = lease.token;
+        let installed = self.lock().install_lease(lease, capacity, true, false);
+        if installed.is_err() {
+            self.give_back(token);
+        }
+        installed.map(|areas| (token, areas))
+    }
+
+    /// ATTACH_REGION (or a host hot-add when `hotplugged`). `rw_perm` keeps only READ/WRITE;
+    /// 0 means "whatever is granted".
+    pub fn attach(
+        &self,
+        token: Token,
+        rw_perm: u64,
+        capacity: u64,
+        hotplugged: bool,
+    ) -> Result<Vec<Area>, Refusal> {
+        if self.lock().region(token).is_some() {
+            return Err(Status::Err.into());
+        }
+        let want = Perms(rw_perm & (perm::VIRTIO_ISM_PERM_READ | perm::VIRTIO_ISM_PERM_WRITE));
+        let lease = self.session.attach(token, want).map_err(|e| {
+            debug!("virtio-ism: pool refused attach of {token}: {e}");
+            Refusal::from(pool_status(&e))
+        })?;
+        let installed = self
+            .lock()
+            .install_lease(lease, capacity, false, hotplugged);
+        if installed.is_err() {
+            self.give_back(token);
+        }
+        installed
+    }
+
+    /// DETACH_REGION.
+    pub fn detach(&self, token: Token) -> Result<(), Refusal> {
+        self.lock()
+            .uninstall(token)
+            .ok_or(Refusal::from(Status::NoEnt))?;
+        self.give_back(token);
+        Ok(())
+    }
+
+    fn give_back(&self, token: Token) {
+        if let Err(e) = self.session.detach(token) {
+            warn!("virtio-ism: pool detach of {token} failed: {e}");
+        }
+    }
+
+    /// GRANT_SET_DEFAULT / GRANT_SET_FOR_DEVICE: the pool checks ownership and MANAGE.
+    pub fn grant(&self, token: Token, target: GrantTarget, perms: u64) -> Result<(), Refusal> {
+        if perms & !perm::VIRTIO_ISM_PERM_ALL != 0 {
+            return Err(Status::Err.into());
+        }
+        if let GrantTarget::Device(DevId(0)) = target {
+            return Err(Status::Err.into());
+        }
+        self.session
+            .grant(token, target, Perms(perms))
+            .map_err(|e| Refusal::from(pool_status(&e)))
+    }
+
+    /// Unmap everything and give every region back (device reset, shutdown).
+    pub fn release_all(&self) {
+        let tokens = self.lock().uninstall_all();
+        for token in tokens {
+            self.give_back(token);
+        }
+    }
+
+    /// Host hot-unplug: drop the region, give it back and tell the driver it was revoked.
+    pub fn revoke(&self, token: Token) -> bool {
+        let removed = {
+            let mut table = self.lock();
+            let region = table.uninstall(token);
+            if let Some(region) = &region {
+                let subject = table.subject(region);
+                table.post_event(EventType::Revoke, subject, 0);
+            }
+            region.is_some()
+        };
+        if removed {
+            self.give_back(token);
+        }
+        removed
+    }
+
+    /// Take what the pool reported and fold it into the table.
+    pub fn absorb_pool_events(&self) {
+        let events = self.session.take_events();
+        if !events.is_empty() {
+            self.lock().absorb(events);
         }
     }
 }

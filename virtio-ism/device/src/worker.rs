@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use log::{debug, error};
 use virtio_device::{GuestMemoryHandle, VirtioInterrupt, VirtioInterruptType};
@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::ctrl::{MAX_CHAIN_DESCRIPTORS, serve_chain};
 use crate::metrics::IsmMetrics;
-use crate::regions::RegionTable;
+use crate::regions::Regions;
 
 /// Everything that can stop the worker.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,7 @@ pub struct IsmWorker {
     pub(crate) ctrl_queue: Queue,
     pub(crate) ctrl_evt: EventFd,
     pub(crate) event_queue: Option<(Queue, EventFd)>,
-    pub(crate) table: Arc<Mutex<RegionTable>>,
+    pub(crate) regions: Arc<Regions>,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     pub(crate) features: u64,
     pub(crate) metrics: Arc<IsmMetrics>,
@@ -61,12 +61,6 @@ pub struct IsmWorker {
     /// Signalled by `IsmHandle` when it queued events (hotplug, revoke).
     pub(crate) wake_evt: EventFd,
     pub(crate) pool_fd: Option<RawFd>,
-}
-
-fn lock(table: &Mutex<RegionTable>) -> MutexGuard<'_, RegionTable> {
-    table
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl IsmWorker {
@@ -79,7 +73,7 @@ impl IsmWorker {
             let (used, status) = serve_chain(
                 &mem,
                 chain.take(MAX_CHAIN_DESCRIPTORS + 1),
-                &self.table,
+                &self.regions,
                 self.features,
             );
             IsmMetrics::inc(&self.metrics.ctrl_commands);
@@ -111,7 +105,7 @@ impl IsmWorker {
         let mem = self.mem.memory();
         let mut used_any = false;
         loop {
-            let Some(event) = lock(&self.table).peek_event() else {
+            let Some(event) = self.regions.lock().peek_event() else {
                 break;
             };
             let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
@@ -122,7 +116,7 @@ impl IsmWorker {
             let written = write_event(&mem, chain.take(MAX_CHAIN_DESCRIPTORS + 1), &bytes);
             match written {
                 Some(len) => {
-                    lock(&self.table).pop_event(&event);
+                    self.regions.lock().pop_event(&event);
                     queue
                         .add_used(&*mem, head, len)
                         .map_err(WorkerError::AddUsed)?;
@@ -145,7 +139,7 @@ impl IsmWorker {
     /// Take what the pool reports (peer attach/detach, grant updates, revocations) and
     /// deliver the resulting events.
     pub fn process_pool_events(&mut self) -> Result<bool, WorkerError> {
-        lock(&self.table).absorb_pool_events();
+        self.regions.absorb_pool_events();
         self.process_event_queue()
     }
 
