@@ -130,6 +130,29 @@ pub fn int3_code() -> Vec<u8> {
     code
 }
 
+/// 32-bit code that reads dword 0 (vendor and device id) of PCI function 00:`dev`.0 through
+/// the 0xcf8/0xcfc ports and prints "MATCH\n" if it equals `expected`, else "NO\n", then
+/// powers off.
+pub fn pci_probe_code(dev: u8, expected: u32) -> Vec<u8> {
+    let address = 0x8000_0000u32 | (u32::from(dev) << 11);
+    let power_off = out_code(layout::ACPI_SLEEP_PORT, (5 << 2) | (1 << 5));
+    let mut code = vec![0x66, 0xba, 0xf8, 0x0c, 0xb8]; // mov dx, 0xcf8; mov eax, imm32
+    code.extend_from_slice(&address.to_le_bytes());
+    code.push(0xef); // out dx, eax
+    code.extend_from_slice(&[0x66, 0xba, 0xfc, 0x0c, 0xed]); // mov dx, 0xcfc; in eax, dx
+    code.push(0x3d); // cmp eax, imm32
+    code.extend_from_slice(&expected.to_le_bytes());
+    let mut found = print_code(b"MATCH\n");
+    found.extend(&power_off);
+    found.extend(halt_code());
+    code.extend_from_slice(&[0x75, found.len() as u8]); // jne not_found
+    code.extend(found);
+    code.extend(print_code(b"NO\n"));
+    code.extend(&power_off);
+    code.extend(halt_code());
+    code
+}
+
 pub fn write_temp(bytes: &[u8]) -> TempFile {
     let file = TempFile::new().unwrap();
     file.as_file().write_all(bytes).unwrap();

@@ -16,12 +16,14 @@ use crate::acpi::{AcpiError, AcpiInputs, create_acpi_tables};
 use crate::boot::{self, BootEntry, BootError, BootInputs};
 use crate::bus::{BusError, IoBuses};
 use crate::config::{SerialMode, VmConfig};
+use crate::devices::virtio_rng::{RngError, VirtioRng};
 use crate::exit::{ExitEvent, ExitNotifier};
 use crate::layout;
 use crate::legacy::cmos::Cmos;
 use crate::legacy::power::{AcpiPowerPort, I8042ResetPort, ResetRequested};
 use crate::legacy::serial::{self, EventFdTrigger, SerialDevice};
 use crate::memory::{self, MemoryError};
+use crate::pci::{PciError, PciManager};
 use crate::terminal::RawTerminal;
 use crate::vstate::pvm;
 use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuError, VcpuShared};
@@ -59,8 +61,10 @@ pub enum VmmError {
     RawTerminal(#[source] std::io::Error),
     #[error("Failed to place device {0} on the I/O bus")]
     Bus(&'static str, #[source] BusError),
-    #[error("--rng needs the virtio-pci transport, which is not built into this VMM yet")]
-    PciUnavailable,
+    #[error("Failed to set up PCI")]
+    Pci(#[source] PciError),
+    #[error("Failed to create the virtio-rng device")]
+    Rng(#[source] RngError),
 }
 
 /// vCPU threads are kicked out of KVM_RUN with this real-time signal at teardown.
@@ -102,7 +106,7 @@ pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
 
     add_platform_devices(&buses, &exit, &reset)?;
     let serial = add_serial_device(&vm, &buses, &config.serial.mode)?;
-    add_pci_devices(&vm, &guest_memory, &buses, config)?;
+    let pci = add_pci_devices(&vm, &guest_memory, &buses, config)?;
 
     let ram_end = memory::ram_end(config.memory.size);
     let rsdp_addr = create_acpi_tables(
@@ -147,7 +151,8 @@ pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
         .recv()
         .unwrap_or_else(|_| ExitEvent::Error("All vCPUs stopped without a reason".into()));
     teardown(running);
-    // Keep guest memory mapped until no vCPU can touch it.
+    // Devices go first (their workers stop), then guest memory, which nothing touches now.
+    drop(pci);
     drop(guest_memory);
     Ok(event)
 }
@@ -221,19 +226,36 @@ fn add_serial_device(
     Ok(Some(dev))
 }
 
-/// PCI and virtio devices.
-// PCI CALL SITE: helper "pci" provides `pci::PciManager` and `devices::virtio_rng`; until
-// that lands, `--rng` is refused with a clear error instead of being ignored.
+/// The PCI root complex and the virtio devices on it. The host bridge is always there (as in
+/// cloud-hypervisor); each virtio option adds a device.
 fn add_pci_devices(
-    _vm: &Vm,
-    _mem: &GuestMemoryAtomic<GuestMemoryMmap>,
-    _buses: &Arc<IoBuses>,
+    vm: &Vm,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    buses: &Arc<IoBuses>,
     config: &VmConfig,
-) -> Result<(), VmmError> {
-    if config.rng.is_some() {
-        return Err(VmmError::PciUnavailable);
+) -> Result<PciManager, VmmError> {
+    let ram_end = memory::ram_end(config.memory.size);
+    let mut pci = PciManager::new(
+        vm.fd().clone(),
+        mem.clone(),
+        buses.clone(),
+        layout::mmio64_start(ram_end),
+    )
+    .map_err(VmmError::Pci)?;
+    if let Some(rng) = &config.rng {
+        let id = rng.id.clone().unwrap_or_else(|| "_rng0".to_owned());
+        let dev = VirtioRng::new(&rng.src).map_err(VmmError::Rng)?;
+        let info = pci
+            .add_virtio_device(&id, Arc::new(Mutex::new(dev)))
+            .map_err(VmmError::Pci)?;
+        log::info!(
+            "virtio-rng {} at {} (source {})",
+            info.id,
+            info.bdf,
+            rng.src.display()
+        );
     }
-    Ok(())
+    Ok(pci)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -335,10 +357,17 @@ mod tests {
     }
 
     fn boot_with(code: Vec<u8>, pvm: PvmMode) -> (Result<ExitEvent, VmmError>, String) {
+        boot_config(code, |c| c.platform.pvm = pvm)
+    }
+
+    fn boot_config(
+        code: Vec<u8>,
+        edit: impl FnOnce(&mut VmConfig),
+    ) -> (Result<ExitEvent, VmmError>, String) {
         let kernel = write_temp(&pvh_elf(&code));
         let serial = vmm_sys_util::tempfile::TempFile::new().unwrap();
         let mut config = config_for(kernel.as_path(), serial.as_path());
-        config.platform.pvm = pvm;
+        edit(&mut config);
         let result = run(&config);
         let output = std::fs::read_to_string(serial.as_path()).unwrap();
         (result, output)
@@ -401,6 +430,31 @@ mod tests {
             }
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn test_guest_sees_virtio_rng_in_pci_config_space_only_with_rng() {
+        if !kvm_available() {
+            return;
+        }
+        // Red Hat vendor id, modern virtio-rng device id (0x1040 + 4), slot 1 after the host
+        // bridge.
+        let rng_id = 0x1044_1af4;
+        let with_rng = |c: &mut VmConfig| {
+            c.rng = Some(crate::config::RngConfig {
+                src: "/dev/urandom".into(),
+                id: None,
+            })
+        };
+        let (result, output) = boot_config(pci_probe_code(1, rng_id), with_rng);
+        assert_eq!(result.unwrap(), ExitEvent::Shutdown("ACPI S5"));
+        assert_eq!(output, "MATCH\n");
+        let (result, output) = boot_config(pci_probe_code(1, rng_id), |_| {});
+        assert_eq!(result.unwrap(), ExitEvent::Shutdown("ACPI S5"));
+        assert_eq!(output, "NO\n");
+        // An empty slot reads as all-ones.
+        let (_, output) = boot_config(pci_probe_code(9, 0xffff_ffff), |_| {});
+        assert_eq!(output, "MATCH\n");
     }
 
     #[test]
