@@ -3,8 +3,6 @@
 
 mod acpi;
 mod boot;
-// Parts of the bus and layout API serve the PCI code only.
-#[allow(dead_code)]
 mod bus;
 mod config;
 // Wired by vmm.rs once it creates the PCI root; until then parts are only used by tests.
@@ -13,7 +11,6 @@ mod devices;
 mod exit;
 #[allow(dead_code)]
 mod interrupt;
-#[allow(dead_code)]
 mod layout;
 mod legacy;
 mod memory;
