@@ -1,0 +1,254 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The tests the guest can run, selected by `ism.test=<name>`.
+
+use ism_guest_driver::pci::{
+    self, ConfigAccess, EcamConfig, MSIX_CAP_ID, MsixCapability, PciAddress, PciFunction,
+    PortConfig, regs, x86_msi_address,
+};
+use ism_guest_driver::virtio::rng::VirtioRng;
+use ism_guest_driver::virtio::{
+    NO_VECTOR, VirtioPciDevice, device_type, find_virtio_caps, modern_device_type,
+};
+
+use crate::acpi::{self, Acpi};
+use crate::platform::GuestPlatform;
+use crate::{apic, boot};
+
+/// Interrupt vector the virtio-rng queue's MSI-X entry sends.
+const RNG_VECTOR: u8 = 0x41;
+
+/// What every test may use.
+pub struct Context<'a> {
+    pub platform: &'a GuestPlatform,
+    pub acpi: &'a Acpi,
+    pub apic_id: u8,
+}
+
+/// Run test `name`; true if it passed.
+pub fn run(name: &str, ctx: &Context<'_>) -> bool {
+    match name {
+        "boot" => true,
+        "pci" => pci_list(ctx),
+        "rng" => rng(ctx),
+        "irq" => timer_interrupts(),
+        "reboot" => reboot(ctx),
+        "panic" => panic!("requested by ism.test=panic"),
+        "fault" => {
+            // SAFETY: ud2 raises #UD, which the fault path reports; nothing after it runs.
+            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+            false
+        }
+        "pagefault" => {
+            // 128 GiB: above RAM and the PCI windows, not mapped by the boot page tables.
+            let unmapped = 0x20_0000_0000usize as *const u64;
+            // SAFETY: deliberately faults (#PF) to exercise the fault path; nothing after runs.
+            let value = unsafe { unmapped.read_volatile() };
+            report!("pagefault=missed value={value}");
+            false
+        }
+        other => {
+            report!("error=unknown_test name={other}");
+            false
+        }
+    }
+}
+
+/// Config access through ECAM when MCFG describes it, else ports 0xcf8/0xcfc.
+enum AnyConfig<'p> {
+    Ecam(EcamConfig<'p, GuestPlatform>),
+    Ports(PortConfig<'p, GuestPlatform>),
+}
+
+impl ConfigAccess for AnyConfig<'_> {
+    fn read_u32(&self, addr: PciAddress, offset: u16) -> u32 {
+        match self {
+            AnyConfig::Ecam(c) => c.read_u32(addr, offset),
+            AnyConfig::Ports(c) => c.read_u32(addr, offset),
+        }
+    }
+    fn write_u32(&self, addr: PciAddress, offset: u16, value: u32) {
+        match self {
+            AnyConfig::Ecam(c) => c.write_u32(addr, offset, value),
+            AnyConfig::Ports(c) => c.write_u32(addr, offset, value),
+        }
+    }
+    fn write_u16(&self, addr: PciAddress, offset: u16, value: u16) {
+        match self {
+            AnyConfig::Ecam(c) => c.write_u16(addr, offset, value),
+            AnyConfig::Ports(c) => c.write_u16(addr, offset, value),
+        }
+    }
+}
+
+fn config<'p>(ctx: &Context<'p>) -> (AnyConfig<'p>, u8, u8) {
+    use ism_guest_driver::Platform as _;
+    match ctx.acpi.ecam {
+        Some(e)
+            if ctx.platform.mmio_allowed(
+                e.base,
+                (u64::from(e.end_bus) + 1 - u64::from(e.start_bus)) << 20,
+            ) =>
+        {
+            // SAFETY: the window comes from the MCFG table and lies in the MMIO window.
+            let ecam = unsafe { EcamConfig::new(ctx.platform, e.base, e.start_bus, e.end_bus) };
+            (AnyConfig::Ecam(ecam), e.start_bus, e.end_bus)
+        }
+        _ => (AnyConfig::Ports(PortConfig::new(ctx.platform)), 0, 0),
+    }
+}
+
+fn pci_list(ctx: &Context<'_>) -> bool {
+    let (config, start, end) = config(ctx);
+    report!(
+        "pci_access={}",
+        if matches!(config, AnyConfig::Ecam(_)) {
+            "ecam"
+        } else {
+            "ports"
+        }
+    );
+    let mut count = 0;
+    for f in pci::enumerate(&config, start, end) {
+        report!(
+            "pci={} vendor={:04x} device={:04x} class={:06x}",
+            f.address,
+            f.vendor_id,
+            f.device_id,
+            f.class
+        );
+        count += 1;
+    }
+    report!("pci_functions={count}");
+    count > 0
+}
+
+fn find_virtio(config: &AnyConfig<'_>, start: u8, end: u8, kind: u16) -> Option<PciFunction> {
+    pci::enumerate(config, start, end)
+        .find(|f| modern_device_type(f.vendor_id, f.device_id) == Some(kind))
+}
+
+fn rng(ctx: &Context<'_>) -> bool {
+    let (config, start, end) = config(ctx);
+    let Some(function) = find_virtio(&config, start, end, device_type::RNG) else {
+        report!("error=no_virtio_rng");
+        return false;
+    };
+    let addr = function.address;
+    report!("rng_device={addr}");
+    let bars = match pci::read_bars(&config, addr) {
+        Ok(bars) => bars,
+        Err(e) => {
+            report!("error=bars detail=\"{e}\"");
+            return false;
+        }
+    };
+    pci::enable_command_bits(
+        &config,
+        addr,
+        regs::COMMAND_MEMORY | regs::COMMAND_BUS_MASTER | regs::COMMAND_INTX_DISABLE,
+    );
+    let caps = match find_virtio_caps(&config, addr, &bars) {
+        Ok(caps) => caps,
+        Err(e) => {
+            report!("error=virtio_caps detail=\"{e}\"");
+            return false;
+        }
+    };
+    // SAFETY: caps were validated against this function's BARs, decoding is on.
+    let device = match unsafe { VirtioPciDevice::new(ctx.platform, caps) } {
+        Ok(d) => d,
+        Err(e) => {
+            report!("error=virtio_map detail=\"{e}\"");
+            return false;
+        }
+    };
+
+    let msix = pci::CapabilityIter::new(&config, addr)
+        .find(|c| c.id == MSIX_CAP_ID)
+        .and_then(|c| MsixCapability::parse(&config, addr, c));
+    let mut vector = NO_VECTOR;
+    if let Some(msix) = msix {
+        // SAFETY: the BARs are this function's, decoding is on.
+        match unsafe { msix.map_table(ctx.platform, &bars) } {
+            Ok(table) => match table.program(0, x86_msi_address(ctx.apic_id), RNG_VECTOR.into()) {
+                Ok(()) => {
+                    msix.enable(&config, addr);
+                    vector = 0;
+                }
+                Err(e) => report!("warn=msix_program detail=\"{e}\""),
+            },
+            Err(e) => report!("warn=msix_table detail=\"{e}\""),
+        }
+    }
+    report!("rng_msix={}", vector != NO_VECTOR);
+
+    let mut rng = match VirtioRng::new(ctx.platform, device, vector) {
+        Ok(rng) => rng,
+        Err(e) => {
+            report!("error=rng_init detail=\"{e}\"");
+            return false;
+        }
+    };
+    let mut first = [0u8; 64];
+    let mut second = [0u8; 64];
+    let (n1, n2) = match (
+        rng.read(&mut first, 10_000_000),
+        rng.read(&mut second, 10_000_000),
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            report!("error=rng_read detail=\"{e}\"");
+            return false;
+        }
+    };
+    let distinct = distinct_bytes(&first[..n1]);
+    let differ = first[..n1] != second[..n2];
+    // The MSI follows the used-ring update; give it a moment to land.
+    for _ in 0..1_000_000 {
+        if boot::irq_count(RNG_VECTOR) > 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    report!(
+        "rng_bytes={n1} rng_bytes2={n2} rng_distinct={distinct} rng_reads_differ={differ} rng_irqs={} dma_used={}",
+        boot::irq_count(RNG_VECTOR),
+        ctx.platform.dma_used()
+    );
+    n1 > 0 && n2 > 0 && distinct > 1 && differ
+}
+
+fn distinct_bytes(bytes: &[u8]) -> u32 {
+    let mut seen = [false; 256];
+    for b in bytes {
+        seen[usize::from(*b)] = true;
+    }
+    seen.iter().filter(|s| **s).count() as u32
+}
+
+fn timer_interrupts() -> bool {
+    const TICKS: u64 = 10;
+    // About 1 ms per tick at KVM's 1 GHz APIC bus; the count only needs to be reached.
+    apic::start_periodic_timer(1_000_000);
+    let before = boot::irq_count(apic::TIMER_VECTOR);
+    let mut waits = 0u64;
+    while boot::irq_count(apic::TIMER_VECTOR) - before < TICKS && waits < 10 * TICKS {
+        boot::idle();
+        waits += 1;
+    }
+    apic::stop_timer();
+    let ticks = boot::irq_count(apic::TIMER_VECTOR) - before;
+    report!("timer_irqs={ticks} idles={waits}");
+    ticks >= TICKS
+}
+
+fn reboot(ctx: &Context<'_>) -> bool {
+    report!("reboot=acpi");
+    ctx.acpi.reset();
+    crate::settle();
+    report!("reboot=i8042");
+    acpi::i8042_reset();
+    crate::settle();
+    report!("error=reboot_ignored");
+    false
+}
