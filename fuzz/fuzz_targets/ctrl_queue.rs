@@ -13,6 +13,7 @@
 //!     ctl bit 5: let the peer attach/detach every region the device holds, then process
 //!                pool events
 //!     ctl bit 6: ring the doorbell at the first descriptor's offset and deliver a kick
+//!     ctl bit 7: host hotplug: add the peer's region to the device, or remove it if held
 //!     flags bit 7: keep flags and next exactly as given (next = offset & 0xf) instead of
 //!                  linking the descriptors in order: loops, indirect tables, dangling links.
 #![no_main]
@@ -252,6 +253,14 @@ fuzz_target!(|input: &[u8]| {
                 }
             }
             worker.process_pool_events().unwrap();
+        }
+        if ctl & 0x80 != 0 {
+            if handle.regions().contains(&peer_lease.token) {
+                handle.remove_region(peer_lease.token);
+            } else {
+                let _ = handle.add_region(peer_lease.token, Perms::NONE);
+            }
+            worker.process_event_queue().unwrap();
         }
         if ctl & 0x40 != 0 {
             let offset = descs.first().map_or(0, |d| u64::from(d.1));

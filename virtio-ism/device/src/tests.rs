@@ -1353,3 +1353,66 @@ fn test_activation_needs_the_control_queue() {
     });
     assert!(err.is_err());
 }
+
+#[test]
+fn test_descriptor_cap_applies_to_indirect_tables() {
+    const VRING_DESC_F_INDIRECT: u16 = 4;
+    let pool = pool();
+    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let table = DATA_BASE + 0x4000;
+    let request = DATA_BASE;
+    let replies = DATA_BASE + 0x5000;
+    let mut req = [0u8; 10];
+    Request::Alloc(AllocRequest { size: CHUNK })
+        .encode(&mut req)
+        .unwrap();
+    vm.mem.write_slice(&req, GuestAddress(request)).unwrap();
+    vm.mem
+        .write_slice(&[0xaa; 64], GuestAddress(replies))
+        .unwrap();
+    // An indirect table of `n` descriptors: the request, then n - 1 reply slots of 8 bytes.
+    let submit_indirect = |vm: &mut TestVm, n: u16| {
+        for i in 0..n {
+            let (addr, len, write) = if i == 0 {
+                (request, 10, 0)
+            } else {
+                (replies + 8 * u64::from(i - 1), 8, VRING_DESC_F_WRITE)
+            };
+            let flags = write | if i + 1 < n { VRING_DESC_F_NEXT } else { 0 };
+            let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, i + 1));
+            vm.mem
+                .write_obj(desc, GuestAddress(table + 16 * u64::from(i)))
+                .unwrap();
+        }
+        let head = vm.ctrl.next_head(1);
+        let desc_addr = vm
+            .ctrl
+            .mock
+            .desc_table_addr()
+            .unchecked_add(16 * u64::from(head));
+        vm.ctrl.submit(&[(table, 16 * u32::from(n), false)]);
+        // Turn the head into an indirect descriptor.
+        let indirect = RawDescriptor::from(SplitDescriptor::new(
+            table,
+            16 * u32::from(n),
+            VRING_DESC_F_INDIRECT,
+            0,
+        ));
+        vm.mem.write_obj(indirect, desc_addr).unwrap();
+        vm.worker.process_ctrl_queue().unwrap();
+        let used = vm.ctrl.pop_used(vm.mem).unwrap().1;
+        let mut status = [0u8];
+        vm.mem
+            .read_slice(&mut status, GuestAddress(replies))
+            .unwrap();
+        (used, status[0])
+    };
+    // 32 descriptors is the cap: served.
+    assert_eq!(submit_indirect(&mut vm, 32), (1 + 16 + 16, 0));
+    // 40 descriptors: refused with ERR in the first writable buffer, nothing allocated.
+    vm.mem
+        .write_slice(&[0xaa; 64], GuestAddress(replies))
+        .unwrap();
+    assert_eq!(submit_indirect(&mut vm, 40), (1, 255));
+    assert_eq!(vm.counter("regions_attached"), 1);
+}

@@ -40,7 +40,46 @@ impl WireStruct for CtrlHeader {
     }
 }
 
-/// Every control command this crate knows, decoded from the header.
+/// Control classes (the header's first byte).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtrlClass {
+    Alloc,
+    Attach,
+    Detach,
+    Grant,
+    EventVector,
+    /// Extension, needs VIRTIO_ISM_F_QUERY.
+    Query,
+    Unknown(u8),
+}
+
+impl CtrlClass {
+    pub fn from_raw(raw: u8) -> Self {
+        match raw {
+            c::VIRTIO_ISM_CTRL_ALLOC => Self::Alloc,
+            c::VIRTIO_ISM_CTRL_ATTACH => Self::Attach,
+            c::VIRTIO_ISM_CTRL_DETACH => Self::Detach,
+            c::VIRTIO_ISM_CTRL_GRANT => Self::Grant,
+            c::VIRTIO_ISM_CTRL_EVENT_VECTOR => Self::EventVector,
+            c::VIRTIO_ISM_CTRL_QUERY => Self::Query,
+            other => Self::Unknown(other),
+        }
+    }
+
+    pub fn raw(self) -> u8 {
+        match self {
+            Self::Alloc => c::VIRTIO_ISM_CTRL_ALLOC,
+            Self::Attach => c::VIRTIO_ISM_CTRL_ATTACH,
+            Self::Detach => c::VIRTIO_ISM_CTRL_DETACH,
+            Self::Grant => c::VIRTIO_ISM_CTRL_GRANT,
+            Self::EventVector => c::VIRTIO_ISM_CTRL_EVENT_VECTOR,
+            Self::Query => c::VIRTIO_ISM_CTRL_QUERY,
+            Self::Unknown(raw) => raw,
+        }
+    }
+}
+
+/// Every control command this crate knows, decoded from the header (class + cmd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
     AllocRegion,
@@ -78,6 +117,10 @@ impl Command {
             (c::VIRTIO_ISM_CTRL_QUERY, c::VIRTIO_ISM_CTRL_QUERY_REGION) => Self::QueryRegion,
             (class, cmd) => Self::Unknown { class, cmd },
         }
+    }
+
+    pub fn class(self) -> CtrlClass {
+        CtrlClass::from_raw(self.header().class)
     }
 
     pub fn header(self) -> CtrlHeader {

@@ -16,8 +16,8 @@ pub mod wire;
 
 pub use config::ConfigSpace;
 pub use ctrl::{
-    AllocReplyHeader, AllocRequest, Area, AttachReplyHeader, AttachRequest, Command, CtrlHeader,
-    DetachRequest, EventVectorRequest, GrantDefaultRequest, GrantDeviceRequest,
+    AllocReplyHeader, AllocRequest, Area, AttachReplyHeader, AttachRequest, Command, CtrlClass,
+    CtrlHeader, DetachRequest, EventVectorRequest, GrantDefaultRequest, GrantDeviceRequest,
     QueryListReplyHeader, QueryRegionReplyHeader, QueryRegionRequest, Request, Status,
 };
 pub use event::{Event, EventType};
@@ -214,6 +214,12 @@ mod tests {
             Command::from_header(Command::QueryRegion.header()),
             Command::QueryRegion
         );
+        assert_eq!(Command::GrantSetForDevice.class(), CtrlClass::Grant);
+        assert_eq!(CtrlClass::from_raw(200), CtrlClass::Unknown(200));
+        for raw in 0..=5 {
+            assert_eq!(CtrlClass::from_raw(raw).raw(), raw);
+            assert_ne!(CtrlClass::from_raw(raw), CtrlClass::Unknown(raw));
+        }
         assert_eq!(
             Command::QueryList.required_feature(),
             Some(defs::features::VIRTIO_ISM_F_QUERY)
