@@ -1,3 +1,23 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Helpers for the integration tests: locate ism-vmm and the test guest, run a VM with a hard
-//! timeout, and parse the guest's `ISM-TEST key=value` serial lines.
+//! Helpers for the integration tests: find ism-vmm and the test guest, run a VM under a hard
+//! timeout (killing it on failure), and read the guest's `ISM-TEST key=value` serial lines.
+
+pub mod report;
+pub mod vm;
+
+pub use report::GuestReport;
+pub use vm::{VmOutcome, VmRun, kvm_available, test_guest, vmm_binary};
+
+/// Return early from a test, with one loud line, when /dev/kvm is missing.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::kvm_available() {
+            eprintln!(
+                "SKIPPED: /dev/kvm missing or not accessible; {} needs KVM",
+                module_path!()
+            );
+            return;
+        }
+    };
+}

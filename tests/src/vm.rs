@@ -1,0 +1,254 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Running ism-vmm under a hard timeout.
+
+use std::io::Read;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::report::{GuestReport, PREFIX};
+
+/// Default hard limit for one VM.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether /dev/kvm exists and can be opened read-write.
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// The freestanding test guest built by build.rs.
+pub fn test_guest() -> PathBuf {
+    PathBuf::from(env!("ISM_TEST_GUEST"))
+}
+
+/// The ism-vmm binary: `$ISM_VMM`, else `ism-vmm` in the profile dir of this test executable
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/ism-vmm`). Panics, saying how to build
+/// it, when missing.
+pub fn vmm_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ISM_VMM") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("ism-vmm"))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "ism-vmm not found (looked at {candidates:?}). Build it first: \
+                 `cargo build -p ism-vmm` (with the same profile), or run \
+                 `cargo test --workspace`, or set ISM_VMM=/path/to/ism-vmm"
+            )
+        })
+}
+
+/// What a finished (or killed) VM left behind.
+#[derive(Debug)]
+pub struct VmOutcome {
+    /// Exit status; `None` if it was killed at the timeout.
+    pub status: Option<ExitStatus>,
+    /// Serial console (the VMM's stdout).
+    pub stdout: String,
+    /// The VMM's log and errors.
+    pub stderr: String,
+    /// Parsed `ISM-TEST` lines.
+    pub report: GuestReport,
+    /// From spawn to exit (or kill).
+    pub elapsed: Duration,
+    /// From spawn to the first complete `ISM-TEST` line on the serial console.
+    pub first_line: Option<Duration>,
+    /// Peak resident set size of the VMM in KiB (wait4 rusage).
+    pub peak_rss_kib: u64,
+}
+
+impl VmOutcome {
+    /// The process exit code, if it exited normally.
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    /// Everything a failed assertion should show.
+    pub fn describe(&self) -> String {
+        format!(
+            "status={:?} elapsed={:?}\n--- serial ---\n{}\n--- stderr ---\n{}",
+            self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Kills the VMM's process group unless it was reaped.
+struct ChildGuard {
+    child: Child,
+    reaped: bool,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let pid = self.child.id() as libc::pid_t;
+            // SAFETY: kill(2) with the process group we created for this child (it is its own
+            // group leader and not yet reaped, so the id is still ours).
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A VM to run: ism-vmm arguments plus a timeout.
+pub struct VmRun {
+    args: Vec<String>,
+    timeout: Duration,
+}
+
+impl VmRun {
+    /// Boot the test guest with `ism.test=<test>`, 1 vCPU, 128 MiB, serial on stdout.
+    pub fn guest_test(test: &str) -> Self {
+        Self {
+            args: vec![
+                "--kernel".into(),
+                test_guest().display().to_string(),
+                "--cmdline".into(),
+                format!("ism.test={test}"),
+                "--cpus".into(),
+                "boot=1".into(),
+                "--memory".into(),
+                "size=128M".into(),
+                "--serial".into(),
+                "tty".into(),
+            ],
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Arbitrary ism-vmm arguments.
+    pub fn with_args<I: IntoIterator<Item = S>, S: Into<String>>(args: I) -> Self {
+        Self {
+            args: args.into_iter().map(Into::into).collect(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Replace the value of option `--name` (or append the option).
+    pub fn set(mut self, name: &str, value: &str) -> Self {
+        let flag = format!("--{name}");
+        match self.args.iter().position(|a| *a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.into(),
+            _ => {
+                self.args.push(flag);
+                self.args.push(value.into());
+            }
+        }
+        self
+    }
+
+    /// Change the hard timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Run to completion or the timeout (then the VMM is killed and `status` is None).
+    pub fn run(&self) -> VmOutcome {
+        let start = Instant::now();
+        let child = Command::new(vmm_binary())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("Failed to start {}: {e}", vmm_binary().display()));
+        let mut guard = ChildGuard {
+            child,
+            reaped: false,
+        };
+        let pid = guard.child.id() as libc::pid_t;
+
+        let (first_tx, first_rx) = mpsc::channel();
+        let stdout = guard.child.stdout.take().expect("piped");
+        let stdout_reader = thread::spawn(move || read_serial(stdout, start, first_tx));
+        let mut stderr = guard.child.stderr.take().expect("piped");
+        let stderr_reader = thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = stderr.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        });
+
+        let mut status = None;
+        let mut peak_rss_kib = 0;
+        while start.elapsed() < self.timeout {
+            let mut raw = 0;
+            // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: wait4 on our own child, with valid pointers to locals.
+            let r = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, &mut usage) };
+            if r == pid {
+                guard.reaped = true;
+                status = Some(ExitStatus::from_raw(raw));
+                peak_rss_kib = usage.ru_maxrss as u64;
+                break;
+            }
+            if r < 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        let elapsed = start.elapsed();
+        // Kill (on timeout) before joining the readers, so their pipes close.
+        drop(guard);
+        let stdout = stdout_reader.join().unwrap_or_default();
+        let stderr = stderr_reader.join().unwrap_or_default();
+        VmOutcome {
+            status,
+            report: GuestReport::parse(&stdout),
+            stdout,
+            stderr,
+            elapsed,
+            first_line: first_rx.try_recv().ok(),
+            peak_rss_kib,
+        }
+    }
+}
+
+/// Read the serial console to EOF, noting when the first complete report line arrived.
+fn read_serial(
+    mut stdout: impl Read,
+    start: Instant,
+    first_line: mpsc::Sender<Duration>,
+) -> String {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut seen_first = false;
+    loop {
+        match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                text.extend_from_slice(&buf[..n]);
+                if !seen_first {
+                    let so_far = String::from_utf8_lossy(&text);
+                    if so_far
+                        .find(PREFIX)
+                        .is_some_and(|at| so_far[at..].contains('\n'))
+                    {
+                        seen_first = true;
+                        let _ = first_line.send(start.elapsed());
+                    }
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
