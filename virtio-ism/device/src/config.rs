@@ -33,6 +33,8 @@ pub enum ConfigError {
     TooManyChunks(u64),
     #[error("Notify size {0} is not a power of two in 1..=4096")]
     NotifySize(u64),
+    #[error("Window size {0} is not a power of two")]
+    WindowSize(u64),
     #[error("Shared-memory window size overflows")]
     WindowOverflow,
 }
@@ -55,6 +57,29 @@ pub struct WindowLayout {
 }
 
 impl IsmConfig {
+    /// The largest configuration whose whole window (shmid 1 + shmid 2) fits in
+    /// `window_size` bytes, for a VMM that budgets the BAR first.
+    pub fn for_window(
+        window_size: u64,
+        chunk_size: u64,
+        notify_size: u64,
+    ) -> Result<Self, ConfigError> {
+        if !window_size.is_power_of_two() {
+            return Err(ConfigError::WindowSize(window_size));
+        }
+        let per_chunk = chunk_size
+            .checked_add(notify_size)
+            .ok_or(ConfigError::WindowOverflow)?;
+        let chunks = (window_size / per_chunk.max(1)).min(MAX_CHUNKS);
+        let config = Self {
+            shm_size: chunks * chunk_size,
+            chunk_size,
+            notify_size,
+        };
+        config.layout()?;
+        Ok(config)
+    }
+
     /// Check the configuration and lay out the window.
     pub fn layout(&self) -> Result<WindowLayout, ConfigError> {
         if !self.chunk_size.is_power_of_two() || self.chunk_size < MIN_CHUNK_SIZE {
@@ -108,6 +133,20 @@ mod tests {
         assert_eq!(layout.notify_offset, 64 << 20);
         assert_eq!(layout.notify_len, 256);
         assert_eq!(layout.window_size, 128 << 20);
+    }
+
+    #[test]
+    fn test_for_window_fits_regions_and_notify_area_in_the_window() {
+        let config = IsmConfig::for_window(1 << 20, 64 << 10, 4).unwrap();
+        assert_eq!(config.shm_size, 15 * (64 << 10));
+        let layout = config.layout().unwrap();
+        assert_eq!(layout.window_size, 1 << 20);
+        assert!(layout.notify_offset + layout.notify_len <= layout.window_size);
+        // A window of exactly chunks * chunk_size leaves no room for the last chunk's slot.
+        let config = IsmConfig::for_window(1 << 30, 1 << 20, 1).unwrap();
+        assert_eq!(config.shm_size, 1023 << 20);
+        assert!(IsmConfig::for_window(3 << 20, 1 << 20, 1).is_err());
+        assert!(IsmConfig::for_window(32 << 10, 64 << 10, 4).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! chain's device-writable buffers.
 
 use ism_pool::{DevId, GrantTarget, Token};
+use log::debug;
 use virtio_ism_proto::ctrl::{REPLY_OFFSET, reply_capacity};
 use virtio_ism_proto::defs::features::bit;
 use virtio_ism_proto::{
@@ -313,7 +314,10 @@ where
         // Guest memory is not touched while the request runs: it was copied out above and
         // the reply is written below.
         Ok(request) => execute(regions, request, chain.writable_len()),
-        Err(_) => Response::status(Status::Err),
+        Err(fault) => {
+            debug!("virtio-ism: refusing control request: {fault:?}");
+            Response::status(Status::Err)
+        }
     };
     let used = chain.write_reply(mem, response.bytes());
     (used, Some(response.status_byte()))

@@ -421,7 +421,7 @@ pub fn reply_capacity(writable_len: u64, header_size: usize, entry_size: usize) 
 
 /// The device-writable buffer size a driver must give to receive `entries` entries after a
 /// header of `header_size` bytes (status byte included).
-pub fn reply_len(header_size: usize, entry_size: usize, entries: usize) -> usize {
+pub const fn reply_len(header_size: usize, entry_size: usize, entries: usize) -> usize {
     REPLY_OFFSET + header_size + entry_size * entries
 }
 

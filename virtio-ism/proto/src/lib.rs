@@ -6,6 +6,35 @@
 //! specification; this crate is its typed form. Every structure is little-endian and encoded
 //! explicitly through [`wire::WireStruct`] (`decode`/`encode`), with its field offsets named as
 //! associated constants.
+//!
+//! A driver allocating a region:
+//!
+//! ```
+//! use virtio_ism_proto::ctrl::{decode_areas, reply_len};
+//! use virtio_ism_proto::{AllocReplyHeader, AllocRequest, Area, Request, Status, WireStruct};
+//!
+//! // Device-readable part of the chain.
+//! let mut out = [0u8; 16];
+//! let n = Request::Alloc(AllocRequest { size: 1 << 20 }).encode(&mut out).unwrap();
+//! assert_eq!(&out[..2], &[0, 0]); // class ALLOC, cmd ALLOC_REGION
+//!
+//! // Device-writable part: status + reply with room for 4 areas.
+//! let mut reply = [0u8; reply_len(AllocReplyHeader::SIZE, Area::SIZE, 4)];
+//! # // What a device would write back:
+//! # reply[0] = 0;
+//! # AllocReplyHeader { token: 0x1234, num: 1 }.encode(&mut reply[1..]).unwrap();
+//! # Area { offset: 0, size: 1 << 20 }.encode(&mut reply[17..]).unwrap();
+//! match Status::from_raw(reply[0]) {
+//!     Status::Ok => {
+//!         let header = AllocReplyHeader::decode(&reply[1..]).unwrap();
+//!         let areas = decode_areas(&reply[1 + AllocReplyHeader::SIZE..], header.num).unwrap();
+//!         assert_eq!(areas.map(|a| a.size).sum::<u64>(), 1 << 20);
+//!     }
+//!     Status::TooBig => { /* retry with room for AllocReplyHeader::num areas */ }
+//!     other => panic!("alloc failed: {other:?}"),
+//! }
+//! # let _ = n;
+//! ```
 #![no_std]
 
 pub mod config;
