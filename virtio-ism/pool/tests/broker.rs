@@ -1,0 +1,761 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The broker with several client processes: a real `ism-pool` daemon, and clients that
+//! are this test binary re-run as a child (`client_process`), driven line by line over its
+//! stdin/stdout.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ism_pool::client::{BrokerSession, query_status};
+use ism_pool::wire::{self, MAX_MESSAGE_LEN, Reply, Request, Role};
+use ism_pool::{GrantTarget, Perms, PoolSession, RegionLease, Token, seqpacket};
+
+const CHILD_SOCKET_ENV: &str = "ISM_POOL_TEST_SOCKET";
+/// Marks answer lines; libtest may print its own text before it on the same line.
+const REPLY_PREFIX: &str = "@ism-client@ ";
+
+/// A running `ism-pool` daemon on a private socket; killed when dropped.
+struct BrokerProcess {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+fn private_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ism-pool-test-{}-{}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl BrokerProcess {
+    fn start(args: &[&str]) -> Self {
+        let dir = private_dir();
+        let socket = dir.join("pool.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_ism-pool"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start ism-pool");
+        let broker = BrokerProcess { child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seqpacket::connect(&broker.socket).is_err() {
+            assert!(Instant::now() < deadline, "broker did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        broker
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A client process speaking to the broker through `BrokerSession`.
+struct ClientProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl ClientProcess {
+    fn spawn(socket: &Path) -> Self {
+        Self::spawn_with(socket, &std::env::current_exe().unwrap(), None)
+    }
+
+    fn spawn_with(socket: &Path, exe: &Path, uid: Option<u32>) -> Self {
+        let mut command = Command::new(exe);
+        command
+            .args([
+                "--ignored",
+                "--exact",
+                "client_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_SOCKET_ENV, socket)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(uid);
+        }
+        let mut child = command.spawn().expect("spawn client process");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut client = ClientProcess {
+            child,
+            stdin,
+            stdout,
+        };
+        assert!(client.cmd("connect").starts_with("devid "));
+        client
+    }
+
+    /// Sends one command line and returns the child's answer.
+    fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        loop {
+            let mut answer = String::new();
+            let n = self.stdout.read_line(&mut answer).unwrap();
+            assert!(n > 0, "client exited while running {line:?}");
+            if let Some(at) = answer.find(REPLY_PREFIX) {
+                return answer[at + REPLY_PREFIX.len()..].trim_end().to_string();
+            }
+        }
+    }
+
+    fn devid(&mut self) -> u64 {
+        self.cmd("connect")
+            .strip_prefix("devid ")
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn alloc(&mut self, size: u64) -> u64 {
+        let answer = self.cmd(&format!("alloc {size}"));
+        parse_token(&answer).unwrap_or_else(|| panic!("alloc failed: {answer}"))
+    }
+}
+
+impl Drop for ClientProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_token(answer: &str) -> Option<u64> {
+    answer.strip_prefix("token ")?.parse().ok()
+}
+
+/// Maps `lease` shared with `prot`; returns the address or the errno.
+fn map(lease: &RegionLease, prot: rustix::mm::ProtFlags) -> Result<*mut u8, rustix::io::Errno> {
+    // SAFETY: a fresh mapping chosen by the kernel (no address hint) cannot alias any Rust
+    // object; the fd is a valid memfd of `lease.size` bytes.
+    unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            lease.size as usize,
+            prot,
+            rustix::mm::MapFlags::SHARED,
+            lease.fd.as_fd(),
+            0,
+        )
+    }
+    .map(|p| p.cast::<u8>())
+}
+
+fn unmap(addr: *mut u8, lease: &RegionLease) {
+    // SAFETY: `addr` came from `map` with this lease's size and nothing refers to it now.
+    unsafe { rustix::mm::munmap(addr.cast(), lease.size as usize) }.unwrap();
+}
+
+/// Runs one child command against the session and its leases.
+fn run_child_command(
+    session: &BrokerSession,
+    leases: &mut HashMap<u64, RegionLease>,
+    words: &[&str],
+) -> String {
+    use rustix::mm::ProtFlags;
+    let num = |i: usize| -> u64 {
+        let text = words.get(i).copied().unwrap_or("0");
+        text.parse().unwrap_or(0)
+    };
+    match words.first().copied().unwrap_or("") {
+        "connect" => format!("devid {}", session.info().devid.0),
+        "alloc" => match session.alloc(num(1)) {
+            Ok(lease) => {
+                let token = lease.token.0;
+                leases.insert(token, lease);
+                format!("token {token}")
+            }
+            Err(e) => format!("err {e:?}"),
+        },
+        "attach" => match session.attach(Token(num(1)), Perms(num(2))) {
+            Ok(lease) => {
+                let writable = lease.writable;
+                leases.insert(lease.token.0, lease);
+                format!("lease writable={}", u8::from(writable))
+            }
+            Err(e) => format!("err {e:?}"),
+        },
+        "detach" => match session.detach(Token(num(1))) {
+            Ok(()) => {
+                leases.remove(&num(1));
+                "ok".into()
+            }
+            Err(e) => format!("err {e:?}"),
+        },
+        "grant" => {
+            let target = match words.get(2).copied() {
+                Some("default") => GrantTarget::Default,
+                _ => GrantTarget::Device(ism_pool::DevId(num(2))),
+            };
+            match session.grant(Token(num(1)), target, Perms(num(3))) {
+                Ok(()) => "ok".into(),
+                Err(e) => format!("err {e:?}"),
+            }
+        }
+        // write TOKEN OFFSET TEXT, through a writable shared mapping.
+        "write" => {
+            let Some(lease) = leases.get(&num(1)) else {
+                return "err no lease".into();
+            };
+            let text = words.get(3).copied().unwrap_or("").as_bytes();
+            match map(lease, ProtFlags::READ | ProtFlags::WRITE) {
+                Ok(addr) => {
+                    for (i, byte) in text.iter().enumerate() {
+                        // SAFETY: offset + i is inside the mapping (tests keep offsets small).
+                        unsafe { addr.add(num(2) as usize + i).write_volatile(*byte) };
+                    }
+                    unmap(addr, lease);
+                    "ok".into()
+                }
+                Err(e) => format!("err {e:?}"),
+            }
+        }
+        // read TOKEN OFFSET LEN, through a read-only shared mapping.
+        "read" => {
+            let Some(lease) = leases.get(&num(1)) else {
+                return "err no lease".into();
+            };
+            match map(lease, ProtFlags::READ) {
+                Ok(addr) => {
+                    let bytes: Vec<u8> = (0..num(3) as usize)
+                        // SAFETY: offset + i is inside the mapping.
+                        .map(|i| unsafe { addr.add(num(2) as usize + i).read_volatile() })
+                        .collect();
+                    unmap(addr, lease);
+                    format!("data {}", String::from_utf8_lossy(&bytes))
+                }
+                Err(e) => format!("err {e:?}"),
+            }
+        }
+        // Every way to get write access out of a lease: map writable, map read-only then
+        // mprotect, write(2), reopen through procfs.
+        "escalate" => {
+            let Some(lease) = leases.get(&num(1)) else {
+                return "err no lease".into();
+            };
+            let mut results = Vec::new();
+            results.push(match map(lease, ProtFlags::READ | ProtFlags::WRITE) {
+                Ok(addr) => {
+                    unmap(addr, lease);
+                    "mapw=ok".to_string()
+                }
+                Err(e) => format!("mapw={}", e.raw_os_error()),
+            });
+            results.push(match map(lease, ProtFlags::READ) {
+                Ok(addr) => {
+                    // SAFETY: changes protection of our own fresh mapping only.
+                    let r = unsafe {
+                        rustix::mm::mprotect(
+                            addr.cast(),
+                            lease.size as usize,
+                            rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE,
+                        )
+                    };
+                    unmap(addr, lease);
+                    match r {
+                        Ok(()) => "mprotect=ok".to_string(),
+                        Err(e) => format!("mprotect={}", e.raw_os_error()),
+                    }
+                }
+                Err(e) => format!("mapr={}", e.raw_os_error()),
+            });
+            results.push(match rustix::io::pwrite(&lease.fd, b"x", 0) {
+                Ok(_) => "write=ok".to_string(),
+                Err(e) => format!("write={}", e.raw_os_error()),
+            });
+            let path = format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&lease.fd)
+            );
+            results.push(
+                match rustix::fs::open(
+                    path.as_str(),
+                    rustix::fs::OFlags::RDWR,
+                    rustix::fs::Mode::empty(),
+                ) {
+                    Ok(_) => "reopen=ok".to_string(),
+                    Err(e) => format!("reopen={}", e.raw_os_error()),
+                },
+            );
+            results.join(" ")
+        }
+        // events N: waits up to 5 s until N events arrived, then prints them.
+        "events" => {
+            let want = num(1) as usize;
+            let mut events = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while events.len() < want && Instant::now() < deadline {
+                events.extend(session.take_events());
+                if events.len() >= want {
+                    break;
+                }
+                // SAFETY: the session owns the eventfd and outlives this borrow.
+                let fd =
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(session.event_fd().unwrap()) };
+                let mut fds = [rustix::event::PollFd::new(
+                    &fd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                let _ = rustix::event::poll(&mut fds, Some(&timeout));
+            }
+            format!("events {events:?}")
+        }
+        "hang" => loop {
+            std::thread::sleep(Duration::from_secs(60));
+        },
+        other => format!("err unknown command {other:?}"),
+    }
+}
+
+/// Child side: not a test of its own; the tests below run this binary with
+/// `--ignored --exact client_process` and drive it over stdin/stdout.
+#[test]
+#[ignore = "client process entry point, run by the other tests"]
+fn client_process() {
+    let socket = std::env::var(CHILD_SOCKET_ENV).expect("run by the broker tests only");
+    let session = BrokerSession::connect(Path::new(&socket)).expect("connect to broker");
+    let mut leases = HashMap::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"exit") {
+            break;
+        }
+        let answer = run_child_command(&session, &mut leases, &words);
+        println!("{REPLY_PREFIX}{answer}");
+    }
+}
+
+const RW: u64 = Perms::ATTACH.0 | Perms::READ.0 | Perms::WRITE.0;
+const RO: u64 = Perms::ATTACH.0 | Perms::READ.0;
+
+#[test]
+fn test_data_written_in_one_process_is_read_in_another() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn(&broker.socket);
+    let token = owner.alloc(65536);
+    assert_eq!(
+        owner.cmd(&format!("write {token} 100 hello-from-owner")),
+        "ok"
+    );
+    assert_eq!(owner.cmd(&format!("grant {token} default {RW}")), "ok");
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=1");
+    assert_eq!(
+        peer.cmd(&format!("read {token} 100 16")),
+        "data hello-from-owner"
+    );
+    assert_eq!(peer.cmd(&format!("write {token} 5000 answer")), "ok");
+    assert_eq!(owner.cmd(&format!("read {token} 5000 6")), "data answer");
+    let peer_devid = peer.devid();
+    assert_eq!(
+        owner.cmd("events 1"),
+        format!(
+            "events [PeerAttached {{ token: {:?}, peer: DevId({peer_devid}) }}]",
+            Token(token)
+        )
+    );
+}
+
+#[test]
+fn test_refusals_without_permission() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn(&broker.socket);
+    let token = owner.alloc(4096);
+    let peer_devid = peer.devid();
+    assert!(
+        peer.cmd(&format!("attach {token} 0"))
+            .contains("missing: Attach")
+    );
+    assert!(
+        peer.cmd(&format!("grant {token} default {RW}"))
+            .contains("NotHeld")
+    );
+    assert!(peer.cmd("attach 12345 0").contains("NoSuchRegion"));
+    assert_eq!(owner.cmd(&format!("grant {token} {peer_devid} {RO}")), "ok");
+    let want_write = Perms::READ.0 | Perms::WRITE.0;
+    assert!(
+        peer.cmd(&format!("attach {token} {want_write}"))
+            .contains("missing: Write")
+    );
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=0");
+    assert!(
+        peer.cmd(&format!("attach {token} 0"))
+            .contains("AlreadyHeld")
+    );
+    assert!(
+        peer.cmd(&format!("grant {token} default {RW}"))
+            .contains("missing: Manage")
+    );
+    // A third device is still locked out: the grant named the peer only.
+    let mut third = ClientProcess::spawn(&broker.socket);
+    assert!(
+        third
+            .cmd(&format!("attach {token} 0"))
+            .contains("missing: Attach")
+    );
+}
+
+#[test]
+fn test_read_only_lease_cannot_be_made_writable() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn(&broker.socket);
+    let token = owner.alloc(4096);
+    assert_eq!(owner.cmd(&format!("write {token} 0 secret")), "ok");
+    assert_eq!(owner.cmd(&format!("grant {token} default {RO}")), "ok");
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=0");
+    let eacces = rustix::io::Errno::ACCESS.raw_os_error();
+    let ebadf = rustix::io::Errno::BADF.raw_os_error();
+    let answer = peer.cmd(&format!("escalate {token}"));
+    assert!(answer.contains(&format!("mapw={eacces}")), "{answer}");
+    assert!(answer.contains(&format!("mprotect={eacces}")), "{answer}");
+    assert!(answer.contains(&format!("write={ebadf}")), "{answer}");
+    assert_eq!(peer.cmd(&format!("read {token} 0 6")), "data secret");
+    // The owner's lease is untouched by the reader's read-only fd.
+    assert_eq!(owner.cmd(&format!("write {token} 0 SECRET")), "ok");
+    assert_eq!(peer.cmd(&format!("read {token} 0 6")), "data SECRET");
+}
+
+#[test]
+fn test_read_only_lease_cannot_be_reopened_writable_by_another_user() {
+    if !rustix::process::geteuid().is_root() {
+        println!("SKIPPED: not root, cannot run a client under another uid");
+        return;
+    }
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    // The client runs as nobody, like a VMM under its own uid; it needs to reach the
+    // socket and its own executable.
+    let mode = |path: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mode(&broker.dir, 0o755);
+    mode(&broker.socket, 0o777);
+    let exe = broker.dir.join("client");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    mode(&exe, 0o755);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn_with(&broker.socket, &exe, Some(65534));
+    let token = owner.alloc(4096);
+    assert_eq!(owner.cmd(&format!("grant {token} default {RO}")), "ok");
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=0");
+    let eacces = rustix::io::Errno::ACCESS.raw_os_error();
+    let answer = peer.cmd(&format!("escalate {token}"));
+    assert!(answer.contains(&format!("reopen={eacces}")), "{answer}");
+    assert!(answer.contains(&format!("mapw={eacces}")), "{answer}");
+}
+
+#[test]
+fn test_killed_client_is_reclaimed_and_peer_data_survives() {
+    let broker = BrokerProcess::start(&["--size", "16M", "--per-vm-limit", "2M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn(&broker.socket);
+    let owner_devid = owner.devid();
+    let peer_devid = peer.devid();
+    let token = owner.alloc(1 << 20);
+    let private = owner.alloc(4096 * 4);
+    assert!(private != token);
+    assert_eq!(owner.cmd(&format!("write {token} 64 survives")), "ok");
+    assert_eq!(owner.cmd(&format!("grant {token} default {RW}")), "ok");
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=1");
+
+    owner.child.kill().unwrap();
+    owner.child.wait().unwrap();
+
+    assert_eq!(
+        peer.cmd("events 1"),
+        format!(
+            "events [PeerDetached {{ token: {:?}, peer: DevId({owner_devid}) }}]",
+            Token(token)
+        )
+    );
+    assert_eq!(peer.cmd(&format!("read {token} 64 8")), "data survives");
+    let status = query_status(&broker.socket).unwrap();
+    assert_eq!(status.regions.len(), 1, "{status:?}");
+    assert_eq!(status.regions[0].token, token);
+    assert_eq!(status.regions[0].holders, vec![peer_devid]);
+    assert_eq!(status.used, 1 << 20);
+    assert_eq!(status.sessions.len(), 1);
+    assert_eq!(status.sessions[0].vm_used, 1 << 20);
+
+    assert_eq!(peer.cmd(&format!("detach {token}")), "ok");
+    let status = query_status(&broker.socket).unwrap();
+    assert!(status.regions.is_empty());
+    assert_eq!(status.used, 0);
+}
+
+#[test]
+fn test_quota_and_pool_exhaustion_errors() {
+    let broker = BrokerProcess::start(&["--size", "1M", "--per-vm-limit", "512K"]);
+    let mut a = ClientProcess::spawn(&broker.socket);
+    let mut b = ClientProcess::spawn(&broker.socket);
+    let mut c = ClientProcess::spawn(&broker.socket);
+    a.alloc(512 << 10);
+    assert_eq!(
+        a.cmd("alloc 4096"),
+        format!(
+            "err QuotaExceeded {{ limit: {}, used: {}, requested: 4096 }}",
+            512 << 10,
+            512 << 10
+        )
+    );
+    b.alloc(512 << 10);
+    assert_eq!(
+        c.cmd("alloc 4096"),
+        "err PoolExhausted { requested: 4096, available: 0 }"
+    );
+    assert_eq!(c.cmd("alloc 100"), "err InvalidSize(100)");
+    drop(a);
+    // Once the first VM is gone its region is freed and the pool has room again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = c.cmd("alloc 4096");
+        if parse_token(&answer).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool never recovered: {answer}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw protocol connection from this process, for sending broken messages.
+fn raw_connect(socket: &Path) -> std::os::fd::OwnedFd {
+    let conn = seqpacket::connect(socket).unwrap();
+    let hello = Request::Hello {
+        min_version: 1,
+        max_version: 1,
+        role: Role::Device,
+    };
+    seqpacket::send(conn.as_fd(), &hello.encode(1), None).unwrap();
+    let answer = raw_answer(&conn).unwrap();
+    assert!(matches!(answer, (1, Reply::HelloOk { .. })), "{answer:?}");
+    conn
+}
+
+fn raw_answer(conn: &std::os::fd::OwnedFd) -> Option<(u64, Reply)> {
+    let packet = seqpacket::recv(conn.as_fd()).unwrap()?;
+    Some(wire::decode_reply(&packet.bytes).unwrap())
+}
+
+#[test]
+fn test_malformed_messages_are_answered_and_others_keep_working() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let mut good = ClientProcess::spawn(&broker.socket);
+    good.alloc(4096);
+
+    let conn = raw_connect(&broker.socket);
+    let alloc = Request::Alloc { size: 4096 }.encode(7);
+    let mut bad_length = alloc.clone();
+    bad_length[0] = 200;
+    let mut unknown_kind = alloc.clone();
+    unknown_kind[4] = 0x55;
+    let mut oversized = alloc.clone();
+    oversized.resize(MAX_MESSAGE_LEN + 4096, 0);
+    let broken: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated header", alloc[..10].to_vec()),
+        ("truncated body", alloc[..20].to_vec()),
+        ("length mismatch", bad_length),
+        ("unknown kind", unknown_kind),
+        ("oversized", oversized),
+        (
+            "garbage",
+            b"\xff\xfe\xfd\xfc this is not a message at all".to_vec(),
+        ),
+        (
+            "second hello",
+            Request::Hello {
+                min_version: 1,
+                max_version: 1,
+                role: Role::Device,
+            }
+            .encode(8),
+        ),
+        ("status on device connection", Request::Status.encode(9)),
+    ];
+    for (what, packet) in &broken {
+        seqpacket::send(conn.as_fd(), packet, None).unwrap();
+        match raw_answer(&conn) {
+            Some((_, Reply::Error(e))) => assert_eq!(e.code, wire::error_code::PROTOCOL, "{what}"),
+            other => panic!("{what}: expected an error, got {other:?}"),
+        }
+        // The other client is not disturbed.
+        assert!(parse_token(&good.cmd("alloc 4096")).is_some(), "{what}");
+    }
+    // A message carrying a descriptor is refused too (and the descriptor dropped).
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    seqpacket::send(conn.as_fd(), &alloc, Some(devnull.as_fd())).unwrap();
+    assert!(matches!(raw_answer(&conn), Some((_, Reply::Error(_)))));
+    // The same connection still works after all that.
+    seqpacket::send(conn.as_fd(), &alloc, None).unwrap();
+    assert!(matches!(
+        raw_answer(&conn),
+        Some((7, Reply::Lease { size: 4096, .. }))
+    ));
+
+    // Garbage before hello: answered, then the connection is closed.
+    let early = seqpacket::connect(&broker.socket).unwrap();
+    seqpacket::send(early.as_fd(), b"GET / HTTP/1.1\r\n\r\n", None).unwrap();
+    assert!(matches!(raw_answer(&early), Some((_, Reply::Error(_)))));
+    assert!(raw_answer(&early).is_none());
+    assert!(parse_token(&good.cmd("alloc 4096")).is_some());
+}
+
+#[test]
+fn test_status_subcommand_prints_regions_and_holders() {
+    let broker = BrokerProcess::start(&["--size", "16M", "--per-vm-limit", "4M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn(&broker.socket);
+    let token = owner.alloc(2 << 20);
+    assert_eq!(owner.cmd(&format!("grant {token} default {RO}")), "ok");
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=0");
+    let output = Command::new(env!("CARGO_BIN_EXE_ism-pool"))
+        .args(["status", "--socket"])
+        .arg(&broker.socket)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (owner_devid, peer_devid) = (owner.devid(), peer.devid());
+    assert!(text.contains("2M of 16M used, per-VM limit 4M"), "{text}");
+    assert!(text.contains(&format!("{token:#018x} 2M")), "{text}");
+    assert!(text.contains(&format!("owner {owner_devid}")), "{text}");
+    assert!(
+        text.contains(&format!("holders [{owner_devid}, {peer_devid}]")),
+        "{text}"
+    );
+    assert!(text.contains("default RA"), "{text}");
+}
+
+#[test]
+fn test_second_broker_on_same_socket_is_refused_and_stale_socket_reused() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let second = Command::new(env!("CARGO_BIN_EXE_ism-pool"))
+        .arg("--socket")
+        .arg(&broker.socket)
+        .args(["--size", "16M"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already listening"));
+    // A SIGKILLed broker leaves its socket file behind; a new one takes it over.
+    let socket = broker.socket.clone();
+    let dir = broker.dir.clone();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ism-pool"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--size", "16M"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(broker);
+    std::fs::create_dir_all(&dir).unwrap();
+    let stale = seqpacket::listen(&socket, 1).unwrap();
+    drop(stale);
+    assert!(socket.exists());
+    let mut restarted = Command::new(env!("CARGO_BIN_EXE_ism-pool"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--size", "16M"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let session = loop {
+        if let Ok(session) = BrokerSession::connect(&socket) {
+            break session;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted broker did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(session.alloc(4096).is_ok());
+    let _ = restarted.kill();
+    let _ = restarted.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn test_in_process_client_drop_releases_regions() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let session = BrokerSession::connect(&broker.socket).unwrap();
+    assert_ne!(session.info().devid.0, 0);
+    let lease = session.alloc(8192).unwrap();
+    assert!(lease.writable);
+    assert_eq!(query_status(&broker.socket).unwrap().used, 8192);
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while query_status(&broker.socket).unwrap().used != 0 {
+        assert!(Instant::now() < deadline, "regions not released");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The lease fd still works in this process; only the broker's bookkeeping let go.
+    assert_eq!(rustix::io::pwrite(&lease.fd, b"x", 0).unwrap(), 1);
+}
+
+#[test]
+fn test_hugepage_pool_allocates_or_fails_cleanly() {
+    let broker = BrokerProcess::start(&["--size", "8M", "--hugepages"]);
+    let session = BrokerSession::connect(&broker.socket).unwrap();
+    assert!(matches!(
+        session.alloc(4096),
+        Err(ism_pool::PoolError::InvalidSize(4096))
+    ));
+    let free_huge_pages = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("HugePages_Free:")
+                .map(|v| v.trim().parse::<u64>().unwrap())
+        })
+        .unwrap_or(0);
+    match session.alloc(2 << 20) {
+        Ok(lease) => {
+            assert!(free_huge_pages > 0);
+            assert_eq!(lease.size, 2 << 20);
+        }
+        Err(ism_pool::PoolError::CreateMemory(e)) => {
+            println!("no huge pages on this host ({free_huge_pages} free): {e}");
+            assert!(
+                free_huge_pages == 0,
+                "allocation failed with {free_huge_pages} free: {e}"
+            );
+            // The failed allocation gave its bytes back.
+            assert_eq!(query_status(&broker.socket).unwrap().used, 0);
+        }
+        Err(e) => panic!("unexpected error {e:?}"),
+    }
+}
