@@ -1416,3 +1416,83 @@ fn test_descriptor_cap_applies_to_indirect_tables() {
     assert_eq!(submit_indirect(&mut vm, 40), (1, 255));
     assert_eq!(vm.counter("regions_attached"), 1);
 }
+
+#[test]
+fn test_worker_thread_delivers_pool_events_without_polling() {
+    let pool = pool();
+    let mem = guest_memory();
+    let config = IsmConfig {
+        shm_size: SHM,
+        chunk_size: CHUNK,
+        notify_size: 4,
+    };
+    let window = MemWindow::new(config.layout().unwrap().window_size);
+    let mut device = Ism::new("ism-events", config, pool.session().unwrap(), window).unwrap();
+    device.ack_features(ALL_FEATURES);
+    let mut ctrl = DriverQueue::new(mem, CTRL_BASE);
+    let mut events = DriverQueue::new(mem, EVENTQ_BASE);
+    let ctrl_kick = EventFd::new(0).unwrap();
+    let event_kick = EventFd::new(0).unwrap();
+    let interrupts = Arc::new(RecordingInterrupt::default());
+    device
+        .activate(ActivationContext {
+            mem: GuestMemoryAtomic::new(mem.clone()),
+            interrupt_cb: interrupts.clone(),
+            queues: vec![
+                (0, ctrl.device_queue(), ctrl_kick.try_clone().unwrap()),
+                (1, events.device_queue(), event_kick.try_clone().unwrap()),
+            ],
+        })
+        .unwrap();
+    let wait_used = |queue: &mut DriverQueue| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(used) = queue.pop_used(mem) {
+                return used;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker did not answer"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    // Allocate and grant through the thread.
+    let mut req = [0u8; 26];
+    let n = Request::Alloc(AllocRequest { size: CHUNK })
+        .encode(&mut req)
+        .unwrap();
+    mem.write_slice(&req[..n], GuestAddress(DATA_BASE)).unwrap();
+    ctrl.submit(&[(DATA_BASE, n as u32, false), (DATA_BASE + 0x100, 64, true)]);
+    ctrl_kick.write(1).unwrap();
+    wait_used(&mut ctrl);
+    let mut token = [0u8; 8];
+    mem.read_slice(&mut token, GuestAddress(DATA_BASE + 0x101))
+        .unwrap();
+    let token = Token(u64::from_le_bytes(token));
+    let n = Request::GrantDefault(GrantDefaultRequest {
+        token: token.0,
+        permissions: rw(),
+    })
+    .encode(&mut req)
+    .unwrap();
+    mem.write_slice(&req[..n], GuestAddress(DATA_BASE)).unwrap();
+    ctrl.submit(&[(DATA_BASE, n as u32, false), (DATA_BASE + 0x100, 1, true)]);
+    ctrl_kick.write(1).unwrap();
+    wait_used(&mut ctrl);
+    // Post an event buffer, then a peer attaches: the worker hears it on the pool's eventfd.
+    events.submit(&[(DATA_BASE + 0x8000, Event::SIZE as u32, true)]);
+    event_kick.write(1).unwrap();
+    let mut peer = TestVm::new(&pool, DRAFT_FEATURES);
+    peer.attach(token, 0);
+    let (_, len) = wait_used(&mut events);
+    assert_eq!(len as usize, Event::SIZE);
+    let mut raw = [0u8; Event::SIZE];
+    mem.read_slice(&mut raw, GuestAddress(DATA_BASE + 0x8000))
+        .unwrap();
+    let event = Event::decode(&raw).unwrap();
+    assert_eq!(event.kind(), EventType::Attach);
+    assert_eq!(event.devid, peer.devid());
+    assert!(interrupts.take().contains(&VirtioInterruptType::Queue(1)));
+    device.reset();
+}
