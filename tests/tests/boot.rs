@@ -148,3 +148,20 @@ fn test_corrupt_kernel_is_a_clear_error() {
     assert!(out.stderr.contains(&path_text), "{}", out.describe());
     assert!(!out.stderr.contains("panicked"), "{}", out.describe());
 }
+
+#[test]
+fn test_virtio_capabilities_are_listed_inside_pci_windows() {
+    require_kvm!();
+    let out = VmRun::guest_test("virtio")
+        .set("rng", "src=/dev/urandom")
+        .run();
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let r = &out.report;
+    assert!(r.passed(), "{}", out.describe());
+    assert_eq!(r.number("type"), Some(4), "{}", out.describe());
+    let common = r.number("common").unwrap_or(0);
+    assert!(
+        (0xc000_0000..0xe000_0000).contains(&common) || common >= 0x10_0000_0000,
+        "common cfg at {common:#x} outside the PCI windows"
+    );
+}

@@ -30,6 +30,7 @@ pub fn run(name: &str, ctx: &Context<'_>) -> bool {
         "boot" => true,
         "pci" => pci_list(ctx),
         "rng" => rng(ctx),
+        "virtio" => virtio_list(ctx),
         "irq" => timer_interrupts(),
         "reboot" => reboot(ctx),
         "panic" => panic!("requested by ism.test=panic"),
@@ -120,6 +121,55 @@ fn pci_list(ctx: &Context<'_>) -> bool {
     }
     report!("pci_functions={count}");
     count > 0
+}
+
+/// Every modern virtio function with its validated capabilities, including shared-memory
+/// regions (`shm=<id> bar= offset= len= addr=` lines).
+fn virtio_list(ctx: &Context<'_>) -> bool {
+    let (config, start, end) = config(ctx);
+    let mut devices = 0;
+    let mut ok = true;
+    for f in pci::enumerate(&config, start, end) {
+        let Some(kind) = modern_device_type(f.vendor_id, f.device_id) else {
+            continue;
+        };
+        devices += 1;
+        let caps = pci::read_bars(&config, f.address)
+            .map_err(|e| report!("error=bars device={} detail=\"{e}\"", f.address))
+            .ok()
+            .and_then(|bars| {
+                find_virtio_caps(&config, f.address, &bars)
+                    .map_err(|e| report!("error=virtio_caps device={} detail=\"{e}\"", f.address))
+                    .ok()
+            });
+        let Some(caps) = caps else {
+            ok = false;
+            continue;
+        };
+        report!(
+            "virtio={} type={kind} common={:#x} notify={:#x} notify_mult={} isr={:#x} device_cfg={:#x} shm_count={}",
+            f.address,
+            caps.common.addr,
+            caps.notify.addr,
+            caps.notify_multiplier,
+            caps.isr.addr,
+            caps.device.map_or(0, |d| d.addr),
+            caps.shm_total()
+        );
+        for shm in caps.shm_regions() {
+            report!(
+                "shm={} device={} bar={} offset={:#x} len={:#x} addr={:#x}",
+                shm.id,
+                f.address,
+                shm.bar,
+                shm.offset,
+                shm.len,
+                shm.addr
+            );
+        }
+    }
+    report!("virtio_devices={devices}");
+    ok && devices > 0
 }
 
 fn find_virtio(config: &AnyConfig<'_>, start: u8, end: u8, kind: u16) -> Option<PciFunction> {
