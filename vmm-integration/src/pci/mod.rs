@@ -211,3 +211,11 @@ impl PciManager {
         })
     }
 }
+
+#[cfg(test)]
+impl PciManager {
+    /// The `n`th virtio-pci device plugged in.
+    pub fn virtio_pci_device(&self, n: usize) -> Arc<Mutex<VirtioPciDevice>> {
+        self.devices[n].clone()
+    }
+}

@@ -6,6 +6,8 @@
 mod common_config;
 mod device;
 mod interrupt;
+#[cfg(test)]
+mod tests;
 
 pub use device::{VirtioPciDevice, VirtioPciError, VirtioPciResources, settings_bar_size};
 
