@@ -5,21 +5,16 @@ mod acpi;
 mod boot;
 mod bus;
 mod config;
-// Wired by vmm.rs once it creates the PCI root; until then parts are only used by tests.
-#[allow(dead_code)]
 mod devices;
 mod exit;
-#[allow(dead_code)]
 mod interrupt;
 mod layout;
 mod legacy;
 mod memory;
-#[allow(dead_code)]
 mod pci;
 mod terminal;
 #[cfg(test)]
 mod test_guest;
-#[allow(dead_code)]
 mod virtio_pci;
 mod vmm;
 mod vstate;

@@ -89,10 +89,6 @@ impl VirtioRng {
         })
     }
 
-    pub fn metrics(&self) -> &Arc<RngMetrics> {
-        &self.metrics
-    }
-
     fn stop_worker(&mut self) -> Option<Arc<dyn VirtioInterrupt>> {
         let DeviceState::Active(worker) = std::mem::replace(&mut self.state, DeviceState::Inactive)
         else {

@@ -214,10 +214,6 @@ impl PciConfiguration {
         Ok(())
     }
 
-    pub fn bar_size(&self, index: usize) -> Option<u64> {
-        self.bars.get(index)?.map(|b| b.size)
-    }
-
     /// The address BAR `index` currently holds, or None while the guest is sizing it (the
     /// register reads back as the size mask) or if there is no such BAR.
     pub fn bar_address(&self, index: usize) -> Option<u64> {

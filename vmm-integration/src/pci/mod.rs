@@ -10,7 +10,7 @@ pub mod msix;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
-use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::bus::{BusError, IoBuses};
@@ -164,26 +164,64 @@ impl PciManager {
         let shm = match shm_len {
             Some(len) => {
                 // A bad length is reported by the transport with its own error.
-                let size = len.max(0x1000).next_power_of_two();
-                let r = self
-                    .mmio64
-                    .allocate(size, size, AllocPolicy::FirstMatch)
-                    .map_err(|source| PciError::AllocateBar {
-                        window: "64-bit",
-                        size,
-                        source,
-                    })?;
-                Some(r.start())
+                let size = len.max(0x1000).checked_next_power_of_two().unwrap_or(len);
+                match self.mmio64.allocate(size, size, AllocPolicy::FirstMatch) {
+                    Ok(r) => Some(r),
+                    Err(source) => {
+                        let _ = self.mmio32.free(&settings);
+                        return Err(PciError::AllocateBar {
+                            window: "64-bit",
+                            size,
+                            source,
+                        });
+                    }
+                }
             }
             None => None,
         };
+        let plugged = self.plug(id, dev, vectors, &settings, shm.as_ref());
+        let (pci_dev, slot) = match plugged {
+            Ok(p) => p,
+            Err(e) => {
+                // Give the address space back; a later device may fit.
+                let _ = self.mmio32.free(&settings);
+                if let Some(r) = &shm {
+                    let _ = self.mmio64.free(r);
+                }
+                return Err(e);
+            }
+        };
+        self.devices.push(pci_dev);
+        let bdf = format!("0000:00:{slot:02x}.0");
+        log::info!(
+            "PCI {bdf}: {id}, settings BAR {:#x}+{settings_size:#x}, shm BAR {:x?}",
+            settings.start(),
+            shm.map(|r| (r.start(), r.len()))
+        );
+        Ok(PciDeviceInfo {
+            id: id.to_owned(),
+            bdf,
+        })
+    }
+}
+
+impl PciManager {
+    /// Create the transport for `dev` at the given BARs and put it on the buses.
+    fn plug(
+        &mut self,
+        id: &str,
+        dev: Arc<Mutex<dyn VirtioDevice>>,
+        vectors: u16,
+        settings: &RangeInclusive,
+        shm: Option<&RangeInclusive>,
+    ) -> Result<(Arc<Mutex<VirtioPciDevice>>, u8), PciError> {
         let pci_dev = VirtioPciDevice::new(
             id,
             dev,
             vectors,
             VirtioPciResources {
                 settings_bar: settings.start(),
-                shm_bar: shm,
+                shm_bar: shm.map(RangeInclusive::start),
             },
             self.router.clone(),
             self.ioevents.clone(),
@@ -193,22 +231,13 @@ impl PciManager {
         .map_err(|e| PciError::CreateVirtioPci(id.to_owned(), e))?;
         let pci_dev = Arc::new(Mutex::new(pci_dev));
         self.buses
-            .register_mmio(settings.start(), settings_size, pci_dev.clone())
+            .register_mmio(settings.start(), settings.len(), pci_dev.clone())
             .map_err(|e| PciError::RegisterBar(id.to_owned(), e))?;
         let Some(slot) = self.bus.add_device(pci_dev.clone()) else {
             let _ = self.buses.deregister_mmio(settings.start());
             return Err(PciError::BusFull(id.to_owned()));
         };
-        self.devices.push(pci_dev);
-        let bdf = format!("0000:00:{slot:02x}.0");
-        log::info!(
-            "PCI {bdf}: {id}, settings BAR {:#x}+{settings_size:#x}, shm BAR {shm:x?}",
-            settings.start()
-        );
-        Ok(PciDeviceInfo {
-            id: id.to_owned(),
-            bdf,
-        })
+        Ok((pci_dev, slot))
     }
 }
 

@@ -75,10 +75,6 @@ impl MsixState {
         })
     }
 
-    pub fn count(&self) -> u16 {
-        self.vectors.len() as u16
-    }
-
     /// Table size in bytes.
     pub fn table_len(&self) -> u64 {
         self.vectors.len() as u64 * MSIX_ENTRY_SIZE
@@ -86,14 +82,6 @@ impl MsixState {
 
     pub fn pba_len(&self) -> u64 {
         self.pba.len() as u64 * 8
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
-    pub fn function_masked(&self) -> bool {
-        self.function_masked
     }
 
     pub fn is_pending(&self, vector: u16) -> bool {

@@ -106,30 +106,28 @@ struct SettingsLayout {
 impl SettingsLayout {
     fn new(num_queues: usize, msix: &MsixState) -> Self {
         let table_len = msix.table_len();
-        let pba_offset = MSIX_TABLE_OFFSET + table_len.next_multiple_of(PAGE);
         let pba_len = msix.pba_len();
-        let end = pba_offset + pba_len.next_multiple_of(PAGE);
         Self {
             notify_len: num_queues as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
             table_len,
-            pba_offset,
+            pba_offset: MSIX_TABLE_OFFSET + table_len.next_multiple_of(PAGE),
             pba_len,
-            size: end.next_power_of_two(),
+            size: bar_size_for(table_len, pba_len),
         }
-    }
-
-    /// The settings BAR size for `num_queues` queues and `vectors` MSI-X vectors.
-    fn size_for(vectors: u16) -> u64 {
-        let table = u64::from(vectors) * crate::pci::msix::MSIX_ENTRY_SIZE;
-        let pba = u64::from(vectors).div_ceil(64) * 8;
-        (MSIX_TABLE_OFFSET + table.next_multiple_of(PAGE) + pba.next_multiple_of(PAGE))
-            .next_power_of_two()
     }
 }
 
 /// The settings BAR size a device with `msix_vectors` vectors needs (for BAR allocation).
 pub fn settings_bar_size(msix_vectors: u16) -> u64 {
-    SettingsLayout::size_for(msix_vectors)
+    let table_len = u64::from(msix_vectors) * crate::pci::msix::MSIX_ENTRY_SIZE;
+    let pba_len = u64::from(msix_vectors).div_ceil(64) * 8;
+    bar_size_for(table_len, pba_len)
+}
+
+/// Everything up to the MSI-X table, then the table and the PBA on their own pages.
+fn bar_size_for(table_len: u64, pba_len: u64) -> u64 {
+    (MSIX_TABLE_OFFSET + table_len.next_multiple_of(PAGE) + pba_len.next_multiple_of(PAGE))
+        .next_power_of_two()
 }
 
 struct ShmBar {
@@ -347,14 +345,6 @@ impl VirtioPciDevice {
             queue_evts: Vec::new(),
             activated: false,
         })
-    }
-
-    pub fn settings_bar_addr(&self) -> u64 {
-        self.settings_mapped
-    }
-
-    pub fn settings_bar_size(&self) -> u64 {
-        self.layout.size
     }
 
     fn notify_addr(&self, queue: u16) -> u64 {
@@ -601,11 +591,6 @@ impl VirtioPciDevice {
                 .unwrap_or_else(|e| e.into_inner())
                 .write_table(offset - table.start, data);
         }
-    }
-
-    #[cfg(test)]
-    pub fn interrupt(&self) -> Arc<VirtioPciInterrupt> {
-        self.interrupt.clone()
     }
 
     #[cfg(test)]

@@ -12,12 +12,13 @@ mod tests;
 pub use device::{VirtioPciDevice, VirtioPciError, VirtioPciResources, settings_bar_size};
 
 /// Device status bits (virtio 1.2, 2.1).
+#[cfg(test)]
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
+#[cfg(test)]
 pub const STATUS_DRIVER: u8 = 2;
 pub const STATUS_DRIVER_OK: u8 = 4;
 pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
-pub const STATUS_FAILED: u8 = 0x80;
 
 /// Feature bits the transport itself looks at.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
