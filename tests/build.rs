@@ -33,7 +33,7 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(&guest_dir)
-        .args(["build", "--release", "--locked", "--target-dir"])
+        .args(["build", "--release", "--target-dir"])
         .arg(&target_dir);
     for (key, _) in env::vars_os() {
         let Some(key) = key.to_str() else { continue };
