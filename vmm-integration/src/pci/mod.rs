@@ -206,6 +206,27 @@ impl PciManager {
 }
 
 impl PciManager {
+    /// Counters of every virtio device, by device id.
+    // For a `vm.counters` API; the VMM has none yet.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn counters(&self) -> Vec<(String, virtio_device::Counters)> {
+        self.devices
+            .iter()
+            .filter_map(|d| {
+                let d = d.lock().unwrap_or_else(|e| e.into_inner());
+                Some((d.id().to_owned(), d.counters()?))
+            })
+            .collect()
+    }
+
+    /// Stop every device (their worker threads end) and unplug them from the buses. Also
+    /// done on drop.
+    pub fn shutdown(&mut self) {
+        for dev in self.devices.drain(..) {
+            dev.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+        }
+    }
+
     /// Create the transport for `dev` at the given BARs and put it on the buses.
     fn plug(
         &mut self,
@@ -238,6 +259,12 @@ impl PciManager {
             return Err(PciError::BusFull(id.to_owned()));
         };
         Ok((pci_dev, slot))
+    }
+}
+
+impl Drop for PciManager {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use log::{info, warn};
 use virtio_device::{
@@ -166,7 +166,8 @@ pub struct VirtioPciDevice {
     /// Where the settings BAR is registered on the MMIO bus.
     settings_mapped: u64,
     shm: Option<ShmBar>,
-    buses: Arc<IoBuses>,
+    /// Weak: the buses hold this device, and a strong handle back would keep both alive.
+    buses: Weak<IoBuses>,
     ioevents: Arc<dyn IoEventRegistrar>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// Notification eventfds of the running device, registered as ioeventfds.
@@ -339,7 +340,7 @@ impl VirtioPciDevice {
             layout,
             settings_mapped: resources.settings_bar,
             shm,
-            buses,
+            buses: Arc::downgrade(&buses),
             ioevents,
             mem,
             queue_evts: Vec::new(),
@@ -448,6 +449,28 @@ impl VirtioPciDevice {
             .clear_pending();
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Named counters of the device behind this transport.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn counters(&self) -> Option<virtio_device::Counters> {
+        self.lock_device().counters()
+    }
+
+    /// VM shutdown: stop the device for good and take its range off the MMIO bus.
+    pub fn shutdown(&mut self) {
+        self.lock_device().shutdown();
+        self.activated = false;
+        let evts = std::mem::take(&mut self.queue_evts);
+        self.unregister_ioevents(&evts);
+        if let Some(buses) = self.buses.upgrade() {
+            let _ = buses.deregister_mmio(self.settings_mapped);
+        }
+    }
+
     fn features_acceptable(&self) -> bool {
         let driver = self.common.driver_features;
         driver & !self.common.device_features == 0 && driver & VIRTIO_F_VERSION_1 != 0
@@ -517,7 +540,10 @@ impl VirtioPciDevice {
 
     fn move_settings_bar(&mut self, new: u64) {
         let old = self.settings_mapped;
-        if let Err(e) = self.buses.move_mmio(old, new, self.layout.size) {
+        let Some(buses) = self.buses.upgrade() else {
+            return;
+        };
+        if let Err(e) = buses.move_mmio(old, new, self.layout.size) {
             warn!("{}: cannot move the settings BAR to {new:#x}: {e}", self.id);
             return;
         }

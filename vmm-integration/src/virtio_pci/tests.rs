@@ -655,7 +655,10 @@ fn test_virtio_rng_request_returns_bytes_and_raises_queue_vector() {
         .unwrap();
     assert_eq!(&first[..], &pattern[..16]);
     assert_eq!(&second[..], &pattern[16..24]);
-    let counters = rng.lock().unwrap().counters().unwrap();
+    let all = h.mgr.counters();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].0, "rng0");
+    let counters = &all[0].1;
     assert_eq!(counters["requests"].0, 1);
     assert_eq!(counters["bytes"].0, 24);
     assert_eq!(
@@ -665,7 +668,13 @@ fn test_virtio_rng_request_returns_bytes_and_raises_queue_vector() {
     );
     assert_eq!(h.r8(bar + 0x1000), 0);
 
-    // Reset stops the worker thread.
+    // Reset stops the worker thread; shutdown unplugs the BAR.
     h.w8(bar + 0x14, 0);
     assert_eq!(h.r8(bar + 0x14), 0);
+    h.mgr.shutdown();
+    let mut b = [0u8; 1];
+    assert!(!h.buses.mmio_read(bar + 0x14, &mut b));
+    // No reference cycle through the buses: dropping the VM frees the device.
+    drop(h);
+    assert_eq!(Arc::strong_count(&rng), 1);
 }
