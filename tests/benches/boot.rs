@@ -75,6 +75,11 @@ fn main() {
         .filter(|n: &usize| *n > 0)
         .unwrap_or(9);
     let vmm = vmm_binary();
+    // Other work on the machine skews timings; say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
     let rows = [
         measure("1 vCPU, 128 MiB", "boot=1", runs),
         measure("2 vCPUs, 128 MiB", "boot=2", runs),
@@ -116,7 +121,7 @@ fn main() {
          size=128M --serial tty`, from spawning the process to the guest's first complete \
          `ISM-TEST` line on the serial console, and to the process exiting after the guest's \
          ACPI power-off; peak RSS is the VMM's `ru_maxrss` from wait4(2). Median of {runs} runs \
-         after one warm-up run, with `{}`.\n\n\
+         after one warm-up run, with `{}`; 1-minute load average at the start: {load} (on {} CPUs).\n\n\
          {table}\n\
          Goals: first serial line < {} ms ({}), peak RSS < {} MiB ({}).\n\n\
          Context: on these machines KVM is PVM, so guest ring 0 runs in KVM's instruction \
@@ -124,6 +129,7 @@ fn main() {
          instructions (static page tables, GDT/TSS/IDT load, drop to ring 3) and does its work \
          in ring 3, which runs natively; every serial byte is still a VM exit to the VMM.\n",
         vmm.display(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
         FIRST_LINE_GOAL.as_millis(),
         if first_ok { "met" } else { "missed" },
         RSS_GOAL_KIB / 1024,
