@@ -18,6 +18,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod ism;
 pub mod mmio;
 pub mod pci;
 pub mod platform;
