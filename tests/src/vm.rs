@@ -3,9 +3,9 @@
 
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,31 +28,62 @@ pub fn test_guest() -> PathBuf {
     PathBuf::from(env!("ISM_TEST_GUEST"))
 }
 
-/// The ism-vmm binary: `$ISM_VMM`, else `ism-vmm` in the profile dir of this test executable
-/// (`target/<profile>/deps/<test>` -> `target/<profile>/ism-vmm`). Panics, saying how to build
-/// it, when missing.
+/// The ism-vmm binary: `$ISM_VMM` if set, else `ism-vmm` in this test executable's profile
+/// dir (`<target>/<profile>/deps/<test>` -> `<target>/<profile>/ism-vmm`), brought up to date
+/// once per process with `cargo build -p ism-vmm` (cargo does not build other packages'
+/// binaries for `cargo test --workspace`; it holds no lock while tests run). Panics, saying
+/// why and how to build it by hand, if that fails.
 pub fn vmm_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("ISM_VMM") {
-        return PathBuf::from(path);
-    }
+    static VMM: OnceLock<PathBuf> = OnceLock::new();
+    VMM.get_or_init(|| {
+        if let Some(path) = std::env::var_os("ISM_VMM") {
+            return PathBuf::from(path);
+        }
+        build_vmm()
+    })
+    .clone()
+}
+
+fn build_vmm() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let candidates: Vec<PathBuf> = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("ism-vmm"))
-        .collect();
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "ism-vmm not found (looked at {candidates:?}). Build it first: \
-                 `cargo build -p ism-vmm` (with the same profile), or run \
-                 `cargo test --workspace`, or set ISM_VMM=/path/to/ism-vmm"
-            )
-        })
+    // <target>/<profile>/deps/<exe>
+    let (Some(profile_dir), Some(target_dir)) = (exe.ancestors().nth(2), exe.ancestors().nth(3))
+    else {
+        panic!("Cannot locate the target dir from {}", exe.display());
+    };
+    let binary = profile_dir.join("ism-vmm");
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| if n == "debug" { "dev" } else { n })
+        .unwrap_or("dev")
+        .to_string();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!(
+        "ism-tests: building ism-vmm (profile {profile}) into {}",
+        target_dir.display()
+    );
+    let output = Command::new(cargo)
+        .current_dir(&workspace)
+        .args(["build", "-p", "ism-vmm", "--profile", &profile])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .stdin(Stdio::null())
+        .output();
+    match output {
+        Ok(out) if out.status.success() && binary.is_file() => binary,
+        Ok(out) => panic!(
+            "Building ism-vmm failed ({}); build it by hand with `cargo build -p ism-vmm` or set \
+             ISM_VMM=/path/to/ism-vmm. Expected it at {}.\n{}",
+            out.status,
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!(
+            "Cannot run cargo to build ism-vmm ({e}); build it by hand with `cargo build -p \
+             ism-vmm` or set ISM_VMM=/path/to/ism-vmm"
+        ),
+    }
 }
 
 /// What a finished (or killed) VM left behind.
