@@ -371,7 +371,7 @@ impl ObserverClient {
                 }
             }
         }
-        serde_json::from_slice(&json)
+        crate::status::from_json(&json)
             .map_err(|e| PoolError::Protocol(format!("Bad status report: {e}")))
     }
 

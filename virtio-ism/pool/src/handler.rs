@@ -259,15 +259,7 @@ fn device_request(session: &LocalSession, id: u64, request: Request) -> Outgoing
 }
 
 fn status_chunks(id: u64, status: &crate::status::PoolStatus) -> Vec<Outgoing> {
-    let json = match serde_json::to_vec(status) {
-        Ok(json) => json,
-        Err(e) => {
-            return vec![Outgoing::error(
-                id,
-                WireError::protocol(format!("Status: {e}")),
-            )];
-        }
-    };
+    let json = crate::status::to_json(status);
     let Ok(total) = u32::try_from(json.len()) else {
         return vec![Outgoing::error(id, WireError::protocol("Status too large"))];
     };
@@ -483,7 +475,7 @@ mod tests {
             panic!("no status");
         };
         assert_eq!((offset, data.len()), (0, total as usize));
-        let status: crate::status::PoolStatus = serde_json::from_slice(&data).unwrap();
+        let status = crate::status::from_json(&data).unwrap();
         assert_eq!(status.sessions.len(), 1);
         assert_eq!(status.protocol_version, 1);
         let handled = conn.handle_packet(&Request::Alloc { size: 4096 }.encode(3), false, 0);
@@ -510,7 +502,7 @@ mod tests {
             assert_eq!(offset as usize, json.len());
             json.extend_from_slice(&data);
         }
-        let status: crate::status::PoolStatus = serde_json::from_slice(&json).unwrap();
+        let status = crate::status::from_json(&json).unwrap();
         assert_eq!(status.regions.len(), 600);
     }
 }

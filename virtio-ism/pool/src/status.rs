@@ -129,3 +129,14 @@ impl fmt::Display for PoolStatus {
         Ok(())
     }
 }
+
+/// The report as JSON (the form it travels in).
+pub fn to_json(status: &PoolStatus) -> Vec<u8> {
+    // Plain data with string keys only: serialisation cannot fail.
+    serde_json::to_vec(status).unwrap_or_default()
+}
+
+/// Parses a JSON report.
+pub fn from_json(json: &[u8]) -> Result<PoolStatus, serde_json::Error> {
+    serde_json::from_slice(json)
+}
