@@ -87,7 +87,26 @@ pub fn build_madt(vcpus: u8) -> Vec<u8> {
     }
     // The IOAPIC's id follows the vCPUs' APIC ids; its pins are GSIs 0..24.
     madt.add_structure(IoApic::new(vcpus, layout::IOAPIC_START as u32, 0));
-    to_bytes(&madt)
+    let mut bytes = to_bytes(&madt);
+    // The in-kernel irqchip includes the dual 8259 PIC: say so (PCAT_COMPAT), so guests keep
+    // ISA IRQs 0-15 identity-mapped. acpi_tables has no setter for the MADT flags.
+    bytes[MADT_FLAGS_OFFSET..MADT_FLAGS_OFFSET + 4]
+        .copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    fix_checksum(&mut bytes);
+    bytes
+}
+
+/// Offset of the MADT's flags, after the header and the local APIC address.
+const MADT_FLAGS_OFFSET: usize = 40;
+const MADT_PCAT_COMPAT: u32 = 1;
+/// Offset of the checksum byte in every ACPI table header.
+const CHECKSUM_OFFSET: usize = 9;
+
+/// Recompute a table's checksum after its bytes were edited.
+fn fix_checksum(table: &mut [u8]) {
+    table[CHECKSUM_OFFSET] = 0;
+    let sum = table.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    table[CHECKSUM_OFFSET] = 0u8.wrapping_sub(sum);
 }
 
 pub fn build_mcfg() -> Vec<u8> {
@@ -209,6 +228,8 @@ mod tests {
             }
             assert_eq!(lapics, vcpus);
             assert_eq!(ioapics, 1);
+            assert_eq!(madt[MADT_FLAGS_OFFSET] & 1, 1, "PCAT_COMPAT");
+            assert_eq!(sum(&madt), 0);
         }
     }
 
