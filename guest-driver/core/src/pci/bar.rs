@@ -94,8 +94,13 @@ fn size_all<C: ConfigAccess>(config: &C, addr: PciAddress) -> Result<[Option<Bar
         let offset = regs::BAR0 + u16::from(index) * 4;
         let (low, low_mask) = probe(config, addr, offset);
         if low & 1 == 1 {
-            let mask = u64::from(low_mask & !3) | 0xffff_ffff_0000_0000;
-            let size = if low_mask & !3 == 0 {
+            // Devices that decode only 16 I/O address bits hardwire the upper half to zero.
+            let mut io_mask = low_mask & !3;
+            if io_mask != 0 && io_mask & 0xffff_0000 == 0 {
+                io_mask |= 0xffff_0000;
+            }
+            let mask = u64::from(io_mask) | 0xffff_ffff_0000_0000;
+            let size = if io_mask == 0 {
                 0
             } else {
                 size_from_mask(index, mask)?

@@ -427,6 +427,66 @@ mod tests {
     }
 
     #[test]
+    fn test_16bit_io_bar_is_sized_and_noncontiguous_mask_refused() {
+        // A 16-bit I/O decoder at 0xc040: the upper half of the BAR reads as zero.
+        let mut f = FakeFunction::new(at(1, 0), 1, 1);
+        f.set_u32(0x10, 0x0000_c041);
+        let config = FakeConfig::with(vec![f]);
+        // Size mask as a 16-bit decoder reports it after writing all ones.
+        struct SixteenBit<'a>(&'a FakeConfig);
+        impl ConfigAccess for SixteenBit<'_> {
+            fn read_u32(&self, addr: PciAddress, offset: u16) -> u32 {
+                let v = self.0.read_u32(addr, offset);
+                if offset == 0x10 && v == u32::MAX {
+                    0x0000_ffc1
+                } else {
+                    v
+                }
+            }
+            fn write_u32(&self, addr: PciAddress, offset: u16, value: u32) {
+                if offset == 0x10 {
+                    self.0.functions.borrow_mut()[0].set_u32(0x10, value);
+                } else {
+                    self.0.write_u32(addr, offset, value);
+                }
+            }
+            fn write_u16(&self, addr: PciAddress, offset: u16, value: u16) {
+                self.0.write_u16(addr, offset, value);
+            }
+        }
+        let bars = read_bars(&SixteenBit(&config), at(1, 0)).unwrap();
+        let b0 = bars[0].unwrap();
+        assert_eq!((b0.kind, b0.base, b0.size), (BarKind::Io, 0xc040, 0x40));
+
+        // A mask with a hole in it is no BAR a device can have.
+        let mut f = FakeFunction::new(at(1, 0), 1, 1);
+        f.set_u32(0x10, 0xc000_0000);
+        f.bar_sizes[0] = 0x1000;
+        let config = FakeConfig::with(vec![f]);
+        struct Holey<'a>(&'a FakeConfig);
+        impl ConfigAccess for Holey<'_> {
+            fn read_u32(&self, addr: PciAddress, offset: u16) -> u32 {
+                let v = self.0.read_u32(addr, offset);
+                if offset == 0x10 && v & 0xfff0_0000 == 0xfff0_0000 {
+                    0xff0f_f000
+                } else {
+                    v
+                }
+            }
+            fn write_u32(&self, addr: PciAddress, offset: u16, value: u32) {
+                self.0.write_u32(addr, offset, value);
+            }
+            fn write_u16(&self, addr: PciAddress, offset: u16, value: u16) {
+                self.0.write_u16(addr, offset, value);
+            }
+        }
+        assert!(matches!(
+            read_bars(&Holey(&config), at(1, 0)),
+            Err(BarError::BadSizeMask(0, _))
+        ));
+    }
+
+    #[test]
     fn test_64bit_bar_in_last_slot_is_refused() {
         let mut f = FakeFunction::new(at(1, 0), 1, 1);
         f.set_u32(0x24, 0x4);
