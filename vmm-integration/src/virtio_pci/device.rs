@@ -35,6 +35,7 @@ const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
 const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
 const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
 const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
+const VIRTIO_PCI_CAP_PCI_CFG: u8 = 5;
 const VIRTIO_PCI_CAP_SHARED_MEMORY_CFG: u8 = 8;
 
 /// Settings BAR (BAR 0, 32-bit) layout; every structure starts on its own page.
@@ -159,6 +160,9 @@ pub struct VirtioPciDevice {
     common: CommonConfig,
     msix: Arc<Mutex<MsixState>>,
     msix_cap_reg: usize,
+    /// First register of the VIRTIO_PCI_CAP_PCI_CFG capability (a window onto the BARs
+    /// through configuration space).
+    pci_cfg_cap_reg: usize,
     isr: Arc<AtomicU8>,
     generation: Arc<AtomicU8>,
     interrupt: Arc<VirtioPciInterrupt>,
@@ -263,6 +267,17 @@ impl VirtioPciDevice {
             .add_capability(&msix_cap)
             .map_err(VirtioPciError::Config)?;
         let msix_cap_reg = msix_cap_off / 4;
+        // struct virtio_pci_cfg_cap: the driver picks bar/offset/length, then accesses
+        // pci_cfg_data.
+        let pci_cfg_cap = virtio_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0, 0, &[0; 4]);
+        let pci_cfg_cap_reg = config
+            .add_capability(&pci_cfg_cap)
+            .map_err(VirtioPciError::Config)?
+            / 4;
+        for (reg, writable) in [(1, 0xff), (2, u32::MAX), (3, u32::MAX), (4, u32::MAX)] {
+            let r = pci_cfg_cap_reg + reg;
+            config.set_reg(r, config.read_reg(r), writable);
+        }
         config.set_reg(
             msix_cap_reg,
             config.read_reg(msix_cap_reg),
@@ -334,6 +349,7 @@ impl VirtioPciDevice {
             common,
             msix,
             msix_cap_reg,
+            pci_cfg_cap_reg,
             isr,
             generation,
             interrupt,
@@ -483,6 +499,7 @@ impl VirtioPciDevice {
             return;
         }
         let old = self.common.status;
+        log::debug!("{}: status {old:#x} -> {value:#x}", self.id);
         let mut new = value;
         if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
             if self.features_acceptable() {
@@ -625,8 +642,34 @@ impl VirtioPciDevice {
     }
 }
 
+impl VirtioPciDevice {
+    /// The settings-BAR access the PCI_CFG capability currently selects: (offset, length).
+    /// Only naturally aligned 1, 2 and 4-byte accesses inside BAR 0 are honoured.
+    fn pci_cfg_window(&self) -> Option<(u64, usize)> {
+        let base = self.pci_cfg_cap_reg;
+        let bar = self.config.read_reg(base + 1) & 0xff;
+        let offset = u64::from(self.config.read_reg(base + 2));
+        let len = self.config.read_reg(base + 3) as usize;
+        let fits = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= self.layout.size);
+        (bar == SETTINGS_BAR as u32
+            && matches!(len, 1 | 2 | 4)
+            && offset.is_multiple_of(len as u64)
+            && fits)
+            .then_some((offset, len))
+    }
+}
+
 impl PciDevice for VirtioPciDevice {
     fn read_config_register(&mut self, reg_idx: usize) -> u32 {
+        if reg_idx == self.pci_cfg_cap_reg + 4
+            && let Some((offset, len)) = self.pci_cfg_window()
+        {
+            let mut bytes = [0u8; 4];
+            self.read_settings(offset, &mut bytes[..len]);
+            return u32::from_le_bytes(bytes);
+        }
         self.config.read_reg(reg_idx)
     }
 
@@ -634,8 +677,14 @@ impl PciDevice for VirtioPciDevice {
         if !self.config.write_reg(reg_idx, offset, data) {
             return;
         }
-        if reg_idx == self.msix_cap_reg {
+        if reg_idx == self.pci_cfg_cap_reg + 4 {
+            if let Some((bar_offset, len)) = self.pci_cfg_window() {
+                let bytes = self.config.read_reg(reg_idx).to_le_bytes();
+                self.write_settings(bar_offset, &bytes[..len]);
+            }
+        } else if reg_idx == self.msix_cap_reg {
             let ctrl = (self.config.read_reg(reg_idx) >> 16) as u16;
+            log::debug!("{}: MSI-X control {ctrl:#x}", self.id);
             self.msix
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -255,6 +255,17 @@ fn walk_caps(h: &Harness, dev: u8) -> (Vec<FoundCap>, Option<u64>) {
     (caps, msix)
 }
 
+fn pci_cfg_cap_offset(h: &Harness, dev: u8) -> u64 {
+    let mut off = u64::from(h.cfg_read8(dev, 0x34));
+    while off != 0 {
+        if h.cfg_read8(dev, off) == 0x09 && h.cfg_read8(dev, off + 3) == 5 {
+            return off;
+        }
+        off = u64::from(h.cfg_read8(dev, off + 1));
+    }
+    panic!("no VIRTIO_PCI_CAP_PCI_CFG capability");
+}
+
 fn shm_list() -> VirtioSharedMemoryList {
     VirtioSharedMemoryList {
         addr: GuestAddress(0),
@@ -297,6 +308,7 @@ fn test_capability_walk_finds_every_virtio_and_shm_cap() {
         (one(4).bar, one(4).offset, one(4).length),
         (0, 0x2000, 0x1000)
     );
+    assert_eq!(by_type[&5].len(), 1, "one PCI_CFG capability");
     let notify = one(2);
     assert_eq!((notify.bar, notify.offset, notify.length), (0, 0x3000, 8));
     assert_eq!(notify.extra, 4, "notify_off_multiplier");
@@ -324,6 +336,22 @@ fn test_capability_walk_finds_every_virtio_and_shm_cap() {
     assert!(shm_addr >= layout::MMIO64_MIN_START);
     assert_eq!(log.lock().unwrap().shm_moves, vec![shm_addr]);
     assert!((layout::MMIO32_START..layout::PCI_ECAM_START).contains(&h.bar0(1)));
+
+    // The PCI_CFG capability is a window onto BAR 0: read num_queues through it, write
+    // queue_select through it.
+    let pci_cfg = pci_cfg_cap_offset(&h, 1);
+    h.cfg_write(1, pci_cfg + 4, &[0]);
+    h.cfg_write(1, pci_cfg + 8, &0x12u32.to_le_bytes());
+    h.cfg_write(1, pci_cfg + 12, &2u32.to_le_bytes());
+    assert_eq!(h.cfg_read32(1, pci_cfg + 16) & 0xffff, 2);
+    h.cfg_write(1, pci_cfg + 8, &0x16u32.to_le_bytes());
+    h.cfg_write(1, pci_cfg + 16, &1u16.to_le_bytes());
+    assert_eq!(h.r16(h.bar0(1) + 0x16), 1);
+    // A window past the BAR or misaligned reads plain config bytes and writes nothing.
+    h.cfg_write(1, pci_cfg + 8, &0xffff_fffeu32.to_le_bytes());
+    h.cfg_write(1, pci_cfg + 12, &4u32.to_le_bytes());
+    h.cfg_write(1, pci_cfg + 16, &7u32.to_le_bytes());
+    assert_eq!(h.r16(h.bar0(1) + 0x16), 1);
 
     // Both configuration mechanisms see the same bytes everywhere.
     for reg in 0..64u8 {
