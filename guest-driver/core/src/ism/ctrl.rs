@@ -168,11 +168,7 @@ impl CtrlQueue {
             let mut bytes = [0u8; REPLY_ROOM];
             self.buffer.read_bytes(REQUEST_ROOM, &mut bytes[..used]);
             if used == 0 {
-                return Err(ProtocolError::ShortReply {
-                    used: 0,
-                    needed: 1,
-                }
-                .into());
+                return Err(ProtocolError::ShortReply { used: 0, needed: 1 }.into());
             }
             return Ok(Reply {
                 status: Status::from_raw(bytes[0]),

@@ -15,8 +15,7 @@ use virtio_ism_proto::defs::{PCI_DEVICE_ID_ISM, PCI_VENDOR_ID_VIRTIO, VIRTIO_MSI
 use virtio_ism_proto::{
     AllocReplyHeader, AllocRequest, Area, AttachReplyHeader, AttachRequest, ConfigSpace,
     DetachRequest, EventVectorRequest, GrantDefaultRequest, GrantDeviceRequest,
-    QueryListReplyHeader, QueryRegionReplyHeader, QueryRegionRequest, Request, Status,
-    WireStruct,
+    QueryListReplyHeader, QueryRegionReplyHeader, QueryRegionRequest, Request, Status, WireStruct,
 };
 
 use super::ctrl::{CtrlQueue, MAX_LIST_TOKENS, Reply};
@@ -424,7 +423,10 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
     /// GRANT_SET_DEFAULT: `permissions` (`defs::perm` bits) for every device without a
     /// per-device grant.
     pub fn grant_default(&mut self, token: u64, permissions: u64) -> Result<(), IsmError> {
-        self.simple(Request::GrantDefault(GrantDefaultRequest { token, permissions }))
+        self.simple(Request::GrantDefault(GrantDefaultRequest {
+            token,
+            permissions,
+        }))
     }
 
     /// GRANT_SET_FOR_DEVICE: `permissions` for the device `peer_devid` only.
@@ -536,11 +538,9 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
             }
             let count = num as usize;
             let bytes = reply.need(QueryListReplyHeader::SIZE + 8 * count)?;
-            let tokens = virtio_ism_proto::ctrl::decode_tokens(
-                &bytes[QueryListReplyHeader::SIZE..],
-                num,
-            )
-            .map_err(|_| short(&reply))?;
+            let tokens =
+                virtio_ism_proto::ctrl::decode_tokens(&bytes[QueryListReplyHeader::SIZE..], num)
+                    .map_err(|_| short(&reply))?;
             for (slot, token) in out.iter_mut().zip(tokens) {
                 if token == 0 {
                     return Err(ProtocolError::ZeroToken.into());
@@ -662,7 +662,7 @@ fn shm_layout<'a, P: Platform>(
     }
     // Caps beyond what the transport kept could hide a duplicate; refuse rather than guess.
     if total > crate::virtio::MAX_SHM_REGIONS {
-        return Err(ConfigError::DuplicateShm(0));
+        return Err(ConfigError::TooManyShm(total));
     }
     let regions = found[0].ok_or(ConfigError::MissingShm(VIRTIO_ISM_SHM_ID_REGIONS))?;
     let notify = found[1].ok_or(ConfigError::MissingShm(VIRTIO_ISM_SHM_ID_NOTIFY))?;

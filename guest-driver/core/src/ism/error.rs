@@ -146,6 +146,9 @@ pub enum ConfigError {
     /// A shared-memory region id listed more than once.
     #[error("Shared-memory region {0} listed twice")]
     DuplicateShm(u8),
+    /// More shared-memory capabilities than the transport keeps: one could hide a duplicate.
+    #[error("{0} shared-memory capabilities, too many to check")]
+    TooManyShm(usize),
     /// The shared-memory regions are not in a 64-bit memory BAR.
     #[error("Shared-memory region {0} not in a 64-bit memory BAR")]
     ShmBar(u8),

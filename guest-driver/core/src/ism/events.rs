@@ -163,7 +163,10 @@ impl EventQueue {
     }
 
     /// Post every buffer (after DRIVER_OK).
-    pub fn fill<P: Platform>(&mut self, transport: &VirtioPciDevice<'_, P>) -> Result<(), IsmError> {
+    pub fn fill<P: Platform>(
+        &mut self,
+        transport: &VirtioPciDevice<'_, P>,
+    ) -> Result<(), IsmError> {
         for slot in 0..EVENT_QUEUE_SIZE {
             self.post(slot)?;
         }

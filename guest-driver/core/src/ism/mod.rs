@@ -33,6 +33,12 @@ mod error;
 mod events;
 mod region;
 
+#[cfg(test)]
+mod test_device;
+#[cfg(test)]
+mod tests;
+
+pub use crate::virtio::NO_VECTOR;
 pub use ctrl::{CTRL_QUEUE_SIZE, MAX_LIST_TOKENS};
 pub use driver::{Access, INITIAL_AREAS, IsmDriver, IsmInfo, IsmOptions, RegionInfo, find_ism};
 pub use error::{ConfigError, IsmError, Perm, ProtocolError};
@@ -40,11 +46,11 @@ pub use events::{EVENT_QUEUE_SIZE, IsmEvent};
 pub use region::{MAX_AREAS, PAGE_SIZE, Region, RegionWindow, WindowGeometry};
 pub use virtio_ism_proto::Area;
 
+/// Feature bit numbers of the extensions, and the mask helper for [`IsmOptions::features`].
+pub use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit};
 /// GRANT permission bits (`virtio_ism_proto::defs::perm`).
 pub use virtio_ism_proto::defs::perm::{
     VIRTIO_ISM_PERM_ATTACH as PERM_ATTACH, VIRTIO_ISM_PERM_CLEAN_DEFAULT as PERM_CLEAN_DEFAULT,
     VIRTIO_ISM_PERM_MANAGE as PERM_MANAGE, VIRTIO_ISM_PERM_READ as PERM_READ,
     VIRTIO_ISM_PERM_WRITE as PERM_WRITE,
 };
-/// Feature bit numbers of the extensions, and the mask helper for [`IsmOptions::features`].
-pub use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit};

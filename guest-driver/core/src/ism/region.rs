@@ -6,8 +6,8 @@
 //! access is a volatile load or store through the [`Platform`], bounds-checked against the
 //! region, and a region made of several areas is walked piece by piece.
 
-use virtio_ism_proto::ctrl::decode_areas;
 use virtio_ism_proto::Area;
+use virtio_ism_proto::ctrl::decode_areas;
 
 use super::error::{IsmError, ProtocolError};
 use crate::platform::{Platform, Width};
@@ -49,7 +49,8 @@ impl WindowGeometry {
         if num == 0 || num > capacity as u64 {
             return Err(ProtocolError::AreaCount { num, capacity });
         }
-        let iter = decode_areas(raw, num).map_err(|_| ProtocolError::AreaCount { num, capacity })?;
+        let iter =
+            decode_areas(raw, num).map_err(|_| ProtocolError::AreaCount { num, capacity })?;
         let mut areas = [Area::default(); MAX_AREAS];
         let count = num as usize;
         let mut total = 0u64;
@@ -63,10 +64,10 @@ impl WindowGeometry {
             if !area.offset.is_multiple_of(self.chunk_size) {
                 return Err(ProtocolError::AreaMisaligned(area.offset));
             }
-            if !area
+            if area
                 .offset
                 .checked_add(area.size)
-                .is_some_and(|end| end <= self.regions_len)
+                .is_none_or(|end| end > self.regions_len)
             {
                 return Err(ProtocolError::AreaOutsideWindow {
                     offset: area.offset,
@@ -183,7 +184,7 @@ impl<'p, P: Platform> RegionWindow<'p, P> {
     /// (a region from another device's driver would not).
     fn check(&self, region: &Region, offset: u64, len: usize) -> Result<(), IsmError> {
         let len = len as u64;
-        if !offset.checked_add(len).is_some_and(|end| end <= region.size) {
+        if offset.checked_add(len).is_none_or(|end| end > region.size) {
             return Err(IsmError::OutOfBounds {
                 offset,
                 len,
