@@ -15,7 +15,6 @@
 //! balance (used bytes = sum of live region sizes, never above the pool size).
 #![no_main]
 
-use std::sync::Arc;
 
 use ism_pool::handler::{Connection, Outgoing, PeerInfo};
 use ism_pool::wire::{self, MAX_MESSAGE_LEN, Reply};
@@ -108,10 +107,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(wire::decode_reply(&reply.encode(id)), Ok((id, reply)));
         }
 
-        let connection = &mut connections[usize::from(selector & 1)];
+        let which = usize::from(selector & 1);
         let truncated = selector & 2 != 0;
         let fds = usize::from(selector & 4 != 0);
-        let handled = connection.handle_packet(&packet, truncated, fds);
+        let handled = connections[which].handle_packet(&packet, truncated, fds);
         check_answers(&handled.out, &mut tokens);
         for connection in &connections {
             check_answers(&connection.drain_events(), &mut tokens);
@@ -129,7 +128,7 @@ fuzz_target!(|data: &[u8]| {
         check_books(&pool);
         if handled.close {
             // The broker drops a closed connection; start a fresh one in its place.
-            *connection = Connection::new(pool.clone(), peer(selector & 1 != 0));
+            connections[which] = Connection::new(pool.clone(), peer(which == 1));
         }
     }
     drop(connections);
