@@ -197,9 +197,21 @@ fn test_fragmented_alloc_retries_e2big_and_spans_areas() {
     // Bytes written across the area boundaries read back in order from one peer area.
     let data = pattern((5 * CHUNK) as usize, 3);
     ism_a.write(&region, 0, &data).unwrap();
+    // QUERY_REGION goes through the same retry.
+    let errors_before = a.counter("ctrl_errors");
+    assert_eq!(ism_a.query_region(region.token()).unwrap().region, region);
+    assert_eq!(a.counter("ctrl_errors"), errors_before + 1);
+    // B fragments its own window the same way; its ATTACH needs the retry too.
+    let b_singles: Vec<Region> = (0..CHUNKS).map(|_| ism_b.alloc(CHUNK).unwrap()).collect();
+    for r in b_singles.iter().skip(1).step_by(2) {
+        ism_b.detach(r.token()).unwrap();
+    }
     ism_a.grant_default(region.token(), RWA).unwrap();
+    let errors_before = b.counter("ctrl_errors");
     let seen = ism_b.attach(region.token(), Access::Read).unwrap();
-    assert_eq!(seen.areas().len(), 1);
+    assert_eq!(b.counter("ctrl_errors"), errors_before + 1);
+    assert_eq!(seen.areas().len(), 5);
+    assert_eq!(seen.areas()[0].offset, CHUNK);
     let mut out = vec![0u8; data.len()];
     ism_b.read(&seen, 0, &mut out).unwrap();
     assert_eq!(out, data);
