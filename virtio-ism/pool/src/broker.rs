@@ -2,11 +2,12 @@
 //! The broker daemon's server: a listening socket, one thread per client connection, all
 //! sharing one [`LocalPool`].
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::handler::{Connection, Outgoing, PeerInfo};
@@ -16,6 +17,10 @@ use crate::wire::{Reply, WireError};
 
 /// Connections served at once; beyond it newcomers are told so and closed.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections one process may have open at once, so that one VMM cannot use up the rest.
+pub const MAX_CONNECTIONS_PER_PROCESS: usize = 64;
+/// A client must say hello within this time, or it is disconnected.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not read its replies for this long is disconnected.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -37,7 +42,7 @@ pub struct Broker {
     pool: Arc<LocalPool>,
     listener: OwnedFd,
     path: PathBuf,
-    connections: Arc<AtomicUsize>,
+    connections: Arc<ConnectionCount>,
 }
 
 impl Broker {
@@ -56,7 +61,7 @@ impl Broker {
             pool,
             listener,
             path: path.to_path_buf(),
-            connections: Arc::new(AtomicUsize::new(0)),
+            connections: Arc::new(ConnectionCount::default()),
         })
     }
 
@@ -100,19 +105,21 @@ impl Broker {
     }
 
     fn spawn_connection(&self, socket: OwnedFd) {
-        let active = self.connections.fetch_add(1, Ordering::AcqRel) + 1;
-        let guard = ConnectionSlot(self.connections.clone());
-        if active > MAX_CONNECTIONS {
-            let error = Reply::Error(WireError::protocol("Too many connections"));
-            let _ = seqpacket::send(socket.as_fd(), &error.encode(0), None);
-            return;
-        }
         let peer = peer_info(&socket);
+        let slot = match ConnectionSlot::take(&self.connections, peer.pid) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                log::warn!("Refused connection from pid {:?}: {reason}", peer.pid);
+                let error = Reply::Error(WireError::protocol(reason));
+                let _ = seqpacket::send(socket.as_fd(), &error.encode(0), None);
+                return;
+            }
+        };
         let pool = self.pool.clone();
         let spawned = std::thread::Builder::new()
             .name("ism-pool-conn".into())
             .spawn(move || {
-                let _guard = guard;
+                let _slot = slot;
                 serve_connection(socket, Connection::new(pool, peer));
             });
         if let Err(e) = spawned {
@@ -138,11 +145,59 @@ mod libc_errno {
     pub const ENOBUFS: i32 = Errno::NOBUFS.raw_os_error();
 }
 
-struct ConnectionSlot(Arc<AtomicUsize>);
+/// Open connections, in total and per peer process.
+#[derive(Default)]
+struct ConnectionCount {
+    total: AtomicUsize,
+    per_process: Mutex<HashMap<u32, usize>>,
+}
+
+/// One counted connection; dropping it gives the slot back.
+struct ConnectionSlot {
+    count: Arc<ConnectionCount>,
+    pid: Option<u32>,
+}
+
+impl ConnectionSlot {
+    fn take(count: &Arc<ConnectionCount>, pid: Option<u32>) -> Result<Self, &'static str> {
+        if count.total.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            count.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("Too many connections");
+        }
+        // From here on, dropping the slot undoes the counts taken.
+        let mut slot = ConnectionSlot {
+            count: count.clone(),
+            pid: None,
+        };
+        if let Some(pid) = pid {
+            let mut per_process = count.per_process.lock().unwrap_or_else(|e| e.into_inner());
+            let open = per_process.entry(pid).or_insert(0);
+            if *open >= MAX_CONNECTIONS_PER_PROCESS {
+                return Err("Too many connections from this process");
+            }
+            *open += 1;
+            slot.pid = Some(pid);
+        }
+        Ok(slot)
+    }
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.count.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(pid) = self.pid {
+            let mut per_process = self
+                .count
+                .per_process
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(open) = per_process.get_mut(&pid) {
+                *open -= 1;
+                if *open == 0 {
+                    per_process.remove(&pid);
+                }
+            }
+        }
     }
 }
 
@@ -183,11 +238,23 @@ fn serve_connection(socket: OwnedFd, mut connection: Connection) {
     if let Err(e) = seqpacket::set_send_timeout(socket.as_fd(), SEND_TIMEOUT) {
         log::warn!("Failed to set send timeout: {e}");
     }
+    let hello_deadline = std::time::Instant::now() + HELLO_TIMEOUT;
     loop {
         let events = connection.session().cloned();
+        let timeout = if connection.said_hello() {
+            None
+        } else {
+            let left = hello_deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                log::info!("Client did not say hello in time");
+                break;
+            }
+            Some(left)
+        };
         let (socket_ready, events_ready) = match seqpacket::wait_readable(
             socket.as_fd(),
             events.as_ref().map(|s| s.event_fd_borrowed()),
+            timeout,
         ) {
             Ok(ready) => ready,
             Err(e) => {

@@ -79,6 +79,11 @@ impl Connection {
         }
     }
 
+    /// Whether the client has said hello yet.
+    pub fn said_hello(&self) -> bool {
+        !matches!(self.state, State::AwaitingHello)
+    }
+
     /// Pending pool events of this connection's session, as messages.
     pub fn drain_events(&self) -> Vec<Outgoing> {
         match self.session() {

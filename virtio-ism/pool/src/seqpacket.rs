@@ -137,26 +137,33 @@ pub fn shutdown(socket: BorrowedFd<'_>) {
     let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
 }
 
-/// Waits until `socket` or `extra` is readable (or hung up); returns (socket, extra).
+/// Waits until `socket` or `extra` is readable (or hung up), or `timeout` passes; returns
+/// (socket ready, extra ready), both false on timeout.
 pub fn wait_readable(
     socket: BorrowedFd<'_>,
     extra: Option<BorrowedFd<'_>>,
+    timeout: Option<Duration>,
 ) -> io::Result<(bool, bool)> {
-    use rustix::event::{PollFd, PollFlags};
+    use rustix::event::{PollFd, PollFlags, Timespec};
     let wanted = PollFlags::IN;
     let ready = |flags: PollFlags| {
         flags.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL)
     };
+    let timeout = timeout.map(|t| Timespec {
+        tv_sec: t.as_secs() as i64,
+        tv_nsec: i64::from(t.subsec_nanos()),
+    });
     loop {
         let result = match extra {
             Some(extra) => {
                 let mut fds = [PollFd::new(&socket, wanted), PollFd::new(&extra, wanted)];
-                rustix::event::poll(&mut fds, None)
+                rustix::event::poll(&mut fds, timeout.as_ref())
                     .map(|_| (ready(fds[0].revents()), ready(fds[1].revents())))
             }
             None => {
                 let mut fds = [PollFd::new(&socket, wanted)];
-                rustix::event::poll(&mut fds, None).map(|_| (ready(fds[0].revents()), false))
+                rustix::event::poll(&mut fds, timeout.as_ref())
+                    .map(|_| (ready(fds[0].revents()), false))
             }
         };
         match result {

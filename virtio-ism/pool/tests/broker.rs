@@ -563,7 +563,8 @@ fn raw_connect(socket: &Path) -> std::os::fd::OwnedFd {
 }
 
 fn raw_answer(conn: &std::os::fd::OwnedFd) -> Option<(u64, Reply)> {
-    let packet = seqpacket::recv(conn.as_fd()).unwrap()?;
+    // A connection the broker closed reads as end of stream or as a reset.
+    let packet = seqpacket::recv(conn.as_fd()).ok()??;
     Some(wire::decode_reply(&packet.bytes).unwrap())
 }
 
@@ -757,5 +758,38 @@ fn test_hugepage_pool_allocates_or_fails_cleanly() {
             assert_eq!(query_status(&broker.socket).unwrap().used, 0);
         }
         Err(e) => panic!("unexpected error {e:?}"),
+    }
+}
+
+#[test]
+fn test_one_process_cannot_take_every_connection() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let limit = ism_pool::broker::MAX_CONNECTIONS_PER_PROCESS;
+    let mut open: Vec<_> = (0..limit).map(|_| raw_connect(&broker.socket)).collect();
+    let refused = seqpacket::connect(&broker.socket).unwrap();
+    match raw_answer(&refused) {
+        Some((_, Reply::Error(e))) => assert!(e.text.contains("Too many connections"), "{e:?}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(raw_answer(&refused).is_none());
+    // Another process is still served.
+    let mut other = ClientProcess::spawn(&broker.socket);
+    assert!(parse_token(&other.cmd("alloc 4096")).is_some());
+    // Closing one connection frees a slot.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let conn = seqpacket::connect(&broker.socket).unwrap();
+        let hello = Request::Hello {
+            min_version: 1,
+            max_version: 1,
+            role: Role::Device,
+        };
+        let sent = seqpacket::send(conn.as_fd(), &hello.encode(1), None);
+        if sent.is_ok() && matches!(raw_answer(&conn), Some((1, Reply::HelloOk { .. }))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never came back");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
