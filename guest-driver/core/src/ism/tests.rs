@@ -426,8 +426,11 @@ fn test_kick_rings_peers_on_their_bound_vector() {
     let group = Group::new();
     let (a, b) = (group.device(), group.device());
     let (mut ism_a, mut ism_b) = (open(&a).unwrap(), open(&b).unwrap());
+    // Regions on both sides of the kicked one: a doorbell slot off by one would name them.
     ism_a.alloc(CHUNK).unwrap();
-    let region = ism_a.alloc(2 * CHUNK).unwrap();
+    let region = ism_a.alloc(CHUNK).unwrap();
+    ism_a.alloc(CHUNK).unwrap();
+    assert_eq!(region.first_offset(), CHUNK);
     ism_a.grant_default(region.token(), RWA).unwrap();
     let seen = ism_b.attach(region.token(), Access::ReadWrite).unwrap();
     ism_b
