@@ -120,8 +120,8 @@ fn recv_reply(socket: &OwnedFd) -> Result<((u64, Reply), Option<OwnedFd>), PoolE
 
 impl BrokerSession {
     /// Connects to the broker at `path` as a device and opens a session.
-    pub fn connect(path: &Path) -> Result<Arc<BrokerSession>, PoolError> {
-        let socket = seqpacket::connect(path).map_err(PoolError::Connection)?;
+    pub fn connect(path: impl AsRef<Path>) -> Result<Arc<BrokerSession>, PoolError> {
+        let socket = seqpacket::connect(path.as_ref()).map_err(PoolError::Connection)?;
         let (version, gid, devid) = handshake(&socket, Role::Device)?;
         if devid == 0 {
             return Err(PoolError::Protocol("Broker assigned devid 0".into()));
@@ -323,8 +323,8 @@ pub struct ObserverClient {
 }
 
 impl ObserverClient {
-    pub fn connect(path: &Path) -> Result<Self, PoolError> {
-        let socket = seqpacket::connect(path).map_err(PoolError::Connection)?;
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, PoolError> {
+        let socket = seqpacket::connect(path.as_ref()).map_err(PoolError::Connection)?;
         handshake(&socket, Role::Observer)?;
         Ok(ObserverClient { socket, next_id: 2 })
     }
@@ -387,11 +387,11 @@ impl ObserverClient {
 }
 
 /// Asks the broker at `path` for its status report.
-pub fn query_status(path: &Path) -> Result<PoolStatus, PoolError> {
+pub fn query_status(path: impl AsRef<Path>) -> Result<PoolStatus, PoolError> {
     ObserverClient::connect(path)?.status()
 }
 
 /// Asks the broker at `path` to revoke region `token`.
-pub fn revoke(path: &Path, token: Token) -> Result<(), PoolError> {
+pub fn revoke(path: impl AsRef<Path>, token: Token) -> Result<(), PoolError> {
     ObserverClient::connect(path)?.revoke(token)
 }

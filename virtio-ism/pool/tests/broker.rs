@@ -793,3 +793,50 @@ fn test_one_process_cannot_take_every_connection() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn test_revoke_subcommand_tells_every_holder() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn(&broker.socket);
+    let token = owner.alloc(4096);
+    assert_eq!(owner.cmd(&format!("grant {token} default {RO}")), "ok");
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=0");
+    assert!(owner.cmd("events 1").contains("PeerAttached"));
+    let output = Command::new(env!("CARGO_BIN_EXE_ism-pool"))
+        .args(["revoke", "--socket"])
+        .arg(&broker.socket)
+        .arg("--token")
+        .arg(format!("{token:#x}"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let revoked = format!("events [Revoked {{ token: {:?} }}]", Token(token));
+    assert_eq!(owner.cmd("events 1"), revoked);
+    assert_eq!(peer.cmd("events 1"), revoked);
+    assert!(
+        owner
+            .cmd(&format!("detach {token}"))
+            .contains("NoSuchRegion")
+    );
+    let status = query_status(&broker.socket).unwrap();
+    assert!(status.regions.is_empty());
+    assert_eq!(status.used, 0);
+}
+
+#[test]
+fn test_requests_fail_cleanly_when_the_broker_dies() {
+    let mut broker = BrokerProcess::start(&["--size", "16M"]);
+    let session = BrokerSession::connect(&broker.socket).unwrap();
+    session.alloc(4096).unwrap();
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+    assert!(matches!(
+        session.alloc(4096),
+        Err(ism_pool::PoolError::Connection(_))
+    ));
+    assert!(matches!(
+        BrokerSession::connect(&broker.socket),
+        Err(ism_pool::PoolError::Connection(_))
+    ));
+}
