@@ -148,6 +148,14 @@ enum Attempt<T> {
     TooBig(u64),
 }
 
+/// What `bring_up` made.
+struct Setup {
+    config: ConfigSpace,
+    geometry: WindowGeometry,
+    ctrl: CtrlQueue,
+    events: Option<EventQueue>,
+}
+
 /// A ready virtio-ism device.
 pub struct IsmDriver<'p, P: Platform> {
     platform: &'p P,
@@ -206,49 +214,20 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
         let mut transport = unsafe { VirtioPciDevice::new(platform, caps) }?;
         let wanted = options.features & (bit(VIRTIO_ISM_F_EVENT_QUEUE) | bit(VIRTIO_ISM_F_QUERY));
         let features = transport.initialize(wanted)?;
-        match Self::start(platform, transport, geometry, msix, features, options) {
-            Ok(driver) => Ok(driver),
-            Err((transport, e)) => {
+        let setup = match Self::bring_up(platform, &mut transport, geometry, features, options) {
+            Ok(setup) => setup,
+            Err(e) => {
                 // Best effort: the device may be gone; the setup error is what matters.
                 let _ = transport.add_status(status::FAILED);
-                Err(e)
+                return Err(e);
             }
-        }
-    }
-
-    /// Everything after FEATURES_OK. Gives the transport back on failure so `open` can set
-    /// FAILED.
-    #[allow(clippy::result_large_err)]
-    fn start(
-        platform: &'p P,
-        mut transport: VirtioPciDevice<'p, P>,
-        geometry: (u64, u64, u64, u64),
-        msix: Option<MsixTable<'p, P>>,
-        features: u64,
-        options: IsmOptions,
-    ) -> Result<Self, (VirtioPciDevice<'p, P>, IsmError)> {
-        macro_rules! tri {
-            ($e:expr) => {
-                match $e {
-                    Ok(v) => v,
-                    Err(e) => return Err((transport, IsmError::from(e))),
-                }
-            };
-        }
-        let config = tri!(read_config(&transport));
-        let geometry = tri!(validate_layout(&config, geometry));
-        let ctrl = tri!(CtrlQueue::new(platform, options.max_waits));
-        tri!(transport.setup_queue(CTRL_QUEUE_INDEX, ctrl.queue(), options.ctrl_vector));
-        let mut events = None;
-        if features & bit(VIRTIO_ISM_F_EVENT_QUEUE) != 0 {
-            let queue = tri!(EventQueue::new(platform));
-            tri!(transport.setup_queue(EVENT_QUEUE_INDEX, queue.queue(), options.event_vector));
-            events = Some(queue);
-        }
-        tri!(transport.driver_ok());
-        if let Some(queue) = events.as_mut() {
-            tri!(queue.fill(&transport));
-        }
+        };
+        let Setup {
+            config,
+            geometry,
+            ctrl,
+            events,
+        } = setup;
         Ok(Self {
             platform,
             transport,
@@ -266,6 +245,36 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
                 chunks: geometry.regions_len / geometry.chunk_size,
                 features,
             },
+        })
+    }
+
+    /// Everything after FEATURES_OK: config, queues, DRIVER_OK, event buffers.
+    fn bring_up(
+        platform: &'p P,
+        transport: &mut VirtioPciDevice<'p, P>,
+        shm: (u64, u64, u64, u64),
+        features: u64,
+        options: IsmOptions,
+    ) -> Result<Setup, IsmError> {
+        let config = read_config(transport)?;
+        let geometry = validate_layout(&config, shm)?;
+        let ctrl = CtrlQueue::new(platform, options.max_waits)?;
+        transport.setup_queue(CTRL_QUEUE_INDEX, ctrl.queue(), options.ctrl_vector)?;
+        let mut events = None;
+        if features & bit(VIRTIO_ISM_F_EVENT_QUEUE) != 0 {
+            let queue = EventQueue::new(platform)?;
+            transport.setup_queue(EVENT_QUEUE_INDEX, queue.queue(), options.event_vector)?;
+            events = Some(queue);
+        }
+        transport.driver_ok()?;
+        if let Some(queue) = events.as_mut() {
+            queue.fill(transport)?;
+        }
+        Ok(Setup {
+            config,
+            geometry,
+            ctrl,
+            events,
         })
     }
 
