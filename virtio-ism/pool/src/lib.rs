@@ -3,7 +3,12 @@
 //!
 //! - [`session`]: the [`PoolSession`] contract the device codes against.
 //! - [`LocalPool`]: the pool logic, usable in-process (a VMM without a broker socket).
+//! - [`broker`], [`handler`], [`wire`]: the `ism-pool` daemon, its per-connection request
+//!   handler and the protocol (docs/pool.md).
+//! - [`BrokerSession`]: the VMM side of the broker protocol.
+//! - [`PoolBackend`]: picks the broker or an embedded pool at VMM startup.
 
+pub mod backend;
 pub mod broker;
 pub mod client;
 pub mod config;
@@ -17,6 +22,8 @@ pub mod status;
 pub mod token;
 pub mod wire;
 
+pub use backend::PoolBackend;
+pub use client::BrokerSession;
 pub use config::{PoolConfig, parse_size};
 pub use local::{LocalPool, LocalSession};
 pub use session::*;
