@@ -193,15 +193,17 @@ impl VmRun {
 
     /// Run to completion or the timeout (then the VMM is killed and `status` is None).
     pub fn run(&self) -> VmOutcome {
+        // Resolve (maybe build) the VMM before the clock starts.
+        let vmm = vmm_binary();
         let start = Instant::now();
-        let child = Command::new(vmm_binary())
+        let child = Command::new(&vmm)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
-            .unwrap_or_else(|e| panic!("Failed to start {}: {e}", vmm_binary().display()));
+            .unwrap_or_else(|e| panic!("Failed to start {}: {e}", vmm.display()));
         let mut guard = ChildGuard {
             child,
             reaped: false,
