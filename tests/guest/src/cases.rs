@@ -253,13 +253,9 @@ fn rng(ctx: &Context<'_>) -> bool {
     };
     let distinct = distinct_bytes(&first[..n1]);
     let differ = first[..n1] != second[..n2];
-    // The MSI follows the used-ring update; give it a moment to land.
-    for _ in 0..1_000_000 {
-        if boot::irq_count(RNG_VECTOR) > 0 {
-            break;
-        }
-        core::hint::spin_loop();
-    }
+    // The MSI follows the used-ring update from another host thread; wait for it (bounded
+    // by about a second of timer ticks, so a loaded host does not make this flaky).
+    wait_for_irq(RNG_VECTOR, 1, 1000);
     report!(
         "rng_bytes={n1} rng_bytes2={n2} rng_distinct={distinct} rng_reads_differ={differ} rng_irqs={} dma_used={}",
         boot::irq_count(RNG_VECTOR),
@@ -274,6 +270,22 @@ fn distinct_bytes(bytes: &[u8]) -> u32 {
         seen[usize::from(*b)] = true;
     }
     seen.iter().filter(|s| **s).count() as u32
+}
+
+/// Halt until `vector` has been seen `count` times, or `max_ticks` LAPIC timer ticks (about
+/// 1 ms each) have passed. Returns whether the count was reached.
+fn wait_for_irq(vector: u8, count: u64, max_ticks: u64) -> bool {
+    if boot::irq_count(vector) >= count {
+        return true;
+    }
+    let start = boot::irq_count(apic::TIMER_VECTOR);
+    apic::start_periodic_timer(1_000_000);
+    while boot::irq_count(vector) < count && boot::irq_count(apic::TIMER_VECTOR) - start < max_ticks
+    {
+        boot::idle();
+    }
+    apic::stop_timer();
+    boot::irq_count(vector) >= count
 }
 
 fn timer_interrupts() -> bool {
