@@ -8,6 +8,40 @@ use core::ptr::NonNull;
 ///
 /// The freestanding test guest implements it with `in`/`out` instructions and an identity
 /// map; host unit tests implement it with in-memory fakes.
+///
+/// # Example
+///
+/// A platform with no ports and one 4-byte register, driven through a bounds-checked
+/// [`MmioRegion`](crate::mmio::MmioRegion):
+///
+/// ```
+/// use core::cell::Cell;
+/// use ism_guest_driver::mmio::MmioRegion;
+/// use ism_guest_driver::platform::{DmaRegion, Platform, Width};
+///
+/// struct OneRegister(Cell<u32>);
+///
+/// impl Platform for OneRegister {
+///     fn port_read_u8(&self, _: u16) -> u8 { 0xff }
+///     fn port_read_u16(&self, _: u16) -> u16 { 0xffff }
+///     fn port_read_u32(&self, _: u16) -> u32 { u32::MAX }
+///     fn port_write_u8(&self, _: u16, _: u8) {}
+///     fn port_write_u16(&self, _: u16, _: u16) {}
+///     fn port_write_u32(&self, _: u16, _: u32) {}
+///     fn mmio_allowed(&self, base: u64, len: u64) -> bool { base == 0x1000 && len <= 4 }
+///     unsafe fn mmio_read(&self, _: u64, _: Width) -> u64 { self.0.get().into() }
+///     unsafe fn mmio_write(&self, _: u64, _: Width, value: u64) { self.0.set(value as u32) }
+///     fn dma_alloc(&self, _: usize, _: usize) -> Option<DmaRegion> { None }
+/// }
+///
+/// let platform = OneRegister(Cell::new(0));
+/// // SAFETY: the "device" is the Cell above; nothing else lives at 0x1000.
+/// let regs = unsafe { MmioRegion::new(&platform, 0x1000, 4) };
+/// regs.write_u32(0, 0xabcd).unwrap();
+/// assert_eq!(regs.read_u32(0).unwrap(), 0xabcd);
+/// assert!(regs.read_u32(4).is_err()); // outside the window
+/// assert!(regs.read_u16(1).is_err()); // unaligned
+/// ```
 pub trait Platform {
     /// Read a byte from an I/O port.
     fn port_read_u8(&self, port: u16) -> u8;
