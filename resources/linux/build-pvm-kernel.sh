@@ -9,7 +9,8 @@
 #
 # Usage: build-pvm-kernel.sh [-j JOBS]      (takes ~5 min on 2 cores; run it in the background)
 # Prints KEY=VALUE lines on stdout: PVM_KERNEL_VERSION, PVM_KERNEL_TREE, PVM_VMLINUX,
-# PVM_BZIMAGE, PVM_INITRAMFS. Progress goes to stderr, the build log to the tree's build.log.
+# PVM_BZIMAGE, PVM_INITRAMFS (gzip), PVM_INITRAMFS_UNCOMPRESSED (same content, plain cpio).
+# Progress goes to stderr, the build log to the tree's build.log.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -93,10 +94,19 @@ if [ ! -f "$stamp" ]; then
         { tail -n 30 "$build_dir/build.log" >&2; die "Kernel build failed (see $build_dir/build.log)"; }
     log "kernel built in $(($(date +%s) - start)) s"
 
-    "$here/make-initramfs.sh" --output "$build_dir/initramfs.cpio.gz" >&2 ||
-        die "Could not build the initramfs"
     touch "$stamp"
 fi
+
+# The initramfs is cheap: rebuild it whenever the builder changed.
+for image in initramfs.cpio.gz initramfs.cpio; do
+    if [ ! -f "$build_dir/$image" ] || [ "$here/make-initramfs.sh" -nt "$build_dir/$image" ]; then
+        flag=""
+        [ "$image" = initramfs.cpio ] && flag=--uncompressed
+        # shellcheck disable=SC2086
+        "$here/make-initramfs.sh" --output "$build_dir/$image" $flag >&2 ||
+            die "Could not build $image"
+    fi
+done
 
 tree="$build_dir/linux"
 echo "PVM_KERNEL_VERSION=$(make -C "$tree" -s kernelrelease 2>/dev/null || echo "$src_ver")"
@@ -104,3 +114,4 @@ echo "PVM_KERNEL_TREE=$tree"
 echo "PVM_VMLINUX=$tree/vmlinux"
 echo "PVM_BZIMAGE=$tree/arch/x86/boot/bzImage"
 echo "PVM_INITRAMFS=$build_dir/initramfs.cpio.gz"
+echo "PVM_INITRAMFS_UNCOMPRESSED=$build_dir/initramfs.cpio"

@@ -120,9 +120,6 @@ if [ ! -f "$stamp" ]; then
     done
     log "modules: $(tr '\n' ' ' <"$out/modules/load-order")"
 
-    "$here/make-initramfs.sh" --output "$out/initramfs.cpio.gz" --modules "$out/modules" >&2 ||
-        die "Could not build the initramfs"
-
     # Headers for out-of-tree modules: the flavour package plus the -common and kbuild
     # packages it depends on, all unpacked into one root so their relative links resolve.
     headers_pkg="linux-headers-$release"
@@ -149,6 +146,12 @@ if [ ! -f "$stamp" ]; then
         need_tools "$compiler:$compiler"
     fi
     touch "$stamp"
+fi
+
+# The initramfs is cheap: rebuild it whenever the builder changed.
+if [ ! -f "$out/initramfs.cpio.gz" ] || [ "$here/make-initramfs.sh" -nt "$out/initramfs.cpio.gz" ]; then
+    "$here/make-initramfs.sh" --output "$out/initramfs.cpio.gz" --modules "$out/modules" >&2 ||
+        die "Could not build the initramfs"
 fi
 
 echo "DEBIAN_KERNEL_RELEASE=$release"
