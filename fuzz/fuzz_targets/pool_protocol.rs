@@ -15,7 +15,6 @@
 //! balance (used bytes = sum of live region sizes, never above the pool size).
 #![no_main]
 
-
 use ism_pool::handler::{Connection, Outgoing, PeerInfo};
 use ism_pool::wire::{self, MAX_MESSAGE_LEN, Reply};
 use ism_pool::{LocalPool, PoolConfig, Token};
@@ -34,10 +33,20 @@ fn check_answers(out: &[Outgoing], tokens: &mut Vec<Token>) {
         );
         match reply {
             Reply::Lease { token, .. } => {
-                assert!(message.fd.is_some(), "lease without descriptor");
+                assert_eq!(message.fds.len(), 1, "lease without its descriptor");
                 tokens.push(token);
             }
-            _ => assert!(message.fd.is_none(), "descriptor on a non-lease answer"),
+            Reply::Doorbells { devids, .. } => {
+                assert_eq!(
+                    message.fds.len(),
+                    devids.len(),
+                    "doorbells without descriptors"
+                )
+            }
+            _ => assert!(
+                message.fds.is_empty(),
+                "descriptor on an answer without one"
+            ),
         }
     }
 }

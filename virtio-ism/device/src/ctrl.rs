@@ -241,9 +241,7 @@ pub fn execute(regions: &Regions, request: Request, writable_len: u64) -> Respon
             GrantTarget::Device(DevId(req.peer_devid)),
             req.permissions,
         )),
-        Request::EventVector(req) => {
-            outcome(regions.lock().set_vector(Token(req.token), req.vector))
-        }
+        Request::EventVector(req) => outcome(regions.set_vector(Token(req.token), req.vector)),
         Request::QueryList => {
             let Some(capacity) = reply_capacity(writable_len, QueryListReplyHeader::SIZE, 8) else {
                 return Response::status(Status::Err);

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{ConfigError, IsmConfig, WindowLayout};
 use crate::metrics::IsmMetrics;
+use crate::notify::NotifyWiring;
 use crate::regions::{RegionTable, Regions, pool_status};
 use crate::window::{KickSink, ShmWindow};
 use crate::worker::{IsmWorker, WorkerError};
@@ -40,6 +41,8 @@ pub enum IsmError {
     Config(#[source] ConfigError),
     #[error("Failed to create the wake eventfd")]
     CreateWakeEvent(#[source] io::Error),
+    #[error("Failed to create the epoll instance for one-hop kicks")]
+    CreateKickEpoll(#[source] io::Error),
 }
 
 /// Why a host-side region operation failed.
@@ -110,7 +113,13 @@ impl Ism {
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
             regions: Arc::new(Regions::new(
-                RegionTable::new(layout, info, window, metrics.clone()),
+                RegionTable::new(
+                    layout,
+                    info,
+                    window,
+                    metrics.clone(),
+                    vmm_sys_util::epoll::Epoll::new().map_err(IsmError::CreateKickEpoll)?,
+                ),
                 session,
             )),
             metrics,
@@ -125,6 +134,14 @@ impl Ism {
     /// Where doorbell writes go (see [`KickSink`]). Without one, kicks are counted and dropped.
     pub fn with_kick_sink(mut self, sink: Arc<dyn KickSink>) -> Self {
         self.kick_sink = Some(sink);
+        self
+    }
+
+    /// Let the VMM bind notify slots to eventfds in the kernel (KVM ioeventfds), so kicks
+    /// reach peers without a userspace hop (see [`NotifyWiring`]). Without it every kick is
+    /// an MMIO exit handed to [`IsmHandle::handle_notify`].
+    pub fn with_notify_wiring(self, wiring: Arc<dyn NotifyWiring>) -> Self {
+        self.regions.lock().set_wiring(Some(wiring));
         self
     }
 
@@ -348,22 +365,41 @@ pub struct IsmHandle {
 }
 
 impl IsmHandle {
-    /// The guest wrote to shmid 2 at `offset` (relative to the notify area). Resolves the
-    /// region owning that slot and asks the kick sink to signal its other holders. Returns
-    /// the region kicked, if the slot belongs to one.
+    /// The guest wrote to shmid 2 at `offset` (relative to the notify area) and the write
+    /// trapped (no ioeventfd on it). Resolves the region owning that slot, writes the
+    /// doorbells its other holders published, and asks the kick sink to signal them as
+    /// well (for peers without a doorbell; one with both may see one extra interrupt).
+    /// Returns the region kicked, if the slot belongs to one.
     pub fn handle_notify(&self, offset: u64) -> Option<Token> {
         if offset >= self.layout.notify_len {
             return None;
         }
         let (token, from) = {
             let table = self.regions.lock();
-            (table.notify_target(offset)?, table.info().devid)
+            let token = table.notify_target(offset)?;
+            table.ring_doorbells(token);
+            (token, table.info().devid)
         };
         IsmMetrics::inc(&self.metrics.kicks);
         if let Some(sink) = &self.kick_sink {
             sink.kick_peers(from, token);
         }
         Some(token)
+    }
+
+    /// Wire every notify slot again. A VMM calls this after it moved the window (BAR
+    /// reprogramming), once the new base is in effect: the device unwires each wired slot
+    /// (the VMM removes the registration it recorded for that offset) and wires it again
+    /// (the VMM registers it at the new address).
+    pub fn rewire_all(&self) {
+        self.regions.lock().rewire_all();
+    }
+
+    /// Fan out the kicks that arrived on one-hop eventfds (the worker does this on its own;
+    /// for tests and VMMs that drive the device without its worker). Returns how many
+    /// regions were kicked.
+    pub fn serve_one_hop_kicks(&self) -> usize {
+        self.regions.lock().serve_one_hop_kicks()
     }
 
     /// A peer kicked `token`: raise the vector this guest bound to it. Returns whether an

@@ -5,13 +5,16 @@
 //! through an [`ism_pool::PoolSession`], maps them into its shared-memory window through a
 //! [`ShmWindow`] the VMM provides, and serves the control queue (and, when negotiated, the
 //! event queue) from a worker thread. [`IsmHandle`] is the VMM's side door: doorbells
-//! ([`KickSink`]), peer kicks and region hotplug. docs/protocol.md is the wire specification.
+//! ([`KickSink`]), peer kicks and region hotplug. Kicks between VMs take no userspace hop
+//! when the VMM provides a [`NotifyWiring`] (KVM ioeventfds on the notify slots, bound to the
+//! peers' irqfds, exchanged through the pool). docs/protocol.md is the wire specification.
 
 mod chunks;
 pub mod config;
 mod ctrl;
 mod device;
 mod metrics;
+mod notify;
 mod regions;
 mod window;
 mod worker;
@@ -20,6 +23,7 @@ pub use config::{ConfigError, IsmConfig, WindowLayout};
 pub use ctrl::{MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES};
 pub use device::{AVAIL_FEATURES, HandleError, Ism, IsmError, IsmHandle};
 pub use metrics::IsmMetrics;
+pub use notify::{MemoryWiring, NotifyWiring, WireOutcome};
 pub use regions::{MAX_MSIX_VECTOR, MAX_PENDING_EVENTS};
 pub use window::{KickSink, ShmWindow};
 pub use worker::{IsmWorker, WorkerError};

@@ -20,6 +20,17 @@ pub struct IsmMetrics {
     pub kicks: AtomicU64,
     /// Kicks received from peers and raised as an interrupt.
     pub kicks_delivered: AtomicU64,
+    /// Kicks that came through a one-hop eventfd (several peers) and were fanned out.
+    pub kicks_one_hop: AtomicU64,
+    /// Peer doorbells written by the device (one-hop and trap routes).
+    pub doorbell_writes: AtomicU64,
+    /// Regions whose notify slot signals the only peer's doorbell in the kernel now.
+    pub kick_routes_zero_hop: AtomicU64,
+    /// Regions whose notify slot signals the device's one-hop eventfd now.
+    pub kick_routes_one_hop: AtomicU64,
+    /// Times a notify slot got a slower route than wanted because the VMM could not wire
+    /// it (KVM limits) or an eventfd could not be set up.
+    pub kick_fallbacks: AtomicU64,
     /// Events written to the event queue.
     pub events_delivered: AtomicU64,
     /// Events dropped because the driver posted no buffers in time.
@@ -50,6 +61,11 @@ impl IsmMetrics {
             ("bytes_mapped", get(&self.bytes_mapped)),
             ("kicks", get(&self.kicks)),
             ("kicks_delivered", get(&self.kicks_delivered)),
+            ("kicks_one_hop", get(&self.kicks_one_hop)),
+            ("doorbell_writes", get(&self.doorbell_writes)),
+            ("kick_routes_zero_hop", get(&self.kick_routes_zero_hop)),
+            ("kick_routes_one_hop", get(&self.kick_routes_one_hop)),
+            ("kick_fallbacks", get(&self.kick_fallbacks)),
             ("events_delivered", get(&self.events_delivered)),
             ("events_dropped", get(&self.events_dropped)),
             ("event_errors", get(&self.event_errors)),

@@ -4,7 +4,7 @@
 //! request was copied out of guest memory and validated; nothing here touches guest memory.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ism_pool::{
@@ -15,10 +15,13 @@ use log::{debug, warn};
 use virtio_device::{VirtioInterrupt, VirtioInterruptType};
 use virtio_ism_proto::defs::{VIRTIO_MSI_NO_VECTOR, perm, region_flags};
 use virtio_ism_proto::{Area, Event, EventType, Status};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::chunks::{ChunkMap, Extent};
 use crate::config::WindowLayout;
 use crate::metrics::IsmMetrics;
+use crate::notify::{NotifyWiring, WireOutcome};
 use crate::window::ShmWindow;
 
 /// Granule the pool sizes regions in.
@@ -44,6 +47,22 @@ pub struct Region {
     pub vector: Option<u16>,
     /// Other holders this device knows of.
     pub peers: u64,
+    /// Doorbells the other holders published (their irqfds for this region), from the pool.
+    pub doorbells: Vec<(DevId, OwnedFd)>,
+    /// How the notify slot of the first chunk is wired.
+    pub route: Route,
+}
+
+/// Where a guest write to a region's notify slot goes (see `notify.rs`).
+#[derive(Debug, Default)]
+pub enum Route {
+    /// An MMIO exit to the VMM, which calls `IsmHandle::handle_notify`.
+    #[default]
+    Trap,
+    /// A KVM ioeventfd on the slot signals the only peer's doorbell directly.
+    ZeroHop,
+    /// A KVM ioeventfd on the slot signals this eventfd; the worker rings every doorbell.
+    OneHop(EventFd),
 }
 
 /// The facts about a region an event carries (the region may be gone already).
@@ -102,6 +121,10 @@ pub struct RegionTable {
     event_queue: bool,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     metrics: Arc<IsmMetrics>,
+    /// How notify slots are bound to eventfds in the kernel; without one every kick traps.
+    wiring: Option<Arc<dyn NotifyWiring>>,
+    /// Watches the one-hop eventfds; epoll data is the region token.
+    kick_epoll: Epoll,
 }
 
 impl RegionTable {
@@ -110,6 +133,7 @@ impl RegionTable {
         info: SessionInfo,
         window: Arc<dyn ShmWindow>,
         metrics: Arc<IsmMetrics>,
+        kick_epoll: Epoll,
     ) -> Self {
         Self {
             layout,
@@ -122,6 +146,8 @@ impl RegionTable {
             event_queue: false,
             interrupt: None,
             metrics,
+            wiring: None,
+            kick_epoll,
         }
     }
 
@@ -272,6 +298,8 @@ impl RegionTable {
                 extents: plan,
                 vector: None,
                 peers: 0,
+                doorbells: Vec::new(),
+                route: Route::Trap,
             },
         );
         Ok(())
@@ -279,6 +307,7 @@ impl RegionTable {
 
     /// Unmap a region and free its slots; the pool side is the caller's business.
     pub fn uninstall(&mut self, token: Token) -> Option<Region> {
+        self.unroute(token);
         let region = self.regions.remove(&token)?;
         for area in self.areas(&region) {
             if let Err(e) = self.window.unmap(area.offset, area.size) {
@@ -355,6 +384,8 @@ impl RegionTable {
                         self.post_event(EventType::Update, subject, 0);
                     }
                 }
+                // Regions::absorb_pool_events asks the pool for the new doorbells.
+                PoolEvent::DoorbellsChanged { .. } => {}
                 PoolEvent::Revoked { token } => {
                     // The pool already dropped our hold; just unmap.
                     if let Some(region) = self.uninstall(token) {
@@ -432,6 +463,198 @@ impl RegionTable {
         self.chunks.owner(slot)
     }
 
+    /// Bind notify slots through `wiring` from now on (and re-route what is held).
+    pub fn set_wiring(&mut self, wiring: Option<Arc<dyn NotifyWiring>>) {
+        for token in self.tokens() {
+            self.unroute(token);
+        }
+        self.wiring = wiring;
+        self.rewire_all();
+    }
+
+    /// The epoll instance watching one-hop eventfds (for the worker's loop).
+    pub fn kick_epoll_fd(&self) -> RawFd {
+        self.kick_epoll.as_raw_fd()
+    }
+
+    /// The eventfd that raises this guest's interrupt for `token` (its bound vector's irqfd),
+    /// to publish as this device's doorbell for the region.
+    pub fn own_doorbell(&self, token: Token) -> Option<EventFd> {
+        let vector = self.regions.get(&token)?.vector?;
+        self.interrupt
+            .as_ref()?
+            .notifier(VirtioInterruptType::Vector(vector))
+    }
+
+    /// The pool says these are the other holders' doorbells for `token` now.
+    pub fn set_peer_doorbells(&mut self, token: Token, doorbells: Vec<(DevId, OwnedFd)>) {
+        let Some(region) = self.regions.get_mut(&token) else {
+            return;
+        };
+        region.doorbells = doorbells;
+        self.reroute(token);
+    }
+
+    /// Window offset of the notify slot drivers ring for `region` (its first chunk's).
+    fn notify_slot(&self, region: &Region) -> Option<u64> {
+        region
+            .extents
+            .first()
+            .map(|e| self.layout.notify_offset + e.first * self.layout.notify_size)
+    }
+
+    /// Undo the wiring of `token`'s notify slot: writes trap again.
+    fn unroute(&mut self, token: Token) {
+        let Some(region) = self.regions.get_mut(&token) else {
+            return;
+        };
+        let route = std::mem::take(&mut region.route);
+        if matches!(route, Route::Trap) {
+            return;
+        }
+        let slot = self.notify_slot(&self.regions[&token]);
+        if let (Some(wiring), Some(slot)) = (&self.wiring, slot)
+            && let Err(e) = wiring.unwire(slot, self.layout.notify_size)
+        {
+            warn!("virtio-ism: unwiring the notify slot of {token} failed: {e}");
+        }
+        match route {
+            Route::ZeroHop => IsmMetrics::sub(&self.metrics.kick_routes_zero_hop, 1),
+            Route::OneHop(evt) => {
+                IsmMetrics::sub(&self.metrics.kick_routes_one_hop, 1);
+                let _ = self.kick_epoll.ctl(
+                    ControlOperation::Delete,
+                    evt.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+            Route::Trap => {}
+        }
+    }
+
+    /// Wire `token`'s notify slot for the doorbells it has now: straight to the only peer's
+    /// doorbell, else to a one-hop eventfd the worker fans out, else (no peer, or the VMM
+    /// out of resources) leave it trapping. A route slower than wanted counts a fallback.
+    fn reroute(&mut self, token: Token) {
+        self.unroute(token);
+        let Some(wiring) = self.wiring.clone() else {
+            return;
+        };
+        let Some(region) = self.regions.get(&token) else {
+            return;
+        };
+        let Some(slot) = self.notify_slot(region) else {
+            return;
+        };
+        let len = self.layout.notify_size;
+        let route = match region.doorbells.as_slice() {
+            [] => return,
+            [(_, doorbell)] => match wiring.wire(slot, len, doorbell.as_fd()) {
+                Ok(WireOutcome::Wired) => Some(Route::ZeroHop),
+                outcome => {
+                    log_refusal(token, "zero-hop", outcome);
+                    self.one_hop(&*wiring, token, slot)
+                }
+            },
+            _ => self.one_hop(&*wiring, token, slot),
+        };
+        match route {
+            Some(Route::ZeroHop) => IsmMetrics::inc(&self.metrics.kick_routes_zero_hop),
+            Some(Route::OneHop(_)) => IsmMetrics::inc(&self.metrics.kick_routes_one_hop),
+            _ => {}
+        }
+        let wanted_zero_hop = self.regions[&token].doorbells.len() == 1;
+        if !matches!(route, Some(Route::ZeroHop)) && (wanted_zero_hop || route.is_none()) {
+            IsmMetrics::inc(&self.metrics.kick_fallbacks);
+        }
+        if let (Some(route), Some(region)) = (route, self.regions.get_mut(&token)) {
+            region.route = route;
+        }
+    }
+
+    /// Wire the slot to a fresh eventfd the worker watches; None if anything refuses.
+    fn one_hop(&self, wiring: &dyn NotifyWiring, token: Token, slot: u64) -> Option<Route> {
+        let evt = match EventFd::new(EFD_NONBLOCK) {
+            Ok(evt) => evt,
+            Err(e) => {
+                warn!("virtio-ism: no eventfd for the kicks of {token}: {e}");
+                return None;
+            }
+        };
+        let fd = evt.as_raw_fd();
+        if let Err(e) = self.kick_epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token.0),
+        ) {
+            warn!("virtio-ism: watching the kicks of {token} failed: {e}");
+            return None;
+        }
+        match wiring.wire(slot, self.layout.notify_size, borrow_eventfd(&evt)) {
+            Ok(WireOutcome::Wired) => Some(Route::OneHop(evt)),
+            outcome => {
+                log_refusal(token, "one-hop", outcome);
+                let _ = self
+                    .kick_epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                None
+            }
+        }
+    }
+
+    /// Wire every region again (the VMM moved the window, or the wiring changed).
+    pub fn rewire_all(&mut self) {
+        for token in self.tokens() {
+            self.reroute(token);
+        }
+    }
+
+    /// Write every peer doorbell of `token`; returns how many were rung.
+    pub fn ring_doorbells(&self, token: Token) -> usize {
+        let Some(region) = self.regions.get(&token) else {
+            return 0;
+        };
+        let rung = region
+            .doorbells
+            .iter()
+            .filter(|(_, doorbell)| ring(doorbell))
+            .count();
+        IsmMetrics::add(&self.metrics.doorbell_writes, rung as u64);
+        rung
+    }
+
+    /// Serve the one-hop eventfds that fired: ring the doorbells of their regions. Returns
+    /// how many regions were kicked.
+    pub fn serve_one_hop_kicks(&self) -> usize {
+        let mut events = [EpollEvent::default(); 16];
+        let mut kicked = 0;
+        loop {
+            let ready = match self.kick_epoll.wait(0, &mut events) {
+                Ok(ready) => ready,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("virtio-ism: waiting on kick eventfds failed: {e}");
+                    return kicked;
+                }
+            };
+            for event in &events[..ready] {
+                let token = Token(event.data());
+                let Some(Route::OneHop(evt)) = self.regions.get(&token).map(|r| &r.route) else {
+                    continue;
+                };
+                // Nothing to read means another pass already served it.
+                if evt.read().is_ok() {
+                    IsmMetrics::inc(&self.metrics.kicks_one_hop);
+                    self.ring_doorbells(token);
+                    kicked += 1;
+                }
+            }
+            if ready < events.len() {
+                return kicked;
+            }
+        }
+    }
+
     /// A peer kicked `token`: raise its vector. Returns whether an interrupt was raised.
     pub fn deliver_kick(&self, token: Token) -> bool {
         let Some(vector) = self.regions.get(&token).and_then(|r| r.vector) else {
@@ -452,6 +675,40 @@ impl RegionTable {
     }
 }
 
+/// vmm-sys-util's EventFd does not implement AsFd.
+fn borrow_eventfd(evt: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor belongs to `evt` and stays open while the borrow (tied to
+    // `evt`'s lifetime) lives.
+    unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) }
+}
+
+fn log_refusal(token: Token, route: &str, outcome: std::io::Result<WireOutcome>) {
+    match outcome {
+        Ok(WireOutcome::Wired) => {}
+        Ok(WireOutcome::NoResources) => {
+            debug!("virtio-ism: no resources for a {route} kick route of {token}")
+        }
+        Err(e) => warn!("virtio-ism: wiring a {route} kick route of {token} failed: {e}"),
+    }
+}
+
+/// Signal one peer doorbell without ever blocking: a peer could hand over an eventfd whose
+/// counter is full and whose O_NONBLOCK is clear, and this runs on the device's threads.
+fn ring(doorbell: &OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(doorbell, PollFlags::OUT)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&now)) {
+        Ok(1) if fds[0].revents().contains(PollFlags::OUT) => {
+            rustix::io::write(doorbell, &1u64.to_ne_bytes()).is_ok()
+        }
+        _ => false,
+    }
+}
+
 /// The region table behind its lock, plus the pool session. Shared by the worker thread
 /// (control and event queues) and the VMM-facing handle (hotplug, doorbells, reset).
 ///
@@ -461,6 +718,9 @@ impl RegionTable {
 pub struct Regions {
     table: Mutex<RegionTable>,
     session: Arc<dyn PoolSession>,
+    /// Serialises doorbell refreshes, so an older answer from the pool never overwrites a
+    /// newer one.
+    refresh: Mutex<()>,
 }
 
 impl Regions {
@@ -468,6 +728,7 @@ impl Regions {
         Self {
             table: Mutex::new(table),
             session,
+            refresh: Mutex::new(()),
         }
     }
 
@@ -514,8 +775,46 @@ impl Regions {
             .install_lease(lease, capacity, false, hotplugged);
         if installed.is_err() {
             self.give_back(token);
+        } else {
+            self.refresh_doorbells(token);
         }
         installed
+    }
+
+    /// EVENT_VECTOR_SET, then publish the vector's irqfd as this device's doorbell for the
+    /// region (or withdraw it when unbound or the transport has none).
+    pub fn set_vector(&self, token: Token, vector: u64) -> Result<(), Refusal> {
+        let doorbell = {
+            let mut table = self.lock();
+            table.set_vector(token, vector)?;
+            table.own_doorbell(token)
+        };
+        let result = match &doorbell {
+            Some(doorbell) => self
+                .session
+                .publish_doorbell(token, borrow_eventfd(doorbell)),
+            None => self.session.withdraw_doorbell(token),
+        };
+        match result {
+            Ok(()) | Err(PoolError::DoorbellsUnsupported) => {}
+            Err(e) => warn!("virtio-ism: publishing the doorbell of {token} failed: {e}"),
+        }
+        Ok(())
+    }
+
+    /// Ask the pool for the other holders' doorbells of `token` and re-route its kicks.
+    pub fn refresh_doorbells(&self, token: Token) {
+        let _one_at_a_time = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
+        let doorbells = match self.session.peer_doorbells(token) {
+            Ok(doorbells) => doorbells,
+            Err(PoolError::DoorbellsUnsupported) => return,
+            Err(e) => {
+                // Typically NotHeld: the region went away meanwhile.
+                debug!("virtio-ism: no doorbells for {token}: {e}");
+                Vec::new()
+            }
+        };
+        self.lock().set_peer_doorbells(token, doorbells);
     }
 
     /// DETACH_REGION.
@@ -574,8 +873,21 @@ impl Regions {
     /// Take what the pool reported and fold it into the table.
     pub fn absorb_pool_events(&self) {
         let events = self.session.take_events();
-        if !events.is_empty() {
-            self.lock().absorb(events);
+        if events.is_empty() {
+            return;
+        }
+        let mut changed: Vec<Token> = events
+            .iter()
+            .filter_map(|event| match event {
+                PoolEvent::DoorbellsChanged { token } => Some(*token),
+                _ => None,
+            })
+            .collect();
+        changed.sort();
+        changed.dedup();
+        self.lock().absorb(events);
+        for token in changed {
+            self.refresh_doorbells(token);
         }
     }
 }

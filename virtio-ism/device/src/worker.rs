@@ -44,6 +44,7 @@ const EPOLL_CTRL: u64 = 1;
 const EPOLL_EVENTQ: u64 = 2;
 const EPOLL_WAKE: u64 = 3;
 const EPOLL_POOL: u64 = 4;
+const EPOLL_KICKS: u64 = 5;
 /// How often pool events are polled when the session has no event fd.
 const POOL_POLL_MS: i32 = 100;
 
@@ -143,6 +144,12 @@ impl IsmWorker {
         self.process_event_queue()
     }
 
+    /// Fan out kicks that arrived on one-hop eventfds to every peer doorbell. Returns how
+    /// many regions were kicked.
+    pub fn process_one_hop_kicks(&mut self) -> usize {
+        self.regions.lock().serve_one_hop_kicks()
+    }
+
     fn notify(
         queue: &mut Queue,
         mem: &vm_memory::GuestMemoryMmap,
@@ -181,6 +188,7 @@ impl IsmWorker {
         if let Some(fd) = self.pool_fd {
             add(fd, EPOLL_POOL)?;
         }
+        add(self.regions.lock().kick_epoll_fd(), EPOLL_KICKS)?;
         let timeout = if self.pool_fd.is_some() {
             -1
         } else {
@@ -227,6 +235,9 @@ impl IsmWorker {
                         }
                         // Events that arrived while draining.
                         self.process_pool_events()?;
+                    }
+                    EPOLL_KICKS => {
+                        self.process_one_hop_kicks();
                     }
                     other => error!("virtio-ism: unexpected epoll token {other}"),
                 }

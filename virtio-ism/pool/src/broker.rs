@@ -222,12 +222,9 @@ fn peer_info(socket: &OwnedFd) -> PeerInfo {
 
 fn send_all(socket: &OwnedFd, out: Vec<Outgoing>) -> io::Result<()> {
     for message in out {
-        seqpacket::send(
-            socket.as_fd(),
-            &message.bytes,
-            message.fd.as_ref().map(|fd| fd.as_fd()),
-        )?;
-        // The lease fd is closed here: the client now owns its copy.
+        let fds: Vec<_> = message.fds.iter().map(|fd| fd.as_fd()).collect();
+        seqpacket::send_fds(socket.as_fd(), &message.bytes, &fds)?;
+        // The lease or doorbell fds are closed here: the client now owns its copies.
     }
     Ok(())
 }
@@ -276,8 +273,8 @@ fn serve_connection(socket: OwnedFd, mut connection: Connection) {
                 break;
             }
         };
-        // Descriptors a client sends are never used; they close when `packet` drops.
-        let handled = connection.handle_packet(&packet.bytes, packet.truncated, packet.fds.len());
+        // Descriptors are used only by PUBLISH_DOORBELL; the rest close unused.
+        let handled = connection.handle_message(&packet.bytes, packet.truncated, packet.fds);
         if send_all(&socket, handled.out).is_err() || handled.close {
             break;
         }

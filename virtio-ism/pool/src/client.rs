@@ -2,7 +2,7 @@
 //! The VMM side of the broker protocol: [`BrokerSession`] implements [`PoolSession`] over
 //! the broker socket, and [`query_status`] / [`revoke`] serve operator tools.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -15,7 +15,7 @@ use crate::session::{
     DevId, GrantTarget, Perms, PoolError, PoolEvent, PoolSession, RegionLease, SessionInfo, Token,
 };
 use crate::status::PoolStatus;
-use crate::wire::{self, MAX_VERSION, MIN_VERSION, Reply, Request, Role};
+use crate::wire::{self, DOORBELL_VERSION, MAX_VERSION, MIN_VERSION, Reply, Request, Role};
 
 /// How long a request waits for the broker's answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,11 +29,11 @@ fn connection_error(text: &str) -> PoolError {
     ))
 }
 
-/// A reply with the descriptor that came with it.
+/// A reply with the descriptors that came with it.
 struct Answer {
     id: u64,
     reply: Reply,
-    fd: Option<OwnedFd>,
+    fds: Vec<OwnedFd>,
 }
 
 #[derive(Default)]
@@ -78,7 +78,7 @@ fn handshake(socket: &OwnedFd, role: Role) -> Result<(u16, u64, u64), PoolError>
         role,
     };
     seqpacket::send(socket.as_fd(), &hello.encode(1), None).map_err(PoolError::Connection)?;
-    let (answer, _fd) = recv_reply(socket)?;
+    let (answer, _fds) = recv_reply(socket)?;
     match answer {
         (
             1,
@@ -99,7 +99,7 @@ fn handshake(socket: &OwnedFd, role: Role) -> Result<(u16, u64, u64), PoolError>
 }
 
 /// Receives and decodes one broker message.
-fn recv_reply(socket: &OwnedFd) -> Result<((u64, Reply), Option<OwnedFd>), PoolError> {
+fn recv_reply(socket: &OwnedFd) -> Result<((u64, Reply), Vec<OwnedFd>), PoolError> {
     let packet = seqpacket::recv(socket.as_fd())
         .map_err(PoolError::Connection)?
         .ok_or_else(|| connection_error("Broker closed the connection"))?;
@@ -108,14 +108,18 @@ fn recv_reply(socket: &OwnedFd) -> Result<((u64, Reply), Option<OwnedFd>), PoolE
     }
     let decoded = wire::decode_reply(&packet.bytes)
         .map_err(|e| PoolError::Protocol(format!("Malformed message from broker: {e}")))?;
-    let mut fds = packet.fds.into_iter();
-    let fd = fds.next();
-    if fds.next().is_some() {
-        return Err(PoolError::Protocol(
-            "Too many descriptors from broker".into(),
-        ));
+    let expected = match &decoded.1 {
+        Reply::Lease { .. } => 1,
+        Reply::Doorbells { devids, .. } => devids.len(),
+        _ => 0,
+    };
+    if packet.fds.len() != expected {
+        return Err(PoolError::Protocol(format!(
+            "Broker sent {} descriptors with a message that carries {expected}",
+            packet.fds.len()
+        )));
     }
-    Ok((decoded, fd))
+    Ok((decoded, packet.fds))
 }
 
 impl BrokerSession {
@@ -156,7 +160,16 @@ impl BrokerSession {
     }
 
     /// Sends `request` and waits for its answer.
-    fn call(&self, request: Request) -> Result<(Reply, Option<OwnedFd>), PoolError> {
+    fn call(&self, request: Request) -> Result<(Reply, Vec<OwnedFd>), PoolError> {
+        self.call_with(request, None)
+    }
+
+    /// Sends `request` with `fd` attached and waits for its answer.
+    fn call_with(
+        &self,
+        request: Request,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(Reply, Vec<OwnedFd>), PoolError> {
         let _one_at_a_time = self.request_lock.lock().unwrap_or_else(|e| e.into_inner());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
@@ -165,7 +178,7 @@ impl BrokerSession {
                 return Err(connection_error(reason));
             }
         }
-        seqpacket::send(self.shared.socket.as_fd(), &request.encode(id), None)
+        seqpacket::send(self.shared.socket.as_fd(), &request.encode(id), fd)
             .map_err(PoolError::Connection)?;
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut inbox = self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
@@ -173,7 +186,7 @@ impl BrokerSession {
             if let Some(answer) = inbox.answer.take() {
                 // Answers to earlier requests that timed out are stale: drop them.
                 if answer.id == id {
-                    return Ok((answer.reply, answer.fd));
+                    return Ok((answer.reply, answer.fds));
                 }
                 continue;
             }
@@ -197,7 +210,8 @@ impl BrokerSession {
     }
 
     fn call_lease(&self, request: Request) -> Result<RegionLease, PoolError> {
-        match self.call(request)? {
+        let (reply, fds) = self.call(request)?;
+        match (reply, fds.into_iter().next()) {
             (
                 Reply::Lease {
                     token,
@@ -223,12 +237,63 @@ impl BrokerSession {
     }
 
     fn call_unit(&self, request: Request) -> Result<(), PoolError> {
-        match self.call(request)? {
-            (Reply::Ok, None) => Ok(()),
+        unit_answer(self.call(request)?)
+    }
+
+    fn doorbells_supported(&self) -> Result<(), PoolError> {
+        if self.version < DOORBELL_VERSION {
+            return Err(PoolError::DoorbellsUnsupported);
+        }
+        Ok(())
+    }
+
+    /// One PEER_DOORBELLS page: (generation, total, doorbells).
+    fn doorbell_page(
+        &self,
+        token: Token,
+        start: u32,
+    ) -> Result<(u64, u32, Vec<(DevId, OwnedFd)>), PoolError> {
+        match self.call(Request::PeerDoorbells { token, start })? {
+            (
+                Reply::Doorbells {
+                    generation,
+                    total,
+                    start: got,
+                    devids,
+                },
+                fds,
+            ) if got == start.min(total) => {
+                for fd in &fds {
+                    if !is_eventfd(fd.as_fd()) {
+                        return Err(PoolError::Protocol(
+                            "Broker sent a doorbell that is not an eventfd".into(),
+                        ));
+                    }
+                }
+                Ok((generation, total, devids.into_iter().zip(fds).collect()))
+            }
             (Reply::Error(e), _) => Err(e.into_pool_error()),
             (other, _) => Err(PoolError::Protocol(format!("Unexpected answer: {other:?}"))),
         }
     }
+}
+
+/// How many times a paged doorbell listing restarts because the set kept changing.
+const DOORBELL_LIST_ATTEMPTS: usize = 8;
+
+fn unit_answer((reply, fds): (Reply, Vec<OwnedFd>)) -> Result<(), PoolError> {
+    match (reply, fds.is_empty()) {
+        (Reply::Ok, true) => Ok(()),
+        (Reply::Error(e), _) => Err(e.into_pool_error()),
+        (other, _) => Err(PoolError::Protocol(format!("Unexpected answer: {other:?}"))),
+    }
+}
+
+/// Whether `fd` is an eventfd (what a doorbell must be).
+fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
 }
 
 /// A lease must be exactly what the broker says: a file of `size` bytes whose access mode
@@ -256,9 +321,9 @@ fn read_loop(shared: &Shared) {
     let reason = loop {
         match recv_reply(&shared.socket) {
             Ok(((_, Reply::Event(event)), _)) => shared.events.push(event),
-            Ok(((id, reply), fd)) => {
+            Ok(((id, reply), fds)) => {
                 let mut inbox = shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
-                inbox.answer = Some(Answer { id, reply, fd });
+                inbox.answer = Some(Answer { id, reply, fds });
                 shared.arrived.notify_all();
             }
             Err(PoolError::Protocol(text)) => {
@@ -307,6 +372,37 @@ impl PoolSession for BrokerSession {
         })
     }
 
+    fn publish_doorbell(&self, token: Token, doorbell: BorrowedFd<'_>) -> Result<(), PoolError> {
+        self.doorbells_supported()?;
+        unit_answer(self.call_with(Request::PublishDoorbell { token }, Some(doorbell))?)
+    }
+
+    fn withdraw_doorbell(&self, token: Token) -> Result<(), PoolError> {
+        self.doorbells_supported()?;
+        self.call_unit(Request::WithdrawDoorbell { token })
+    }
+
+    /// Reads the list page by page; if the set changes meanwhile (the generation moves), it
+    /// starts over, so the answer is always one consistent set.
+    fn peer_doorbells(&self, token: Token) -> Result<Vec<(DevId, OwnedFd)>, PoolError> {
+        self.doorbells_supported()?;
+        'attempt: for _ in 0..DOORBELL_LIST_ATTEMPTS {
+            let (generation, total, mut doorbells) = self.doorbell_page(token, 0)?;
+            while doorbells.len() < total as usize {
+                let start = u32::try_from(doorbells.len()).unwrap_or(u32::MAX);
+                let (next_generation, _, page) = self.doorbell_page(token, start)?;
+                if next_generation != generation || page.is_empty() {
+                    continue 'attempt;
+                }
+                doorbells.extend(page);
+            }
+            return Ok(doorbells);
+        }
+        Err(PoolError::Protocol(
+            "Doorbell set kept changing while being listed".into(),
+        ))
+    }
+
     fn take_events(&self) -> Vec<PoolEvent> {
         self.shared.events.take()
     }
@@ -339,7 +435,7 @@ impl ObserverClient {
 
     fn next_answer(&self, id: u64) -> Result<Reply, PoolError> {
         loop {
-            let ((reply_id, reply), _fd) = recv_reply(&self.socket)?;
+            let ((reply_id, reply), _fds) = recv_reply(&self.socket)?;
             if reply_id == id {
                 return Ok(reply);
             }

@@ -3,14 +3,14 @@
 //!
 //! It owns no socket, so tests and the fuzz target drive it with plain byte slices.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use crate::local::{LocalPool, LocalSession};
-use crate::session::{PoolError, PoolSession};
+use crate::session::{PoolError, PoolEvent, PoolSession};
 use crate::wire::{
-    self, MAX_MESSAGE_LEN, MAX_VERSION, MIN_VERSION, Reply, Request, Role, STATUS_CHUNK_LEN,
-    WireError,
+    self, DOORBELL_VERSION, MAX_DOORBELLS_PER_REPLY, MAX_MESSAGE_LEN, MAX_VERSION, MIN_VERSION,
+    Reply, Request, Role, STATUS_CHUNK_LEN, WireError,
 };
 
 /// Who is on the other end, from SO_PEERCRED.
@@ -21,18 +21,19 @@ pub struct PeerInfo {
     pub trusted: bool,
 }
 
-/// One message to send, with the lease fd it carries if any.
+/// One message to send, with the descriptors it carries: one lease fd with LEASE, one
+/// doorbell per devid with DOORBELLS, none otherwise.
 #[derive(Debug)]
 pub struct Outgoing {
     pub bytes: Vec<u8>,
-    pub fd: Option<OwnedFd>,
+    pub fds: Vec<OwnedFd>,
 }
 
 impl Outgoing {
     fn reply(id: u64, reply: &Reply) -> Self {
         Outgoing {
             bytes: reply.encode(id),
-            fd: None,
+            fds: Vec::new(),
         }
     }
 
@@ -51,8 +52,13 @@ pub struct Handled {
 
 enum State {
     AwaitingHello,
-    Device { session: Arc<LocalSession> },
-    Observer { version: u16 },
+    Device {
+        session: Arc<LocalSession>,
+        version: u16,
+    },
+    Observer {
+        version: u16,
+    },
 }
 
 /// The broker side of one client connection.
@@ -74,7 +80,7 @@ impl Connection {
     /// The pool session behind this connection, once it said hello as a device.
     pub fn session(&self) -> Option<&Arc<LocalSession>> {
         match &self.state {
-            State::Device { session } => Some(session),
+            State::Device { session, .. } => Some(session),
             _ => None,
         }
     }
@@ -84,26 +90,47 @@ impl Connection {
         !matches!(self.state, State::AwaitingHello)
     }
 
-    /// Pending pool events of this connection's session, as messages.
+    /// Pending pool events of this connection's session, as messages. A version-1 client
+    /// does not know DOORBELLS_CHANGED and never publishes doorbells: it does not get it.
     pub fn drain_events(&self) -> Vec<Outgoing> {
-        match self.session() {
-            Some(session) => session
-                .take_events()
-                .into_iter()
-                .map(|event| Outgoing::reply(0, &Reply::Event(event)))
-                .collect(),
-            None => Vec::new(),
-        }
+        let State::Device { session, version } = &self.state else {
+            return Vec::new();
+        };
+        session
+            .take_events()
+            .into_iter()
+            .filter(|event| {
+                *version >= DOORBELL_VERSION || !matches!(event, PoolEvent::DoorbellsChanged { .. })
+            })
+            .map(|event| Outgoing::reply(0, &Reply::Event(event)))
+            .collect()
     }
 
-    /// Handles one received packet. `truncated` says the packet was longer than the receive
-    /// buffer; `fds_attached` counts descriptors that came with it (already closed).
+    /// Handles one received packet whose descriptors were already closed: `fds_attached`
+    /// counts them. A request that needs a descriptor is refused.
     pub fn handle_packet(
         &mut self,
         packet: &[u8],
         truncated: bool,
         fds_attached: usize,
     ) -> Handled {
+        if fds_attached > 0 {
+            let before_hello = matches!(self.state, State::AwaitingHello);
+            return Handled {
+                out: vec![Outgoing::error(
+                    0,
+                    WireError::protocol("Unexpected file descriptors from client"),
+                )],
+                close: before_hello,
+            };
+        }
+        self.handle_message(packet, truncated, Vec::new())
+    }
+
+    /// Handles one received packet with the descriptors that came with it. `truncated` says
+    /// the packet was longer than the receive buffer. Only PUBLISH_DOORBELL may carry a
+    /// descriptor (exactly one); descriptors sent with anything else are closed unused.
+    pub fn handle_message(&mut self, packet: &[u8], truncated: bool, fds: Vec<OwnedFd>) -> Handled {
         let before_hello = matches!(self.state, State::AwaitingHello);
         let refuse = |id: u64, error: WireError| Handled {
             out: vec![Outgoing::error(id, error)],
@@ -115,12 +142,6 @@ impl Connection {
                 WireError::protocol(format!("Message longer than {MAX_MESSAGE_LEN} bytes")),
             );
         }
-        if fds_attached > 0 {
-            return refuse(
-                0,
-                WireError::protocol("Unexpected file descriptors from client"),
-            );
-        }
         let (id, request) = match wire::decode_request(packet) {
             Ok(decoded) => decoded,
             Err(e) => {
@@ -130,6 +151,15 @@ impl Connection {
                 );
             }
         };
+        let publishing = matches!(request, Request::PublishDoorbell { .. });
+        if fds.len() != usize::from(publishing) {
+            let text = if publishing {
+                "PUBLISH_DOORBELL needs exactly one descriptor"
+            } else {
+                "Unexpected file descriptors from client"
+            };
+            return refuse(id, WireError::protocol(text));
+        }
         match (&self.state, request) {
             (
                 State::AwaitingHello,
@@ -141,8 +171,8 @@ impl Connection {
             ) => self.hello(id, min_version, max_version, role),
             (State::AwaitingHello, _) => refuse(id, WireError::protocol("Expected hello first")),
             (_, Request::Hello { .. }) => refuse(id, WireError::protocol("Hello sent twice")),
-            (State::Device { session }, request) => Handled {
-                out: vec![device_request(session, id, request)],
+            (State::Device { session, version }, request) => Handled {
+                out: vec![device_request(session, *version, id, request, fds)],
                 close: false,
             },
             (State::Observer { version }, request) => Handled {
@@ -170,7 +200,7 @@ impl Connection {
             Role::Device => match self.pool.open_session(self.peer.pid) {
                 Ok(session) => {
                     let devid = session.devid().0;
-                    self.state = State::Device { session };
+                    self.state = State::Device { session, version };
                     devid
                 }
                 Err(e) => {
@@ -229,8 +259,40 @@ fn result_reply(id: u64, result: Result<(), PoolError>) -> Outgoing {
     }
 }
 
-fn device_request(session: &LocalSession, id: u64, request: Request) -> Outgoing {
+fn device_request(
+    session: &LocalSession,
+    version: u16,
+    id: u64,
+    request: Request,
+    fds: Vec<OwnedFd>,
+) -> Outgoing {
+    let doorbell_request = matches!(
+        request,
+        Request::PublishDoorbell { .. }
+            | Request::WithdrawDoorbell { .. }
+            | Request::PeerDoorbells { .. }
+    );
+    if doorbell_request && version < DOORBELL_VERSION {
+        return Outgoing::error(
+            id,
+            WireError::protocol(format!(
+                "Doorbells need protocol version {DOORBELL_VERSION}"
+            )),
+        );
+    }
     let lease = match request {
+        Request::PublishDoorbell { token } => {
+            let Some(doorbell) = fds.first() else {
+                return Outgoing::error(id, WireError::protocol("Doorbell descriptor missing"));
+            };
+            return result_reply(id, session.publish_doorbell(token, doorbell.as_fd()));
+        }
+        Request::WithdrawDoorbell { token } => {
+            return result_reply(id, session.withdraw_doorbell(token));
+        }
+        Request::PeerDoorbells { token, start } => {
+            return doorbells_reply(session, id, token, start);
+        }
         Request::Alloc { size } => session.alloc(size),
         Request::Attach { token, want } => session.attach(token, want),
         Request::Detach { token } => return result_reply(id, session.detach(token)),
@@ -257,9 +319,34 @@ fn device_request(session: &LocalSession, id: u64, request: Request) -> Outgoing
                 writable: lease.writable,
             }
             .encode(id),
-            fd: Some(lease.fd),
+            fds: vec![lease.fd],
         },
         Err(e) => Outgoing::error(id, WireError::from_pool_error(&e)),
+    }
+}
+
+fn doorbells_reply(
+    session: &LocalSession,
+    id: u64,
+    token: crate::session::Token,
+    start: u32,
+) -> Outgoing {
+    let page = match session.peer_doorbell_page(token, start as usize, MAX_DOORBELLS_PER_REPLY) {
+        Ok(page) => page,
+        Err(e) => return Outgoing::error(id, WireError::from_pool_error(&e)),
+    };
+    // A start past the end gets an empty page with the true total.
+    let start = start.min(page.total);
+    let (devids, fds) = page.doorbells.into_iter().unzip();
+    Outgoing {
+        bytes: Reply::Doorbells {
+            generation: page.generation,
+            total: page.total,
+            start,
+            devids,
+        }
+        .encode(id),
+        fds,
     }
 }
 
@@ -342,8 +429,8 @@ mod tests {
     fn test_version_mismatch_is_refused() {
         let mut conn = Connection::new(pool(), peer(false));
         let packet = Request::Hello {
-            min_version: 2,
-            max_version: 9,
+            min_version: MAX_VERSION + 1,
+            max_version: MAX_VERSION + 7,
             role: Role::Device,
         }
         .encode(1);
@@ -364,6 +451,16 @@ mod tests {
         let handled = conn.handle_packet(&packet, false, 0);
         assert!(matches!(
             one_reply(&handled).1,
+            Reply::HelloOk {
+                version: MAX_VERSION,
+                ..
+            }
+        ));
+        // A version-1 client still gets version 1.
+        let mut conn = Connection::new(pool(), peer(false));
+        let handled = conn.handle_packet(&hello(Role::Device), false, 0);
+        assert!(matches!(
+            one_reply(&handled).1,
             Reply::HelloOk { version: 1, .. }
         ));
     }
@@ -373,7 +470,7 @@ mod tests {
         let pool = pool();
         let mut conn = device(&pool);
         let handled = conn.handle_packet(&Request::Alloc { size: 8192 }.encode(9), false, 0);
-        assert!(handled.out[0].fd.is_some());
+        assert_eq!(handled.out[0].fds.len(), 1);
         assert!(matches!(
             one_reply(&handled),
             (

@@ -5,6 +5,7 @@
 //! runs one too and gives every connection a [`LocalSession`] of it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,6 +37,10 @@ struct Region {
     default_perms: Perms,
     grants: BTreeMap<DevId, Perms>,
     holders: BTreeSet<DevId>,
+    /// Each holder's published doorbell (the pool's own duplicate).
+    doorbells: BTreeMap<DevId, OwnedFd>,
+    /// Bumped whenever `doorbells` changes, so a paged listing can detect a change.
+    doorbell_generation: u64,
 }
 
 impl Region {
@@ -105,6 +110,10 @@ impl PoolState {
         if !region.holders.remove(&devid) {
             return;
         }
+        let had_doorbell = region.doorbells.remove(&devid).is_some();
+        if had_doorbell {
+            region.doorbell_generation += 1;
+        }
         let size = region.memory.size();
         self.refund(vm, size);
         let region = &self.regions[&token];
@@ -115,8 +124,41 @@ impl PoolState {
             self.used -= size;
         } else {
             self.notify_holders(region, None, PoolEvent::PeerDetached { token, peer: devid });
+            if had_doorbell {
+                self.notify_holders(region, None, PoolEvent::DoorbellsChanged { token });
+            }
         }
     }
+
+    /// The region `devid` holds under `token`.
+    fn held_region(&mut self, devid: DevId, token: Token) -> Result<&mut Region, PoolError> {
+        let region = self
+            .regions
+            .get_mut(&token)
+            .ok_or(PoolError::NoSuchRegion(token))?;
+        if !region.holders.contains(&devid) {
+            return Err(PoolError::NotHeld { token });
+        }
+        Ok(region)
+    }
+}
+
+/// One page of the doorbells other holders published for a region.
+#[derive(Debug)]
+pub struct DoorbellPage {
+    /// Changes whenever the region's doorbell set does.
+    pub generation: u64,
+    /// Doorbells of other holders in all.
+    pub total: u32,
+    /// Duplicates, from the requested index on, in devid order.
+    pub doorbells: Vec<(DevId, OwnedFd)>,
+}
+
+/// Whether `fd` is an eventfd: a doorbell is written by peers (8 bytes, or by KVM), so
+/// anything else (a pipe that blocks, a socket) is refused.
+fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
 }
 
 /// An in-process region pool.
@@ -242,6 +284,7 @@ impl LocalPool {
                 default_perms: region.default_perms.0,
                 grants: region.grants.iter().map(|(d, p)| (d.0, p.0)).collect(),
                 holders: region.holders.iter().map(|d| d.0).collect(),
+                doorbells: region.doorbells.keys().map(|d| d.0).collect(),
             })
             .collect();
         regions.sort_by_key(|r| r.token);
@@ -315,6 +358,8 @@ impl LocalPool {
                 default_perms: Perms::NONE,
                 grants: BTreeMap::new(),
                 holders: BTreeSet::from([devid]),
+                doorbells: BTreeMap::new(),
+                doorbell_generation: 0,
             },
         );
         state.used += size;
@@ -427,6 +472,62 @@ impl LocalPool {
         Ok(())
     }
 
+    fn publish_doorbell(
+        &self,
+        devid: DevId,
+        token: Token,
+        doorbell: BorrowedFd<'_>,
+    ) -> Result<(), PoolError> {
+        if !is_eventfd(doorbell) {
+            return Err(PoolError::NotAnEventfd { token });
+        }
+        let copy = doorbell
+            .try_clone_to_owned()
+            .map_err(PoolError::DupDoorbell)?;
+        let mut state = self.lock();
+        let region = state.held_region(devid, token)?;
+        region.doorbells.insert(devid, copy);
+        region.doorbell_generation += 1;
+        let region = &state.regions[&token];
+        state.notify_holders(region, Some(devid), PoolEvent::DoorbellsChanged { token });
+        Ok(())
+    }
+
+    fn withdraw_doorbell(&self, devid: DevId, token: Token) -> Result<(), PoolError> {
+        let mut state = self.lock();
+        let region = state.held_region(devid, token)?;
+        if region.doorbells.remove(&devid).is_none() {
+            return Ok(());
+        }
+        region.doorbell_generation += 1;
+        let region = &state.regions[&token];
+        state.notify_holders(region, Some(devid), PoolEvent::DoorbellsChanged { token });
+        Ok(())
+    }
+
+    fn doorbell_page(
+        &self,
+        devid: DevId,
+        token: Token,
+        start: usize,
+        max: usize,
+    ) -> Result<DoorbellPage, PoolError> {
+        let mut state = self.lock();
+        let region = state.held_region(devid, token)?;
+        let others = region.doorbells.iter().filter(|(peer, _)| **peer != devid);
+        let total = others.clone().count();
+        let doorbells = others
+            .skip(start)
+            .take(max)
+            .map(|(peer, fd)| Ok((*peer, fd.try_clone().map_err(PoolError::DupDoorbell)?)))
+            .collect::<Result<Vec<_>, PoolError>>()?;
+        Ok(DoorbellPage {
+            generation: region.doorbell_generation,
+            total: u32::try_from(total).unwrap_or(u32::MAX),
+            doorbells,
+        })
+    }
+
     fn close_session(&self, devid: DevId) {
         let mut state = self.lock();
         let held: Vec<Token> = match state.sessions.get(&devid) {
@@ -494,6 +595,17 @@ impl LocalSession {
         &self.pool
     }
 
+    /// Up to `max` doorbells of the other holders of `token`, from index `start` on (the
+    /// broker's paged PEER_DOORBELLS).
+    pub fn peer_doorbell_page(
+        &self,
+        token: Token,
+        start: usize,
+        max: usize,
+    ) -> Result<DoorbellPage, PoolError> {
+        self.pool.doorbell_page(self.devid, token, start, max)
+    }
+
     /// The event queue's eventfd, for poll.
     pub fn event_fd_borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
         self.events.fd()
@@ -535,6 +647,21 @@ impl PoolSession for LocalSession {
 
     fn grant(&self, token: Token, target: GrantTarget, perms: Perms) -> Result<(), PoolError> {
         self.pool.grant(self.devid, token, target, perms)
+    }
+
+    fn publish_doorbell(&self, token: Token, doorbell: BorrowedFd<'_>) -> Result<(), PoolError> {
+        self.pool.publish_doorbell(self.devid, token, doorbell)
+    }
+
+    fn withdraw_doorbell(&self, token: Token) -> Result<(), PoolError> {
+        self.pool.withdraw_doorbell(self.devid, token)
+    }
+
+    fn peer_doorbells(&self, token: Token) -> Result<Vec<(DevId, OwnedFd)>, PoolError> {
+        Ok(self
+            .pool
+            .doorbell_page(self.devid, token, 0, usize::MAX)?
+            .doorbells)
     }
 
     fn take_events(&self) -> Vec<PoolEvent> {

@@ -19,8 +19,9 @@ use rustix::net::{
 
 use crate::wire::MAX_MESSAGE_LEN;
 
-/// Most descriptors accepted with one packet; more are closed by the kernel.
-const MAX_FDS_PER_PACKET: usize = 4;
+/// Most descriptors sent or accepted with one packet (a full DOORBELLS reply); more are
+/// closed by the kernel.
+pub const MAX_FDS_PER_PACKET: usize = crate::wire::MAX_DOORBELLS_PER_REPLY;
 
 fn new_socket() -> io::Result<OwnedFd> {
     Ok(rustix::net::socket_with(
@@ -60,14 +61,24 @@ pub fn set_send_timeout(socket: BorrowedFd<'_>, timeout: Duration) -> io::Result
 
 /// Sends one packet, with `fd` attached if given.
 pub fn send(socket: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    match fd {
+        Some(fd) => send_fds(socket, bytes, &[fd]),
+        None => send_fds(socket, bytes, &[]),
+    }
+}
+
+/// Sends one packet with up to MAX_FDS_PER_PACKET descriptors attached.
+pub fn send_fds(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS_PER_PACKET {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "Too many descriptors for one packet",
+        ));
+    }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_PACKET))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    let fds;
-    if let Some(fd) = fd {
-        fds = [fd];
-        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-            return Err(io::Error::other("Control buffer too small"));
-        }
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("Control buffer too small"));
     }
     let sent = rustix::net::sendmsg(
         socket,

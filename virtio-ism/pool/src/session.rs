@@ -5,7 +5,7 @@
 //! it talks to.
 
 use std::fmt;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 /// Host-wide name of a region: an unguessable 64-bit random value.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,6 +87,9 @@ pub enum PoolEvent {
     Updated { token: Token },
     /// The region was taken away from this session (operator removal); it must unmap it.
     Revoked { token: Token },
+    /// A peer holding the region published, replaced or withdrew its doorbell: ask
+    /// [`PoolSession::peer_doorbells`] again.
+    DoorbellsChanged { token: Token },
 }
 
 /// Which permission an attach lacked.
@@ -109,6 +112,12 @@ pub enum PoolError {
     PermissionDenied { token: Token, missing: MissingPerm },
     #[error("Invalid region size {0}: must be non-zero and a multiple of the page size")]
     InvalidSize(u64),
+    #[error("Doorbell for region {token} is not an eventfd")]
+    NotAnEventfd { token: Token },
+    #[error("Failed to duplicate a doorbell descriptor")]
+    DupDoorbell(#[source] std::io::Error),
+    #[error("This pool does not exchange doorbells")]
+    DoorbellsUnsupported,
     #[error("Pool has {available} bytes free, {requested} requested")]
     PoolExhausted { requested: u64, available: u64 },
     #[error("Per-VM quota of {limit} bytes exceeded ({used} used, {requested} requested)")]
@@ -148,6 +157,30 @@ pub trait PoolSession: Send + Sync {
 
     /// Events queued for this session since the last call.
     fn take_events(&self) -> Vec<PoolEvent>;
+
+    /// Publish `doorbell`, the eventfd that raises this session's guest interrupt for
+    /// `token` (a KVM irqfd), to the other holders of the region; replaces an earlier one.
+    /// The pool keeps its own duplicate. Refused unless this session holds the region and
+    /// `doorbell` is an eventfd. Other holders get [`PoolEvent::DoorbellsChanged`].
+    fn publish_doorbell(&self, token: Token, doorbell: BorrowedFd<'_>) -> Result<(), PoolError> {
+        let _ = (token, doorbell);
+        Err(PoolError::DoorbellsUnsupported)
+    }
+
+    /// Withdraw this session's doorbell for `token` (vector unbound). Detaching the region
+    /// or closing the session withdraws it too. Not an error if none was published.
+    fn withdraw_doorbell(&self, token: Token) -> Result<(), PoolError> {
+        let _ = token;
+        Err(PoolError::DoorbellsUnsupported)
+    }
+
+    /// Duplicates of the doorbells the *other* holders of `token` published, by devid.
+    /// Writing 1 to one raises that peer's interrupt for the region; nothing else is
+    /// possible with it. Refused unless this session holds the region.
+    fn peer_doorbells(&self, token: Token) -> Result<Vec<(DevId, OwnedFd)>, PoolError> {
+        let _ = token;
+        Err(PoolError::DoorbellsUnsupported)
+    }
 
     /// A file descriptor that becomes readable when events are queued (for a device's epoll
     /// loop). The sessions in this crate reset it inside `take_events` (before taking the

@@ -49,6 +49,9 @@ pub struct RegionStatus {
     pub grants: Vec<(u64, u64)>,
     /// Devids of its holders.
     pub holders: Vec<u64>,
+    /// Devids of the holders that published a doorbell (protocol version 2).
+    #[serde(default)]
+    pub doorbells: Vec<u64>,
 }
 
 fn perms_text(bits: u64) -> String {

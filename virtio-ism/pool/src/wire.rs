@@ -6,9 +6,16 @@
 
 use crate::session::{DevId, MissingPerm, Perms, PoolError, PoolEvent, Token};
 
-/// Protocol versions this build speaks.
+/// Protocol versions this build speaks. Version 2 adds the doorbell exchange
+/// (PUBLISH_DOORBELL, WITHDRAW_DOORBELL, PEER_DOORBELLS, DOORBELLS and the
+/// DOORBELLS_CHANGED event); everything else is as in version 1.
 pub const MIN_VERSION: u16 = 1;
-pub const MAX_VERSION: u16 = 1;
+pub const MAX_VERSION: u16 = 2;
+/// First version with the doorbell exchange.
+pub const DOORBELL_VERSION: u16 = 2;
+/// Most doorbells (and descriptors) one DOORBELLS reply carries; larger sets take several
+/// PEER_DOORBELLS requests.
+pub const MAX_DOORBELLS_PER_REPLY: usize = 16;
 /// First field of a hello body, so that a stray client is told off at once.
 pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"ISMP");
 /// Largest message either side sends or accepts (header included).
@@ -27,6 +34,9 @@ pub mod kind {
     pub const GRANT: u16 = 0x0005;
     pub const STATUS: u16 = 0x0006;
     pub const REVOKE: u16 = 0x0007;
+    pub const PUBLISH_DOORBELL: u16 = 0x0008;
+    pub const WITHDRAW_DOORBELL: u16 = 0x0009;
+    pub const PEER_DOORBELLS: u16 = 0x000a;
 
     pub const HELLO_OK: u16 = 0x8001;
     pub const OK: u16 = 0x8002;
@@ -34,6 +44,7 @@ pub mod kind {
     pub const ERROR: u16 = 0x8004;
     pub const EVENT: u16 = 0x8005;
     pub const STATUS_CHUNK: u16 = 0x8006;
+    pub const DOORBELLS: u16 = 0x8007;
 }
 
 /// What a connection is for, declared in its hello.
@@ -81,6 +92,18 @@ pub enum Request {
     Revoke {
         token: Token,
     },
+    /// Comes with exactly one descriptor: the eventfd to publish.
+    PublishDoorbell {
+        token: Token,
+    },
+    WithdrawDoorbell {
+        token: Token,
+    },
+    /// The other holders' doorbells from index `start` on.
+    PeerDoorbells {
+        token: Token,
+        start: u32,
+    },
 }
 
 /// A decoded broker message.
@@ -105,6 +128,15 @@ pub enum Reply {
         offset: u32,
         data: Vec<u8>,
     },
+    /// Doorbells `start..start + devids.len()` of `total`, one descriptor per devid in
+    /// order. `generation` changes whenever the region's doorbell set does, so a client
+    /// reading several pages can tell that it must start over.
+    Doorbells {
+        generation: u64,
+        total: u32,
+        start: u32,
+        devids: Vec<DevId>,
+    },
 }
 
 /// A refusal as it travels: a code, three numeric arguments and a text.
@@ -125,6 +157,9 @@ pub mod error_code {
     pub const ALREADY_HELD: u32 = 7;
     pub const CREATE_MEMORY: u32 = 8;
     pub const PROTOCOL: u32 = 9;
+    pub const NOT_AN_EVENTFD: u32 = 10;
+    pub const DUP_DOORBELL: u32 = 11;
+    pub const DOORBELLS_UNSUPPORTED: u32 = 12;
 }
 
 fn missing_to_raw(missing: MissingPerm) -> u64 {
@@ -185,6 +220,13 @@ impl WireError {
                 [e.raw_os_error().unwrap_or(0) as u64, 0, 0],
                 e.to_string(),
             ),
+            PoolError::NotAnEventfd { token } => (NOT_AN_EVENTFD, [token.0, 0, 0], String::new()),
+            PoolError::DupDoorbell(e) => (
+                DUP_DOORBELL,
+                [e.raw_os_error().unwrap_or(0) as u64, 0, 0],
+                e.to_string(),
+            ),
+            PoolError::DoorbellsUnsupported => (DOORBELLS_UNSUPPORTED, [0; 3], String::new()),
             PoolError::Connection(e) => (PROTOCOL, [0; 3], format!("Broker connection: {e}")),
             PoolError::Protocol(text) => (PROTOCOL, [0; 3], text.clone()),
         };
@@ -241,6 +283,11 @@ impl WireError {
                 ))
             }
             PROTOCOL => PoolError::Protocol(self.text),
+            NOT_AN_EVENTFD => PoolError::NotAnEventfd { token: Token(a) },
+            DUP_DOORBELL => {
+                PoolError::DupDoorbell(std::io::Error::other(format!("Broker: {}", self.text)))
+            }
+            DOORBELLS_UNSUPPORTED => PoolError::DoorbellsUnsupported,
             other => PoolError::Protocol(format!("Unknown error code {other}: {}", self.text)),
         }
     }
@@ -279,6 +326,8 @@ pub enum DecodeError {
     UnknownEvent(u32),
     #[error("Status chunk out of range")]
     BadChunk,
+    #[error("Doorbell list out of range")]
+    BadDoorbells,
     #[error("Error text is not UTF-8")]
     BadText,
 }
@@ -422,6 +471,18 @@ pub fn decode_request(packet: &[u8]) -> Result<(u64, Request), DecodeError> {
         kind::REVOKE => Request::Revoke {
             token: Token(expect_len(id, kind, body, 8)?.u64()),
         },
+        kind::PUBLISH_DOORBELL => Request::PublishDoorbell {
+            token: Token(expect_len(id, kind, body, 8)?.u64()),
+        },
+        kind::WITHDRAW_DOORBELL => Request::WithdrawDoorbell {
+            token: Token(expect_len(id, kind, body, 8)?.u64()),
+        },
+        kind::PEER_DOORBELLS => {
+            let mut f = expect_len(id, kind, body, 16)?;
+            let token = Token(f.u64());
+            let start = f.u32();
+            Request::PeerDoorbells { token, start }
+        }
         other => return Err(DecodeError::UnknownKind { id, kind: other }),
     };
     Ok((id, request))
@@ -486,6 +547,7 @@ pub fn decode_reply(packet: &[u8]) -> Result<(u64, Reply), DecodeError> {
                 2 => PoolEvent::PeerDetached { token, peer },
                 3 => PoolEvent::Updated { token },
                 4 => PoolEvent::Revoked { token },
+                5 => PoolEvent::DoorbellsChanged { token },
                 other => return Err(DecodeError::UnknownEvent(other)),
             })
         }
@@ -510,6 +572,42 @@ pub fn decode_reply(packet: &[u8]) -> Result<(u64, Reply), DecodeError> {
                 total,
                 offset,
                 data,
+            }
+        }
+        kind::DOORBELLS => {
+            if body.len() < 24 {
+                return Err(DecodeError::BodyLength {
+                    id,
+                    kind,
+                    expected: 24,
+                    actual: body.len(),
+                });
+            }
+            let mut f = Fields { bytes: body };
+            let generation = f.u64();
+            let total = f.u32();
+            let start = f.u32();
+            let count = f.u32() as usize;
+            let _reserved = f.u32();
+            if count > MAX_DOORBELLS_PER_REPLY || u64::from(start) + count as u64 > u64::from(total)
+            {
+                return Err(DecodeError::BadDoorbells);
+            }
+            let expected = 24 + 8 * count;
+            if body.len() != expected {
+                return Err(DecodeError::BodyLength {
+                    id,
+                    kind,
+                    expected,
+                    actual: body.len(),
+                });
+            }
+            let devids = (0..count).map(|_| DevId(f.u64())).collect();
+            Reply::Doorbells {
+                generation,
+                total,
+                start,
+                devids,
             }
         }
         other => return Err(DecodeError::UnknownKind { id, kind: other }),
@@ -593,6 +691,16 @@ impl Request {
             }
             Request::Status => (kind::STATUS, Body::new()),
             Request::Revoke { token } => (kind::REVOKE, Body::new().u64(token.0)),
+            Request::PublishDoorbell { token } => {
+                (kind::PUBLISH_DOORBELL, Body::new().u64(token.0))
+            }
+            Request::WithdrawDoorbell { token } => {
+                (kind::WITHDRAW_DOORBELL, Body::new().u64(token.0))
+            }
+            Request::PeerDoorbells { token, start } => (
+                kind::PEER_DOORBELLS,
+                Body::new().u64(token.0).u32(*start).u32(0),
+            ),
         };
         frame(kind, id, &body.0)
     }
@@ -643,6 +751,7 @@ impl Reply {
                     PoolEvent::PeerDetached { token, peer } => (2, token, peer.0),
                     PoolEvent::Updated { token } => (3, token, 0),
                     PoolEvent::Revoked { token } => (4, token, 0),
+                    PoolEvent::DoorbellsChanged { token } => (5, token, 0),
                 };
                 (
                     kind::EVENT,
@@ -657,6 +766,23 @@ impl Reply {
                 kind::STATUS_CHUNK,
                 Body::new().u32(*total).u32(*offset).bytes(data),
             ),
+            Reply::Doorbells {
+                generation,
+                total,
+                start,
+                devids,
+            } => {
+                let mut body = Body::new()
+                    .u64(*generation)
+                    .u32(*total)
+                    .u32(*start)
+                    .u32(devids.len() as u32)
+                    .u32(0);
+                for devid in devids {
+                    body = body.u64(devid.0);
+                }
+                (kind::DOORBELLS, body)
+            }
         };
         frame(kind, id, &body.0)
     }
@@ -697,6 +823,12 @@ mod tests {
             },
             Request::Status,
             Request::Revoke { token: Token(3) },
+            Request::PublishDoorbell { token: Token(8) },
+            Request::WithdrawDoorbell { token: Token(8) },
+            Request::PeerDoorbells {
+                token: Token(8),
+                start: 16,
+            },
         ]
     }
 
@@ -736,6 +868,19 @@ mod tests {
                 total: 10,
                 offset: 4,
                 data: b"abc".to_vec(),
+            },
+            Reply::Event(PoolEvent::DoorbellsChanged { token: Token(4) }),
+            Reply::Doorbells {
+                generation: 9,
+                total: 3,
+                start: 1,
+                devids: vec![DevId(2), DevId(7)],
+            },
+            Reply::Doorbells {
+                generation: 0,
+                total: 0,
+                start: 0,
+                devids: Vec::new(),
             },
         ];
         for reply in replies {
@@ -796,6 +941,34 @@ mod tests {
     }
 
     #[test]
+    fn test_doorbell_lists_out_of_range_are_refused() {
+        let reply = |total, start, n: u64| Reply::Doorbells {
+            generation: 1,
+            total,
+            start,
+            devids: (0..n).map(DevId).collect(),
+        };
+        assert_eq!(
+            decode_reply(&reply(2, 1, 2).encode(1)),
+            Err(DecodeError::BadDoorbells)
+        );
+        let many = MAX_DOORBELLS_PER_REPLY as u64 + 1;
+        assert_eq!(
+            decode_reply(&reply(100, 0, many).encode(1)),
+            Err(DecodeError::BadDoorbells)
+        );
+        // A count that disagrees with the body length.
+        let mut packet = reply(4, 0, 2).encode(1);
+        packet.truncate(packet.len() - 8);
+        let len = packet.len() as u32;
+        packet[..4].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(
+            decode_reply(&packet),
+            Err(DecodeError::BodyLength { .. })
+        ));
+    }
+
+    #[test]
     fn test_pool_errors_survive_the_wire() {
         let errors = vec![
             PoolError::NoSuchRegion(Token(1)),
@@ -811,6 +984,8 @@ mod tests {
             },
             PoolError::AlreadyHeld(Token(6)),
             PoolError::Protocol("Bad thing".into()),
+            PoolError::NotAnEventfd { token: Token(7) },
+            PoolError::DoorbellsUnsupported,
         ];
         for error in errors {
             let back = WireError::from_pool_error(&error).into_pool_error();
