@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Build virtio_ism.ko with warnings as errors (Kbuild sets -Werror) against:
+#  1. Debian's linux-headers for the cloud kernel the test images use, resolved at run
+#     time by resources/linux/fetch-debian-kernel.sh (downloads on first use, then cached);
+#  2. the PVM kernel tree, when resources/linux/build-pvm-kernel.sh has built it
+#     (never built here: that takes minutes; pass --pvm-build to build it).
+# Builds happen in a scratch copy, so the source tree stays clean.
+# Prints "N passed, N failed" and exits non-zero on any failure.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+build_pvm=0
+[[ "${1:-}" == "--pvm-build" ]] && build_pvm=1
+
+passed=0
+failed=0
+
+build_against() {
+    local label="$1" kdir="$2" cc="$3"
+    local scratch
+    scratch="$(mktemp -d)"
+    cp -r "$here/." "$scratch/"
+    rm -f "$scratch"/*.o "$scratch"/*.ko
+    if make -C "$kdir" M="$scratch" CC="$cc" modules >"$scratch/build.log" 2>&1 \
+        && [[ -f "$scratch/virtio_ism.ko" ]] \
+        && ! grep -E "warning:|WARNING:" "$scratch/build.log" | grep -v "Skipping BTF" | grep -q .; then
+        echo "PASS virtio_ism.ko builds against $label ($kdir)"
+        passed=$((passed + 1))
+        if [[ -n "${ISM_KMOD_OUT:-}" ]]; then
+            mkdir -p "$ISM_KMOD_OUT/$label"
+            cp "$scratch/virtio_ism.ko" "$ISM_KMOD_OUT/$label/"
+        fi
+    else
+        echo "FAIL virtio_ism.ko against $label ($kdir):"
+        sed 's/^/    /' "$scratch/build.log"
+        failed=$((failed + 1))
+    fi
+    rm -rf "$scratch"
+}
+
+command -v gcc-12 >/dev/null || apt-get install -y gcc-12 >&2
+eval "$(bash "$root/resources/linux/fetch-debian-kernel.sh")"
+build_against debian "$DEBIAN_HEADERS" gcc-12
+
+pvm_tree=""
+if [[ "$build_pvm" == 1 ]]; then
+    eval "$(bash "$root/resources/linux/build-pvm-kernel.sh")"
+    pvm_tree="$PVM_KERNEL_TREE"
+else
+    # The newest cached tree, if any (the recipe hash may differ from the current one).
+    pvm_tree="$(ls -d "${ISM_CACHE:-$HOME/.cache/ism}"/pvm-kernel/*/linux 2>/dev/null | tail -n1 || true)"
+fi
+if [[ -n "$pvm_tree" && -f "$pvm_tree/Module.symvers" ]]; then
+    build_against pvm "$pvm_tree" gcc
+else
+    echo "SKIPPED: PVM kernel tree not built (resources/linux/build-pvm-kernel.sh)"
+fi
+
+echo "kmod: $passed passed, $failed failed"
+[[ "$failed" == 0 ]]
