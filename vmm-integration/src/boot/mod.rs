@@ -134,15 +134,22 @@ fn write_cmdline(
     is_linux: bool,
 ) -> Result<Vec<u8>, BootError> {
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
-    if !inputs.payload.cmdline.trim().is_empty() {
+    // Policy parameters go with the kernel's, never after "--" where init would get them.
+    let (kernel_args, init_args) = split_init_args(&inputs.payload.cmdline);
+    if !kernel_args.is_empty() {
         cmdline
-            .insert_str(inputs.payload.cmdline.trim())
+            .insert_str(kernel_args)
             .map_err(BootError::Cmdline)?;
     }
     if let (true, Some(extra)) = (is_linux, inputs.linux_extra_cmdline) {
-        for param in missing_params(&inputs.payload.cmdline, extra) {
+        for param in missing_params(kernel_args, extra) {
             cmdline.insert_str(param).map_err(BootError::Cmdline)?;
         }
+    }
+    if let Some(init_args) = init_args {
+        cmdline
+            .insert_init_args(init_args)
+            .map_err(BootError::Cmdline)?;
     }
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cmdline)
         .map_err(BootError::WriteCmdline)?;
@@ -150,6 +157,21 @@ fn write_cmdline(
         .as_cstring()
         .map_err(BootError::Cmdline)?
         .into_bytes_with_nul())
+}
+
+/// Split a command line at the first `--` word: the kernel's parameters, then init's
+/// arguments (None when there is no `--`).
+fn split_init_args(cmdline: &str) -> (&str, Option<&str>) {
+    let padded_at = format!(" {cmdline} ").find(" -- ");
+    match padded_at {
+        // `i` indexes the padded string, where a leading space was added.
+        Some(i) => {
+            let kernel = cmdline.get(..i.saturating_sub(1)).unwrap_or_default();
+            let init = cmdline.get(i + 2..).unwrap_or_default();
+            (kernel.trim(), Some(init.trim()).filter(|s| !s.is_empty()))
+        }
+        None => (cmdline.trim(), None),
+    }
 }
 
 /// The parameters of `extra` whose key (the text before `=`) the user's command line does
@@ -299,6 +321,38 @@ mod tests {
             vec!["noxsave"]
         );
         assert!(missing_params(extra, extra).is_empty());
+    }
+
+    #[test]
+    fn test_init_args_stay_after_the_separator() {
+        assert_eq!(split_init_args("console=ttyS0"), ("console=ttyS0", None));
+        assert_eq!(
+            split_init_args("console=ttyS0 -- cat /proc/cmdline"),
+            ("console=ttyS0", Some("cat /proc/cmdline"))
+        );
+        assert_eq!(split_init_args("-- sh -c x"), ("", Some("sh -c x")));
+        assert_eq!(split_init_args("quiet --"), ("quiet", None));
+        // "--" inside a word is not the separator.
+        assert_eq!(split_init_args("a=--b c"), ("a=--b c", None));
+
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let payload = PayloadConfig {
+            kernel: "/k".into(),
+            initramfs: None,
+            cmdline: "console=ttyS0 -- echo hi".into(),
+        };
+        let inputs = BootInputs {
+            payload: &payload,
+            ram_size: 1 << 20,
+            rsdp_addr: 0,
+            linux_extra_cmdline: Some("noxsave"),
+        };
+        let written = write_cmdline(&mem, &inputs, true).unwrap();
+        assert_eq!(written, b"console=ttyS0 noxsave -- echo hi\0");
+        let mut in_guest = vec![0u8; written.len()];
+        mem.read_slice(&mut in_guest, GuestAddress(layout::CMDLINE_START))
+            .unwrap();
+        assert_eq!(in_guest, written);
     }
 
     #[test]
