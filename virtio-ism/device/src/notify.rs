@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// What became of a [`NotifyWiring::wire`] request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +66,7 @@ pub trait NotifyWiring: Send + Sync {
 pub struct MemoryWiring {
     capacity: usize,
     wired: Mutex<BTreeMap<u64, OwnedFd>>,
+    wire_calls: AtomicUsize,
 }
 
 impl MemoryWiring {
@@ -73,7 +75,13 @@ impl MemoryWiring {
         Self {
             capacity,
             wired: Mutex::new(BTreeMap::new()),
+            wire_calls: AtomicUsize::new(0),
         }
+    }
+
+    /// How many times [`NotifyWiring::wire`] was called, successful or not.
+    pub fn wire_calls(&self) -> usize {
+        self.wire_calls.load(Ordering::Relaxed)
     }
 
     /// The guest wrote to `window_offset`: signal the wired eventfd as KVM would. Returns
@@ -103,6 +111,7 @@ impl NotifyWiring for MemoryWiring {
         _len: u64,
         eventfd: BorrowedFd<'_>,
     ) -> io::Result<WireOutcome> {
+        self.wire_calls.fetch_add(1, Ordering::Relaxed);
         let mut wired = self.wired.lock().unwrap_or_else(|e| e.into_inner());
         if wired.contains_key(&window_offset) {
             return Err(io::Error::new(

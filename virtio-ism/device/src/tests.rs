@@ -3,7 +3,7 @@
 //! (laid out like the Linux PoC driver's: header, payload, status, reply), regions come from a
 //! real in-process pool, and the window maps them for real so two devices share bytes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, ShmWindow};
+use crate::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, MemoryWiring, ShmWindow};
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
@@ -180,6 +180,9 @@ impl Drop for MemWindow {
 #[derive(Default)]
 struct RecordingInterrupt {
     raised: Mutex<Vec<VirtioInterruptType>>,
+    /// With `Some`, `notifier` hands out one eventfd per vector, as a transport with KVM
+    /// irqfds does; the test reads them to see what a peer raised.
+    irqfds: Option<Mutex<BTreeMap<u16, EventFd>>>,
 }
 
 impl VirtioInterrupt for RecordingInterrupt {
@@ -187,9 +190,36 @@ impl VirtioInterrupt for RecordingInterrupt {
         self.raised.lock().unwrap().push(int_type);
         Ok(())
     }
+
+    fn notifier(&self, int_type: VirtioInterruptType) -> Option<EventFd> {
+        let VirtioInterruptType::Vector(vector) = int_type else {
+            return None;
+        };
+        let mut irqfds = self.irqfds.as_ref()?.lock().unwrap();
+        let irqfd = irqfds
+            .entry(vector)
+            .or_insert_with(|| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+        irqfd.try_clone().ok()
+    }
 }
 
 impl RecordingInterrupt {
+    fn with_irqfds() -> Self {
+        Self {
+            irqfds: Some(Mutex::new(BTreeMap::new())),
+            ..Self::default()
+        }
+    }
+
+    /// How often `vector`'s irqfd was signalled since the last look (0 if never).
+    fn irqfd_count(&self, vector: u16) -> u64 {
+        let irqfds = self.irqfds.as_ref().unwrap().lock().unwrap();
+        irqfds
+            .get(&vector)
+            .and_then(|irqfd| irqfd.read().ok())
+            .unwrap_or(0)
+    }
+
     fn take(&self) -> Vec<VirtioInterruptType> {
         std::mem::take(&mut self.raised.lock().unwrap())
     }
@@ -324,6 +354,31 @@ impl TestVm {
     }
 
     fn with_session(session: Arc<dyn PoolSession>, features: u64) -> Self {
+        Self::build(
+            session,
+            features,
+            Arc::new(RecordingInterrupt::default()),
+            None,
+        )
+    }
+
+    /// A guest whose transport has irqfds and whose VMM wires notify slots through
+    /// `wiring`.
+    fn wired(pool: &Arc<LocalPool>, wiring: &Arc<MemoryWiring>) -> Self {
+        Self::build(
+            pool.session().unwrap(),
+            DRAFT_FEATURES,
+            Arc::new(RecordingInterrupt::with_irqfds()),
+            Some(wiring.clone()),
+        )
+    }
+
+    fn build(
+        session: Arc<dyn PoolSession>,
+        features: u64,
+        interrupts: Arc<RecordingInterrupt>,
+        wiring: Option<Arc<MemoryWiring>>,
+    ) -> Self {
         let mem = guest_memory();
         let config = IsmConfig {
             shm_size: SHM,
@@ -335,10 +390,12 @@ impl TestVm {
         let mut device = Ism::new("ism0", config, session.clone(), window.clone())
             .unwrap()
             .with_kick_sink(kicks.clone());
+        if let Some(wiring) = wiring {
+            device = device.with_notify_wiring(wiring);
+        }
         device.ack_features(features);
         let ctrl = DriverQueue::new(mem, CTRL_BASE);
         let events = DriverQueue::new(mem, EVENTQ_BASE);
-        let interrupts = Arc::new(RecordingInterrupt::default());
         let worker = device
             .activate_worker(ActivationContext {
                 mem: GuestMemoryAtomic::new(mem.clone()),
@@ -1495,4 +1552,307 @@ fn test_worker_thread_delivers_pool_events_without_polling() {
     assert_eq!(event.devid, peer.devid());
     assert!(interrupts.take().contains(&VirtioInterruptType::Queue(1)));
     device.reset();
+}
+
+// Kick routes: doorbells exchanged through the pool, slots wired through NotifyWiring.
+
+fn bind_vector(vm: &mut TestVm, token: Token, vector: u64) {
+    let request = Request::EventVector(EventVectorRequest {
+        token: token.0,
+        vector,
+    });
+    assert_eq!(vm.simple(request), Status::Ok);
+}
+
+/// Window offset of the notify slot a driver rings for a region whose first area is at
+/// `area_offset` (the notify area starts right after shmid 1).
+fn notify_slot(area_offset: u64) -> u64 {
+    SHM + area_offset / CHUNK * 4
+}
+
+#[test]
+fn test_zero_hop_kick_raises_the_only_peers_irqfd() {
+    let pool = pool();
+    let wiring_a = Arc::new(MemoryWiring::new(64));
+    let wiring_b = Arc::new(MemoryWiring::new(64));
+    let mut a = TestVm::wired(&pool, &wiring_a);
+    let mut b = TestVm::wired(&pool, &wiring_b);
+    let (token, a_areas) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    bind_vector(&mut a, token, 3);
+    // B takes a chunk first so the region lands at a different slot in B's window.
+    b.alloc(CHUNK);
+    let b_areas = b.attach(token, 0);
+    let (slot_a, slot_b) = (
+        notify_slot(a_areas[0].offset),
+        notify_slot(b_areas[0].offset),
+    );
+    assert_ne!(slot_a, slot_b);
+    // B learnt A's doorbell when it attached and wired its slot straight to it.
+    assert_eq!(wiring_b.wired_offsets(), vec![slot_b]);
+    assert_eq!(b.counter("kick_routes_zero_hop"), 1);
+    // A has no peer doorbell yet: its slot traps.
+    assert!(wiring_a.wired_offsets().is_empty());
+    bind_vector(&mut b, token, 7);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(wiring_a.wired_offsets(), vec![slot_a]);
+
+    // B's guest writes its slot; KVM signals the wired eventfd = A's irqfd for vector 3.
+    assert!(wiring_b.guest_write(slot_b));
+    assert_eq!(a.interrupts.irqfd_count(3), 1);
+    assert_eq!(b.interrupts.irqfd_count(7), 0);
+    // And back.
+    assert!(wiring_a.guest_write(slot_a));
+    assert_eq!(b.interrupts.irqfd_count(7), 1);
+    assert_eq!(a.interrupts.irqfd_count(3), 0);
+    // Neither device nor VMM took part.
+    for vm in [&a, &b] {
+        assert_eq!(vm.counter("kicks"), 0);
+        assert_eq!(vm.counter("doorbell_writes"), 0);
+        assert_eq!(vm.counter("kick_fallbacks"), 0);
+        assert!(vm.kicks.kicks.lock().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn test_several_peers_take_the_one_hop_route_and_fan_out() {
+    let pool = pool();
+    let wiring_a = Arc::new(MemoryWiring::new(64));
+    let mut a = TestVm::wired(&pool, &wiring_a);
+    let mut b = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
+    let mut c = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
+    let (token, a_areas) = a.alloc(2 * CHUNK);
+    let slot_a = notify_slot(a_areas[0].offset);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    bind_vector(&mut a, token, 1);
+    for (vm, vector) in [(&mut b, 2), (&mut c, 3)] {
+        vm.attach(token, 0);
+        bind_vector(vm, token, vector);
+    }
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.counter("kick_routes_one_hop"), 1);
+    assert_eq!(a.counter("kick_routes_zero_hop"), 0);
+    assert_eq!(wiring_a.wired_offsets(), vec![slot_a]);
+
+    // A's guest writes: A's own eventfd fires, A's worker writes both doorbells.
+    assert!(wiring_a.guest_write(slot_a));
+    assert_eq!(
+        b.interrupts.irqfd_count(2),
+        0,
+        "fanned out before the worker ran"
+    );
+    assert_eq!(a.worker.process_one_hop_kicks(), 1);
+    assert_eq!(b.interrupts.irqfd_count(2), 1);
+    assert_eq!(c.interrupts.irqfd_count(3), 1);
+    assert_eq!(a.interrupts.irqfd_count(1), 0, "the kicker is not kicked");
+    assert_eq!(a.counter("kicks_one_hop"), 1);
+    assert_eq!(a.counter("doorbell_writes"), 2);
+    assert_eq!(
+        a.worker.process_one_hop_kicks(),
+        0,
+        "one write, one fan-out"
+    );
+
+    // C leaves: A is down to one peer and wires straight to B's doorbell.
+    assert_eq!(
+        c.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::Ok
+    );
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.counter("kick_routes_one_hop"), 0);
+    assert_eq!(a.counter("kick_routes_zero_hop"), 1);
+    assert!(wiring_a.guest_write(slot_a));
+    assert_eq!(b.interrupts.irqfd_count(2), 1);
+    assert_eq!(c.interrupts.irqfd_count(3), 0);
+    assert_eq!(a.worker.process_one_hop_kicks(), 0);
+    assert_eq!(a.counter("kick_fallbacks"), 0);
+}
+
+#[test]
+fn test_wiring_out_of_resources_falls_back_and_the_trap_still_kicks() {
+    let pool = pool();
+    let mut a = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
+    // B's VMM cannot register a single ioeventfd.
+    let wiring_b = Arc::new(MemoryWiring::new(0));
+    let mut b = TestVm::wired(&pool, &wiring_b);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    bind_vector(&mut a, token, 4);
+    let b_areas = b.attach(token, 0);
+    let slot_b = notify_slot(b_areas[0].offset);
+    // Zero hop refused, one hop refused: the slot traps, counted once.
+    assert!(wiring_b.wired_offsets().is_empty());
+    assert_eq!(wiring_b.wire_calls(), 2);
+    assert_eq!(b.counter("kick_fallbacks"), 1);
+    assert!(!wiring_b.guest_write(slot_b));
+    // The VMM hands the trapped write to the device, which rings A's doorbell.
+    assert_eq!(b.handle().handle_notify(slot_b - SHM), Some(token));
+    assert_eq!(a.interrupts.irqfd_count(4), 1);
+    assert_eq!(b.counter("kicks"), 1);
+    assert_eq!(b.counter("doorbell_writes"), 1);
+
+    // With room for one wiring and two peers, the one-hop route is used.
+    let wiring_d = Arc::new(MemoryWiring::new(1));
+    let mut d = TestVm::wired(&pool, &wiring_d);
+    bind_vector(&mut b, token, 5);
+    let d_areas = d.attach(token, 0);
+    let slot_d = notify_slot(d_areas[0].offset);
+    assert_eq!(d.counter("kick_routes_one_hop"), 1);
+    assert_eq!(d.counter("kick_fallbacks"), 0);
+    assert!(wiring_d.guest_write(slot_d));
+    assert_eq!(d.worker.process_one_hop_kicks(), 1);
+    assert_eq!(a.interrupts.irqfd_count(4), 1);
+    assert_eq!(b.interrupts.irqfd_count(5), 1);
+}
+
+#[test]
+fn test_detach_unbind_and_reset_withdraw_and_unwire() {
+    let pool = pool();
+    let wiring_a = Arc::new(MemoryWiring::new(64));
+    let wiring_b = Arc::new(MemoryWiring::new(64));
+    let mut a = TestVm::wired(&pool, &wiring_a);
+    let mut b = TestVm::wired(&pool, &wiring_b);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    bind_vector(&mut a, token, 3);
+    b.attach(token, 0);
+    bind_vector(&mut b, token, 7);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(wiring_a.wired_offsets().len(), 1);
+    assert_eq!(wiring_b.wired_offsets().len(), 1);
+    let mut published = pool.status().regions[0].doorbells.clone();
+    published.sort();
+    assert_eq!(published, vec![a.devid(), b.devid()]);
+
+    // B unbinds its vector: its doorbell is withdrawn, A's slot goes back to trapping.
+    bind_vector(&mut b, token, 0xffff);
+    assert_eq!(pool.status().regions[0].doorbells, vec![a.devid()]);
+    a.worker.process_pool_events().unwrap();
+    assert!(wiring_a.wired_offsets().is_empty());
+    assert_eq!(a.counter("kick_routes_zero_hop"), 0);
+    // Rebinding publishes again.
+    bind_vector(&mut b, token, 8);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(wiring_a.wired_offsets().len(), 1);
+    assert!(wiring_a.guest_write(wiring_a.wired_offsets()[0]));
+    assert_eq!(b.interrupts.irqfd_count(8), 1);
+
+    // B detaches: its slot is unwired and A's too.
+    assert_eq!(
+        b.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::Ok
+    );
+    assert!(wiring_b.wired_offsets().is_empty());
+    assert_eq!(b.counter("kick_routes_zero_hop"), 0);
+    a.worker.process_pool_events().unwrap();
+    assert!(wiring_a.wired_offsets().is_empty());
+
+    // Reset unwires everything and withdraws every doorbell.
+    b.attach(token, 0);
+    bind_vector(&mut b, token, 7);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(wiring_b.wired_offsets().len(), 1);
+    assert!(b.device.reset().is_some());
+    assert!(wiring_b.wired_offsets().is_empty());
+    assert_eq!(pool.status().regions[0].doorbells, vec![a.devid()]);
+    a.worker.process_pool_events().unwrap();
+    assert!(wiring_a.wired_offsets().is_empty());
+}
+
+#[test]
+fn test_rewire_all_wires_every_slot_again() {
+    let pool = pool();
+    let wiring_a = Arc::new(MemoryWiring::new(64));
+    let mut a = TestVm::wired(&pool, &wiring_a);
+    let mut b = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
+    let (token, _) = a.alloc(CHUNK);
+    let (private, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    b.attach(token, 0);
+    bind_vector(&mut b, token, 2);
+    a.worker.process_pool_events().unwrap();
+    let wired = wiring_a.wired_offsets();
+    assert_eq!(
+        wired.len(),
+        1,
+        "the private region {private} has no peer to wire to"
+    );
+    let calls = wiring_a.wire_calls();
+    a.handle().rewire_all();
+    assert_eq!(wiring_a.wire_calls(), calls + 1);
+    assert_eq!(wiring_a.wired_offsets(), wired);
+    assert!(wiring_a.guest_write(wired[0]));
+    assert_eq!(b.interrupts.irqfd_count(2), 1);
+}
+
+#[test]
+fn test_without_wiring_trapped_kicks_still_ring_peer_doorbells() {
+    let pool = pool();
+    let mut a = TestVm::build(
+        pool.session().unwrap(),
+        DRAFT_FEATURES,
+        Arc::new(RecordingInterrupt::with_irqfds()),
+        None,
+    );
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = a.alloc(CHUNK);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    bind_vector(&mut a, token, 6);
+    let b_areas = b.attach(token, 0);
+    let slot = notify_slot(b_areas[0].offset) - SHM;
+    assert_eq!(b.handle().handle_notify(slot), Some(token));
+    assert_eq!(a.interrupts.irqfd_count(6), 1);
+    // The kick sink is still called for peers without a doorbell.
+    assert_eq!(
+        *b.kicks.kicks.lock().unwrap(),
+        vec![(DevId(b.devid()), token)]
+    );
+}
+
+#[test]
+fn test_worker_thread_fans_out_one_hop_kicks_on_its_own() {
+    let pool = pool();
+    let mut b = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
+    let mut c = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
+    let (token, _) = b.alloc(CHUNK);
+    assert_eq!(b.grant_default(token, rw()), Status::Ok);
+    bind_vector(&mut b, token, 2);
+    c.attach(token, 0);
+    bind_vector(&mut c, token, 3);
+
+    // A runs its own worker thread; the host hot-adds the region (no control queue needed).
+    let config = IsmConfig {
+        shm_size: SHM,
+        chunk_size: CHUNK,
+        notify_size: 4,
+    };
+    let wiring_a = Arc::new(MemoryWiring::new(64));
+    let window = MemWindow::new(config.layout().unwrap().window_size);
+    let mut a = Ism::new("ism-thread", config, pool.session().unwrap(), window)
+        .unwrap()
+        .with_notify_wiring(wiring_a.clone());
+    a.ack_features(DRAFT_FEATURES);
+    let mem = guest_memory();
+    let ctrl = DriverQueue::new(mem, CTRL_BASE);
+    a.activate(ActivationContext {
+        mem: GuestMemoryAtomic::new(mem.clone()),
+        interrupt_cb: Arc::new(RecordingInterrupt::with_irqfds()),
+        queues: vec![(0, ctrl.device_queue(), EventFd::new(0).unwrap())],
+    })
+    .unwrap();
+    let areas = a.handle().add_region(token, ism_pool::Perms::NONE).unwrap();
+    let slot = notify_slot(areas[0].offset);
+    assert_eq!(wiring_a.wired_offsets(), vec![slot]);
+
+    assert!(wiring_a.guest_write(slot));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (mut got_b, mut got_c) = (0, 0);
+    while (got_b == 0 || got_c == 0) && std::time::Instant::now() < deadline {
+        got_b += b.interrupts.irqfd_count(2);
+        got_c += c.interrupts.irqfd_count(3);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!((got_b, got_c), (1, 1));
+    assert!(a.reset().is_some());
+    assert!(wiring_a.wired_offsets().is_empty());
 }

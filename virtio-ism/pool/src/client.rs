@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::events::EventQueue;
+use crate::local::DoorbellPage;
 use crate::seqpacket;
 use crate::session::{
     DevId, GrantTarget, Perms, PoolError, PoolEvent, PoolSession, RegionLease, SessionInfo, Token,
@@ -247,12 +248,8 @@ impl BrokerSession {
         Ok(())
     }
 
-    /// One PEER_DOORBELLS page: (generation, total, doorbells).
-    fn doorbell_page(
-        &self,
-        token: Token,
-        start: u32,
-    ) -> Result<(u64, u32, Vec<(DevId, OwnedFd)>), PoolError> {
+    /// One PEER_DOORBELLS page.
+    fn doorbell_page(&self, token: Token, start: u32) -> Result<DoorbellPage, PoolError> {
         match self.call(Request::PeerDoorbells { token, start })? {
             (
                 Reply::Doorbells {
@@ -270,7 +267,11 @@ impl BrokerSession {
                         ));
                     }
                 }
-                Ok((generation, total, devids.into_iter().zip(fds).collect()))
+                Ok(DoorbellPage {
+                    generation,
+                    total,
+                    doorbells: devids.into_iter().zip(fds).collect(),
+                })
             }
             (Reply::Error(e), _) => Err(e.into_pool_error()),
             (other, _) => Err(PoolError::Protocol(format!("Unexpected answer: {other:?}"))),
@@ -387,14 +388,15 @@ impl PoolSession for BrokerSession {
     fn peer_doorbells(&self, token: Token) -> Result<Vec<(DevId, OwnedFd)>, PoolError> {
         self.doorbells_supported()?;
         'attempt: for _ in 0..DOORBELL_LIST_ATTEMPTS {
-            let (generation, total, mut doorbells) = self.doorbell_page(token, 0)?;
-            while doorbells.len() < total as usize {
+            let first = self.doorbell_page(token, 0)?;
+            let mut doorbells = first.doorbells;
+            while doorbells.len() < first.total as usize {
                 let start = u32::try_from(doorbells.len()).unwrap_or(u32::MAX);
-                let (next_generation, _, page) = self.doorbell_page(token, start)?;
-                if next_generation != generation || page.is_empty() {
+                let page = self.doorbell_page(token, start)?;
+                if page.generation != first.generation || page.doorbells.is_empty() {
                     continue 'attempt;
                 }
-                doorbells.extend(page);
+                doorbells.extend(page.doorbells);
             }
             return Ok(doorbells);
         }

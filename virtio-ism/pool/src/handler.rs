@@ -557,6 +557,112 @@ mod tests {
         );
     }
 
+    fn device_v(pool: &Arc<LocalPool>, version: u16) -> Connection {
+        let mut conn = Connection::new(pool.clone(), peer(false));
+        let hello = Request::Hello {
+            min_version: version,
+            max_version: version,
+            role: Role::Device,
+        };
+        let handled = conn.handle_packet(&hello.encode(1), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::HelloOk { version: v, .. } if v == version));
+        conn
+    }
+
+    fn eventfd() -> OwnedFd {
+        rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK).unwrap()
+    }
+
+    #[test]
+    fn test_doorbells_travel_with_descriptors_on_version_2_only() {
+        let pool = pool();
+        let mut owner = device_v(&pool, 2);
+        let mut peer_conn = device_v(&pool, 2);
+        let mut old = device_v(&pool, 1);
+        let handled = owner.handle_packet(&Request::Alloc { size: 4096 }.encode(2), false, 0);
+        let Reply::Lease { token, .. } = one_reply(&handled).1 else {
+            panic!("no lease");
+        };
+        let grant = Request::Grant {
+            token,
+            target: GrantTarget::Default,
+            perms: Perms(Perms::ATTACH.0 | Perms::READ.0),
+        };
+        owner.handle_packet(&grant.encode(3), false, 0);
+        let attach = Request::Attach {
+            token,
+            want: Perms::NONE,
+        };
+        for conn in [&mut peer_conn, &mut old] {
+            let handled = conn.handle_packet(&attach.encode(4), false, 0);
+            assert!(matches!(one_reply(&handled).1, Reply::Lease { .. }));
+        }
+        for conn in [&owner, &peer_conn, &old] {
+            conn.drain_events();
+        }
+        let publish = Request::PublishDoorbell { token }.encode(5);
+        // Without its descriptor, or with two, it is refused.
+        for fds in [vec![], vec![eventfd(), eventfd()]] {
+            let handled = owner.handle_message(&publish, false, fds);
+            assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+        }
+        let doorbell = eventfd();
+        let copy = doorbell.try_clone().unwrap();
+        let handled = owner.handle_message(&publish, false, vec![copy]);
+        assert_eq!(one_reply(&handled), (5, Reply::Ok));
+        // The version-2 peer hears of it; the version-1 peer does not (it would not
+        // understand the event).
+        assert_eq!(peer_conn.drain_events().len(), 1);
+        assert!(old.drain_events().is_empty());
+        let handled = peer_conn.handle_packet(
+            &Request::PeerDoorbells { token, start: 0 }.encode(6),
+            false,
+            0,
+        );
+        assert_eq!(handled.out[0].fds.len(), 1);
+        let owner_devid = owner.session().unwrap().devid();
+        assert_eq!(
+            one_reply(&handled),
+            (
+                6,
+                Reply::Doorbells {
+                    generation: 1,
+                    total: 1,
+                    start: 0,
+                    devids: vec![owner_devid],
+                }
+            )
+        );
+        rustix::io::write(&handled.out[0].fds[0], &1u64.to_ne_bytes()).unwrap();
+        let mut value = [0u8; 8];
+        assert_eq!(rustix::io::read(&doorbell, &mut value).unwrap(), 8);
+        // A start past the end is an empty page with the true total.
+        let handled = peer_conn.handle_packet(
+            &Request::PeerDoorbells { token, start: 9 }.encode(7),
+            false,
+            0,
+        );
+        assert!(matches!(
+            one_reply(&handled).1,
+            Reply::Doorbells { total: 1, start: 1, ref devids, .. } if devids.is_empty()
+        ));
+        // Version 1 may not use the doorbell requests at all.
+        let handled = old.handle_packet(
+            &Request::PeerDoorbells { token, start: 0 }.encode(8),
+            false,
+            0,
+        );
+        assert!(handled.out[0].fds.is_empty());
+        assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+        // Descriptors on any other request are refused.
+        let handled = peer_conn.handle_message(
+            &Request::Alloc { size: 4096 }.encode(9),
+            false,
+            vec![eventfd()],
+        );
+        assert!(matches!(one_reply(&handled), (9, Reply::Error(_))));
+    }
+
     #[test]
     fn test_status_needs_trusted_observer() {
         let pool = pool();

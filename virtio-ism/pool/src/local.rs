@@ -677,6 +677,7 @@ impl PoolSession for LocalSession {
 mod tests {
     use super::*;
     use crate::memory::PAGE_SIZE;
+    use std::os::fd::AsFd;
 
     fn pool(size: u64, per_vm_limit: Option<u64>) -> Arc<LocalPool> {
         LocalPool::new(PoolConfig {
@@ -1131,6 +1132,151 @@ mod tests {
             pool.revoke(Token(1)),
             Err(PoolError::NoSuchRegion(_))
         ));
+    }
+
+    fn eventfd() -> OwnedFd {
+        rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK).unwrap()
+    }
+
+    fn read_counter(fd: &OwnedFd) -> Option<u64> {
+        let mut value = [0u8; 8];
+        rustix::io::read(fd, &mut value)
+            .ok()
+            .map(|_| u64::from_ne_bytes(value))
+    }
+
+    fn shared_region(pool: &Arc<LocalPool>) -> (Arc<dyn PoolSession>, Arc<dyn PoolSession>, Token) {
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let token = owner.alloc(PAGE_SIZE).unwrap().token;
+        owner
+            .grant(
+                token,
+                GrantTarget::Default,
+                Perms(Perms::ATTACH.0 | Perms::READ.0),
+            )
+            .unwrap();
+        peer.attach(token, Perms::NONE).unwrap();
+        owner.take_events();
+        (owner, peer, token)
+    }
+
+    #[test]
+    fn test_published_doorbell_reaches_other_holders_only() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let (owner, peer, token) = shared_region(&pool);
+        let outsider = pool.session().unwrap();
+        let doorbell = eventfd();
+        owner.publish_doorbell(token, doorbell.as_fd()).unwrap();
+        assert_eq!(
+            peer.take_events(),
+            vec![PoolEvent::DoorbellsChanged { token }]
+        );
+        assert!(owner.take_events().is_empty());
+        let given = peer.peer_doorbells(token).unwrap();
+        assert_eq!(given.len(), 1);
+        assert_eq!(given[0].0, owner.info().devid);
+        // Writing the copy signals the publisher's eventfd.
+        rustix::io::write(&given[0].1, &1u64.to_ne_bytes()).unwrap();
+        assert_eq!(read_counter(&doorbell), Some(1));
+        // Not handed back to its publisher; nothing for a session without the region.
+        assert!(owner.peer_doorbells(token).unwrap().is_empty());
+        assert!(matches!(
+            outsider.peer_doorbells(token),
+            Err(PoolError::NotHeld { .. })
+        ));
+        assert!(matches!(
+            outsider.publish_doorbell(token, eventfd().as_fd()),
+            Err(PoolError::NotHeld { .. })
+        ));
+        assert!(matches!(
+            owner.publish_doorbell(Token(99), eventfd().as_fd()),
+            Err(PoolError::NoSuchRegion(_))
+        ));
+        assert_eq!(
+            pool.status().regions[0].doorbells,
+            vec![owner.info().devid.0]
+        );
+    }
+
+    #[test]
+    fn test_republish_replaces_and_withdraw_removes() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let (owner, peer, token) = shared_region(&pool);
+        let first = eventfd();
+        let second = eventfd();
+        owner.publish_doorbell(token, first.as_fd()).unwrap();
+        owner.publish_doorbell(token, second.as_fd()).unwrap();
+        assert_eq!(peer.take_events().len(), 2);
+        let given = peer.peer_doorbells(token).unwrap();
+        assert_eq!(given.len(), 1);
+        rustix::io::write(&given[0].1, &1u64.to_ne_bytes()).unwrap();
+        assert_eq!(read_counter(&first), None);
+        assert_eq!(read_counter(&second), Some(1));
+        owner.withdraw_doorbell(token).unwrap();
+        assert_eq!(
+            peer.take_events(),
+            vec![PoolEvent::DoorbellsChanged { token }]
+        );
+        assert!(peer.peer_doorbells(token).unwrap().is_empty());
+        // Withdrawing nothing is fine and tells nobody.
+        owner.withdraw_doorbell(token).unwrap();
+        assert!(peer.take_events().is_empty());
+    }
+
+    #[test]
+    fn test_only_eventfds_are_doorbells() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let (owner, _peer, token) = shared_region(&pool);
+        let memfd =
+            rustix::fs::memfd_create("not-a-doorbell", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        assert!(matches!(
+            owner.publish_doorbell(token, memfd.as_fd()),
+            Err(PoolError::NotAnEventfd { .. })
+        ));
+    }
+
+    #[test]
+    fn test_detach_and_close_withdraw_doorbells() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let (owner, peer, token) = shared_region(&pool);
+        let third = pool.session().unwrap();
+        third.attach(token, Perms::NONE).unwrap();
+        peer.publish_doorbell(token, eventfd().as_fd()).unwrap();
+        third.publish_doorbell(token, eventfd().as_fd()).unwrap();
+        owner.take_events();
+        let peer_id = peer.info().devid;
+        peer.detach(token).unwrap();
+        assert_eq!(
+            owner.take_events(),
+            vec![
+                PoolEvent::PeerDetached {
+                    token,
+                    peer: peer_id
+                },
+                PoolEvent::DoorbellsChanged { token }
+            ]
+        );
+        let left: Vec<DevId> = owner
+            .peer_doorbells(token)
+            .unwrap()
+            .into_iter()
+            .map(|(devid, _)| devid)
+            .collect();
+        assert_eq!(left, vec![third.info().devid]);
+        let third_id = third.info().devid;
+        drop(third);
+        assert_eq!(
+            owner.take_events(),
+            vec![
+                PoolEvent::PeerDetached {
+                    token,
+                    peer: third_id
+                },
+                PoolEvent::DoorbellsChanged { token }
+            ]
+        );
+        assert!(owner.peer_doorbells(token).unwrap().is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -168,6 +168,82 @@ fn map(lease: &RegionLease, prot: rustix::mm::ProtFlags) -> Result<*mut u8, rust
 fn unmap(addr: *mut u8, lease: &RegionLease) {
     // SAFETY: `addr` came from `map` with this lease's size and nothing refers to it now.
     unsafe { rustix::mm::munmap(addr.cast(), lease.size as usize) }.unwrap();
+}
+
+/// Waits up to `timeout` for `fd` to become readable.
+fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+    let timeout = rustix::event::Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    rustix::event::poll(&mut fds, Some(&timeout)).unwrap_or(0) == 1
+}
+
+fn new_eventfd() -> OwnedFd {
+    rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .unwrap()
+}
+
+/// Doorbell commands: this process's own doorbells by token.
+fn run_doorbell_command(
+    session: &BrokerSession,
+    doorbells: &mut HashMap<u64, OwnedFd>,
+    words: &[&str],
+) -> Option<String> {
+    let token = words.get(1).and_then(|t| t.parse().ok()).unwrap_or(0u64);
+    Some(match words.first().copied().unwrap_or("") {
+        // publish TOKEN: a fresh eventfd becomes this session's doorbell for TOKEN.
+        "publish" => {
+            let doorbell = new_eventfd();
+            match session.publish_doorbell(Token(token), doorbell.as_fd()) {
+                Ok(()) => {
+                    doorbells.insert(token, doorbell);
+                    "ok".into()
+                }
+                Err(e) => format!("err {e:?}"),
+            }
+        }
+        "withdraw" => match session.withdraw_doorbell(Token(token)) {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("err {e:?}"),
+        },
+        // doorbells TOKEN: the devids whose doorbells this session is given.
+        "doorbells" => match session.peer_doorbells(Token(token)) {
+            Ok(list) => {
+                let devids: Vec<u64> = list.iter().map(|(devid, _)| devid.0).collect();
+                format!("doorbells {devids:?}")
+            }
+            Err(e) => format!("err {e:?}"),
+        },
+        // ring TOKEN: write every peer doorbell of TOKEN once.
+        "ring" => match session.peer_doorbells(Token(token)) {
+            Ok(list) => {
+                for (_, doorbell) in &list {
+                    rustix::io::write(doorbell, &1u64.to_ne_bytes()).unwrap();
+                }
+                let devids: Vec<u64> = list.iter().map(|(devid, _)| devid.0).collect();
+                format!("rang {devids:?}")
+            }
+            Err(e) => format!("err {e:?}"),
+        },
+        // fired TOKEN: waits up to 5 s for this process's own doorbell to be written.
+        "fired" => {
+            let Some(doorbell) = doorbells.get(&token) else {
+                return Some("err no doorbell".into());
+            };
+            if !wait_readable(doorbell, Duration::from_secs(5)) {
+                return Some("idle".into());
+            }
+            let mut count = [0u8; 8];
+            rustix::io::read(doorbell, &mut count).unwrap();
+            format!("fired {}", u64::from_ne_bytes(count))
+        }
+        _ => return None,
+    })
 }
 
 /// Runs one child command against the session and its leases.
@@ -343,13 +419,15 @@ fn client_process() {
     let socket = std::env::var(CHILD_SOCKET_ENV).expect("run by the broker tests only");
     let session = BrokerSession::connect(Path::new(&socket)).expect("connect to broker");
     let mut leases = HashMap::new();
+    let mut doorbells = HashMap::new();
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
         let words: Vec<&str> = line.split_whitespace().collect();
         if words.first() == Some(&"exit") {
             break;
         }
-        let answer = run_child_command(&session, &mut leases, &words);
+        let answer = run_doorbell_command(&session, &mut doorbells, &words)
+            .unwrap_or_else(|| run_child_command(&session, &mut leases, &words));
         println!("{REPLY_PREFIX}{answer}");
     }
 }
@@ -838,5 +916,137 @@ fn test_requests_fail_cleanly_when_the_broker_dies() {
     assert!(matches!(
         BrokerSession::connect(&broker.socket),
         Err(ism_pool::PoolError::Connection(_))
+    ));
+}
+
+#[test]
+fn test_doorbell_published_in_one_process_rings_in_another() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn(&broker.socket);
+    let mut outsider = ClientProcess::spawn(&broker.socket);
+    let owner_devid = owner.devid();
+    let peer_devid = peer.devid();
+    let token = owner.alloc(1 << 20);
+    assert_eq!(owner.cmd(&format!("grant {token} default {RW}")), "ok");
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=1");
+    assert_eq!(peer.cmd("events 0"), "events []", "nothing published yet");
+    assert_eq!(owner.cmd(&format!("publish {token}")), "ok");
+    assert_eq!(
+        peer.cmd("events 1"),
+        format!("events [DoorbellsChanged {{ token: {:?} }}]", Token(token))
+    );
+    // The peer gets the owner's doorbell and writing it wakes the owner's eventfd.
+    assert_eq!(
+        peer.cmd(&format!("ring {token}")),
+        format!("rang [{owner_devid}]")
+    );
+    assert_eq!(owner.cmd(&format!("fired {token}")), "fired 1");
+    // Nobody is handed their own doorbell, and a process that does not hold the region
+    // gets none (nor may it publish one).
+    assert_eq!(owner.cmd(&format!("doorbells {token}")), "doorbells []");
+    assert!(
+        outsider
+            .cmd(&format!("doorbells {token}"))
+            .starts_with("err NotHeld")
+    );
+    assert!(
+        outsider
+            .cmd(&format!("publish {token}"))
+            .starts_with("err NotHeld")
+    );
+    // Both sides published: each sees exactly the other.
+    assert_eq!(peer.cmd(&format!("publish {token}")), "ok");
+    assert_eq!(
+        owner.cmd(&format!("doorbells {token}")),
+        format!("doorbells [{peer_devid}]")
+    );
+    let status = query_status(&broker.socket).unwrap();
+    let mut published = status.regions[0].doorbells.clone();
+    published.sort();
+    assert_eq!(published, vec![owner_devid, peer_devid]);
+    // Withdrawn: the peer is told and gets nothing any more.
+    peer.cmd("events 1");
+    assert_eq!(owner.cmd(&format!("withdraw {token}")), "ok");
+    assert_eq!(
+        peer.cmd("events 1"),
+        format!("events [DoorbellsChanged {{ token: {:?} }}]", Token(token))
+    );
+    assert_eq!(peer.cmd(&format!("doorbells {token}")), "doorbells []");
+}
+
+#[test]
+fn test_killed_publisher_doorbell_is_withdrawn() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut peer = ClientProcess::spawn(&broker.socket);
+    let owner_devid = owner.devid();
+    let token = owner.alloc(1 << 20);
+    assert_eq!(owner.cmd(&format!("grant {token} default {RW}")), "ok");
+    assert_eq!(peer.cmd(&format!("attach {token} 0")), "lease writable=1");
+    assert_eq!(owner.cmd(&format!("publish {token}")), "ok");
+    assert_eq!(peer.cmd("events 1").matches("DoorbellsChanged").count(), 1);
+    assert_eq!(
+        peer.cmd(&format!("doorbells {token}")),
+        format!("doorbells [{owner_devid}]")
+    );
+
+    owner.child.kill().unwrap();
+    owner.child.wait().unwrap();
+
+    assert_eq!(
+        peer.cmd("events 2"),
+        format!(
+            "events [PeerDetached {{ token: {t:?}, peer: DevId({owner_devid}) }}, \
+             DoorbellsChanged {{ token: {t:?} }}]",
+            t = Token(token)
+        )
+    );
+    assert_eq!(peer.cmd(&format!("doorbells {token}")), "doorbells []");
+    assert!(
+        query_status(&broker.socket).unwrap().regions[0]
+            .doorbells
+            .is_empty()
+    );
+}
+
+#[test]
+fn test_large_doorbell_sets_arrive_whole_over_several_replies() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let owner = BrokerSession::connect(&broker.socket).unwrap();
+    assert_eq!(owner.version(), wire::MAX_VERSION);
+    let token = owner.alloc(4096).unwrap().token;
+    owner.grant(token, GrantTarget::Default, Perms(RO)).unwrap();
+    let count = 2 * wire::MAX_DOORBELLS_PER_REPLY + 3;
+    let mut peers = Vec::new();
+    for _ in 0..count {
+        let peer = BrokerSession::connect(&broker.socket).unwrap();
+        let _lease = peer.attach(token, Perms::NONE).unwrap();
+        let doorbell = new_eventfd();
+        peer.publish_doorbell(token, doorbell.as_fd()).unwrap();
+        peers.push((peer, doorbell));
+    }
+    let list = owner.peer_doorbells(token).unwrap();
+    let mut got: Vec<u64> = list.iter().map(|(devid, _)| devid.0).collect();
+    let mut want: Vec<u64> = peers.iter().map(|(p, _)| p.info().devid.0).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    // Each descriptor is the doorbell of the devid it came with.
+    for (devid, fd) in &list {
+        rustix::io::write(fd, &1u64.to_ne_bytes()).unwrap();
+        let (_, own) = peers
+            .iter()
+            .find(|(p, _)| p.info().devid == *devid)
+            .unwrap();
+        assert!(wait_readable(own, Duration::from_secs(5)));
+        let mut value = [0u8; 8];
+        rustix::io::read(own, &mut value).unwrap();
+    }
+    // A pipe is not a doorbell.
+    let (read_end, _write_end) = rustix::pipe::pipe().unwrap();
+    assert!(matches!(
+        owner.publish_doorbell(token, read_end.as_fd()),
+        Err(ism_pool::PoolError::NotAnEventfd { .. })
     ));
 }
