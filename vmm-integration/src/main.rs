@@ -2,10 +2,13 @@
 //! ism-vmm: command line -> VmConfig -> run.
 
 mod acpi;
+mod api;
 mod boot;
 mod bus;
 mod config;
+mod control;
 mod devices;
+mod event_monitor;
 mod exit;
 mod interrupt;
 mod layout;
@@ -21,6 +24,9 @@ mod vstate;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
+use config::api::{
+    ApiSocketConfig, EventMonitorConfig, OperatorConfig, OperatorError, SeccompMode,
+};
 use config::{
     ConsoleConfig, CpusConfig, MemoryConfig, PlatformConfig, RngConfig, SerialConfig, VmConfig,
     VmParams,
@@ -31,6 +37,10 @@ use exit::ExitEvent;
 /// cloud-hypervisor).
 fn cli_options_sorted() -> Vec<Arg> {
     vec![
+        Arg::new("api-socket")
+            .long("api-socket")
+            .help(ApiSocketConfig::SYNTAX)
+            .num_args(1),
         Arg::new("cmdline")
             .long("cmdline")
             .help("Kernel command line")
@@ -42,6 +52,10 @@ fn cli_options_sorted() -> Vec<Arg> {
         Arg::new("cpus")
             .long("cpus")
             .help(CpusConfig::SYNTAX)
+            .num_args(1),
+        Arg::new("event-monitor")
+            .long("event-monitor")
+            .help(EventMonitorConfig::SYNTAX)
             .num_args(1),
         Arg::new("initramfs")
             .long("initramfs")
@@ -62,6 +76,10 @@ fn cli_options_sorted() -> Vec<Arg> {
         Arg::new("rng")
             .long("rng")
             .help(RngConfig::SYNTAX)
+            .num_args(1),
+        Arg::new("seccomp")
+            .long("seccomp")
+            .help(SeccompMode::SYNTAX)
             .num_args(1),
         Arg::new("serial")
             .long("serial")
@@ -94,6 +112,22 @@ fn vm_params(matches: &ArgMatches) -> VmParams {
         rng: get("rng"),
         platform: get("platform"),
     }
+}
+
+fn operator_config(matches: &ArgMatches) -> Result<OperatorConfig, OperatorError> {
+    let get = |name: &str| matches.get_one::<String>(name);
+    Ok(OperatorConfig {
+        api_socket: get("api-socket")
+            .map(|s| ApiSocketConfig::parse(s))
+            .transpose()?,
+        event_monitor: get("event-monitor")
+            .map(|s| EventMonitorConfig::parse(s))
+            .transpose()?,
+        seccomp: get("seccomp")
+            .map(|s| SeccompMode::parse(s))
+            .transpose()?
+            .unwrap_or_default(),
+    })
 }
 
 fn init_logging(verbosity: u8) {
@@ -131,7 +165,22 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let status = match vmm::run(&config) {
+    let operator = match operator_config(&matches) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("Error: {:#}", anyhow::Error::new(e));
+            std::process::exit(1);
+        }
+    };
+    let monitor = match event_monitor::start(operator.event_monitor.as_ref()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("Error: {:#}", anyhow::Error::new(e));
+            std::process::exit(1);
+        }
+    };
+    event!("vmm", "starting");
+    let status = match vmm::run_with(&config, &operator) {
         Ok(event) => {
             match &event {
                 ExitEvent::Shutdown(why) => log::warn!("Guest shut down ({why})"),
@@ -145,6 +194,8 @@ fn main() {
             1
         }
     };
+    event!("vmm", "shutdown");
+    event_monitor::finish(monitor);
     std::process::exit(status);
 }
 

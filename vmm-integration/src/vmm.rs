@@ -15,7 +15,9 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, create_sigset, register_signal_ha
 use crate::acpi::{AcpiError, AcpiInputs, create_acpi_tables};
 use crate::boot::{self, BootEntry, BootError, BootInputs};
 use crate::bus::{BusError, IoBuses};
+use crate::config::api::OperatorConfig;
 use crate::config::{SerialMode, VmConfig};
+use crate::control::{self, VmmApi};
 use crate::devices::virtio_rng::{RngError, VirtioRng};
 use crate::exit::{ExitEvent, ExitNotifier};
 use crate::layout;
@@ -65,6 +67,8 @@ pub enum VmmError {
     Pci(#[source] PciError),
     #[error("Failed to create the virtio-rng device")]
     Rng(#[source] RngError),
+    #[error("Failed to serve the REST API")]
+    Api(#[source] crate::api::http::HttpError),
 }
 
 /// vCPU threads are kicked out of KVM_RUN with this real-time signal at teardown.
@@ -85,12 +89,19 @@ struct RunningVm {
 }
 
 /// Build the VM from `config`, run it until it stops, tear it down. Returns why it stopped.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
+    run_with(config, &OperatorConfig::default())
+}
+
+/// As [`run`], with the operator options: the REST API is served while the VM runs.
+pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEvent, VmmError> {
     let (exit, exit_rx) = ExitNotifier::new();
     let pvm_policy = pvm::policy_enabled(config.platform.pvm);
     if pvm_policy {
         log::info!("PVM policy on: instruction fallback and Linux kernel parameters");
     }
+    crate::event!("vm", "booting");
 
     // Before any thread exists, so every thread inherits the mask and only the
     // "signal-handler" thread receives these.
@@ -145,12 +156,19 @@ pub fn run(config: &VmConfig) -> Result<ExitEvent, VmmError> {
         ..running
     };
 
-    // Every sender lives in a vCPU or device, so recv only fails if all of them are gone,
-    // which means every vCPU thread ended without reporting.
-    let event = exit_rx
-        .recv()
-        .unwrap_or_else(|_| ExitEvent::Error("All vCPUs stopped without a reason".into()));
+    crate::event!("vm", "booted");
+    let mut api = VmmApi::new(config, &pci, running.counters.clone(), Vec::new());
+    let waited = control::wait_for_exit(
+        exit_rx,
+        operator.api_socket.as_ref().map(|a| &a.endpoint),
+        &mut api,
+    );
     teardown(running);
+    let event = waited.map_err(VmmError::Api)?;
+    match &event {
+        ExitEvent::Reboot(_) => crate::event!("vm", "rebooting"),
+        _ => crate::event!("vm", "shutdown"),
+    }
     // Devices go first (their workers stop), then guest memory, which nothing touches now.
     drop(pci);
     drop(guest_memory);

@@ -6,6 +6,7 @@
 //! cloud-hypervisor) and validates the whole. Later options (`--ism`, `--api-socket`,
 //! `--event-monitor`, `--seccomp`) slot in as one more field here and one more file beside.
 
+pub mod api;
 mod cpus;
 mod memory;
 pub mod option_parser;

@@ -64,6 +64,8 @@ pub struct PciManager {
     mmio32: AddressAllocator,
     mmio64: AddressAllocator,
     devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// Id and address of each plugged device, in plug order (for `vm.info`).
+    infos: Vec<PciDeviceInfo>,
 }
 
 impl PciManager {
@@ -118,6 +120,7 @@ impl PciManager {
             mmio32,
             mmio64,
             devices: Vec::new(),
+            infos: Vec::new(),
         })
     }
 
@@ -198,17 +201,22 @@ impl PciManager {
             settings.start(),
             shm.map(|r| (r.start(), r.len()))
         );
-        Ok(PciDeviceInfo {
+        let info = PciDeviceInfo {
             id: id.to_owned(),
             bdf,
-        })
+        };
+        self.infos.push(info.clone());
+        Ok(info)
+    }
+
+    /// Id and address of every plugged device.
+    pub fn device_infos(&self) -> &[PciDeviceInfo] {
+        &self.infos
     }
 }
 
 impl PciManager {
-    /// Counters of every virtio device, by device id.
-    // For a `vm.counters` API; the VMM has none yet.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Counters of every virtio device, by device id (`vm.counters`).
     pub fn counters(&self) -> Vec<(String, virtio_device::Counters)> {
         self.devices
             .iter()
@@ -222,6 +230,7 @@ impl PciManager {
     /// Stop every device (their worker threads end) and unplug them from the buses. Also
     /// done on drop.
     pub fn shutdown(&mut self) {
+        self.infos.clear();
         for dev in self.devices.drain(..) {
             dev.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
         }

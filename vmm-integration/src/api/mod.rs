@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The REST API: an HTTP/1.1 server on a unix socket (`http.rs`) turns requests into
+//! [`ApiAction`]s (`router.rs`) and hands them to the VMM's main thread, which owns the VM and
+//! answers through a [`RequestHandler`]. Nothing here touches a device directly.
+
+pub mod http;
+pub mod router;
+pub mod types;
+
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+use types::{IsmAddRegionRequest, IsmRemoveRegionRequest};
+
+/// What a request asks the VMM to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiAction {
+    VmmPing,
+    VmInfo,
+    VmCounters,
+    VmShutdown,
+    VmReboot,
+    IsmAddRegion(IsmAddRegionRequest),
+    IsmRemoveRegion(IsmRemoveRegionRequest),
+    IsmRegions,
+    IsmPoolStatus,
+}
+
+/// Why the VMM refused or failed a request. The HTTP status follows cloud-hypervisor's
+/// `api_error_status_code`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("No ism device with id {0:?}")]
+    UnknownDeviceId(String),
+    #[error("Device {0:?} does not hold region {1}")]
+    UnknownRegion(String, u64),
+    #[error("Device {0:?} holds region {1} already")]
+    RegionExists(String, u64),
+    #[error("Device {0:?} refused the request: {1}")]
+    DeviceRefused(String, String),
+    #[error("Pool status of {0:?} is unavailable: {1}")]
+    PoolStatus(String, String),
+    #[error("Failed to serialise the response")]
+    Serialise(#[source] serde_json::Error),
+    #[error("The VMM is shutting down")]
+    VmmGone,
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> u16 {
+        match self {
+            ApiError::UnknownDeviceId(_) | ApiError::UnknownRegion(..) => 404,
+            ApiError::RegionExists(..) => 409,
+            ApiError::DeviceRefused(..) => 400,
+            ApiError::PoolStatus(..) | ApiError::Serialise(_) | ApiError::VmmGone => 500,
+        }
+    }
+
+    /// The error and its sources, outermost first: the body of an error response.
+    pub fn chain(&self) -> Vec<String> {
+        let mut out = vec![self.to_string()];
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            out.push(e.to_string());
+            source = e.source();
+        }
+        out
+    }
+}
+
+/// A successful answer: a JSON body (200) or nothing (204).
+pub type ApiResult = Result<Option<serde_json::Value>, ApiError>;
+
+/// What the VMM's main thread implements to serve the API; one method per action.
+pub trait RequestHandler {
+    fn vmm_ping(&mut self) -> ApiResult;
+    fn vm_info(&mut self) -> ApiResult;
+    fn vm_counters(&mut self) -> ApiResult;
+    fn vm_shutdown(&mut self) -> ApiResult;
+    fn vm_reboot(&mut self) -> ApiResult;
+    fn ism_add_region(&mut self, req: IsmAddRegionRequest) -> ApiResult;
+    fn ism_remove_region(&mut self, req: IsmRemoveRegionRequest) -> ApiResult;
+    fn ism_regions(&mut self) -> ApiResult;
+    fn ism_pool_status(&mut self) -> ApiResult;
+}
+
+/// Run `action` against `handler`.
+pub fn dispatch(handler: &mut dyn RequestHandler, action: ApiAction) -> ApiResult {
+    match action {
+        ApiAction::VmmPing => handler.vmm_ping(),
+        ApiAction::VmInfo => handler.vm_info(),
+        ApiAction::VmCounters => handler.vm_counters(),
+        ApiAction::VmShutdown => handler.vm_shutdown(),
+        ApiAction::VmReboot => handler.vm_reboot(),
+        ApiAction::IsmAddRegion(r) => handler.ism_add_region(r),
+        ApiAction::IsmRemoveRegion(r) => handler.ism_remove_region(r),
+        ApiAction::IsmRegions => handler.ism_regions(),
+        ApiAction::IsmPoolStatus => handler.ism_pool_status(),
+    }
+}
+
+/// One request on its way to the main thread, with the channel for its answer.
+pub struct ApiRequest {
+    pub action: ApiAction,
+    pub reply: Sender<ApiResult>,
+}
+
+impl ApiRequest {
+    /// Answer it on the calling thread.
+    pub fn serve(self, handler: &mut dyn RequestHandler) {
+        // The HTTP thread may have given up on the answer; nothing to do then.
+        let _ = self.reply.send(dispatch(handler, self.action));
+    }
+}
+
+/// The HTTP thread's way to the main thread. The main thread receives requests and exit
+/// events on one channel, so it sleeps on a single `recv` (there is no epoll loop in this VMM
+/// for an eventfd to join).
+#[derive(Clone)]
+pub struct ApiSender {
+    send: std::sync::Arc<dyn Fn(ApiRequest) -> bool + Send + Sync>,
+}
+
+impl ApiSender {
+    /// `send` forwards a request to the main thread; it returns false once that is gone.
+    pub fn new(send: impl Fn(ApiRequest) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            send: std::sync::Arc::new(send),
+        }
+    }
+
+    /// Send `action` and wait for the answer.
+    pub fn call(&self, action: ApiAction) -> ApiResult {
+        let (reply, answer): (Sender<ApiResult>, Receiver<ApiResult>) = channel();
+        if !(self.send)(ApiRequest { action, reply }) {
+            return Err(ApiError::VmmGone);
+        }
+        answer.recv().unwrap_or(Err(ApiError::VmmGone))
+    }
+}

@@ -1,0 +1,562 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The main thread's loop once the VM runs: wait for the exit event while serving REST API
+//! requests, and the [`RequestHandler`] that answers them from the VMM's state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, channel};
+
+use serde_json::json;
+
+use crate::api::http::{ApiServer, HttpError};
+use crate::api::types::{
+    DeviceInfo, IsmAddRegionRequest, IsmRegionInfo, IsmRegions, IsmRemoveRegionRequest,
+    RegionAccess, RegionArea, VmCounters, VmInfoResponse, VmmPingResponse,
+};
+use crate::api::{ApiError, ApiRequest, ApiResult, ApiSender, RequestHandler};
+use crate::config::api::Endpoint;
+use crate::config::{SerialMode, VmConfig};
+use crate::exit::ExitEvent;
+use crate::pci::PciManager;
+use crate::vstate::vcpu::ExitCounters;
+
+/// What the API needs from an ism device: region hotplug and the pool's view. Implemented
+/// over `virtio_ism::IsmHandle` by the VMM, and by fakes in tests.
+pub trait IsmControl: Send + Sync {
+    /// Attach `token` for the guest with `access`; returns the mapped areas.
+    fn add_region(&self, token: u64, access: RegionAccess) -> Result<Vec<RegionArea>, String>;
+    /// Revoke `token` from the guest; false if the device did not hold it.
+    fn remove_region(&self, token: u64) -> bool;
+    /// Tokens the device holds.
+    fn regions(&self) -> Vec<u64>;
+    /// The pool's status as JSON (`ism_pool::PoolStatus`).
+    fn pool_status(&self) -> Result<serde_json::Value, String>;
+}
+
+/// An ism device as the API sees it.
+pub struct IsmEntry {
+    pub id: String,
+    pub control: Arc<dyn IsmControl>,
+}
+
+/// Names of what this VMM build can do, for `vmm.ping`.
+const FEATURES: &[&str] = &["virtio-rng", "virtio-ism", "event-monitor"];
+
+/// The VMM's side of the API: read-only views of the running VM plus the exit it may ask
+/// for.
+pub struct VmmApi<'a> {
+    pub config: &'a VmConfig,
+    pub pci: &'a dyn DeviceView,
+    pub exit_counters: Arc<ExitCounters>,
+    pub ism: Vec<IsmEntry>,
+    /// Set by vm.shutdown / vm.reboot; the loop ends with it.
+    pub requested_exit: Option<ExitEvent>,
+}
+
+/// The devices of the VM, as `vm.info` and `vm.counters` list them.
+pub trait DeviceView {
+    /// (id, bdf) of every PCI device.
+    fn devices(&self) -> Vec<(String, String)>;
+    fn counters(&self) -> Vec<(String, virtio_device::Counters)>;
+}
+
+impl DeviceView for PciManager {
+    fn devices(&self) -> Vec<(String, String)> {
+        self.device_infos()
+            .iter()
+            .map(|i| (i.id.clone(), i.bdf.clone()))
+            .collect()
+    }
+    fn counters(&self) -> Vec<(String, virtio_device::Counters)> {
+        PciManager::counters(self)
+    }
+}
+
+impl<'a> VmmApi<'a> {
+    pub fn new(
+        config: &'a VmConfig,
+        pci: &'a dyn DeviceView,
+        exit_counters: Arc<ExitCounters>,
+        ism: Vec<IsmEntry>,
+    ) -> Self {
+        Self {
+            config,
+            pci,
+            exit_counters,
+            ism,
+            requested_exit: None,
+        }
+    }
+}
+
+fn config_json(c: &VmConfig) -> serde_json::Value {
+    let serial = match &c.serial.mode {
+        SerialMode::Off => "off".to_owned(),
+        SerialMode::Null => "null".to_owned(),
+        SerialMode::Tty => "tty".to_owned(),
+        SerialMode::File(p) => format!("file={}", p.display()),
+    };
+    json!({
+        "cpus": {"boot_vcpus": c.cpus.boot_vcpus, "max_vcpus": c.cpus.max_vcpus},
+        "memory": {"size": c.memory.size, "shared": c.memory.shared, "hugepages": c.memory.hugepages},
+        "payload": {
+            "kernel": c.payload.kernel.display().to_string(),
+            "initramfs": c.payload.initramfs.as_ref().map(|p| p.display().to_string()),
+            "cmdline": c.payload.cmdline,
+        },
+        "serial": serial,
+        "rng": c.rng.as_ref().map(|r| json!({"src": r.src.display().to_string(), "id": r.id})),
+        "platform": {"pvm": format!("{:?}", c.platform.pvm).to_lowercase()},
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> ApiResult {
+    serde_json::to_value(value)
+        .map(Some)
+        .map_err(ApiError::Serialise)
+}
+
+impl VmmApi<'_> {
+    fn ism(&self, id: &str) -> Result<&IsmEntry, ApiError> {
+        self.ism
+            .iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| ApiError::UnknownDeviceId(id.to_owned()))
+    }
+}
+
+impl RequestHandler for VmmApi<'_> {
+    fn vmm_ping(&mut self) -> ApiResult {
+        to_json(&VmmPingResponse {
+            build_version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: i64::from(std::process::id()),
+            features: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
+        })
+    }
+
+    fn vm_info(&mut self) -> ApiResult {
+        let devices = self
+            .pci
+            .devices()
+            .into_iter()
+            .map(|(id, bdf)| DeviceInfo {
+                ism_regions: self
+                    .ism
+                    .iter()
+                    .find(|e| e.id == id)
+                    .map(|e| e.control.regions()),
+                id,
+                bdf,
+            })
+            .collect();
+        to_json(&VmInfoResponse {
+            config: config_json(self.config),
+            state: "Running".to_owned(),
+            memory_actual_size: self.config.memory.size,
+            devices,
+        })
+    }
+
+    fn vm_counters(&mut self) -> ApiResult {
+        let mut out = VmCounters::new();
+        for (id, counters) in self.pci.counters() {
+            let entry: BTreeMap<String, u64> = counters
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.0))
+                .collect();
+            out.insert(id, entry);
+        }
+        let c = &self.exit_counters;
+        let vcpus = [
+            ("unhandled_pio_reads", &c.unhandled_pio_reads),
+            ("unhandled_pio_writes", &c.unhandled_pio_writes),
+            ("unhandled_mmio_reads", &c.unhandled_mmio_reads),
+            ("unhandled_mmio_writes", &c.unhandled_mmio_writes),
+            ("pvm_completed_insns", &c.pvm_completed_insns),
+        ];
+        out.insert(
+            "__vcpus".to_owned(),
+            vcpus
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.load(Ordering::Relaxed)))
+                .collect(),
+        );
+        to_json(&out)
+    }
+
+    fn vm_shutdown(&mut self) -> ApiResult {
+        self.requested_exit = Some(ExitEvent::Shutdown("API vm.shutdown"));
+        Ok(None)
+    }
+
+    fn vm_reboot(&mut self) -> ApiResult {
+        // As with a guest-requested reset, this VMM ends with the reboot status.
+        self.requested_exit = Some(ExitEvent::Reboot("API vm.reboot"));
+        Ok(None)
+    }
+
+    fn ism_add_region(&mut self, req: IsmAddRegionRequest) -> ApiResult {
+        let entry = self.ism(&req.id)?;
+        if entry.control.regions().contains(&req.token) {
+            return Err(ApiError::RegionExists(req.id, req.token));
+        }
+        let areas = entry
+            .control
+            .add_region(req.token, req.access)
+            .map_err(|e| ApiError::DeviceRefused(req.id.clone(), e))?;
+        crate::event!(
+            "ism",
+            "region-attached",
+            "id",
+            &req.id,
+            "token",
+            req.token.to_string()
+        );
+        to_json(&IsmRegionInfo {
+            id: req.id,
+            token: req.token,
+            areas,
+        })
+    }
+
+    fn ism_remove_region(&mut self, req: IsmRemoveRegionRequest) -> ApiResult {
+        let entry = self.ism(&req.id)?;
+        if !entry.control.remove_region(req.token) {
+            return Err(ApiError::UnknownRegion(req.id, req.token));
+        }
+        crate::event!(
+            "ism",
+            "region-revoked",
+            "id",
+            &req.id,
+            "token",
+            req.token.to_string()
+        );
+        Ok(None)
+    }
+
+    fn ism_regions(&mut self) -> ApiResult {
+        let map: IsmRegions = self
+            .ism
+            .iter()
+            .map(|e| (e.id.clone(), e.control.regions()))
+            .collect();
+        to_json(&map)
+    }
+
+    fn ism_pool_status(&mut self) -> ApiResult {
+        let mut out = serde_json::Map::new();
+        for e in &self.ism {
+            let status = e
+                .control
+                .pool_status()
+                .map_err(|msg| ApiError::PoolStatus(e.id.clone(), msg))?;
+            out.insert(e.id.clone(), status);
+        }
+        Ok(Some(serde_json::Value::Object(out)))
+    }
+}
+
+/// What wakes the main thread.
+enum Control {
+    Exit(ExitEvent),
+    Api(ApiRequest),
+}
+
+/// Wait for the VM to stop. With `api_socket`, serve the REST API meanwhile: requests and
+/// exit events arrive on one channel (a forwarding thread moves exit events onto it), and
+/// each request is answered here, on the thread that owns the VM.
+pub fn wait_for_exit(
+    exit_rx: Receiver<ExitEvent>,
+    api_socket: Option<&Endpoint>,
+    handler: &mut VmmApi<'_>,
+) -> Result<ExitEvent, HttpError> {
+    let Some(endpoint) = api_socket else {
+        // Every sender lives in a vCPU or device, so recv only fails if all of them are
+        // gone, which means every vCPU thread ended without reporting.
+        return Ok(exit_rx
+            .recv()
+            .unwrap_or_else(|_| ExitEvent::Error("All vCPUs stopped without a reason".into())));
+    };
+    let (tx, rx) = channel::<Control>();
+    let exit_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("exit-forward".into())
+        .spawn(move || {
+            while let Ok(e) = exit_rx.recv() {
+                if exit_tx.send(Control::Exit(e)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(HttpError::Spawn)?;
+    let api_tx = std::sync::Mutex::new(tx);
+    let sender = ApiSender::new(move |req| {
+        api_tx
+            .lock()
+            .map(|tx| tx.send(Control::Api(req)).is_ok())
+            .unwrap_or(false)
+    });
+    let server = ApiServer::start(endpoint, sender)?;
+    let event = loop {
+        match rx.recv() {
+            Ok(Control::Exit(e)) => break e,
+            Ok(Control::Api(req)) => {
+                req.serve(handler);
+                if let Some(e) = handler.requested_exit.take() {
+                    break e;
+                }
+            }
+            Err(_) => break ExitEvent::Error("All vCPUs stopped without a reason".into()),
+        }
+    };
+    // Requests still queued fail (their reply channel drops) before the server thread is
+    // joined, so it never waits on an answer that cannot come.
+    drop(rx);
+    drop(server);
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Mutex;
+    use std::sync::mpsc::Sender;
+
+    use super::*;
+    use crate::api::http::simple_request;
+    use crate::config::VmParams;
+
+    /// A pool with regions 1 and 2; the device starts holding none.
+    #[derive(Default)]
+    struct FakeIsm {
+        held: Mutex<Vec<u64>>,
+    }
+
+    impl IsmControl for FakeIsm {
+        fn add_region(&self, token: u64, _: RegionAccess) -> Result<Vec<RegionArea>, String> {
+            if token != 1 && token != 2 {
+                return Err(format!("no region {token} in the pool"));
+            }
+            self.held.lock().unwrap().push(token);
+            Ok(vec![RegionArea {
+                offset: token << 20,
+                size: 1 << 20,
+            }])
+        }
+        fn remove_region(&self, token: u64) -> bool {
+            let mut held = self.held.lock().unwrap();
+            let before = held.len();
+            held.retain(|t| *t != token);
+            held.len() != before
+        }
+        fn regions(&self) -> Vec<u64> {
+            self.held.lock().unwrap().clone()
+        }
+        fn pool_status(&self) -> Result<serde_json::Value, String> {
+            Ok(json!({"size": 4 << 20, "used": self.held.lock().unwrap().len() << 20}))
+        }
+    }
+
+    struct FakeDevices;
+
+    impl DeviceView for FakeDevices {
+        fn devices(&self) -> Vec<(String, String)> {
+            vec![
+                ("_rng0".into(), "0000:00:01.0".into()),
+                ("ism0".into(), "0000:00:02.0".into()),
+            ]
+        }
+        fn counters(&self) -> Vec<(String, virtio_device::Counters)> {
+            let mut c = virtio_device::Counters::new();
+            c.insert("requests", std::num::Wrapping(3));
+            vec![("_rng0".into(), c)]
+        }
+    }
+
+    fn wait_for_socket(path: &Path) {
+        for _ in 0..500 {
+            if path.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("API socket {} never appeared", path.display());
+    }
+
+    /// Serve the API on a fresh socket with the fakes, run `client`, return how the loop
+    /// ended and the fake device.
+    fn with_api(client: impl FnOnce(&Path, &Sender<ExitEvent>)) -> (ExitEvent, Arc<FakeIsm>) {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api").unwrap();
+        let socket = dir.as_path().join("api.sock");
+        let config = VmConfig::parse(VmParams {
+            kernel: Some("/k".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let ism = Arc::new(FakeIsm::default());
+        let (exit_tx, exit_rx) = channel();
+        let endpoint = Endpoint::Path(socket.clone());
+        let event = std::thread::scope(|s| {
+            let vmm = s.spawn(|| {
+                let entry = IsmEntry {
+                    id: "ism0".into(),
+                    control: ism.clone(),
+                };
+                let mut api = VmmApi::new(
+                    &config,
+                    &FakeDevices,
+                    Arc::new(ExitCounters::default()),
+                    vec![entry],
+                );
+                wait_for_exit(exit_rx, Some(&endpoint), &mut api).unwrap()
+            });
+            wait_for_socket(&socket);
+            client(&socket, &exit_tx);
+            vmm.join().unwrap()
+        });
+        assert!(!socket.exists(), "the socket is removed at exit");
+        (event, ism)
+    }
+
+    fn json_of(body: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+    }
+
+    #[test]
+    fn test_queries_and_shutdown_over_the_socket() {
+        let (event, _) = with_api(|sock, _| {
+            let (status, body) = simple_request(sock, "GET", "vmm.ping", None).unwrap();
+            assert_eq!(status, 200);
+            let ping: VmmPingResponse = serde_json::from_slice(&body).unwrap();
+            assert_eq!(ping.pid, i64::from(std::process::id()));
+
+            let (status, body) = simple_request(sock, "GET", "vm.info", None).unwrap();
+            assert_eq!(status, 200);
+            let info: VmInfoResponse = serde_json::from_slice(&body).unwrap();
+            assert_eq!(info.state, "Running");
+            assert_eq!(info.config["payload"]["kernel"], "/k");
+            assert_eq!(info.devices[1].bdf, "0000:00:02.0");
+            assert_eq!(info.devices[1].ism_regions, Some(vec![]));
+            assert_eq!(info.devices[0].ism_regions, None);
+
+            let (status, body) = simple_request(sock, "GET", "vm.counters", None).unwrap();
+            assert_eq!(status, 200);
+            let counters: VmCounters = serde_json::from_slice(&body).unwrap();
+            assert_eq!(counters["_rng0"]["requests"], 3);
+            assert!(counters.contains_key("__vcpus"));
+
+            let (status, body) = simple_request(sock, "PUT", "vm.shutdown", None).unwrap();
+            assert_eq!((status, body.len()), (204, 0));
+        });
+        assert_eq!(event, ExitEvent::Shutdown("API vm.shutdown"));
+    }
+
+    #[test]
+    fn test_region_hotplug_routes() {
+        let (event, ism) = with_api(|sock, _| {
+            let add = |body: &str| {
+                simple_request(sock, "PUT", "vm.ism-add-region", Some(body.as_bytes())).unwrap()
+            };
+            let (status, body) = add(r#"{"id":"ism0","token":2}"#);
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let info: IsmRegionInfo = serde_json::from_slice(&body).unwrap();
+            assert_eq!(info.areas[0].offset, 2 << 20);
+            // Twice: conflict. Unknown device: 404. Pool refuses: 400.
+            assert_eq!(add(r#"{"id":"ism0","token":2}"#).0, 409);
+            let (status, body) = add(r#"{"id":"ism9","token":1}"#);
+            assert_eq!(status, 404);
+            assert_eq!(json_of(&body)[0], "No ism device with id \"ism9\"");
+            assert_eq!(add(r#"{"id":"ism0","token":7}"#).0, 400);
+
+            let (status, body) = simple_request(sock, "GET", "vm.ism-regions", None).unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(json_of(&body), json!({"ism0": [2]}));
+            let (status, body) = simple_request(sock, "GET", "vm.ism-pool-status", None).unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(json_of(&body)["ism0"]["used"], 1 << 20);
+
+            let remove = |body: &str| {
+                simple_request(sock, "PUT", "vm.ism-remove-region", Some(body.as_bytes()))
+                    .unwrap()
+                    .0
+            };
+            assert_eq!(remove(r#"{"id":"ism0","token":2}"#), 204);
+            assert_eq!(remove(r#"{"id":"ism0","token":2}"#), 404);
+            simple_request(sock, "PUT", "vm.reboot", None).unwrap();
+        });
+        assert_eq!(event, ExitEvent::Reboot("API vm.reboot"));
+        assert!(ism.regions().is_empty());
+    }
+
+    #[test]
+    fn test_bad_requests_change_nothing() {
+        let (event, ism) = with_api(|sock, exit| {
+            let cases: &[(&str, &str, &[u8], u16)] = &[
+                ("PUT", "vm.ism-add-region", b"{\"id\":\"ism0\",", 400),
+                (
+                    "PUT",
+                    "vm.ism-add-region",
+                    br#"{"id":"ism0","token":1,"x":0}"#,
+                    400,
+                ),
+                (
+                    "PUT",
+                    "vm.ism-add-region",
+                    br#"{"id":"ism0","token":"1"}"#,
+                    400,
+                ),
+                ("PUT", "vm.ism-add-region", b"", 400),
+                ("PUT", "vm.shutdown", b"{}", 400),
+                ("GET", "vm.shutdown", b"", 405),
+                ("DELETE", "vm.info", b"", 405),
+                ("GET", "vm.bogus", b"", 404),
+            ];
+            for (method, endpoint, body, want) in cases {
+                let (status, reply) = simple_request(sock, method, endpoint, Some(body)).unwrap();
+                assert_eq!(status, *want, "{method} {endpoint}");
+                let errors = json_of(&reply);
+                assert!(
+                    errors.as_array().is_some_and(|a| !a.is_empty()),
+                    "{reply:?}"
+                );
+            }
+            // An oversize body is refused from its Content-Length.
+            let big = vec![b' '; crate::api::router::MAX_BODY_SIZE + 1];
+            let (status, _) = simple_request(sock, "PUT", "vm.ism-add-region", Some(&big))
+                .unwrap_or((413, vec![]));
+            assert_eq!(status, 413);
+            // Still serving; then a guest-side exit ends the loop.
+            assert_eq!(
+                simple_request(sock, "GET", "vmm.ping", None).unwrap().0,
+                200
+            );
+            exit.send(ExitEvent::Shutdown("ACPI S5")).unwrap();
+        });
+        assert_eq!(event, ExitEvent::Shutdown("ACPI S5"));
+        assert!(ism.regions().is_empty());
+    }
+
+    #[test]
+    fn test_a_second_server_on_the_same_path_is_refused() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api").unwrap();
+        let path = dir.as_path().join("api.sock");
+        let endpoint = Endpoint::Path(path.clone());
+        let sender = ApiSender::new(|_| false);
+        let first = ApiServer::start(&endpoint, sender.clone()).unwrap();
+        let err = ApiServer::start(&endpoint, sender.clone()).err().unwrap();
+        assert!(matches!(err, HttpError::InUse(..)), "{err:?}");
+        // With the VMM gone, requests get a 500, not a hang.
+        assert_eq!(
+            simple_request(&path, "GET", "vmm.ping", None).unwrap().0,
+            500
+        );
+        drop(first);
+        assert!(!path.exists());
+        // The lock is free again; a stale socket file would be replaced.
+        let again = ApiServer::start(&endpoint, sender).unwrap();
+        drop(again);
+    }
+}
