@@ -158,32 +158,6 @@ static void ism_ctrl_vq_done(struct virtqueue *vq)
 	complete(&ism->ctrl_done);
 }
 
-static int ism_status_errno(u8 status)
-{
-	switch (status) {
-	case VIRTIO_ISM_OK:
-		return 0;
-	case VIRTIO_ISM_ENOENT:
-		return -ENOENT;
-	case VIRTIO_ISM_E2BIG:
-		return -E2BIG;
-	case VIRTIO_ISM_ENOMEM:
-		return -ENOMEM;
-	case VIRTIO_ISM_ENOSPC:
-		return -ENOSPC;
-	case VIRTIO_ISM_PERM_EATTACH:
-		return -EACCES;
-	case VIRTIO_ISM_PERM_EREAD:
-		return -EPERM;
-	case VIRTIO_ISM_PERM_EWRITE:
-		return -EROFS;
-	case VIRTIO_ISM_ERR:
-		return -EINVAL;
-	default:
-		return -EPROTO;
-	}
-}
-
 /*
  * Run one control command; caller holds ctrl_lock. On success *status is the
  * device's status byte and @reply holds *reply_len (<= @reply_cap) reply bytes.
@@ -274,7 +248,7 @@ static int ism_ctrl_simple(struct ism_dev *ism, u8 class, u8 cmd,
 	int ret;
 
 	ret = ism_ctrl(ism, class, cmd, payload, payload_len, &dummy, 0, &got, &status);
-	return ret ? ret : ism_status_errno(status);
+	return ret ? ret : virtio_ism_status_errno(status);
 }
 
 /* ---- regions ------------------------------------------------------------- */
@@ -404,7 +378,7 @@ static struct ism_region *ism_map_cmd(struct ism_dev *ism, u8 class, const void 
 		}
 		if (status != VIRTIO_ISM_OK) {
 			kfree(reply);
-			return ERR_PTR(ism_status_errno(status));
+			return ERR_PTR(virtio_ism_status_errno(status));
 		}
 		*token = hdr_size == VIRTIO_ISM_ALLOC_REPLY_HDR_SIZE ?
 			 get_unaligned_le64(reply) : *token;
@@ -455,7 +429,7 @@ static struct ism_region *ism_query_region(struct ism_dev *ism, u64 token)
 		}
 		if (status != VIRTIO_ISM_OK) {
 			kfree(reply);
-			return ERR_PTR(status == VIRTIO_ISM_E2BIG ? -EIO : ism_status_errno(status));
+			return ERR_PTR(status == VIRTIO_ISM_E2BIG ? -EIO : virtio_ism_status_errno(status));
 		}
 		if (num > cap || got < VIRTIO_ISM_QREGION_REPLY_HDR_SIZE + num * VIRTIO_ISM_AREA_SIZE)
 			r = ERR_PTR(-EIO);

@@ -3,7 +3,7 @@
  * The virtio-ism wire protocol (docs/protocol.md), hand-mirrored from the Rust crate
  * virtio-ism-proto (virtio-ism/proto/src/defs.rs), which is the source of truth.
  * guest-driver/ism/tests/c_layout.rs compiles this file and compares every value
- * with the Rust constants. Include only <linux/types.h>-level things here.
+ * with the Rust constants. Include <linux/errno.h> or <errno.h> first.
  */
 #ifndef _VIRTIO_ISM_WIRE_H
 #define _VIRTIO_ISM_WIRE_H
@@ -83,5 +83,35 @@
 #define VIRTIO_ISM_EV_OFF_DEVID		16
 #define VIRTIO_ISM_EV_OFF_PEERS		24
 #define VIRTIO_ISM_EV_OFF_TOKEN		32
+
+/*
+ * The errno the driver returns for a device status (needs the E* constants of
+ * <linux/errno.h> or <errno.h>). The Rust crate maps it back; tests check both ways.
+ */
+static inline int virtio_ism_status_errno(unsigned char status)
+{
+	switch (status) {
+	case VIRTIO_ISM_OK:
+		return 0;
+	case VIRTIO_ISM_ENOENT:
+		return -ENOENT;
+	case VIRTIO_ISM_E2BIG:
+		return -E2BIG;
+	case VIRTIO_ISM_ENOMEM:
+		return -ENOMEM;
+	case VIRTIO_ISM_ENOSPC:
+		return -ENOSPC;
+	case VIRTIO_ISM_PERM_EATTACH:
+		return -EACCES;
+	case VIRTIO_ISM_PERM_EREAD:
+		return -EPERM;
+	case VIRTIO_ISM_PERM_EWRITE:
+		return -EROFS;
+	case VIRTIO_ISM_ERR:
+		return -EINVAL;
+	default:
+		return -EPROTO;
+	}
+}
 
 #endif /* _VIRTIO_ISM_WIRE_H */
