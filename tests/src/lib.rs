@@ -2,11 +2,13 @@
 //! Helpers for the integration tests: find ism-vmm and the test guest, run a VM under a hard
 //! timeout (killing it on failure), and read the guest's `ISM-TEST key=value` serial lines.
 
+pub mod pair;
 pub mod report;
 pub mod vm;
 
+pub use pair::{Answer, IsmGuest, IsmSpec, PoolBroker};
 pub use report::GuestReport;
-pub use vm::{VmOutcome, VmRun, kvm_available, test_guest, vmm_binary};
+pub use vm::{VmOutcome, VmRun, kvm_available, pool_binary, test_guest, vmm_binary};
 
 /// Return early from a test, with one loud line, when /dev/kvm is missing.
 #[macro_export]

@@ -44,14 +44,32 @@ pub fn vmm_binary() -> PathBuf {
     .clone()
 }
 
+/// The ism-pool broker binary: `$ISM_POOL` if set, else built like [`vmm_binary`].
+pub fn pool_binary() -> PathBuf {
+    static POOL: OnceLock<PathBuf> = OnceLock::new();
+    POOL.get_or_init(|| {
+        if let Some(path) = std::env::var_os("ISM_POOL") {
+            return PathBuf::from(path);
+        }
+        build_binary("ism-pool", "ism-pool", "ISM_POOL")
+    })
+    .clone()
+}
+
 fn build_vmm() -> PathBuf {
+    build_binary("ism-vmm", "ism-vmm", "ISM_VMM")
+}
+
+/// `cargo build -p <package>` with this test executable's profile and target dir; the path of
+/// `binary` in that profile dir.
+fn build_binary(package: &str, binary: &str, env_override: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // <target>/<profile>/deps/<exe>
     let (Some(profile_dir), Some(target_dir)) = (exe.ancestors().nth(2), exe.ancestors().nth(3))
     else {
         panic!("Cannot locate the target dir from {}", exe.display());
     };
-    let binary = profile_dir.join("ism-vmm");
+    let path = profile_dir.join(binary);
     let profile = profile_dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -61,27 +79,27 @@ fn build_vmm() -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!(
-        "ism-tests: building ism-vmm (profile {profile}) into {}",
+        "ism-tests: building {package} (profile {profile}) into {}",
         target_dir.display()
     );
     let output = Command::new(cargo)
         .current_dir(&workspace)
-        .args(["build", "-p", "ism-vmm", "--profile", &profile])
+        .args(["build", "-p", package, "--profile", &profile])
         .env("CARGO_TARGET_DIR", target_dir)
         .stdin(Stdio::null())
         .output();
     match output {
-        Ok(out) if out.status.success() && binary.is_file() => binary,
+        Ok(out) if out.status.success() && path.is_file() => path,
         Ok(out) => panic!(
-            "Building ism-vmm failed ({}); build it by hand with `cargo build -p ism-vmm` or set \
-             ISM_VMM=/path/to/ism-vmm. Expected it at {}.\n{}",
+            "Building {package} failed ({}); build it by hand with `cargo build -p {package}` or \
+             set {env_override}=/path/to/{binary}. Expected it at {}.\n{}",
             out.status,
-            binary.display(),
+            path.display(),
             String::from_utf8_lossy(&out.stderr)
         ),
         Err(e) => panic!(
-            "Cannot run cargo to build ism-vmm ({e}); build it by hand with `cargo build -p \
-             ism-vmm` or set ISM_VMM=/path/to/ism-vmm"
+            "Cannot run cargo to build {package} ({e}); build it by hand with `cargo build -p \
+             {package}` or set {env_override}=/path/to/{binary}"
         ),
     }
 }

@@ -22,6 +22,8 @@ pub struct Context<'a> {
     pub platform: &'a GuestPlatform,
     pub acpi: &'a Acpi,
     pub apic_id: u8,
+    /// `ism.script=`: commands for `ism.test=ism` to run before reading COM1.
+    pub script: Option<&'a str>,
 }
 
 /// Run test `name`; true if it passed.
@@ -32,6 +34,7 @@ pub fn run(name: &str, ctx: &Context<'_>) -> bool {
         "rng" => rng(ctx),
         "virtio" => virtio_list(ctx),
         "irq" => timer_interrupts(),
+        "ism" => crate::ism_shell::run(ctx, ctx.script),
         "reboot" => reboot(ctx),
         "panic" => panic!("requested by ism.test=panic"),
         "fault" => {
@@ -55,7 +58,7 @@ pub fn run(name: &str, ctx: &Context<'_>) -> bool {
 }
 
 /// Config access through ECAM when MCFG describes it, else ports 0xcf8/0xcfc.
-enum AnyConfig<'p> {
+pub(crate) enum AnyConfig<'p> {
     Ecam(EcamConfig<'p, GuestPlatform>),
     Ports(PortConfig<'p, GuestPlatform>),
 }
@@ -81,7 +84,7 @@ impl ConfigAccess for AnyConfig<'_> {
     }
 }
 
-fn config<'p>(ctx: &Context<'p>) -> (AnyConfig<'p>, u8, u8) {
+pub(crate) fn config<'p>(ctx: &Context<'p>) -> (AnyConfig<'p>, u8, u8) {
     use ism_guest_driver::Platform as _;
     match ctx.acpi.ecam {
         Some(e)
@@ -274,7 +277,7 @@ fn distinct_bytes(bytes: &[u8]) -> u32 {
 
 /// Halt until `vector` has been seen `count` times, or `max_ticks` LAPIC timer ticks (about
 /// 1 ms each) have passed. Returns whether the count was reached.
-fn wait_for_irq(vector: u8, count: u64, max_ticks: u64) -> bool {
+pub(crate) fn wait_for_irq(vector: u8, count: u64, max_ticks: u64) -> bool {
     if boot::irq_count(vector) >= count {
         return true;
     }

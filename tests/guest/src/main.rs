@@ -17,6 +17,7 @@ mod apic;
 mod boot;
 mod cases;
 mod io;
+mod ism_shell;
 mod platform;
 mod start_info;
 
@@ -89,6 +90,7 @@ extern "C" fn ism_guest_main(start_info_paddr: u32) -> ! {
         platform: &platform,
         acpi,
         apic_id,
+        script: info.param("ism.script"),
     };
     let pass = cases::run(test, &ctx);
     finish(pass)

@@ -9,6 +9,7 @@ const COM1: u16 = 0x3f8;
 const LSR: u16 = COM1 + 5;
 const FCR: u16 = COM1 + 2;
 const LSR_THR_EMPTY: u8 = 0x20;
+const LSR_DATA_READY: u8 = 0x01;
 /// 16550 transmit FIFO depth: once THRE is seen, this many bytes may be written.
 const FIFO_DEPTH: u32 = 16;
 
@@ -34,6 +35,11 @@ pub fn write_byte(byte: u8) {
     }
     outb(COM1, byte);
     FIFO_ROOM.store(room - 1, Ordering::Relaxed);
+}
+
+/// One received byte, if the receive FIFO holds one (RBR at COM1 + 0 with DLAB clear).
+pub fn read_byte() -> Option<u8> {
+    (inb(LSR) & LSR_DATA_READY != 0).then(|| inb(COM1))
 }
 
 /// A `core::fmt::Write` onto COM1 that turns `\n` into `\r\n`.

@@ -1,0 +1,473 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Guests that talk to each other through virtio-ism: an `ism-pool` broker process and test
+//! guests in `ism.test=ism` mode, each in its own `ism-vmm` process, driven by commands
+//! written to their serial input.
+//!
+//! Every process runs in its own process group and is killed (SIGKILL to the group) when its
+//! handle is dropped, so a failing or panicking test leaves nothing behind. Every wait is
+//! bounded by the handle's deadline.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::report::{GuestReport, PREFIX};
+use crate::vm::{pool_binary, test_guest, vmm_binary};
+
+/// Hard limit for one paired-guest VM (the whole test shares the deadline of its VMs).
+pub const PAIR_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A child process in its own group, killed with its group on drop.
+struct Group {
+    child: Child,
+    reaped: bool,
+}
+
+impl Group {
+    fn spawn(command: &mut Command) -> std::io::Result<Self> {
+        let child = command.process_group(0).spawn()?;
+        Ok(Self {
+            child,
+            reaped: false,
+        })
+    }
+
+    fn kill(&mut self) {
+        if !self.reaped {
+            let pid = self.child.id() as libc::pid_t;
+            // SAFETY: kill(2) on the process group this child leads; it is not reaped yet, so
+            // the id is still ours.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = self.child.wait();
+            self.reaped = true;
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A private directory under the system temp dir, removed on drop.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// A new directory named after `tag`, this process and a counter.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ism-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("Cannot create {}: {e}", dir.display()));
+        Self(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `ism-pool` broker on a socket in its own scratch directory.
+pub struct PoolBroker {
+    group: Group,
+    socket: PathBuf,
+    log: Arc<Mutex<String>>,
+    _dir: ScratchDir,
+}
+
+impl PoolBroker {
+    /// Start a broker with a pool of `size` (e.g. "1G") and wait until its socket exists.
+    pub fn start(size: &str) -> Self {
+        let binary = pool_binary();
+        let dir = ScratchDir::new("pool");
+        let socket = dir.path().join("pool.sock");
+        let mut group = Group::spawn(
+            Command::new(&binary)
+                .arg("--socket")
+                .arg(&socket)
+                .args(["--size", size])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .unwrap_or_else(|e| panic!("Failed to start {}: {e}", binary.display()));
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = group.child.stderr.take().expect("piped");
+        collect(stderr, log.clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = group.child.try_wait() {
+                group.reaped = true;
+                panic!("ism-pool exited early ({status}):\n{}", log.lock().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ism-pool did not create {} within 10 s",
+                socket.display()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            group,
+            socket,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The broker's socket path (what `--ism ...,pool=` takes).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `ism-pool status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let output = Command::new(pool_binary())
+            .arg("status")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--json")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ism-pool status");
+        assert!(
+            output.status.success(),
+            "ism-pool status failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ism-pool status --json printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    /// Whether the broker process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.group.child.try_wait(), Ok(None))
+    }
+}
+
+/// Append everything `source` produces to `sink`, from a thread, until EOF.
+fn collect(mut source: impl Read + Send + 'static, sink: Arc<Mutex<String>>) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match source.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sink
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    });
+}
+
+/// The serial console of a guest as it arrives, and whether the VMM closed it.
+#[derive(Default)]
+struct Console {
+    text: String,
+    closed: bool,
+}
+
+/// One answer of the guest: the `key=value` pairs of one report line.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The raw line (without the prefix).
+    pub line: String,
+    report: GuestReport,
+}
+
+impl Answer {
+    fn parse(line: &str) -> Self {
+        Self {
+            line: line.to_string(),
+            report: GuestReport::parse(&format!("{PREFIX}{line}\n")),
+        }
+    }
+
+    /// Value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.report.get(key)
+    }
+
+    /// Value of `key` as a number.
+    pub fn number(&self, key: &str) -> Option<u64> {
+        self.report.number(key)
+    }
+
+    /// `status=`.
+    pub fn status(&self) -> &str {
+        self.get("status").unwrap_or("")
+    }
+
+    /// Panic with `context` unless `status=ok`.
+    pub fn ok(self, context: &str) -> Self {
+        assert_eq!(self.status(), "ok", "{context}: {}", self.line);
+        self
+    }
+}
+
+/// Options of one guest's virtio-ism device (`--ism id=..,size=..,chunk_size=..,pool=..`).
+#[derive(Clone, Debug)]
+pub struct IsmSpec {
+    /// Window size, e.g. "64M".
+    pub size: String,
+    /// Chunk size, e.g. "4K" or "2M".
+    pub chunk_size: String,
+}
+
+impl Default for IsmSpec {
+    fn default() -> Self {
+        Self {
+            size: "64M".into(),
+            chunk_size: "4K".into(),
+        }
+    }
+}
+
+/// A test guest in `ism.test=ism` mode under its own ism-vmm, driven over its serial input.
+pub struct IsmGuest {
+    name: String,
+    group: Group,
+    stdin: Option<ChildStdin>,
+    console: Arc<(Mutex<Console>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+    deadline: Instant,
+    seq: u64,
+    /// Where in the console text the next answer search starts.
+    cursor: usize,
+    /// The `ism=ready` line.
+    pub ready: Answer,
+}
+
+impl IsmGuest {
+    /// Boot a guest named `name` whose device uses `broker`, run `script` (commands separated
+    /// by `;`, words by `,`, run before serial input is read) and wait for `ism=ready`.
+    pub fn start(name: &str, broker: &PoolBroker, spec: &IsmSpec, script: &[&str]) -> Self {
+        let vmm = vmm_binary();
+        let mut cmdline = "ism.test=ism".to_string();
+        if !script.is_empty() {
+            cmdline.push_str(" ism.script=");
+            cmdline.push_str(&script.join(";").replace(' ', ","));
+        }
+        let ism = format!(
+            "id=ism0,size={},chunk_size={},pool={}",
+            spec.size,
+            spec.chunk_size,
+            broker.socket().display()
+        );
+        let mut group = Group::spawn(
+            Command::new(&vmm)
+                .arg("--kernel")
+                .arg(test_guest())
+                .args(["--cmdline", &cmdline])
+                .args([
+                    "--cpus",
+                    "boot=1",
+                    "--memory",
+                    "size=128M",
+                    "--serial",
+                    "tty",
+                ])
+                .args(["--ism", &ism])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .unwrap_or_else(|e| panic!("Failed to start {}: {e}", vmm.display()));
+        let console = Arc::new((Mutex::new(Console::default()), Condvar::new()));
+        let stdout = group.child.stdout.take().expect("piped");
+        let feed = console.clone();
+        thread::spawn(move || read_console(stdout, &feed));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(group.child.stderr.take().expect("piped"), stderr.clone());
+        let stdin = group.child.stdin.take();
+        let mut guest = Self {
+            name: name.to_string(),
+            group,
+            stdin,
+            console,
+            stderr,
+            deadline: Instant::now() + PAIR_TIMEOUT,
+            seq: 0,
+            cursor: 0,
+            ready: Answer::parse(""),
+        };
+        guest.ready = guest.wait_line(|a| a.get("ism") == Some("ready"), "ism=ready");
+        guest.seq = script.iter().filter(|c| !c.trim().is_empty()).count() as u64;
+        guest
+    }
+
+    /// This guest's name in messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device id the guest's device reported.
+    pub fn devid(&self) -> u64 {
+        self.ready.number("devid").expect("ism=ready has devid")
+    }
+
+    /// The answer to the `seq`-th command (counting the script's commands first).
+    pub fn answer(&mut self, seq: u64) -> Answer {
+        let want = seq.to_string();
+        self.wait_line(
+            |a| a.get("seq") == Some(want.as_str()),
+            &format!("seq={seq}"),
+        )
+    }
+
+    /// Send one command line and wait for its answer.
+    pub fn cmd(&mut self, command: &str) -> Answer {
+        self.send(command);
+        self.answer(self.seq)
+    }
+
+    /// Send one command line without waiting; returns its sequence number.
+    pub fn send(&mut self, command: &str) -> u64 {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        if let Err(e) = stdin
+            .write_all(command.as_bytes())
+            .and_then(|()| stdin.write_all(b"\n"))
+            .and_then(|()| stdin.flush())
+        {
+            panic!(
+                "{}: writing {command:?} to serial input failed: {e}\n{}",
+                self.name,
+                self.describe()
+            );
+        }
+        self.seq += 1;
+        self.seq
+    }
+
+    /// `poweroff`, then wait for the VMM to exit; returns its exit code.
+    pub fn power_off(mut self) -> Option<i32> {
+        self.send("poweroff");
+        self.wait_exit()
+    }
+
+    /// Wait for the VMM to exit by itself (bounded by the deadline); its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        while Instant::now() < self.deadline {
+            match self.group.child.try_wait() {
+                Ok(Some(status)) => {
+                    self.group.reaped = true;
+                    return status.code();
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(10)),
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "{}: VMM did not exit in time\n{}",
+            self.name,
+            self.describe()
+        );
+    }
+
+    /// SIGKILL the VMM (its whole process group), as a crash would.
+    pub fn kill(&mut self) {
+        self.group.kill();
+    }
+
+    /// Console and VMM log, for failure messages.
+    pub fn describe(&self) -> String {
+        let console = self.console.0.lock().unwrap_or_else(|e| e.into_inner());
+        format!(
+            "--- {} serial ---\n{}\n--- {} stderr ---\n{}",
+            self.name,
+            console.text,
+            self.name,
+            self.stderr.lock().unwrap_or_else(|e| e.into_inner())
+        )
+    }
+
+    /// Wait for the first report line after the cursor that `matches`; panic (the drop kills
+    /// the VMM) at the deadline or when the console closes first.
+    fn wait_line(&mut self, matches: impl Fn(&Answer) -> bool, what: &str) -> Answer {
+        let (lock, ready) = &*self.console;
+        let mut console = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            while let Some(end) = console.text[self.cursor..].find('\n') {
+                let line = console.text[self.cursor..self.cursor + end].trim_end_matches('\r');
+                self.cursor += end + 1;
+                let Some(at) = line.find(PREFIX) else {
+                    continue;
+                };
+                let answer = Answer::parse(&line[at + PREFIX.len()..]);
+                if answer.get("panic").is_some() || answer.get("fault").is_some() {
+                    drop(console);
+                    panic!(
+                        "{}: guest failed: {}\n{}",
+                        self.name,
+                        answer.line,
+                        self.describe()
+                    );
+                }
+                if matches(&answer) {
+                    return answer;
+                }
+            }
+            let now = Instant::now();
+            if console.closed || now >= self.deadline {
+                let why = if console.closed {
+                    "console closed"
+                } else {
+                    "timed out"
+                };
+                drop(console);
+                panic!(
+                    "{}: {why} waiting for {what}\n{}",
+                    self.name,
+                    self.describe()
+                );
+            }
+            console = ready
+                .wait_timeout(console, self.deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+fn read_console(mut stdout: impl Read, console: &(Mutex<Console>, Condvar)) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stdout.read(&mut buf).unwrap_or(0);
+        let mut state = console.0.lock().unwrap_or_else(|e| e.into_inner());
+        if n == 0 {
+            state.closed = true;
+        } else {
+            state.text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        console.1.notify_all();
+        if n == 0 {
+            return;
+        }
+    }
+}
