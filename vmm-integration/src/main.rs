@@ -28,8 +28,8 @@ use config::api::{
     ApiSocketConfig, EventMonitorConfig, OperatorConfig, OperatorError, SeccompMode,
 };
 use config::{
-    ConsoleConfig, CpusConfig, MemoryConfig, PlatformConfig, RngConfig, SerialConfig, VmConfig,
-    VmParams,
+    ConsoleConfig, CpusConfig, IsmDeviceConfig, MemoryConfig, PlatformConfig, RngConfig,
+    SerialConfig, VmConfig, VmParams,
 };
 use exit::ExitEvent;
 
@@ -61,6 +61,11 @@ fn cli_options_sorted() -> Vec<Arg> {
             .long("initramfs")
             .help("Path to initramfs image")
             .num_args(1),
+        Arg::new("ism")
+            .long("ism")
+            .help(IsmDeviceConfig::SYNTAX)
+            .num_args(1)
+            .action(ArgAction::Append),
         Arg::new("kernel")
             .long("kernel")
             .help("Path to kernel to load: an ELF with a PVH note (vmlinux) or a bzImage")
@@ -111,6 +116,10 @@ fn vm_params(matches: &ArgMatches) -> VmParams {
         console: get("console"),
         rng: get("rng"),
         platform: get("platform"),
+        ism: matches
+            .get_many::<String>("ism")
+            .map(|v| v.cloned().collect())
+            .unwrap_or_default(),
     }
 }
 

@@ -101,6 +101,53 @@ fn create_memfd(size: u64, hugepages: bool) -> Result<File, MemoryError> {
     Ok(file)
 }
 
+/// KVM memory slot numbers for the whole VM. Guest RAM takes the first ones at startup
+/// (`first_free` is what is left after it); devices that map memory into the guest (the
+/// virtio-ism window) take and give back the rest, so no two users ever share a slot.
+#[derive(Debug)]
+pub struct MemorySlots {
+    state: std::sync::Mutex<SlotState>,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    next: u32,
+    limit: u32,
+    free: Vec<u32>,
+}
+
+impl MemorySlots {
+    /// Slots `first_free..limit` are available (`limit` is KVM_CAP_NR_MEMSLOTS).
+    pub fn new(first_free: u32, limit: u32) -> Self {
+        Self {
+            state: std::sync::Mutex::new(SlotState {
+                next: first_free,
+                limit,
+                free: Vec::new(),
+            }),
+        }
+    }
+
+    /// A free slot number, or `None` when KVM has no more.
+    pub fn allocate(&self) -> Option<u32> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = s.free.pop() {
+            return Some(slot);
+        }
+        (s.next < s.limit).then(|| {
+            s.next += 1;
+            s.next - 1
+        })
+    }
+
+    /// Give back a slot from [`Self::allocate`] (the caller has deleted it in KVM).
+    pub fn free(&self, slot: u32) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        debug_assert!(slot < s.next && !s.free.contains(&slot));
+        s.free.push(slot);
+    }
+}
+
 /// What a range of the guest-physical memory map is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemoryKind {
@@ -161,6 +208,16 @@ pub fn boot_memory_map(ram_size: u64) -> Vec<MemoryMapEntry> {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn test_memory_slots_are_unique_and_reused() {
+        let slots = MemorySlots::new(2, 5);
+        let got: Vec<u32> = std::iter::from_fn(|| slots.allocate()).collect();
+        assert_eq!(got, vec![2, 3, 4]);
+        slots.free(3);
+        assert_eq!(slots.allocate(), Some(3));
+        assert_eq!(slots.allocate(), None);
+    }
 
     #[test]
     fn test_ram_is_split_around_the_32bit_hole() {

@@ -18,13 +18,15 @@ use crate::bus::{BusError, IoBuses};
 use crate::config::api::OperatorConfig;
 use crate::config::{SerialMode, VmConfig};
 use crate::control::{self, VmmApi};
+use crate::devices::ism::window::KvmSlotBackend;
+use crate::devices::ism::{IsmSetupError, add_ism_devices};
 use crate::devices::virtio_rng::{RngError, VirtioRng};
 use crate::exit::{ExitEvent, ExitNotifier};
 use crate::layout;
 use crate::legacy::cmos::Cmos;
 use crate::legacy::power::{AcpiPowerPort, I8042ResetPort, ResetRequested};
 use crate::legacy::serial::{self, EventFdTrigger, SerialDevice};
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, MemoryError, MemorySlots};
 use crate::pci::{PciError, PciManager};
 use crate::terminal::RawTerminal;
 use crate::vstate::pvm;
@@ -67,6 +69,8 @@ pub enum VmmError {
     Pci(#[source] PciError),
     #[error("Failed to create the virtio-rng device")]
     Rng(#[source] RngError),
+    #[error("Failed to set up virtio-ism")]
+    Ism(#[source] IsmSetupError),
     #[error("Failed to serve the REST API")]
     Api(#[source] crate::api::http::HttpError),
 }
@@ -108,8 +112,14 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
     spawn_signal_handler(ExitNotifier::clone(&exit))?;
     let vm = Vm::new().map_err(VmmError::Vm)?;
     let mem = memory::create_guest_memory(&config.memory).map_err(VmmError::Memory)?;
-    vm.register_guest_memory(&mem)
+    let first_free_slot = vm
+        .register_guest_memory(&mem)
         .map_err(VmmError::RegisterMemory)?;
+    // KVM slots past guest RAM, for devices that map memory into the guest (virtio-ism).
+    let memory_slots = Arc::new(MemorySlots::new(
+        first_free_slot,
+        u32::try_from(vm.kvm().get_nr_memslots()).unwrap_or(0),
+    ));
     let guest_memory = GuestMemoryAtomic::new(mem.clone());
 
     let buses = Arc::new(IoBuses::new());
@@ -117,7 +127,7 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
 
     add_platform_devices(&buses, &exit, &reset)?;
     let serial = add_serial_device(&vm, &buses, &config.serial.mode)?;
-    let pci = add_pci_devices(&vm, &guest_memory, &buses, config)?;
+    let pci = add_pci_devices(&vm, &guest_memory, &buses, &memory_slots, config)?;
 
     let ram_end = memory::ram_end(config.memory.size);
     let rsdp_addr = create_acpi_tables(
@@ -250,6 +260,7 @@ fn add_pci_devices(
     vm: &Vm,
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     buses: &Arc<IoBuses>,
+    memory_slots: &Arc<MemorySlots>,
     config: &VmConfig,
 ) -> Result<PciManager, VmmError> {
     let ram_end = memory::ram_end(config.memory.size);
@@ -272,6 +283,11 @@ fn add_pci_devices(
             info.bdf,
             rng.src.display()
         );
+    }
+    if !config.ism.is_empty() {
+        let kvm_slots = Arc::new(KvmSlotBackend::new(vm.kvm(), vm.fd().clone()));
+        add_ism_devices(&mut pci, &config.ism, kvm_slots, memory_slots, buses)
+            .map_err(VmmError::Ism)?;
     }
     Ok(pci)
 }

@@ -8,6 +8,7 @@
 
 pub mod api;
 mod cpus;
+mod ism;
 mod memory;
 pub mod option_parser;
 mod payload;
@@ -18,6 +19,7 @@ mod serial;
 use std::path::PathBuf;
 
 pub use cpus::CpusConfig;
+pub use ism::{IsmDeviceConfig, IsmValidationError};
 pub use memory::MemoryConfig;
 pub use option_parser::OptionParserError;
 pub use payload::PayloadConfig;
@@ -40,6 +42,8 @@ pub enum Error {
     ParseConsole(#[source] OptionParserError),
     #[error("Error parsing --console: only \"off\" is supported (no virtio-console device)")]
     ConsoleUnsupported,
+    #[error("Error parsing --ism")]
+    ParseIsm(#[source] OptionParserError),
     #[error("Error parsing --rng")]
     ParseRng(#[source] OptionParserError),
     #[error("Error parsing --platform")]
@@ -71,6 +75,8 @@ pub enum ValidationError {
     RngSourceEmpty,
     #[error("Identifier {0:?} is invalid (empty, or starts with \"__\")")]
     InvalidIdentifier(String),
+    #[error(transparent)]
+    Ism(IsmValidationError),
 }
 
 /// Device ids are user-chosen names; `__` is reserved for ids the VMM makes up.
@@ -93,6 +99,8 @@ pub struct VmParams {
     pub console: Option<String>,
     pub rng: Option<String>,
     pub platform: Option<String>,
+    /// One string per `--ism`.
+    pub ism: Vec<String>,
 }
 
 /// Everything the VMM needs to build a VM, typed and validated.
@@ -105,6 +113,7 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     pub rng: Option<RngConfig>,
     pub platform: PlatformConfig,
+    pub ism: Vec<IsmDeviceConfig>,
 }
 
 impl VmConfig {
@@ -151,6 +160,11 @@ impl VmConfig {
                 .map(PlatformConfig::parse)
                 .transpose()?
                 .unwrap_or_default(),
+            ism: params
+                .ism
+                .iter()
+                .map(|s| IsmDeviceConfig::parse(s))
+                .collect::<Result<_, _>>()?,
         };
         config.validate().map_err(Error::Validation)?;
         Ok(config)
@@ -166,6 +180,11 @@ impl VmConfig {
             rng.validate(self)?;
         }
         self.platform.validate(self)?;
+        for ism in &self.ism {
+            ism.validate(self)?;
+        }
+        let rng_id = self.rng.as_ref().and_then(|r| r.id.as_deref());
+        ism::validate_ism_devices(&self.ism, rng_id.as_slice())?;
         Ok(())
     }
 }

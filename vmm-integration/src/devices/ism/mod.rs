@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: Apache-2.0
+//! virtio-ism in the VMM: the device model (`virtio_ism::Ism`) on the virtio-pci transport,
+//! its shared-memory window backed by KVM memory slots ([`window`]), the MMIO handler for
+//! what the slots do not cover ([`mmio`]), and the `--ism` wiring (pool backend, sessions).
+
+pub mod mmio;
+pub mod window;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+
+use ism_pool::{PoolBackend, PoolConfig, PoolError, PoolSession};
+use virtio_device::{
+    ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
+    VirtioSharedMemoryList,
+};
+use virtio_ism::{ConfigError, Ism, IsmConfig, IsmError, IsmHandle};
+
+use crate::bus::IoBuses;
+use crate::config::IsmDeviceConfig;
+use crate::memory::MemorySlots;
+use crate::pci::{PciError, PciManager};
+use mmio::IsmWindowMmio;
+use window::{ShmWindowKvm, SlotBackend};
+
+/// MSI-X vectors a device may use: config, control queue, event queue and one per chunk
+/// (regions bind vectors with EVENT_VECTOR), up to the MSI-X maximum.
+const MAX_ISM_VECTORS: u64 = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IsmSetupError {
+    #[error("Invalid virtio-ism window for {0}")]
+    Layout(String, #[source] ConfigError),
+    #[error("Failed to reserve host memory for the window of {0}")]
+    ReserveWindow(String, #[source] io::Error),
+    #[error("Failed to create virtio-ism device {0}")]
+    CreateDevice(String, #[source] IsmError),
+    #[error("Failed to create the embedded ism pool")]
+    EmbeddedPool(#[source] PoolError),
+    #[error("Failed to open a pool session for {id} (pool: {pool})")]
+    Session {
+        id: String,
+        pool: String,
+        #[source]
+        source: PoolError,
+    },
+    #[error("Failed to plug virtio-ism device {0} into PCI")]
+    Plug(String, #[source] PciError),
+    #[error(
+        "virtio-ism device {id}: pci_device_id={wanted} is not free (the device would be at {bdf}); fixed slots are taken in command-line order"
+    )]
+    Slot { id: String, wanted: u8, bdf: String },
+}
+
+/// A virtio-ism device together with its KVM window: the [`VirtioDevice`] the transport
+/// drives. It forwards everything to [`Ism`] and adds what only the VMM can do on a window
+/// placement or move (MMIO handler on the bus, KVM slots at the new base).
+pub struct IsmDevice {
+    ism: Ism,
+    window: Arc<ShmWindowKvm>,
+    mmio: Arc<IsmWindowMmio>,
+    buses: Weak<IoBuses>,
+    /// Where the window's MMIO handler sits on the bus now.
+    placed: Option<u64>,
+}
+
+impl IsmDevice {
+    pub fn new(
+        id: &str,
+        config: IsmConfig,
+        session: Arc<dyn PoolSession>,
+        kvm: Arc<dyn SlotBackend>,
+        slots: Arc<MemorySlots>,
+        buses: &Arc<IoBuses>,
+    ) -> Result<Self, IsmSetupError> {
+        let layout = config
+            .layout()
+            .map_err(|e| IsmSetupError::Layout(id.to_owned(), e))?;
+        let window = Arc::new(
+            ShmWindowKvm::new(layout.shm_size, kvm, slots)
+                .map_err(|e| IsmSetupError::ReserveWindow(id.to_owned(), e))?,
+        );
+        let ism = Ism::new(id, config, session, window.clone())
+            .map_err(|e| IsmSetupError::CreateDevice(id.to_owned(), e))?;
+        let mmio = Arc::new(IsmWindowMmio::new(window.clone(), ism.handle(), layout));
+        Ok(Self {
+            ism,
+            window,
+            mmio,
+            buses: Arc::downgrade(buses),
+            placed: None,
+        })
+    }
+
+    /// MSI-X vectors to give the transport.
+    pub fn msix_vectors(&self) -> usize {
+        self.ism
+            .layout()
+            .chunks
+            .saturating_add(2)
+            .min(MAX_ISM_VECTORS) as usize
+    }
+
+    pub fn handle(&self) -> IsmHandle {
+        self.ism.handle()
+    }
+
+    /// Put the window's MMIO handler at `new` (first placement or a BAR move).
+    fn place_mmio(&mut self, new: u64, len: u64) -> Result<(), ShmError> {
+        let buses = self
+            .buses
+            .upgrade()
+            .ok_or_else(|| ShmError::Move("The VM's buses are gone".into()))?;
+        let placed = match self.placed {
+            None => buses.register_mmio(new, len, self.mmio.clone()),
+            Some(old) if old != new => buses.move_mmio(old, new, len),
+            Some(_) => Ok(()),
+        };
+        placed.map_err(|e| ShmError::Move(format!("{e}")))?;
+        self.placed = Some(new);
+        Ok(())
+    }
+}
+
+impl VirtioDevice for IsmDevice {
+    fn device_type(&self) -> u32 {
+        self.ism.device_type()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.ism.queue_max_sizes()
+    }
+
+    fn features(&self) -> u64 {
+        self.ism.features()
+    }
+
+    fn ack_features(&mut self, value: u64) {
+        self.ism.ack_features(value);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.ism.read_config(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.ism.write_config(offset, data);
+    }
+
+    fn activate(&mut self, context: ActivationContext) -> Result<(), ActivateError> {
+        self.ism.activate(context)
+    }
+
+    fn reset(&mut self) -> Option<Arc<dyn VirtioInterrupt>> {
+        self.ism.reset()
+    }
+
+    fn shutdown(&mut self) {
+        self.ism.shutdown();
+        if let (Some(at), Some(buses)) = (self.placed.take(), self.buses.upgrade()) {
+            let _ = buses.deregister_mmio(at);
+        }
+    }
+
+    fn get_shm_regions(&self) -> Option<VirtioSharedMemoryList> {
+        self.ism.get_shm_regions()
+    }
+
+    /// The transport placed the BAR (on plug) or the guest moved it: move the MMIO handler
+    /// and every KVM slot, then tell the device model.
+    fn set_shm_regions(&mut self, list: VirtioSharedMemoryList) -> Result<(), ShmError> {
+        let window_size = self.ism.layout().window_size;
+        if list.len != window_size {
+            return Err(ShmError::Move(format!(
+                "window length {:#x} differs from the device's {window_size:#x}",
+                list.len
+            )));
+        }
+        let new = list.addr.0;
+        self.place_mmio(new, window_size)?;
+        self.window.relocate(new);
+        self.ism.set_shm_regions(list)?;
+        log::info!(
+            "virtio-ism {}: window at {new:#x}+{window_size:#x}",
+            self.ism.id()
+        );
+        Ok(())
+    }
+
+    fn counters(&self) -> Option<Counters> {
+        let mut counters = self.ism.counters().unwrap_or_default();
+        self.window.counters().add_to(&mut counters);
+        Some(counters)
+    }
+}
+
+/// Pool backends by broker socket (`None` = the embedded pool), made on first use so that
+/// one embedded pool serves every device without `pool=`.
+#[derive(Default)]
+pub struct PoolBackends {
+    backends: HashMap<Option<PathBuf>, PoolBackend>,
+}
+
+impl PoolBackends {
+    /// A session for `cfg`'s device, from the pool it names. A broker that is not there is
+    /// an error here, at startup.
+    pub fn session(
+        &mut self,
+        id: &str,
+        cfg: &IsmDeviceConfig,
+    ) -> Result<Arc<dyn PoolSession>, IsmSetupError> {
+        let key = cfg.pool.clone();
+        let backend = match self.backends.get(&key) {
+            Some(b) => b.clone(),
+            None => {
+                let mut pool_config = PoolConfig::default();
+                if let Some(size) = cfg.pool_size {
+                    pool_config.size = size;
+                }
+                let b = PoolBackend::new(key.clone(), pool_config)
+                    .map_err(IsmSetupError::EmbeddedPool)?;
+                self.backends.insert(key.clone(), b.clone());
+                b
+            }
+        };
+        backend.session().map_err(|source| IsmSetupError::Session {
+            id: id.to_owned(),
+            pool: key.map_or_else(
+                || "embedded".to_owned(),
+                |p| format!("broker at {}", p.display()),
+            ),
+            source,
+        })
+    }
+}
+
+/// Create every `--ism` device and plug it into PCI. Returns the handles, by device id.
+pub fn add_ism_devices(
+    pci: &mut PciManager,
+    configs: &[IsmDeviceConfig],
+    kvm: Arc<dyn SlotBackend>,
+    slots: &Arc<MemorySlots>,
+    buses: &Arc<IoBuses>,
+) -> Result<Vec<(String, IsmHandle)>, IsmSetupError> {
+    let mut pools = PoolBackends::default();
+    let mut handles = Vec::new();
+    for (n, cfg) in configs.iter().enumerate() {
+        let id = cfg.id.clone().unwrap_or_else(|| format!("_ism{n}"));
+        let config = cfg
+            .device_config()
+            .map_err(|e| IsmSetupError::Layout(id.clone(), e))?;
+        let session = pools.session(&id, cfg)?;
+        let info = session.info();
+        let dev = IsmDevice::new(&id, config, session, kvm.clone(), slots.clone(), buses)?;
+        let vectors = dev.msix_vectors();
+        let layout = config
+            .layout()
+            .map_err(|e| IsmSetupError::Layout(id.clone(), e))?;
+        let handle = dev.handle();
+        let plugged = pci
+            .add_virtio_device_with_vectors(&id, Arc::new(std::sync::Mutex::new(dev)), vectors)
+            .map_err(|e| IsmSetupError::Plug(id.clone(), e))?;
+        if let Some(wanted) = cfg.pci_device_id
+            && !plugged.bdf.ends_with(&format!(":{wanted:02x}.0"))
+        {
+            return Err(IsmSetupError::Slot {
+                id,
+                wanted,
+                bdf: plugged.bdf,
+            });
+        }
+        log::info!(
+            "virtio-ism {id} at {}: gid {:#x} devid {}, window {:#x} bytes ({} chunks of {:#x}), \
+             {vectors} MSI-X vectors, pool {}",
+            plugged.bdf,
+            info.gid,
+            info.devid.0,
+            layout.window_size,
+            layout.chunks,
+            layout.chunk_size,
+            cfg.pool
+                .as_ref()
+                .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string()),
+        );
+        handles.push((id, handle));
+    }
+    Ok(handles)
+}

@@ -1,0 +1,741 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The virtio-ism shared-memory window on KVM: pool regions mapped into the device's BAR.
+//!
+//! The region area (shmid 1) is reserved once in host VA as `PROT_NONE` anonymous memory;
+//! attaching a region maps its memfd `MAP_SHARED | MAP_FIXED` over the reservation
+//! (`PROT_READ` only for read-only grants) and gives the mapping to KVM as a memory slot at
+//! `bar_base + offset` (`KVM_MEM_READONLY` for read-only grants). Detaching deletes the slot
+//! and puts `PROT_NONE` back. Only pool region fds are ever mapped here; guest RAM never is.
+//!
+//! When KVM has no slot left (or refuses one, or cannot make read-only slots) the mapping is
+//! kept but *emulated*: guest accesses exit as MMIO and [`ShmWindowKvm::read`] /
+//! [`ShmWindowKvm::write`] serve them from the host mapping. Slower, same semantics; counted.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use log::{debug, warn};
+use virtio_ism::ShmWindow;
+
+use crate::memory::MemorySlots;
+
+const PAGE_SIZE: u64 = 4096;
+
+/// The KVM operations the window needs, behind a trait so the bookkeeping is testable
+/// without /dev/kvm.
+pub trait SlotBackend: Send + Sync {
+    /// Make `len` bytes of host memory at `host_addr` guest memory at `gpa`, as `slot`.
+    fn add_slot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        host_addr: u64,
+        readonly: bool,
+    ) -> io::Result<()>;
+    /// Delete `slot` (placed at `gpa`).
+    fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()>;
+    /// Whether read-only slots exist (KVM_CAP_READONLY_MEM).
+    fn readonly_supported(&self) -> bool;
+}
+
+/// [`SlotBackend`] on a KVM VM.
+pub struct KvmSlotBackend {
+    vm: Arc<VmFd>,
+    readonly: bool,
+}
+
+impl KvmSlotBackend {
+    pub fn new(kvm: &Kvm, vm: Arc<VmFd>) -> Self {
+        let readonly =
+            vm.check_extension(Cap::ReadonlyMem) || kvm.check_extension(Cap::ReadonlyMem);
+        Self { vm, readonly }
+    }
+}
+
+impl SlotBackend for KvmSlotBackend {
+    fn add_slot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        host_addr: u64,
+        readonly: bool,
+    ) -> io::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if readonly { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the window only passes host ranges inside its own reservation that hold a
+        // live region mapping; it deletes the slot before that mapping goes away.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is handed to KVM.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn readonly_supported(&self) -> bool {
+        self.readonly
+    }
+}
+
+/// Window counters, reported with the device's own.
+#[derive(Debug, Default)]
+pub struct WindowCounters {
+    /// Region mappings now served by KVM memory slots.
+    pub slot_mappings: AtomicU64,
+    /// Region mappings now served by MMIO emulation (no slot could be had).
+    pub emulated_mappings: AtomicU64,
+    /// Times a mapping fell back to emulation (KVM slots exhausted or refused).
+    pub slot_fallbacks: AtomicU64,
+    /// Guest accesses served by emulation from the host mapping.
+    pub emulated_accesses: AtomicU64,
+    /// Guest writes to read-only region memory, dropped.
+    pub readonly_writes_dropped: AtomicU64,
+    /// Guest accesses to window parts where nothing is mapped.
+    pub unmapped_accesses: AtomicU64,
+}
+
+impl WindowCounters {
+    pub fn add_to(&self, counters: &mut virtio_device::Counters) {
+        let get = |c: &AtomicU64| std::num::Wrapping(c.load(Ordering::Relaxed));
+        counters.insert("window_slot_mappings", get(&self.slot_mappings));
+        counters.insert("window_emulated_mappings", get(&self.emulated_mappings));
+        counters.insert("window_slot_fallbacks", get(&self.slot_fallbacks));
+        counters.insert("window_emulated_accesses", get(&self.emulated_accesses));
+        counters.insert(
+            "window_readonly_writes_dropped",
+            get(&self.readonly_writes_dropped),
+        );
+        counters.insert("window_unmapped_accesses", get(&self.unmapped_accesses));
+    }
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn dec(c: &AtomicU64) {
+    c.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// One region mapping inside the window.
+#[derive(Debug)]
+struct Mapping {
+    len: u64,
+    writable: bool,
+    /// `None`: emulated (accesses exit as MMIO).
+    slot: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Guest-physical base of the window (the BAR), once the transport placed it.
+    base: Option<u64>,
+    /// By window offset.
+    mappings: BTreeMap<u64, Mapping>,
+}
+
+/// What a guest write into the region area became.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Written,
+    ReadOnlyDropped,
+    Unmapped,
+}
+
+/// [`ShmWindow`] on KVM (see the module doc).
+pub struct ShmWindowKvm {
+    /// Host address of the `PROT_NONE` reservation.
+    host_base: u64,
+    /// Length of the reservation: shmid 1, the only part regions go into.
+    len: u64,
+    backend: Arc<dyn SlotBackend>,
+    slots: Arc<MemorySlots>,
+    state: Mutex<State>,
+    counters: Arc<WindowCounters>,
+}
+
+impl ShmWindowKvm {
+    /// Reserve `len` bytes (the region area) of host VA.
+    pub fn new(
+        len: u64,
+        backend: Arc<dyn SlotBackend>,
+        slots: Arc<MemorySlots>,
+    ) -> io::Result<Self> {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let size = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel picks; it
+        // touches no existing memory.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            host_base: addr as u64,
+            len,
+            backend,
+            slots,
+            state: Mutex::new(State::default()),
+            counters: Arc::new(WindowCounters::default()),
+        })
+    }
+
+    pub fn counters(&self) -> &Arc<WindowCounters> {
+        &self.counters
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The transport placed or moved the BAR to `new_base`: move every slot there.
+    pub fn relocate(&self, new_base: u64) {
+        let mut state = self.lock();
+        let old = state.base.replace(new_base);
+        if old == Some(new_base) {
+            return;
+        }
+        let offsets: Vec<u64> = state.mappings.keys().copied().collect();
+        for offset in offsets {
+            let Some(m) = state.mappings.get_mut(&offset) else {
+                continue;
+            };
+            let Some(slot) = m.slot else { continue };
+            if let Some(old) = old
+                && let Err(e) = self.backend.remove_slot(slot, old + offset)
+            {
+                warn!(
+                    "ism window: cannot delete slot {slot} at {:#x}: {e}",
+                    old + offset
+                );
+            }
+            let placed = self.backend.add_slot(
+                slot,
+                new_base + offset,
+                m.len,
+                self.host_base + offset,
+                !m.writable,
+            );
+            if let Err(e) = placed {
+                warn!(
+                    "ism window: cannot place slot {slot} at {:#x} ({e}); emulating it",
+                    new_base + offset
+                );
+                self.slots.free(slot);
+                m.slot = None;
+                inc(&self.counters.slot_fallbacks);
+                dec(&self.counters.slot_mappings);
+                inc(&self.counters.emulated_mappings);
+            }
+        }
+        debug!("ism window: base {old:x?} -> {new_base:#x}");
+    }
+
+    /// Put `PROT_NONE` reservation memory back over `[offset, offset + len)`.
+    fn reserve_again(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: the range lies inside our own reservation (callers check), so MAP_FIXED
+        // only replaces memory this window owns.
+        let addr = unsafe {
+            libc::mmap(
+                (self.host_base + offset) as *mut libc::c_void,
+                len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The mapping holding `[offset, offset + len)` whole, with its start.
+    fn find(state: &State, offset: u64, len: u64) -> Option<(u64, &Mapping)> {
+        let (start, m) = state.mappings.range(..=offset).next_back()?;
+        let end = offset.checked_add(len)?;
+        (end <= start + m.len).then_some((*start, m))
+    }
+
+    /// A guest read at `offset` that exited (emulated mapping, or nothing mapped). Returns
+    /// false when nothing is mapped there (the caller decides what the guest reads).
+    pub fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+        let state = self.lock();
+        if Self::find(&state, offset, data.len() as u64).is_none() {
+            inc(&self.counters.unmapped_accesses);
+            return false;
+        }
+        inc(&self.counters.emulated_accesses);
+        // SAFETY: the bytes lie inside a live region mapping (checked under the state lock,
+        // which unmap also takes), and the mapping is at least readable.
+        unsafe { copy_from_host((self.host_base + offset) as *const u8, data) };
+        true
+    }
+
+    /// A guest write at `offset` that exited: a write to a read-only slot, an emulated
+    /// mapping, or nothing mapped.
+    pub fn write(&self, offset: u64, data: &[u8]) -> WriteOutcome {
+        let state = self.lock();
+        match Self::find(&state, offset, data.len() as u64) {
+            None => {
+                inc(&self.counters.unmapped_accesses);
+                WriteOutcome::Unmapped
+            }
+            Some((_, m)) if !m.writable => {
+                inc(&self.counters.readonly_writes_dropped);
+                WriteOutcome::ReadOnlyDropped
+            }
+            Some(_) => {
+                inc(&self.counters.emulated_accesses);
+                // SAFETY: inside a live, writable region mapping (checked under the lock).
+                unsafe { copy_to_host((self.host_base + offset) as *mut u8, data) };
+                WriteOutcome::Written
+            }
+        }
+    }
+
+    /// Whether `[offset, offset + len)` is served by a KVM slot now (for tests and logs).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn slot_at(&self, offset: u64) -> Option<u32> {
+        self.lock().mappings.get(&offset).and_then(|m| m.slot)
+    }
+}
+
+/// Copy with the access width the guest used when it is a natural one, so a 4 or 8-byte
+/// guest access stays one host access (peers may poll the same word).
+///
+/// # Safety
+/// `src..src + data.len()` must be readable memory.
+unsafe fn copy_from_host(src: *const u8, data: &mut [u8]) {
+    let aligned = (src as usize).is_multiple_of(data.len().max(1));
+    // SAFETY: per the function contract; the typed reads only happen when aligned.
+    unsafe {
+        match data.len() {
+            2 if aligned => {
+                data.copy_from_slice(&(src as *const u16).read_volatile().to_ne_bytes())
+            }
+            4 if aligned => {
+                data.copy_from_slice(&(src as *const u32).read_volatile().to_ne_bytes())
+            }
+            8 if aligned => {
+                data.copy_from_slice(&(src as *const u64).read_volatile().to_ne_bytes())
+            }
+            _ => {
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = src.add(i).read_volatile();
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// `dst..dst + data.len()` must be writable memory.
+unsafe fn copy_to_host(dst: *mut u8, data: &[u8]) {
+    let aligned = (dst as usize).is_multiple_of(data.len().max(1));
+    // SAFETY: per the function contract; the typed writes only happen when aligned, and the
+    // slices have exactly the width converted.
+    unsafe {
+        match data.len() {
+            2 if aligned => {
+                (dst as *mut u16).write_volatile(u16::from_ne_bytes([data[0], data[1]]))
+            }
+            4 if aligned => (dst as *mut u32)
+                .write_volatile(u32::from_ne_bytes(data.try_into().unwrap_or_default())),
+            8 if aligned => (dst as *mut u64)
+                .write_volatile(u64::from_ne_bytes(data.try_into().unwrap_or_default())),
+            _ => {
+                for (i, b) in data.iter().enumerate() {
+                    dst.add(i).write_volatile(*b);
+                }
+            }
+        }
+    }
+}
+
+impl ShmWindow for ShmWindowKvm {
+    fn map(
+        &self,
+        window_offset: u64,
+        fd: BorrowedFd<'_>,
+        fd_offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> io::Result<()> {
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        let end = window_offset.checked_add(len).ok_or_else(einval)?;
+        if len == 0
+            || !window_offset.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || end > self.len
+        {
+            return Err(einval());
+        }
+        let mut state = self.lock();
+        let overlaps = state
+            .mappings
+            .range(..end)
+            .next_back()
+            .is_some_and(|(start, m)| start + m.len > window_offset);
+        if overlaps {
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let file_offset = libc::off_t::try_from(fd_offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let host = self.host_base + window_offset;
+        // SAFETY: MAP_FIXED over our own PROT_NONE reservation (range checked above, no other
+        // mapping there); the fd is a pool region the caller keeps open for the call.
+        let addr = unsafe {
+            libc::mmap(
+                host as *mut libc::c_void,
+                len as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                file_offset,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            let err = io::Error::last_os_error();
+            // A failed MAP_FIXED may have removed the reservation under it.
+            let _ = self.reserve_again(window_offset, len);
+            return Err(err);
+        }
+        let mut slot = if writable || self.backend.readonly_supported() {
+            self.slots.allocate()
+        } else {
+            None
+        };
+        if let (Some(s), Some(base)) = (slot, state.base)
+            && let Err(e) = self
+                .backend
+                .add_slot(s, base + window_offset, len, host, !writable)
+        {
+            warn!(
+                "ism window: KVM refused slot {s} at {:#x}: {e}",
+                base + window_offset
+            );
+            self.slots.free(s);
+            slot = None;
+        }
+        if slot.is_some() {
+            inc(&self.counters.slot_mappings);
+        } else {
+            warn!(
+                "ism window: no KVM memory slot for {len:#x} bytes at offset {window_offset:#x}; \
+                 serving it by MMIO emulation"
+            );
+            inc(&self.counters.slot_fallbacks);
+            inc(&self.counters.emulated_mappings);
+        }
+        debug!(
+            "ism window: mapped {len:#x} bytes at {window_offset:#x} ({}, slot {slot:?})",
+            if writable { "rw" } else { "ro" }
+        );
+        state.mappings.insert(
+            window_offset,
+            Mapping {
+                len,
+                writable,
+                slot,
+            },
+        );
+        Ok(())
+    }
+
+    fn unmap(&self, window_offset: u64, len: u64) -> io::Result<()> {
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        let end = window_offset.checked_add(len).ok_or_else(einval)?;
+        if end > self.len {
+            return Err(einval());
+        }
+        let mut state = self.lock();
+        // Every mapping must lie wholly inside or wholly outside the range.
+        let hit: Vec<u64> = state
+            .mappings
+            .iter()
+            .filter(|(start, m)| **start < end && **start + m.len > window_offset)
+            .map(|(start, _)| *start)
+            .collect();
+        let partial = hit.iter().any(|start| {
+            let m = &state.mappings[start];
+            *start < window_offset || start + m.len > end
+        });
+        if partial {
+            return Err(einval());
+        }
+        if hit.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        let base = state.base;
+        for start in hit {
+            let Some(m) = state.mappings.remove(&start) else {
+                continue;
+            };
+            // The slot goes first, so the guest never reaches the PROT_NONE memory via KVM.
+            match (m.slot, base) {
+                (Some(slot), Some(base)) => {
+                    if let Err(e) = self.backend.remove_slot(slot, base + start) {
+                        warn!("ism window: cannot delete slot {slot}: {e}");
+                    }
+                    self.slots.free(slot);
+                    dec(&self.counters.slot_mappings);
+                }
+                (Some(slot), None) => {
+                    self.slots.free(slot);
+                    dec(&self.counters.slot_mappings);
+                }
+                (None, _) => dec(&self.counters.emulated_mappings),
+            }
+            self.reserve_again(start, m.len)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ShmWindowKvm {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (start, m) in std::mem::take(&mut state.mappings) {
+            if let (Some(slot), Some(base)) = (m.slot, state.base) {
+                let _ = self.backend.remove_slot(slot, base + start);
+                self.slots.free(slot);
+            }
+        }
+        // SAFETY: the reservation is ours and no KVM slot points into it any more.
+        unsafe { libc::munmap(self.host_base as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    /// Remembers the slots KVM would have, refuses past `capacity`.
+    #[derive(Default)]
+    struct FakeKvm {
+        slots: Mutex<BTreeMap<u32, (u64, u64, u64, bool)>>,
+        no_readonly: bool,
+        refuse: bool,
+    }
+
+    impl SlotBackend for FakeKvm {
+        fn add_slot(&self, slot: u32, gpa: u64, len: u64, host: u64, ro: bool) -> io::Result<()> {
+            if self.refuse {
+                return Err(io::Error::from_raw_os_error(libc::EEXIST));
+            }
+            let mut s = self.slots.lock().unwrap();
+            assert!(
+                s.insert(slot, (gpa, len, host, ro)).is_none(),
+                "slot {slot} reused"
+            );
+            Ok(())
+        }
+        fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()> {
+            let mut s = self.slots.lock().unwrap();
+            let (at, ..) = s.remove(&slot).expect("removing an absent slot");
+            assert_eq!(at, gpa);
+            Ok(())
+        }
+        fn readonly_supported(&self) -> bool {
+            !self.no_readonly
+        }
+    }
+
+    pub(crate) fn memfd(len: u64, fill: u8) -> OwnedFd {
+        // SAFETY: valid name and flags; returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(c"ism-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let file = std::fs::File::from(fd.try_clone().unwrap());
+        file.set_len(len).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![fill; len as usize], 0).unwrap();
+        fd
+    }
+
+    fn window(kvm: &Arc<FakeKvm>, slots: u32) -> ShmWindowKvm {
+        ShmWindowKvm::new(
+            1 << 20,
+            kvm.clone(),
+            Arc::new(MemorySlots::new(2, 2 + slots)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn test_map_places_slots_at_bar_offsets_and_moves_them() {
+        let kvm = Arc::new(FakeKvm::default());
+        let w = window(&kvm, 8);
+        w.relocate(0x1_0000_0000);
+        let rw = memfd(0x2000, 0xaa);
+        let ro = memfd(0x1000, 0xbb);
+        w.map(0x4000, rw.as_fd(), 0, 0x2000, true).unwrap();
+        w.map(0x8000, ro.as_fd(), 0, 0x1000, false).unwrap();
+        {
+            let s = kvm.slots.lock().unwrap();
+            assert_eq!(s[&2], (0x1_0000_4000, 0x2000, w.host_base + 0x4000, false));
+            assert_eq!(s[&3], (0x1_0000_8000, 0x1000, w.host_base + 0x8000, true));
+        }
+        w.relocate(0x2_0000_0000);
+        {
+            let s = kvm.slots.lock().unwrap();
+            assert_eq!(s[&2].0, 0x2_0000_4000);
+            assert_eq!(s[&3].0, 0x2_0000_8000);
+        }
+        w.unmap(0x4000, 0x2000).unwrap();
+        assert!(!kvm.slots.lock().unwrap().contains_key(&2));
+        // The freed slot is reused, and unmapped memory is gone from the host view.
+        let again = memfd(0x1000, 0xcc);
+        w.map(0x0, again.as_fd(), 0, 0x1000, true).unwrap();
+        assert_eq!(w.slot_at(0), Some(2));
+        let mut buf = [0u8; 4];
+        assert!(!w.read(0x4000, &mut buf));
+    }
+
+    #[test]
+    fn test_overlapping_or_misaligned_maps_are_refused() {
+        let kvm = Arc::new(FakeKvm::default());
+        let w = window(&kvm, 8);
+        let fd = memfd(0x4000, 1);
+        w.map(0x2000, fd.as_fd(), 0, 0x2000, true).unwrap();
+        for (off, len) in [(0x1000, 0x2000), (0x3000, 0x1000), (0x0, 0x8000)] {
+            assert_eq!(
+                w.map(off, fd.as_fd(), 0, len, true)
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::EEXIST),
+                "{off:#x}+{len:#x}"
+            );
+        }
+        for (off, len) in [(0x100, 0x1000), (0x8000, 0x10), (0xff000, 0x2000), (0, 0)] {
+            assert_eq!(
+                w.map(off, fd.as_fd(), 0, len, true)
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::EINVAL)
+            );
+        }
+        // Unmapping half a mapping is refused; the mapping stays whole.
+        assert!(w.unmap(0x2000, 0x1000).is_err());
+        assert!(w.unmap(0x6000, 0x1000).is_err());
+        w.unmap(0x0, 0x8000).unwrap();
+        assert!(kvm.slots.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn test_out_of_slots_falls_back_to_emulation() {
+        let kvm = Arc::new(FakeKvm::default());
+        let w = window(&kvm, 1);
+        w.relocate(0x1_0000_0000);
+        let a = memfd(0x1000, 0x11);
+        let b = memfd(0x1000, 0x22);
+        w.map(0x0, a.as_fd(), 0, 0x1000, true).unwrap();
+        w.map(0x1000, b.as_fd(), 0, 0x1000, true).unwrap();
+        assert!(w.slot_at(0).is_some());
+        assert_eq!(w.slot_at(0x1000), None);
+        let c = w.counters();
+        assert_eq!(c.slot_fallbacks.load(Ordering::Relaxed), 1);
+        assert_eq!(c.emulated_mappings.load(Ordering::Relaxed), 1);
+        // The emulated mapping reads and writes the region memory.
+        let mut buf = [0u8; 4];
+        assert!(w.read(0x1004, &mut buf));
+        assert_eq!(buf, [0x22; 4]);
+        assert_eq!(
+            w.write(0x1004, &0xdead_beefu32.to_ne_bytes()),
+            WriteOutcome::Written
+        );
+        let file = std::fs::File::from(b.try_clone().unwrap());
+        let mut back = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 4).unwrap();
+        assert_eq!(u32::from_ne_bytes(back), 0xdead_beef);
+        // An access straddling the mapping's end is not served.
+        assert!(!w.read(0x1ffe, &mut buf));
+        w.unmap(0x1000, 0x1000).unwrap();
+        assert_eq!(c.emulated_mappings.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn test_readonly_writes_are_dropped_and_counted() {
+        let kvm = Arc::new(FakeKvm {
+            no_readonly: true,
+            ..Default::default()
+        });
+        let w = window(&kvm, 8);
+        w.relocate(0x1_0000_0000);
+        let fd = memfd(0x1000, 0x5a);
+        w.map(0x0, fd.as_fd(), 0, 0x1000, false).unwrap();
+        // No read-only slots: emulated, and the write is refused.
+        assert_eq!(w.slot_at(0), None);
+        assert_eq!(w.write(0x10, &[1, 2, 3, 4]), WriteOutcome::ReadOnlyDropped);
+        let mut buf = [0u8; 4];
+        assert!(w.read(0x10, &mut buf));
+        assert_eq!(buf, [0x5a; 4]);
+        assert_eq!(
+            w.counters().readonly_writes_dropped.load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(w.write(0x8000, &[1]), WriteOutcome::Unmapped);
+    }
+
+    #[test]
+    fn test_refused_slot_on_move_falls_back() {
+        let kvm = Arc::new(FakeKvm::default());
+        let w = window(&kvm, 8);
+        let fd = memfd(0x1000, 7);
+        // Mapped before the BAR is placed: the slot is kept and placed by relocate.
+        w.map(0x0, fd.as_fd(), 0, 0x1000, true).unwrap();
+        assert!(kvm.slots.lock().unwrap().is_empty());
+        w.relocate(0x1_0000_0000);
+        assert_eq!(kvm.slots.lock().unwrap()[&2].0, 0x1_0000_0000);
+        let refusing = Arc::new(FakeKvm {
+            refuse: true,
+            ..Default::default()
+        });
+        let w2 = window(&refusing, 8);
+        w2.relocate(0x1000_0000);
+        w2.map(0x0, fd.as_fd(), 0, 0x1000, true).unwrap();
+        assert_eq!(w2.slot_at(0), None);
+        let mut buf = [0u8; 1];
+        assert!(w2.read(0, &mut buf));
+        assert_eq!(buf, [7]);
+    }
+}
