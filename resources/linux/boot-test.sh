@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Boot a Linux guest under ism-vmm with a hard timeout and check that it reached /init.
 #
-# Usage: boot-test.sh [--debian] [--vmm PATH] [--timeout SECONDS] [--cpus N] [--memory SIZE]
-#                     [--kernel FILE --initramfs FILE] [--extra "KERNEL PARAMS"] [--log FILE]
+# Usage: boot-test.sh [--debian] [--gzip] [--vmm PATH] [--timeout SECONDS] [--cpus N]
+#                     [--memory SIZE] [--kernel FILE --initramfs FILE] [--extra "KERNEL PARAMS"]
+#                     [--log FILE]
 #   default guest: the PVM kernel of build-pvm-kernel.sh (built first if missing, ~5 min);
 #   --debian: Debian's cloud kernel from fetch-debian-kernel.sh instead.
+#   --gzip: boot the gzip initramfs; the default is the plain cpio, because inflating it runs
+#           emulated on PVM hosts and took longer than the rest of the boot (docs/linux-guests.md).
 #   --vmm: the ism-vmm binary; default: $CARGO_TARGET_DIR/debug/ism-vmm (built with cargo if
 #          missing), CARGO_TARGET_DIR defaulting to the repository's target/.
 # Passes when the serial console shows `ISM-LINUX booted` and ism-vmm then exits 0 (the guest
@@ -17,6 +20,7 @@ repo="$(cd "$here/../.." && pwd)"
 source "$here/lib.sh"
 
 guest=pvm
+initramfs_key=INITRAMFS_UNCOMPRESSED
 vmm=""
 timeout_s=180
 cpus=1
@@ -28,6 +32,7 @@ logfile=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --debian) guest=debian; shift ;;
+        --gzip) initramfs_key=INITRAMFS; shift ;;
         --vmm) vmm="${2:?}"; shift 2 ;;
         --timeout) timeout_s="${2:?}"; shift 2 ;;
         --cpus) cpus="${2:?}"; shift 2 ;;
@@ -36,7 +41,7 @@ while [ $# -gt 0 ]; do
         --initramfs) initramfs="${2:?}"; shift 2 ;;
         --extra) extra="${2:?}"; shift 2 ;;
         --log) logfile="${2:?}"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) die "Unknown argument $1 (see --help)" ;;
     esac
 done
@@ -50,11 +55,11 @@ if [ -z "$kernel" ] || [ -z "$initramfs" ]; then
     if [ "$guest" = pvm ]; then
         paths="$("$here/build-pvm-kernel.sh")" || die "build-pvm-kernel.sh failed"
         kernel="${kernel:-$(sed -n 's/^PVM_VMLINUX=//p' <<<"$paths")}"
-        initramfs="${initramfs:-$(sed -n 's/^PVM_INITRAMFS=//p' <<<"$paths")}"
+        initramfs="${initramfs:-$(sed -n "s/^PVM_$initramfs_key=//p" <<<"$paths")}"
     else
         paths="$("$here/fetch-debian-kernel.sh")" || die "fetch-debian-kernel.sh failed"
         kernel="${kernel:-$(sed -n 's/^DEBIAN_VMLINUX=//p' <<<"$paths")}"
-        initramfs="${initramfs:-$(sed -n 's/^DEBIAN_INITRAMFS=//p' <<<"$paths")}"
+        initramfs="${initramfs:-$(sed -n "s/^DEBIAN_$initramfs_key=//p" <<<"$paths")}"
     fi
 fi
 [ -f "$kernel" ] || die "Kernel $kernel missing"
@@ -79,6 +84,8 @@ cmdline="console=ttyS0 noxsave clearcpuid=cx16,popcnt,smap nokaslr quiet pvm_nat
 logfile="${logfile:-$(mktemp /tmp/ism-boot-test.XXXXXX.log)}"
 log "booting $(basename "$kernel") with $cpus vCPU(s), $memory, timeout ${timeout_s}s; serial log $logfile"
 log "cmdline: $cmdline"
+# Guest ring 0 runs emulated on PVM hosts: boot time depends on how busy the host is.
+log "host load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 start=$(date +%s.%N)
 booted_at=""
@@ -102,6 +109,7 @@ end=$(date +%s.%N)
 vmm_exit="$(sed -n 's/^ISM-BOOT-TEST vmm-exit=//p' "$logfile" | tail -n1)"
 booted_after="$(sed -n 's/^ISM-BOOT-TEST booted-after=//p' "$logfile" | tail -n1)"
 total="$(echo "$end - $start" | bc)"
+log "host load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 grep -a "ISM-LINUX" "$logfile" || true
 
 if [ -n "$booted_after" ] && [ "$vmm_exit" = 0 ]; then

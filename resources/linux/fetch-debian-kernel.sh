@@ -11,7 +11,8 @@
 #
 # Usage: fetch-debian-kernel.sh
 # Prints KEY=VALUE lines on stdout: DEBIAN_KERNEL_RELEASE, DEBIAN_VMLINUZ, DEBIAN_VMLINUX,
-# DEBIAN_MODULES, DEBIAN_INITRAMFS, DEBIAN_HEADERS (the tree for `make -C ... M=...`).
+# DEBIAN_MODULES, DEBIAN_INITRAMFS (gzip), DEBIAN_INITRAMFS_UNCOMPRESSED (plain cpio),
+# DEBIAN_HEADERS (the tree for `make -C ... M=...`).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,7 +21,7 @@ source "$here/lib.sh"
 
 case "${1:-}" in
     "") ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) die "Unknown argument $1 (see --help)" ;;
 esac
 
@@ -149,14 +150,20 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # The initramfs is cheap: rebuild it whenever the builder changed.
-if [ ! -f "$out/initramfs.cpio.gz" ] || [ "$here/make-initramfs.sh" -nt "$out/initramfs.cpio.gz" ]; then
-    "$here/make-initramfs.sh" --output "$out/initramfs.cpio.gz" --modules "$out/modules" >&2 ||
-        die "Could not build the initramfs"
-fi
+for image in initramfs.cpio.gz initramfs.cpio; do
+    if [ ! -f "$out/$image" ] || [ "$here/make-initramfs.sh" -nt "$out/$image" ]; then
+        flag=""
+        [ "$image" = initramfs.cpio ] && flag=--uncompressed
+        # shellcheck disable=SC2086
+        "$here/make-initramfs.sh" --output "$out/$image" --modules "$out/modules" $flag >&2 ||
+            die "Could not build $image"
+    fi
+done
 
 echo "DEBIAN_KERNEL_RELEASE=$release"
 echo "DEBIAN_VMLINUZ=$out/image/boot/vmlinuz-$release"
 echo "DEBIAN_VMLINUX=$out/vmlinux"
 echo "DEBIAN_MODULES=$out/modules"
 echo "DEBIAN_INITRAMFS=$out/initramfs.cpio.gz"
+echo "DEBIAN_INITRAMFS_UNCOMPRESSED=$out/initramfs.cpio"
 echo "DEBIAN_HEADERS=$out/headers-root/usr/src/linux-headers-$release"
