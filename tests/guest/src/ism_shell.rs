@@ -30,6 +30,8 @@ const MAX_REGIONS: usize = 320;
 const MAX_LINE: usize = 8192;
 /// LAPIC timer ticks (about 1 ms each) a `wait-kick` waits at most.
 const KICK_WAIT_TICKS: u64 = 10_000;
+/// LAPIC timer ticks a poll-mode `wait-kick` spins on the pending bit at most.
+const KICK_POLL_TICKS: u64 = 2_000;
 
 /// The held regions, keyed by token. Static because each `Region` is about 1 KiB.
 struct RegionTable(UnsafeCell<[Option<Region>; MAX_REGIONS]>);
@@ -568,9 +570,9 @@ impl Shell<'_> {
         bits & (1 << (kick.entry % 64)) != 0
     }
 
-    /// `wait-kick COUNT`: wait until COUNT kick interrupts have arrived in total (irq mode),
-    /// or until the kick entry's pending bit is set (poll mode; the bit is then cleared by
-    /// unmasking, which delivers the interrupt, and the entry masked again).
+    /// `wait-kick COUNT`: wait until COUNT kick interrupts have arrived in total (irq mode).
+    /// In poll mode (entry masked): spin on the entry's pending bit for up to about 2 s,
+    /// then unmask, which must deliver a kick latched while masked, and mask again.
     fn wait_kick<'a>(&mut self, mut words: impl Iterator<Item = &'a str>, seq: u64) -> Outcome {
         let Some(kick) = self.kick else {
             return Outcome::Failed(IsmError::NoMsix);
@@ -580,7 +582,7 @@ impl Shell<'_> {
             apic::start_periodic_timer(1_000_000);
             let mut polls = 0u64;
             let mut pending = false;
-            while boot::irq_count(apic::TIMER_VECTOR) - start < KICK_WAIT_TICKS {
+            while boot::irq_count(apic::TIMER_VECTOR) - start < KICK_POLL_TICKS {
                 polls += 1;
                 if self.kick_pending(kick) {
                     pending = true;
@@ -589,14 +591,12 @@ impl Shell<'_> {
                 core::hint::spin_loop();
             }
             apic::stop_timer();
-            let before = boot::irq_count(KICK_VECTOR);
-            if pending {
-                self.mask_kick_entry(false);
-                cases::wait_for_irq(KICK_VECTOR, before + 1, 1000);
-                self.mask_kick_entry(true);
-            }
+            let masked_kicks = boot::irq_count(KICK_VECTOR);
+            self.mask_kick_entry(false);
+            let delivered = cases::wait_for_irq(KICK_VECTOR, masked_kicks + 1, 1000);
+            self.mask_kick_entry(true);
             report!(
-                "seq={seq} cmd=wait-kick status=ok mode=poll pending={pending} polls={polls} pending_after={} kicks={}",
+                "seq={seq} cmd=wait-kick status=ok mode=poll pending={pending} polls={polls} kicks_masked={masked_kicks} delivered={delivered} pending_after={} kicks={}",
                 self.kick_pending(kick),
                 boot::irq_count(KICK_VECTOR)
             );
