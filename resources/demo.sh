@@ -68,7 +68,9 @@ start_guest() {
 wait_for() {
     local name=$1 pattern=$2 line
     for _ in $(seq 600); do
-        line="$(grep -a -m1 -E "ISM-TEST .*$pattern" "$work/$name.out" || true)"
+        # Only whole lines: the guest ends each with \r\n, so a line still being written
+        # has no \r yet.
+        line="$(grep -a -m1 -E "ISM-TEST .*$pattern.*"$'\r' "$work/$name.out" || true)"
         if [ -n "$line" ]; then
             printf '%s\n' "${line#*ISM-TEST }" | tr -d '\r'
             return 0
