@@ -22,6 +22,7 @@ use crate::devices::ism::window::KvmSlotBackend;
 use crate::devices::ism::{IsmSetupError, add_ism_devices};
 use crate::devices::virtio_rng::{RngError, VirtioRng};
 use crate::exit::{ExitEvent, ExitNotifier};
+use crate::interrupt::KvmInterruptOps;
 use crate::layout;
 use crate::legacy::cmos::Cmos;
 use crate::legacy::power::{AcpiPowerPort, I8042ResetPort, ResetRequested};
@@ -286,8 +287,16 @@ fn add_pci_devices(
     }
     if !config.ism.is_empty() {
         let kvm_slots = Arc::new(KvmSlotBackend::new(vm.kvm(), vm.fd().clone()));
-        add_ism_devices(&mut pci, &config.ism, kvm_slots, memory_slots, buses)
-            .map_err(VmmError::Ism)?;
+        let ioevents = Arc::new(KvmInterruptOps::new(vm.fd().clone()));
+        add_ism_devices(
+            &mut pci,
+            &config.ism,
+            kvm_slots,
+            ioevents,
+            memory_slots,
+            buses,
+        )
+        .map_err(VmmError::Ism)?;
     }
     Ok(pci)
 }

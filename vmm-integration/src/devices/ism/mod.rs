@@ -4,6 +4,7 @@
 //! what the slots do not cover ([`mmio`]), and the `--ism` wiring (pool backend, sessions).
 
 pub mod mmio;
+pub mod notify;
 pub mod window;
 
 use std::collections::HashMap;
@@ -20,9 +21,11 @@ use virtio_ism::{ConfigError, Ism, IsmConfig, IsmError, IsmHandle};
 
 use crate::bus::IoBuses;
 use crate::config::IsmDeviceConfig;
+use crate::interrupt::IoEventRegistrar;
 use crate::memory::MemorySlots;
 use crate::pci::{PciError, PciManager};
 use mmio::IsmWindowMmio;
+use notify::KvmNotifyWiring;
 use window::{ShmWindowKvm, SlotBackend};
 
 /// MSI-X vectors a device may use: config, control queue, event queue and one per chunk
@@ -61,6 +64,7 @@ pub struct IsmDevice {
     ism: Ism,
     window: Arc<ShmWindowKvm>,
     mmio: Arc<IsmWindowMmio>,
+    wiring: Arc<KvmNotifyWiring>,
     buses: Weak<IoBuses>,
     /// Where the window's MMIO handler sits on the bus now.
     placed: Option<u64>,
@@ -72,6 +76,7 @@ impl IsmDevice {
         config: IsmConfig,
         session: Arc<dyn PoolSession>,
         kvm: Arc<dyn SlotBackend>,
+        ioevents: Arc<dyn IoEventRegistrar>,
         slots: Arc<MemorySlots>,
         buses: &Arc<IoBuses>,
     ) -> Result<Self, IsmSetupError> {
@@ -82,13 +87,16 @@ impl IsmDevice {
             ShmWindowKvm::new(layout.shm_size, kvm, slots)
                 .map_err(|e| IsmSetupError::ReserveWindow(id.to_owned(), e))?,
         );
+        let wiring = Arc::new(KvmNotifyWiring::new(ioevents));
         let ism = Ism::new(id, config, session, window.clone())
-            .map_err(|e| IsmSetupError::CreateDevice(id.to_owned(), e))?;
+            .map_err(|e| IsmSetupError::CreateDevice(id.to_owned(), e))?
+            .with_notify_wiring(wiring.clone());
         let mmio = Arc::new(IsmWindowMmio::new(window.clone(), ism.handle(), layout));
         Ok(Self {
             ism,
             window,
             mmio,
+            wiring,
             buses: Arc::downgrade(buses),
             placed: None,
         })
@@ -179,9 +187,15 @@ impl VirtioDevice for IsmDevice {
             )));
         }
         let new = list.addr.0;
+        let moved = self.placed.is_some_and(|old| old != new);
         self.place_mmio(new, window_size)?;
         self.window.relocate(new);
+        self.wiring.set_base(new);
         self.ism.set_shm_regions(list)?;
+        if moved {
+            // Every wired doorbell slot is registered at the old address: move them.
+            self.ism.handle().rewire_all();
+        }
         log::info!(
             "virtio-ism {}: window at {new:#x}+{window_size:#x}",
             self.ism.id()
@@ -241,6 +255,7 @@ pub fn add_ism_devices(
     pci: &mut PciManager,
     configs: &[IsmDeviceConfig],
     kvm: Arc<dyn SlotBackend>,
+    ioevents: Arc<dyn IoEventRegistrar>,
     slots: &Arc<MemorySlots>,
     buses: &Arc<IoBuses>,
 ) -> Result<Vec<(String, IsmHandle)>, IsmSetupError> {
@@ -253,7 +268,15 @@ pub fn add_ism_devices(
             .map_err(|e| IsmSetupError::Layout(id.clone(), e))?;
         let session = pools.session(&id, cfg)?;
         let info = session.info();
-        let dev = IsmDevice::new(&id, config, session, kvm.clone(), slots.clone(), buses)?;
+        let dev = IsmDevice::new(
+            &id,
+            config,
+            session,
+            kvm.clone(),
+            ioevents.clone(),
+            slots.clone(),
+            buses,
+        )?;
         let vectors = dev.msix_vectors();
         let layout = config
             .layout()
