@@ -62,6 +62,21 @@ fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply() {
         read.line
     );
 
+    // The owner heard about B coming and going on its event queue.
+    let events = a.cmd("events").ok("A events");
+    assert_eq!(events.number("attach"), Some(1), "{}", events.line);
+    b.cmd(&format!("detach {token}")).ok("B detach");
+    let mut detached = 0;
+    for _ in 0..100 {
+        let events = a.cmd("events").ok("A events");
+        detached += events.number("detach").unwrap_or(0);
+        if detached > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(detached, 1, "A saw B's detach");
+
     assert_eq!(b.power_off(), Some(0));
     assert_eq!(a.power_off(), Some(0));
 }
