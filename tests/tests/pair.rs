@@ -22,9 +22,14 @@ fn shared_region(owner: &mut IsmGuest, size: &str, seed: u64, peer: &str, perms:
 fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply() {
     require_kvm!();
     let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::default();
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
+    // Different window geometries: B maps A's 64 KiB region into one 2 MiB chunk.
+    let mut a = IsmGuest::start("A", &broker, &IsmSpec::default(), &[]);
+    let big_chunks = IsmSpec {
+        size: "256M".into(),
+        chunk_size: "2M".into(),
+    };
+    let mut b = IsmGuest::start("B", &broker, &big_chunks, &[]);
+    assert_eq!(b.ready.number("chunk_size"), Some(2 << 20));
     assert_eq!(
         a.ready.get("gid"),
         b.ready.get("gid"),
