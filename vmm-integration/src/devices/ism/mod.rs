@@ -311,3 +311,115 @@ pub fn add_ism_devices(
     }
     Ok(handles)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use virtio_ism::ShmWindow;
+    use window::tests::{FakeKvm, memfd};
+
+    struct NoIoEvents;
+
+    impl IoEventRegistrar for NoIoEvents {
+        fn register_ioevent(&self, _fd: &EventFd, _addr: u64) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn unregister_ioevent(&self, _fd: &EventFd, _addr: u64) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn device(kvm: &Arc<FakeKvm>, buses: &Arc<IoBuses>) -> IsmDevice {
+        let pool = ism_pool::LocalPool::new(PoolConfig {
+            size: 1 << 20,
+            ..PoolConfig::default()
+        })
+        .unwrap();
+        let config = IsmConfig::for_window(1 << 20, 4096, 4).unwrap();
+        IsmDevice::new(
+            "ism-test",
+            config,
+            pool.session().unwrap(),
+            kvm.clone(),
+            Arc::new(NoIoEvents),
+            Arc::new(MemorySlots::new(3, 64)),
+            buses,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn test_window_placement_and_bar_move_carry_bus_handler_and_slots() {
+        let kvm = Arc::new(FakeKvm::default());
+        let buses = Arc::new(IoBuses::new());
+        let mut dev = device(&kvm, &buses);
+        let mut list = dev.get_shm_regions().unwrap();
+        assert_eq!(list.len, 1 << 20);
+        let (a, b) = (0x10_0000_0000u64, 0x20_0000_0000u64);
+        list.addr = GuestAddress(a);
+        dev.set_shm_regions(list.clone()).unwrap();
+        // A region mapped the way the device maps one.
+        let fd = memfd(0x2000, 0x3c);
+        dev.window.map(0x1000, fd.as_fd(), 0, 0x2000, true).unwrap();
+        assert_eq!(kvm.slots.lock().unwrap()[&3].0, a + 0x1000);
+        // Unmapped window memory reads as all-ones through the bus.
+        let mut word = [0u8; 4];
+        assert!(buses.mmio_read(a + 0x8000, &mut word));
+        assert_eq!(word, [0xff; 4]);
+
+        list.addr = GuestAddress(b);
+        dev.set_shm_regions(list.clone()).unwrap();
+        assert_eq!(kvm.slots.lock().unwrap()[&3].0, b + 0x1000);
+        assert!(
+            !buses.mmio_read(a + 0x8000, &mut word),
+            "old range still decoded"
+        );
+        assert!(buses.mmio_read(b + 0x8000, &mut word));
+        // Notify slots read as zero; a trapped doorbell for no region is harmless.
+        let notify = dev.ism.layout().notify_offset;
+        assert!(buses.mmio_read(b + notify, &mut word));
+        assert_eq!(word, [0; 4]);
+        assert!(buses.mmio_write(b + notify, &[1]));
+
+        // A window of the wrong size is refused and nothing moves.
+        let mut wrong = list.clone();
+        wrong.len = 1 << 21;
+        wrong.addr = GuestAddress(a);
+        assert!(dev.set_shm_regions(wrong).is_err());
+        assert!(buses.mmio_read(b + 0x8000, &mut word));
+
+        let counters = dev.counters().unwrap();
+        assert_eq!(counters["window_slot_mappings"].0, 1);
+        assert_eq!(counters["window_unmapped_accesses"].0, 3);
+        assert!(counters.contains_key("ctrl_commands"));
+        dev.shutdown();
+        assert!(!buses.mmio_read(b + 0x8000, &mut word));
+    }
+
+    #[test]
+    fn test_read_only_region_writes_dropped_through_the_bus() {
+        let kvm = Arc::new(FakeKvm {
+            no_readonly: true,
+            ..FakeKvm::default()
+        });
+        let buses = Arc::new(IoBuses::new());
+        let mut dev = device(&kvm, &buses);
+        let mut list = dev.get_shm_regions().unwrap();
+        list.addr = GuestAddress(0x10_0000_0000);
+        dev.set_shm_regions(list).unwrap();
+        let fd = memfd(0x1000, 0x77);
+        dev.window.map(0x0, fd.as_fd(), 0, 0x1000, false).unwrap();
+        assert!(buses.mmio_write(0x10_0000_0010, &0x1234_5678u32.to_le_bytes()));
+        let mut word = [0u8; 4];
+        assert!(buses.mmio_read(0x10_0000_0010, &mut word));
+        assert_eq!(word, [0x77; 4], "read-only data changed");
+        let counters = dev.counters().unwrap();
+        assert_eq!(counters["window_readonly_writes_dropped"].0, 1);
+        assert_eq!(counters["window_emulated_mappings"].0, 1);
+    }
+}

@@ -545,16 +545,16 @@ impl Drop for ShmWindowKvm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
     /// Remembers the slots KVM would have, refuses past `capacity`.
     #[derive(Default)]
-    struct FakeKvm {
-        slots: Mutex<BTreeMap<u32, (u64, u64, u64, bool)>>,
-        no_readonly: bool,
-        refuse: bool,
+    pub(crate) struct FakeKvm {
+        pub(crate) slots: Mutex<BTreeMap<u32, (u64, u64, u64, bool)>>,
+        pub(crate) no_readonly: bool,
+        pub(crate) refuse: bool,
     }
 
     impl SlotBackend for FakeKvm {
