@@ -13,7 +13,9 @@ cd "$repo"
 say() { printf '\033[1m%s\033[0m\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
-[ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm missing or not accessible: the demo needs KVM"
+if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+    die "/dev/kvm missing or not accessible: the demo needs KVM"
+fi
 
 say "== 1. Setup and build"
 bash resources/setup.sh
