@@ -167,6 +167,11 @@ impl VirtioDevice for IsmDevice {
 
     fn shutdown(&mut self) {
         self.ism.shutdown();
+        if let Some(counters) = self.counters() {
+            let mut counters: Vec<_> = counters.into_iter().map(|(k, v)| (k, v.0)).collect();
+            counters.sort();
+            log::info!("virtio-ism {} counters: {counters:?}", self.ism.id());
+        }
         if let (Some(at), Some(buses)) = (self.placed.take(), self.buses.upgrade()) {
             let _ = buses.deregister_mmio(at);
         }
