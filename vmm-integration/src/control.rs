@@ -9,13 +9,12 @@ use std::sync::mpsc::{Receiver, channel};
 
 use serde_json::json;
 
-use crate::api::http::{ApiServer, HttpError};
+use crate::api::http::{ApiListener, ApiServer, HttpError};
 use crate::api::types::{
     DeviceInfo, IsmAddRegionRequest, IsmRegionInfo, IsmRegions, IsmRemoveRegionRequest,
     RegionAccess, RegionArea, VmCounters, VmInfoResponse, VmmPingResponse,
 };
 use crate::api::{ApiError, ApiRequest, ApiResult, ApiSender, RequestHandler};
-use crate::config::api::Endpoint;
 use crate::config::{SerialMode, VmConfig};
 use crate::exit::ExitEvent;
 use crate::pci::PciManager;
@@ -270,10 +269,10 @@ enum Control {
 /// each request is answered here, on the thread that owns the VM.
 pub fn wait_for_exit(
     exit_rx: Receiver<ExitEvent>,
-    api_socket: Option<&Endpoint>,
+    api_socket: Option<ApiListener>,
     handler: &mut VmmApi<'_>,
 ) -> Result<ExitEvent, HttpError> {
-    let Some(endpoint) = api_socket else {
+    let Some(listener) = api_socket else {
         // Every sender lives in a vCPU or device, so recv only fails if all of them are
         // gone, which means every vCPU thread ended without reporting.
         return Ok(exit_rx
@@ -299,7 +298,7 @@ pub fn wait_for_exit(
             .map(|tx| tx.send(Control::Api(req)).is_ok())
             .unwrap_or(false)
     });
-    let server = ApiServer::start(endpoint, sender)?;
+    let server = ApiServer::start(listener, sender)?;
     let event = loop {
         match rx.recv() {
             Ok(Control::Exit(e)) => break e,
@@ -328,6 +327,7 @@ mod tests {
     use super::*;
     use crate::api::http::simple_request;
     use crate::config::VmParams;
+    use crate::config::api::Endpoint;
 
     /// A pool with regions 1 and 2; the device starts holding none.
     #[derive(Default)]
@@ -411,7 +411,8 @@ mod tests {
                     Arc::new(ExitCounters::default()),
                     vec![entry],
                 );
-                wait_for_exit(exit_rx, Some(&endpoint), &mut api).unwrap()
+                let listener = ApiListener::bind(&endpoint).unwrap();
+                wait_for_exit(exit_rx, Some(listener), &mut api).unwrap()
             });
             wait_for_socket(&socket);
             client(&socket, &exit_tx);
@@ -545,8 +546,9 @@ mod tests {
         let path = dir.as_path().join("api.sock");
         let endpoint = Endpoint::Path(path.clone());
         let sender = ApiSender::new(|_| false);
-        let first = ApiServer::start(&endpoint, sender.clone()).unwrap();
-        let err = ApiServer::start(&endpoint, sender.clone()).err().unwrap();
+        let first =
+            ApiServer::start(ApiListener::bind(&endpoint).unwrap(), sender.clone()).unwrap();
+        let err = ApiListener::bind(&endpoint).err().unwrap();
         assert!(matches!(err, HttpError::InUse(..)), "{err:?}");
         // With the VMM gone, requests get a 500, not a hang.
         assert_eq!(
@@ -556,7 +558,7 @@ mod tests {
         drop(first);
         assert!(!path.exists());
         // The lock is free again; a stale socket file would be replaced.
-        let again = ApiServer::start(&endpoint, sender).unwrap();
+        let again = ApiServer::start(ApiListener::bind(&endpoint).unwrap(), sender).unwrap();
         drop(again);
     }
 }

@@ -11,6 +11,7 @@ mod devices;
 mod event_monitor;
 mod exit;
 mod interrupt;
+mod ism_api;
 mod layout;
 mod legacy;
 mod memory;

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, create_sigset, register_signal_handler};
 
 use crate::acpi::{AcpiError, AcpiInputs, create_acpi_tables};
+use crate::api::http::ApiListener;
 use crate::boot::{self, BootEntry, BootError, BootInputs};
 use crate::bus::{BusError, IoBuses};
 use crate::config::api::OperatorConfig;
@@ -107,6 +108,13 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
         log::info!("PVM policy on: instruction fallback and Linux kernel parameters");
     }
     crate::event!("vm", "booting");
+    // Bound before the VM is built, so a busy socket path fails before the guest runs.
+    let api_listener = operator
+        .api_socket
+        .as_ref()
+        .map(|a| ApiListener::bind(&a.endpoint))
+        .transpose()
+        .map_err(VmmError::Api)?;
 
     // Before any thread exists, so every thread inherits the mask and only the
     // "signal-handler" thread receives these.
@@ -128,7 +136,7 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
 
     add_platform_devices(&buses, &exit, &reset)?;
     let serial = add_serial_device(&vm, &buses, &config.serial.mode)?;
-    let pci = add_pci_devices(&vm, &guest_memory, &buses, &memory_slots, config)?;
+    let (pci, ism_handles) = add_pci_devices(&vm, &guest_memory, &buses, &memory_slots, config)?;
 
     let ram_end = memory::ram_end(config.memory.size);
     let rsdp_addr = create_acpi_tables(
@@ -168,12 +176,9 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
     };
 
     crate::event!("vm", "booted");
-    let mut api = VmmApi::new(config, &pci, running.counters.clone(), Vec::new());
-    let waited = control::wait_for_exit(
-        exit_rx,
-        operator.api_socket.as_ref().map(|a| &a.endpoint),
-        &mut api,
-    );
+    let ism = crate::ism_api::ism_entries(ism_handles, &config.ism);
+    let mut api = VmmApi::new(config, &pci, running.counters.clone(), ism);
+    let waited = control::wait_for_exit(exit_rx, api_listener, &mut api);
     teardown(running);
     let event = waited.map_err(VmmError::Api)?;
     match &event {
@@ -263,7 +268,7 @@ fn add_pci_devices(
     buses: &Arc<IoBuses>,
     memory_slots: &Arc<MemorySlots>,
     config: &VmConfig,
-) -> Result<PciManager, VmmError> {
+) -> Result<(PciManager, Vec<(String, virtio_ism::IsmHandle)>), VmmError> {
     let ram_end = memory::ram_end(config.memory.size);
     let mut pci = PciManager::new(
         vm.fd().clone(),
@@ -285,10 +290,11 @@ fn add_pci_devices(
             rng.src.display()
         );
     }
+    let mut ism_handles = Vec::new();
     if !config.ism.is_empty() {
         let kvm_slots = Arc::new(KvmSlotBackend::new(vm.kvm(), vm.fd().clone()));
         let ioevents = Arc::new(KvmInterruptOps::new(vm.fd().clone()));
-        add_ism_devices(
+        ism_handles = add_ism_devices(
             &mut pci,
             &config.ism,
             kvm_slots,
@@ -298,7 +304,7 @@ fn add_pci_devices(
         )
         .map_err(VmmError::Ism)?;
     }
-    Ok(pci)
+    Ok((pci, ism_handles))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -61,6 +61,33 @@ fn lock_socket_path(path: &Path) -> Result<(File, PathBuf), HttpError> {
     Ok((file, lock_path))
 }
 
+/// The API socket, bound (and locked) before the VM is built so a busy path fails early.
+pub struct ApiListener {
+    listener: UnixListener,
+    socket_path: Option<PathBuf>,
+    lock: Option<File>,
+}
+
+impl ApiListener {
+    pub fn bind(endpoint: &Endpoint) -> Result<ApiListener, HttpError> {
+        let (listener, socket_path, lock) = bind(endpoint)?;
+        Ok(ApiListener {
+            listener,
+            socket_path,
+            lock,
+        })
+    }
+}
+
+impl Drop for ApiListener {
+    fn drop(&mut self) {
+        // Bound but never served (the VM failed to start): remove the socket file.
+        if let Some(path) = &self.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn bind(endpoint: &Endpoint) -> Result<(UnixListener, Option<PathBuf>, Option<File>), HttpError> {
     match endpoint {
         Endpoint::Path(path) => {
@@ -93,9 +120,12 @@ fn bind(endpoint: &Endpoint) -> Result<(UnixListener, Option<PathBuf>, Option<Fi
 }
 
 impl ApiServer {
-    /// Listen on `endpoint` and serve requests by sending them through `api`.
-    pub fn start(endpoint: &Endpoint, api: ApiSender) -> Result<ApiServer, HttpError> {
-        let (listener, socket_path, lock) = bind(endpoint)?;
+    /// Serve requests on `listener` by sending them through `api`.
+    pub fn start(mut bound: ApiListener, api: ApiSender) -> Result<ApiServer, HttpError> {
+        let socket_path = bound.socket_path.take();
+        let lock = bound.lock.take();
+        let listener = bound.listener.try_clone().map_err(HttpError::Server)?;
+        drop(bound);
         let server = Arc::new(
             Server::from_listener(listener, None)
                 .map_err(|e| HttpError::Server(std::io::Error::other(e.to_string())))?,

@@ -109,6 +109,47 @@ mod tests {
         }
     }
 
+    /// (path, method) pairs under `paths:` in the OpenAPI document: a path is a line
+    /// `  /name:` and its methods the `    get:`/`    put:` lines below it.
+    fn openapi_operations() -> Vec<(String, String)> {
+        let doc = include_str!("../../resources/openapi/ism-vmm.yaml");
+        let mut ops = Vec::new();
+        let mut in_paths = false;
+        let mut path = None;
+        for line in doc.lines() {
+            if !line.starts_with(' ') && !line.is_empty() {
+                in_paths = line == "paths:";
+                continue;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                path = Some(p.to_owned());
+            } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':'))
+                && !m.starts_with(' ')
+            {
+                ops.push((
+                    path.clone().expect("a method under a path"),
+                    m.to_uppercase(),
+                ));
+            }
+        }
+        ops
+    }
+
+    #[test]
+    fn test_router_and_openapi_document_list_the_same_operations() {
+        let mut documented = openapi_operations();
+        documented.sort();
+        let mut routed: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|r| (r.name.to_owned(), r.method.as_str().to_owned()))
+            .collect();
+        routed.sort();
+        assert_eq!(routed, documented);
+    }
+
     #[test]
     fn test_actions_and_bodies() {
         assert_eq!(

@@ -445,6 +445,7 @@ impl VirtioPciDevice {
         }
         self.queue_evts = ours;
         self.activated = true;
+        crate::event!("virtio-device", "activated", "id", &self.id);
         Ok(())
     }
 
@@ -454,6 +455,7 @@ impl VirtioPciDevice {
             // The returned interrupt object is ours; nothing to take back.
             let _ = self.lock_device().reset();
             self.activated = false;
+            crate::event!("virtio-device", "reset", "id", &self.id);
         }
         let evts = std::mem::take(&mut self.queue_evts);
         self.unregister_ioevents(&evts);
@@ -465,7 +467,6 @@ impl VirtioPciDevice {
             .clear_pending();
     }
 
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn id(&self) -> &str {
         &self.id
     }

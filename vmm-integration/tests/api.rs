@@ -1,0 +1,295 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The REST API, ism-remote and the event monitor against a running ism-vmm process.
+
+#[allow(dead_code)]
+#[path = "../src/layout.rs"]
+mod layout;
+#[allow(dead_code)]
+#[path = "../src/test_guest.rs"]
+mod test_guest;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use test_guest::{halt_code, kvm_available, print_code, pvh_elf, write_temp};
+
+const VMM: &str = env!("CARGO_BIN_EXE_ism-vmm");
+const REMOTE: &str = env!("CARGO_BIN_EXE_ism-remote");
+
+/// One request on a fresh connection; (status, body).
+fn request(socket: &Path, method: &str, endpoint: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_owned();
+    (status, body)
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+struct Vmm {
+    child: Child,
+    dir: vmm_sys_util::tempdir::TempDir,
+    _kernel: vmm_sys_util::tempfile::TempFile,
+}
+
+impl Vmm {
+    /// Boot a guest that prints "UP" and halts, with the API and the event monitor on, plus
+    /// `extra` options.
+    fn start(extra: &[&str]) -> Vmm {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
+        let mut code = print_code(b"UP\n");
+        code.extend(halt_code());
+        let kernel = write_temp(&pvh_elf(&code));
+        let d = dir.as_path();
+        let child = Command::new(VMM)
+            .args(["--kernel", kernel.as_path().to_str().unwrap()])
+            .args(["--memory", "size=32M", "--rng", "src=/dev/urandom"])
+            .arg("--serial")
+            .arg(format!("file={}", d.join("serial").display()))
+            .arg("--api-socket")
+            .arg(d.join("api.sock"))
+            .arg("--event-monitor")
+            .arg(format!("path={}", d.join("events").display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ism-vmm");
+        let vmm = Vmm {
+            child,
+            dir,
+            _kernel: kernel,
+        };
+        vmm.wait_for(|| vmm.socket().exists() && vmm.serial().contains("UP"));
+        vmm
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.as_path().join("api.sock")
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(self.dir.as_path().join("serial")).unwrap_or_default()
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.as_path().join("events")).unwrap();
+        serde_json::Deserializer::from_str(&text)
+            .into_iter::<serde_json::Value>()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    fn wait_for(&self, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready() {
+            assert!(Instant::now() < deadline, "the VMM did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the process to end; (status code, stderr).
+    fn wait(mut self) -> (i32, String, Vmm) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the VMM did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status.code().unwrap_or(-1), err, self)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn test_api_queries_bad_requests_and_shutdown_with_events() {
+    if !kvm_available() {
+        return;
+    }
+    let vmm = Vmm::start(&[]);
+    let sock = vmm.socket();
+
+    let (status, body) = request(&sock, "GET", "vmm.ping", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["pid"], vmm.child.id());
+
+    let (status, body) = request(&sock, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    let info = json(&body);
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["config"]["memory"]["size"], 32 << 20);
+    assert_eq!(info["devices"][0]["id"], "_rng0");
+    assert_eq!(info["devices"][0]["bdf"], "0000:00:01.0");
+
+    let (status, body) = request(&sock, "GET", "vm.counters", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(json(&body)["__vcpus"].is_object(), "{body}");
+
+    // Refused requests: each a JSON array of messages, and the VM keeps running.
+    for (method, endpoint, body, want) in [
+        ("GET", "vm.nothing", "", 404),
+        ("POST", "vm.info", "", 405),
+        ("PUT", "vm.shutdown", "{\"now\":true}", 400),
+        ("PUT", "vm.ism-add-region", "{\"id\":", 400),
+        (
+            "PUT",
+            "vm.ism-add-region",
+            r#"{"id":"ism0","token":1,"extra":1}"#,
+            400,
+        ),
+        (
+            "PUT",
+            "vm.ism-add-region",
+            r#"{"id":"ism0","token":1}"#,
+            404,
+        ),
+        (
+            "PUT",
+            "vm.ism-remove-region",
+            r#"{"id":"ism0","token":1}"#,
+            404,
+        ),
+    ] {
+        let (status, reply) = request(&sock, method, endpoint, body);
+        assert_eq!(status, want, "{method} {endpoint} {body}: {reply}");
+        assert!(json(&reply).as_array().is_some_and(|a| !a.is_empty()));
+    }
+    let (status, body) = request(&sock, "GET", "vm.ism-regions", "");
+    assert_eq!((status, json(&body)), (200, serde_json::json!({})));
+
+    // ism-remote speaks the same API.
+    let out = Command::new(REMOTE)
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ping = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(ping["pid"], vmm.child.id());
+    let out = Command::new(REMOTE)
+        .arg("--api-socket")
+        .arg(&sock)
+        .args(["ism-remove-region", "id=nope,token=3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{out:?}"
+    );
+
+    let out = Command::new(REMOTE)
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("shutdown")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (code, stderr, vmm) = vmm.wait();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!sock.exists(), "the socket is removed at exit");
+
+    let events = vmm.events();
+    let names: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["source"].as_str().unwrap(),
+                e["event"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "vmm/starting",
+            "vm/booting",
+            "vm/booted",
+            "vm/shutdown",
+            "vmm/shutdown"
+        ],
+        "{events:?}"
+    );
+    let mut last = 0.0;
+    for e in &events {
+        let t = e["timestamp"]["secs"].as_f64().unwrap()
+            + e["timestamp"]["nanos"].as_f64().unwrap() / 1e9;
+        assert!(t >= last, "timestamps go forward: {events:?}");
+        last = t;
+        assert!(e["properties"].is_null());
+    }
+}
+
+#[test]
+fn test_a_second_vmm_on_the_same_socket_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let first = Vmm::start(&[]);
+    let sock = first.socket();
+    let mut code = print_code(b"2\n");
+    code.extend(halt_code());
+    let kernel = write_temp(&pvh_elf(&code));
+    let out = Command::new(VMM)
+        .args([
+            "--kernel",
+            kernel.as_path().to_str().unwrap(),
+            "--memory",
+            "size=32M",
+        ])
+        .arg("--api-socket")
+        .arg(format!("path={}", sock.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use by another process"), "{err}");
+    // The first VMM still answers.
+    assert_eq!(request(&sock, "GET", "vmm.ping", "").0, 200);
+    let (status, _) = request(&sock, "PUT", "vm.reboot", "");
+    assert_eq!(status, 204);
+    let (code, stderr, vmm) = first.wait();
+    assert_eq!(code, 0, "{stderr}");
+    let names: Vec<String> = vmm
+        .events()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.contains(&"rebooting".to_owned()), "{names:?}");
+}
