@@ -219,44 +219,56 @@ impl ShmWindowKvm {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The transport placed or moved the BAR to `new_base`: move every slot there.
+    /// The transport placed or moved the BAR to `new_base`: move every slot there. Every
+    /// slot leaves the old place before any takes the new one (the ranges may overlap), and
+    /// emulated mappings get another chance at a slot.
     pub fn relocate(&self, new_base: u64) {
         let mut state = self.lock();
         let old = state.base.replace(new_base);
         if old == Some(new_base) {
             return;
         }
-        let offsets: Vec<u64> = state.mappings.keys().copied().collect();
-        for offset in offsets {
-            let Some(m) = state.mappings.get_mut(&offset) else {
-                continue;
-            };
-            let Some(slot) = m.slot else { continue };
-            if let Some(old) = old
-                && let Err(e) = self.backend.remove_slot(slot, old + offset)
-            {
-                warn!(
-                    "ism window: cannot delete slot {slot} at {:#x}: {e}",
-                    old + offset
-                );
+        if let Some(old) = old {
+            for (offset, m) in &state.mappings {
+                if let Some(slot) = m.slot
+                    && let Err(e) = self.backend.remove_slot(slot, old + offset)
+                {
+                    warn!(
+                        "ism window: cannot delete slot {slot} at {:#x}: {e}",
+                        old + offset
+                    );
+                }
             }
-            let placed = self.backend.add_slot(
-                slot,
-                new_base + offset,
-                m.len,
-                self.host_base + offset,
-                !m.writable,
-            );
-            if let Err(e) = placed {
-                warn!(
-                    "ism window: cannot place slot {slot} at {:#x} ({e}); emulating it",
-                    new_base + offset
-                );
-                self.slots.free(slot);
-                m.slot = None;
-                inc(&self.counters.slot_fallbacks);
-                dec(&self.counters.slot_mappings);
-                inc(&self.counters.emulated_mappings);
+        }
+        let readonly = self.backend.readonly_supported();
+        for (offset, m) in state.mappings.iter_mut() {
+            let was_emulated = m.slot.is_none();
+            let slot = match m.slot {
+                Some(slot) => Some(slot),
+                None if m.writable || readonly => self.slots.allocate(),
+                None => None,
+            };
+            let Some(slot) = slot else { continue };
+            let gpa = new_base + offset;
+            let placed =
+                self.backend
+                    .add_slot(slot, gpa, m.len, self.host_base + offset, !m.writable);
+            match (placed, was_emulated) {
+                (Ok(()), false) => {}
+                (Ok(()), true) => {
+                    m.slot = Some(slot);
+                    dec(&self.counters.emulated_mappings);
+                    inc(&self.counters.slot_mappings);
+                }
+                (Err(_), true) => self.slots.free(slot),
+                (Err(e), false) => {
+                    warn!("ism window: cannot place slot {slot} at {gpa:#x} ({e}); emulating it");
+                    self.slots.free(slot);
+                    m.slot = None;
+                    inc(&self.counters.slot_fallbacks);
+                    dec(&self.counters.slot_mappings);
+                    inc(&self.counters.emulated_mappings);
+                }
             }
         }
         debug!("ism window: base {old:x?} -> {new_base:#x}");
@@ -563,6 +575,12 @@ pub(crate) mod tests {
                 return Err(io::Error::from_raw_os_error(libc::EEXIST));
             }
             let mut s = self.slots.lock().unwrap();
+            // KVM refuses a slot over another one's guest range.
+            if s.values()
+                .any(|(at, l, ..)| *at < gpa + len && gpa < at + l)
+            {
+                return Err(io::Error::from_raw_os_error(libc::EEXIST));
+            }
             assert!(
                 s.insert(slot, (gpa, len, host, ro)).is_none(),
                 "slot {slot} reused"
@@ -621,6 +639,10 @@ pub(crate) mod tests {
             assert_eq!(s[&2].0, 0x2_0000_4000);
             assert_eq!(s[&3].0, 0x2_0000_8000);
         }
+        // A move by less than the window: no slot falls back for overlapping its old place.
+        w.relocate(0x2_0000_4000);
+        assert_eq!(kvm.slots.lock().unwrap()[&2].0, 0x2_0000_8000);
+        assert_eq!(w.counters().slot_fallbacks.load(Ordering::Relaxed), 0);
         w.unmap(0x4000, 0x2000).unwrap();
         assert!(!kvm.slots.lock().unwrap().contains_key(&2));
         // The freed slot is reused, and unmapped memory is gone from the host view.
@@ -689,8 +711,18 @@ pub(crate) mod tests {
         assert_eq!(u32::from_ne_bytes(back), 0xdead_beef);
         // An access straddling the mapping's end is not served.
         assert!(!w.read(0x1ffe, &mut buf));
-        w.unmap(0x1000, 0x1000).unwrap();
+        // Once a slot is free again, the next placement gives the emulated mapping one.
+        w.unmap(0x0, 0x1000).unwrap();
+        w.relocate(0x2_0000_0000);
+        assert!(w.slot_at(0x1000).is_some());
+        assert_eq!(
+            kvm.slots.lock().unwrap().values().next().unwrap().0,
+            0x2_0000_1000
+        );
         assert_eq!(c.emulated_mappings.load(Ordering::Relaxed), 0);
+        assert_eq!(c.slot_mappings.load(Ordering::Relaxed), 1);
+        w.unmap(0x1000, 0x1000).unwrap();
+        assert_eq!(c.slot_mappings.load(Ordering::Relaxed), 0);
     }
 
     #[test]
