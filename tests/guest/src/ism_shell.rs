@@ -24,6 +24,10 @@ use crate::{apic, boot, serial};
 
 /// Interrupt vector peer kicks are delivered on.
 pub const KICK_VECTOR: u8 = 0x42;
+/// Polls a control command may take (about a microsecond each): generous, because on a
+/// loaded two-core host the VMM's worker may wait its turn for a while, and a timeout leaves
+/// the control path broken for the rest of the run.
+const COMMAND_MAX_WAITS: u32 = 30_000_000;
 /// Regions one guest can hold at a time.
 const MAX_REGIONS: usize = 320;
 /// Longest input line (an `attach-many` line carries a few hundred tokens).
@@ -84,9 +88,13 @@ pub fn run(ctx: &Context<'_>, script: Option<&str>) -> bool {
         return false;
     };
     let kick = kick_entry(&config, addr);
+    let options = IsmOptions {
+        max_waits: COMMAND_MAX_WAITS,
+        ..IsmOptions::default()
+    };
     // SAFETY: this program owns the function and its BARs; the platform reaches the PCI
     // windows the VMM places BARs in.
-    let ism = match unsafe { IsmDriver::open(ctx.platform, &config, addr, IsmOptions::default()) } {
+    let ism = match unsafe { IsmDriver::open(ctx.platform, &config, addr, options) } {
         Ok(ism) => ism,
         Err(e) => {
             report!("error=ism_open status={} detail=\"{e}\"", status_name(&e));
