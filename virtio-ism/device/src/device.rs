@@ -395,6 +395,13 @@ impl IsmHandle {
         self.regions.lock().rewire_all();
     }
 
+    /// Publish this guest's doorbells again: a transport calls this when the eventfd its
+    /// `VirtioInterrupt::notifier` returns for a vector changed (irqfd re-created), so peers
+    /// wire to the new one. Binding a vector (EVENT_VECTOR) publishes on its own.
+    pub fn republish_doorbells(&self) {
+        self.regions.republish_doorbells();
+    }
+
     /// Fan out the kicks that arrived on one-hop eventfds (the worker does this on its own;
     /// for tests and VMMs that drive the device without its worker). Returns how many
     /// regions were kicked.

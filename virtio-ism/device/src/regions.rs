@@ -789,7 +789,14 @@ impl Regions {
             table.set_vector(token, vector)?;
             table.own_doorbell(token)
         };
-        let result = match &doorbell {
+        self.publish_doorbell(token, doorbell.as_ref());
+        Ok(())
+    }
+
+    /// Publish (or, with None, withdraw) this device's doorbell for `token`. A failure only
+    /// costs the fast path: peers then reach this guest through their trap path, if at all.
+    fn publish_doorbell(&self, token: Token, doorbell: Option<&EventFd>) {
+        let result = match doorbell {
             Some(doorbell) => self
                 .session
                 .publish_doorbell(token, borrow_eventfd(doorbell)),
@@ -799,7 +806,22 @@ impl Regions {
             Ok(()) | Err(PoolError::DoorbellsUnsupported) => {}
             Err(e) => warn!("virtio-ism: publishing the doorbell of {token} failed: {e}"),
         }
-        Ok(())
+    }
+
+    /// Publish every bound vector's current irqfd again (the transport changed which
+    /// eventfd raises a vector).
+    pub fn republish_doorbells(&self) {
+        let doorbells: Vec<(Token, Option<EventFd>)> = {
+            let table = self.lock();
+            table
+                .tokens()
+                .into_iter()
+                .map(|token| (token, table.own_doorbell(token)))
+                .collect()
+        };
+        for (token, doorbell) in doorbells {
+            self.publish_doorbell(token, doorbell.as_ref());
+        }
     }
 
     /// Ask the pool for the other holders' doorbells of `token` and re-route its kicks.

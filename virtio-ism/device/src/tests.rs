@@ -1737,6 +1737,17 @@ fn test_detach_unbind_and_reset_withdraw_and_unwire() {
     assert!(wiring_a.guest_write(wiring_a.wired_offsets()[0]));
     assert_eq!(b.interrupts.irqfd_count(8), 1);
 
+    // The transport re-created B's irqfds: republishing moves A's wiring to the new one.
+    let old_irqfds = std::mem::take(&mut *b.interrupts.irqfds.as_ref().unwrap().lock().unwrap());
+    b.handle().republish_doorbells();
+    a.worker.process_pool_events().unwrap();
+    assert!(wiring_a.guest_write(wiring_a.wired_offsets()[0]));
+    assert_eq!(b.interrupts.irqfd_count(8), 1);
+    assert!(
+        old_irqfds[&8].read().is_err(),
+        "the old irqfd is not used any more"
+    );
+
     // B detaches: its slot is unwired and A's too.
     assert_eq!(
         b.simple(Request::Detach(DetachRequest { token: token.0 })),
