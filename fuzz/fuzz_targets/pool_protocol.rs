@@ -4,13 +4,15 @@
 //!
 //! Input layout: a sequence of records, each
 //!   [0]      selector: bit 0 connection B instead of A; bit 1 deliver as truncated
-//!            (oversized); bit 2 deliver with a descriptor attached; bit 3 the operator
+//!            (oversized); bit 2 deliver with a descriptor attached (an eventfd, so a
+//!            PUBLISH_DOORBELL can succeed; with bit 5 also a second one); bit 3 the operator
 //!            revokes the most recent region afterwards; bit 4 take a status snapshot
 //!   [1..3]   le16 n: the next n bytes (cut to what is left) are one packet
 //! Every 8-byte window "TOKN" + le32 i in a packet is replaced by the i-th token the broker
 //! handed out so far (tokens are random: the fuzzer could never guess one).
 //!
-//! Checks: nothing panics; every answer decodes as a broker message and fits the size limit;
+//! Checks: nothing panics; every answer decodes as a broker message, fits the size limit and
+//! carries exactly the descriptors it announces;
 //! decoded requests and answers survive an encode/decode round trip; the pool's books
 //! balance (used bytes = sum of live region sizes, never above the pool size).
 #![no_main]
@@ -19,6 +21,8 @@ use ism_pool::handler::{Connection, Outgoing, PeerInfo};
 use ism_pool::wire::{self, MAX_MESSAGE_LEN, Reply};
 use ism_pool::{LocalPool, PoolConfig, Token};
 use libfuzzer_sys::fuzz_target;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use vmm_sys_util::eventfd::EventFd;
 
 const POOL_SIZE: u64 = 64 << 20;
 const MAX_RECORDS: usize = 64;
@@ -118,8 +122,14 @@ fuzz_target!(|data: &[u8]| {
 
         let which = usize::from(selector & 1);
         let truncated = selector & 2 != 0;
-        let fds = usize::from(selector & 4 != 0);
-        let handled = connections[which].handle_packet(&packet, truncated, fds);
+        let mut fds = Vec::new();
+        if selector & 4 != 0 {
+            fds.push(eventfd());
+            if selector & 32 != 0 {
+                fds.push(eventfd());
+            }
+        }
+        let handled = connections[which].handle_message(&packet, truncated, fds);
         check_answers(&handled.out, &mut tokens);
         for connection in &connections {
             check_answers(&connection.drain_events(), &mut tokens);
@@ -145,6 +155,12 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(status.used, 0, "regions left after every session closed");
     assert!(status.regions.is_empty());
 });
+
+fn eventfd() -> OwnedFd {
+    let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).expect("eventfd");
+    // SAFETY: `into_raw_fd` gives up ownership of a valid descriptor, taken over here once.
+    unsafe { OwnedFd::from_raw_fd(evt.into_raw_fd()) }
+}
 
 fn serde_json_roundtrip(status: &ism_pool::PoolStatus) -> ism_pool::PoolStatus {
     let text = ism_pool::status::to_json(status);
