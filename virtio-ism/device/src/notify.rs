@@ -62,6 +62,24 @@ pub trait NotifyWiring: Send + Sync {
 /// An in-memory [`NotifyWiring`] for tests: remembers which eventfd each offset is wired to,
 /// refuses beyond `capacity` wirings (as KVM refuses beyond its ioeventfd limit), and plays
 /// the kernel's part with [`MemoryWiring::guest_write`].
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// use virtio_ism::{MemoryWiring, NotifyWiring, WireOutcome};
+///
+/// let wiring = MemoryWiring::new(1);
+/// let doorbell = rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK).unwrap();
+/// assert_eq!(wiring.wire(0x1000, 4, doorbell.as_fd()).unwrap(), WireOutcome::Wired);
+/// // Out of room, as KVM would be: the device falls back to a slower route.
+/// assert_eq!(wiring.wire(0x1004, 4, doorbell.as_fd()).unwrap(), WireOutcome::NoResources);
+/// // The guest writes the slot: the eventfd fires without any userspace code in between.
+/// assert!(wiring.guest_write(0x1000));
+/// let mut count = [0u8; 8];
+/// rustix::io::read(&doorbell, &mut count).unwrap();
+/// assert_eq!(u64::from_ne_bytes(count), 1);
+/// wiring.unwire(0x1000, 4).unwrap();
+/// assert!(!wiring.guest_write(0x1000));
+/// ```
 #[derive(Debug)]
 pub struct MemoryWiring {
     capacity: usize,
