@@ -273,6 +273,7 @@ pub fn wait_for_exit(
     handler: &mut VmmApi<'_>,
 ) -> Result<ExitEvent, HttpError> {
     let Some(listener) = api_socket else {
+        crate::seccomp::apply_or_exit(crate::seccomp::Thread::Main);
         // Every sender lives in a vCPU or device, so recv only fails if all of them are
         // gone, which means every vCPU thread ended without reporting.
         return Ok(exit_rx
@@ -284,6 +285,7 @@ pub fn wait_for_exit(
     std::thread::Builder::new()
         .name("exit-forward".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Thread::ExitForward);
             while let Ok(e) = exit_rx.recv() {
                 if exit_tx.send(Control::Exit(e)).is_err() {
                     break;
@@ -299,6 +301,8 @@ pub fn wait_for_exit(
             .unwrap_or(false)
     });
     let server = ApiServer::start(listener, sender)?;
+    // Every thread of the main thread's is running; from here it only serves and tears down.
+    crate::seccomp::apply_or_exit(crate::seccomp::Thread::Main);
     let event = loop {
         match rx.recv() {
             Ok(Control::Exit(e)) => break e,

@@ -61,7 +61,10 @@ pub fn set_monitor(file: File) -> Result<JoinHandle<()>, MonitorError> {
     MONITOR.set(monitor).map_err(|_| MonitorError::AlreadySet)?;
     std::thread::Builder::new()
         .name("event-monitor".into())
-        .spawn(move || write_events(rx, file))
+        .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Thread::EventMonitor);
+            write_events(rx, file)
+        })
         .map_err(MonitorError::Spawn)
 }
 

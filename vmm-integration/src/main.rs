@@ -16,6 +16,7 @@ mod layout;
 mod legacy;
 mod memory;
 mod pci;
+mod seccomp;
 mod terminal;
 #[cfg(test)]
 mod test_guest;
@@ -182,6 +183,8 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Before the first thread starts: each thread reads the mode when it applies its filter.
+    seccomp::set_mode(operator.seccomp);
     let monitor = match event_monitor::start(operator.event_monitor.as_ref()) {
         Ok(m) => m,
         Err(e) => {

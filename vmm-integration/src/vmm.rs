@@ -207,6 +207,7 @@ fn spawn_signal_handler(exit: ExitNotifier) -> Result<(), VmmError> {
         .name("signal-handler".into())
         .spawn(move || {
             let mut sig: libc::c_int = 0;
+            crate::seccomp::apply_or_exit(crate::seccomp::Thread::SignalHandler);
             // SAFETY: `set` is a valid, initialised sigset and `sig` a valid out pointer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 exit.notify(ExitEvent::Error(format!("Stopped by signal {sig}")));
@@ -347,7 +348,10 @@ fn start_vcpus(
         let name = format!("vcpu{}", vcpu.id());
         let handle = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || vcpu.run())
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::Thread::Vcpu);
+                vcpu.run()
+            })
             .map_err(|e| VmmError::SpawnThread(name, e))?;
         vcpu_threads.push(handle);
     }

@@ -137,15 +137,46 @@ impl Drop for Vmm {
 
 #[test]
 fn test_api_queries_bad_requests_and_shutdown_with_events() {
+    api_session(&[]);
+}
+
+/// The same session with every thread under its seccomp filter (kill on a miss).
+#[test]
+fn test_api_session_under_seccomp() {
+    api_session(&["--seccomp", "true"]);
+}
+
+fn api_session(extra: &[&str]) {
     if !kvm_available() {
         return;
     }
-    let vmm = Vmm::start(&[]);
+    let vmm = Vmm::start(extra);
     let sock = vmm.socket();
 
     let (status, body) = request(&sock, "GET", "vmm.ping", "");
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["pid"], vmm.child.id());
+
+    // Once the main loop answers, every thread runs under a filter (mode 2) or none (0).
+    let want_mode = if extra.contains(&"true") { "2" } else { "0" };
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", vmm.child.id())).unwrap();
+    let mut names = Vec::new();
+    for task in tasks {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        assert_eq!(mode, want_mode, "thread {comm}");
+        names.push(comm.trim().to_owned());
+    }
+    for expected in ["ism-vmm", "vcpu0", "http-server", "event-monitor", "signal-handler"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+    }
 
     let (status, body) = request(&sock, "GET", "vm.info", "");
     assert_eq!(status, 200, "{body}");
@@ -292,4 +323,45 @@ fn test_a_second_vmm_on_the_same_socket_is_refused() {
         .map(|e| e["event"].as_str().unwrap().to_owned())
         .collect();
     assert!(names.contains(&"rebooting".to_owned()), "{names:?}");
+}
+
+/// The test guest (built by the tests crate) reading virtio-rng, with every VMM thread under
+/// its filter in kill mode: a missing syscall would kill the VMM with SIGSYS.
+#[test]
+fn test_rng_guest_runs_clean_under_seccomp() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/guest/target/x86_64-unknown-linux-gnu/release/ism-test-guest");
+    if !guest.is_file() {
+        println!(
+            "SKIPPED: {} missing (cargo test -p ism-tests builds it)",
+            guest.display()
+        );
+        return;
+    }
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
+    let serial = dir.as_path().join("serial");
+    let out = Command::new(VMM)
+        .args([
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            "ism.test=rng",
+        ])
+        .args(["--memory", "size=128M", "--rng", "src=/dev/urandom"])
+        .args(["--seccomp", "true"])
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
+        .arg("--event-monitor")
+        .arg(format!("path={}", dir.as_path().join("events").display()))
+        .output()
+        .unwrap();
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{console}");
+    assert!(console.contains("ISM-TEST result=pass"), "{console}");
+    // The device was activated (from a vCPU thread, under the vCPU filter).
+    let events = std::fs::read_to_string(dir.as_path().join("events")).unwrap();
+    assert!(events.contains("\"activated\""), "{events}");
 }

@@ -126,15 +126,31 @@ impl ApiServer {
         let lock = bound.lock.take();
         let listener = bound.listener.try_clone().map_err(HttpError::Server)?;
         drop(bound);
-        let server = Arc::new(
-            Server::from_listener(listener, None)
-                .map_err(|e| HttpError::Server(std::io::Error::other(e.to_string())))?,
-        );
-        let thread_server = server.clone();
+        // The server (and the accept and connection threads tiny_http starts) is made on
+        // the http-server thread, so they all run under its seccomp filter.
+        let (made_tx, made_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("http-server".into())
-            .spawn(move || serve(&thread_server, &api))
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::Thread::HttpServer);
+                match Server::from_listener(listener, None) {
+                    Ok(server) => {
+                        let server = Arc::new(server);
+                        if made_tx.send(Ok(server.clone())).is_ok() {
+                            serve(&server, &api);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = made_tx.send(Err(std::io::Error::other(e.to_string())));
+                    }
+                }
+            })
             .map_err(HttpError::Spawn)?;
+        let server = match made_rx.recv() {
+            Ok(Ok(server)) => server,
+            Ok(Err(e)) => return Err(HttpError::Server(e)),
+            Err(_) => return Err(HttpError::Server(std::io::Error::other("thread ended"))),
+        };
         Ok(ApiServer {
             server: Some(server),
             thread: Some(thread),
