@@ -115,6 +115,27 @@ fn test_two_ism_devices_get_their_own_windows() {
 }
 
 #[test]
+fn test_pci_device_id_places_the_device_or_is_refused() {
+    require_kvm!();
+    let out = virtio_guest_with(&["--ism", "size=8M,pci_device_id=5"]).run();
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(
+        out.report.get("virtio"),
+        Some("00:05.0"),
+        "{}",
+        out.describe()
+    );
+    // virtio-rng takes slot 1 first.
+    let out = virtio_guest_with(&["--rng", "src=/dev/urandom", "--ism", "pci_device_id=1"]).run();
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("PCI slot 1 is not free for _ism0"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
 fn test_bad_ism_options_and_absent_broker_are_clear_errors() {
     require_kvm!();
     for (option, message) in [

@@ -48,6 +48,24 @@ impl PciBus {
         Some(slot as u8)
     }
 
+    /// Whether `slot` exists and holds no device.
+    pub fn is_free(&self, slot: u8) -> bool {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.get(usize::from(slot)).is_some_and(Option::is_none)
+    }
+
+    /// Put `dev` in `slot` if that slot is free; returns whether it was.
+    pub fn add_device_at(&self, slot: u8, dev: SharedPciDevice) -> bool {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        match slots.get_mut(usize::from(slot)) {
+            Some(free @ None) => {
+                *free = Some(dev);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn device(&self, bus: u8, dev: u8, func: u8) -> Option<SharedPciDevice> {
         if bus != 0 || func != 0 {
             return None;

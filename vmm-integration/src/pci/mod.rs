@@ -45,6 +45,8 @@ pub enum PciError {
     RegisterBar(String, #[source] BusError),
     #[error("PCI bus 0 has no free slot for {0}")]
     BusFull(String),
+    #[error("PCI slot {1} is not free for {0}")]
+    SlotTaken(String, u8),
 }
 
 /// What the VMM learns about a plugged device.
@@ -146,6 +148,23 @@ impl PciManager {
         dev: Arc<Mutex<dyn VirtioDevice>>,
         msix_vectors: usize,
     ) -> Result<PciDeviceInfo, PciError> {
+        self.add_virtio_device_at(id, dev, msix_vectors, None)
+    }
+
+    /// As [`Self::add_virtio_device_with_vectors`], in PCI slot `slot` if given (the
+    /// `pci_device_id=` option); a slot that is taken is an error, not a silent move.
+    pub fn add_virtio_device_at(
+        &mut self,
+        id: &str,
+        dev: Arc<Mutex<dyn VirtioDevice>>,
+        msix_vectors: usize,
+        slot: Option<u8>,
+    ) -> Result<PciDeviceInfo, PciError> {
+        if let Some(slot) = slot
+            && !self.bus.is_free(slot)
+        {
+            return Err(PciError::SlotTaken(id.to_owned(), slot));
+        }
         let vectors = u16::try_from(msix_vectors)
             .ok()
             .filter(|v| (1..=msix::MAX_MSIX_VECTORS).contains(v))
@@ -182,7 +201,7 @@ impl PciManager {
             }
             None => None,
         };
-        let plugged = self.plug(id, dev, vectors, &settings, shm.as_ref());
+        let plugged = self.plug(id, dev, vectors, &settings, shm.as_ref(), slot);
         let (pci_dev, slot) = match plugged {
             Ok(p) => p,
             Err(e) => {
@@ -244,6 +263,7 @@ impl PciManager {
         vectors: u16,
         settings: &RangeInclusive,
         shm: Option<&RangeInclusive>,
+        slot: Option<u8>,
     ) -> Result<(Arc<Mutex<VirtioPciDevice>>, u8), PciError> {
         let pci_dev = VirtioPciDevice::new(
             id,
@@ -263,9 +283,23 @@ impl PciManager {
         self.buses
             .register_mmio(settings.start(), settings.len(), pci_dev.clone())
             .map_err(|e| PciError::RegisterBar(id.to_owned(), e))?;
-        let Some(slot) = self.bus.add_device(pci_dev.clone()) else {
-            let _ = self.buses.deregister_mmio(settings.start());
-            return Err(PciError::BusFull(id.to_owned()));
+        let placed = match slot {
+            Some(wanted) => self
+                .bus
+                .add_device_at(wanted, pci_dev.clone())
+                .then_some(wanted)
+                .ok_or_else(|| PciError::SlotTaken(id.to_owned(), wanted)),
+            None => self
+                .bus
+                .add_device(pci_dev.clone())
+                .ok_or_else(|| PciError::BusFull(id.to_owned())),
+        };
+        let slot = match placed {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = self.buses.deregister_mmio(settings.start());
+                return Err(e);
+            }
         };
         Ok((pci_dev, slot))
     }

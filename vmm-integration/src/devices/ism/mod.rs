@@ -51,10 +51,6 @@ pub enum IsmSetupError {
     },
     #[error("Failed to plug virtio-ism device {0} into PCI")]
     Plug(String, #[source] PciError),
-    #[error(
-        "virtio-ism device {id}: pci_device_id={wanted} is not free (the device would be at {bdf}); fixed slots are taken in command-line order"
-    )]
-    Slot { id: String, wanted: u8, bdf: String },
 }
 
 /// A virtio-ism device together with its KVM window: the [`VirtioDevice`] the transport
@@ -288,17 +284,13 @@ pub fn add_ism_devices(
             .map_err(|e| IsmSetupError::Layout(id.clone(), e))?;
         let handle = dev.handle();
         let plugged = pci
-            .add_virtio_device_with_vectors(&id, Arc::new(std::sync::Mutex::new(dev)), vectors)
+            .add_virtio_device_at(
+                &id,
+                Arc::new(std::sync::Mutex::new(dev)),
+                vectors,
+                cfg.pci_device_id,
+            )
             .map_err(|e| IsmSetupError::Plug(id.clone(), e))?;
-        if let Some(wanted) = cfg.pci_device_id
-            && !plugged.bdf.ends_with(&format!(":{wanted:02x}.0"))
-        {
-            return Err(IsmSetupError::Slot {
-                id,
-                wanted,
-                bdf: plugged.bdf,
-            });
-        }
         log::info!(
             "virtio-ism {id} at {}: gid {:#x} devid {}, window {:#x} bytes ({} chunks of {:#x}), \
              {vectors} MSI-X vectors, pool {}",
