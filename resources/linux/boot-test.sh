@@ -88,7 +88,6 @@ log "cmdline: $cmdline"
 log "host load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 start=$(date +%s.%N)
-booted_at=""
 set +e
 {
     timeout -k 5 "$timeout_s" "$vmm" --kernel "$kernel" --initramfs "$initramfs" \

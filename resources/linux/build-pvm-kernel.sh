@@ -82,7 +82,7 @@ if [ ! -f "$stamp" ]; then
             if [ "${want:0:1}" = "#" ] && ! grep -q "^$sym=" "$tree/.config"; then
                 continue
             fi
-            echo "error: config $sym: wanted '$want', got '$(grep -E "^(# )?$sym[= ]" "$tree/.config" || echo absent)'" >&2
+            echo "error: config $sym: wanted '$want', got '$(grep -E "^(# )?${sym}[= ]" "$tree/.config" || echo absent)'" >&2
             bad=1
         fi
     done <"$fragment"

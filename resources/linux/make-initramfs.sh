@@ -48,7 +48,9 @@ mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,etc,lib/modules,usr/bin,usr/sbin
 cp "$busybox_bin" "$root/bin/busybox"
 # One symlink per applet, made on the host (`busybox --list-full` gives e.g. usr/bin/tr).
 while IFS= read -r applet; do
-    [ -n "$applet" ] && [ "$applet" != "bin/busybox" ] || continue
+    if [ -z "$applet" ] || [ "$applet" = "bin/busybox" ]; then
+        continue
+    fi
     ln -sf /bin/busybox "$root/$applet"
 done < <("$busybox_bin" --list-full)
 
