@@ -9,21 +9,8 @@ pub mod types;
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 
+pub use types::ApiAction;
 use types::{IsmAddRegionRequest, IsmRemoveRegionRequest};
-
-/// What a request asks the VMM to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApiAction {
-    VmmPing,
-    VmInfo,
-    VmCounters,
-    VmShutdown,
-    VmReboot,
-    IsmAddRegion(IsmAddRegionRequest),
-    IsmRemoveRegion(IsmRemoveRegionRequest),
-    IsmRegions,
-    IsmPoolStatus,
-}
 
 /// Why the VMM refused or failed a request. The HTTP status follows cloud-hypervisor's
 /// `api_error_status_code`.

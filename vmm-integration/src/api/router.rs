@@ -2,8 +2,7 @@
 //! Request -> [`ApiAction`], with no I/O: the part of the request path a client controls,
 //! kept pure so the fuzz target and the unit tests drive it directly.
 
-use super::ApiAction;
-use super::types::{API_PREFIX, IsmAddRegionRequest, IsmRemoveRegionRequest, ROUTES};
+use super::types::{API_PREFIX, ApiAction, IsmAddRegionRequest, IsmRemoveRegionRequest, ROUTES};
 
 /// Largest request body accepted (cloud-hypervisor takes 4 MiB; ours are tiny).
 pub const MAX_BODY_SIZE: usize = 1 << 20;

@@ -149,3 +149,17 @@ pub struct IsmRemoveRegionRequest {
 
 /// `GET vm.ism-regions`: ism device id -> tokens it holds.
 pub type IsmRegions = BTreeMap<String, Vec<u64>>;
+
+/// What a request asks the VMM to do (the router's output).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiAction {
+    VmmPing,
+    VmInfo,
+    VmCounters,
+    VmShutdown,
+    VmReboot,
+    IsmAddRegion(IsmAddRegionRequest),
+    IsmRemoveRegion(IsmRemoveRegionRequest),
+    IsmRegions,
+    IsmPoolStatus,
+}
