@@ -174,8 +174,17 @@ fn api_session(extra: &[&str]) {
         assert_eq!(mode, want_mode, "thread {comm}");
         names.push(comm.trim().to_owned());
     }
-    for expected in ["ism-vmm", "vcpu0", "http-server", "event-monitor", "signal-handler"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+    for expected in [
+        "ism-vmm",
+        "vcpu0",
+        "http-server",
+        "event-monitor",
+        "signal-handler",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
     }
 
     let (status, body) = request(&sock, "GET", "vm.info", "");
@@ -364,4 +373,91 @@ fn test_rng_guest_runs_clean_under_seccomp() {
     // The device was activated (from a vCPU thread, under the vCPU filter).
     let events = std::fs::read_to_string(dir.as_path().join("events")).unwrap();
     assert!(events.contains("\"activated\""), "{events}");
+}
+
+/// Region unplug end to end: the test guest allocates a region on its ism device; the API
+/// lists it, revokes it (the guest is sent a REVOKE event), and refuses what no longer holds.
+/// Runs under seccomp in kill mode, with the embedded pool.
+#[test]
+fn test_ism_region_revoke_through_the_api() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/guest/target/x86_64-unknown-linux-gnu/release/ism-test-guest");
+    if !guest.is_file() {
+        println!(
+            "SKIPPED: {} missing (cargo test -p ism-tests builds it)",
+            guest.display()
+        );
+        return;
+    }
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
+    let d = dir.as_path();
+    let sock = d.join("api.sock");
+    let child = Command::new(VMM)
+        .args(["--kernel", guest.to_str().unwrap()])
+        .args(["--cmdline", "ism.test=ism ism.script=alloc,1M"])
+        .args(["--memory", "size=128M", "--ism", "id=ism0,size=64M"])
+        .args(["--seccomp", "true"])
+        .arg("--serial")
+        .arg(format!("file={}", d.join("serial").display()))
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--event-monitor")
+        .arg(format!("path={}", d.join("events").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vmm = Vmm {
+        child,
+        dir,
+        _kernel: write_temp(b""),
+    };
+    vmm.wait_for(|| vmm.serial().contains("cmd=alloc status=ok"));
+    let (status, body) = request(&sock, "GET", "vm.ism-regions", "");
+    assert_eq!(status, 200, "{body}");
+    let tokens = json(&body)["ism0"].as_array().unwrap().clone();
+    assert_eq!(tokens.len(), 1, "{body}");
+    let token = tokens[0].as_u64().unwrap();
+    // The guest printed the same token.
+    assert!(vmm.serial().contains(&format!("token={token:#x}")));
+
+    let events_before =
+        json(&request(&sock, "GET", "vm.counters", "").1)["ism0"]["events_delivered"]
+            .as_u64()
+            .unwrap();
+    let body = format!(r#"{{"id":"ism0","token":{token}}}"#);
+    let (status, reply) = request(&sock, "PUT", "vm.ism-remove-region", &body);
+    assert_eq!(status, 204, "{reply}");
+    let (status, reply) = request(&sock, "GET", "vm.ism-regions", "");
+    assert_eq!(
+        (status, json(&reply)),
+        (200, serde_json::json!({"ism0": []}))
+    );
+    // Revoked twice: 404. The guest was the only holder, so the pool freed the region and
+    // attaching it again is refused.
+    assert_eq!(request(&sock, "PUT", "vm.ism-remove-region", &body).0, 404);
+    let add = format!(r#"{{"id":"ism0","token":{token},"access":"rw"}}"#);
+    let (status, reply) = request(&sock, "PUT", "vm.ism-add-region", &add);
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("NoEnt"), "{reply}");
+    let counters = json(&request(&sock, "GET", "vm.counters", "").1);
+    assert_eq!(
+        counters["ism0"]["events_delivered"].as_u64().unwrap(),
+        events_before + 1,
+        "the REVOKE event reached the guest: {counters}"
+    );
+
+    assert_eq!(request(&sock, "PUT", "vm.shutdown", "").0, 204);
+    let (code, stderr, vmm) = vmm.wait();
+    assert_eq!(code, 0, "{stderr}");
+    let revoked: Vec<_> = vmm
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "region-revoked")
+        .collect();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0]["properties"]["token"], token.to_string());
 }
