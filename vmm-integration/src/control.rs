@@ -545,6 +545,31 @@ mod tests {
     }
 
     #[test]
+    fn test_an_inherited_listening_fd_serves_and_a_file_fd_is_refused() {
+        use std::os::fd::IntoRawFd;
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api").unwrap();
+        let path = dir.as_path().join("api.sock");
+        let fd = std::os::unix::net::UnixListener::bind(&path)
+            .unwrap()
+            .into_raw_fd();
+        let listener = ApiListener::bind(&Endpoint::Fd(fd)).unwrap();
+        let server = ApiServer::start(listener, ApiSender::new(|_| false)).unwrap();
+        assert_eq!(
+            simple_request(&path, "GET", "vmm.ping", None).unwrap().0,
+            500
+        );
+        assert_eq!(
+            simple_request(&path, "GET", "vm.nope", None).unwrap().0,
+            404
+        );
+        drop(server);
+
+        let file = std::fs::File::open("/dev/null").unwrap().into_raw_fd();
+        let err = ApiListener::bind(&Endpoint::Fd(file)).err().unwrap();
+        assert!(matches!(err, HttpError::NotAListener(..)), "{err:?}");
+    }
+
+    #[test]
     fn test_a_second_server_on_the_same_path_is_refused() {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api").unwrap();
         let path = dir.as_path().join("api.sock");
