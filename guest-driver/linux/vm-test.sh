@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Boot the PVM kernel under ism-vmm with a virtio-ism device, load virtio_ism.ko and run
-# ismctl (static) in the guest: info, alloc, write, read back, list, counters.
+# ismctl (static) in the guest, with two ism devices on one embedded pool: the owner on
+# /dev/ism0 allocates, writes, reads back and grants; the peer on /dev/ism1 attaches, writes
+# what the owner reads, and kicks a region the owner bound (the owner's wait must see it).
 # Usage: vm-test.sh [--vmm PATH] [--timeout SECONDS] [--keep-log FILE]
 # Needs /dev/kvm; prints "SKIPPED: ..." and exits 0 without it. Exit 0 = every guest step passed.
 set -euo pipefail
@@ -60,10 +62,35 @@ ismctl grant "$token" --default ra
 step grant ok
 ismctl kick "$token"
 step kick ok
+# The second device (same embedded pool, another devid) is the peer.
+ISM_NODE=/dev/ism1 ismctl info | grep devid
+peer="$(ISM_NODE=/dev/ism1 ismctl attach "$token")"
+case "$peer" in *" ro") ;; *) echo "grant ra gave '$peer'"; exit 1 ;; esac
+if echo x | ISM_NODE=/dev/ism1 ismctl write "$token"; then echo "wrote a ro region"; exit 1; fi
+step peer-attach-read-only-grant ok "$peer"
+ISM_NODE=/dev/ism1 ismctl detach "$token"
+ismctl grant "$token" --device 2 rwa
+peer="$(ISM_NODE=/dev/ism1 ismctl attach "$token")"
+case "$peer" in *" rw") ;; *) echo "grant rwa gave '$peer'"; exit 1 ;; esac
+step peer-attach-rw-device-grant ok "$peer"
+echo from-peer | ISM_NODE=/dev/ism1 ismctl write "$token"
+out="$(ismctl read "$token" --len 9)"
+[ "$out" = from-peer ] || { echo "owner read '$out'"; exit 1; }
+step peer-write-owner-read ok
+ismctl wait --bind "$token" --count 1 --timeout 900 >/tmp/ev &
+waiter=$!
+sleep 20
+ISM_NODE=/dev/ism1 ismctl kick "$token"
+wait "$waiter"
+cat /tmp/ev
+grep -q '^kick ' /tmp/ev
+step peer-kick-wakes-owner ok
 ismctl list
+ISM_NODE=/dev/ism1 ismctl detach "$token"
 ismctl detach "$token"
 step detach ok
 ismctl counters
+ISM_NODE=/dev/ism1 ismctl counters
 echo "ISM-KMOD all-passed"
 GUEST
 
@@ -74,7 +101,7 @@ bash "$root/resources/linux/make-initramfs.sh" --output "$work/initramfs.cpio" -
 set +e
 timeout -k 5 "$timeout_s" "$vmm" --kernel "$PVM_VMLINUX" --initramfs "$work/initramfs.cpio" \
     --cmdline "console=ttyS0 noxsave clearcpuid=cx16,popcnt,smap nokaslr quiet pvm_native_fixups -- sh /test.sh" \
-    --cpus boot=1 --memory size=256M --serial tty --ism "size=16M,chunk_size=64K,pool_size=8M" \
+    --cpus boot=1 --memory size=256M --serial tty --ism "size=16M,chunk_size=64K,pool_size=8M" --ism "size=16M,chunk_size=64K" \
     </dev/null >"$log" 2>&1
 rc=$?
 set -e
