@@ -63,7 +63,7 @@ step grant ok
 ismctl kick "$token"
 step kick ok
 # The second device (same embedded pool, another devid) is the peer.
-ISM_NODE=/dev/ism1 ismctl info | grep devid
+ISM_NODE=/dev/ism1 ismctl info
 peer="$(ISM_NODE=/dev/ism1 ismctl attach "$token")"
 case "$peer" in *" ro") ;; *) echo "grant ra gave '$peer'"; exit 1 ;; esac
 if echo x | ISM_NODE=/dev/ism1 ismctl write "$token"; then echo "wrote a ro region"; exit 1; fi
