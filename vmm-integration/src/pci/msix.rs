@@ -3,10 +3,19 @@
 //! GSI and one KVM irqfd per vector.
 //!
 //! A vector is "live" when MSI-X is enabled, the function is not masked and the entry is not
-//! masked. Its irqfd is registered with KVM only while it is live, so a signal on the irqfd
-//! (also from outside the VMM, see [`MsixState::irqfd`]) waits in the eventfd counter while
-//! masked and KVM injects it when the irqfd is registered again. Triggers that go through
-//! [`MsixState::trigger`] while masked set the pending bit instead and are sent on unmask.
+//! masked. Its irqfd is registered with KVM only while it is live, so while it is live a
+//! signal on the irqfd (also from outside the VMM, see [`MsixState::irqfd`]) reaches the guest
+//! with no VMM thread on the path. Triggers that go through [`MsixState::trigger`] while masked
+//! set the pending bit instead and are sent on unmask.
+//!
+//! A signal written straight to a masked vector's irqfd waits in the eventfd counter, where the
+//! guest cannot see it. The pending bit only matters when the guest reads the PBA, so a PBA read
+//! first drains the counters of the masked vectors it covers into their pending bits (lazy, no
+//! thread). On unmask a pending vector gets one write to its irqfd *before* the irqfd is
+//! registered: KVM injects once for whatever the counter holds at registration (a latched bit
+//! plus any signal that arrived since the PBA read coalesce into one message), and a signal
+//! after registration is an ordinary live interrupt. So no kick is lost and a latched one is
+//! sent exactly once.
 
 use std::io;
 use std::sync::Arc;
@@ -122,17 +131,22 @@ impl MsixState {
                 log::warn!("MSI-X vector {v}: failed to route GSI {}: {e}", entry.gsi);
                 return;
             }
-            if let Err(e) = self.router.ops().register_irqfd(&entry.irqfd, entry.gsi) {
-                log::warn!("MSI-X vector {v}: failed to register irqfd: {e}");
-                return;
-            }
-            entry.irqfd_registered = true;
+            // Queue the pending message in the counter before registering: KVM injects once
+            // for a readable irqfd at registration, folding in any signal that is already
+            // there. If registration fails the signal stays in the counter, and the next PBA
+            // read latches it again.
             if self.is_pending(v as u16) {
                 self.set_pending(v, false);
                 if let Err(e) = self.vectors[v].irqfd.write(1) {
                     log::warn!("MSI-X vector {v}: failed to send pending message: {e}");
                 }
             }
+            let entry = &mut self.vectors[v];
+            if let Err(e) = self.router.ops().register_irqfd(&entry.irqfd, entry.gsi) {
+                log::warn!("MSI-X vector {v}: failed to register irqfd: {e}");
+                return;
+            }
+            entry.irqfd_registered = true;
         } else if !live && entry.irqfd_registered {
             if let Err(e) = self.router.ops().unregister_irqfd(&entry.irqfd, entry.gsi) {
                 log::warn!("MSI-X vector {v}: failed to unregister irqfd: {e}");
@@ -225,22 +239,48 @@ impl MsixState {
         }
     }
 
-    /// Pending-bit array read; read-only to the guest.
-    pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
+    /// Pending-bit array read; read-only to the guest. Signals waiting on the irqfds of the
+    /// masked vectors this word covers become pending bits first.
+    pub fn read_pba(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let len = data.len() as u64;
         if !(len == 4 || len == 8) || !offset.is_multiple_of(len) {
             return;
         }
-        let Some(word) = usize::try_from(offset / 8)
+        let Some(index) = usize::try_from(offset / 8)
             .ok()
-            .and_then(|i| self.pba.get(i))
+            .filter(|&i| i < self.pba.len())
         else {
             return;
         };
+        self.latch_masked_signals(index * 64..(index + 1) * 64);
+        let word = &self.pba[index];
         let bytes = word.to_le_bytes();
         let start = (offset % 8) as usize;
         data.copy_from_slice(&bytes[start..start + data.len()]);
+    }
+
+    /// Move signals waiting in the counters of the unregistered irqfds among `range` into
+    /// their pending bits. With MSI-X disabled nothing can be pending, so the counters are
+    /// left alone and KVM delivers them once the vector goes live.
+    fn latch_masked_signals(&mut self, range: std::ops::Range<usize>) {
+        if !self.enabled {
+            return;
+        }
+        for v in range {
+            let Some(entry) = self.vectors.get(v) else {
+                return;
+            };
+            if entry.irqfd_registered {
+                // KVM owns the counter; reading it would steal a live interrupt.
+                continue;
+            }
+            match entry.irqfd.read() {
+                Ok(_) => self.set_pending(v, true),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => log::warn!("MSI-X vector {v}: failed to read masked irqfd: {e}"),
+            }
+        }
     }
 
     /// Send vector `vector`'s message, or latch it as pending while masked. Out-of-range
@@ -268,9 +308,16 @@ impl MsixState {
             .ok()
     }
 
-    /// Drop all pending messages (virtio device reset: nothing is outstanding any more).
+    /// Drop all pending messages (virtio device reset: nothing is outstanding any more),
+    /// including signals waiting on masked vectors' irqfds.
     pub fn clear_pending(&mut self) {
         self.pba.fill(0);
+        for e in &self.vectors {
+            if !e.irqfd_registered {
+                // A read error only means the counter was already empty.
+                let _ = e.irqfd.read();
+            }
+        }
     }
 
     #[cfg(test)]
@@ -368,6 +415,62 @@ mod tests {
         msix.trigger(u16::MAX).unwrap();
         assert!(!msix.is_pending(65));
         assert!(msix.irqfd(70).is_none());
+    }
+
+    fn read_pba_word(msix: &mut MsixState, word: u64) -> u64 {
+        let mut pba = [0u8; 8];
+        msix.read_pba(word * 8, &mut pba);
+        u64::from_le_bytes(pba)
+    }
+
+    #[test]
+    fn test_signal_on_masked_irqfd_sets_pending_and_unmask_delivers_once() {
+        let (fake, mut msix) = setup(70);
+        program(&mut msix, 66, 0x31);
+        msix.set_control(MSIX_CTRL_ENABLE);
+        // A peer holds a clone of the irqfd and writes it directly, bypassing trigger().
+        let notifier = msix.irqfd(66).unwrap();
+        let observer = msix.irqfd(66).unwrap();
+        notifier.write(1).unwrap();
+        assert_eq!(read_pba_word(&mut msix, 1), 1 << 2);
+        // Reading the other PBA word leaves this vector's counter alone.
+        assert_eq!(read_pba_word(&mut msix, 0), 0);
+        assert_eq!(read_pba_word(&mut msix, 1), 1 << 2, "the bit stays set");
+        let gsi = msix.gsi(66);
+        msix.write_table(66 * 16 + 12, &0u32.to_le_bytes());
+        fake.snapshot(|s| assert!(s.irqfds.contains_key(&gsi)));
+        assert_eq!(read_pba_word(&mut msix, 1), 0, "unmask clears the bit");
+        assert_eq!(observer.read().unwrap(), 1, "unmask sends the message once");
+        assert!(observer.read().is_err(), "and only once");
+
+        // Function mask: a signal after the PBA read and before unmask is folded into the
+        // same single message, not lost and not doubled.
+        msix.set_control(MSIX_CTRL_ENABLE | MSIX_CTRL_FUNCTION_MASK);
+        fake.snapshot(|s| assert!(s.irqfds.is_empty()));
+        notifier.write(1).unwrap();
+        assert_eq!(read_pba_word(&mut msix, 1), 1 << 2);
+        notifier.write(1).unwrap();
+        msix.set_control(MSIX_CTRL_ENABLE);
+        assert_eq!(read_pba_word(&mut msix, 1), 0);
+        assert_eq!(
+            observer.read().unwrap(),
+            2,
+            "one wakeup carries both signals"
+        );
+        assert!(observer.read().is_err());
+
+        // While live, a PBA read must not touch the counter KVM owns.
+        notifier.write(1).unwrap();
+        assert_eq!(read_pba_word(&mut msix, 1), 0);
+        assert_eq!(observer.read().unwrap(), 1);
+
+        // Reset drops a signal waiting on a masked vector.
+        msix.write_table(66 * 16 + 12, &1u32.to_le_bytes());
+        notifier.write(1).unwrap();
+        msix.clear_pending();
+        assert_eq!(read_pba_word(&mut msix, 1), 0);
+        msix.write_table(66 * 16 + 12, &0u32.to_le_bytes());
+        assert!(observer.read().is_err(), "nothing left to send after reset");
     }
 
     #[test]
