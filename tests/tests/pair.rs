@@ -338,8 +338,6 @@ fn test_guest_attaches_256_regions_with_their_contents() {
 /// A guest that masks its kick vector and polls the MSI-X pending-bit array (PCI: a message
 /// the function would send while masked sets its pending bit) must see the kick there.
 #[test]
-#[ignore = "VMM: a kick signalled on a masked vector's irqfd waits in the eventfd counter and \
-            never sets the PBA bit (vmm-integration/src/pci/msix.rs); run with --ignored"]
 fn test_masked_kick_sets_the_pending_bit() {
     require_kvm!();
     let broker = PoolBroker::start("1G");
