@@ -19,6 +19,35 @@ use test_guest::{halt_code, kvm_available, print_code, pvh_elf, write_temp};
 const VMM: &str = env!("CARGO_BIN_EXE_ism-vmm");
 const REMOTE: &str = env!("CARGO_BIN_EXE_ism-remote");
 
+/// The freestanding test guest, which the `ism-tests` crate's build script builds into
+/// `<target>/ism-test-guest`. Built on first use when this test runs before that crate was
+/// compiled; a guest that still cannot be found fails the test rather than skipping it.
+fn test_guest_elf() -> PathBuf {
+    // <target>/<profile>/deps/api-<hash> -> <target>
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("test executable lives in <target>/<profile>/deps")
+        .to_path_buf();
+    let elf = target.join("ism-test-guest/x86_64-unknown-linux-gnu/release/ism-test-guest");
+    if !elf.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "ism-tests"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo to build the test guest");
+        assert!(status.success(), "building the test guest failed: {status}");
+    }
+    assert!(
+        elf.is_file(),
+        "test guest {} missing after building ism-tests",
+        elf.display()
+    );
+    elf
+}
+
 /// One request on a fresh connection; (status, body).
 fn request(socket: &Path, method: &str, endpoint: &str, body: &str) -> (u16, String) {
     let mut s = UnixStream::connect(socket).expect("connect to the API socket");
@@ -341,15 +370,7 @@ fn test_rng_guest_runs_clean_under_seccomp() {
     if !kvm_available() {
         return;
     }
-    let guest = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/guest/target/x86_64-unknown-linux-gnu/release/ism-test-guest");
-    if !guest.is_file() {
-        println!(
-            "SKIPPED: {} missing (cargo test -p ism-tests builds it)",
-            guest.display()
-        );
-        return;
-    }
+    let guest = test_guest_elf();
     let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
     let serial = dir.as_path().join("serial");
     let out = Command::new(VMM)
@@ -383,15 +404,7 @@ fn test_ism_region_revoke_through_the_api() {
     if !kvm_available() {
         return;
     }
-    let guest = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/guest/target/x86_64-unknown-linux-gnu/release/ism-test-guest");
-    if !guest.is_file() {
-        println!(
-            "SKIPPED: {} missing (cargo test -p ism-tests builds it)",
-            guest.display()
-        );
-        return;
-    }
+    let guest = test_guest_elf();
     let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
     let d = dir.as_path();
     let sock = d.join("api.sock");
