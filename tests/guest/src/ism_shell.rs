@@ -213,6 +213,7 @@ impl Shell<'_> {
             "events" => self.events(seq),
             "alloc-many" => self.alloc_many(words, seq),
             "attach-many" => self.attach_many(words, seq),
+            "bench" => self.bench(words, seq),
             "poweroff" => Outcome::PowerOff,
             _ => Outcome::Bad("unknown_command"),
         };
@@ -619,6 +620,27 @@ impl Shell<'_> {
             boot::irq_count(KICK_VECTOR)
         );
         Outcome::Done
+    }
+
+    /// `bench KIND [TOKEN ROLE] COUNT`: one side of a benchmark (bench.rs).
+    fn bench<'a>(&mut self, mut words: impl Iterator<Item = &'a str>, seq: u64) -> Outcome {
+        let kind = words.next().unwrap_or("");
+        let region = if kind == "ctl" {
+            None
+        } else {
+            match words.next().and_then(parse_number) {
+                Some(token) => self.region(token).cloned(),
+                None => return Outcome::Bad("token"),
+            }
+        };
+        let args = core::iter::once(kind).chain(words);
+        match crate::bench::run(&mut self.ism, region.as_ref(), args, seq) {
+            Ok(()) => Outcome::Done,
+            Err(why) => {
+                report!("seq={seq} cmd=bench status=error detail={why}");
+                Outcome::Done
+            }
+        }
     }
 
     /// `events`: drain the event queue; counts per kind.

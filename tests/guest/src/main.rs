@@ -14,6 +14,7 @@
 mod serial;
 mod acpi;
 mod apic;
+mod bench;
 mod boot;
 mod cases;
 mod io;

@@ -1,0 +1,1015 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Inter-VM benchmark (issue 7): two test guests under two ism-vmm processes sharing a region
+//! through one ism-pool broker, against host baselines between two host processes (shared
+//! memfd polling, eventfds, TCP over loopback) and memcpy ceilings. Prints a table and writes
+//! the "Inter-VM shared memory" part of docs/benchmarks.md (the boot section is kept).
+//!
+//! Run with `cargo bench -p ism-tests --bench ism` (builds release ism-vmm and ism-pool on
+//! first use; `ISM_VMM` / `ISM_POOL` override). `ISM_BENCH_ROUND_TRIPS` changes the number of
+//! timed round trips (default 100 000). Nothing here asserts anything about time.
+//!
+//! Guest loops time themselves with `rdtsc` in ring 3 and report TSC cycles; host loops use
+//! `rdtsc` too, and everything is converted with the TSC rate measured here against
+//! `Instant` (KVM gives guests the host's TSC rate).
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use ism_tests::{IsmGuest, IsmSpec, PoolBroker, kvm_available};
+
+const MESSAGE: usize = 64;
+const STREAM_MESSAGE: usize = 64 * 1024;
+const RING_SLOTS: usize = 16;
+const WARMUP: u64 = 10_000;
+/// Streaming messages per run (1 GiB).
+const STREAM_MESSAGES: u64 = 16_384;
+/// Kick round trips (each is several VM exits and interrupt injections).
+const KICK_ROUND_TRIPS: u64 = 20_000;
+/// Control-plane cycles (alloc + detach).
+const CONTROL_CYCLES: u64 = 2_000;
+/// Regions attached at once for the memory and time figure.
+const MANY_REGIONS: u64 = 256;
+
+/// Goals from issue 7.
+const POLL_GOAL_RATIO: f64 = 1.5;
+const THROUGHPUT_GOAL: f64 = 0.8;
+const TCP_LATENCY_GOAL: f64 = 20.0;
+const TCP_THROUGHPUT_GOAL: f64 = 3.0;
+
+fn tsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects and is allowed in user mode on Linux.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// TSC ticks per nanosecond, measured against the monotonic clock over 300 ms.
+fn tsc_per_ns() -> f64 {
+    let t0 = tsc();
+    let i0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let t1 = tsc();
+    let elapsed = i0.elapsed();
+    (t1 - t0) as f64 / elapsed.as_nanos() as f64
+}
+
+/// Latency figures in nanoseconds.
+#[derive(Clone, Copy)]
+struct Latency {
+    median: f64,
+    p99: f64,
+    count: u64,
+}
+
+impl Latency {
+    fn from_cycles(mut samples: Vec<u64>, per_ns: f64) -> Self {
+        samples.sort_unstable();
+        let at = |p: usize| samples[(samples.len() - 1) * p / 100] as f64 / per_ns;
+        Self {
+            median: at(50),
+            p99: at(99),
+            count: samples.len() as u64,
+        }
+    }
+}
+
+/// A shared anonymous memfd mapping, inherited by a forked child.
+struct Shared {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Shared {
+    fn new(len: usize) -> Self {
+        // SAFETY: plain syscalls on a fresh fd; results are checked.
+        unsafe {
+            let fd = libc::memfd_create(c"ism-bench".as_ptr(), 0);
+            assert!(fd >= 0, "memfd_create failed");
+            assert_eq!(
+                libc::ftruncate(fd, len as libc::off_t),
+                0,
+                "ftruncate failed"
+            );
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            assert_ne!(base, libc::MAP_FAILED, "mmap failed");
+            libc::close(fd);
+            Self {
+                base: base.cast(),
+                len,
+            }
+        }
+    }
+
+    fn word(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
+        // SAFETY: aligned, inside the mapping, which lives as long as self.
+        unsafe { &*self.base.add(offset).cast::<std::sync::atomic::AtomicU64>() }
+    }
+
+    fn at(&self, offset: usize, len: usize) -> *mut u8 {
+        assert!(offset + len <= self.len);
+        self.base.wrapping_add(offset)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new, unmapped once.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Run `child` in a forked process (which exits when it returns) while `parent` runs here;
+/// waits for the child. Called before any other thread exists in this process.
+fn fork_pair<T>(child: impl FnOnce(), parent: impl FnOnce() -> T) -> T {
+    // SAFETY: single-threaded at this point, so the child may run ordinary code.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        child();
+        // SAFETY: leave the child without running the parent's destructors or atexit hooks.
+        unsafe { libc::_exit(0) };
+    }
+    let out = parent();
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    out
+}
+
+const REQUEST_SEQ: usize = 0;
+const REQUEST_MSG: usize = 64;
+const REPLY_SEQ: usize = 4096;
+const REPLY_MSG: usize = 4160;
+const RING_HEAD: usize = 8192;
+const RING_TAIL: usize = 8256;
+const RING_SLOTS_AT: usize = 16384;
+const SHARED_LEN: usize = RING_SLOTS_AT + RING_SLOTS * STREAM_MESSAGE;
+
+fn spin_until(word: &std::sync::atomic::AtomicU64, want: u64) {
+    while word.load(std::sync::atomic::Ordering::Acquire) < want {
+        std::hint::spin_loop();
+    }
+}
+
+/// Two processes, polling ping-pong of 64-byte messages through a shared memfd.
+fn host_shm_ping_pong(round_trips: u64, per_ns: f64) -> Latency {
+    use std::sync::atomic::Ordering::Release;
+    let shared = Shared::new(SHARED_LEN);
+    let total = WARMUP + round_trips;
+    let samples = fork_pair(
+        || {
+            let mut buf = [0u8; MESSAGE];
+            for n in 1..=total {
+                spin_until(shared.word(REQUEST_SEQ), n);
+                // SAFETY: both ranges inside the mapping / the local buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        shared.at(REQUEST_MSG, MESSAGE),
+                        buf.as_mut_ptr(),
+                        MESSAGE,
+                    );
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr(),
+                        shared.at(REPLY_MSG, MESSAGE),
+                        MESSAGE,
+                    );
+                }
+                shared.word(REPLY_SEQ).store(n, Release);
+            }
+        },
+        || {
+            let mut samples = Vec::with_capacity(round_trips as usize);
+            let mut buf = [0u8; MESSAGE];
+            for n in 1..=total {
+                buf[..8].copy_from_slice(&n.to_le_bytes());
+                let t0 = tsc();
+                // SAFETY: as in the child.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr(),
+                        shared.at(REQUEST_MSG, MESSAGE),
+                        MESSAGE,
+                    )
+                };
+                shared.word(REQUEST_SEQ).store(n, Release);
+                spin_until(shared.word(REPLY_SEQ), n);
+                // SAFETY: as in the child.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        shared.at(REPLY_MSG, MESSAGE),
+                        buf.as_mut_ptr(),
+                        MESSAGE,
+                    )
+                };
+                let t1 = tsc();
+                assert_eq!(buf[..8], n.to_le_bytes(), "host shm reply mismatch");
+                if n > WARMUP {
+                    samples.push(t1 - t0);
+                }
+            }
+            samples
+        },
+    );
+    Latency::from_cycles(samples, per_ns)
+}
+
+fn eventfd() -> i32 {
+    // SAFETY: plain syscall, checked.
+    let fd = unsafe { libc::eventfd(0, 0) };
+    assert!(fd >= 0, "eventfd failed");
+    fd
+}
+
+fn eventfd_signal(fd: i32) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a local.
+    let n = unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+    assert_eq!(n, 8, "eventfd write failed");
+}
+
+fn eventfd_wait(fd: i32) {
+    let mut value = 0u64;
+    // SAFETY: reads 8 bytes into a local.
+    let n = unsafe { libc::read(fd, (&raw mut value).cast(), 8) };
+    assert_eq!(n, 8, "eventfd read failed");
+}
+
+/// Two processes, 64-byte messages in a shared memfd, each side sleeping in read(2) on an
+/// eventfd until the other signals.
+fn host_eventfd_ping_pong(round_trips: u64, per_ns: f64) -> Latency {
+    let shared = Shared::new(SHARED_LEN);
+    let (to_child, to_parent) = (eventfd(), eventfd());
+    let total = WARMUP + round_trips;
+    let samples = fork_pair(
+        || {
+            let mut buf = [0u8; MESSAGE];
+            for _ in 1..=total {
+                eventfd_wait(to_child);
+                // SAFETY: inside the mapping / the local buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        shared.at(REQUEST_MSG, MESSAGE),
+                        buf.as_mut_ptr(),
+                        MESSAGE,
+                    );
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr(),
+                        shared.at(REPLY_MSG, MESSAGE),
+                        MESSAGE,
+                    );
+                }
+                eventfd_signal(to_parent);
+            }
+        },
+        || {
+            let mut samples = Vec::with_capacity(round_trips as usize);
+            let mut buf = [0u8; MESSAGE];
+            for n in 1..=total {
+                buf[..8].copy_from_slice(&n.to_le_bytes());
+                let t0 = tsc();
+                // SAFETY: as in the child.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr(),
+                        shared.at(REQUEST_MSG, MESSAGE),
+                        MESSAGE,
+                    )
+                };
+                eventfd_signal(to_child);
+                eventfd_wait(to_parent);
+                // SAFETY: as in the child.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        shared.at(REPLY_MSG, MESSAGE),
+                        buf.as_mut_ptr(),
+                        MESSAGE,
+                    )
+                };
+                let t1 = tsc();
+                assert_eq!(buf[..8], n.to_le_bytes(), "eventfd reply mismatch");
+                if n > WARMUP {
+                    samples.push(t1 - t0);
+                }
+            }
+            samples
+        },
+    );
+    // SAFETY: our two eventfds, closed once.
+    unsafe {
+        libc::close(to_child);
+        libc::close(to_parent);
+    }
+    Latency::from_cycles(samples, per_ns)
+}
+
+fn loopback_pair() -> (TcpListener, u16) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let port = listener.local_addr().expect("local addr").port();
+    (listener, port)
+}
+
+/// Two processes, 64-byte request and reply over one TCP connection on loopback (NODELAY).
+fn host_tcp_ping_pong(round_trips: u64, per_ns: f64) -> Latency {
+    let (listener, port) = loopback_pair();
+    let total = WARMUP + round_trips;
+    let samples = fork_pair(
+        || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            conn.set_nodelay(true).expect("nodelay");
+            let mut buf = [0u8; MESSAGE];
+            for _ in 0..total {
+                conn.read_exact(&mut buf).expect("server read");
+                conn.write_all(&buf).expect("server write");
+            }
+        },
+        || {
+            let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            conn.set_nodelay(true).expect("nodelay");
+            let mut samples = Vec::with_capacity(round_trips as usize);
+            let mut buf = [0u8; MESSAGE];
+            for n in 1..=total {
+                buf[..8].copy_from_slice(&n.to_le_bytes());
+                let t0 = tsc();
+                conn.write_all(&buf).expect("client write");
+                conn.read_exact(&mut buf).expect("client read");
+                let t1 = tsc();
+                assert_eq!(buf[..8], n.to_le_bytes(), "tcp reply mismatch");
+                if n > WARMUP {
+                    samples.push(t1 - t0);
+                }
+            }
+            samples
+        },
+    );
+    Latency::from_cycles(samples, per_ns)
+}
+
+/// Bytes per second.
+fn rate(bytes: u64, cycles: u64, per_ns: f64) -> f64 {
+    bytes as f64 / (cycles as f64 / per_ns) * 1e9
+}
+
+/// 64 KiB copies inside one process: the single-copy ceiling.
+fn host_memcpy(messages: u64, per_ns: f64) -> f64 {
+    let source = vec![7u8; STREAM_MESSAGE];
+    let mut sink = vec![0u8; STREAM_MESSAGE];
+    sink.copy_from_slice(&source);
+    let start = tsc();
+    for _ in 0..messages {
+        sink.copy_from_slice(std::hint::black_box(&source));
+        std::hint::black_box(&mut sink);
+    }
+    rate(messages * STREAM_MESSAGE as u64, tsc() - start, per_ns)
+}
+
+/// Two processes streaming 64 KiB messages through a 16-slot ring in a shared memfd (one copy
+/// in, one copy out), the same protocol as the guests use.
+fn host_shm_stream(messages: u64, per_ns: f64) -> f64 {
+    use std::sync::atomic::Ordering::Release;
+    let shared = Shared::new(SHARED_LEN);
+    let slot = |n: u64| RING_SLOTS_AT + (n as usize % RING_SLOTS) * STREAM_MESSAGE;
+    fork_pair(
+        || {
+            let mut sink = vec![0u8; STREAM_MESSAGE];
+            for n in 0..messages {
+                spin_until(shared.word(RING_HEAD), n + 1);
+                // SAFETY: a slot inside the mapping into a local buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        shared.at(slot(n), STREAM_MESSAGE),
+                        sink.as_mut_ptr(),
+                        STREAM_MESSAGE,
+                    )
+                };
+                assert_eq!(sink[..8], n.to_le_bytes(), "host stream mismatch");
+                shared.word(RING_TAIL).store(n + 1, Release);
+            }
+        },
+        || {
+            let mut source = vec![1u8; STREAM_MESSAGE];
+            let start = tsc();
+            for n in 0..messages {
+                spin_until(
+                    shared.word(RING_TAIL),
+                    (n + 1).saturating_sub(RING_SLOTS as u64),
+                );
+                source[..8].copy_from_slice(&n.to_le_bytes());
+                // SAFETY: a local buffer into a slot inside the mapping.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        source.as_ptr(),
+                        shared.at(slot(n), STREAM_MESSAGE),
+                        STREAM_MESSAGE,
+                    )
+                };
+                shared.word(RING_HEAD).store(n + 1, Release);
+            }
+            spin_until(shared.word(RING_TAIL), messages);
+            rate(messages * STREAM_MESSAGE as u64, tsc() - start, per_ns)
+        },
+    )
+}
+
+/// Two processes, 64 KiB writes over one loopback TCP connection, reader drains.
+fn host_tcp_stream(messages: u64, per_ns: f64) -> f64 {
+    let (listener, port) = loopback_pair();
+    fork_pair(
+        || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut sink = vec![0u8; STREAM_MESSAGE];
+            for _ in 0..messages {
+                conn.read_exact(&mut sink).expect("tcp stream read");
+            }
+            conn.write_all(&[1]).expect("tcp stream ack");
+        },
+        || {
+            let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let source = vec![3u8; STREAM_MESSAGE];
+            let start = tsc();
+            for _ in 0..messages {
+                conn.write_all(&source).expect("tcp stream write");
+            }
+            let mut ack = [0u8; 1];
+            conn.read_exact(&mut ack).expect("tcp stream ack");
+            rate(messages * STREAM_MESSAGE as u64, tsc() - start, per_ns)
+        },
+    )
+}
+
+/// Results of the guest half.
+#[derive(Default)]
+struct GuestResults {
+    poll: Option<Latency>,
+    poll_uc: Option<Latency>,
+    stream_uc: Option<f64>,
+    memcpy_to_region_uc: Option<f64>,
+    memcpy_from_region_uc: Option<f64>,
+    kick: Option<Latency>,
+    kick_count: u64,
+    stream: Option<f64>,
+    memcpy_private: Option<f64>,
+    memcpy_to_region: Option<f64>,
+    memcpy_from_region: Option<f64>,
+    control_per_s: Option<f64>,
+    many_attach: Option<(Duration, i64)>,
+    notes: Vec<String>,
+}
+
+fn number(answer: &ism_tests::Answer, key: &str) -> u64 {
+    answer
+        .number(key)
+        .unwrap_or_else(|| panic!("answer without {key}: {}", answer.line))
+}
+
+/// Ping-pong latency from a guest client answer (cycles -> ns).
+fn guest_latency(answer: &ism_tests::Answer, per_ns: f64) -> Latency {
+    Latency {
+        median: number(answer, "median") as f64 / per_ns,
+        p99: number(answer, "p99") as f64 / per_ns,
+        count: number(answer, "count"),
+    }
+}
+
+/// Resident memory (KiB) of the ism-vmm processes this benchmark started, by pid order.
+fn vmm_rss_kib() -> Vec<(u32, i64)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{me}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() != "ism-vmm" {
+                continue;
+            }
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(-1);
+            out.push((pid, rss));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Polling ping-pong latency, ring throughput and the copy rates (private, to region, from
+/// region) of guest A, with the region's current mapping.
+fn data_plane(
+    a: &mut IsmGuest,
+    b: &mut IsmGuest,
+    token: &str,
+    round_trips: u64,
+    per_ns: f64,
+    notes: &mut Vec<String>,
+) -> (Option<Latency>, Option<f64>, Option<[f64; 3]>) {
+    // Both polling: B serves, A measures.
+    let served = b.send(&format!("bench pp {token} server {round_trips}"));
+    let client = a.cmd(&format!("bench pp {token} client {round_trips}"));
+    let server = b.answer(served);
+    let poll = if client.status() == "ok" && server.status() == "ok" {
+        Some(guest_latency(&client, per_ns))
+    } else {
+        notes.push(format!(
+            "polling ping-pong failed: A {} / B {}",
+            client.line, server.line
+        ));
+        None
+    };
+    // Streaming: B receives, A sends.
+    let received = b.send(&format!("bench stream {token} recv {STREAM_MESSAGES}"));
+    let sent = a.cmd(&format!("bench stream {token} send {STREAM_MESSAGES}"));
+    let receiver = b.answer(received);
+    let stream = if sent.status() == "ok" && receiver.status() == "ok" {
+        Some(rate(
+            number(&sent, "bytes"),
+            number(&sent, "cycles"),
+            per_ns,
+        ))
+    } else {
+        notes.push(format!(
+            "streaming failed: A {} / B {}",
+            sent.line, receiver.line
+        ));
+        None
+    };
+    let copies = a.cmd(&format!("bench memcpy {token} self 1024"));
+    let rates = if copies.status() == "ok" {
+        let bytes = number(&copies, "bytes");
+        Some([
+            rate(bytes, number(&copies, "private_cycles"), per_ns),
+            rate(bytes, number(&copies, "to_region_cycles"), per_ns),
+            rate(bytes, number(&copies, "from_region_cycles"), per_ns),
+        ])
+    } else {
+        notes.push(format!("guest memcpy failed: {}", copies.line));
+        None
+    };
+    (poll, stream, rates)
+}
+
+fn guest_benchmarks(round_trips: u64, per_ns: f64) -> GuestResults {
+    let mut results = GuestResults::default();
+    let broker = PoolBroker::start("1G");
+    let spec = IsmSpec::default();
+    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
+    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
+    let region_size = (RING_SLOTS_AT + RING_SLOTS * STREAM_MESSAGE) as u64;
+    let alloc = a.cmd(&format!("alloc {region_size}")).ok("A alloc");
+    let token = alloc.get("token").expect("token").to_string();
+    a.cmd(&format!("grant {token} {} rwa", b.devid()))
+        .ok("A grant");
+    b.cmd(&format!("attach {token} rw")).ok("B attach");
+    a.cmd(&format!("bind {token}")).ok("A bind");
+    b.cmd(&format!("bind {token}")).ok("B bind");
+
+    // First with the guests' default mapping of the PCI window (uncached), then with the
+    // region's pages switched to write-back in both guests.
+    let (poll, stream, copies) = data_plane(
+        &mut a,
+        &mut b,
+        &token,
+        round_trips,
+        per_ns,
+        &mut results.notes,
+    );
+    results.poll_uc = poll;
+    results.stream_uc = stream;
+    if let Some(c) = copies {
+        results.memcpy_to_region_uc = Some(c[1]);
+        results.memcpy_from_region_uc = Some(c[2]);
+    }
+    for guest in [&mut a, &mut b] {
+        let answer = guest.cmd(&format!("bench cache {token} wb 0"));
+        if answer.status() != "ok" {
+            results
+                .notes
+                .push(format!("switch to write-back failed: {}", answer.line));
+        }
+    }
+    let (poll, stream, copies) = data_plane(
+        &mut a,
+        &mut b,
+        &token,
+        round_trips,
+        per_ns,
+        &mut results.notes,
+    );
+    results.poll = poll;
+    results.stream = stream;
+    if let Some(c) = copies {
+        results.memcpy_private = Some(c[0]);
+        results.memcpy_to_region = Some(c[1]);
+        results.memcpy_from_region = Some(c[2]);
+    }
+
+    // Sleeping waits: each side halts until the peer's kick.
+    let served = b.send(&format!("bench ppk {token} server {KICK_ROUND_TRIPS}"));
+    let client = a.cmd(&format!("bench ppk {token} client {KICK_ROUND_TRIPS}"));
+    let server = b.answer(served);
+    if client.status() == "ok" && server.status() == "ok" {
+        results.kick = Some(guest_latency(&client, per_ns));
+        results.kick_count = number(&client, "kicks");
+    } else {
+        results.notes.push(format!(
+            "kick ping-pong failed: A {} / B {}",
+            client.line, server.line
+        ));
+    }
+
+    let control = a.cmd(&format!("bench ctl {CONTROL_CYCLES}"));
+    if control.status() == "ok" {
+        let seconds = number(&control, "cycles") as f64 / per_ns / 1e9;
+        results.control_per_s = Some(CONTROL_CYCLES as f64 / seconds);
+    } else {
+        results
+            .notes
+            .push(format!("control plane failed: {}", control.line));
+    }
+
+    // Many regions: A allocates and grants them, B attaches them all; B's VMM RSS before and
+    // after (B's VMM is the later-started one).
+    let many = a.cmd(&format!("alloc-many {MANY_REGIONS} 4K 100 ra"));
+    let tokens = many.get("tokens").unwrap_or("").to_string();
+    let before = vmm_rss_kib();
+    let started = Instant::now();
+    let attached = b.cmd(&format!("attach-many 100 {tokens}"));
+    let took = started.elapsed();
+    let after = vmm_rss_kib();
+    if many.status() == "ok" && attached.status() == "ok" {
+        let delta = match (before.last(), after.last()) {
+            (Some((p0, r0)), Some((p1, r1))) if p0 == p1 => r1 - r0,
+            _ => -1,
+        };
+        results.many_attach = Some((took, delta));
+    } else {
+        results.notes.push(format!(
+            "attach-many failed: A {} / B {}",
+            many.line, attached.line
+        ));
+    }
+
+    a.power_off();
+    b.power_off();
+    results
+}
+
+fn machine() -> (String, String) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "PVM (kvm_pvm: guest ring 0 emulated, ring 3 native)"
+    } else if std::path::Path::new("/sys/module/kvm_intel").exists() {
+        "hardware (kvm_intel)"
+    } else if std::path::Path::new("/sys/module/kvm_amd").exists() {
+        "hardware (kvm_amd)"
+    } else {
+        "unknown"
+    };
+    (format!("{model}, {cpus} CPUs"), kvm.to_string())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn us(ns: f64) -> String {
+    format!("{:.2}", ns / 1000.0)
+}
+
+fn gbs(bytes_per_s: f64) -> String {
+    format!("{:.2}", bytes_per_s / 1e9)
+}
+
+fn goal(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("ism benchmark: run with `cargo bench -p ism-tests --bench ism`");
+        return;
+    }
+    let round_trips = std::env::var("ISM_BENCH_ROUND_TRIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &u64| *n > 0 && *n <= 400_000)
+        .unwrap_or(100_000);
+    let load_before = load_average();
+    let per_ns = tsc_per_ns();
+    println!(
+        "TSC: {:.3} GHz (measured against the monotonic clock)",
+        per_ns
+    );
+
+    // Host baselines first, while this process has one thread (they fork).
+    let shm = host_shm_ping_pong(round_trips, per_ns);
+    let efd = host_eventfd_ping_pong(round_trips, per_ns);
+    let tcp = host_tcp_ping_pong(round_trips, per_ns);
+    let memcpy = host_memcpy(STREAM_MESSAGES, per_ns);
+    let shm_stream = host_shm_stream(STREAM_MESSAGES, per_ns);
+    let tcp_stream = host_tcp_stream(STREAM_MESSAGES, per_ns);
+
+    let guests = if kvm_available() {
+        guest_benchmarks(round_trips, per_ns)
+    } else {
+        println!("SKIPPED: /dev/kvm missing or not accessible; guest rows need KVM");
+        GuestResults {
+            notes: vec!["/dev/kvm missing: no guest rows".into()],
+            ..GuestResults::default()
+        }
+    };
+    let load_after = load_average();
+    let (cpu, kvm) = machine();
+    let doc = render(&Rendered {
+        round_trips,
+        per_ns,
+        shm,
+        efd,
+        tcp,
+        memcpy,
+        shm_stream,
+        tcp_stream,
+        guests: &guests,
+        cpu: &cpu,
+        kvm: &kvm,
+        load_before: &load_before,
+        load_after: &load_after,
+    });
+    println!("{doc}");
+    write_section(&doc);
+}
+
+struct Rendered<'a> {
+    round_trips: u64,
+    per_ns: f64,
+    shm: Latency,
+    efd: Latency,
+    tcp: Latency,
+    memcpy: f64,
+    shm_stream: f64,
+    tcp_stream: f64,
+    guests: &'a GuestResults,
+    cpu: &'a str,
+    kvm: &'a str,
+    load_before: &'a str,
+    load_after: &'a str,
+}
+
+fn latency_row(out: &mut String, name: &str, l: Option<Latency>, shm: Latency, tcp: Latency) {
+    match l {
+        Some(l) => {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {:.2}x | {:.1}x lower |",
+                us(l.median),
+                us(l.p99),
+                l.count,
+                l.median / shm.median,
+                tcp.median / l.median
+            );
+        }
+        None => {
+            let _ = writeln!(out, "| {name} | failed | | | | |");
+        }
+    }
+}
+
+fn render(r: &Rendered<'_>) -> String {
+    let g = r.guests;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| ping-pong, 64-byte messages | median (µs) | p99 (µs) | round trips | vs host shm polling | vs host TCP loopback |"
+    );
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|");
+    latency_row(
+        &mut t,
+        "ism, both guests polling (region mapped write-back)",
+        g.poll,
+        r.shm,
+        r.tcp,
+    );
+    latency_row(
+        &mut t,
+        "ism, both guests polling (region uncached, the guest's default)",
+        g.poll_uc,
+        r.shm,
+        r.tcp,
+    );
+    latency_row(
+        &mut t,
+        "ism, waiting side sleeps until the kick (kick ping-pong)",
+        g.kick,
+        r.shm,
+        r.tcp,
+    );
+    latency_row(
+        &mut t,
+        "host: 2 processes, shared memfd, polling",
+        Some(r.shm),
+        r.shm,
+        r.tcp,
+    );
+    latency_row(
+        &mut t,
+        "host: 2 processes, eventfd wakeups",
+        Some(r.efd),
+        r.shm,
+        r.tcp,
+    );
+    latency_row(
+        &mut t,
+        "host: 2 processes, TCP loopback",
+        Some(r.tcp),
+        r.shm,
+        r.tcp,
+    );
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| streaming, 64 KiB messages | GB/s | vs memcpy ceiling (host, 1 process) | vs host TCP loopback |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    let mut stream_row = |name: &str, v: Option<f64>| match v {
+        Some(v) => {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {:.0}% | {:.1}x |",
+                gbs(v),
+                100.0 * v / r.memcpy,
+                v / r.tcp_stream
+            );
+        }
+        None => {
+            let _ = writeln!(s, "| {name} | failed | | |");
+        }
+    };
+    stream_row(
+        "ism ring between two guests (copy in + copy out), write-back",
+        g.stream,
+    );
+    stream_row("ism ring between two guests, uncached", g.stream_uc);
+    stream_row("guest memcpy, private -> private", g.memcpy_private);
+    stream_row("guest memcpy, private -> region", g.memcpy_to_region);
+    stream_row("guest memcpy, region -> private", g.memcpy_from_region);
+    stream_row(
+        "guest memcpy, private -> region, uncached",
+        g.memcpy_to_region_uc,
+    );
+    stream_row(
+        "guest memcpy, region -> private, uncached",
+        g.memcpy_from_region_uc,
+    );
+    stream_row("host: memcpy in one process (ceiling)", Some(r.memcpy));
+    stream_row("host: 2 processes, shared memfd ring", Some(r.shm_stream));
+    stream_row("host: 2 processes, TCP loopback", Some(r.tcp_stream));
+
+    let mut goals = String::new();
+    let mut goal_line = |text: String| {
+        let _ = writeln!(goals, "- {text}");
+    };
+    match g.poll {
+        Some(p) => {
+            let ratio = p.median / r.shm.median;
+            goal_line(format!(
+                "ism polling ping-pong within {POLL_GOAL_RATIO}x of host shm polling: {ratio:.2}x, {}",
+                goal(ratio <= POLL_GOAL_RATIO)
+            ));
+            let tcp_ratio = r.tcp.median / p.median;
+            goal_line(format!(
+                "ism latency >= {TCP_LATENCY_GOAL}x lower than host TCP loopback: {tcp_ratio:.1}x, {}",
+                goal(tcp_ratio >= TCP_LATENCY_GOAL)
+            ));
+        }
+        None => goal_line("ism polling ping-pong: not measured (failed)".into()),
+    }
+    match g.stream {
+        Some(v) => {
+            let ratio = v / r.memcpy;
+            goal_line(format!(
+                "ism throughput >= {:.0}% of the memcpy ceiling: {:.0}%, {}",
+                THROUGHPUT_GOAL * 100.0,
+                ratio * 100.0,
+                goal(ratio >= THROUGHPUT_GOAL)
+            ));
+            let tcp_ratio = v / r.tcp_stream;
+            goal_line(format!(
+                "ism throughput >= {TCP_THROUGHPUT_GOAL}x host TCP loopback: {tcp_ratio:.1}x, {}",
+                goal(tcp_ratio >= TCP_THROUGHPUT_GOAL)
+            ));
+        }
+        None => goal_line("ism throughput: not measured (failed)".into()),
+    }
+
+    let mut control = String::new();
+    if let Some(rate) = g.control_per_s {
+        let _ = writeln!(
+            control,
+            "- ALLOC_REGION (4 KiB) + DETACH_REGION from a guest: {rate:.0} cycles/s ({CONTROL_CYCLES} cycles, timed in the guest)"
+        );
+    }
+    if let Some((took, delta)) = g.many_attach {
+        let _ = writeln!(
+            control,
+            "- {MANY_REGIONS} regions of 4 KiB attached by one `attach-many` command (the guest also reads each region whole to check it): {:.1} ms from sending the command to its answer; the attaching VMM's RSS grew by {} KiB",
+            took.as_secs_f64() * 1000.0,
+            delta
+        );
+    }
+    for note in &g.notes {
+        let _ = writeln!(control, "- note: {note}");
+    }
+    let kicks = if g.kick.is_some() {
+        format!(
+            "The sleeping/kick row: every message is followed by a doorbell write (a VM exit \
+             into ism-vmm, which signals the peer VMM's irqfd) and the waiter halts in ring 0 \
+             (`int 0x80` -> `sti; hlt`) until the MSI-X interrupt; {} kick interrupts arrived \
+             at the measuring side. On PVM the interrupt entry, the halt and the return to ring 3 \
+             run as emulated ring-0 code, so most of this row's time is that emulation and the \
+             exits, not shared-memory access. The guest's interrupt handler is ring-0 assembly \
+             that only counts the interrupt; the kick back is sent from ring 3 after the \
+             handler returns, not from inside the handler. A 1 ms LAPIC timer runs during this \
+             row as a safety net against a kick landing between the check and the halt.\n",
+            g.kick_count
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "## Inter-VM shared memory (issue 7)\n\n\
+         Generated by `cargo bench -p ism-tests --bench ism` (tests/benches/ism.rs, guest side \
+         tests/guest/src/bench.rs); do not edit by hand.\n\n\
+         Machine: {cpu}; KVM: {kvm}. Load average (1/5/15 min) before: {lb}, after: {la}. \
+         TSC {ghz:.3} GHz, measured on the host against the monotonic clock; guest and host \
+         loops time with `rdtsc` (in guest ring 3, not trapped) and are converted with that \
+         rate.\n\n\
+         Setup: one `ism-pool` broker, two `ism-vmm` processes (1 vCPU, 128 MiB, `--ism \
+         size=64M,chunk_size=4K`), each booting the test guest (tests/guest) in `ism` mode. \
+         Guest A allocates a {region} KiB region, grants it to B, both attach and bind the \
+         doorbell vector. Measuring loops run in guest ring 3. Host rows fork two processes \
+         (no CPU pinning, like the VMs). Ping-pong: {rt} timed round trips after {WARMUP} \
+         warm-up ones, one side copies a 64-byte message in and publishes a sequence number, \
+         the other copies it out and back. Streaming: {msgs} messages of 64 KiB through a \
+         16-slot ring in the region, one copy in, one copy out, timed at the sender from the \
+         first copy until the receiver consumed the last message.\n\n\
+         {t}\n{s}\n\
+         Goals (issue 7):\n\n{goals}\n\
+         {kicks}\n\
+         Control plane:\n\n{control}\n",
+        cpu = r.cpu,
+        kvm = r.kvm,
+        lb = r.load_before,
+        la = r.load_after,
+        ghz = r.per_ns,
+        region = SHARED_LEN / 1024,
+        rt = r.round_trips,
+        msgs = STREAM_MESSAGES,
+    )
+}
+
+/// Replace (or append) the inter-VM section of docs/benchmarks.md, keeping the rest.
+fn write_section(section: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    const HEADING: &str = "## Inter-VM shared memory";
+    let kept = match old.find(HEADING) {
+        Some(start) => {
+            let rest = &old[start + HEADING.len()..];
+            let end = rest
+                .find("\n## ")
+                .map_or(old.len(), |i| start + HEADING.len() + i + 1);
+            format!("{}{}", &old[..start], &old[end..])
+        }
+        None => old,
+    };
+    let doc = format!("{}\n\n{section}", kept.trim_end());
+    match std::fs::write(&path, doc) {
+        Ok(()) => println!("wrote {}", path.display()),
+        Err(e) => println!("could not write {}: {e}", path.display()),
+    }
+}
