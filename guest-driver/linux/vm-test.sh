@@ -25,23 +25,15 @@ if [[ ! -e /dev/kvm ]]; then
     exit 0
 fi
 
-target="${CARGO_TARGET_DIR:-$root/target}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 log="${log:-$work/serial.log}"
 
-eval "$(bash "$root/resources/linux/build-pvm-kernel.sh")"
-cp -r "$here/." "$work/kmod/" 2>/dev/null || { mkdir -p "$work/kmod" && cp -r "$here/." "$work/kmod/"; }
-make -C "$PVM_KERNEL_TREE" M="$work/kmod" modules >"$work/kmod.log" 2>&1 ||
-    { cat "$work/kmod.log"; exit 1; }
-
-(cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
-    -p ism --bin ismctl --target x86_64-unknown-linux-gnu)
-ismctl="$target/x86_64-unknown-linux-gnu/release/ismctl"
-if [[ -z "$vmm" ]]; then
-    (cd "$root" && cargo build -q -p ism-vmm)
-    vmm="$target/debug/ism-vmm"
-fi
+# shellcheck source=lib-vmtest.sh
+source "$here/lib-vmtest.sh"
+vmtest_build "$work" "$vmm"
+ismctl="$VMTEST_ISMCTL"
+vmm="$VMTEST_VMM"
 
 cat >"$work/test.sh" <<'GUEST'
 set -e
@@ -100,7 +92,7 @@ bash "$root/resources/linux/make-initramfs.sh" --output "$work/initramfs.cpio" -
 
 set +e
 timeout -k 5 "$timeout_s" "$vmm" --kernel "$PVM_VMLINUX" --initramfs "$work/initramfs.cpio" \
-    --cmdline "console=ttyS0 noxsave clearcpuid=cx16,popcnt,smap nokaslr quiet pvm_native_fixups -- sh /test.sh" \
+    --cmdline "$VMTEST_PVM_CMDLINE -- sh /test.sh" \
     --cpus boot=1 --memory size=256M --serial tty --ism "size=16M,chunk_size=64K,pool_size=8M" --ism "size=16M,chunk_size=64K" \
     </dev/null >"$log" 2>&1
 rc=$?

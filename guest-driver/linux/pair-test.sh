@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Two PVM Linux guests, each in its own ism-vmm, sharing memory through one ism-pool broker.
+# Guest A (owner) loads virtio_ism.ko, allocates a region, writes a pattern, grants it
+# read-only by default (READ|ATTACH), binds it for kicks and prints the token; this script
+# reads the token from A's serial output and boots guest B with it on the kernel command
+# line (after ` -- `). B attaches (must come back read-only), reads the pattern (must
+# match), tries to write (must be refused) and kicks A; A's `ismctl wait` must see the kick.
+# A boots first and B as soon as the token is known, so the two boots overlap.
+# Usage: pair-test.sh [--vmm PATH] [--pool PATH] [--timeout SECONDS] [--keep-logs DIR]
+# Needs /dev/kvm; prints "SKIPPED: ..." and exits 0 without it. Prints
+# `ISM-LINUX-PAIR result=pass|fail` and exits 0 only on pass.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+vmm=""
+pool_bin=""
+timeout_s=1200
+keep=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --vmm) vmm="$2"; shift 2 ;;
+        --pool) pool_bin="$2"; shift 2 ;;
+        --timeout) timeout_s="$2"; shift 2 ;;
+        --keep-logs) keep="$2"; shift 2 ;;
+        *) echo "Unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+if [[ ! -e /dev/kvm ]]; then
+    echo "SKIPPED: /dev/kvm missing, cannot boot the two Linux guests of pair-test.sh"
+    exit 0
+fi
+
+start=$SECONDS
+deadline=$((SECONDS + timeout_s))
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    if [[ -n "$keep" ]]; then
+        mkdir -p "$keep" && cp "$work"/*.log "$keep/" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+finish() {
+    local result="$1" why="$2"
+    echo "--- guest A serial (ISM lines)"
+    grep -a "ISM-\|virtio_ism\|Error" "$work/a.log" 2>/dev/null || true
+    echo "--- guest B serial (ISM lines)"
+    grep -a "ISM-\|virtio_ism\|Error" "$work/b.log" 2>/dev/null || true
+    if [[ "$result" != pass ]]; then
+        echo "--- last lines of A"; tail -n 15 "$work/a.log" 2>/dev/null || true
+        echo "--- last lines of B"; tail -n 15 "$work/b.log" 2>/dev/null || true
+        echo "--- pool"; tail -n 15 "$work/pool.log" 2>/dev/null || true
+    fi
+    echo "elapsed $((SECONDS - start)) s (build $build_s s, guests $((SECONDS - guests_start)) s): $why"
+    echo "ISM-LINUX-PAIR result=$result"
+    [[ "$result" == pass ]]
+}
+
+# shellcheck source=lib-vmtest.sh
+source "$here/lib-vmtest.sh"
+vmtest_build "$work" "$vmm"
+if [[ -z "$pool_bin" ]]; then
+    (cd "$root" && cargo build -q -p ism-pool --bin ism-pool)
+    pool_bin="${CARGO_TARGET_DIR:-$root/target}/debug/ism-pool"
+fi
+build_s=$((SECONDS - start))
+guests_start=$SECONDS
+
+cat >"$work/a.sh" <<'GUEST'
+set -e
+step() { echo "ISM-PAIR-A step $*"; }
+insmod /lib/modules/virtio_ism.ko
+ismctl info
+line="$(ismctl alloc 64K)"
+token="${line%% *}"
+step alloc ok "$line"
+echo pair-pattern-0042 | ismctl write "$token"
+out="$(ismctl read "$token" --len 17)"
+[ "$out" = pair-pattern-0042 ] || { echo "read back '$out'"; exit 1; }
+step write ok
+ismctl grant "$token" --default ra
+step grant ok
+# Events other than the kick (e.g. B attaching) may come first: wait until a kick is seen.
+: >/tmp/ev
+(
+    for _ in 1 2 3 4 5 6; do
+        ismctl wait --bind "$token" --count 1 --timeout 1200 >>/tmp/ev || exit 1
+        grep -q '^kick ' /tmp/ev && exit 0
+    done
+    exit 1
+) &
+waiter=$!
+sleep 3
+echo "ISM-PAIR-A token=$token"
+wait "$waiter" || { cat /tmp/ev; echo "no kick"; exit 1; }
+cat /tmp/ev
+step kick-seen ok
+ismctl list
+echo "ISM-PAIR-A all-passed"
+GUEST
+
+cat >"$work/b.sh" <<'GUEST'
+set -e
+token="$1"
+step() { echo "ISM-PAIR-B step $*"; }
+insmod /lib/modules/virtio_ism.ko
+ismctl info
+peer="$(ismctl attach "$token")"
+case "$peer" in *" ro") ;; *) echo "default grant ra gave '$peer'"; exit 1 ;; esac
+step attach-read-only ok "$peer"
+out="$(ismctl read "$token" --len 17)"
+[ "$out" = pair-pattern-0042 ] || { echo "B read '$out'"; exit 1; }
+step read-pattern ok
+if echo x | ismctl write "$token"; then echo "wrote a ro region"; exit 1; fi
+step write-refused ok
+ismctl kick "$token"
+step kick ok
+echo "ISM-PAIR-B all-passed"
+GUEST
+
+for side in a b; do
+    bash "$root/resources/linux/make-initramfs.sh" --output "$work/$side.cpio" --uncompressed \
+        --add "$VMTEST_KO:/lib/modules/virtio_ism.ko" \
+        --add "$VMTEST_ISMCTL:/bin/ismctl" --add "$work/$side.sh:/$side.sh" >&2
+done
+
+sock="$work/pool.sock"
+"$pool_bin" --socket "$sock" --size 256M >"$work/pool.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+    [[ -S "$sock" ]] && break
+    sleep 0.1
+done
+[[ -S "$sock" ]] || { finish fail "the pool broker did not create $sock"; exit 1; }
+
+run_guest() {
+    local side="$1" args="$2"
+    timeout -k 5 $((deadline - SECONDS > 1 ? deadline - SECONDS : 1)) "$VMTEST_VMM" --kernel "$PVM_VMLINUX" \
+        --initramfs "$work/$side.cpio" --cmdline "$VMTEST_PVM_CMDLINE -- sh $args" \
+        --cpus boot=1 --memory size=256M --serial tty \
+        --ism "id=ism0,size=16M,chunk_size=64K,pool=$sock" </dev/null >"$work/$side.log" 2>&1
+}
+
+run_guest a "/a.sh" &
+pid_a=$!
+pids+=($pid_a)
+token=""
+while [[ -z "$token" ]]; do
+    token="$(grep -ao 'ISM-PAIR-A token=0x[0-9a-f]*' "$work/a.log" | head -n1 | cut -d= -f2 || true)"
+    [[ -n "$token" ]] && break
+    kill -0 "$pid_a" 2>/dev/null || { finish fail "guest A ended before printing a token"; exit 1; }
+    ((SECONDS < deadline)) || { finish fail "timed out waiting for A's token"; exit 1; }
+    sleep 2
+done
+echo "guest A token $token after $((SECONDS - guests_start)) s; booting guest B"
+echo "--- pool status with A's region"
+"$pool_bin" status --socket "$sock" || true
+
+run_guest b "/b.sh $token" &
+pid_b=$!
+pids+=($pid_b)
+set +e
+wait "$pid_b"
+rc_b=$?
+wait "$pid_a"
+rc_a=$?
+set -e
+echo "vmm exit: A $rc_a, B $rc_b"
+if grep -q "ISM-PAIR-A all-passed" "$work/a.log" && grep -q "ISM-PAIR-B all-passed" "$work/b.log"; then
+    finish pass "B read A's pattern read-only, its write was refused, its kick reached A"
+    exit 0
+fi
+finish fail "a guest step failed or timed out"
+exit 1
