@@ -136,6 +136,10 @@ pub fn run<'a>(
     seq: u64,
 ) -> Result<(), &'static str> {
     let kind = words.next().ok_or("kind")?;
+    if kind == "ring0" {
+        let count = words.next().and_then(|w| w.parse().ok()).ok_or("count")?;
+        return ring0_round_trips(count, seq);
+    }
     if kind == "ctl" {
         let count = words.next().and_then(|w| w.parse().ok()).ok_or("count")?;
         return control_plane(ism, count, seq);
@@ -472,6 +476,25 @@ fn set_caching(
         "seq={seq} cmd=bench status=ok kind=cache mode={} pages={} changed={changed}",
         if write_back { "wb" } else { "uc" },
         (end - start) / PAGE
+    );
+    Ok(())
+}
+
+/// `bench ring0 COUNT`: time COUNT ring-3 -> ring-0 -> ring-3 round trips (`int 0x80` call 1,
+/// which only sets IF, already set). On PVM this is the emulated part of every interrupt
+/// entry and halt: the kick rows' overhead per ring-0 visit.
+fn ring0_round_trips(count: u64, seq: u64) -> Result<(), &'static str> {
+    if count == 0 {
+        return Err("count");
+    }
+    let start = tsc();
+    for _ in 0..count {
+        boot::enable_interrupts();
+    }
+    let cycles = tsc() - start;
+    report!(
+        "seq={seq} cmd=bench status=ok kind=ring0 count={count} cycles={cycles} per_trip={}",
+        cycles / count
     );
     Ok(())
 }
