@@ -29,7 +29,7 @@ pub const KICK_VECTOR: u8 = 0x42;
 /// the control path broken for the rest of the run.
 const COMMAND_MAX_WAITS: u32 = 30_000_000;
 /// Regions one guest can hold at a time.
-const MAX_REGIONS: usize = 320;
+const MAX_REGIONS: usize = 1100;
 /// Longest input line (an `attach-many` line carries a few hundred tokens).
 const MAX_LINE: usize = 8192;
 /// LAPIC timer ticks (about 1 ms each) a `wait-kick` waits at most.
