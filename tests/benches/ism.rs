@@ -31,6 +31,8 @@ const KICK_ROUND_TRIPS: u64 = 20_000;
 const CONTROL_CYCLES: u64 = 1_000;
 /// Regions attached at once for the memory and time figure.
 const MANY_REGIONS: u64 = 1000;
+/// Interleaved host / ism polling ping-pong rounds.
+const INTERLEAVED_ROUNDS: usize = 5;
 /// Tokens per `attach-many` line.
 const ATTACH_BATCH: usize = 250;
 
@@ -509,6 +511,9 @@ struct GuestResults {
     kick_count: u64,
     /// One ring-3 -> ring-0 -> ring-3 trip in the guest.
     ring0_ns: Option<f64>,
+    /// Polling ping-pong medians (ns) of interleaved host / ism rounds.
+    interleaved_host: Vec<f64>,
+    interleaved_ism: Vec<f64>,
     /// One command timed by the guest's TSC (converted) and by the host's clock, seconds.
     tsc_check: Option<(f64, f64)>,
     stream: Option<f64>,
@@ -681,6 +686,24 @@ fn guest_benchmarks(round_trips: u64, per_ns: f64) -> GuestResults {
         results.memcpy_private = Some(c[0]);
         results.memcpy_to_region = Some(c[1]);
         results.memcpy_from_region = Some(c[2]);
+    }
+
+    // Interleaved rounds of host and ism polling ping-pong: placement of the two CPUs on
+    // the machine's own host changes from minute to minute, so single runs minutes apart
+    // can compare different placements. (Forking here is safe: the child only spins, copies
+    // and stores, no allocation or locks.)
+    for _ in 0..INTERLEAVED_ROUNDS {
+        results
+            .interleaved_host
+            .push(host_shm_ping_pong(round_trips, per_ns).median);
+        let served = b.send(&format!("bench pp {token} server {round_trips}"));
+        let client = a.cmd(&format!("bench pp {token} client {round_trips}"));
+        let server = b.answer(served);
+        if client.status() == "ok" && server.status() == "ok" {
+            results
+                .interleaved_ism
+                .push(guest_latency(&client, per_ns).median);
+        }
     }
 
     // Sleeping waits: each side halts until the peer's kick.
@@ -880,7 +903,7 @@ fn latency_row(out: &mut String, name: &str, l: Option<Latency>, shm: Latency, t
         Some(l) => {
             let _ = writeln!(
                 out,
-                "| {name} | {} | {} | {} | {:.2}x | {:.1}x lower |",
+                "| {name} | {} | {} | {} | {:.2}x | {:.1}x |",
                 us(l.median),
                 us(l.p99),
                 l.count,
@@ -899,7 +922,7 @@ fn render(r: &Rendered<'_>) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| ping-pong, 64-byte messages | median (µs) | p99 (µs) | round trips | vs host shm polling | vs host TCP loopback |"
+        "| ping-pong, 64-byte messages | median (µs) | p99 (µs) | round trips | this ÷ host shm polling | host TCP loopback ÷ this (higher: faster) |"
     );
     let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|");
     latency_row(
@@ -992,11 +1015,24 @@ fn render(r: &Rendered<'_>) -> String {
     let mut goal_line = |text: String| {
         let _ = writeln!(goals, "- {text}");
     };
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let list = |v: &[f64]| v.iter().map(|ns| us(*ns)).collect::<Vec<_>>().join(", ");
+    if !g.interleaved_ism.is_empty() {
+        let ratio = best(&g.interleaved_ism) / best(&g.interleaved_host);
+        goal_line(format!(
+            "ism polling ping-pong within {POLL_GOAL_RATIO}x of host shm polling, {INTERLEAVED_ROUNDS} \
+             interleaved rounds, best median of each: {ratio:.2}x, {} (round medians in µs: \
+             host {}; ism {})",
+            goal(ratio <= POLL_GOAL_RATIO),
+            list(&g.interleaved_host),
+            list(&g.interleaved_ism)
+        ));
+    }
     match g.poll {
         Some(p) => {
             let ratio = p.median / r.shm.median;
             goal_line(format!(
-                "ism polling ping-pong within {POLL_GOAL_RATIO}x of host shm polling: {ratio:.2}x, {}",
+                "ism polling ping-pong within {POLL_GOAL_RATIO}x of host shm polling, table rows: {ratio:.2}x, {}",
                 goal(ratio <= POLL_GOAL_RATIO)
             ));
             let tcp_ratio = r.tcp.median / p.median;
@@ -1006,6 +1042,14 @@ fn render(r: &Rendered<'_>) -> String {
             ));
         }
         None => goal_line("ism polling ping-pong: not measured (failed)".into()),
+    }
+    if let Some(k) = g.kick {
+        let tcp_ratio = r.tcp.median / k.median;
+        goal_line(format!(
+            "ism with sleeping waits (kicks) >= {TCP_LATENCY_GOAL}x lower latency than host TCP \
+             loopback: {tcp_ratio:.1}x, {} (PVM's emulated ring 0, see below)",
+            goal(tcp_ratio >= TCP_LATENCY_GOAL)
+        ));
     }
     match g.stream {
         Some(v) => {
@@ -1127,10 +1171,11 @@ fn render(r: &Rendered<'_>) -> String {
          - The kick row is dominated by PVM: the doorbell write is a VM exit into ism-vmm, the \
          peer's interrupt is injected by KVM, and the halt, interrupt entry and return run as \
          emulated ring-0 code (ring-0 cost below). Polling rows never enter ring 0.\n\
-         - Polling ping-pong medians of the same code varied between runs during development \
-         from under 0.1 µs to about 0.5 µs, for host processes and guests alike: this machine \
-         is itself a VM (2 CPUs, one L2 each, shared L3) and its CPUs' placement on the cloud \
-         host changes; the host and ism rows are measured a minute apart.\n\n\
+         - Polling ping-pong medians are bimodal on this machine, about 0.1 µs or about \
+         0.5 µs, for host processes and guests alike and from one round to the next (see the \
+         interleaved rounds): this machine is itself a VM (2 CPUs, one L2 each, shared L3) \
+         whose CPUs the cloud host places as it likes. Compare rows measured in the same \
+         state; the interleaved best-of-rounds ratio does that.\n\n\
          {kicks}{ring0}\n\
          Control plane:\n\n{control}\n",
         cpu = r.cpu,
