@@ -430,8 +430,10 @@ const UNCACHED_BITS: u64 = 0x18;
 /// The boot tables map the whole 64-bit PCI window uncached, which suits device registers but
 /// makes every access to RAM-backed shared memory an uncached bus access. Only pages wholly
 /// inside shmid 1 (the regions, plain shared RAM) are changed; notify and MSI-X pages stay
-/// uncached. The page tables are ordinary memory to ring 3; the hypervisor's shadow paging
-/// write-protects them, so the store traps and the stale translation is dropped.
+/// uncached. The page tables are ordinary memory to ring 3 and ring 3 cannot flush the TLB:
+/// under PVM's shadow paging the store traps (guest page tables are write-protected) and the
+/// stale translation is dropped; with hardware paging the old memory type may stay in the
+/// TLB until the entry is evicted, which changes speed, not the bytes read or written.
 fn set_caching(
     ism: &IsmDriver<'_, GuestPlatform>,
     region: &Region,
