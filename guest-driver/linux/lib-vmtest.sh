@@ -7,6 +7,8 @@
 #   a static ismctl, and ism-vmm unless VMM is given. Sets PVM_VMLINUX, PVM_KERNEL_TREE,
 #   VMTEST_KO, VMTEST_ISMCTL and VMTEST_VMM.
 # VMTEST_PVM_CMDLINE: the kernel parameters a PVM guest needs on this host.
+# The VMTEST_* variables are read by the scripts that source this file.
+# shellcheck disable=SC2034,SC2154
 
 VMTEST_PVM_CMDLINE="console=ttyS0 noxsave clearcpuid=cx16,popcnt,smap nokaslr quiet pvm_native_fixups"
 

@@ -160,7 +160,7 @@ run_guest() {
 
 run_guest a "/a.sh" &
 pid_a=$!
-pids+=($pid_a)
+pids+=("$pid_a")
 token=""
 while [[ -z "$token" ]]; do
     token="$(grep -ao 'ISM-PAIR-A token=0x[0-9a-f]*' "$work/a.log" | head -n1 | cut -d= -f2 || true)"
@@ -175,7 +175,7 @@ echo "--- pool status with A's region"
 
 run_guest b "/b.sh $token" &
 pid_b=$!
-pids+=($pid_b)
+pids+=("$pid_b")
 set +e
 wait "$pid_b"
 rc_b=$?
