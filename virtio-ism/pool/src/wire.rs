@@ -410,6 +410,24 @@ fn expect_len(id: u64, kind: u16, body: &[u8], expected: usize) -> Result<Fields
     Ok(Fields { bytes: body })
 }
 
+/// Like [`expect_len`], for bodies with a fixed header and a variable tail.
+fn expect_min_len(
+    id: u64,
+    kind: u16,
+    body: &[u8],
+    minimum: usize,
+) -> Result<Fields<'_>, DecodeError> {
+    if body.len() < minimum {
+        return Err(DecodeError::BodyLength {
+            id,
+            kind,
+            expected: minimum,
+            actual: body.len(),
+        });
+    }
+    Ok(Fields { bytes: body })
+}
+
 /// Decodes one client packet. Pure: the broker's whole input path starts here.
 pub fn decode_request(packet: &[u8]) -> Result<(u64, Request), DecodeError> {
     let (kind, id, body) = split_frame(packet)?;
@@ -519,15 +537,7 @@ pub fn decode_reply(packet: &[u8]) -> Result<(u64, Reply), DecodeError> {
             }
         }
         kind::ERROR => {
-            if body.len() < 32 {
-                return Err(DecodeError::BodyLength {
-                    id,
-                    kind,
-                    expected: 32,
-                    actual: body.len(),
-                });
-            }
-            let mut f = Fields { bytes: body };
+            let mut f = expect_min_len(id, kind, body, 32)?;
             let code = f.u32();
             let _reserved = f.u32();
             let args = [f.u64(), f.u64(), f.u64()];
@@ -552,15 +562,7 @@ pub fn decode_reply(packet: &[u8]) -> Result<(u64, Reply), DecodeError> {
             })
         }
         kind::STATUS_CHUNK => {
-            if body.len() < 8 {
-                return Err(DecodeError::BodyLength {
-                    id,
-                    kind,
-                    expected: 8,
-                    actual: body.len(),
-                });
-            }
-            let mut f = Fields { bytes: body };
+            let mut f = expect_min_len(id, kind, body, 8)?;
             let total = f.u32();
             let offset = f.u32();
             let data = f.rest().to_vec();
@@ -575,15 +577,7 @@ pub fn decode_reply(packet: &[u8]) -> Result<(u64, Reply), DecodeError> {
             }
         }
         kind::DOORBELLS => {
-            if body.len() < 24 {
-                return Err(DecodeError::BodyLength {
-                    id,
-                    kind,
-                    expected: 24,
-                    actual: body.len(),
-                });
-            }
-            let mut f = Fields { bytes: body };
+            let mut f = expect_min_len(id, kind, body, 24)?;
             let generation = f.u64();
             let total = f.u32();
             let start = f.u32();
