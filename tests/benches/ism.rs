@@ -6,7 +6,8 @@
 //!
 //! Run with `cargo bench -p ism-tests --bench ism` (builds release ism-vmm and ism-pool on
 //! first use; `ISM_VMM` / `ISM_POOL` override). `ISM_BENCH_ROUND_TRIPS` changes the number of
-//! timed round trips (default 100 000). Nothing here asserts anything about time.
+//! timed round trips (default 100 000); `ISM_BENCH_PART=scale` runs only the 8-guest run and
+//! writes nothing. Nothing here asserts anything about time.
 //!
 //! Guest loops time themselves with `rdtsc` in ring 3 and report TSC cycles; host loops use
 //! `rdtsc` too, and everything is converted with the TSC rate measured here against
@@ -15,8 +16,10 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use ism_tests::pair::ScratchDir;
 use ism_tests::{IsmGuest, IsmSpec, PoolBroker, kvm_available};
 
 const MESSAGE: usize = 64;
@@ -35,6 +38,12 @@ const MANY_REGIONS: u64 = 1000;
 const INTERLEAVED_ROUNDS: usize = 5;
 /// Tokens per `attach-many` line.
 const ATTACH_BATCH: usize = 250;
+/// Regions hot-added through B's REST API, one at a time.
+const HOT_ADDS: u64 = 50;
+/// Guests of the scale run (pairs ping-pong at once).
+const SCALE_GUESTS: usize = 8;
+/// Goal for the host-side part of a kick round trip, against host eventfd ping-pong.
+const KICK_GOAL_RATIO: f64 = 2.0;
 
 /// Goals from issue 7.
 const POLL_GOAL_RATIO: f64 = 1.5;
@@ -509,6 +518,9 @@ struct GuestResults {
     memcpy_from_region_uc: Option<f64>,
     kick: Option<Latency>,
     kick_count: u64,
+    /// Kick ping-pong with the kick back from the server's interrupt handler.
+    kick_split: Option<KickSplit>,
+    hot_add: Option<HotAdd>,
     /// One ring-3 -> ring-0 -> ring-3 trip in the guest.
     ring0_ns: Option<f64>,
     /// Polling ping-pong medians (ns) of interleaved host / ism rounds.
@@ -629,8 +641,13 @@ fn guest_benchmarks(round_trips: u64, per_ns: f64) -> GuestResults {
     let mut results = GuestResults::default();
     let broker = PoolBroker::start("1G");
     let spec = IsmSpec::default();
+    let api_dir = ScratchDir::new("bench-api");
+    let api_socket = api_dir.path().join("b.sock");
+    let api_arg = format!("path={}", api_socket.display());
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
+    let mut b = IsmGuest::start_with_args("B", &broker, &spec, &[], &["--api-socket", &api_arg]);
+    a.set_timeout(Duration::from_secs(900));
+    b.set_timeout(Duration::from_secs(900));
     // A's vCPU on CPU 0, B's on CPU 1.
     let vmms = vmm_rss_kib();
     let pinned = vmms.len() == 2 && pin_process(vmms[0].0, 0) && pin_process(vmms[1].0, 1);
@@ -727,6 +744,8 @@ fn guest_benchmarks(round_trips: u64, per_ns: f64) -> GuestResults {
         ));
     }
 
+    results.kick_split = kick_split(&mut a, &mut b, &token, per_ns, &mut results.notes);
+
     let ring0 = a.cmd("bench ring0 2000");
     if ring0.status() == "ok" {
         results.ring0_ns = Some(number(&ring0, "per_trip") as f64 / per_ns);
@@ -748,6 +767,8 @@ fn guest_benchmarks(round_trips: u64, per_ns: f64) -> GuestResults {
             .notes
             .push(format!("control plane failed: {}", control.line));
     }
+
+    results.hot_add = hot_add_latency(&mut a, &mut b, &broker, &api_socket, &mut results.notes);
 
     // Many regions: A allocates and grants them, B attaches them all; B's VMM RSS before and
     // after (B's VMM is the later-started one).
@@ -850,6 +871,11 @@ fn main() {
         "TSC: {:.3} GHz (measured against the monotonic clock)",
         per_ns
     );
+    // For working on one part: run only the scale run, print it, write nothing.
+    if std::env::var("ISM_BENCH_PART").as_deref() == Ok("scale") {
+        println!("{}", scale_section(&scale(round_trips, per_ns)));
+        return;
+    }
 
     // Host baselines first, while this process has one thread (they fork).
     let shm = host_shm_ping_pong(round_trips, per_ns);
@@ -859,14 +885,16 @@ fn main() {
     let shm_stream = host_shm_stream(STREAM_MESSAGES, per_ns);
     let tcp_stream = host_tcp_stream(STREAM_MESSAGES, per_ns);
 
-    let guests = if kvm_available() {
-        guest_benchmarks(round_trips, per_ns)
+    let (guests, scale) = if kvm_available() {
+        let guests = guest_benchmarks(round_trips, per_ns);
+        (guests, Some(scale(round_trips, per_ns)))
     } else {
         println!("SKIPPED: /dev/kvm missing or not accessible; guest rows need KVM");
-        GuestResults {
+        let guests = GuestResults {
             notes: vec!["/dev/kvm missing: no guest rows".into()],
             ..GuestResults::default()
-        }
+        };
+        (guests, None)
     };
     let load_after = load_average();
     let (cpu, kvm) = machine();
@@ -880,6 +908,7 @@ fn main() {
         shm_stream,
         tcp_stream,
         guests: &guests,
+        scale: scale.as_ref(),
         cpu: &cpu,
         kvm: &kvm,
         load_before: &load_before,
@@ -899,6 +928,7 @@ struct Rendered<'a> {
     shm_stream: f64,
     tcp_stream: f64,
     guests: &'a GuestResults,
+    scale: Option<&'a Scale>,
     cpu: &'a str,
     kvm: &'a str,
     load_before: &'a str,
@@ -950,6 +980,24 @@ fn render(r: &Rendered<'_>) -> String {
         &mut t,
         "ism, waiting side sleeps until the kick (kick ping-pong)",
         g.kick,
+        r.shm,
+        r.tcp,
+    );
+    latency_row(
+        &mut t,
+        "ism kick ping-pong: A kicks, B's interrupt handler kicks back (both spin in ring 3; on PVM includes emulated guest ring 0)",
+        g.kick_split.map(|k| k.round_trip),
+        r.shm,
+        r.tcp,
+    );
+    latency_row(
+        &mut t,
+        "  of which host side: round trip minus A's and B's ring-0 time, per round trip",
+        g.kick_split.map(|k| Latency {
+            median: k.host.0,
+            p99: k.host.1,
+            count: k.round_trip.count,
+        }),
         r.shm,
         r.tcp,
     );
@@ -1058,6 +1106,19 @@ fn render(r: &Rendered<'_>) -> String {
             goal(tcp_ratio >= TCP_LATENCY_GOAL)
         ));
     }
+    match g.kick_split {
+        Some(k) => {
+            let ratio = k.host.0 / r.efd.median;
+            goal_line(format!(
+                "kick ping-pong (kick back from the interrupt handler), host-side part within \
+                 {KICK_GOAL_RATIO}x of host eventfd ping-pong: {ratio:.2}x, {} (PVM host; the \
+                 whole round trip including emulated guest ring 0 is {:.2}x)",
+                goal(ratio <= KICK_GOAL_RATIO),
+                k.round_trip.median / r.efd.median
+            ));
+        }
+        None => goal_line("kick ping-pong from the handler: not measured (failed)".into()),
+    }
     match g.stream {
         Some(v) => {
             let ratio = v / g.memcpy_private.unwrap_or(f64::NAN);
@@ -1106,6 +1167,27 @@ fn render(r: &Rendered<'_>) -> String {
             delta
         );
     }
+    if let Some(h) = &g.hot_add {
+        let mut to_guest = h.to_guest.clone();
+        let mut to_answer = h.to_answer.clone();
+        let min = to_guest.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = to_guest.iter().copied().fold(0.0, f64::max);
+        let _ = writeln!(
+            control,
+            "- region hot-add through the REST API: the host sends `PUT vm.ism-add-region` \
+             (attach by token, rw, of a 4 KiB region A allocated and granted) to B's \
+             `--api-socket` and spins until B's guest, spinning in ring 3 on its event queue, \
+             has taken the REGION_ADDED event and written the token into the region's first \
+             word, which the host watches through the pool's memfd (host clock, no serial \
+             line on the path): median {} µs (min {}, max {}) over {} hot-adds; the API's \
+             HTTP answer is complete after a median of {} µs",
+            us(median(&mut to_guest)),
+            us(min),
+            us(max),
+            h.to_guest.len(),
+            us(median(&mut to_answer))
+        );
+    }
     for note in &g.notes {
         let _ = writeln!(control, "- {note}");
     }
@@ -1122,6 +1204,46 @@ fn render(r: &Rendered<'_>) -> String {
              turns into an emulated #UD, the stub, and `iretq`) takes {:.2} µs here, \
              against well under 1 µs natively.{per_kick}\n",
             ns / 1000.0
+        )
+    });
+    let kick_split = g.kick_split.map_or_else(String::new, |k| {
+        format!(
+            "The handler kick row: B arms its interrupt handler (ring-0 assembly, \
+             tests/guest/src/boot.rs) to kick back on each kick: after the EOI it reads the \
+             TSC and writes B's doorbell as its last store. A kicks from ring 3; both guests \
+             spin in ring 3 reading the TSC (no halt, LAPIC timer off). The pause in that loop \
+             during which the kick interrupt was counted is the time the guest spent in ring \
+             0: PVM's switch into emulated ring 0, interrupt entry, handler, `iretq` and the \
+             switch back. B splits its pause at the handler's TSC stamp and publishes both \
+             parts in the region; the part after the doorbell write overlaps the path back to \
+             A and is not subtracted. Per round trip (median / p99, µs): round trip {} / {}; A's \
+             ring 0 {} / {}; B's ring 0 up to its doorbell write {} / {} (after it: {} / {}); \
+             the rest, the host-side part (A's doorbell exit, the signalling between the two \
+             VMMs, interrupt injection into B and into A) {} / {}, against {} / {} for two \
+             host processes waking each other through eventfds. {} of {} round trips had \
+             subtracted ring-0 times longer than the round trip (host part counted as 0); \
+             {} of B's kicks had no usable stamp. {:.0} round trips/s, {:.0} kicks/s (two \
+             per round trip; whole run incl. warm-up and A's wait for B's record). Pauses no \
+             kick explains (the host ran something else on that CPU): {} at A, {} at B.\n",
+            us(k.round_trip.median),
+            us(k.round_trip.p99),
+            us(k.client_ring0.0),
+            us(k.client_ring0.1),
+            us(k.server_ring0.0),
+            us(k.server_ring0.1),
+            us(k.server_after_doorbell.0),
+            us(k.server_after_doorbell.1),
+            us(k.host.0),
+            us(k.host.1),
+            us(r.efd.median),
+            us(r.efd.p99),
+            k.overlapping,
+            k.round_trip.count,
+            k.unstamped,
+            k.kicks_per_s / 2.0,
+            k.kicks_per_s,
+            k.noise_gaps.0,
+            k.noise_gaps.1,
         )
     });
     let kicks = if g.kick.is_some() {
@@ -1183,7 +1305,8 @@ fn render(r: &Rendered<'_>) -> String {
          interleaved rounds): this machine is itself a VM (2 CPUs, one L2 each, shared L3) \
          whose CPUs the cloud host places as it likes. Compare rows measured in the same \
          state; the interleaved best-of-rounds ratio does that.\n\n\
-         {kicks}{ring0}\n\
+         {kicks}{kick_split}{ring0}\n\
+         {scale}\
          Control plane, clock check and notes:\n\n{control}\n",
         cpu = r.cpu,
         kvm = r.kvm,
@@ -1193,6 +1316,7 @@ fn render(r: &Rendered<'_>) -> String {
         region = SHARED_LEN / 1024,
         rt = r.round_trips,
         msgs = STREAM_MESSAGES,
+        scale = r.scale.map_or_else(String::new, scale_section),
     )
 }
 
@@ -1216,4 +1340,364 @@ fn write_section(section: &str) {
         Ok(()) => println!("wrote {}", path.display()),
         Err(e) => println!("could not write {}: {e}", path.display()),
     }
+}
+
+/// Kick ping-pong with the kick back sent by the server's interrupt handler, split into
+/// the guests' ring-0 time and the host-side rest (cycles converted to ns).
+#[derive(Clone, Copy)]
+struct KickSplit {
+    round_trip: Latency,
+    /// Client's ring-0 pause per round trip (interrupt entry, handler, return): median, p99.
+    client_ring0: (f64, f64),
+    /// Server's ring-0 time per kick up to its doorbell write from the handler.
+    server_ring0: (f64, f64),
+    /// Server's ring-0 time after that write (overlaps the path back to the client).
+    server_after_doorbell: (f64, f64),
+    /// Round trips whose two subtracted ring-0 times exceed the round trip (host part 0).
+    overlapping: u64,
+    /// Server kicks without a usable TSC stamp from the handler.
+    unstamped: u64,
+    /// Round trip minus both ring-0 pauses, per round trip: median, p99.
+    host: (f64, f64),
+    kicks_per_s: f64,
+    /// Spin-loop pauses no kick explains, at the client and the server.
+    noise_gaps: (u64, u64),
+}
+
+fn kick_split(
+    a: &mut IsmGuest,
+    b: &mut IsmGuest,
+    token: &str,
+    per_ns: f64,
+    notes: &mut Vec<String>,
+) -> Option<KickSplit> {
+    let served = b.send(&format!("bench kpp {token} server {KICK_ROUND_TRIPS}"));
+    let client = a.cmd(&format!("bench kpp {token} client {KICK_ROUND_TRIPS}"));
+    let server = b.answer(served);
+    if client.status() != "ok" || server.status() != "ok" {
+        notes.push(format!(
+            "kick ping-pong (kick back from the handler) failed: A {} / B {}",
+            client.line, server.line
+        ));
+        return None;
+    }
+    let ns = |key: &str| number(&client, key) as f64 / per_ns;
+    let total_s = number(&client, "total_cycles") as f64 / per_ns / 1e9;
+    let timer_ticks = number(&client, "timer_ticks");
+    if timer_ticks != 0 {
+        notes.push(format!(
+            "kick ping-pong: {timer_ticks} LAPIC timer interrupts at A during the row"
+        ));
+    }
+    Some(KickSplit {
+        round_trip: Latency {
+            median: ns("median"),
+            p99: ns("p99"),
+            count: number(&client, "count"),
+        },
+        client_ring0: (ns("own_ring0_median"), ns("own_ring0_p99")),
+        server_ring0: (ns("peer_ring0_median"), ns("peer_ring0_p99")),
+        server_after_doorbell: (
+            ns("peer_after_doorbell_median"),
+            ns("peer_after_doorbell_p99"),
+        ),
+        overlapping: number(&client, "overlapping"),
+        unstamped: number(&server, "unstamped"),
+        host: (ns("host_median"), ns("host_p99")),
+        kicks_per_s: 2.0 * (number(&client, "count") + WARMUP) as f64 / total_s,
+        noise_gaps: (number(&client, "noise_gaps"), number(&server, "noise_gaps")),
+    })
+}
+
+/// Send an HTTP/1.1 `PUT /api/v1/<action>` with a JSON body on the VMM's API socket and
+/// return the connection without waiting for the answer.
+fn api_put(socket: &std::path::Path, action: &str, body: &str) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket)?;
+    let request = format!(
+        "PUT /api/v1/{action} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes())?;
+    stream.set_nonblocking(true)?;
+    Ok(stream)
+}
+
+/// The first 4 KiB of pool region `token`, mapped read-only from the broker's memfd (through
+/// /proc/<broker>/fd), so the host sees what guests write there.
+struct RegionView {
+    base: *const u64,
+}
+
+impl RegionView {
+    fn open(broker_pid: u32, token: u64) -> Option<Self> {
+        let name = format!("/memfd:ism-{token:#018x} ");
+        let fd_dir = format!("/proc/{broker_pid}/fd");
+        let path = std::fs::read_dir(&fd_dir).ok()?.flatten().find_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            target.to_str()?.starts_with(&name).then(|| e.path())
+        })?;
+        let file = std::fs::File::open(path).ok()?;
+        // SAFETY: a fresh read-only shared mapping of one page of a memfd at least that long
+        // (regions are page multiples); the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        (base != libc::MAP_FAILED).then(|| Self { base: base.cast() })
+    }
+
+    fn first_word(&self) -> u64 {
+        // SAFETY: aligned, inside the mapping, which lives as long as self; a guest may write
+        // it at any time, hence volatile.
+        unsafe { self.base.read_volatile() }
+    }
+}
+
+impl Drop for RegionView {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in open, unmapped once.
+        unsafe { libc::munmap(self.base as *mut _, 4096) };
+    }
+}
+
+/// Hot-add figures: from sending the API request to the guest's marker, and to the end of
+/// the API's answer (ns), per region.
+#[derive(Default)]
+struct HotAdd {
+    to_guest: Vec<f64>,
+    to_answer: Vec<f64>,
+}
+
+/// A allocates and grants `HOT_ADDS` regions; for each, the host maps it, sends
+/// `vm.ism-add-region` to B's API and spins until B's marker (the token, written by B when
+/// it took the REGION_ADDED event off its event queue) appears in the region.
+fn hot_add_latency(
+    a: &mut IsmGuest,
+    b: &mut IsmGuest,
+    broker: &PoolBroker,
+    api_socket: &std::path::Path,
+    notes: &mut Vec<String>,
+) -> Option<HotAdd> {
+    let many = a.cmd(&format!("alloc-many {HOT_ADDS} 4K 900 rwa"));
+    let tokens: Vec<u64> = many
+        .get("tokens")
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|t| u64::from_str_radix(t.strip_prefix("0x")?, 16).ok())
+        .collect();
+    if many.get("status") != Some("ok") || tokens.len() as u64 != HOT_ADDS {
+        notes.push(format!("hot-add: A's alloc-many failed: {}", many.line));
+        return None;
+    }
+    let waiting = b.send(&format!("bench hotadd {HOT_ADDS}"));
+    // Let B read the command and start spinning on its event queue.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut out = HotAdd::default();
+    for token in tokens {
+        let Some(view) = RegionView::open(broker.pid(), token) else {
+            notes.push(format!(
+                "hot-add: cannot map region {token:#x} from the broker"
+            ));
+            return None;
+        };
+        let body = format!(r#"{{"id":"ism0","token":{token},"access":"rw"}}"#);
+        let start = Instant::now();
+        let mut stream = match api_put(api_socket, "vm.ism-add-region", &body) {
+            Ok(s) => s,
+            Err(e) => {
+                notes.push(format!("hot-add: API request failed: {e}"));
+                return None;
+            }
+        };
+        let (mut seen, mut answered) = (None, None);
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while seen.is_none() || answered.is_none() {
+            if seen.is_none() && view.first_word() == token {
+                seen = Some(start.elapsed());
+            }
+            if answered.is_none() {
+                match stream.read(&mut buf) {
+                    Ok(0) => answered = Some(start.elapsed()),
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        notes.push(format!("hot-add: reading the API answer failed: {e}"));
+                        return None;
+                    }
+                }
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                notes.push(format!("hot-add: region {token:#x} not seen within 10 s"));
+                return None;
+            }
+            std::hint::spin_loop();
+        }
+        if !answer.starts_with(b"HTTP/1.1 200") {
+            notes.push(format!(
+                "hot-add: the API answered {}",
+                String::from_utf8_lossy(&answer)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            ));
+            return None;
+        }
+        out.to_guest.push(seen?.as_nanos() as f64);
+        out.to_answer.push(answered?.as_nanos() as f64);
+    }
+    let done = b.answer(waiting);
+    if done.status() != "ok" {
+        notes.push(format!("hot-add: B's event loop failed: {}", done.line));
+        return None;
+    }
+    Some(out)
+}
+
+/// Median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_unstable_by(f64::total_cmp);
+    v[(v.len() - 1) / 2]
+}
+
+/// One pair's figures in the scale run.
+struct ScalePair {
+    latency: Latency,
+    max_ns: f64,
+}
+
+/// Scale run: `SCALE_GUESTS` guests on one broker, pairs ping-ponging (polling) at once.
+#[derive(Default)]
+struct Scale {
+    pairs: Vec<ScalePair>,
+    /// Round trips of all pairs (timed and warm-up) per second of host wall time, from the
+    /// first client command sent to the last answer read.
+    aggregate_per_s: f64,
+    round_trips: u64,
+    notes: Vec<String>,
+}
+
+fn scale(round_trips: u64, per_ns: f64) -> Scale {
+    let mut out = Scale {
+        round_trips,
+        ..Scale::default()
+    };
+    let broker = PoolBroker::start("1G");
+    let spec = IsmSpec::default();
+    let mut guests: Vec<IsmGuest> = (0..SCALE_GUESTS)
+        .map(|i| {
+            let mut g = IsmGuest::start(&format!("S{i}"), &broker, &spec, &[]);
+            g.set_timeout(Duration::from_secs(600));
+            g
+        })
+        .collect();
+    let region_size = (RING_SLOTS_AT + RING_SLOTS * STREAM_MESSAGE) as u64;
+    let mut tokens = Vec::new();
+    for pair in guests.chunks_mut(2) {
+        let [a, b] = pair else {
+            unreachable!("even count")
+        };
+        let alloc = a.cmd(&format!("alloc {region_size}"));
+        if alloc.status() != "ok" {
+            panic!(
+                "scale alloc: {}\n{}\n--- pool ---\n{}",
+                alloc.line,
+                a.describe(),
+                broker.log()
+            );
+        }
+        let token = alloc.get("token").expect("token").to_string();
+        a.cmd(&format!("grant {token} {} rwa", b.devid()))
+            .ok("scale grant");
+        b.cmd(&format!("attach {token} rw")).ok("scale attach");
+        for g in [&mut *a, &mut *b] {
+            g.cmd(&format!("bench cache {token} wb 0")).ok("scale wb");
+        }
+        tokens.push(token);
+    }
+    // Clients (even guests) on CPU 0, servers (odd) on CPU 1, as in the two-guest rows.
+    for (i, g) in guests.iter().enumerate() {
+        if !pin_process(g.pid(), i % 2) {
+            out.notes
+                .push(format!("could not pin {}'s vCPU thread", g.name()));
+        }
+    }
+    let mut served = Vec::new();
+    for (pair, token) in guests.chunks_mut(2).zip(&tokens) {
+        served.push(pair[1].send(&format!("bench pp {token} server {round_trips}")));
+    }
+    let started = Instant::now();
+    let mut asked = Vec::new();
+    for (pair, token) in guests.chunks_mut(2).zip(&tokens) {
+        asked.push(pair[0].send(&format!("bench pp {token} client {round_trips}")));
+    }
+    let mut ok = true;
+    for (k, pair) in guests.chunks_mut(2).enumerate() {
+        let client = pair[0].answer(asked[k]);
+        let server = pair[1].answer(served[k]);
+        if client.status() == "ok" && server.status() == "ok" {
+            out.pairs.push(ScalePair {
+                latency: guest_latency(&client, per_ns),
+                max_ns: number(&client, "max") as f64 / per_ns,
+            });
+        } else {
+            ok = false;
+            out.notes.push(format!(
+                "scale pair {k} failed: {} / {}",
+                client.line, server.line
+            ));
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    if ok {
+        out.aggregate_per_s = (SCALE_GUESTS as u64 / 2 * (round_trips + WARMUP)) as f64 / wall;
+    }
+    for g in guests {
+        g.power_off();
+    }
+    out
+}
+
+fn scale_section(sc: &Scale) -> String {
+    let mut out = format!(
+        "Scale: {SCALE_GUESTS} guests (8 `ism-vmm` processes, 1 vCPU each, one `ism-pool`), \
+         {} pairs ping-ponging 64-byte messages at once, both sides polling, {} timed round \
+         trips per pair after {WARMUP} warm-up ones. Only 2 CPUs here: the 8 vCPU threads \
+         share them (clients pinned to CPU 0, servers to CPU 1, 4 each), so a pair makes \
+         progress only while both its vCPUs are on a CPU; p99 and max show the host \
+         scheduler's time slices, not ism.\n\n\
+         | pair | median (µs) | p99 (µs) | max (µs) | round trips |\n|---|---:|---:|---:|---:|\n",
+        SCALE_GUESTS / 2,
+        sc.round_trips
+    );
+    for (k, p) in sc.pairs.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            k + 1,
+            us(p.latency.median),
+            us(p.latency.p99),
+            us(p.max_ns),
+            p.latency.count
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nAggregate: {:.0} round trips/s over all pairs (timed and warm-up round trips of all \
+         pairs divided by the host's wall time from the first client command to the last \
+         answer, which includes the serial commands).",
+        sc.aggregate_per_s
+    );
+    for note in &sc.notes {
+        let _ = writeln!(out, "- {note}");
+    }
+    out.push('\n');
+    out
 }

@@ -164,6 +164,11 @@ impl PoolBroker {
         })
     }
 
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.group.child.id()
+    }
+
     /// Whether the broker process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.group.child.try_wait(), Ok(None))
@@ -268,6 +273,17 @@ impl IsmGuest {
     /// Boot a guest named `name` whose device uses `broker`, run `script` (commands separated
     /// by `;`, words by `,`, run before serial input is read) and wait for `ism=ready`.
     pub fn start(name: &str, broker: &PoolBroker, spec: &IsmSpec, script: &[&str]) -> Self {
+        Self::start_with_args(name, broker, spec, script, &[])
+    }
+
+    /// As [`IsmGuest::start`], with `extra` arguments for ism-vmm (e.g. `--api-socket`).
+    pub fn start_with_args(
+        name: &str,
+        broker: &PoolBroker,
+        spec: &IsmSpec,
+        script: &[&str],
+        extra: &[&str],
+    ) -> Self {
         let vmm = vmm_binary();
         let mut cmdline = "ism.test=ism".to_string();
         if !script.is_empty() {
@@ -294,6 +310,7 @@ impl IsmGuest {
                     "tty",
                 ])
                 .args(["--ism", &ism])
+                .args(extra)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
@@ -325,6 +342,16 @@ impl IsmGuest {
     /// This guest's name in messages.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Give this guest `from_now` more time: every later wait ends at the new deadline.
+    pub fn set_timeout(&mut self, from_now: Duration) {
+        self.deadline = Instant::now() + from_now;
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.group.child.id()
     }
 
     /// The device id the guest's device reported.

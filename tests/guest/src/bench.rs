@@ -8,7 +8,11 @@
 //! - 0: request sequence number, 64: 64-byte request message;
 //! - 4096: reply sequence number, 4160: 64-byte reply message;
 //! - 8192: ring head (messages published), 8256: ring tail (messages consumed);
+//! - 12288: kick ping-pong handshake (the server sets it once armed, the client clears it);
 //! - 16384: `RING_SLOTS` slots of `STREAM_MESSAGE` bytes.
+//!
+//! The kick ping-pong (`kpp`) reuses the reply words: the server publishes its ring-0 time
+//! per kick at 4160 and the kick's number at 4096.
 //!
 //! The two sides run the same command with opposite roles at the same time; the host starts
 //! the passive side first. Every spin is bounded by `TIMEOUT_CYCLES`.
@@ -35,8 +39,14 @@ const REPLY_MSG: u64 = 4160;
 const RING_HEAD: u64 = 8192;
 const RING_TAIL: u64 = 8256;
 const RING_SLOTS_AT: u64 = 16384;
+const KPP_READY: u64 = 12288;
 /// Round trips timed at most (the samples buffer).
 const MAX_SAMPLES: usize = 400_000;
+/// Kick round trips timed at most (the per-part sample buffers).
+const MAX_KICK_SAMPLES: usize = 100_000;
+/// A pause of the ring-3 spin loop longer than this (about 1 µs) that no kick explains is
+/// counted as noise: the host ran something else on this vCPU's CPU.
+const NOISE_CYCLES: u64 = 2_500;
 /// Untimed round trips before the timed ones.
 const WARMUP: u64 = 10_000;
 /// About 20 s at 3 GHz: a peer that never answers ends the command instead of hanging it.
@@ -44,6 +54,9 @@ const TIMEOUT_CYCLES: u64 = 60_000_000_000;
 
 struct Buffers {
     samples: [u32; MAX_SAMPLES],
+    /// Kick ping-pong: this side's ring-0 time, the peer's up to its doorbell write, the rest
+    /// (host side), and the peer's ring-0 time after its doorbell write.
+    parts: [[u32; MAX_KICK_SAMPLES]; 4],
     source: [u8; STREAM_MESSAGE],
     sink: [u8; STREAM_MESSAGE],
 }
@@ -55,6 +68,7 @@ unsafe impl Sync for Static {}
 
 static BUFFERS: Static = Static(UnsafeCell::new(Buffers {
     samples: [0; MAX_SAMPLES],
+    parts: [[0; MAX_KICK_SAMPLES]; 4],
     source: [0; STREAM_MESSAGE],
     sink: [0; STREAM_MESSAGE],
 }));
@@ -144,6 +158,10 @@ pub fn run<'a>(
         let count = words.next().and_then(|w| w.parse().ok()).ok_or("count")?;
         return control_plane(ism, count, seq);
     }
+    if kind == "hotadd" {
+        let count = words.next().and_then(|w| w.parse().ok()).ok_or("count")?;
+        return hot_adds(ism, count, seq);
+    }
     let region = region.ok_or("ENOENT")?;
     let role = words.next().ok_or("role")?;
     let count: u64 = words.next().and_then(|w| w.parse().ok()).ok_or("count")?;
@@ -153,6 +171,8 @@ pub fn run<'a>(
         ("pp", "server") => ping_pong_server(ism, region, base, count, Wait::Poll, seq),
         ("ppk", "client") => ping_pong_client(ism, region, base, count, Wait::Kick, seq),
         ("ppk", "server") => ping_pong_server(ism, region, base, count, Wait::Kick, seq),
+        ("kpp", "client") => kick_ping_pong_client(ism, region, base, count, seq),
+        ("kpp", "server") => kick_ping_pong_server(ism, region, base, count, seq),
         ("stream", "send") => stream_send(base, count, seq),
         ("stream", "recv") => stream_receive(base, count, seq),
         ("memcpy", _) => memcpy(base, count, seq),
@@ -498,5 +518,217 @@ fn ring0_round_trips(count: u64, seq: u64) -> Result<(), &'static str> {
         "seq={seq} cmd=bench status=ok kind=ring0 count={count} cycles={cycles} per_trip={}",
         cycles / count
     );
+    Ok(())
+}
+
+/// Ring-3 spin-loop pauses that no kick explains (the host ran something else here).
+#[derive(Default)]
+struct Noise {
+    gaps: u64,
+    cycles: u64,
+}
+
+/// The pause in a ring-3 spin loop that an interrupt caused.
+struct Pause {
+    /// Last TSC read in ring 3 before it.
+    start: u64,
+    /// First TSC read in ring 3 after it.
+    end: u64,
+}
+
+/// Spin in ring 3 (no halt) until the kick counter moves past `seen`, reading the TSC on
+/// every turn: the interrupt shows up as the one long pause of the loop, which is the
+/// time spent in ring 0 (interrupt entry, handler, return). `None` at `deadline`.
+fn spin_for_kick(seen: u64, deadline: u64, noise: &mut Noise) -> Option<Pause> {
+    let vector = crate::ism_shell::KICK_VECTOR;
+    let mut prev = tsc();
+    loop {
+        let now = tsc();
+        let pause = now - prev;
+        let before = prev;
+        prev = now;
+        if boot::irq_count(vector) != seen {
+            // The interrupt came after the previous counter read: before `now` (then `pause`
+            // holds it) or between `now` and the read above (then the next pause does).
+            let end = tsc();
+            return Some(if pause >= end - now {
+                Pause { start: before, end }
+            } else {
+                Pause { start: now, end }
+            });
+        }
+        if pause > NOISE_CYCLES {
+            noise.gaps += 1;
+            noise.cycles += pause;
+        }
+        if now > deadline {
+            return None;
+        }
+    }
+}
+
+/// The doorbell byte of `region` (the notify slot of its first chunk).
+fn doorbell(ism: &IsmDriver<'_, GuestPlatform>, region: &Region) -> Result<u64, &'static str> {
+    let g = ism.window().geometry();
+    let slot = (region.first_offset() / g.chunk_size) * g.notify_size;
+    if slot >= g.notify_len {
+        return Err("no_doorbell");
+    }
+    Ok(g.notify_addr + slot)
+}
+
+/// `bench kpp TOKEN client COUNT`: kick ping-pong. The client kicks from ring 3 and spins in
+/// ring 3 until its own handler has counted the kick back, which the server's interrupt
+/// handler sends from ring 0. Per round trip it keeps the round trip, its own ring-0 pause,
+/// the server's ring-0 time up to its doorbell write (published in the region) and the rest:
+/// the host-side part. The server's ring-0 time after the doorbell write overlaps the path
+/// back to the client, so it is reported apart and not subtracted.
+fn kick_ping_pong_client(
+    ism: &IsmDriver<'_, GuestPlatform>,
+    region: &Region,
+    base: *mut u8,
+    count: u64,
+    seq: u64,
+) -> Result<(), &'static str> {
+    let timed = usize::try_from(count).map_err(|_| "count")?;
+    if timed == 0 || timed > MAX_KICK_SAMPLES {
+        return Err("count");
+    }
+    // SAFETY: the only reference to the buffers while the command runs.
+    let buffers = unsafe { &mut *BUFFERS.0.get() };
+    boot::arm_kick_back(None);
+    if !wait_for(base, KPP_READY, 1, Wait::Poll, tsc() + TIMEOUT_CYCLES) {
+        return Err("server_not_ready");
+    }
+    store(base, KPP_READY, 0);
+    let first = load(base, REPLY_SEQ) + 1;
+    let mut noise = Noise::default();
+    let mut overlapping = 0u64;
+    let timer_before = boot::irq_count(apic::TIMER_VECTOR);
+    let start = tsc();
+    for i in 0..WARMUP + count {
+        let seen = boot::irq_count(crate::ism_shell::KICK_VECTOR);
+        let deadline = tsc() + TIMEOUT_CYCLES;
+        let t0 = tsc();
+        ism.kick(region).map_err(|_| "kick_failed")?;
+        let pause = spin_for_kick(seen, deadline, &mut noise).ok_or("TIMEOUT")?;
+        let (t1, own) = (pause.end, pause.end - pause.start);
+        // The server publishes its pause from ring 3 after its handler returned.
+        if !wait_for(base, REPLY_SEQ, first + i, Wait::Poll, deadline) {
+            return Err("TIMEOUT");
+        }
+        let peer = load(base, REPLY_MSG);
+        let peer_after = load(base, REPLY_MSG + 8);
+        if i >= WARMUP {
+            let k = (i - WARMUP) as usize;
+            let round_trip = t1 - t0;
+            let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+            buffers.samples[k] = clamp(round_trip);
+            buffers.parts[0][k] = clamp(own);
+            buffers.parts[1][k] = clamp(peer);
+            buffers.parts[2][k] = clamp(round_trip.saturating_sub(own + peer));
+            buffers.parts[3][k] = clamp(peer_after);
+            if own + peer > round_trip {
+                overlapping += 1;
+            }
+        }
+    }
+    let total = tsc() - start;
+    let stats = |v: &mut [u32]| {
+        v.sort_unstable();
+        (v[(timed - 1) / 2], v[(timed - 1) * 99 / 100])
+    };
+    let (rt_median, rt_p99) = stats(&mut buffers.samples[..timed]);
+    let [own, peer, host, peer_after] = &mut buffers.parts;
+    let (own_median, own_p99) = stats(&mut own[..timed]);
+    let (peer_median, peer_p99) = stats(&mut peer[..timed]);
+    let (host_median, host_p99) = stats(&mut host[..timed]);
+    let (after_median, after_p99) = stats(&mut peer_after[..timed]);
+    report!(
+        "seq={seq} cmd=bench status=ok kind=kpp role=client count={count} warmup={WARMUP} median={rt_median} p99={rt_p99} own_ring0_median={own_median} own_ring0_p99={own_p99} peer_ring0_median={peer_median} peer_ring0_p99={peer_p99} peer_after_doorbell_median={after_median} peer_after_doorbell_p99={after_p99} overlapping={overlapping} host_median={host_median} host_p99={host_p99} total_cycles={total} noise_gaps={} noise_cycles={} timer_ticks={}",
+        noise.gaps,
+        noise.cycles,
+        boot::irq_count(apic::TIMER_VECTOR) - timer_before,
+    );
+    Ok(())
+}
+
+/// `bench kpp TOKEN server COUNT`: arm the interrupt handler to kick `TOKEN`'s doorbell on
+/// every kick interrupt, then spin in ring 3 and publish each kick's ring-0 time before and
+/// after the handler's doorbell write (split at the TSC the handler stamped).
+fn kick_ping_pong_server(
+    ism: &IsmDriver<'_, GuestPlatform>,
+    region: &Region,
+    base: *mut u8,
+    count: u64,
+    seq: u64,
+) -> Result<(), &'static str> {
+    let first = load(base, REPLY_SEQ) + 1;
+    boot::arm_kick_back(Some((
+        doorbell(ism, region)?,
+        crate::ism_shell::KICK_VECTOR,
+    )));
+    store(base, KPP_READY, 1);
+    let mut noise = Noise::default();
+    let mut seen = boot::irq_count(crate::ism_shell::KICK_VECTOR);
+    let mut result = Ok(());
+    let mut unstamped = 0u64;
+    for i in 0..WARMUP + count {
+        let Some(pause) = spin_for_kick(seen, tsc() + TIMEOUT_CYCLES, &mut noise) else {
+            result = Err("TIMEOUT");
+            break;
+        };
+        seen = boot::irq_count(crate::ism_shell::KICK_VECTOR);
+        let stamp = boot::kick_back_tsc();
+        // A stamp outside the pause would be a stale one: count it all as before the write.
+        let (before, after) = if (pause.start..=pause.end).contains(&stamp) {
+            (stamp - pause.start, pause.end - stamp)
+        } else {
+            unstamped += 1;
+            (pause.end - pause.start, 0)
+        };
+        store(base, REPLY_MSG, before);
+        store(base, REPLY_MSG + 8, after);
+        store(base, REPLY_SEQ, first + i);
+    }
+    boot::arm_kick_back(None);
+    result?;
+    report!(
+        "seq={seq} cmd=bench status=ok kind=kpp role=server count={count} unstamped={unstamped} noise_gaps={} noise_cycles={}",
+        noise.gaps,
+        noise.cycles,
+    );
+    Ok(())
+}
+
+/// `bench hotadd COUNT`: spin in ring 3 on the event queue until COUNT REGION_ADDED events
+/// arrived; for each, write the region's token into its first 8 bytes, which the host
+/// (mapping the same pool memory) is watching.
+fn hot_adds(
+    ism: &mut IsmDriver<'_, GuestPlatform>,
+    count: u64,
+    seq: u64,
+) -> Result<(), &'static str> {
+    let geometry = *ism.window().geometry();
+    let (mut added, mut other) = (0u64, 0u64);
+    let mut deadline = tsc() + TIMEOUT_CYCLES;
+    while added < count {
+        match ism.poll_event() {
+            Ok(Some(ism_guest_driver::ism::IsmEvent::RegionAdded { token, offset })) => {
+                // The driver checked that `offset` names a chunk of shmid 1.
+                let marker = (geometry.regions_addr + offset) as *mut u64;
+                // SAFETY: the first word of a chunk of the window's shared-memory part, where
+                // the VMM just mapped the region (read-write: the host adds it with rw).
+                unsafe { marker.write_volatile(token) };
+                added += 1;
+                deadline = tsc() + TIMEOUT_CYCLES;
+            }
+            Ok(Some(_)) => other += 1,
+            Ok(None) if tsc() > deadline => return Err("TIMEOUT"),
+            Ok(None) => core::hint::spin_loop(),
+            Err(_) => return Err("event_failed"),
+        }
+    }
+    report!("seq={seq} cmd=bench status=ok kind=hotadd added={added} other_events={other}");
     Ok(())
 }

@@ -16,7 +16,8 @@
 //!   (cd 80) from ring 3, steps over it and handles it as the call. eax selects: 0 wait for an interrupt (`sti; hlt`), 1 / 2 set /
 //!   clear IF in the caller's flags (ring 3 has no cli/sti here).
 //! - any other: count it in `ism_irq_counts[vector]`, EOI the local APIC (xAPIC MMIO) unless
-//!   it is the spurious vector 0xff.
+//!   it is the spurious vector 0xff; if ring 3 armed a kick-back for this vector
+//!   ([`arm_kick_back`]), write 1 to that doorbell byte (a kick sent from the handler).
 
 use core::arch::global_asm;
 
@@ -141,6 +142,18 @@ ism_isr_common:
     je ism_isr_return
     movl $0xfee000b0, %ecx
     movl $0, (%rcx)
+    # Kick back from the handler when ring 3 armed it for this vector, stamping the TSC just
+    # before the doorbell write (ring 3 splits its ring-0 time there); the write is the
+    # handler's last store, so little of its ring-0 time follows it.
+    cmpq ism_kick_back + 8, %rax
+    jne ism_isr_return
+    pushq %rdx
+    rdtsc
+    movl %eax, ism_kick_back + 16
+    movl %edx, ism_kick_back + 20
+    popq %rdx
+    movq ism_kick_back, %rcx
+    movb $1, (%rcx)
 ism_isr_return:
     popq %rcx
     popq %rax
@@ -314,6 +327,13 @@ ism_start_info:
     .global ism_fault
 ism_fault:
     .fill 8, 8, 0
+    # Kick-back doorbell: byte address to write 1 to, the vector that triggers it (0: off),
+    # and the TSC read just before the last doorbell write.
+    .global ism_kick_back
+ism_kick_back:
+    .quad 0
+    .quad 0
+    .quad 0
 
     .section .bss.ism_idt, "aw", @nobits
     .balign 4096
@@ -390,6 +410,36 @@ unsafe extern "C" {
     static ism_irq_counts: [u64; 256];
     /// Fault record: vector, error, rip, cr2, cs, rsp, count.
     static ism_fault: [u64; 8];
+    /// Doorbell byte address, trigger vector and last TSC stamp of the handler's kick-back.
+    static mut ism_kick_back: [u64; 3];
+}
+
+/// The TSC the handler read just before its last kick-back doorbell write.
+pub fn kick_back_tsc() -> u64 {
+    // SAFETY: an aligned u64 of the guest's own data, written by the handler on this CPU; a
+    // volatile read sees a whole value.
+    unsafe {
+        (&raw const ism_kick_back)
+            .cast::<u64>()
+            .add(2)
+            .read_volatile()
+    }
+}
+
+/// Make the interrupt handler write 1 to the doorbell byte at `doorbell` (identity-mapped,
+/// user-accessible device memory) after each interrupt on `vector`; `None` disarms it.
+pub fn arm_kick_back(armed: Option<(u64, u8)>) {
+    let slot = (&raw mut ism_kick_back).cast::<u64>();
+    // SAFETY: two aligned u64s of the guest's own data; the handler reads them on this CPU
+    // only, and the vector (read first) is set after the address and cleared before it
+    // changes, so the handler never writes to a stale address.
+    unsafe {
+        slot.add(1).write_volatile(0);
+        if let Some((doorbell, vector)) = armed {
+            slot.write_volatile(doorbell);
+            slot.add(1).write_volatile(u64::from(vector));
+        }
+    }
 }
 
 /// Fill the IDT: every vector goes to its stub through an interrupt gate; the software

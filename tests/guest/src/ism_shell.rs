@@ -625,7 +625,7 @@ impl Shell<'_> {
     /// `bench KIND [TOKEN ROLE] COUNT`: one side of a benchmark (bench.rs).
     fn bench<'a>(&mut self, mut words: impl Iterator<Item = &'a str>, seq: u64) -> Outcome {
         let kind = words.next().unwrap_or("");
-        let region = if matches!(kind, "ctl" | "ring0") {
+        let region = if matches!(kind, "ctl" | "ring0" | "hotadd") {
             None
         } else {
             match words.next().and_then(parse_number) {
