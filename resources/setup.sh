@@ -12,6 +12,14 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
 fi
 
+# dkms: guest-driver/linux checks `dkms install` of virtio_ism (build-ci.sh, pair-test.sh).
+# Without recommends: they would pull the host kernel's headers, which nothing here uses.
+if ! dpkg -s dkms >/dev/null 2>&1; then
+    echo "setup: installing Debian package dkms"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dkms
+fi
+
 if ! command -v cargo-fuzz >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-fuzz" ]; then
     echo "setup: installing cargo-fuzz from crates.io"
     cargo install cargo-fuzz --locked --quiet

@@ -3,7 +3,8 @@
 #  1. Debian's linux-headers for the cloud kernel the test images use, resolved at run
 #     time by resources/linux/fetch-debian-kernel.sh (downloads on first use, then cached);
 #  2. the PVM kernel tree, when resources/linux/build-pvm-kernel.sh has built it
-#     (never built here: that takes minutes; pass --pvm-build to build it).
+#     (never built here: that takes minutes; pass --pvm-build to build it);
+#  3. `make install` and `dkms install` of it against Debian's headers into scratch roots.
 # Builds happen in a scratch copy, so the source tree stays clean.
 # Prints "N passed, N failed" and exits non-zero on any failure.
 set -euo pipefail
@@ -39,9 +40,40 @@ build_against() {
     rm -rf "$scratch"
 }
 
+# The documented installs (docs/guest-driver.md) into a scratch image root: `make install`
+# and `dkms install -k RELEASE` must leave a module for RELEASE where modprobe finds it.
+# (pair-test.sh does the same against the PVM kernel and boots the images.)
+install_against() {
+    local label="$1" kdir="$2"
+    shift 2
+    local release scratch
+    release="$(install_release "$kdir")"
+    scratch="$(mktemp -d)"
+    if install_with_make "$kdir" "$scratch/make-root" "$scratch/make.log" "$@" &&
+        install_check "$scratch/make-root" "$release" extra; then
+        echo "PASS make install against $label: lib/modules/$release/extra/virtio_ism.ko"
+        passed=$((passed + 1))
+    else
+        echo "FAIL make install against $label ($kdir)"
+        failed=$((failed + 1))
+    fi
+    if install_with_dkms "$kdir" "$scratch/dkms-root" "$scratch/dkms.log" &&
+        install_check "$scratch/dkms-root" "$release" updates/dkms; then
+        echo "PASS dkms install against $label: lib/modules/$release/updates/dkms/virtio_ism.ko"
+        passed=$((passed + 1))
+    else
+        echo "FAIL dkms install against $label ($kdir)"
+        failed=$((failed + 1))
+    fi
+    rm -rf "$scratch"
+}
+
+# shellcheck source=lib-install.sh
+source "$here/lib-install.sh"
 command -v gcc-12 >/dev/null || apt-get install -y gcc-12 >&2
 eval "$(bash "$root/resources/linux/fetch-debian-kernel.sh")"
 build_against debian "$DEBIAN_HEADERS" gcc-12
+install_against debian "$DEBIAN_HEADERS" CC=gcc-12
 
 pvm_tree=""
 if [[ "$build_pvm" == 1 ]]; then

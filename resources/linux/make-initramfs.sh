@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Build a busybox-static initramfs (cpio newc, gzip) for ism's Linux test guests.
 #
-# Usage: make-initramfs.sh --output FILE [--uncompressed] [--modules DIR] [--add SRC:DEST]...
+# Usage: make-initramfs.sh --output FILE [--uncompressed] [--modules DIR] [--root DIR]
+#                          [--add SRC:DEST]...
 #   --uncompressed write a plain cpio instead of gzip (the guest kernel then spends no time
 #                  inflating it: ~7 s of emulated ring-0 work on PVM hosts for a gzip image).
 #   --modules DIR  DIR holds uncompressed .ko files and a file `load-order` listing them
 #                  (one file name a line, dependencies first); /init insmods them in that order.
+#   --root DIR     copy the tree DIR into the image root (e.g. a lib/modules/RELEASE tree made
+#                  by `make install INSTALL_MOD_PATH=DIR` or dkms, for busybox's modprobe).
 #   --add SRC:DEST copy host file SRC to DEST inside the image (e.g. a test program or a .ko).
 #
 # The image's /init mounts proc, sys and devtmpfs, loads the listed modules, prints
@@ -25,13 +28,15 @@ output=""
 compress=1
 modules_dir=""
 adds=()
+root_trees=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --output) output="${2:?--output needs a file}"; shift 2 ;;
         --uncompressed) compress=0; shift ;;
         --modules) modules_dir="${2:?--modules needs a directory}"; shift 2 ;;
         --add) adds+=("${2:?--add needs SRC:DEST}"); shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        --root) root_trees+=("${2:?--root needs a directory}"); shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) die "Unknown argument $1 (see --help)" ;;
     esac
 done
@@ -63,6 +68,11 @@ if [ -n "$modules_dir" ]; then
     done <"$modules_dir/load-order"
     cp "$modules_dir/load-order" "$root/etc/ism-modules"
 fi
+
+for tree in "${root_trees[@]}"; do
+    [ -d "$tree" ] || die "--root directory $tree missing"
+    cp -a "$tree/." "$root/"
+done
 
 for pair in "${adds[@]}"; do
     src="${pair%%:*}"
@@ -96,7 +106,13 @@ case " $cmdline " in
     *" -- "*)
         command="${cmdline#* -- }"
         sh -c "$command"
-        echo "ISM-LINUX command exit=$?"
+        status=$?
+        echo "ISM-LINUX command exit=$status"
+        # The kernel reports a crashed program (segfault, trap) at KERN_INFO, which `quiet`
+        # keeps off the console: show those lines when the command failed.
+        if [ "$status" != 0 ]; then
+            dmesg | grep -E "segfault|traps:|general protection|Oops|BUG:" | sed 's/^/ISM-LINUX kmsg /'
+        fi
         ;;
 esac
 
