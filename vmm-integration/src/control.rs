@@ -11,8 +11,8 @@ use serde_json::json;
 
 use crate::api::http::{ApiListener, ApiServer, HttpError};
 use crate::api::types::{
-    DeviceInfo, IsmAddRegionRequest, IsmRegionInfo, IsmRegions, IsmRemoveRegionRequest,
-    RegionAccess, RegionArea, VmCounters, VmInfoResponse, VmmPingResponse,
+    AddRegion, DeviceInfo, GrantPerm, IsmAddRegionRequest, IsmGrant, IsmRegionInfo, IsmRegions,
+    IsmRemoveRegionRequest, RegionAccess, RegionArea, VmCounters, VmInfoResponse, VmmPingResponse,
 };
 use crate::api::{ApiError, ApiRequest, ApiResult, ApiSender, RequestHandler};
 use crate::config::{SerialMode, VmConfig};
@@ -25,6 +25,17 @@ use crate::vstate::vcpu::ExitCounters;
 pub trait IsmControl: Send + Sync {
     /// Attach `token` for the guest with `access`; returns the mapped areas.
     fn add_region(&self, token: u64, access: RegionAccess) -> Result<Vec<RegionArea>, String>;
+    /// Create a region of `size` bytes in the device's pool, attach it for the guest and
+    /// grant `grants` (peer devid, permission) and `default` to the rest; returns its token
+    /// and mapped areas. On failure nothing is left allocated.
+    fn create_region(
+        &self,
+        size: u64,
+        grants: &[IsmGrant],
+        default: GrantPerm,
+    ) -> Result<(u64, Vec<RegionArea>), String>;
+    /// The device's id in its pool (its devid).
+    fn devid(&self) -> u64;
     /// Revoke `token` from the guest; false if the device did not hold it.
     fn remove_region(&self, token: u64) -> bool;
     /// Tokens the device holds.
@@ -39,8 +50,16 @@ pub struct IsmEntry {
     pub control: Arc<dyn IsmControl>,
 }
 
+/// Pausing and resuming the vCPUs. Implemented by the VMM over its vCPU threads.
+pub trait VcpuControl {
+    /// Get every vCPU out of KVM_RUN and keep it parked; returns once all are.
+    fn pause(&self) -> Result<(), String>;
+    /// Let the parked vCPUs run again.
+    fn resume(&self);
+}
+
 /// Names of what this VMM build can do, for `vmm.ping`.
-const FEATURES: &[&str] = &["virtio-rng", "virtio-ism", "event-monitor"];
+const FEATURES: &[&str] = &["virtio-rng", "virtio-ism", "event-monitor", "pause"];
 
 /// The VMM's side of the API: read-only views of the running VM plus the exit it may ask
 /// for.
@@ -49,6 +68,9 @@ pub struct VmmApi<'a> {
     pub pci: &'a dyn DeviceView,
     pub exit_counters: Arc<ExitCounters>,
     pub ism: Vec<IsmEntry>,
+    /// The vCPUs, for vm.pause / vm.resume (None: pausing is not available).
+    pub vcpus: Option<&'a dyn VcpuControl>,
+    pub paused: bool,
     /// Set by vm.shutdown / vm.reboot; the loop ends with it.
     pub requested_exit: Option<ExitEvent>,
 }
@@ -84,8 +106,16 @@ impl<'a> VmmApi<'a> {
             pci,
             exit_counters,
             ism,
+            vcpus: None,
+            paused: false,
             requested_exit: None,
         }
+    }
+
+    /// Serve vm.pause / vm.resume with `vcpus`.
+    pub fn with_vcpus(mut self, vcpus: &'a dyn VcpuControl) -> Self {
+        self.vcpus = Some(vcpus);
+        self
     }
 }
 
@@ -152,7 +182,7 @@ impl RequestHandler for VmmApi<'_> {
             .collect();
         to_json(&VmInfoResponse {
             config: config_json(self.config),
-            state: "Running".to_owned(),
+            state: if self.paused { "Paused" } else { "Running" }.to_owned(),
             memory_actual_size: self.config.memory.size,
             devices,
         })
@@ -196,26 +226,102 @@ impl RequestHandler for VmmApi<'_> {
         Ok(None)
     }
 
-    fn ism_add_region(&mut self, req: IsmAddRegionRequest) -> ApiResult {
-        let entry = self.ism(&req.id)?;
-        if entry.control.regions().contains(&req.token) {
-            return Err(ApiError::RegionExists(req.id, req.token));
+    fn vm_pause(&mut self) -> ApiResult {
+        if self.paused {
+            return Err(ApiError::AlreadyPaused);
         }
-        let areas = entry
-            .control
-            .add_region(req.token, req.access)
+        let vcpus = self
+            .vcpus
+            .ok_or_else(|| ApiError::Pause("this VMM has no vCPUs to pause".into()))?;
+        crate::event!("vm", "pausing");
+        vcpus.pause().map_err(ApiError::Pause)?;
+        self.paused = true;
+        crate::event!("vm", "paused");
+        Ok(None)
+    }
+
+    fn vm_resume(&mut self) -> ApiResult {
+        let Some(vcpus) = self.vcpus.filter(|_| self.paused) else {
+            return Err(ApiError::NotPaused);
+        };
+        crate::event!("vm", "resuming");
+        vcpus.resume();
+        self.paused = false;
+        crate::event!("vm", "resumed");
+        Ok(None)
+    }
+
+    fn ism_add_region(&mut self, req: IsmAddRegionRequest) -> ApiResult {
+        // The router checked the body already; a request built elsewhere is checked here.
+        let kind = req
+            .kind()
             .map_err(|e| ApiError::DeviceRefused(req.id.clone(), e))?;
-        crate::event!(
-            "ism",
-            "region-attached",
-            "id",
-            &req.id,
-            "token",
-            req.token.to_string()
-        );
+        let entry = self.ism(&req.id)?;
+        let (token, areas) = match kind {
+            AddRegion::Attach { token, access } => {
+                if entry.control.regions().contains(&token) {
+                    return Err(ApiError::RegionExists(req.id, token));
+                }
+                let areas = entry
+                    .control
+                    .add_region(token, access)
+                    .map_err(|e| ApiError::DeviceRefused(req.id.clone(), e))?;
+                crate::event!(
+                    "ism",
+                    "region-attached",
+                    "id",
+                    &req.id,
+                    "token",
+                    token.to_string(),
+                    "origin",
+                    "api"
+                );
+                (token, areas)
+            }
+            AddRegion::Create {
+                size,
+                grants,
+                default_perm,
+            } => {
+                check_peers(&req.id, entry, &grants)?;
+                let (token, areas) = entry
+                    .control
+                    .create_region(size, &grants, default_perm)
+                    .map_err(|e| ApiError::DeviceRefused(req.id.clone(), e))?;
+                crate::event!(
+                    "ism",
+                    "region-allocated",
+                    "id",
+                    &req.id,
+                    "token",
+                    token.to_string(),
+                    "size",
+                    size.to_string(),
+                    "origin",
+                    "api"
+                );
+                for grant in &grants {
+                    crate::event!(
+                        "ism",
+                        "region-granted",
+                        "id",
+                        &req.id,
+                        "token",
+                        token.to_string(),
+                        "peer",
+                        grant.peer.to_string(),
+                        "perm",
+                        grant_perm_name(grant.perm),
+                        "origin",
+                        "api"
+                    );
+                }
+                (token, areas)
+            }
+        };
         to_json(&IsmRegionInfo {
             id: req.id,
-            token: req.token,
+            token,
             areas,
         })
     }
@@ -255,6 +361,43 @@ impl RequestHandler for VmmApi<'_> {
             out.insert(e.id.clone(), status);
         }
         Ok(Some(serde_json::Value::Object(out)))
+    }
+}
+
+fn grant_perm_name(perm: GrantPerm) -> &'static str {
+    match perm {
+        GrantPerm::None => "none",
+        GrantPerm::Ro => "ro",
+        GrantPerm::Rw => "rw",
+    }
+}
+
+/// Every granted peer must be another device of the pool `entry` uses (the pool's own
+/// status lists them), so a typo is a 400 before anything is allocated.
+fn check_peers(id: &str, entry: &IsmEntry, grants: &[IsmGrant]) -> Result<(), ApiError> {
+    if grants.is_empty() {
+        return Ok(());
+    }
+    let own = entry.control.devid();
+    if let Some(g) = grants.iter().find(|g| g.peer == own) {
+        return Err(ApiError::SelfPeer(id.to_owned(), g.peer));
+    }
+    let status = entry
+        .control
+        .pool_status()
+        .map_err(|msg| ApiError::PoolStatus(id.to_owned(), msg))?;
+    let known: Vec<u64> = status["sessions"]
+        .as_array()
+        .map(|sessions| {
+            sessions
+                .iter()
+                .filter_map(|s| s["devid"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    match grants.iter().find(|g| !known.contains(&g.peer)) {
+        Some(g) => Err(ApiError::UnknownPeer(id.to_owned(), g.peer)),
+        None => Ok(()),
     }
 }
 
@@ -359,8 +502,44 @@ mod tests {
         fn regions(&self) -> Vec<u64> {
             self.held.lock().unwrap().clone()
         }
+        fn create_region(
+            &self,
+            size: u64,
+            _: &[IsmGrant],
+            _: GrantPerm,
+        ) -> Result<(u64, Vec<RegionArea>), String> {
+            if size > 4 << 20 {
+                return Err("pool exhausted".into());
+            }
+            let token = 100 + self.held.lock().unwrap().len() as u64;
+            self.held.lock().unwrap().push(token);
+            Ok((token, vec![RegionArea { offset: 0, size }]))
+        }
+        fn devid(&self) -> u64 {
+            1
+        }
         fn pool_status(&self) -> Result<serde_json::Value, String> {
-            Ok(json!({"size": 4 << 20, "used": self.held.lock().unwrap().len() << 20}))
+            Ok(json!({
+                "size": 4 << 20,
+                "used": self.held.lock().unwrap().len() << 20,
+                "sessions": [{"devid": 1}, {"devid": 2}],
+            }))
+        }
+    }
+
+    /// Counts pauses and resumes.
+    #[derive(Default)]
+    struct FakeVcpus {
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl VcpuControl for FakeVcpus {
+        fn pause(&self) -> Result<(), String> {
+            self.calls.lock().unwrap().push("pause");
+            Ok(())
+        }
+        fn resume(&self) {
+            self.calls.lock().unwrap().push("resume");
         }
     }
 
@@ -393,6 +572,13 @@ mod tests {
     /// Serve the API on a fresh socket with the fakes, run `client`, return how the loop
     /// ended and the fake device.
     fn with_api(client: impl FnOnce(&Path, &Sender<ExitEvent>)) -> (ExitEvent, Arc<FakeIsm>) {
+        with_api_vcpus(&FakeVcpus::default(), client)
+    }
+
+    fn with_api_vcpus(
+        vcpus: &FakeVcpus,
+        client: impl FnOnce(&Path, &Sender<ExitEvent>),
+    ) -> (ExitEvent, Arc<FakeIsm>) {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api").unwrap();
         let socket = dir.as_path().join("api.sock");
         let config = VmConfig::parse(VmParams {
@@ -414,7 +600,8 @@ mod tests {
                     &FakeDevices,
                     Arc::new(ExitCounters::default()),
                     vec![entry],
-                );
+                )
+                .with_vcpus(vcpus);
                 let listener = ApiListener::bind(&endpoint).unwrap();
                 wait_for_exit(exit_rx, Some(listener), &mut api).unwrap()
             });
@@ -494,6 +681,69 @@ mod tests {
         });
         assert_eq!(event, ExitEvent::Reboot("API vm.reboot"));
         assert!(ism.regions().is_empty());
+    }
+
+    #[test]
+    fn test_pause_resume_states_and_conflicts() {
+        let vcpus = FakeVcpus::default();
+        let (event, _) = with_api_vcpus(&vcpus, |sock, _| {
+            let put = |endpoint| simple_request(sock, "PUT", endpoint, None).unwrap();
+            let state = || {
+                let (_, body) = simple_request(sock, "GET", "vm.info", None).unwrap();
+                json_of(&body)["state"].clone()
+            };
+            let (status, body) = put("vm.resume");
+            assert_eq!(status, 409);
+            assert_eq!(json_of(&body)[0], "The VM is not paused");
+            assert_eq!(put("vm.pause").0, 204);
+            assert_eq!(state(), "Paused");
+            let (status, body) = put("vm.pause");
+            assert_eq!(status, 409);
+            assert_eq!(json_of(&body)[0], "The VM is already paused");
+            assert_eq!(put("vm.resume").0, 204);
+            assert_eq!(state(), "Running");
+            assert_eq!(put("vm.pause").0, 204);
+            // Shutdown while paused.
+            assert_eq!(put("vm.shutdown").0, 204);
+        });
+        assert_eq!(event, ExitEvent::Shutdown("API vm.shutdown"));
+        assert_eq!(*vcpus.calls.lock().unwrap(), ["pause", "resume", "pause"]);
+    }
+
+    #[test]
+    fn test_region_create_checks_peers_before_allocating() {
+        let (_, ism) = with_api(|sock, exit| {
+            let add = |body: &str| {
+                let (status, reply) =
+                    simple_request(sock, "PUT", "vm.ism-add-region", Some(body.as_bytes()))
+                        .unwrap();
+                (status, json_of(&reply))
+            };
+            let (status, reply) =
+                add(r#"{"id":"ism0","size":8192,"grants":[{"peer":9,"perm":"ro"}]}"#);
+            assert_eq!(status, 400, "{reply}");
+            assert_eq!(
+                reply[0],
+                "Device \"ism0\": peer 9 is not a device of its pool"
+            );
+            let (status, reply) =
+                add(r#"{"id":"ism0","size":8192,"grants":[{"peer":1,"perm":"ro"}]}"#);
+            assert_eq!(status, 400, "{reply}");
+            assert!(reply[0].as_str().unwrap().contains("the device itself"));
+            let (status, _) = add(r#"{"id":"ism0","size":4096,"token":3}"#);
+            assert_eq!(status, 400);
+            let (status, reply) = add(r#"{"id":"ism0","size":16777216}"#);
+            assert_eq!(status, 400, "{reply}");
+            assert!(reply[0].as_str().unwrap().contains("pool exhausted"));
+            let (status, reply) = add(
+                r#"{"id":"ism0","size":8192,"grants":[{"peer":2,"perm":"rw"}],"default_perm":"ro"}"#,
+            );
+            assert_eq!(status, 200, "{reply}");
+            assert_eq!(reply["token"], 100);
+            assert_eq!(reply["areas"][0]["size"], 8192);
+            exit.send(ExitEvent::Shutdown("ACPI S5")).unwrap();
+        });
+        assert_eq!(ism.regions(), [100]);
     }
 
     #[test]

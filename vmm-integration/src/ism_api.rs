@@ -1,13 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The REST API's view of a virtio-ism device: [`IsmControl`] over `virtio_ism::IsmHandle`,
-//! with the pool status from the device's pool (the broker's status query).
+//! with the pool status from the device's pool (the broker's status query, or the embedded
+//! pool's own state), and [`EventForwarder`], which reports what the guest does to regions on
+//! the event monitor.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use ism_pool::session::{Perms, Token};
-use virtio_ism::IsmHandle;
+use ism_pool::session::{DevId, GrantTarget, Perms, Token};
+use virtio_ism::{IsmEvent, IsmHandle, IsmObserver};
 
-use crate::api::types::{RegionAccess, RegionArea};
+use crate::api::types::{GrantPerm, IsmGrant, RegionAccess, RegionArea};
 use crate::config::IsmDeviceConfig;
 use crate::control::{IsmControl, IsmEntry};
 
@@ -38,6 +41,40 @@ impl IsmControl for IsmApiControl {
             .collect())
     }
 
+    fn create_region(
+        &self,
+        size: u64,
+        grants: &[IsmGrant],
+        default: GrantPerm,
+    ) -> Result<(u64, Vec<RegionArea>), String> {
+        let mut pool_grants: Vec<(GrantTarget, Perms)> = grants
+            .iter()
+            .map(|g| (GrantTarget::Device(DevId(g.peer)), grant_perms(g.perm)))
+            .collect();
+        // A new region's default is no access; only a wider one needs a grant.
+        if default != GrantPerm::None {
+            pool_grants.push((GrantTarget::Default, grant_perms(default)));
+        }
+        let (token, areas) = self
+            .handle
+            .create_region(size, &pool_grants)
+            .map_err(|e| error_chain(&e))?;
+        Ok((
+            token.0,
+            areas
+                .iter()
+                .map(|a| RegionArea {
+                    offset: a.offset,
+                    size: a.size,
+                })
+                .collect(),
+        ))
+    }
+
+    fn devid(&self) -> u64 {
+        self.handle.devid()
+    }
+
     fn remove_region(&self, token: u64) -> bool {
         self.handle.remove_region(Token(token))
     }
@@ -47,11 +84,148 @@ impl IsmControl for IsmApiControl {
     }
 
     fn pool_status(&self) -> Result<serde_json::Value, String> {
-        let Some(path) = &self.broker else {
-            return Err("the embedded pool has no status query through the API yet".into());
+        let status = match &self.broker {
+            Some(path) => ism_pool::client::query_status(path).map_err(|e| e.to_string())?,
+            None => self
+                .handle
+                .pool_status()
+                .ok_or("the device's pool session reports no status")?,
         };
-        let status = ism_pool::client::query_status(path).map_err(|e| e.to_string())?;
         serde_json::to_value(status).map_err(|e| e.to_string())
+    }
+}
+
+/// The pool permissions a grant of the API means: a peer that may read or write may also
+/// attach.
+fn grant_perms(perm: GrantPerm) -> Perms {
+    match perm {
+        GrantPerm::None => Perms::NONE,
+        GrantPerm::Ro => Perms::ATTACH.union(Perms::READ),
+        GrantPerm::Rw => Perms::ATTACH.union(Perms::READ).union(Perms::WRITE),
+    }
+}
+
+/// An error and its causes, "outer: inner: ...".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// Permission bits as letters, as `ism-pool status` prints them: R(ead) W(rite) A(ttach)
+/// M(anage) C(lear default); "-" for none.
+pub fn perms_text(bits: u64) -> String {
+    let names = [(1, 'R'), (2, 'W'), (4, 'A'), (8, 'M'), (16, 'C')];
+    let text: String = names
+        .iter()
+        .filter(|(bit, _)| bits & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if text.is_empty() { "-".into() } else { text }
+}
+
+/// Reports a device's region changes on the event monitor (source "ism"), with the device's
+/// id. Runs on the device's worker thread; `event!` only queues the line.
+pub struct EventForwarder {
+    id: String,
+}
+
+impl IsmObserver for EventForwarder {
+    fn observe(&self, event: &IsmEvent) {
+        let id = self.id.as_str();
+        // Decimal, as the API's JSON numbers print.
+        let decimal = |t: Token| t.0.to_string();
+        match *event {
+            IsmEvent::RegionAllocated { token, size } => crate::event!(
+                "ism",
+                "region-allocated",
+                "id",
+                id,
+                "token",
+                decimal(token),
+                "size",
+                size.to_string(),
+                "origin",
+                "guest"
+            ),
+            IsmEvent::RegionAttached {
+                token,
+                size,
+                writable,
+            } => crate::event!(
+                "ism",
+                "region-attached",
+                "id",
+                id,
+                "token",
+                decimal(token),
+                "size",
+                size.to_string(),
+                "perm",
+                if writable { "RW" } else { "R" },
+                "origin",
+                "guest"
+            ),
+            IsmEvent::RegionDetached { token } => crate::event!(
+                "ism",
+                "region-detached",
+                "id",
+                id,
+                "token",
+                decimal(token),
+                "origin",
+                "guest"
+            ),
+            IsmEvent::RegionGranted { token, peer, perms } => crate::event!(
+                "ism",
+                "region-granted",
+                "id",
+                id,
+                "token",
+                decimal(token),
+                "peer",
+                peer.map_or_else(|| "default".to_owned(), |p| p.0.to_string()),
+                "perm",
+                perms_text(perms.0),
+                "origin",
+                "guest"
+            ),
+            IsmEvent::RegionRevoked { token } => crate::event!(
+                "ism",
+                "region-revoked",
+                "id",
+                id,
+                "token",
+                decimal(token),
+                "origin",
+                "pool"
+            ),
+            IsmEvent::PeerAttached { token, peer } => crate::event!(
+                "ism",
+                "peer-attached",
+                "id",
+                id,
+                "token",
+                decimal(token),
+                "peer",
+                peer.0.to_string()
+            ),
+            IsmEvent::PeerGone { token, peer } => crate::event!(
+                "ism",
+                "peer-gone",
+                "id",
+                id,
+                "token",
+                decimal(token),
+                "peer",
+                peer.0.to_string()
+            ),
+        }
     }
 }
 
@@ -65,9 +239,10 @@ pub fn ism_entries(
         .enumerate()
         .map(|(i, (id, handle))| {
             let broker = configs.get(i).and_then(|c| c.pool.clone());
+            handle.set_observer(Some(Arc::new(EventForwarder { id: id.clone() })));
             IsmEntry {
                 id,
-                control: std::sync::Arc::new(IsmApiControl { handle, broker }),
+                control: Arc::new(IsmApiControl { handle, broker }),
             }
         })
         .collect()

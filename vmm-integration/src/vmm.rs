@@ -31,6 +31,7 @@ use crate::legacy::serial::{self, EventFdTrigger, SerialDevice};
 use crate::memory::{self, MemoryError, MemorySlots};
 use crate::pci::{PciError, PciManager};
 use crate::terminal::RawTerminal;
+use crate::vstate::pause::{self, PauseError, PauseState};
 use crate::vstate::pvm;
 use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
@@ -83,13 +84,19 @@ fn kick_signal() -> i32 {
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Only there to make KVM_RUN return EINTR; the stop flag tells the thread to leave.
+    // KVM_RUN returns EINTR (now, or at once if the thread was about to enter it); the stop
+    // and pause flags tell the thread why.
+    pause::on_kick_signal();
 }
+
+/// How long `vm.pause` waits for every vCPU to leave KVM_RUN.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A running VM: the pieces teardown needs.
 struct RunningVm {
     vcpu_threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    pause: Arc<PauseState>,
     counters: Arc<ExitCounters>,
     _raw_terminal: Option<RawTerminal>,
 }
@@ -169,6 +176,8 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
         _ => None,
     };
 
+    // Observers are set before any vCPU runs, so no guest-driven ism event is missed.
+    let ism = crate::ism_api::ism_entries(ism_handles, &config.ism);
     let running = start_vcpus(&vm, &mem, &entry, config, &buses, &exit, &reset, pvm_policy)?;
     let running = RunningVm {
         _raw_terminal: raw_terminal,
@@ -176,8 +185,16 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
     };
 
     crate::event!("vm", "booted");
-    let ism = crate::ism_api::ism_entries(ism_handles, &config.ism);
-    let mut api = VmmApi::new(config, &pci, running.counters.clone(), ism);
+    let vcpus = VcpuPauser {
+        pause: running.pause.clone(),
+        // Ids stay valid until the JoinHandles are joined in teardown, after the API loop.
+        threads: running
+            .vcpu_threads
+            .iter()
+            .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
+            .collect(),
+    };
+    let mut api = VmmApi::new(config, &pci, running.counters.clone(), ism).with_vcpus(&vcpus);
     let waited = control::wait_for_exit(exit_rx, api_listener, &mut api);
     teardown(running);
     let event = waited.map_err(VmmError::Api)?;
@@ -326,7 +343,9 @@ fn start_vcpus(
         .map_err(VmmError::SupportedCpuid)?;
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(ExitCounters::default());
+    let pause = Arc::new(PauseState::default());
     let shared = VcpuShared {
+        pause: pause.clone(),
         buses: buses.clone(),
         exit: exit.clone(),
         reset: reset.clone(),
@@ -358,14 +377,43 @@ fn start_vcpus(
     Ok(RunningVm {
         vcpu_threads,
         stop,
+        pause,
         counters,
         _raw_terminal: None,
     })
 }
 
+/// `vm.pause`/`vm.resume` over the vCPU threads: the kick signal plus immediate_exit gets
+/// each one out of KVM_RUN, and it parks until resumed.
+struct VcpuPauser {
+    pause: Arc<PauseState>,
+    threads: Vec<libc::pthread_t>,
+}
+
+impl control::VcpuControl for VcpuPauser {
+    fn pause(&self) -> Result<(), String> {
+        self.pause
+            .pause(self.threads.len(), PAUSE_TIMEOUT, || {
+                for thread in &self.threads {
+                    // SAFETY: every id belongs to a vCPU thread whose JoinHandle is held (not
+                    // joined) until teardown, which runs after the API loop; signalling a
+                    // thread that has ended but not been joined is allowed (ESRCH at worst).
+                    unsafe { libc::pthread_kill(*thread, kick_signal()) };
+                }
+            })
+            .map_err(|e: PauseError| e.to_string())
+    }
+
+    fn resume(&self) {
+        self.pause.resume();
+    }
+}
+
 /// Stop every vCPU: set the flag, kick each thread out of KVM_RUN until it has left.
 fn teardown(running: RunningVm) {
     running.stop.store(true, Ordering::Release);
+    // Parked (paused) vCPUs wake up, see the stop flag and leave.
+    running.pause.wake_all();
     let deadline = Instant::now() + Duration::from_secs(2);
     for handle in running.vcpu_threads {
         while !handle.is_finished() && Instant::now() < deadline {

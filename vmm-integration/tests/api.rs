@@ -8,10 +8,11 @@ mod layout;
 #[path = "../src/test_guest.rs"]
 mod test_guest;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use test_guest::{halt_code, kvm_available, print_code, pvh_elf, write_temp};
@@ -23,6 +24,13 @@ const REMOTE: &str = env!("CARGO_BIN_EXE_ism-remote");
 /// `<target>/ism-test-guest`. Built on first use when this test runs before that crate was
 /// compiled; a guest that still cannot be found fails the test rather than skipping it.
 fn test_guest_elf() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(build_test_guest).clone()
+}
+
+/// `cargo build -p ism-tests` once per test process: its build script rebuilds the guest when
+/// the guest's sources changed, so a stale guest from an earlier build is never used.
+fn build_test_guest() -> PathBuf {
     // <target>/<profile>/deps/api-<hash> -> <target>
     let exe = std::env::current_exe().expect("test executable path");
     let target = exe
@@ -31,15 +39,13 @@ fn test_guest_elf() -> PathBuf {
         .expect("test executable lives in <target>/<profile>/deps")
         .to_path_buf();
     let elf = target.join("ism-test-guest/x86_64-unknown-linux-gnu/release/ism-test-guest");
-    if !elf.is_file() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "ism-tests"])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo to build the test guest");
-        assert!(status.success(), "building the test guest failed: {status}");
-    }
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "ism-tests"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo to build the test guest");
+    assert!(status.success(), "building the test guest failed: {status}");
     assert!(
         elf.is_file(),
         "test guest {} missing after building ism-tests",
@@ -473,4 +479,391 @@ fn test_ism_region_revoke_through_the_api() {
         .collect();
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0]["properties"]["token"], token.to_string());
+}
+
+/// The last `ISM-TEST progress=<n>` count on a serial console.
+fn last_progress(serial: &str) -> u64 {
+    serial
+        .lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("ISM-TEST progress="))
+        .find_map(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// vm.pause stops a guest that counts on its console, vm.resume lets it go on, both refuse
+/// the wrong state with 409, vm.info follows, and a paused VM still shuts down.
+#[test]
+fn test_pause_and_resume_a_counting_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = test_guest_elf();
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
+    let d = dir.as_path();
+    let sock = d.join("api.sock");
+    let child = Command::new(VMM)
+        .args(["--kernel", guest.to_str().unwrap()])
+        .args(["--cmdline", "ism.test=progress"])
+        .args(["--memory", "size=128M", "--cpus", "boot=2"])
+        .arg("--serial")
+        .arg(format!("file={}", d.join("serial").display()))
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--event-monitor")
+        .arg(format!("path={}", d.join("events").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vmm = Vmm {
+        child,
+        dir,
+        _kernel: write_temp(b""),
+    };
+    vmm.wait_for(|| sock.exists() && last_progress(&vmm.serial()) >= 5);
+    let state = || json(&request(&sock, "GET", "vm.info", "").1)["state"].clone();
+    assert_eq!(state(), "Running");
+    let (status, body) = request(&sock, "PUT", "vm.resume", "");
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(json(&body)[0], "The VM is not paused");
+
+    for round in 0..2 {
+        let (status, body) = request(&sock, "PUT", "vm.pause", "");
+        assert_eq!(status, 204, "{body}");
+        assert_eq!(state(), "Paused");
+        // Every vCPU is parked once the answer came: the console stands still.
+        let paused_at = vmm.serial();
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(
+            vmm.serial(),
+            paused_at,
+            "round {round}: the guest ran while paused"
+        );
+        let (status, body) = request(&sock, "PUT", "vm.pause", "");
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(json(&body)[0], "The VM is already paused");
+
+        let out = Command::new(REMOTE)
+            .arg("--api-socket")
+            .arg(&sock)
+            .arg("resume")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(state(), "Running");
+        let before = last_progress(&paused_at);
+        vmm.wait_for(|| last_progress(&vmm.serial()) >= before + 5);
+    }
+
+    // Shutdown while paused: the parked vCPUs leave and the VMM exits cleanly.
+    let out = Command::new(REMOTE)
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("pause")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(request(&sock, "PUT", "vm.shutdown", "").0, 204);
+    let (code, stderr, vmm) = vmm.wait();
+    assert_eq!(code, 0, "{stderr}");
+    let names: Vec<String> = vmm
+        .events()
+        .iter()
+        .filter(|e| e["source"] == "vm")
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "booting", "booted", "pausing", "paused", "resuming", "resumed", "pausing", "paused",
+            "resuming", "resumed", "pausing", "paused", "shutdown"
+        ],
+        "{names:?}"
+    );
+}
+
+/// A test guest running the ism shell with its console on the VMM's stdin/stdout, the API
+/// and the event monitor on.
+struct ShellVmm {
+    vmm: Vmm,
+    stdin: ChildStdin,
+    console: Arc<Mutex<String>>,
+    seq: u64,
+}
+
+impl ShellVmm {
+    fn start(ism: &[&str]) -> ShellVmm {
+        let guest = test_guest_elf();
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
+        let d = dir.as_path();
+        let mut command = Command::new(VMM);
+        command
+            .args(["--kernel", guest.to_str().unwrap()])
+            .args(["--cmdline", "ism.test=ism"])
+            .args(["--memory", "size=128M", "--serial", "tty"]);
+        for device in ism {
+            command.args(["--ism", device]);
+        }
+        let mut child = command
+            .arg("--api-socket")
+            .arg(d.join("api.sock"))
+            .arg("--event-monitor")
+            .arg(format!("path={}", d.join("events").display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let console = Arc::new(Mutex::new(String::new()));
+        let sink = console.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut text = sink.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let shell = ShellVmm {
+            vmm: Vmm {
+                child,
+                dir,
+                _kernel: write_temp(b""),
+            },
+            stdin,
+            console,
+            seq: 0,
+        };
+        shell.wait_line("ism=ready");
+        shell
+    }
+
+    /// The first console line containing `needle`, waiting for it.
+    fn wait_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(line) = self
+                .console
+                .lock()
+                .unwrap()
+                .lines()
+                .find(|l| l.contains(needle))
+            {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the console:\n{}",
+                self.console.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Run a shell command; its answer line, which must say status=ok.
+    fn cmd(&mut self, command: &str) -> String {
+        self.seq += 1;
+        writeln!(self.stdin, "{command}").unwrap();
+        let line = self.wait_line(&format!("seq={} ", self.seq));
+        assert!(line.contains("status=ok"), "{command}: {line}");
+        line
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.vmm.socket()
+    }
+}
+
+/// `key=value` from a console line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|w| w.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+fn hex(text: &str) -> u64 {
+    u64::from_str_radix(text.trim_start_matches("0x"), 16).unwrap()
+}
+
+fn ism_events(vmm: &Vmm) -> Vec<serde_json::Value> {
+    vmm.events()
+        .into_iter()
+        .filter(|e| e["source"] == "ism")
+        .collect()
+}
+
+/// Region creation through the API on the embedded pool: bad requests change nothing, a good
+/// one is allocated, granted to the named peer, reported to the guest (REGION_ADDED) and to
+/// the event monitor; vm.ism-pool-status answers from the embedded pool; what the guest
+/// itself does (alloc, grant, detach) is on the event monitor with its properties.
+#[test]
+fn test_region_create_with_grants_pool_status_and_guest_events() {
+    if !kvm_available() {
+        return;
+    }
+    // Two devices on one embedded pool: the guest drives ism0, ism1 is the named peer.
+    let mut shell = ShellVmm::start(&["id=ism0,size=64M", "id=ism1,size=8M"]);
+    let sock = shell.socket();
+    let own = field(&shell.wait_line("ism=ready"), "devid")
+        .parse::<u64>()
+        .unwrap();
+
+    let pool = || {
+        let (status, body) = request(&sock, "GET", "vm.ism-pool-status", "");
+        assert_eq!(status, 200, "{body}");
+        json(&body)
+    };
+    let status = pool();
+    assert_eq!(status["ism0"], status["ism1"], "one embedded pool");
+    let mut devids: Vec<u64> = status["ism0"]["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["devid"].as_u64().unwrap())
+        .collect();
+    devids.sort_unstable();
+    assert_eq!(devids.len(), 2, "{status}");
+    assert!(devids.contains(&own));
+    let peer = *devids.iter().find(|d| **d != own).unwrap();
+    assert_eq!(status["ism0"]["used"], 0);
+    assert_eq!(status["ism0"]["protocol_version"], 0);
+
+    // Refused, each with a message, and nothing allocated.
+    for (body, want, says) in [
+        (
+            r#"{"id":"ism0","size":0}"#.to_owned(),
+            400,
+            "size 0".to_owned(),
+        ),
+        (
+            r#"{"id":"ism0","size":5000}"#.into(),
+            400,
+            "size 5000".into(),
+        ),
+        (
+            r#"{"id":"ism0","size":4096,"token":1}"#.into(),
+            400,
+            "not both".into(),
+        ),
+        (
+            r#"{"id":"ism0","size":4096,"sise":1}"#.into(),
+            400,
+            "unknown field".into(),
+        ),
+        (
+            r#"{"id":"ism0","size":4096,"grants":[{"peer":77,"perm":"ro"}]}"#.into(),
+            400,
+            "peer 77 is not a device of its pool".into(),
+        ),
+        (
+            format!(r#"{{"id":"ism0","size":4096,"grants":[{{"peer":{own},"perm":"ro"}}]}}"#),
+            400,
+            "the device itself".into(),
+        ),
+        (
+            r#"{"id":"ism0","size":134217728}"#.into(),
+            400,
+            "does not fit".into(),
+        ),
+        (
+            r#"{"id":"ism7","size":4096}"#.into(),
+            404,
+            "No ism device".into(),
+        ),
+    ] {
+        let (status, reply) = request(&sock, "PUT", "vm.ism-add-region", &body);
+        assert_eq!(status, want, "{body}: {reply}");
+        assert!(reply.contains(&says), "{body}: {reply}");
+    }
+    assert_eq!(pool()["ism0"]["used"], 0, "nothing was allocated");
+    assert!(pool()["ism0"]["regions"].as_array().unwrap().is_empty());
+
+    // Created, with a read-only grant for the peer and read-write for everyone else.
+    let body = format!(
+        r#"{{"id":"ism0","size":131072,"grants":[{{"peer":{peer},"perm":"ro"}}],"default_perm":"rw"}}"#
+    );
+    let (status, reply) = request(&sock, "PUT", "vm.ism-add-region", &body);
+    assert_eq!(status, 200, "{reply}");
+    let created = json(&reply);
+    let token = created["token"].as_u64().unwrap();
+    assert_eq!(created["areas"][0]["size"], 131072);
+    let region = pool()["ism0"]["regions"][0].clone();
+    assert_eq!(region["token"], token);
+    assert_eq!(region["size"], 131072);
+    assert_eq!(region["owner"], own);
+    assert_eq!(region["holders"], serde_json::json!([own]));
+    // ATTACH|READ for the peer, ATTACH|READ|WRITE by default.
+    assert_eq!(region["grants"], serde_json::json!([[peer, 5]]));
+    assert_eq!(region["default_perms"], 7);
+    assert_eq!(pool()["ism0"]["used"], 131072);
+    let (_, regions) = request(&sock, "GET", "vm.ism-regions", "");
+    assert_eq!(json(&regions)["ism0"], serde_json::json!([token]));
+
+    // The guest heard of it through its event queue, without asking.
+    let events = shell.cmd("events");
+    assert_eq!(field(&events, "region_added"), "1", "{events}");
+
+    // Guest-driven changes, reported with their properties.
+    let alloc = shell.cmd("alloc 64K");
+    let guest_token = hex(field(&alloc, "token"));
+    shell.cmd(&format!("grant {guest_token:#x} {peer} ra"));
+    shell.cmd(&format!("grant {guest_token:#x} default r"));
+    shell.cmd(&format!("detach {guest_token:#x}"));
+
+    assert_eq!(request(&sock, "PUT", "vm.shutdown", "").0, 204);
+    let ShellVmm { vmm, .. } = shell;
+    let (code, stderr, vmm) = vmm.wait();
+    assert_eq!(code, 0, "{stderr}");
+    let events = ism_events(&vmm);
+    let find = |event: &str, token: u64| -> Vec<serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| {
+                e["event"] == event && e["properties"]["token"] == token.to_string().as_str()
+            })
+            .map(|e| e["properties"].clone())
+            .collect()
+    };
+    let api_alloc = find("region-allocated", token);
+    assert_eq!(api_alloc.len(), 1, "{events:?}");
+    assert_eq!(api_alloc[0]["id"], "ism0");
+    assert_eq!(api_alloc[0]["size"], "131072");
+    assert_eq!(api_alloc[0]["origin"], "api");
+    let api_grant = find("region-granted", token);
+    assert_eq!(api_grant.len(), 1, "{events:?}");
+    assert_eq!(api_grant[0]["peer"], peer.to_string());
+    assert_eq!(api_grant[0]["perm"], "ro");
+
+    let allocated = find("region-allocated", guest_token);
+    assert_eq!(allocated.len(), 1, "{events:?}");
+    assert_eq!(allocated[0]["id"], "ism0");
+    assert_eq!(allocated[0]["size"], "65536");
+    assert_eq!(allocated[0]["origin"], "guest");
+    let granted = find("region-granted", guest_token);
+    assert_eq!(granted.len(), 2, "{events:?}");
+    assert_eq!(granted[0]["peer"], peer.to_string());
+    assert_eq!(granted[0]["perm"], "RA");
+    assert_eq!(granted[1]["peer"], "default");
+    assert_eq!(granted[1]["perm"], "R");
+    let detached = find("region-detached", guest_token);
+    assert_eq!(detached.len(), 1, "{events:?}");
+    assert_eq!(detached[0]["id"], "ism0");
+    // In order: allocated, granted twice, detached.
+    let order: Vec<&str> = events
+        .iter()
+        .filter(|e| e["properties"]["token"] == guest_token.to_string().as_str())
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "region-allocated",
+            "region-granted",
+            "region-granted",
+            "region-detached"
+        ]
+    );
 }

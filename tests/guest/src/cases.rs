@@ -35,6 +35,7 @@ pub fn run(name: &str, ctx: &Context<'_>) -> bool {
         "virtio" => virtio_list(ctx),
         "irq" => timer_interrupts(),
         "ism" => crate::ism_shell::run(ctx, ctx.script),
+        "progress" => crate::progress::run(),
         "reboot" => reboot(ctx),
         "panic" => panic!("requested by ism.test=panic"),
         "fault" => {

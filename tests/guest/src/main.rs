@@ -20,6 +20,7 @@ mod cases;
 mod io;
 mod ism_shell;
 mod platform;
+mod progress;
 mod start_info;
 
 use core::cell::UnsafeCell;

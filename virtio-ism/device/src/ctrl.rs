@@ -3,7 +3,7 @@
 //! once, run it against the region table and write `status` + reply back, only inside the
 //! chain's device-writable buffers.
 
-use ism_pool::{DevId, GrantTarget, Token};
+use ism_pool::{DevId, GrantTarget, Perms, Token};
 use log::debug;
 use virtio_ism_proto::ctrl::{REPLY_OFFSET, reply_capacity};
 use virtio_ism_proto::defs::features::bit;
@@ -13,6 +13,7 @@ use virtio_ism_proto::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::observer::IsmEvent;
 use crate::regions::{Refusal, RegionTable, Regions};
 
 /// Most descriptors one control request may use (the Linux driver uses 4).
@@ -195,8 +196,35 @@ fn refused<H: WireStruct>(refusal: Refusal, header: impl FnOnce(u64) -> H) -> Re
 }
 
 /// Run one decoded request. `writable_len` is the size of the driver's reply buffer, status
-/// byte included; replies never exceed it.
-pub fn execute(regions: &Regions, request: Request, writable_len: u64) -> Response {
+/// byte included; replies never exceed it. Returns the reply and, when the command changed
+/// a region (allocated, attached, detached, granted), what happened.
+pub fn execute(
+    regions: &Regions,
+    request: Request,
+    writable_len: u64,
+) -> (Response, Option<IsmEvent>) {
+    let mut event = None;
+    let response = run_request(regions, request, writable_len, &mut event);
+    if response.status_byte() != Status::Ok {
+        event = None;
+    }
+    (response, event)
+}
+
+/// The size and writability of a region the device holds now.
+fn held(regions: &Regions, token: Token) -> Option<(u64, bool)> {
+    regions
+        .lock()
+        .region(token)
+        .map(|region| (region.size, region.writable))
+}
+
+fn run_request(
+    regions: &Regions,
+    request: Request,
+    writable_len: u64,
+    event: &mut Option<IsmEvent>,
+) -> Response {
     let area_capacity =
         |header: usize| reply_capacity(writable_len, header, Area::SIZE).unwrap_or(0);
     match request {
@@ -205,14 +233,18 @@ pub fn execute(regions: &Regions, request: Request, writable_len: u64) -> Respon
                 return Response::status(Status::Err);
             }
             match regions.alloc(req.size, area_capacity(AllocReplyHeader::SIZE)) {
-                Ok((token, areas)) => Response::with(
-                    Status::Ok,
-                    AllocReplyHeader {
-                        token: token.0,
-                        num: areas.len() as u64,
-                    },
-                    &area_entries(&areas),
-                ),
+                Ok((token, areas)) => {
+                    *event = held(regions, token)
+                        .map(|(size, _)| IsmEvent::RegionAllocated { token, size });
+                    Response::with(
+                        Status::Ok,
+                        AllocReplyHeader {
+                            token: token.0,
+                            num: areas.len() as u64,
+                        },
+                        &area_entries(&areas),
+                    )
+                }
                 Err(r) => refused(r, |num| AllocReplyHeader { token: 0, num }),
             }
         }
@@ -221,26 +253,49 @@ pub fn execute(regions: &Regions, request: Request, writable_len: u64) -> Respon
                 return Response::status(Status::Err);
             }
             let capacity = area_capacity(AttachReplyHeader::SIZE);
-            match regions.attach(Token(req.token), u64::from(req.rw_perm), capacity, false) {
-                Ok(areas) => Response::with(
-                    Status::Ok,
-                    AttachReplyHeader {
-                        num: areas.len() as u64,
-                    },
-                    &area_entries(&areas),
-                ),
+            let token = Token(req.token);
+            match regions.attach(token, u64::from(req.rw_perm), capacity, false) {
+                Ok(areas) => {
+                    *event =
+                        held(regions, token).map(|(size, writable)| IsmEvent::RegionAttached {
+                            token,
+                            size,
+                            writable,
+                        });
+                    Response::with(
+                        Status::Ok,
+                        AttachReplyHeader {
+                            num: areas.len() as u64,
+                        },
+                        &area_entries(&areas),
+                    )
+                }
                 Err(r) => refused(r, |num| AttachReplyHeader { num }),
             }
         }
-        Request::Detach(req) => outcome(regions.detach(Token(req.token))),
-        Request::GrantDefault(req) => {
-            outcome(regions.grant(Token(req.token), GrantTarget::Default, req.permissions))
+        Request::Detach(req) => {
+            let token = Token(req.token);
+            *event = Some(IsmEvent::RegionDetached { token });
+            outcome(regions.detach(token))
         }
-        Request::GrantDevice(req) => outcome(regions.grant(
-            Token(req.token),
-            GrantTarget::Device(DevId(req.peer_devid)),
-            req.permissions,
-        )),
+        Request::GrantDefault(req) => {
+            let token = Token(req.token);
+            *event = Some(IsmEvent::RegionGranted {
+                token,
+                peer: None,
+                perms: Perms(req.permissions),
+            });
+            outcome(regions.grant(token, GrantTarget::Default, req.permissions))
+        }
+        Request::GrantDevice(req) => {
+            let (token, peer) = (Token(req.token), DevId(req.peer_devid));
+            *event = Some(IsmEvent::RegionGranted {
+                token,
+                peer: Some(peer),
+                perms: Perms(req.permissions),
+            });
+            outcome(regions.grant(token, GrantTarget::Device(peer), req.permissions))
+        }
         Request::EventVector(req) => outcome(regions.set_vector(Token(req.token), req.vector)),
         Request::QueryList => {
             let Some(capacity) = reply_capacity(writable_len, QueryListReplyHeader::SIZE, 8) else {
@@ -294,29 +349,46 @@ fn outcome(result: Result<(), Refusal>) -> Response {
     }
 }
 
-/// Serve one chain: parse, execute, reply. Returns the used length and the status written
-/// (None when nothing could be written).
+/// What serving one chain did.
+pub struct Served {
+    /// Bytes written (the used length).
+    pub used: u32,
+    /// The status written; None when nothing could be written.
+    pub status: Option<Status>,
+    /// The region change the command made, if it succeeded and made one.
+    pub event: Option<IsmEvent>,
+}
+
+/// Serve one chain: parse, execute, reply.
 pub fn serve_chain<I>(
     mem: &GuestMemoryMmap,
     descriptors: I,
     regions: &Regions,
     features: u64,
-) -> (u32, Option<Status>)
+) -> Served
 where
     I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
 {
     let Some(chain) = ParsedChain::parse(mem, descriptors) else {
-        return (0, None);
+        return Served {
+            used: 0,
+            status: None,
+            event: None,
+        };
     };
-    let response = match chain.request(features) {
+    let (response, event) = match chain.request(features) {
         // Guest memory is not touched while the request runs: it was copied out above and
         // the reply is written below.
         Ok(request) => execute(regions, request, chain.writable_len()),
         Err(fault) => {
             debug!("virtio-ism: refusing control request: {fault:?}");
-            Response::status(Status::Err)
+            (Response::status(Status::Err), None)
         }
     };
     let used = chain.write_reply(mem, response.bytes());
-    (used, Some(response.status_byte()))
+    Served {
+        used,
+        status: Some(response.status_byte()),
+        event,
+    }
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use ism_pool::{Perms, PoolSession, Token};
+use ism_pool::{GrantTarget, Perms, PoolError, PoolSession, PoolStatus, Token};
 use log::{error, warn};
 use virtio_device::{
     ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::config::{ConfigError, IsmConfig, WindowLayout};
 use crate::metrics::IsmMetrics;
 use crate::notify::NotifyWiring;
+use crate::observer::{IsmObserver, ObserverSlot};
 use crate::regions::{RegionTable, Regions, pool_status};
 use crate::window::{KickSink, ShmWindow};
 use crate::worker::{IsmWorker, WorkerError};
@@ -55,6 +56,28 @@ pub enum HandleError {
         token: Token,
         status: virtio_ism_proto::Status,
     },
+    #[error("A region of {size} bytes does not fit in the device's window ({status:?})")]
+    NoRoom {
+        size: u64,
+        status: virtio_ism_proto::Status,
+    },
+    #[error("The pool refused to allocate {size} bytes")]
+    Alloc {
+        size: u64,
+        #[source]
+        source: PoolError,
+    },
+    #[error("Mapping new region {token} failed with status {status:?}")]
+    Install {
+        token: Token,
+        status: virtio_ism_proto::Status,
+    },
+    #[error("The pool refused a grant on new region {token} (region freed again)")]
+    Grant {
+        token: Token,
+        #[source]
+        source: PoolError,
+    },
 }
 
 struct ActiveState {
@@ -82,6 +105,7 @@ pub struct Ism {
     kick_sink: Option<Arc<dyn KickSink>>,
     wake_evt: Arc<EventFd>,
     pool_fd: Option<std::os::fd::RawFd>,
+    observer: Arc<ObserverSlot>,
     state: DeviceState,
 }
 
@@ -127,6 +151,7 @@ impl Ism {
             kick_sink: None,
             wake_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(IsmError::CreateWakeEvent)?),
             pool_fd,
+            observer: Arc::default(),
             state: DeviceState::Inactive,
         })
     }
@@ -165,6 +190,7 @@ impl Ism {
             kick_sink: self.kick_sink.clone(),
             wake_evt: self.wake_evt.clone(),
             layout: self.layout,
+            observer: self.observer.clone(),
         }
     }
 
@@ -205,6 +231,7 @@ impl Ism {
                 .try_clone()
                 .map_err(ActivateError::CloneEventFd)?,
             pool_fd: self.pool_fd,
+            observer: self.observer.clone(),
         };
         self.regions
             .lock()
@@ -362,9 +389,89 @@ pub struct IsmHandle {
     kick_sink: Option<Arc<dyn KickSink>>,
     wake_evt: Arc<EventFd>,
     layout: WindowLayout,
+    observer: Arc<ObserverSlot>,
 }
 
 impl IsmHandle {
+    /// Tell `observer` about every region change from now on (replaces an earlier one;
+    /// None removes it). Set it before the driver starts the device to miss nothing.
+    pub fn set_observer(&self, observer: Option<Arc<dyn IsmObserver>>) {
+        self.observer.set(observer);
+    }
+
+    /// Create a region of `size` bytes in the pool on the host's behalf (REST region
+    /// hotplug), map it for the guest, grant `grants`, and tell the driver with a
+    /// REGION_ADDED event. This device owns the region. If any step fails nothing is kept:
+    /// the region is unmapped and given back (the pool frees it).
+    pub fn create_region(
+        &self,
+        size: u64,
+        grants: &[(GrantTarget, Perms)],
+    ) -> Result<(Token, Vec<Area>), HandleError> {
+        if !self.regions.lock().is_active() {
+            return Err(HandleError::NotActive);
+        }
+        // Checked before the pool is asked, so a region that cannot be mapped is never made.
+        let size = self
+            .regions
+            .lock()
+            .check_alloc(size, u64::MAX)
+            .map_err(|r| HandleError::NoRoom {
+                size,
+                status: r.status,
+            })?;
+        let session = self.regions.session();
+        let lease = session
+            .alloc(size)
+            .map_err(|source| HandleError::Alloc { size, source })?;
+        let token = lease.token;
+        let give_back = |token| {
+            if let Err(e) = session.detach(token) {
+                warn!("virtio-ism: giving back new region {token} failed: {e}");
+            }
+        };
+        let installed = self
+            .regions
+            .lock()
+            .install_lease(lease, u64::MAX, true, true);
+        let areas = match installed {
+            Ok(areas) => areas,
+            Err(r) => {
+                give_back(token);
+                return Err(HandleError::Install {
+                    token,
+                    status: r.status,
+                });
+            }
+        };
+        for (target, perms) in grants {
+            if let Err(source) = session.grant(token, *target, *perms) {
+                self.regions.lock().uninstall(token);
+                give_back(token);
+                return Err(HandleError::Grant { token, source });
+            }
+        }
+        {
+            let mut table = self.regions.lock();
+            if let Some(region) = table.region(token) {
+                let subject = table.subject(region);
+                table.post_event(EventType::RegionAdded, subject, 0);
+            }
+        }
+        self.wake();
+        Ok((token, areas))
+    }
+
+    /// The devid the pool knows this device by.
+    pub fn devid(&self) -> u64 {
+        self.regions.lock().info().devid.0
+    }
+
+    /// The pool's status, when the session can report it in-process (the embedded pool);
+    /// None for a broker session (ask the broker's socket).
+    pub fn pool_status(&self) -> Option<PoolStatus> {
+        self.regions.session().status()
+    }
     /// The guest wrote to shmid 2 at `offset` (relative to the notify area) and the write
     /// trapped (no ioeventfd on it). Resolves the region owning that slot, writes the
     /// doorbells its other holders published, and asks the kick sink to signal them as

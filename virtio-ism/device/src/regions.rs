@@ -732,6 +732,11 @@ impl Regions {
         }
     }
 
+    /// The pool session (host-side region creation and status go straight to it).
+    pub fn session(&self) -> &Arc<dyn PoolSession> {
+        &self.session
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, RegionTable> {
         self.table
             .lock()
@@ -892,11 +897,11 @@ impl Regions {
         removed
     }
 
-    /// Take what the pool reported and fold it into the table.
-    pub fn absorb_pool_events(&self) {
+    /// Take what the pool reported and fold it into the table. Returns the reports.
+    pub fn absorb_pool_events(&self) -> Vec<PoolEvent> {
         let events = self.session.take_events();
         if events.is_empty() {
-            return;
+            return events;
         }
         let mut changed: Vec<Token> = events
             .iter()
@@ -907,9 +912,10 @@ impl Regions {
             .collect();
         changed.sort();
         changed.dedup();
-        self.lock().absorb(events);
+        self.lock().absorb(events.clone());
         for token in changed {
             self.refresh_doorbells(token);
         }
+        events
     }
 }

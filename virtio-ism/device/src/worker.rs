@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::ctrl::{MAX_CHAIN_DESCRIPTORS, serve_chain};
 use crate::metrics::IsmMetrics;
+use crate::observer::{IsmEvent, ObserverSlot};
 use crate::regions::Regions;
 
 /// Everything that can stop the worker.
@@ -62,6 +63,8 @@ pub struct IsmWorker {
     /// Signalled by `IsmHandle` when it queued events (hotplug, revoke).
     pub(crate) wake_evt: EventFd,
     pub(crate) pool_fd: Option<RawFd>,
+    /// Told about every region change (see [`crate::IsmObserver`]).
+    pub(crate) observer: Arc<ObserverSlot>,
 }
 
 impl IsmWorker {
@@ -71,19 +74,24 @@ impl IsmWorker {
         let mut served = false;
         while let Some(chain) = self.ctrl_queue.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
-            let (used, status) = serve_chain(
+            let outcome = serve_chain(
                 &mem,
                 chain.take(MAX_CHAIN_DESCRIPTORS + 1),
                 &self.regions,
                 self.features,
             );
             IsmMetrics::inc(&self.metrics.ctrl_commands);
-            if status != Some(virtio_ism_proto::Status::Ok) {
+            if outcome.status != Some(virtio_ism_proto::Status::Ok) {
                 IsmMetrics::inc(&self.metrics.ctrl_errors);
             }
             self.ctrl_queue
-                .add_used(&*mem, head, used)
+                .add_used(&*mem, head, outcome.used)
                 .map_err(WorkerError::AddUsed)?;
+            // After the reply is in the used ring: the observer never delays the guest's
+            // answer past what it costs to queue an event.
+            if let Some(event) = &outcome.event {
+                self.observer.notify(event);
+            }
             served = true;
         }
         if served {
@@ -140,7 +148,11 @@ impl IsmWorker {
     /// Take what the pool reports (peer attach/detach, grant updates, revocations) and
     /// deliver the resulting events.
     pub fn process_pool_events(&mut self) -> Result<bool, WorkerError> {
-        self.regions.absorb_pool_events();
+        for report in self.regions.absorb_pool_events() {
+            if let Some(event) = IsmEvent::from_pool(&report) {
+                self.observer.notify(&event);
+            }
+        }
         self.process_event_queue()
     }
 

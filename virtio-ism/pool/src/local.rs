@@ -668,6 +668,10 @@ impl PoolSession for LocalSession {
         self.events.take()
     }
 
+    fn status(&self) -> Option<PoolStatus> {
+        Some(self.pool.status())
+    }
+
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(self.events.raw_fd())
     }
@@ -1035,6 +1039,26 @@ mod tests {
         let status = pool.status();
         assert_eq!(status.used, 0);
         assert!(status.sessions.is_empty());
+    }
+
+    #[test]
+    fn test_a_session_reports_its_pools_status() {
+        let pool = pool(1 << 20, Some(1 << 19));
+        let a = pool.open_session(None).unwrap();
+        let b = pool.open_session(None).unwrap();
+        let token = a.alloc(2 * PAGE_SIZE).unwrap().token;
+        a.grant(
+            token,
+            GrantTarget::Device(b.devid()),
+            Perms::ATTACH.union(Perms::READ),
+        )
+        .unwrap();
+        let status = PoolSession::status(&*b).expect("an in-process pool reports its status");
+        assert_eq!(status, pool.status());
+        assert_eq!(status.used, 2 * PAGE_SIZE);
+        assert_eq!(status.per_vm_limit, Some(1 << 19));
+        assert_eq!(status.sessions.len(), 2);
+        assert_eq!(status.regions[0].grants, [(b.devid().0, 5)]);
     }
 
     #[test]

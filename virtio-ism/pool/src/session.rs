@@ -182,6 +182,12 @@ pub trait PoolSession: Send + Sync {
         Err(PoolError::DoorbellsUnsupported)
     }
 
+    /// The whole pool's status, for a session that can see it in-process (the embedded
+    /// pool). None when the status is only available elsewhere (a broker's socket).
+    fn status(&self) -> Option<crate::status::PoolStatus> {
+        None
+    }
+
     /// A file descriptor that becomes readable when events are queued (for a device's epoll
     /// loop). The sessions in this crate reset it inside `take_events` (before taking the
     /// queue, so no wakeup is lost); callers need not read it.

@@ -26,6 +26,16 @@ pub enum ApiError {
     DeviceRefused(String, String),
     #[error("Pool status of {0:?} is unavailable: {1}")]
     PoolStatus(String, String),
+    #[error("Device {0:?}: peer {1} is not a device of its pool")]
+    UnknownPeer(String, u64),
+    #[error("Device {0:?}: peer {1} is the device itself")]
+    SelfPeer(String, u64),
+    #[error("The VM is already paused")]
+    AlreadyPaused,
+    #[error("The VM is not paused")]
+    NotPaused,
+    #[error("Failed to pause the VM: {0}")]
+    Pause(String),
     #[error("Failed to serialise the response")]
     Serialise(#[source] serde_json::Error),
     #[error("The VMM is shutting down")]
@@ -36,9 +46,12 @@ impl ApiError {
     pub fn status_code(&self) -> u16 {
         match self {
             ApiError::UnknownDeviceId(_) | ApiError::UnknownRegion(..) => 404,
-            ApiError::RegionExists(..) => 409,
-            ApiError::DeviceRefused(..) => 400,
-            ApiError::PoolStatus(..) | ApiError::Serialise(_) | ApiError::VmmGone => 500,
+            ApiError::RegionExists(..) | ApiError::AlreadyPaused | ApiError::NotPaused => 409,
+            ApiError::DeviceRefused(..) | ApiError::UnknownPeer(..) | ApiError::SelfPeer(..) => 400,
+            ApiError::PoolStatus(..)
+            | ApiError::Pause(_)
+            | ApiError::Serialise(_)
+            | ApiError::VmmGone => 500,
         }
     }
 
@@ -64,6 +77,8 @@ pub trait RequestHandler {
     fn vm_counters(&mut self) -> ApiResult;
     fn vm_shutdown(&mut self) -> ApiResult;
     fn vm_reboot(&mut self) -> ApiResult;
+    fn vm_pause(&mut self) -> ApiResult;
+    fn vm_resume(&mut self) -> ApiResult;
     fn ism_add_region(&mut self, req: IsmAddRegionRequest) -> ApiResult;
     fn ism_remove_region(&mut self, req: IsmRemoveRegionRequest) -> ApiResult;
     fn ism_regions(&mut self) -> ApiResult;
@@ -78,6 +93,8 @@ pub fn dispatch(handler: &mut dyn RequestHandler, action: ApiAction) -> ApiResul
         ApiAction::VmCounters => handler.vm_counters(),
         ApiAction::VmShutdown => handler.vm_shutdown(),
         ApiAction::VmReboot => handler.vm_reboot(),
+        ApiAction::VmPause => handler.vm_pause(),
+        ApiAction::VmResume => handler.vm_resume(),
         ApiAction::IsmAddRegion(r) => handler.ism_add_region(r),
         ApiAction::IsmRemoveRegion(r) => handler.ism_remove_region(r),
         ApiAction::IsmRegions => handler.ism_regions(),

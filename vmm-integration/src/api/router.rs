@@ -73,8 +73,12 @@ pub fn route(method: &str, url: &str, body: &[u8]) -> Result<ApiAction, RouteErr
         "vm.counters" => ApiAction::VmCounters,
         "vm.shutdown" => ApiAction::VmShutdown,
         "vm.reboot" => ApiAction::VmReboot,
+        "vm.pause" => ApiAction::VmPause,
+        "vm.resume" => ApiAction::VmResume,
         "vm.ism-add-region" => {
-            ApiAction::IsmAddRegion(parse_body::<IsmAddRegionRequest>(name, body)?)
+            let req = parse_body::<IsmAddRegionRequest>(name, body)?;
+            req.kind().map_err(|e| RouteError::InvalidBody(name, e))?;
+            ApiAction::IsmAddRegion(req)
         }
         "vm.ism-remove-region" => {
             ApiAction::IsmRemoveRegion(parse_body::<IsmRemoveRegionRequest>(name, body)?)
@@ -89,7 +93,7 @@ pub fn route(method: &str, url: &str, body: &[u8]) -> Result<ApiAction, RouteErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::types::RegionAccess;
+    use crate::api::types::{AddRegion, GrantPerm, IsmGrant, RegionAccess};
 
     #[test]
     fn test_every_route_is_routed() {
@@ -167,10 +171,73 @@ mod tests {
             ),
             Ok(ApiAction::IsmAddRegion(IsmAddRegionRequest {
                 id: "ism0".into(),
-                token: 7,
-                access: RegionAccess::ReadWrite,
+                token: Some(7),
+                access: Some(RegionAccess::ReadWrite),
+                ..Default::default()
             }))
         );
+        assert_eq!(
+            route("PUT", "/api/v1/vm.pause", b""),
+            Ok(ApiAction::VmPause)
+        );
+        assert_eq!(
+            route("PUT", "/api/v1/vm.resume", b""),
+            Ok(ApiAction::VmResume)
+        );
+        let Ok(ApiAction::IsmAddRegion(req)) = route(
+            "PUT",
+            "/api/v1/vm.ism-add-region",
+            br#"{"id":"ism0","size":65536,"grants":[{"peer":2,"perm":"ro"}],"default_perm":"rw"}"#,
+        ) else {
+            panic!("create request not routed");
+        };
+        assert_eq!(
+            req.kind(),
+            Ok(AddRegion::Create {
+                size: 65536,
+                grants: vec![IsmGrant {
+                    peer: 2,
+                    perm: GrantPerm::Ro
+                }],
+                default_perm: GrantPerm::Rw,
+            })
+        );
+    }
+
+    #[test]
+    fn test_add_region_field_combinations_and_sizes_are_checked() {
+        let add = "/api/v1/vm.ism-add-region";
+        for (body, says) in [
+            (r#"{"id":"a","token":1,"size":4096}"#, "not both"),
+            (r#"{"id":"a"}"#, "Give token"),
+            (r#"{"id":"a","size":0}"#, "size 0"),
+            (r#"{"id":"a","size":4097}"#, "size 4097"),
+            (r#"{"id":"a","size":4096,"access":"rw"}"#, "access only"),
+            (
+                r#"{"id":"a","token":1,"default_perm":"ro"}"#,
+                "only go with size",
+            ),
+            (
+                r#"{"id":"a","size":4096,"grants":[{"peer":3,"perm":"ro"},{"peer":3,"perm":"rw"}]}"#,
+                "granted twice",
+            ),
+            (
+                r#"{"id":"a","size":4096,"grants":[{"peer":0,"perm":"ro"}]}"#,
+                "not a device id",
+            ),
+            (
+                r#"{"id":"a","size":4096,"grants":[{"peer":1,"perm":"all"}]}"#,
+                "unknown variant",
+            ),
+            (
+                r#"{"id":"a","size":4096,"grants":[{"peer":1}]}"#,
+                "missing field",
+            ),
+        ] {
+            let e = route("PUT", add, body.as_bytes()).unwrap_err();
+            assert_eq!(e.status_code(), 400, "{body}");
+            assert!(e.to_string().contains(says), "{body}: {e}");
+        }
     }
 
     #[test]

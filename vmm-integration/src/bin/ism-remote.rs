@@ -17,8 +17,8 @@ use std::process::ExitCode;
 
 use clap::{Arg, Command};
 
-use option_parser::{OptionParser, OptionParserError};
-use types::{IsmAddRegionRequest, IsmRemoveRegionRequest, RegionAccess};
+use option_parser::{ByteSized, OptionParser, OptionParserError};
+use types::{GrantPerm, IsmAddRegionRequest, IsmGrant, IsmRemoveRegionRequest, RegionAccess};
 
 #[derive(Debug, thiserror::Error)]
 enum RemoteError {
@@ -38,6 +38,12 @@ enum RemoteError {
     Missing(&'static str, &'static str),
     #[error("access={0:?} is not one of granted, read, rw")]
     Access(String),
+    #[error("Permission {0:?} is not one of none, ro, rw")]
+    Perm(String),
+    #[error("Grant {0:?} is not <peer devid>:<ro|rw>")]
+    Grant(String),
+    #[error("Invalid ism-add-region argument: {0}")]
+    AddRegion(String),
     #[error("Failed to serialise the request")]
     Serialise(#[source] serde_json::Error),
 }
@@ -109,37 +115,98 @@ fn parse_access(s: Option<String>) -> Result<RegionAccess, RemoteError> {
     }
 }
 
-/// `id=<ism id>,token=<n>[,access=granted|read|rw]`.
-fn parse_region_arg(
-    command: &'static str,
-    input: &str,
-    with_access: bool,
-) -> Result<(String, u64, RegionAccess), RemoteError> {
-    let mut parser = OptionParser::new();
-    parser.add_all(&["id", "token"]);
-    if with_access {
-        parser.add("access");
+fn parse_perm(s: &str) -> Result<GrantPerm, RemoteError> {
+    match s {
+        "none" => Ok(GrantPerm::None),
+        "ro" => Ok(GrantPerm::Ro),
+        "rw" => Ok(GrantPerm::Rw),
+        other => Err(RemoteError::Perm(other.to_owned())),
     }
+}
+
+/// `[2:ro,3:rw]` (or a single `2:ro`): per-peer grants.
+fn parse_grants(s: &str) -> Result<Vec<IsmGrant>, RemoteError> {
+    let list = s
+        .strip_prefix('[')
+        .and_then(|l| l.strip_suffix(']'))
+        .unwrap_or(s);
+    list.split(',')
+        .filter(|g| !g.is_empty())
+        .map(|g| {
+            let (peer, perm) = g
+                .split_once(':')
+                .ok_or_else(|| RemoteError::Grant(g.to_owned()))?;
+            Ok(IsmGrant {
+                peer: peer.parse().map_err(|_| RemoteError::Grant(g.to_owned()))?,
+                perm: parse_perm(perm)?,
+            })
+        })
+        .collect()
+}
+
+/// `id=<ism id>,token=<n>[,access=granted|read|rw]` (attach) or
+/// `id=<ism id>,size=<bytes>[,grants=[<peer>:<ro|rw>,...]][,default_perm=none|ro|rw]`
+/// (create), checked as the VMM checks it.
+fn parse_add_region(input: &str) -> Result<IsmAddRegionRequest, RemoteError> {
+    const COMMAND: &str = "ism-add-region";
+    let mut parser = OptionParser::new();
+    parser.add_all(&["id", "token", "access", "size", "grants", "default_perm"]);
     parser
         .parse(input)
-        .map_err(|e| RemoteError::Parse(command, e))?;
+        .map_err(|e| RemoteError::Parse(COMMAND, e))?;
     let id = parser
         .get("id")
-        .ok_or(RemoteError::Missing(command, "id=<ism device id>"))?;
+        .ok_or(RemoteError::Missing(COMMAND, "id=<ism device id>"))?;
+    let req = IsmAddRegionRequest {
+        id,
+        token: parser
+            .convert::<u64>("token")
+            .map_err(|e| RemoteError::Parse(COMMAND, e))?,
+        access: parser
+            .get("access")
+            .map(|a| parse_access(Some(a)))
+            .transpose()?,
+        size: parser
+            .convert::<ByteSized>("size")
+            .map_err(|e| RemoteError::Parse(COMMAND, e))?
+            .map(|b| b.0),
+        grants: parser
+            .get("grants")
+            .map(|g| parse_grants(&g))
+            .transpose()?
+            .unwrap_or_default(),
+        default_perm: parser
+            .get("default_perm")
+            .map(|p| parse_perm(&p))
+            .transpose()?,
+    };
+    req.kind().map_err(RemoteError::AddRegion)?;
+    Ok(req)
+}
+
+/// `id=<ism id>,token=<n>`.
+fn parse_remove_region(input: &str) -> Result<IsmRemoveRegionRequest, RemoteError> {
+    const COMMAND: &str = "ism-remove-region";
+    let mut parser = OptionParser::new();
+    parser.add_all(&["id", "token"]);
+    parser
+        .parse(input)
+        .map_err(|e| RemoteError::Parse(COMMAND, e))?;
+    let id = parser
+        .get("id")
+        .ok_or(RemoteError::Missing(COMMAND, "id=<ism device id>"))?;
     let token = parser
         .convert::<u64>("token")
-        .map_err(|e| RemoteError::Parse(command, e))?
-        .ok_or(RemoteError::Missing(command, "token=<region token>"))?;
-    Ok((id, token, parse_access(parser.get("access"))?))
+        .map_err(|e| RemoteError::Parse(COMMAND, e))?
+        .ok_or(RemoteError::Missing(COMMAND, "token=<region token>"))?;
+    Ok(IsmRemoveRegionRequest { id, token })
 }
 
 fn create_app() -> Command {
-    let region = |name: &'static str, help: &'static str| {
+    let region = |name: &'static str, help: &'static str, syntax: &'static str| {
         Command::new(name)
             .about(help)
-            .arg(Arg::new("region").required(true).help(
-            "id=<ism device id>,token=<region token>[,access=granted|read|rw] (access: add only)",
-        ))
+            .arg(Arg::new("region").required(true).help(syntax))
     };
     Command::new("ism-remote")
         .version(env!("CARGO_PKG_VERSION"))
@@ -157,13 +224,19 @@ fn create_app() -> Command {
         .subcommand(Command::new("counters").about("Per-device counters (vm.counters)"))
         .subcommand(Command::new("shutdown").about("Stop the VM (vm.shutdown)"))
         .subcommand(Command::new("reboot").about("Reboot request; the VMM exits (vm.reboot)"))
+        .subcommand(Command::new("pause").about("Pause every vCPU (vm.pause)"))
+        .subcommand(Command::new("resume").about("Resume a paused VM (vm.resume)"))
         .subcommand(region(
             "ism-add-region",
-            "Attach a pool region to an ism device (vm.ism-add-region)",
+            "Attach a pool region to an ism device, or create one (vm.ism-add-region)",
+            "id=<ism device id>,token=<region token>[,access=granted|read|rw] to attach, or \
+             id=<ism device id>,size=<bytes>[,grants=[<peer devid>:<ro|rw>,...]]\
+             [,default_perm=none|ro|rw] to create",
         ))
         .subcommand(region(
             "ism-remove-region",
             "Revoke a region from an ism device (vm.ism-remove-region)",
+            "id=<ism device id>,token=<region token>",
         ))
         .subcommand(Command::new("ism-regions").about("Regions each ism device holds"))
         .subcommand(Command::new("ism-pool-status").about("The pool as each ism device sees it"))
@@ -187,17 +260,17 @@ fn run(matches: &clap::ArgMatches) -> Result<String, RemoteError> {
         "counters" => ("GET", "vm.counters", None),
         "shutdown" => ("PUT", "vm.shutdown", None),
         "reboot" => ("PUT", "vm.reboot", None),
+        "pause" => ("PUT", "vm.pause", None),
+        "resume" => ("PUT", "vm.resume", None),
         "ism-regions" => ("GET", "vm.ism-regions", None),
         "ism-pool-status" => ("GET", "vm.ism-pool-status", None),
         "ism-add-region" => {
-            let (id, token, access) = parse_region_arg("ism-add-region", region_arg(), true)?;
-            let req = IsmAddRegionRequest { id, token, access };
+            let req = parse_add_region(region_arg())?;
             let json = serde_json::to_string(&req).map_err(RemoteError::Serialise)?;
             ("PUT", "vm.ism-add-region", Some(json))
         }
         "ism-remove-region" => {
-            let (id, token, _) = parse_region_arg("ism-remove-region", region_arg(), false)?;
-            let req = IsmRemoveRegionRequest { id, token };
+            let req = parse_remove_region(region_arg())?;
             let json = serde_json::to_string(&req).map_err(RemoteError::Serialise)?;
             ("PUT", "vm.ism-remove-region", Some(json))
         }
@@ -245,6 +318,8 @@ mod tests {
             "counters",
             "shutdown",
             "reboot",
+            "pause",
+            "resume",
             "ism-regions",
             "ism-pool-status",
         ] {
@@ -264,16 +339,43 @@ mod tests {
 
     #[test]
     fn test_region_argument() {
-        let (id, token, access) =
-            parse_region_arg("ism-add-region", "id=ism0,token=42,access=rw", true).unwrap();
+        let req = parse_add_region("id=ism0,token=42,access=rw").unwrap();
         assert_eq!(
-            (id.as_str(), token, access),
-            ("ism0", 42, RegionAccess::ReadWrite)
+            (req.id.as_str(), req.token, req.access),
+            ("ism0", Some(42), Some(RegionAccess::ReadWrite))
         );
-        assert!(parse_region_arg("ism-add-region", "id=ism0", true).is_err());
-        assert!(parse_region_arg("ism-add-region", "token=1", true).is_err());
-        assert!(parse_region_arg("ism-add-region", "id=a,token=x", true).is_err());
-        assert!(parse_region_arg("ism-remove-region", "id=a,token=1,access=rw", false).is_err());
-        assert!(parse_region_arg("ism-add-region", "id=a,token=1,access=all", true).is_err());
+        let req = parse_add_region("id=ism0,size=1M,grants=[2:ro,3:rw],default_perm=ro").unwrap();
+        assert_eq!(req.size, Some(1 << 20));
+        assert_eq!(
+            req.grants,
+            [
+                IsmGrant {
+                    peer: 2,
+                    perm: GrantPerm::Ro
+                },
+                IsmGrant {
+                    peer: 3,
+                    perm: GrantPerm::Rw
+                }
+            ]
+        );
+        assert_eq!(req.default_perm, Some(GrantPerm::Ro));
+        assert_eq!(
+            parse_add_region("id=a,size=8K,grants=4:rw")
+                .unwrap()
+                .grants
+                .len(),
+            1
+        );
+        assert!(parse_add_region("id=ism0").is_err());
+        assert!(parse_add_region("token=1").is_err());
+        assert!(parse_add_region("id=a,token=x").is_err());
+        assert!(parse_add_region("id=a,token=1,size=4K").is_err());
+        assert!(parse_add_region("id=a,size=100").is_err());
+        assert!(parse_add_region("id=a,size=4K,grants=[2:all]").is_err());
+        assert!(parse_add_region("id=a,size=4K,grants=[two:ro]").is_err());
+        assert!(parse_add_region("id=a,token=1,access=all").is_err());
+        assert!(parse_remove_region("id=a,token=1,access=rw").is_err());
+        assert_eq!(parse_remove_region("id=a,token=1").unwrap().token, 1);
     }
 }

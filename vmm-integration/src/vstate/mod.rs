@@ -3,6 +3,7 @@
 //! policy for PVM hosts.
 
 pub mod cpuid;
+pub mod pause;
 pub mod pvm;
 pub mod vcpu;
 pub mod vm;

@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
 use super::cpuid::vcpu_cpuid;
+use super::pause::{self, PauseState};
 use super::pvm::{EmulatedInsn, InternalError, hex_bytes};
 use crate::boot::{BootEntry, BootError, cpu::boot_vcpu_state};
 use crate::bus::IoBuses;
@@ -56,6 +57,18 @@ pub struct VcpuShared {
     pub counters: Arc<ExitCounters>,
     /// Whether the PVM instruction fallback is on.
     pub pvm_policy: bool,
+    /// `vm.pause`: the thread parks here between KVM_RUNs while a pause is requested.
+    pub pause: Arc<PauseState>,
+}
+
+/// Clears the thread's immediate-exit registration before the vCPU (and its kvm_run
+/// mapping) is dropped, so a late kick signal never writes to unmapped memory.
+struct ImmediateExitRegistration;
+
+impl Drop for ImmediateExitRegistration {
+    fn drop(&mut self) {
+        pause::register_immediate_exit(std::ptr::null_mut());
+    }
 }
 
 /// MSR numbers set at boot.
@@ -214,10 +227,18 @@ impl Vcpu {
     }
 
     /// Run until the VM stops; report why (unless the main thread asked us to stop).
+    /// Parks while a pause is requested.
     pub fn run(mut self) {
+        pause::register_immediate_exit(&mut self.fd.get_kvm_run().immediate_exit);
+        // Locals drop before the `self` parameter: the registration is cleared first.
+        let _registered = ImmediateExitRegistration;
         loop {
             if self.shared.stop.load(Ordering::Acquire) {
                 return;
+            }
+            if self.shared.pause.requested() {
+                self.shared.pause.park(&self.shared.stop);
+                continue;
             }
             if let Some(event) = self.run_once() {
                 if !self.shared.stop.load(Ordering::Acquire) {
@@ -234,7 +255,11 @@ impl Vcpu {
         let counters = &shared.counters;
         let exit = match self.fd.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (pause or teardown) set immediate_exit; the caller checks why.
+                self.fd.set_kvm_immediate_exit(0);
+                return None;
+            }
             Err(e) => {
                 return Some(ExitEvent::Error(format!(
                     "vCPU{}: KVM_RUN failed: {e}",
