@@ -35,8 +35,11 @@ enum Cmd {
     Attach {
         token: String,
         /// Ask for a read-only mapping.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "rw")]
         ro: bool,
+        /// Ask for a writable mapping (refused unless WRITE is granted).
+        #[arg(long)]
+        rw: bool,
     },
     /// Stop holding a region.
     Detach { token: String },
@@ -166,9 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{:#018x} {}", region.token(), region.len());
             region.keep()?;
         }
-        Cmd::Attach { token, ro } => {
+        Cmd::Attach { token, ro, rw } => {
             let access = if ro {
                 Access::ReadOnly
+            } else if rw {
+                Access::ReadWrite
             } else {
                 Access::AsGranted
             };
@@ -317,6 +322,12 @@ mod tests {
         assert_eq!(parse_perms("5").unwrap(), Perms::READ | Perms::ATTACH);
         assert!(parse_perms("x").is_err());
         assert!(parse_perms("64").is_err());
+    }
+
+    #[test]
+    fn test_cli_attach_ro_and_rw_exclude_each_other() {
+        assert!(Cli::try_parse_from(["ismctl", "attach", "1", "--rw"]).is_ok());
+        assert!(Cli::try_parse_from(["ismctl", "attach", "1", "--ro", "--rw"]).is_err());
     }
 
     #[test]
