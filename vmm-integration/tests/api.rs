@@ -492,7 +492,8 @@ fn last_progress(serial: &str) -> u64 {
 }
 
 /// vm.pause stops a guest that counts on its console, vm.resume lets it go on, both refuse
-/// the wrong state with 409, vm.info follows, and a paused VM still shuts down.
+/// the wrong state with 409, vm.info follows, and a paused VM still shuts down. Two vCPUs
+/// (the second waits for a SIPI inside KVM_RUN), under seccomp in kill mode.
 #[test]
 fn test_pause_and_resume_a_counting_guest() {
     if !kvm_available() {
@@ -506,6 +507,7 @@ fn test_pause_and_resume_a_counting_guest() {
         .args(["--kernel", guest.to_str().unwrap()])
         .args(["--cmdline", "ism.test=progress"])
         .args(["--memory", "size=128M", "--cpus", "boot=2"])
+        .args(["--seccomp", "true"])
         .arg("--serial")
         .arg(format!("file={}", d.join("serial").display()))
         .arg("--api-socket")
@@ -601,7 +603,10 @@ impl ShellVmm {
         command
             .args(["--kernel", guest.to_str().unwrap()])
             .args(["--cmdline", "ism.test=ism"])
-            .args(["--memory", "size=128M", "--serial", "tty"]);
+            .args(["--memory", "size=128M", "--serial", "tty"])
+            // Every thread under its filter in kill mode: a syscall the new paths need and
+            // the filters lack kills the VMM.
+            .args(["--seccomp", "true"]);
         for device in ism {
             command.args(["--ism", device]);
         }
@@ -866,4 +871,191 @@ fn test_region_create_with_grants_pool_status_and_guest_events() {
             "region-detached"
         ]
     );
+}
+
+/// The `ism-pool` broker binary of this target dir, built once per test process.
+fn pool_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // <target>/<profile>/deps/api-<hash> -> <target>/<profile>
+            let exe = std::env::current_exe().expect("test executable path");
+            let profile_dir = exe.ancestors().nth(2).expect("<target>/<profile>/deps");
+            let target = exe.ancestors().nth(3).expect("<target>/<profile>/deps");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "ism-pool", "--bin", "ism-pool"])
+                .env("CARGO_TARGET_DIR", target)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo to build ism-pool");
+            assert!(status.success(), "building ism-pool failed: {status}");
+            let binary = profile_dir.join("ism-pool");
+            assert!(binary.is_file(), "{} missing", binary.display());
+            binary
+        })
+        .clone()
+}
+
+/// An `ism-pool` broker on a socket in its own directory; killed on drop.
+struct Broker {
+    child: Child,
+    dir: vmm_sys_util::tempdir::TempDir,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-pool").unwrap();
+        let child = Command::new(pool_binary())
+            .arg("--socket")
+            .arg(dir.as_path().join("pool.sock"))
+            .args(["--size", "64M"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let broker = Broker { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !broker.socket().exists() {
+            assert!(Instant::now() < deadline, "ism-pool did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        broker
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.as_path().join("pool.sock")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The properties of `vmm`'s ism events named `event` about `token`, waiting (the monitor
+/// writes asynchronously) until there are `count`.
+fn wait_events(vmm: &Vmm, event: &str, token: u64, count: usize) -> Vec<serde_json::Value> {
+    let token = token.to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found: Vec<serde_json::Value> = ism_events(vmm)
+            .into_iter()
+            .filter(|e| e["event"] == event && e["properties"]["token"] == token.as_str())
+            .map(|e| e["properties"].clone())
+            .collect();
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} {event} events for {token} expected, got {found:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two VMMs on one broker: what one guest does to a shared region shows up on both event
+/// streams (attach and detach on the attacher's, peer attached and gone on the owner's),
+/// including a peer whose VMM is killed and a region the operator revokes; the API creates a
+/// region granted to the other VMM's device, which that guest can attach, and answers
+/// vm.ism-pool-status from the broker.
+#[test]
+fn test_paired_guests_report_peer_and_pool_events() {
+    if !kvm_available() {
+        return;
+    }
+    let broker = Broker::start();
+    let device = format!("id=ism0,size=16M,pool={}", broker.socket().display());
+    let mut owner = ShellVmm::start(&[&device]);
+    let mut peer = ShellVmm::start(&[&device]);
+    let owner_devid: u64 = field(&owner.wait_line("ism=ready"), "devid")
+        .parse()
+        .unwrap();
+    let peer_devid: u64 = field(&peer.wait_line("ism=ready"), "devid")
+        .parse()
+        .unwrap();
+    assert_ne!(owner_devid, peer_devid);
+
+    let alloc = owner.cmd("alloc 128K");
+    let token = hex(field(&alloc, "token"));
+    owner.cmd(&format!("grant {token:#x} {peer_devid} rwa"));
+    peer.cmd(&format!("attach {token:#x} rw"));
+    let attached = wait_events(&peer.vmm, "region-attached", token, 1);
+    assert_eq!(attached[0]["id"], "ism0");
+    assert_eq!(attached[0]["size"], "131072");
+    assert_eq!(attached[0]["perm"], "RW");
+    assert_eq!(attached[0]["origin"], "guest");
+    let joined = wait_events(&owner.vmm, "peer-attached", token, 1);
+    assert_eq!(joined[0]["peer"], peer_devid.to_string());
+    assert_eq!(joined[0]["id"], "ism0");
+
+    peer.cmd(&format!("detach {token:#x}"));
+    wait_events(&peer.vmm, "region-detached", token, 1);
+    let gone = wait_events(&owner.vmm, "peer-gone", token, 1);
+    assert_eq!(gone[0]["peer"], peer_devid.to_string());
+
+    // A region the API creates for the owner, granted read-only to the peer's device (in
+    // another VMM): the pool knows that devid, and the peer's guest can attach it.
+    let sock = owner.socket();
+    let status = json(&request(&sock, "GET", "vm.ism-pool-status", "").1);
+    assert!(
+        status["ism0"]["protocol_version"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    let body =
+        format!(r#"{{"id":"ism0","size":65536,"grants":[{{"peer":{peer_devid},"perm":"ro"}}]}}"#);
+    let (code, reply) = request(&sock, "PUT", "vm.ism-add-region", &body);
+    assert_eq!(code, 200, "{reply}");
+    let api_token = json(&reply)["token"].as_u64().unwrap();
+    let status = json(&request(&sock, "GET", "vm.ism-pool-status", "").1);
+    let region = status["ism0"]["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["token"] == api_token)
+        .unwrap_or_else(|| panic!("{api_token} in {status}"))
+        .clone();
+    assert_eq!(region["grants"], serde_json::json!([[peer_devid, 5]]));
+    let line = peer.cmd(&format!("attach {api_token:#x} ro"));
+    assert!(line.contains("status=ok"), "{line}");
+    let attached = wait_events(&peer.vmm, "region-attached", api_token, 1);
+    assert_eq!(attached[0]["perm"], "R");
+    // Read-only means read-only: asking for write access is refused by the pool.
+    peer.cmd(&format!("detach {api_token:#x}"));
+    peer.seq += 1;
+    writeln!(peer.stdin, "attach {api_token:#x} rw").unwrap();
+    let refused = peer.wait_line(&format!("seq={} ", peer.seq));
+    assert!(!refused.contains("status=ok"), "{refused}");
+
+    // The peer attaches the first region again and its VMM dies: the owner hears it.
+    peer.cmd(&format!("attach {token:#x} ro"));
+    wait_events(&owner.vmm, "peer-attached", token, 2);
+    let ShellVmm {
+        vmm: mut peer_vmm, ..
+    } = peer;
+    peer_vmm.child.kill().unwrap();
+    peer_vmm.child.wait().unwrap();
+    let gone = wait_events(&owner.vmm, "peer-gone", token, 2);
+    assert_eq!(gone[1]["peer"], peer_devid.to_string());
+
+    // The operator revokes the region: the owner's device reports it, origin "pool".
+    let out = Command::new(pool_binary())
+        .args(["revoke", "--socket"])
+        .arg(broker.socket())
+        .args(["--token", &token.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let revoked = wait_events(&owner.vmm, "region-revoked", token, 1);
+    assert_eq!(revoked[0]["origin"], "pool");
+    assert_eq!(revoked[0]["id"], "ism0");
+    let events = owner.cmd("events");
+    assert_eq!(field(&events, "revoke"), "1", "{events}");
+
+    assert_eq!(request(&sock, "PUT", "vm.shutdown", "").0, 204);
+    let ShellVmm { vmm, .. } = owner;
+    let (code, stderr, _) = vmm.wait();
+    assert_eq!(code, 0, "{stderr}");
 }
