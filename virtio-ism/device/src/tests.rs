@@ -1867,3 +1867,166 @@ fn test_worker_thread_fans_out_one_hop_kicks_on_its_own() {
     assert!(a.reset().is_some());
     assert!(wiring_a.wired_offsets().is_empty());
 }
+
+/// Records what an [`crate::IsmObserver`] is told.
+#[derive(Default)]
+struct RecordingObserver(Mutex<Vec<crate::IsmEvent>>);
+
+impl crate::IsmObserver for RecordingObserver {
+    fn observe(&self, event: &crate::IsmEvent) {
+        self.0.lock().unwrap().push(*event);
+    }
+}
+
+impl RecordingObserver {
+    fn take(&self) -> Vec<crate::IsmEvent> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+#[test]
+fn test_observer_hears_successful_commands_and_pool_reports_only() {
+    use crate::IsmEvent;
+    use ism_pool::Perms;
+    let pool = pool();
+    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
+    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (seen_a, seen_b) = (
+        Arc::new(RecordingObserver::default()),
+        Arc::new(RecordingObserver::default()),
+    );
+    a.handle().set_observer(Some(seen_a.clone()));
+    b.handle().set_observer(Some(seen_b.clone()));
+    let (token, _) = a.alloc(CHUNK - 100);
+    // Refused: not reported.
+    assert_eq!(b.attach_raw(token, 0).status, Status::PermAttach);
+    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    b.attach(token, VIRTIO_ISM_PERM_READ as u32);
+    assert_eq!(
+        b.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::Ok
+    );
+    assert_eq!(
+        b.simple(Request::Detach(DetachRequest { token: token.0 })),
+        Status::NoEnt
+    );
+    assert_eq!(
+        seen_b.take(),
+        [
+            IsmEvent::RegionAttached {
+                token,
+                size: CHUNK,
+                writable: false
+            },
+            IsmEvent::RegionDetached { token },
+        ]
+    );
+    a.worker.process_pool_events().unwrap();
+    let peer = DevId(b.devid());
+    assert_eq!(
+        seen_a.take(),
+        [
+            IsmEvent::RegionAllocated { token, size: CHUNK },
+            IsmEvent::RegionGranted {
+                token,
+                peer: None,
+                perms: Perms(rw())
+            },
+            IsmEvent::PeerAttached { token, peer },
+            IsmEvent::PeerGone { token, peer },
+        ]
+    );
+    pool.revoke(token).unwrap();
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(seen_a.take(), [IsmEvent::RegionRevoked { token }]);
+    // Removed observer: nothing more.
+    a.handle().set_observer(None);
+    a.alloc(CHUNK);
+    assert!(seen_a.take().is_empty());
+}
+
+#[test]
+fn test_host_created_region_is_granted_owned_and_announced_or_not_made_at_all() {
+    use ism_pool::{GrantTarget, Perms};
+    let pool = pool();
+    let mut a = TestVm::new(&pool, ALL_FEATURES);
+    let b = TestVm::new(&pool, ALL_FEATURES);
+    let handle = a.handle();
+    let read = Perms::ATTACH.union(Perms::READ);
+    // Larger than the window: refused before the pool is asked.
+    let err = handle.create_region(SHM + CHUNK, &[]).unwrap_err();
+    assert!(matches!(err, crate::HandleError::NoRoom { .. }), "{err}");
+    assert_eq!(pool.status().used, 0);
+    let (token, areas) = handle
+        .create_region(CHUNK, &[(GrantTarget::Device(DevId(b.devid())), read)])
+        .unwrap();
+    assert_eq!(areas.len(), 1);
+    assert_eq!(handle.regions(), [token]);
+    let status = handle
+        .pool_status()
+        .expect("the embedded pool reports its status");
+    assert_eq!(status.regions[0].owner, a.devid());
+    assert_eq!(status.regions[0].grants, [(b.devid(), read.0)]);
+    assert_eq!(handle.devid(), a.devid());
+    // The guest hears of it as a hot-added region.
+    a.post_event_buffers(2);
+    let events = a.take_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind(), EventType::RegionAdded);
+    assert_eq!(events[0].token, token.0);
+}
+
+/// A session whose pool refuses every grant (to reach the rollback of a host-created region).
+struct RefusingGrants(Arc<dyn PoolSession>);
+
+impl PoolSession for RefusingGrants {
+    fn info(&self) -> ism_pool::SessionInfo {
+        self.0.info()
+    }
+    fn alloc(&self, size: u64) -> Result<ism_pool::RegionLease, ism_pool::PoolError> {
+        self.0.alloc(size)
+    }
+    fn attach(
+        &self,
+        token: Token,
+        want: ism_pool::Perms,
+    ) -> Result<ism_pool::RegionLease, ism_pool::PoolError> {
+        self.0.attach(token, want)
+    }
+    fn detach(&self, token: Token) -> Result<(), ism_pool::PoolError> {
+        self.0.detach(token)
+    }
+    fn grant(
+        &self,
+        _: Token,
+        _: ism_pool::GrantTarget,
+        _: ism_pool::Perms,
+    ) -> Result<(), ism_pool::PoolError> {
+        Err(ism_pool::PoolError::Protocol("grants refused".into()))
+    }
+    fn take_events(&self) -> Vec<ism_pool::PoolEvent> {
+        self.0.take_events()
+    }
+}
+
+#[test]
+fn test_host_created_region_whose_grant_fails_is_freed() {
+    use ism_pool::{GrantTarget, Perms};
+    let pool = pool();
+    let a = TestVm::with_session(
+        Arc::new(RefusingGrants(pool.session().unwrap())),
+        ALL_FEATURES,
+    );
+    let handle = a.handle();
+    let err = handle
+        .create_region(CHUNK, &[(GrantTarget::Default, Perms::READ)])
+        .unwrap_err();
+    assert!(matches!(err, crate::HandleError::Grant { .. }), "{err}");
+    assert!(handle.regions().is_empty());
+    assert!(pool.status().regions.is_empty());
+    assert_eq!(pool.status().used, 0);
+    assert_eq!(a.counter("regions_attached"), 0);
+    // Without grants the same session creates it.
+    let (token, _) = handle.create_region(CHUNK, &[]).unwrap();
+    assert_eq!(handle.regions(), [token]);
+}
