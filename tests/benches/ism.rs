@@ -1,13 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Inter-VM benchmark (issue 7): two test guests under two ism-vmm processes sharing a region
 //! through one ism-pool broker, against host baselines between two host processes (shared
-//! memfd polling, eventfds, TCP over loopback) and memcpy ceilings. Prints a table and writes
-//! the "Inter-VM shared memory" part of docs/benchmarks.md (the boot section is kept).
+//! memfd polling, eventfds, TCP over loopback) and memcpy ceilings; kick ping-pong with the
+//! kick back sent by the peer's interrupt handler, split into guest ring-0 time and the
+//! host-side rest; region hot-add through the REST API; 8 guests ping-ponging in pairs at
+//! once. Prints a table and writes the "Inter-VM shared memory" part of docs/benchmarks.md
+//! (the boot section is kept).
 //!
 //! Run with `cargo bench -p ism-tests --bench ism` (builds release ism-vmm and ism-pool on
 //! first use; `ISM_VMM` / `ISM_POOL` override). `ISM_BENCH_ROUND_TRIPS` changes the number of
-//! timed round trips (default 100 000); `ISM_BENCH_PART=scale` runs only the 8-guest run and
-//! writes nothing. Nothing here asserts anything about time.
+//! timed round trips (default 100 000); `ISM_BENCH_PART=scale` or `=hotadd` runs only that
+//! part and writes nothing. Nothing here asserts anything about time.
 //!
 //! Guest loops time themselves with `rdtsc` in ring 3 and report TSC cycles; host loops use
 //! `rdtsc` too, and everything is converted with the TSC rate measured here against
@@ -434,6 +437,82 @@ fn host_memcpy(messages: u64, per_ns: f64) -> f64 {
     rate(messages * STREAM_MESSAGE as u64, tsc() - start, per_ns)
 }
 
+/// 64 KiB copies inside one process out of a ring-sized source (16 slots, 1 MiB, cycled):
+/// memcpy with the ring's working set but without a second core.
+fn host_memcpy_ring_sized(messages: u64, per_ns: f64) -> f64 {
+    let source = vec![7u8; RING_SLOTS * STREAM_MESSAGE];
+    let mut sink = vec![0u8; STREAM_MESSAGE];
+    let slot = |n: u64| (n as usize % RING_SLOTS) * STREAM_MESSAGE;
+    for n in 0..RING_SLOTS as u64 {
+        sink.copy_from_slice(&source[slot(n)..slot(n) + STREAM_MESSAGE]);
+    }
+    let start = tsc();
+    for n in 0..messages {
+        let from = std::hint::black_box(&source[slot(n)..slot(n) + STREAM_MESSAGE]);
+        sink.copy_from_slice(from);
+        std::hint::black_box(&mut sink);
+    }
+    rate(messages * STREAM_MESSAGE as u64, tsc() - start, per_ns)
+}
+
+/// The cross-core copy ceiling: the child (CPU 1) writes all 16 slots of a ring-sized shared
+/// buffer, then the parent (CPU 0) copies them out in 64 KiB pieces, timed, and hands the
+/// buffer back; no overlap between the two. This is the ring's receive side alone: one copy
+/// of ring-sized data that the other core just wrote.
+fn host_cross_core_copy(messages: u64, per_ns: f64) -> f64 {
+    use std::sync::atomic::Ordering::Release;
+    let shared = Shared::new(SHARED_LEN);
+    let rounds = messages.div_ceil(RING_SLOTS as u64);
+    let slot = |k: usize| RING_SLOTS_AT + k * STREAM_MESSAGE;
+    let cycles = fork_pair(
+        || {
+            let source = vec![5u8; STREAM_MESSAGE];
+            for r in 0..rounds {
+                spin_until(shared.word(RING_HEAD), 2 * r);
+                for k in 0..RING_SLOTS {
+                    // SAFETY: a local buffer into a slot inside the mapping.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            source.as_ptr(),
+                            shared.at(slot(k), STREAM_MESSAGE),
+                            STREAM_MESSAGE,
+                        )
+                    };
+                }
+                shared.word(RING_HEAD).store(2 * r + 1, Release);
+            }
+        },
+        || {
+            let mut sink = vec![0u8; STREAM_MESSAGE];
+            let mut cycles = 0;
+            for r in 0..rounds {
+                spin_until(shared.word(RING_HEAD), 2 * r + 1);
+                let start = tsc();
+                for k in 0..RING_SLOTS {
+                    // SAFETY: a slot inside the mapping into a local buffer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            shared.at(slot(k), STREAM_MESSAGE),
+                            sink.as_mut_ptr(),
+                            STREAM_MESSAGE,
+                        )
+                    };
+                    // Keep the copy: nothing else reads the sink.
+                    std::hint::black_box(&mut sink);
+                }
+                cycles += tsc() - start;
+                shared.word(RING_HEAD).store(2 * r + 2, Release);
+            }
+            cycles
+        },
+    );
+    rate(
+        rounds * (RING_SLOTS * STREAM_MESSAGE) as u64,
+        cycles,
+        per_ns,
+    )
+}
+
 /// Two processes streaming 64 KiB messages through a 16-slot ring in a shared memfd (one copy
 /// in, one copy out), the same protocol as the guests use.
 fn host_shm_stream(messages: u64, per_ns: f64) -> f64 {
@@ -529,6 +608,8 @@ struct GuestResults {
     /// One command timed by the guest's TSC (converted) and by the host's clock, seconds.
     tsc_check: Option<(f64, f64)>,
     stream: Option<f64>,
+    /// The ring with 4 slots instead of 16 (write-back).
+    stream_small: Option<f64>,
     memcpy_private: Option<f64>,
     memcpy_to_region: Option<f64>,
     memcpy_from_region: Option<f64>,
@@ -582,6 +663,37 @@ fn vmm_rss_kib() -> Vec<(u32, i64)> {
     out
 }
 
+/// Streaming through the ring with `slots` slots: B receives, A sends; bytes per second.
+fn guest_stream(
+    a: &mut IsmGuest,
+    b: &mut IsmGuest,
+    token: &str,
+    slots: usize,
+    per_ns: f64,
+    notes: &mut Vec<String>,
+) -> Option<f64> {
+    let received = b.send(&format!(
+        "bench stream {token} recv {STREAM_MESSAGES} {slots}"
+    ));
+    let sent = a.cmd(&format!(
+        "bench stream {token} send {STREAM_MESSAGES} {slots}"
+    ));
+    let receiver = b.answer(received);
+    if sent.status() == "ok" && receiver.status() == "ok" {
+        Some(rate(
+            number(&sent, "bytes"),
+            number(&sent, "cycles"),
+            per_ns,
+        ))
+    } else {
+        notes.push(format!(
+            "streaming ({slots} slots) failed: A {} / B {}",
+            sent.line, receiver.line
+        ));
+        None
+    }
+}
+
 /// Polling ping-pong latency, ring throughput and the copy rates (private, to region, from
 /// region) of guest A, with the region's current mapping.
 fn data_plane(
@@ -605,23 +717,7 @@ fn data_plane(
         ));
         None
     };
-    // Streaming: B receives, A sends.
-    let received = b.send(&format!("bench stream {token} recv {STREAM_MESSAGES}"));
-    let sent = a.cmd(&format!("bench stream {token} send {STREAM_MESSAGES}"));
-    let receiver = b.answer(received);
-    let stream = if sent.status() == "ok" && receiver.status() == "ok" {
-        Some(rate(
-            number(&sent, "bytes"),
-            number(&sent, "cycles"),
-            per_ns,
-        ))
-    } else {
-        notes.push(format!(
-            "streaming failed: A {} / B {}",
-            sent.line, receiver.line
-        ));
-        None
-    };
+    let stream = guest_stream(a, b, token, RING_SLOTS, per_ns, notes);
     let copies = a.cmd(&format!("bench memcpy {token} self 1024"));
     let rates = if copies.status() == "ok" {
         let bytes = number(&copies, "bytes");
@@ -711,6 +807,8 @@ fn guest_benchmarks(round_trips: u64, per_ns: f64) -> GuestResults {
         results.memcpy_to_region = Some(c[1]);
         results.memcpy_from_region = Some(c[2]);
     }
+
+    results.stream_small = guest_stream(&mut a, &mut b, &token, 4, per_ns, &mut results.notes);
 
     // Interleaved rounds of host and ism polling ping-pong: placement of the two CPUs on
     // the machine's own host changes from minute to minute, so single runs minutes apart
@@ -872,9 +970,32 @@ fn main() {
         per_ns
     );
     // For working on one part: run only the scale run, print it, write nothing.
-    if std::env::var("ISM_BENCH_PART").as_deref() == Ok("scale") {
-        println!("{}", scale_section(&scale(round_trips, per_ns)));
-        return;
+    match std::env::var("ISM_BENCH_PART").as_deref() {
+        Ok("scale") => {
+            println!("{}", scale_section(&scale(round_trips, per_ns)));
+            return;
+        }
+        Ok("hotadd") => {
+            let broker = PoolBroker::start("1G");
+            let spec = IsmSpec::default();
+            let dir = ScratchDir::new("bench-api");
+            let socket = dir.path().join("b.sock");
+            let arg = format!("path={}", socket.display());
+            let mut a = IsmGuest::start("A", &broker, &spec, &[]);
+            let mut b =
+                IsmGuest::start_with_args("B", &broker, &spec, &[], &["--api-socket", &arg]);
+            let mut notes = Vec::new();
+            if let Some(mut h) = hot_add_latency(&mut a, &mut b, &broker, &socket, &mut notes) {
+                println!(
+                    "hot-add median {} µs, answer median {} µs",
+                    us(median(&mut h.to_guest)),
+                    us(median(&mut h.to_answer))
+                );
+            }
+            println!("{notes:?}");
+            return;
+        }
+        _ => {}
     }
 
     // Host baselines first, while this process has one thread (they fork).
@@ -882,6 +1003,8 @@ fn main() {
     let efd = host_eventfd_ping_pong(round_trips, per_ns);
     let tcp = host_tcp_ping_pong(round_trips, per_ns);
     let memcpy = host_memcpy(STREAM_MESSAGES, per_ns);
+    let memcpy_ring_sized = host_memcpy_ring_sized(STREAM_MESSAGES, per_ns);
+    let cross_core = host_cross_core_copy(STREAM_MESSAGES, per_ns);
     let shm_stream = host_shm_stream(STREAM_MESSAGES, per_ns);
     let tcp_stream = host_tcp_stream(STREAM_MESSAGES, per_ns);
 
@@ -905,6 +1028,8 @@ fn main() {
         efd,
         tcp,
         memcpy,
+        memcpy_ring_sized,
+        cross_core,
         shm_stream,
         tcp_stream,
         guests: &guests,
@@ -925,6 +1050,8 @@ struct Rendered<'a> {
     efd: Latency,
     tcp: Latency,
     memcpy: f64,
+    memcpy_ring_sized: f64,
+    cross_core: f64,
     shm_stream: f64,
     tcp_stream: f64,
     guests: &'a GuestResults,
@@ -1051,6 +1178,10 @@ fn render(r: &Rendered<'_>) -> String {
         g.stream,
     );
     stream_row("ism ring between two guests, uncached", g.stream_uc);
+    stream_row(
+        "ism ring between two guests, 4 slots (256 KiB in flight), write-back",
+        g.stream_small,
+    );
     stream_row("guest memcpy, private -> private", g.memcpy_private);
     stream_row("guest memcpy, private -> region", g.memcpy_to_region);
     stream_row("guest memcpy, region -> private", g.memcpy_from_region);
@@ -1063,6 +1194,14 @@ fn render(r: &Rendered<'_>) -> String {
         g.memcpy_from_region_uc,
     );
     stream_row("host: memcpy in one process (ceiling)", Some(r.memcpy));
+    stream_row(
+        "host: memcpy in one process, ring-sized source (16 x 64 KiB, cycled)",
+        Some(r.memcpy_ring_sized),
+    );
+    stream_row(
+        "host: cross-core copy ceiling: copying out 1 MiB the other CPU just wrote (a ring's receive side alone)",
+        Some(r.cross_core),
+    );
     stream_row("host: 2 processes, shared memfd ring", Some(r.shm_stream));
     stream_row("host: 2 processes, TCP loopback", Some(r.tcp_stream));
 
@@ -1127,6 +1266,18 @@ fn render(r: &Rendered<'_>) -> String {
                 THROUGHPUT_GOAL * 100.0,
                 ratio * 100.0,
                 goal(ratio >= THROUGHPUT_GOAL)
+            ));
+            let cross = v / r.cross_core;
+            goal_line(format!(
+                "ism throughput >= {:.0}% of the cross-core copy ceiling (one copy of ring-sized \
+                 data the other CPU just wrote, host): {:.0}%, {}{}",
+                THROUGHPUT_GOAL * 100.0,
+                cross * 100.0,
+                goal(cross >= THROUGHPUT_GOAL),
+                g.stream_small.map_or_else(String::new, |small| format!(
+                    " (4-slot ring: {:.0}%)",
+                    100.0 * small / r.cross_core
+                ))
             ));
             let ring = v / r.shm_stream;
             goal_line(format!(
@@ -1286,10 +1437,21 @@ fn render(r: &Rendered<'_>) -> String {
          the receiver's CPU runs anything else. On this 2-CPU machine each side has one CPU \
          and shares it with whatever else runs (load average above), so the ring rows swing \
          with load; the host-process ring row does the identical work (same layout, same \
-         16 slots, one copy in, one copy out) and is the fair comparison for the ism ring. A \
-         ring moves every byte twice and from one core's cache to the other's, so it cannot \
-         match a single memcpy whose buffers stay in one core's cache; 80% of memcpy is out \
-         of reach here even for two host processes.\n\
+         16 slots, one copy in, one copy out) and is the fair comparison for the ism ring.\n\
+         - Memcpy inside one guest is not a fair ceiling for a ring: it copies 64 KiB once \
+         between buffers that stay in one core's L2, while a ring copies every byte twice, on \
+         two cores, through a 1 MiB working set, and the receiving core reads lines that the \
+         other core's cache holds. The better-defined ceiling is the cross-core copy row: the \
+         receive side alone (one copy of ring-sized data the other CPU has just written, \
+         timed without any per-message synchronisation), which a ring cannot beat because its \
+         receive side does exactly that copy; the ring-sized memcpy row is the same working \
+         set on one core. The goal is checked against the in-guest memcpy (kept, missed by \
+         construction) and against the cross-core ceiling.\n\
+         - Ways to make the ring faster, measured here: write-back instead of uncached mapping \
+         (the two ring rows) and fewer slots so the data in flight fits in L2 (the 4-slot \
+         row). Already in place: head and tail sit on separate cache lines (8192, 8256), the \
+         sender reads the tail only when it needs a free slot and each publish carries a \
+         whole 64 KiB message, so larger batches would change little at this message size.\n\
          - The guest memcpy rows can exceed the host memcpy row: the guest's memcpy is one \
          `rep movsb` (tests/guest/src/boot.rs), the host's is glibc's, both on 64 KiB buffers \
          that stay in cache.\n\
@@ -1534,8 +1696,18 @@ fn hot_add_latency(
                     }
                 }
             }
-            if start.elapsed() > Duration::from_secs(10) {
-                notes.push(format!("hot-add: region {token:#x} not seen within 10 s"));
+            if start.elapsed() > Duration::from_secs(30) {
+                let console = b.describe();
+                let tail = console
+                    .lines()
+                    .rfind(|l| l.contains("ISM-TEST"))
+                    .unwrap_or("")
+                    .to_string();
+                notes.push(format!(
+                    "hot-add: region {token:#x} (number {}) not seen within 30 s (API answer: {:?}; B's last line: {tail})",
+                    out.to_guest.len() + 1,
+                    String::from_utf8_lossy(&answer).lines().next().unwrap_or("")
+                ));
                 return None;
             }
             std::hint::spin_loop();

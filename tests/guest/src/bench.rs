@@ -9,7 +9,7 @@
 //! - 4096: reply sequence number, 4160: 64-byte reply message;
 //! - 8192: ring head (messages published), 8256: ring tail (messages consumed);
 //! - 12288: kick ping-pong handshake (the server sets it once armed, the client clears it);
-//! - 16384: `RING_SLOTS` slots of `STREAM_MESSAGE` bytes.
+//! - 16384: `RING_SLOTS` slots of `STREAM_MESSAGE` bytes (a stream may use fewer).
 //!
 //! The kick ping-pong (`kpp`) reuses the reply words: the server publishes its ring-0 time
 //! per kick at 4160 and the kick's number at 4096.
@@ -166,6 +166,15 @@ pub fn run<'a>(
     let role = words.next().ok_or("role")?;
     let count: u64 = words.next().and_then(|w| w.parse().ok()).ok_or("count")?;
     let base = base(ism, region)?;
+    // Streams take an optional slot count (default and most: RING_SLOTS).
+    let slots = match words.next() {
+        None => RING_SLOTS,
+        Some(w) => w
+            .parse()
+            .ok()
+            .filter(|s| (1..=RING_SLOTS).contains(s))
+            .ok_or("slots")?,
+    };
     match (kind, role) {
         ("pp", "client") => ping_pong_client(ism, region, base, count, Wait::Poll, seq),
         ("pp", "server") => ping_pong_server(ism, region, base, count, Wait::Poll, seq),
@@ -173,8 +182,8 @@ pub fn run<'a>(
         ("ppk", "server") => ping_pong_server(ism, region, base, count, Wait::Kick, seq),
         ("kpp", "client") => kick_ping_pong_client(ism, region, base, count, seq),
         ("kpp", "server") => kick_ping_pong_server(ism, region, base, count, seq),
-        ("stream", "send") => stream_send(base, count, seq),
-        ("stream", "recv") => stream_receive(base, count, seq),
+        ("stream", "send") => stream_send(base, count, slots, seq),
+        ("stream", "recv") => stream_receive(base, count, slots, seq),
         ("memcpy", _) => memcpy(base, count, seq),
         ("cache", "wb" | "uc") => set_caching(ism, region, role == "wb", seq),
         _ => Err("kind_or_role"),
@@ -316,7 +325,7 @@ fn ping_pong_server(
 
 /// Copies `count` messages of 64 KiB from private memory into the ring, waiting for a free
 /// slot; the time runs from the first copy until the receiver consumed the last message.
-fn stream_send(base: *mut u8, count: u64, seq: u64) -> Result<(), &'static str> {
+fn stream_send(base: *mut u8, count: u64, slots: u64, seq: u64) -> Result<(), &'static str> {
     // SAFETY: the only reference to the buffers while the command runs.
     let buffers = unsafe { &mut *BUFFERS.0.get() };
     buffers
@@ -329,17 +338,17 @@ fn stream_send(base: *mut u8, count: u64, seq: u64) -> Result<(), &'static str> 
     let start = tsc();
     for i in 0..count {
         let n = head0 + i;
-        // Wait for a free slot: at most RING_SLOTS messages in flight.
+        // Wait for a free slot: at most `slots` messages in flight.
         if !wait_for(
             base,
             RING_TAIL,
-            (n + 1).saturating_sub(RING_SLOTS),
+            (n + 1).saturating_sub(slots),
             Wait::Poll,
             deadline,
         ) {
             return Err("TIMEOUT");
         }
-        let slot = RING_SLOTS_AT + (n % RING_SLOTS) * STREAM_MESSAGE as u64;
+        let slot = RING_SLOTS_AT + (n % slots) * STREAM_MESSAGE as u64;
         buffers.source[..8].copy_from_slice(&n.to_le_bytes());
         copy(
             buffers.source.as_ptr(),
@@ -360,7 +369,7 @@ fn stream_send(base: *mut u8, count: u64, seq: u64) -> Result<(), &'static str> 
 }
 
 /// Copies `count` messages out of the ring into private memory, checking each one's number.
-fn stream_receive(base: *mut u8, count: u64, seq: u64) -> Result<(), &'static str> {
+fn stream_receive(base: *mut u8, count: u64, slots: u64, seq: u64) -> Result<(), &'static str> {
     // SAFETY: the only reference to the buffers while the command runs.
     let buffers = unsafe { &mut *BUFFERS.0.get() };
     let tail0 = load(base, RING_TAIL);
@@ -374,7 +383,7 @@ fn stream_receive(base: *mut u8, count: u64, seq: u64) -> Result<(), &'static st
         if i == 0 {
             start = tsc();
         }
-        let slot = RING_SLOTS_AT + (n % RING_SLOTS) * STREAM_MESSAGE as u64;
+        let slot = RING_SLOTS_AT + (n % slots) * STREAM_MESSAGE as u64;
         copy(
             base.wrapping_add(slot as usize),
             buffers.sink.as_mut_ptr(),
