@@ -20,6 +20,8 @@ pub enum RouteError {
     MissingBody(&'static str),
     #[error("Invalid JSON body for {0}: {1}")]
     InvalidBody(&'static str, String),
+    #[error("Invalid request for {0}: {1}")]
+    InvalidRequest(&'static str, String),
     #[error("Request body of {0} bytes is over the {MAX_BODY_SIZE} byte limit")]
     BodyTooLarge(usize),
 }
@@ -32,7 +34,8 @@ impl RouteError {
             RouteError::BodyTooLarge(_) => 413,
             RouteError::UnexpectedBody(_)
             | RouteError::MissingBody(_)
-            | RouteError::InvalidBody(..) => 400,
+            | RouteError::InvalidBody(..)
+            | RouteError::InvalidRequest(..) => 400,
         }
     }
 }
@@ -77,7 +80,8 @@ pub fn route(method: &str, url: &str, body: &[u8]) -> Result<ApiAction, RouteErr
         "vm.resume" => ApiAction::VmResume,
         "vm.ism-add-region" => {
             let req = parse_body::<IsmAddRegionRequest>(name, body)?;
-            req.kind().map_err(|e| RouteError::InvalidBody(name, e))?;
+            req.kind()
+                .map_err(|e| RouteError::InvalidRequest(name, e))?;
             ApiAction::IsmAddRegion(req)
         }
         "vm.ism-remove-region" => {
@@ -209,7 +213,7 @@ mod tests {
         let add = "/api/v1/vm.ism-add-region";
         for (body, says) in [
             (r#"{"id":"a","token":1,"size":4096}"#, "not both"),
-            (r#"{"id":"a"}"#, "Give token"),
+            (r#"{"id":"a"}"#, "give token"),
             (r#"{"id":"a","size":0}"#, "size 0"),
             (r#"{"id":"a","size":4097}"#, "size 4097"),
             (r#"{"id":"a","size":4096,"access":"rw"}"#, "access only"),

@@ -178,10 +178,10 @@ impl IsmAddRegionRequest {
     pub fn kind(&self) -> Result<AddRegion, String> {
         match (self.token, self.size) {
             (Some(_), Some(_)) => {
-                Err("Give either token (attach) or size (create), not both".into())
+                Err("give either token (attach) or size (create), not both".into())
             }
             (None, None) => {
-                Err("Give token (attach an existing region) or size (create one)".into())
+                Err("give token (attach an existing region) or size (create one)".into())
             }
             (Some(token), None) => {
                 if !self.grants.is_empty() || self.default_perm.is_some() {
