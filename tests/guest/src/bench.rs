@@ -8,11 +8,11 @@
 //! - 0: request sequence number, 64: 64-byte request message;
 //! - 4096: reply sequence number, 4160: 64-byte reply message;
 //! - 8192: ring head (messages published), 8256: ring tail (messages consumed);
-//! - 12288: kick ping-pong handshake (the server sets it once armed, the client clears it);
+//! - 12288: kick ping-pong handshake (the server sets it once armed, the client clears it),
+//!   12352: number of the server's last kick record, 12416 / 12424: that kick's ring-0 time
+//!   before / after the handler's doorbell write;
 //! - 16384: `RING_SLOTS` slots of `STREAM_MESSAGE` bytes (a stream may use fewer).
-//!
-//! The kick ping-pong (`kpp`) reuses the reply words: the server publishes its ring-0 time
-//! per kick at 4160 and the kick's number at 4096.
+
 //!
 //! The two sides run the same command with opposite roles at the same time; the host starts
 //! the passive side first. Every spin is bounded by `TIMEOUT_CYCLES`.
@@ -40,6 +40,9 @@ const RING_HEAD: u64 = 8192;
 const RING_TAIL: u64 = 8256;
 const RING_SLOTS_AT: u64 = 16384;
 const KPP_READY: u64 = 12288;
+const KPP_SEQ: u64 = 12352;
+const KPP_BEFORE: u64 = 12416;
+const KPP_AFTER: u64 = 12424;
 /// Round trips timed at most (the samples buffer).
 const MAX_SAMPLES: usize = 400_000;
 /// Kick round trips timed at most (the per-part sample buffers).
@@ -610,7 +613,7 @@ fn kick_ping_pong_client(
         return Err("server_not_ready");
     }
     store(base, KPP_READY, 0);
-    let first = load(base, REPLY_SEQ) + 1;
+    let first = load(base, KPP_SEQ) + 1;
     let mut noise = Noise::default();
     let mut overlapping = 0u64;
     let timer_before = boot::irq_count(apic::TIMER_VECTOR);
@@ -623,11 +626,11 @@ fn kick_ping_pong_client(
         let pause = spin_for_kick(seen, deadline, &mut noise).ok_or("TIMEOUT")?;
         let (t1, own) = (pause.end, pause.end - pause.start);
         // The server publishes its pause from ring 3 after its handler returned.
-        if !wait_for(base, REPLY_SEQ, first + i, Wait::Poll, deadline) {
+        if !wait_for(base, KPP_SEQ, first + i, Wait::Poll, deadline) {
             return Err("TIMEOUT");
         }
-        let peer = load(base, REPLY_MSG);
-        let peer_after = load(base, REPLY_MSG + 8);
+        let peer = load(base, KPP_BEFORE);
+        let peer_after = load(base, KPP_AFTER);
         if i >= WARMUP {
             let k = (i - WARMUP) as usize;
             let round_trip = t1 - t0;
@@ -672,7 +675,7 @@ fn kick_ping_pong_server(
     count: u64,
     seq: u64,
 ) -> Result<(), &'static str> {
-    let first = load(base, REPLY_SEQ) + 1;
+    let first = load(base, KPP_SEQ) + 1;
     boot::arm_kick_back(Some((
         doorbell(ism, region)?,
         crate::ism_shell::KICK_VECTOR,
@@ -696,9 +699,9 @@ fn kick_ping_pong_server(
             unstamped += 1;
             (pause.end - pause.start, 0)
         };
-        store(base, REPLY_MSG, before);
-        store(base, REPLY_MSG + 8, after);
-        store(base, REPLY_SEQ, first + i);
+        store(base, KPP_BEFORE, before);
+        store(base, KPP_AFTER, after);
+        store(base, KPP_SEQ, first + i);
     }
     boot::arm_kick_back(None);
     result?;
