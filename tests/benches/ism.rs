@@ -1119,7 +1119,17 @@ fn render(r: &Rendered<'_>) -> String {
     );
     latency_row(
         &mut t,
-        "  of which host side: round trip minus A's and B's ring-0 time, per round trip",
+        &g.kick_split.map_or_else(
+            || "  of which host side".to_string(),
+            |k| {
+            let ratio = k.host.0 / r.efd.median;
+            format!(
+                "  of which host side: round trip minus A's and B's ring-0 time, per round trip \
+                 (goal: within {KICK_GOAL_RATIO}x of host eventfd ping-pong: {ratio:.2}x, {})",
+                goal(ratio <= KICK_GOAL_RATIO)
+            )
+            },
+        ),
         g.kick_split.map(|k| Latency {
             median: k.host.0,
             p99: k.host.1,
