@@ -23,7 +23,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use ism_tests::pair::ScratchDir;
-use ism_tests::{IsmGuest, IsmSpec, PoolBroker, kvm_available};
+use ism_tests::{IsmGuest, IsmSpec, PoolBroker, kvm_available, pool_binary, vmm_binary};
 
 const MESSAGE: usize = 64;
 const STREAM_MESSAGE: usize = 64 * 1024;
@@ -1021,6 +1021,15 @@ fn main() {
     };
     let load_after = load_average();
     let (cpu, kvm) = machine();
+    let binaries = if kvm_available() {
+        format!(
+            " Binaries: `{}` and `{}`.",
+            vmm_binary().display(),
+            pool_binary().display()
+        )
+    } else {
+        String::new()
+    };
     let doc = render(&Rendered {
         round_trips,
         per_ns,
@@ -1034,6 +1043,7 @@ fn main() {
         tcp_stream,
         guests: &guests,
         scale: scale.as_ref(),
+        binaries: &binaries,
         cpu: &cpu,
         kvm: &kvm,
         load_before: &load_before,
@@ -1056,6 +1066,7 @@ struct Rendered<'a> {
     tcp_stream: f64,
     guests: &'a GuestResults,
     scale: Option<&'a Scale>,
+    binaries: &'a str,
     cpu: &'a str,
     kvm: &'a str,
     load_before: &'a str,
@@ -1439,7 +1450,7 @@ fn render(r: &Rendered<'_>) -> String {
          warm-up ones, one side copies a 64-byte message in and publishes a sequence number, \
          the other copies it out and back. Streaming: {msgs} messages of 64 KiB through a \
          16-slot ring in the region, one copy in, one copy out, timed at the sender from the \
-         first copy until the receiver consumed the last message.\n\n\
+         first copy until the receiver consumed the last message.{binaries}\n\n\
          {t}\n{s}\n\
          Goals (issue 7):\n\n{goals}\n\
          Why goals are missed, and how to read the rows:\n\n\
@@ -1489,6 +1500,7 @@ fn render(r: &Rendered<'_>) -> String {
         rt = r.round_trips,
         msgs = STREAM_MESSAGES,
         scale = r.scale.map_or_else(String::new, scale_section),
+        binaries = r.binaries,
     )
 }
 
