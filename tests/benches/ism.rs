@@ -1384,15 +1384,16 @@ fn render(r: &Rendered<'_>) -> String {
              tests/guest/src/boot.rs) to kick back on each kick: after the EOI it reads the \
              TSC and writes B's doorbell as its last store. A kicks from ring 3; both guests \
              spin in ring 3 reading the TSC (no halt, LAPIC timer off). The pause in that loop \
-             during which the kick interrupt was counted is the time the guest spent in ring \
-             0: PVM's switch into emulated ring 0, interrupt entry, handler, `iretq` and the \
-             switch back. B splits its pause at the handler's TSC stamp and publishes both \
+             during which the kick interrupt was counted is the time the guest spent out of \
+             ring 3 for the interrupt: the running vCPU's exit and the injection, PVM's switch \
+             into emulated ring 0, interrupt entry, handler, `iretq` and the switch back. B splits its pause at the handler's TSC stamp and publishes both \
              parts in the region; the part after the doorbell write overlaps the path back to \
              A and is not subtracted. Per round trip (median / p99, µs): round trip {} / {}; A's \
              ring 0 {} / {}; B's ring 0 up to its doorbell write {} / {} (after it: {} / {}); \
-             the rest, the host-side part (A's doorbell exit, the signalling between the two \
-             VMMs, interrupt injection into B and into A) {} / {}, against {} / {} for two \
-             host processes waking each other through eventfds. {} of {} round trips had \
+             the rest, the host-side part (A's doorbell exit and, both ways, the doorbell's \
+             eventfd/irqfd path up to the moment the target vCPU leaves ring 3) {} / {}, \
+             against {} / {} for two host processes waking each other through eventfds (which \
+             includes waking a sleeping process each way; the spinning vCPUs need no wake-up). {} of {} round trips had \
              subtracted ring-0 times longer than the round trip (host part counted as 0); \
              {} of B's kicks had no usable stamp. {:.0} round trips/s, {:.0} kicks/s (two \
              per round trip; whole run incl. warm-up and A's wait for B's record). Pauses no \
