@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Two PVM Linux guests, each in its own ism-vmm, sharing memory through one ism-pool broker.
-# Guest A (owner) loads virtio_ism.ko, allocates a region, writes a pattern, grants it
-# read-only by default (READ|ATTACH), binds it for kicks and prints the token; this script
-# reads the token from A's serial output and boots guest B with it on the kernel command
-# line (after ` -- `). B attaches (must come back read-only), reads the pattern (must
-# match), tries to write (must be refused) and kicks A; A's `ismctl wait` must see the kick.
-# A boots first and B as soon as the token is known, so the two boots overlap.
+# The module gets into each image the documented ways (docs/guest-driver.md), against the
+# PVM kernel's tree, release resolved at run time: A's image root by `make install
+# INSTALL_MOD_PATH=ROOT`, B's by `dkms add/build/install -k RELEASE` (lib-install.sh); both
+# guests load it with a plain `modprobe virtio_ism` and check /dev/ism0.
+# Guest A (owner) allocates a region, writes a pattern, grants it read-only by default
+# (READ|ATTACH), binds it for kicks and prints the token; this script reads the token from
+# A's serial output and boots guest B with it on the kernel command line (after ` -- `).
+# B asks for a writable attach (the device must refuse: WRITE not granted), attaches as
+# granted (must come back read-only), asks for writable again (the driver must refuse),
+# reads the pattern (must match), tries to write (must be refused) and kicks A; A's
+# `ismctl wait` must see the kick. ismctl is the Rust `ism` crate's CLI: every step goes
+# through its Device/Region API. A boots first and B as soon as the token is known.
 # Usage: pair-test.sh [--vmm PATH] [--pool PATH] [--timeout SECONDS] [--keep-logs DIR]
 # Needs /dev/kvm; prints "SKIPPED: ..." and exits 0 without it. Prints
 # `ISM-LINUX-PAIR result=pass|fail` and exits 0 only on pass.
@@ -67,7 +73,20 @@ finish() {
 
 # shellcheck source=lib-vmtest.sh
 source "$here/lib-vmtest.sh"
+# shellcheck source=lib-install.sh
+source "$here/lib-install.sh"
 vmtest_build "$work" "$vmm"
+release="$(install_release "$PVM_KERNEL_TREE")"
+[[ -n "$release" ]] || { echo "No kernel release in $PVM_KERNEL_TREE"; exit 1; }
+# Each image root starts as an installed system would: the kernel's own module metadata.
+for side in a b; do
+    install_kernel_modules_meta "$PVM_KERNEL_TREE" "$work/root-$side"
+done
+install_with_make "$PVM_KERNEL_TREE" "$work/root-a" "$work/install-a.log"
+install_check "$work/root-a" "$release" extra
+install_with_dkms "$PVM_KERNEL_TREE" "$work/root-b" "$work/install-b.log"
+install_check "$work/root-b" "$release" updates/dkms
+echo "installed for $release: A by make install (extra/), B by dkms install (updates/dkms/)"
 if [[ -z "$pool_bin" ]]; then
     (cd "$root" && cargo build -q -p ism-pool --bin ism-pool)
     pool_bin="${CARGO_TARGET_DIR:-$root/target}/debug/ism-pool"
@@ -78,7 +97,9 @@ guests_start=$SECONDS
 cat >"$work/a.sh" <<'GUEST'
 set -e
 step() { echo "ISM-PAIR-A step $*"; }
-insmod /lib/modules/virtio_ism.ko
+modprobe virtio_ism
+[ -c /dev/ism0 ] || { echo "no /dev/ism0 after modprobe"; exit 1; }
+step modprobe ok "$(uname -r)" "$(grep -o '^[^:]*virtio_ism.ko' "/lib/modules/$(uname -r)/modules.dep")"
 ismctl info
 line="$(ismctl alloc 64K)"
 token="${line%% *}"
@@ -119,15 +140,31 @@ cat >"$work/b.sh" <<'GUEST'
 set -e
 token="$1"
 step() { echo "ISM-PAIR-B step $*"; }
-insmod /lib/modules/virtio_ism.ko
+modprobe virtio_ism
+[ -c /dev/ism0 ] || { echo "no /dev/ism0 after modprobe"; exit 1; }
+step modprobe ok "$(uname -r)" "$(grep -o '^[^:]*virtio_ism.ko' "/lib/modules/$(uname -r)/modules.dep")"
 ismctl info
+# refused WHO OUTPUT: the ismctl run must have failed for want of the WRITE grant.
+refused() {
+    case "$2" in
+        *"WRITE permission not granted"*) step "$1-refused-rw" ok ;;
+        *) echo "writable attach failed for another reason: $2"; exit 1 ;;
+    esac
+}
+# The device itself must refuse WRITE: A granted ra by default.
+if out="$(ismctl attach --rw "$token" 2>&1)"; then echo "device let a writable attach through"; exit 1; fi
+refused device "$out"
 peer="$(ismctl attach "$token")"
 case "$peer" in *" ro") ;; *) echo "default grant ra gave '$peer'"; exit 1 ;; esac
 step attach-read-only ok "$peer"
+# Now the driver holds the region read-only: it must refuse to hand it out writable.
+if out="$(ismctl attach --rw "$token" 2>&1)"; then echo "driver handed out a ro region writable"; exit 1; fi
+refused driver "$out"
 out="$(ismctl read "$token" --len 17)"
 [ "$out" = pair-pattern-0042 ] || { echo "B read '$out'"; exit 1; }
 step read-pattern ok
-if echo x | ismctl write "$token"; then echo "wrote a ro region"; exit 1; fi
+if out="$(echo x | ismctl write "$token" 2>&1)"; then echo "wrote a ro region"; exit 1; fi
+case "$out" in *"mapped read-only"*) ;; *) echo "write failed for another reason: $out"; exit 1 ;; esac
 step write-refused ok
 ismctl kick "$token"
 step kick ok
@@ -136,7 +173,7 @@ GUEST
 
 for side in a b; do
     bash "$root/resources/linux/make-initramfs.sh" --output "$work/$side.cpio" --uncompressed \
-        --add "$VMTEST_KO:/lib/modules/virtio_ism.ko" \
+        --root "$work/root-$side" \
         --add "$VMTEST_ISMCTL:/bin/ismctl" --add "$work/$side.sh:/$side.sh" >&2
 done
 
@@ -187,5 +224,9 @@ if grep -q "ISM-PAIR-A all-passed" "$work/a.log" && grep -q "ISM-PAIR-B all-pass
     finish pass "B read A's pattern read-only, its write was refused, its kick reached A"
     exit 0
 fi
-finish fail "a guest step failed or timed out"
+if ((SECONDS >= deadline)); then
+    finish fail "timed out: the guests had not finished when the ${timeout_s} s budget ran out"
+else
+    finish fail "a guest step failed (see the serial lines above)"
+fi
 exit 1

@@ -361,6 +361,11 @@ static struct ism_region *ism_map_cmd(struct ism_dev *ism, u8 class, const void 
 			kfree(reply);
 			return ERR_PTR(ret);
 		}
+		/* A refusal may come with the status byte alone: only OK and E2BIG carry a header. */
+		if (status != VIRTIO_ISM_OK && status != VIRTIO_ISM_E2BIG) {
+			kfree(reply);
+			return ERR_PTR(virtio_ism_status_errno(status));
+		}
 		if (got < hdr_size) {
 			kfree(reply);
 			atomic64_inc(&ism->bad_replies);
@@ -375,10 +380,6 @@ static struct ism_region *ism_map_cmd(struct ism_dev *ism, u8 class, const void 
 			}
 			cap = num;
 			continue;
-		}
-		if (status != VIRTIO_ISM_OK) {
-			kfree(reply);
-			return ERR_PTR(virtio_ism_status_errno(status));
 		}
 		*token = hdr_size == VIRTIO_ISM_ALLOC_REPLY_HDR_SIZE ?
 			 get_unaligned_le64(reply) : *token;
@@ -413,8 +414,13 @@ static struct ism_region *ism_query_region(struct ism_dev *ism, u64 token)
 			return ERR_PTR(-ENOMEM);
 		ret = ism_ctrl(ism, VIRTIO_ISM_CTRL_QUERY, VIRTIO_ISM_CTRL_QUERY_REGION,
 			       &req, sizeof(req), reply, cap_bytes, &got, &status);
-		if (!ret && got < VIRTIO_ISM_QREGION_REPLY_HDR_SIZE)
+		/* A refusal may come with the status byte alone: only OK and E2BIG carry a header. */
+		if (!ret && status != VIRTIO_ISM_OK && status != VIRTIO_ISM_E2BIG) {
+			ret = virtio_ism_status_errno(status);
+		} else if (!ret && got < VIRTIO_ISM_QREGION_REPLY_HDR_SIZE) {
+			atomic64_inc(&ism->bad_replies);
 			ret = -EIO;
+		}
 		if (ret) {
 			kfree(reply);
 			return ERR_PTR(ret);
