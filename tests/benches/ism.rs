@@ -1376,7 +1376,7 @@ fn render(r: &Rendered<'_>) -> String {
     let ring0 = g.ring0_ns.map_or_else(String::new, |ns| {
         let per_kick = g.kick.map_or(String::new(), |k| {
             format!(
-                " The kick round-trip median is {:.1} such trips; it contains two interrupt \
+                " The sleeping kick row's median is {:.1} such trips; it contains two interrupt \
                  deliveries and two halts, each of which enters and leaves ring 0.",
                 k.median / ns
             )
@@ -1407,7 +1407,7 @@ fn render(r: &Rendered<'_>) -> String {
              subtracted ring-0 times longer than the round trip (host part counted as 0); \
              {} of B's kicks had no usable stamp. {:.0} round trips/s, {:.0} kicks/s (two \
              per round trip; whole run incl. warm-up and A's wait for B's record). Pauses no \
-             kick explains (the host ran something else on that CPU): {} at A, {} at B.\n",
+             kick explains (the host ran something else on that CPU): {} at A, {} at B.\n\n",
             us(k.round_trip.median),
             us(k.round_trip.p99),
             us(k.client_ring0.0),
@@ -1439,7 +1439,7 @@ fn render(r: &Rendered<'_>) -> String {
              exits, not shared-memory access. The guest's interrupt handler is ring-0 assembly \
              that only counts the interrupt; the kick back is sent from ring 3 after the \
              handler returns, not from inside the handler. A 1 ms LAPIC timer runs during this \
-             row as a safety net against a kick landing between the check and the halt.\n",
+             row as a safety net against a kick landing between the check and the halt.\n\n",
             g.kick_count
         )
     } else {
