@@ -172,13 +172,14 @@ impl Drop for Vmm {
 
 #[test]
 fn test_api_queries_bad_requests_and_shutdown_with_events() {
-    api_session(&[]);
+    api_session(&["--seccomp", "false"]);
 }
 
-/// The same session with every thread under its seccomp filter (kill on a miss).
+/// The same session under the default `--seccomp` (true): every thread under its filter,
+/// kill on a miss.
 #[test]
 fn test_api_session_under_seccomp() {
-    api_session(&["--seccomp", "true"]);
+    api_session(&[]);
 }
 
 fn api_session(extra: &[&str]) {
@@ -193,7 +194,7 @@ fn api_session(extra: &[&str]) {
     assert_eq!(json(&body)["pid"], vmm.child.id());
 
     // Once the main loop answers, every thread runs under a filter (mode 2) or none (0).
-    let want_mode = if extra.contains(&"true") { "2" } else { "0" };
+    let want_mode = if extra.contains(&"false") { "0" } else { "2" };
     let tasks = std::fs::read_dir(format!("/proc/{}/task", vmm.child.id())).unwrap();
     let mut names = Vec::new();
     for task in tasks {
@@ -643,7 +644,50 @@ impl ShellVmm {
             seq: 0,
         };
         shell.wait_line("ism=ready");
+        shell.check_thread_filters(ism.iter().any(|d| d.contains("pool=")));
         shell
+    }
+
+    /// Every thread is filtered (Seccomp: 2). The ism worker, started by a vCPU on
+    /// activation, has two filters (the vCPU's and its own, stacked); the serial input
+    /// thread and, with a broker, the pool client's reader have their own.
+    fn check_thread_filters(&self, broker: bool) {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.vmm.child.id())).unwrap();
+        let mut threads = Vec::new();
+        for task in tasks {
+            let dir = task.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap()
+                    .trim()
+                    .to_owned()
+            };
+            assert_eq!(field("Seccomp:"), "2", "thread {comm}");
+            threads.push((comm.trim().to_owned(), field("Seccomp_filters:")));
+        }
+        let filters = |name: &str| -> Vec<&str> {
+            threads
+                .iter()
+                .filter(|(comm, _)| comm == name)
+                .map(|(_, n)| n.as_str())
+                .collect()
+        };
+        assert_eq!(filters("serial-input"), ["1"], "{threads:?}");
+        assert_eq!(filters("vcpu0"), ["1"], "{threads:?}");
+        let workers = filters("virtio-ism");
+        assert!(!workers.is_empty(), "{threads:?}");
+        assert!(workers.iter().all(|n| *n == "2"), "{threads:?}");
+        if broker {
+            assert!(!filters("ism-pool-client").is_empty(), "{threads:?}");
+            assert!(
+                filters("ism-pool-client").iter().all(|n| *n == "1"),
+                "{threads:?}"
+            );
+        }
     }
 
     /// The first console line containing `needle`, waiting for it.

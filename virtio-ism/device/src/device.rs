@@ -106,6 +106,8 @@ pub struct Ism {
     wake_evt: Arc<EventFd>,
     pool_fd: Option<std::os::fd::RawFd>,
     observer: Arc<ObserverSlot>,
+    /// Called first on the worker thread (the VMM applies its seccomp filter there).
+    thread_start: Option<Arc<dyn Fn() + Send + Sync>>,
     state: DeviceState,
 }
 
@@ -152,6 +154,7 @@ impl Ism {
             wake_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(IsmError::CreateWakeEvent)?),
             pool_fd,
             observer: Arc::default(),
+            thread_start: None,
             state: DeviceState::Inactive,
         })
     }
@@ -167,6 +170,12 @@ impl Ism {
     /// an MMIO exit handed to [`IsmHandle::handle_notify`].
     pub fn with_notify_wiring(self, wiring: Arc<dyn NotifyWiring>) -> Self {
         self.regions.lock().set_wiring(Some(wiring));
+        self
+    }
+
+    /// Run `hook` first on the worker thread `activate` starts, e.g. to confine it.
+    pub fn with_thread_start(mut self, hook: Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.thread_start = Some(hook);
         self
     }
 
@@ -307,9 +316,13 @@ impl VirtioDevice for Ism {
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
         let worker = self.activate_worker(ctx)?;
+        let thread_start = self.thread_start.clone();
         let spawned = std::thread::Builder::new()
             .name("virtio-ism".into())
             .spawn(move || {
+                if let Some(hook) = thread_start {
+                    hook();
+                }
                 let result = worker.run();
                 if let Err(e) = &result {
                     error!("virtio-ism worker: {e}");

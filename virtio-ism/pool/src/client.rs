@@ -126,6 +126,15 @@ fn recv_reply(socket: &OwnedFd) -> Result<((u64, Reply), Vec<OwnedFd>), PoolErro
 impl BrokerSession {
     /// Connects to the broker at `path` as a device and opens a session.
     pub fn connect(path: impl AsRef<Path>) -> Result<Arc<BrokerSession>, PoolError> {
+        Self::connect_with_thread_start(path, None)
+    }
+
+    /// [`connect`](Self::connect), running `thread_start` first on the session's reader
+    /// thread (a VMM applies that thread's seccomp filter there).
+    pub fn connect_with_thread_start(
+        path: impl AsRef<Path>,
+        thread_start: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) -> Result<Arc<BrokerSession>, PoolError> {
         let socket = seqpacket::connect(path.as_ref()).map_err(PoolError::Connection)?;
         let (version, gid, devid) = handshake(&socket, Role::Device)?;
         if devid == 0 {
@@ -140,7 +149,12 @@ impl BrokerSession {
         let reader_shared = shared.clone();
         let reader = std::thread::Builder::new()
             .name("ism-pool-client".into())
-            .spawn(move || read_loop(&reader_shared))
+            .spawn(move || {
+                if let Some(hook) = thread_start {
+                    hook();
+                }
+                read_loop(&reader_shared)
+            })
             .map_err(PoolError::Connection)?;
         Ok(Arc::new(BrokerSession {
             shared,

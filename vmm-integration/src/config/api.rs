@@ -85,18 +85,17 @@ impl EventMonitorConfig {
 /// `--seccomp true|false|log`: what a thread's filter does with a syscall it does not allow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SeccompMode {
-    /// Kill the process.
-    Kill,
-    /// No filters (the default until every thread has a filter).
+    /// Kill the process (the default, as in cloud-hypervisor).
     #[default]
+    Kill,
+    /// No filters.
     Off,
     /// Allow, and have the kernel log the syscall (SECCOMP_RET_LOG).
     Log,
 }
 
 impl SeccompMode {
-    pub const SYNTAX: &'static str =
-        "Seccomp filtering of every VMM thread: true (kill on a forbidden syscall), false, log";
+    pub const SYNTAX: &'static str = "Seccomp filtering of every VMM thread: true (kill on a forbidden syscall; the default), false, log";
 
     pub fn parse(input: &str) -> Result<Self, OperatorError> {
         match input {
@@ -151,6 +150,6 @@ mod tests {
         assert_eq!(SeccompMode::parse("false").unwrap(), SeccompMode::Off);
         assert_eq!(SeccompMode::parse("log").unwrap(), SeccompMode::Log);
         assert!(SeccompMode::parse("errno").is_err());
-        assert_eq!(SeccompMode::default(), SeccompMode::Off);
+        assert_eq!(SeccompMode::default(), SeccompMode::Kill);
     }
 }

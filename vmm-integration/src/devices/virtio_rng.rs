@@ -149,7 +149,10 @@ impl VirtioDevice for VirtioRng {
         };
         let thread = std::thread::Builder::new()
             .name("virtio-rng".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::Thread::RngWorker);
+                worker.run()
+            })
             .map_err(ActivateError::SpawnWorker)?;
         self.state = DeviceState::Active(ActiveWorker {
             kill,

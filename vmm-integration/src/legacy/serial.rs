@@ -89,6 +89,7 @@ pub fn spawn_stdin_reader<T: Trigger + Send + 'static>(
     std::thread::Builder::new()
         .name("serial-input".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Thread::SerialInput);
             let mut stdin = io::stdin().lock();
             let mut buf = [0u8; 64];
             loop {

@@ -12,7 +12,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
-use ism_pool::{PoolBackend, PoolConfig, PoolError, PoolSession};
+use ism_pool::{BrokerSession, PoolBackend, PoolConfig, PoolError, PoolSession};
 use virtio_device::{
     ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
     VirtioSharedMemoryList,
@@ -86,7 +86,10 @@ impl IsmDevice {
         let wiring = Arc::new(KvmNotifyWiring::new(ioevents));
         let ism = Ism::new(id, config, session, window.clone())
             .map_err(|e| IsmSetupError::CreateDevice(id.to_owned(), e))?
-            .with_notify_wiring(wiring.clone());
+            .with_notify_wiring(wiring.clone())
+            .with_thread_start(Arc::new(|| {
+                crate::seccomp::apply_or_exit(crate::seccomp::Thread::IsmWorker)
+            }));
         let mmio = Arc::new(IsmWindowMmio::new(window.clone(), ism.handle(), layout));
         Ok(Self {
             ism,
@@ -240,7 +243,17 @@ impl PoolBackends {
                 b
             }
         };
-        backend.session().map_err(|source| IsmSetupError::Session {
+        let session = match &backend {
+            PoolBackend::Broker(path) => BrokerSession::connect_with_thread_start(
+                path,
+                Some(Arc::new(|| {
+                    crate::seccomp::apply_or_exit(crate::seccomp::Thread::PoolClient)
+                })),
+            )
+            .map(|s| -> Arc<dyn PoolSession> { s }),
+            PoolBackend::Embedded(_) => backend.session(),
+        };
+        session.map_err(|source| IsmSetupError::Session {
             id: id.to_owned(),
             pool: key.map_or_else(
                 || "embedded".to_owned(),
