@@ -2030,3 +2030,41 @@ fn test_host_created_region_whose_grant_fails_is_freed() {
     let (token, _) = handle.create_region(CHUNK, &[]).unwrap();
     assert_eq!(handle.regions(), [token]);
 }
+
+/// The thread-start hook runs on the worker thread activation starts, before it serves
+/// anything (the VMM applies the worker's seccomp filter there).
+#[test]
+fn test_thread_start_hook_runs_on_the_worker_thread() {
+    let pool = pool();
+    let mem = guest_memory();
+    let config = IsmConfig {
+        shm_size: SHM,
+        chunk_size: CHUNK,
+        notify_size: 4,
+    };
+    let window = MemWindow::new(config.layout().unwrap().window_size);
+    let ran_on: Arc<Mutex<Option<String>>> = Arc::default();
+    let record = ran_on.clone();
+    let mut device = Ism::new("ism-hook", config, pool.session().unwrap(), window)
+        .unwrap()
+        .with_thread_start(Arc::new(move || {
+            let name = std::thread::current().name().map(str::to_owned);
+            *record.lock().unwrap() = Some(name.unwrap_or_default());
+        }));
+    device.ack_features(DRAFT_FEATURES);
+    let ctrl = DriverQueue::new(mem, CTRL_BASE);
+    device
+        .activate(ActivationContext {
+            mem: GuestMemoryAtomic::new(mem.clone()),
+            interrupt_cb: Arc::new(RecordingInterrupt::default()),
+            queues: vec![(0, ctrl.device_queue(), EventFd::new(0).unwrap())],
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ran_on.lock().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "hook never ran");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(ran_on.lock().unwrap().as_deref(), Some("virtio-ism"));
+    assert!(device.reset().is_some());
+}

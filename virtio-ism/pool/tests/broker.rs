@@ -787,6 +787,27 @@ fn test_second_broker_on_same_socket_is_refused_and_stale_socket_reused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The thread-start hook runs on the session's reader thread (a VMM confines it there).
+#[test]
+fn test_thread_start_hook_runs_on_the_reader_thread() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let session = BrokerSession::connect_with_thread_start(
+        &broker.socket,
+        Some(std::sync::Arc::new(move || {
+            let name = std::thread::current().name().map(str::to_owned);
+            let _ = tx.lock().unwrap().send(name);
+        })),
+    )
+    .unwrap();
+    let name = rx.recv_timeout(Duration::from_secs(5)).expect("hook ran");
+    assert_eq!(name.as_deref(), Some("ism-pool-client"));
+    // The session works after the hook, and the hook ran once.
+    assert!(session.alloc(4096).is_ok());
+    assert!(rx.try_recv().is_err());
+}
+
 #[test]
 fn test_in_process_client_drop_releases_regions() {
     let broker = BrokerProcess::start(&["--size", "16M"]);
