@@ -83,39 +83,47 @@ fn json(body: &str) -> serde_json::Value {
 struct Vmm {
     child: Child,
     dir: vmm_sys_util::tempdir::TempDir,
-    _kernel: vmm_sys_util::tempfile::TempFile,
+    _kernel: Option<vmm_sys_util::tempfile::TempFile>,
 }
 
 impl Vmm {
     /// Boot a guest that prints "UP" and halts, with the API and the event monitor on, plus
     /// `extra` options.
     fn start(extra: &[&str]) -> Vmm {
-        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
         let mut code = print_code(b"UP\n");
         code.extend(halt_code());
         let kernel = write_temp(&pvh_elf(&code));
+        let kernel_path = kernel.as_path().to_str().unwrap().to_owned();
+        let mut args = vec!["--kernel", kernel_path.as_str()];
+        args.extend(["--memory", "size=32M", "--rng", "src=/dev/urandom"]);
+        args.extend(extra);
+        let vmm = Vmm::spawn(&args, Some(kernel));
+        vmm.wait_for(|| vmm.socket().exists() && vmm.serial().contains("UP"));
+        vmm
+    }
+
+    /// Spawn ism-vmm with `args` plus its serial console, API socket and event monitor in a
+    /// fresh temporary directory; `kernel` is kept alive as long as the VMM.
+    fn spawn(args: &[&str], kernel: Option<vmm_sys_util::tempfile::TempFile>) -> Vmm {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
         let d = dir.as_path();
         let child = Command::new(VMM)
-            .args(["--kernel", kernel.as_path().to_str().unwrap()])
-            .args(["--memory", "size=32M", "--rng", "src=/dev/urandom"])
+            .args(args)
             .arg("--serial")
             .arg(format!("file={}", d.join("serial").display()))
             .arg("--api-socket")
             .arg(d.join("api.sock"))
             .arg("--event-monitor")
             .arg(format!("path={}", d.join("events").display()))
-            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ism-vmm");
-        let vmm = Vmm {
+        Vmm {
             child,
             dir,
             _kernel: kernel,
-        };
-        vmm.wait_for(|| vmm.socket().exists() && vmm.serial().contains("UP"));
-        vmm
+        }
     }
 
     fn socket(&self) -> PathBuf {
@@ -412,29 +420,12 @@ fn test_ism_region_revoke_through_the_api() {
         return;
     }
     let guest = test_guest_elf();
-    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
-    let d = dir.as_path();
-    let sock = d.join("api.sock");
-    let child = Command::new(VMM)
-        .args(["--kernel", guest.to_str().unwrap()])
-        .args(["--cmdline", "ism.test=ism ism.script=alloc,1M"])
-        .args(["--memory", "size=128M", "--ism", "id=ism0,size=64M"])
-        .args(["--seccomp", "true"])
-        .arg("--serial")
-        .arg(format!("file={}", d.join("serial").display()))
-        .arg("--api-socket")
-        .arg(&sock)
-        .arg("--event-monitor")
-        .arg(format!("path={}", d.join("events").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let vmm = Vmm {
-        child,
-        dir,
-        _kernel: write_temp(b""),
-    };
+    let mut args = vec!["--kernel", guest.to_str().unwrap()];
+    args.extend(["--cmdline", "ism.test=ism ism.script=alloc,1M"]);
+    args.extend(["--memory", "size=128M", "--ism", "id=ism0,size=64M"]);
+    args.extend(["--seccomp", "true"]);
+    let vmm = Vmm::spawn(&args, None);
+    let sock = vmm.socket();
     vmm.wait_for(|| vmm.serial().contains("cmd=alloc status=ok"));
     let (status, body) = request(&sock, "GET", "vm.ism-regions", "");
     assert_eq!(status, 200, "{body}");
@@ -501,29 +492,12 @@ fn test_pause_and_resume_a_counting_guest() {
         return;
     }
     let guest = test_guest_elf();
-    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api-test").unwrap();
-    let d = dir.as_path();
-    let sock = d.join("api.sock");
-    let child = Command::new(VMM)
-        .args(["--kernel", guest.to_str().unwrap()])
-        .args(["--cmdline", "ism.test=progress"])
-        .args(["--memory", "size=128M", "--cpus", "boot=2"])
-        .args(["--seccomp", "true"])
-        .arg("--serial")
-        .arg(format!("file={}", d.join("serial").display()))
-        .arg("--api-socket")
-        .arg(&sock)
-        .arg("--event-monitor")
-        .arg(format!("path={}", d.join("events").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let vmm = Vmm {
-        child,
-        dir,
-        _kernel: write_temp(b""),
-    };
+    let mut args = vec!["--kernel", guest.to_str().unwrap()];
+    args.extend(["--cmdline", "ism.test=progress"]);
+    args.extend(["--memory", "size=128M", "--cpus", "boot=2"]);
+    args.extend(["--seccomp", "true"]);
+    let vmm = Vmm::spawn(&args, None);
+    let sock = vmm.socket();
     vmm.wait_for(|| sock.exists() && last_progress(&vmm.serial()) >= 5);
     let state = || json(&request(&sock, "GET", "vm.info", "").1)["state"].clone();
     assert_eq!(state(), "Running");
@@ -637,7 +611,7 @@ impl ShellVmm {
             vmm: Vmm {
                 child,
                 dir,
-                _kernel: write_temp(b""),
+                _kernel: None,
             },
             stdin,
             console,
