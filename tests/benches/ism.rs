@@ -129,6 +129,21 @@ impl Shared {
         unsafe { &*self.base.add(offset).cast::<std::sync::atomic::AtomicU64>() }
     }
 
+    /// Copies `src` into the mapping at `offset` (the peer may be reading other bytes).
+    fn copy_in(&self, offset: usize, src: &[u8]) {
+        let dst = self.at(offset, src.len());
+        // SAFETY: `at` checked that the range lies inside the mapping; `src` is private
+        // memory, so the two cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+    }
+
+    /// Copies from the mapping at `offset` into `dst`.
+    fn copy_out(&self, offset: usize, dst: &mut [u8]) {
+        let src = self.at(offset, dst.len());
+        // SAFETY: as in `copy_in`, the other way round.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+    }
+
     fn at(&self, offset: usize, len: usize) -> *mut u8 {
         assert!(offset + len <= self.len);
         self.base.wrapping_add(offset)
@@ -236,19 +251,8 @@ fn host_shm_ping_pong(round_trips: u64, per_ns: f64) -> Latency {
             let mut buf = [0u8; MESSAGE];
             for n in 1..=total {
                 spin_until(shared.word(REQUEST_SEQ), n);
-                // SAFETY: both ranges inside the mapping / the local buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        shared.at(REQUEST_MSG, MESSAGE),
-                        buf.as_mut_ptr(),
-                        MESSAGE,
-                    );
-                    std::ptr::copy_nonoverlapping(
-                        buf.as_ptr(),
-                        shared.at(REPLY_MSG, MESSAGE),
-                        MESSAGE,
-                    );
-                }
+                shared.copy_out(REQUEST_MSG, &mut buf[..MESSAGE]);
+                shared.copy_in(REPLY_MSG, &buf[..MESSAGE]);
                 shared.word(REPLY_SEQ).store(n, Release);
             }
         },
@@ -258,24 +262,10 @@ fn host_shm_ping_pong(round_trips: u64, per_ns: f64) -> Latency {
             for n in 1..=total {
                 buf[..8].copy_from_slice(&n.to_le_bytes());
                 let t0 = tsc();
-                // SAFETY: as in the child.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        buf.as_ptr(),
-                        shared.at(REQUEST_MSG, MESSAGE),
-                        MESSAGE,
-                    )
-                };
+                shared.copy_in(REQUEST_MSG, &buf[..MESSAGE]);
                 shared.word(REQUEST_SEQ).store(n, Release);
                 spin_until(shared.word(REPLY_SEQ), n);
-                // SAFETY: as in the child.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        shared.at(REPLY_MSG, MESSAGE),
-                        buf.as_mut_ptr(),
-                        MESSAGE,
-                    )
-                };
+                shared.copy_out(REPLY_MSG, &mut buf[..MESSAGE]);
                 let t1 = tsc();
                 assert_eq!(buf[..8], n.to_le_bytes(), "host shm reply mismatch");
                 if n > WARMUP {
@@ -320,19 +310,8 @@ fn host_eventfd_ping_pong(round_trips: u64, per_ns: f64) -> Latency {
             let mut buf = [0u8; MESSAGE];
             for _ in 1..=total {
                 eventfd_wait(to_child);
-                // SAFETY: inside the mapping / the local buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        shared.at(REQUEST_MSG, MESSAGE),
-                        buf.as_mut_ptr(),
-                        MESSAGE,
-                    );
-                    std::ptr::copy_nonoverlapping(
-                        buf.as_ptr(),
-                        shared.at(REPLY_MSG, MESSAGE),
-                        MESSAGE,
-                    );
-                }
+                shared.copy_out(REQUEST_MSG, &mut buf[..MESSAGE]);
+                shared.copy_in(REPLY_MSG, &buf[..MESSAGE]);
                 eventfd_signal(to_parent);
             }
         },
@@ -342,24 +321,10 @@ fn host_eventfd_ping_pong(round_trips: u64, per_ns: f64) -> Latency {
             for n in 1..=total {
                 buf[..8].copy_from_slice(&n.to_le_bytes());
                 let t0 = tsc();
-                // SAFETY: as in the child.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        buf.as_ptr(),
-                        shared.at(REQUEST_MSG, MESSAGE),
-                        MESSAGE,
-                    )
-                };
+                shared.copy_in(REQUEST_MSG, &buf[..MESSAGE]);
                 eventfd_signal(to_child);
                 eventfd_wait(to_parent);
-                // SAFETY: as in the child.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        shared.at(REPLY_MSG, MESSAGE),
-                        buf.as_mut_ptr(),
-                        MESSAGE,
-                    )
-                };
+                shared.copy_out(REPLY_MSG, &mut buf[..MESSAGE]);
                 let t1 = tsc();
                 assert_eq!(buf[..8], n.to_le_bytes(), "eventfd reply mismatch");
                 if n > WARMUP {
@@ -471,14 +436,7 @@ fn host_cross_core_copy(messages: u64, per_ns: f64) -> f64 {
             for r in 0..rounds {
                 spin_until(shared.word(RING_HEAD), 2 * r);
                 for k in 0..RING_SLOTS {
-                    // SAFETY: a local buffer into a slot inside the mapping.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            source.as_ptr(),
-                            shared.at(slot(k), STREAM_MESSAGE),
-                            STREAM_MESSAGE,
-                        )
-                    };
+                    shared.copy_in(slot(k), &source[..STREAM_MESSAGE]);
                 }
                 shared.word(RING_HEAD).store(2 * r + 1, Release);
             }
@@ -490,14 +448,7 @@ fn host_cross_core_copy(messages: u64, per_ns: f64) -> f64 {
                 spin_until(shared.word(RING_HEAD), 2 * r + 1);
                 let start = tsc();
                 for k in 0..RING_SLOTS {
-                    // SAFETY: a slot inside the mapping into a local buffer.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            shared.at(slot(k), STREAM_MESSAGE),
-                            sink.as_mut_ptr(),
-                            STREAM_MESSAGE,
-                        )
-                    };
+                    shared.copy_out(slot(k), &mut sink[..STREAM_MESSAGE]);
                     // Keep the copy: nothing else reads the sink.
                     std::hint::black_box(&mut sink);
                 }
@@ -525,14 +476,7 @@ fn host_shm_stream(messages: u64, per_ns: f64) -> f64 {
             let mut sink = vec![0u8; STREAM_MESSAGE];
             for n in 0..messages {
                 spin_until(shared.word(RING_HEAD), n + 1);
-                // SAFETY: a slot inside the mapping into a local buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        shared.at(slot(n), STREAM_MESSAGE),
-                        sink.as_mut_ptr(),
-                        STREAM_MESSAGE,
-                    )
-                };
+                shared.copy_out(slot(n), &mut sink[..STREAM_MESSAGE]);
                 assert_eq!(sink[..8], n.to_le_bytes(), "host stream mismatch");
                 shared.word(RING_TAIL).store(n + 1, Release);
             }
@@ -546,14 +490,7 @@ fn host_shm_stream(messages: u64, per_ns: f64) -> f64 {
                     (n + 1).saturating_sub(RING_SLOTS as u64),
                 );
                 source[..8].copy_from_slice(&n.to_le_bytes());
-                // SAFETY: a local buffer into a slot inside the mapping.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        source.as_ptr(),
-                        shared.at(slot(n), STREAM_MESSAGE),
-                        STREAM_MESSAGE,
-                    )
-                };
+                shared.copy_in(slot(n), &source[..STREAM_MESSAGE]);
                 shared.word(RING_HEAD).store(n + 1, Release);
             }
             spin_until(shared.word(RING_TAIL), messages);
