@@ -54,12 +54,9 @@ pub trait MsiRouting: Send + Sync {
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;
 }
 
-/// Registers eventfds signalled by KVM when the guest writes an MMIO address.
-pub trait IoEventRegistrar: Send + Sync {
-    /// Signal `fd` on any write of any length to `addr`.
-    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
-    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
-}
+/// Registers eventfds signalled by KVM when the guest writes an MMIO address (the trait the
+/// virtio-ism BAR needs too).
+pub use virtio_ism_window::IoEventRegistrar;
 
 /// [`MsiRouting`] and [`IoEventRegistrar`] on a KVM VM.
 pub struct KvmInterruptOps {

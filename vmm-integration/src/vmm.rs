@@ -19,7 +19,7 @@ use crate::bus::{BusError, IoBuses};
 use crate::config::api::OperatorConfig;
 use crate::config::{SerialMode, VmConfig};
 use crate::control::{self, VmmApi};
-use crate::devices::ism::window::KvmSlotBackend;
+use crate::devices::ism::kvm_slots::KvmSlotBackend;
 use crate::devices::ism::{IsmSetupError, add_ism_devices};
 use crate::devices::virtio_rng::{RngError, VirtioRng};
 use crate::exit::{ExitEvent, ExitNotifier};
@@ -42,8 +42,6 @@ pub enum VmmError {
     Vm(#[source] VmError),
     #[error("Failed to set up guest memory")]
     Memory(#[source] MemoryError),
-    #[error("Failed to register guest memory with KVM")]
-    RegisterMemory(#[source] VmError),
     #[error("Failed to create the ACPI tables")]
     Acpi(#[source] AcpiError),
     #[error("Failed to load the guest payload")]
@@ -126,14 +124,13 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
     // Before any thread exists, so every thread inherits the mask and only the
     // "signal-handler" thread receives these.
     spawn_signal_handler(ExitNotifier::clone(&exit))?;
-    let vm = Vm::new().map_err(VmmError::Vm)?;
+    // Guest RAM before the VM: the VM registers it before creating its irqchip, and advises it
+    // to huge pages before anything touches it (vstate/vm.rs).
     let mem = memory::create_guest_memory(&config.memory).map_err(VmmError::Memory)?;
-    let first_free_slot = vm
-        .register_guest_memory(&mem)
-        .map_err(VmmError::RegisterMemory)?;
+    let vm = Vm::new(&mem).map_err(VmmError::Vm)?;
     // KVM slots past guest RAM, for devices that map memory into the guest (virtio-ism).
     let memory_slots = Arc::new(MemorySlots::new(
-        first_free_slot,
+        vm.first_free_slot(),
         u32::try_from(vm.kvm().get_nr_memslots()).unwrap_or(0),
     ));
     let guest_memory = GuestMemoryAtomic::new(mem.clone());
@@ -310,17 +307,14 @@ fn add_pci_devices(
     }
     let mut ism_handles = Vec::new();
     if !config.ism.is_empty() {
-        let kvm_slots = Arc::new(KvmSlotBackend::new(vm.kvm(), vm.fd().clone()));
+        let kvm_slots = Arc::new(KvmSlotBackend::new(
+            vm.kvm(),
+            vm.fd().clone(),
+            memory_slots.clone(),
+        ));
         let ioevents = Arc::new(KvmInterruptOps::new(vm.fd().clone()));
-        ism_handles = add_ism_devices(
-            &mut pci,
-            &config.ism,
-            kvm_slots,
-            ioevents,
-            memory_slots,
-            buses,
-        )
-        .map_err(VmmError::Ism)?;
+        ism_handles = add_ism_devices(&mut pci, &config.ism, kvm_slots, ioevents, buses)
+            .map_err(VmmError::Ism)?;
     }
     Ok((pci, ism_handles))
 }

@@ -11,7 +11,7 @@ use virtio_ism_proto::{
     AllocReplyHeader, Area, AttachReplyHeader, QueryListReplyHeader, QueryRegionReplyHeader,
     Request, Status, WireStruct,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::observer::IsmEvent;
 use crate::regions::{Refusal, RegionTable, Regions};
@@ -52,8 +52,9 @@ impl ParsedChain {
     /// Walk the descriptors of one chain. Returns None when no device-writable byte can be
     /// written safely (no writable buffer, or one outside guest memory): such a chain is
     /// returned with used length 0.
-    pub fn parse<I>(mem: &GuestMemoryMmap, descriptors: I) -> Option<Self>
+    pub fn parse<M, I>(mem: &M, descriptors: I) -> Option<Self>
     where
+        M: GuestMemoryBackend,
         I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
     {
         let mut readable: Vec<(GuestAddress, usize)> = Vec::new();
@@ -130,7 +131,7 @@ impl ParsedChain {
 
     /// Write `bytes` at the start of the device-writable part, truncated to its length.
     /// Returns the bytes written (the used length).
-    pub fn write_reply(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> u32 {
+    pub fn write_reply<M: GuestMemoryBackend>(&self, mem: &M, bytes: &[u8]) -> u32 {
         let mut done = 0usize;
         for &(addr, len) in &self.writable {
             if done == bytes.len() {
@@ -360,13 +361,9 @@ pub struct Served {
 }
 
 /// Serve one chain: parse, execute, reply.
-pub fn serve_chain<I>(
-    mem: &GuestMemoryMmap,
-    descriptors: I,
-    regions: &Regions,
-    features: u64,
-) -> Served
+pub fn serve_chain<M, I>(mem: &M, descriptors: I, regions: &Regions, features: u64) -> Served
 where
+    M: GuestMemoryBackend,
     I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
 {
     let Some(chain) = ParsedChain::parse(mem, descriptors) else {

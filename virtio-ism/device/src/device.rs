@@ -20,13 +20,15 @@ use virtio_ism_proto::defs::features::{
 use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX, QUEUE_SIZE};
 use virtio_ism_proto::defs::shm::{VIRTIO_ISM_SHM_ID_NOTIFY, VIRTIO_ISM_SHM_ID_REGIONS};
 use virtio_ism_proto::{Area, ConfigSpace, EventType, WireStruct};
-use vm_memory::GuestAddress;
+use virtio_queue::Queue;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{ConfigError, IsmConfig, WindowLayout};
 use crate::metrics::IsmMetrics;
 use crate::notify::NotifyWiring;
 use crate::observer::{IsmObserver, ObserverSlot};
+use crate::pause::PauseGate;
 use crate::regions::{RegionTable, Regions, pool_status};
 use crate::window::{KickSink, ShmWindow};
 use crate::worker::{IsmWorker, WorkerError};
@@ -44,6 +46,8 @@ pub enum IsmError {
     CreateWakeEvent(#[source] io::Error),
     #[error("Failed to create the epoll instance for one-hop kicks")]
     CreateKickEpoll(#[source] io::Error),
+    #[error("Failed to create the pause eventfd")]
+    CreatePauseEvent(#[source] io::Error),
 }
 
 /// Why a host-side region operation failed.
@@ -108,6 +112,7 @@ pub struct Ism {
     observer: Arc<ObserverSlot>,
     /// Called first on the worker thread (the VMM applies its seccomp filter there).
     thread_start: Option<Arc<dyn Fn() + Send + Sync>>,
+    pause: Arc<PauseGate>,
     state: DeviceState,
 }
 
@@ -155,6 +160,7 @@ impl Ism {
             pool_fd,
             observer: Arc::default(),
             thread_start: None,
+            pause: Arc::new(PauseGate::new().map_err(IsmError::CreatePauseEvent)?),
             state: DeviceState::Inactive,
         })
     }
@@ -206,13 +212,28 @@ impl Ism {
     /// Everything `activate` does except starting the thread: take the queues and memory and
     /// return the worker that serves them. Tests drive the returned worker synchronously.
     pub fn activate_worker(&mut self, ctx: ActivationContext) -> Result<IsmWorker, ActivateError> {
+        self.activate_worker_with(ctx.mem, ctx.interrupt_cb, ctx.queues)
+    }
+
+    /// [`Ism::activate_worker`] for any guest memory type (a VMM whose guest memory carries
+    /// a dirty-page bitmap passes its own).
+    pub fn activate_worker_with<M>(
+        &mut self,
+        mem: M,
+        interrupt_cb: Arc<dyn VirtioInterrupt>,
+        queues: Vec<(u16, Queue, EventFd)>,
+    ) -> Result<IsmWorker<M>, ActivateError>
+    where
+        M: GuestAddressSpace,
+        M::M: GuestMemoryBackend,
+    {
         if matches!(self.state, DeviceState::Active(_)) {
             return Err(ActivateError::AlreadyActive);
         }
         let mut ctrl = None;
         let mut events = None;
-        let enabled = ctx.queues.len();
-        for (index, queue, evt) in ctx.queues {
+        let enabled = queues.len();
+        for (index, queue, evt) in queues {
             match index {
                 CTRL_QUEUE_INDEX => ctrl = Some((queue, evt)),
                 EVENT_QUEUE_INDEX if self.acked_features & bit(VIRTIO_ISM_F_EVENT_QUEUE) != 0 => {
@@ -226,12 +247,12 @@ impl Ism {
         };
         let kill_evt = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::CloneEventFd)?;
         let worker = IsmWorker {
-            mem: ctx.mem,
+            mem,
             ctrl_queue,
             ctrl_evt,
             event_queue: events,
             regions: self.regions.clone(),
-            interrupt: ctx.interrupt_cb.clone(),
+            interrupt: interrupt_cb.clone(),
             features: self.acked_features,
             metrics: self.metrics.clone(),
             kill_evt: kill_evt.try_clone().map_err(ActivateError::CloneEventFd)?,
@@ -241,16 +262,70 @@ impl Ism {
                 .map_err(ActivateError::CloneEventFd)?,
             pool_fd: self.pool_fd,
             observer: self.observer.clone(),
+            pause: self.pause.clone(),
         };
         self.regions
             .lock()
-            .set_active(Some(ctx.interrupt_cb.clone()), worker.event_queue.is_some());
+            .set_active(Some(interrupt_cb.clone()), worker.event_queue.is_some());
         self.state = DeviceState::Active(ActiveState {
             kill_evt,
             worker: None,
-            interrupt: ctx.interrupt_cb,
+            interrupt: interrupt_cb,
         });
         Ok(worker)
+    }
+
+    /// Activate with any guest memory type: take the queues and start the worker thread.
+    /// [`VirtioDevice::activate`] is this with [`virtio_device::GuestMemoryHandle`].
+    pub fn activate_with<M>(
+        &mut self,
+        mem: M,
+        interrupt_cb: Arc<dyn VirtioInterrupt>,
+        queues: Vec<(u16, Queue, EventFd)>,
+    ) -> Result<(), ActivateError>
+    where
+        M: GuestAddressSpace + Send + 'static,
+        M::M: GuestMemoryBackend,
+    {
+        let worker = self.activate_worker_with(mem, interrupt_cb, queues)?;
+        let thread_start = self.thread_start.clone();
+        let spawned = std::thread::Builder::new()
+            .name("virtio-ism".into())
+            .spawn(move || {
+                if let Some(hook) = thread_start {
+                    hook();
+                }
+                let result = worker.run();
+                if let Err(e) = &result {
+                    error!("virtio-ism worker: {e}");
+                }
+                result
+            });
+        match spawned {
+            Ok(handle) => {
+                if let DeviceState::Active(active) = &mut self.state {
+                    active.worker = Some(handle);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.stop();
+                Err(ActivateError::SpawnWorker(e))
+            }
+        }
+    }
+
+    /// Stop serving the queues until [`Ism::resume`]: the worker parks and writes nothing
+    /// into guest memory (used rings, event buffers). Kicks and pool events arriving
+    /// meanwhile are kept and served on resume. Waits until the worker has parked.
+    pub fn pause(&self) -> io::Result<()> {
+        let running = matches!(&self.state, DeviceState::Active(a) if a.worker.is_some());
+        self.pause.pause(running)
+    }
+
+    /// Undo [`Ism::pause`].
+    pub fn resume(&self) {
+        self.pause.resume();
     }
 
     fn stop(&mut self) -> Option<Arc<dyn VirtioInterrupt>> {
@@ -261,6 +336,8 @@ impl Ism {
             return None;
         };
         if let Some(worker) = active.worker.take() {
+            // A parked worker must wake up to see the kill.
+            self.pause.resume();
             if let Err(e) = active.kill_evt.write(1) {
                 error!("virtio-ism {}: failed to signal the worker: {e}", self.id);
             }
@@ -315,32 +392,7 @@ impl VirtioDevice for Ism {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-        let worker = self.activate_worker(ctx)?;
-        let thread_start = self.thread_start.clone();
-        let spawned = std::thread::Builder::new()
-            .name("virtio-ism".into())
-            .spawn(move || {
-                if let Some(hook) = thread_start {
-                    hook();
-                }
-                let result = worker.run();
-                if let Err(e) = &result {
-                    error!("virtio-ism worker: {e}");
-                }
-                result
-            });
-        match spawned {
-            Ok(handle) => {
-                if let DeviceState::Active(active) = &mut self.state {
-                    active.worker = Some(handle);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.stop();
-                Err(ActivateError::SpawnWorker(e))
-            }
-        }
+        self.activate_with(ctx.mem, ctx.interrupt_cb, ctx.queues)
     }
 
     /// Stop the worker, unmap every region and give every region back to the pool.

@@ -16,6 +16,7 @@ mod device;
 mod metrics;
 mod notify;
 mod observer;
+mod pause;
 mod regions;
 mod window;
 mod worker;

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::ctrl::{MAX_CHAIN_DESCRIPTORS, serve_chain};
 use crate::metrics::IsmMetrics;
 use crate::observer::{IsmEvent, ObserverSlot};
+use crate::pause::PauseGate;
 use crate::regions::Regions;
 
 /// Everything that can stop the worker.
@@ -46,12 +47,15 @@ const EPOLL_EVENTQ: u64 = 2;
 const EPOLL_WAKE: u64 = 3;
 const EPOLL_POOL: u64 = 4;
 const EPOLL_KICKS: u64 = 5;
+const EPOLL_PAUSE: u64 = 6;
 /// How often pool events are polled when the session has no event fd.
 const POOL_POLL_MS: i32 = 100;
 
-/// The queues of an active device and what serving them needs.
-pub struct IsmWorker {
-    pub(crate) mem: GuestMemoryHandle,
+/// The queues of an active device and what serving them needs. Generic over how guest
+/// memory is reached (`M`), so VMMs with dirty-page bitmaps (cloud-hypervisor's
+/// `GuestMemoryMmap<AtomicBitmap>`) use it as they are.
+pub struct IsmWorker<M: GuestAddressSpace = GuestMemoryHandle> {
+    pub(crate) mem: M,
     pub(crate) ctrl_queue: Queue,
     pub(crate) ctrl_evt: EventFd,
     pub(crate) event_queue: Option<(Queue, EventFd)>,
@@ -65,9 +69,14 @@ pub struct IsmWorker {
     pub(crate) pool_fd: Option<RawFd>,
     /// Told about every region change (see [`crate::IsmObserver`]).
     pub(crate) observer: Arc<ObserverSlot>,
+    pub(crate) pause: Arc<PauseGate>,
 }
 
-impl IsmWorker {
+impl<M> IsmWorker<M>
+where
+    M: GuestAddressSpace,
+    M::M: GuestMemoryBackend,
+{
     /// Serve every available control request. Returns whether any was served.
     pub fn process_ctrl_queue(&mut self) -> Result<bool, WorkerError> {
         let mem = self.mem.memory();
@@ -75,7 +84,7 @@ impl IsmWorker {
         while let Some(chain) = self.ctrl_queue.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
             let outcome = serve_chain(
-                &mem,
+                &*mem,
                 chain.take(MAX_CHAIN_DESCRIPTORS + 1),
                 &self.regions,
                 self.features,
@@ -122,7 +131,7 @@ impl IsmWorker {
             };
             let head = chain.head_index();
             let bytes: [u8; Event::SIZE] = event.to_bytes().unwrap_or([0; Event::SIZE]);
-            let written = write_event(&mem, chain.take(MAX_CHAIN_DESCRIPTORS + 1), &bytes);
+            let written = write_event(&*mem, chain.take(MAX_CHAIN_DESCRIPTORS + 1), &bytes);
             match written {
                 Some(len) => {
                     self.regions.lock().pop_event(&event);
@@ -164,7 +173,7 @@ impl IsmWorker {
 
     fn notify(
         queue: &mut Queue,
-        mem: &vm_memory::GuestMemoryMmap,
+        mem: &M::M,
         interrupt: &dyn VirtioInterrupt,
         index: u16,
     ) -> Result<(), WorkerError> {
@@ -201,6 +210,11 @@ impl IsmWorker {
             add(fd, EPOLL_POOL)?;
         }
         add(self.regions.lock().kick_epoll_fd(), EPOLL_KICKS)?;
+        add(self.pause.event().as_raw_fd(), EPOLL_PAUSE)?;
+        // A device activated while its VM is paused waits for the resume.
+        if self.pause.is_requested() {
+            self.pause.park_if_requested();
+        }
         let timeout = if self.pool_fd.is_some() {
             -1
         } else {
@@ -251,6 +265,15 @@ impl IsmWorker {
                     EPOLL_KICKS => {
                         self.process_one_hop_kicks();
                     }
+                    EPOLL_PAUSE => {
+                        if self.pause.park_if_requested() {
+                            debug!("virtio-ism: worker resumed");
+                            // What arrived while parked is still signalled on its eventfd;
+                            // serve what needs no signal too.
+                            self.process_ctrl_queue()?;
+                            self.process_pool_events()?;
+                        }
+                    }
                     other => error!("virtio-ism: unexpected epoll token {other}"),
                 }
             }
@@ -278,8 +301,9 @@ fn drain_readable(fd: RawFd) {
 
 /// Write one event into an event-queue chain: every descriptor device-writable and inside
 /// guest memory, `Event::SIZE` bytes in total at least. None if the chain is unusable.
-fn write_event<I>(mem: &vm_memory::GuestMemoryMmap, descriptors: I, bytes: &[u8]) -> Option<u32>
+fn write_event<G, I>(mem: &G, descriptors: I, bytes: &[u8]) -> Option<u32>
 where
+    G: GuestMemoryBackend,
     I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
 {
     let mut buffers = Vec::new();

@@ -1,11 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 //! virtio-ism in the VMM: the device model (`virtio_ism::Ism`) on the virtio-pci transport,
-//! its shared-memory window backed by KVM memory slots ([`window`]), the MMIO handler for
-//! what the slots do not cover ([`mmio`]), and the `--ism` wiring (pool backend, sessions).
+//! its shared-memory BAR (`virtio_ism_window::IsmBar`, memory slots from [`kvm_slots`]) on the
+//! MMIO bus for what the slots do not cover, and the `--ism` wiring (pool backend, sessions).
 
-pub mod mmio;
-pub mod notify;
-pub mod window;
+pub mod kvm_slots;
 
 use std::collections::HashMap;
 use std::io;
@@ -19,14 +17,13 @@ use virtio_device::{
 };
 use virtio_ism::{ConfigError, Ism, IsmConfig, IsmError, IsmHandle};
 
+use virtio_ism_window::{IoEventRegistrar, IsmBar, SlotBackend};
+use vm_device::DeviceMmio;
+use vm_device::bus::{MmioAddress, MmioAddressOffset};
+
 use crate::bus::IoBuses;
 use crate::config::IsmDeviceConfig;
-use crate::interrupt::IoEventRegistrar;
-use crate::memory::MemorySlots;
 use crate::pci::{PciError, PciManager};
-use mmio::IsmWindowMmio;
-use notify::KvmNotifyWiring;
-use window::{ShmWindowKvm, SlotBackend};
 
 /// MSI-X vectors a device may use: config, control queue, event queue and one per chunk
 /// (regions bind vectors with EVENT_VECTOR), up to the MSI-X maximum.
@@ -58,9 +55,8 @@ pub enum IsmSetupError {
 /// placement or move (MMIO handler on the bus, KVM slots at the new base).
 pub struct IsmDevice {
     ism: Ism,
-    window: Arc<ShmWindowKvm>,
-    mmio: Arc<IsmWindowMmio>,
-    wiring: Arc<KvmNotifyWiring>,
+    bar: Arc<IsmBar>,
+    mmio: Arc<BarMmio>,
     buses: Weak<IoBuses>,
     /// Where the window's MMIO handler sits on the bus now.
     placed: Option<u64>,
@@ -73,29 +69,27 @@ impl IsmDevice {
         session: Arc<dyn PoolSession>,
         kvm: Arc<dyn SlotBackend>,
         ioevents: Arc<dyn IoEventRegistrar>,
-        slots: Arc<MemorySlots>,
         buses: &Arc<IoBuses>,
     ) -> Result<Self, IsmSetupError> {
         let layout = config
             .layout()
             .map_err(|e| IsmSetupError::Layout(id.to_owned(), e))?;
-        let window = Arc::new(
-            ShmWindowKvm::new(layout.shm_size, kvm, slots)
+        let bar = Arc::new(
+            IsmBar::new(layout, kvm, ioevents)
                 .map_err(|e| IsmSetupError::ReserveWindow(id.to_owned(), e))?,
         );
-        let wiring = Arc::new(KvmNotifyWiring::new(ioevents));
-        let ism = Ism::new(id, config, session, window.clone())
+        let ism = Ism::new(id, config, session, bar.window())
             .map_err(|e| IsmSetupError::CreateDevice(id.to_owned(), e))?
-            .with_notify_wiring(wiring.clone())
+            .with_notify_wiring(bar.wiring())
             .with_thread_start(Arc::new(|| {
                 crate::seccomp::apply_or_exit(crate::seccomp::Thread::IsmWorker)
             }));
-        let mmio = Arc::new(IsmWindowMmio::new(window.clone(), ism.handle(), layout));
+        bar.set_handle(ism.handle());
+        let mmio = Arc::new(BarMmio(bar.clone()));
         Ok(Self {
             ism,
-            window,
+            bar,
             mmio,
-            wiring,
             buses: Arc::downgrade(buses),
             placed: None,
         })
@@ -191,15 +185,9 @@ impl VirtioDevice for IsmDevice {
             )));
         }
         let new = list.addr.0;
-        let moved = self.placed.is_some_and(|old| old != new);
         self.place_mmio(new, window_size)?;
-        self.window.relocate(new);
-        self.wiring.set_base(new);
         self.ism.set_shm_regions(list)?;
-        if moved {
-            // Every wired doorbell slot is registered at the old address: move them.
-            self.ism.handle().rewire_all();
-        }
+        self.bar.place(new);
         log::info!(
             "virtio-ism {}: window at {new:#x}+{window_size:#x}",
             self.ism.id()
@@ -209,8 +197,21 @@ impl VirtioDevice for IsmDevice {
 
     fn counters(&self) -> Option<Counters> {
         let mut counters = self.ism.counters().unwrap_or_default();
-        self.window.counters().add_to(&mut counters);
+        self.bar.add_counters(&mut counters);
         Some(counters)
+    }
+}
+
+/// The BAR on the VM's MMIO bus: accesses no KVM slot or ioeventfd takes.
+struct BarMmio(Arc<IsmBar>);
+
+impl DeviceMmio for BarMmio {
+    fn mmio_read(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.0.read(offset, data);
+    }
+
+    fn mmio_write(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        self.0.write(offset, data);
     }
 }
 
@@ -270,7 +271,6 @@ pub fn add_ism_devices(
     configs: &[IsmDeviceConfig],
     kvm: Arc<dyn SlotBackend>,
     ioevents: Arc<dyn IoEventRegistrar>,
-    slots: &Arc<MemorySlots>,
     buses: &Arc<IoBuses>,
 ) -> Result<Vec<(String, IsmHandle)>, IsmSetupError> {
     let mut pools = PoolBackends::default();
@@ -282,15 +282,7 @@ pub fn add_ism_devices(
             .map_err(|e| IsmSetupError::Layout(id.clone(), e))?;
         let session = pools.session(&id, cfg)?;
         let info = session.info();
-        let dev = IsmDevice::new(
-            &id,
-            config,
-            session,
-            kvm.clone(),
-            ioevents.clone(),
-            slots.clone(),
-            buses,
-        )?;
+        let dev = IsmDevice::new(&id, config, session, kvm.clone(), ioevents.clone(), buses)?;
         let vectors = dev.msix_vectors();
         let layout = config
             .layout()
@@ -330,8 +322,7 @@ mod tests {
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
-    use virtio_ism::ShmWindow;
-    use window::tests::{FakeKvm, memfd};
+    use virtio_ism_window::test_utils::{FakeKvm, memfd};
 
     struct NoIoEvents;
 
@@ -357,7 +348,6 @@ mod tests {
             pool.session().unwrap(),
             kvm.clone(),
             Arc::new(NoIoEvents),
-            Arc::new(MemorySlots::new(3, 64)),
             buses,
         )
         .unwrap()
@@ -375,8 +365,11 @@ mod tests {
         dev.set_shm_regions(list.clone()).unwrap();
         // A region mapped the way the device maps one.
         let fd = memfd(0x2000, 0x3c);
-        dev.window.map(0x1000, fd.as_fd(), 0, 0x2000, true).unwrap();
-        assert_eq!(kvm.slots.lock().unwrap()[&3].0, a + 0x1000);
+        dev.bar
+            .window()
+            .map(0x1000, fd.as_fd(), 0, 0x2000, true)
+            .unwrap();
+        assert_eq!(kvm.slots.lock().unwrap()[&2].0, a + 0x1000);
         // Unmapped window memory reads as all-ones through the bus.
         let mut word = [0u8; 4];
         assert!(buses.mmio_read(a + 0x8000, &mut word));
@@ -384,7 +377,7 @@ mod tests {
 
         list.addr = GuestAddress(b);
         dev.set_shm_regions(list.clone()).unwrap();
-        assert_eq!(kvm.slots.lock().unwrap()[&3].0, b + 0x1000);
+        assert_eq!(kvm.slots.lock().unwrap()[&2].0, b + 0x1000);
         assert!(
             !buses.mmio_read(a + 0x8000, &mut word),
             "old range still decoded"
@@ -423,7 +416,10 @@ mod tests {
         list.addr = GuestAddress(0x10_0000_0000);
         dev.set_shm_regions(list).unwrap();
         let fd = memfd(0x1000, 0x77);
-        dev.window.map(0x0, fd.as_fd(), 0, 0x1000, false).unwrap();
+        dev.bar
+            .window()
+            .map(0x0, fd.as_fd(), 0, 0x1000, false)
+            .unwrap();
         assert!(buses.mmio_write(0x10_0000_0010, &0x1234_5678u32.to_le_bytes()));
         let mut word = [0u8; 4];
         assert!(buses.mmio_read(0x10_0000_0010, &mut word));

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The virtio-ism shared-memory window on KVM: pool regions mapped into the device's BAR.
+//! The region area of the BAR: pool regions mapped into host VA and handed to the hypervisor
+//! as memory slots.
 //!
 //! The region area (shmid 1) is reserved once in host VA as `PROT_NONE` anonymous memory;
 //! attaching a region maps its memfd `MAP_SHARED | MAP_FIXED` over the reservation
@@ -8,8 +9,8 @@
 //! and puts `PROT_NONE` back. Only pool region fds are ever mapped here; guest RAM never is.
 //!
 //! When KVM has no slot left (or refuses one, or cannot make read-only slots) the mapping is
-//! kept but *emulated*: guest accesses exit as MMIO and [`ShmWindowKvm::read`] /
-//! [`ShmWindowKvm::write`] serve them from the host mapping. Slower, same semantics; counted.
+//! kept but *emulated*: guest accesses exit as MMIO and [`SlotWindow::read`] /
+//! [`SlotWindow::write`] serve them from the host mapping. Slower, same semantics; counted.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -17,18 +18,19 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
-use kvm_ioctls::{Cap, Kvm, VmFd};
 use log::{debug, warn};
 use virtio_ism::ShmWindow;
 
-use crate::memory::MemorySlots;
-
 const PAGE_SIZE: u64 = 4096;
 
-/// The KVM operations the window needs, behind a trait so the bookkeeping is testable
-/// without /dev/kvm.
+/// The hypervisor's memory-slot operations the window needs (KVM_SET_USER_MEMORY_REGION and
+/// a slot-number allocator), behind a trait so each VMM plugs in its own and the bookkeeping
+/// is testable without /dev/kvm.
 pub trait SlotBackend: Send + Sync {
+    /// A free slot number, or `None` when the hypervisor has no more.
+    fn allocate_slot(&self) -> Option<u32>;
+    /// Give back a slot from [`SlotBackend::allocate_slot`] (already deleted).
+    fn free_slot(&self, slot: u32);
     /// Make `len` bytes of host memory at `host_addr` guest memory at `gpa`, as `slot`.
     fn add_slot(
         &self,
@@ -42,60 +44,6 @@ pub trait SlotBackend: Send + Sync {
     fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()>;
     /// Whether read-only slots exist (KVM_CAP_READONLY_MEM).
     fn readonly_supported(&self) -> bool;
-}
-
-/// [`SlotBackend`] on a KVM VM.
-pub struct KvmSlotBackend {
-    vm: Arc<VmFd>,
-    readonly: bool,
-}
-
-impl KvmSlotBackend {
-    pub fn new(kvm: &Kvm, vm: Arc<VmFd>) -> Self {
-        let readonly =
-            vm.check_extension(Cap::ReadonlyMem) || kvm.check_extension(Cap::ReadonlyMem);
-        Self { vm, readonly }
-    }
-}
-
-impl SlotBackend for KvmSlotBackend {
-    fn add_slot(
-        &self,
-        slot: u32,
-        gpa: u64,
-        len: u64,
-        host_addr: u64,
-        readonly: bool,
-    ) -> io::Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: if readonly { KVM_MEM_READONLY } else { 0 },
-            guest_phys_addr: gpa,
-            memory_size: len,
-            userspace_addr: host_addr,
-        };
-        // SAFETY: the window only passes host ranges inside its own reservation that hold a
-        // live region mapping; it deletes the slot before that mapping goes away.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-    }
-
-    fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: 0,
-            userspace_addr: 0,
-        };
-        // SAFETY: a zero-sized region deletes the slot; no host memory is handed to KVM.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-    }
-
-    fn readonly_supported(&self) -> bool {
-        self.readonly
-    }
 }
 
 /// Window counters, reported with the device's own.
@@ -164,24 +112,19 @@ pub enum WriteOutcome {
 }
 
 /// [`ShmWindow`] on KVM (see the module doc).
-pub struct ShmWindowKvm {
+pub struct SlotWindow {
     /// Host address of the `PROT_NONE` reservation.
     host_base: u64,
     /// Length of the reservation: shmid 1, the only part regions go into.
     len: u64,
     backend: Arc<dyn SlotBackend>,
-    slots: Arc<MemorySlots>,
     state: Mutex<State>,
     counters: Arc<WindowCounters>,
 }
 
-impl ShmWindowKvm {
+impl SlotWindow {
     /// Reserve `len` bytes (the region area) of host VA.
-    pub fn new(
-        len: u64,
-        backend: Arc<dyn SlotBackend>,
-        slots: Arc<MemorySlots>,
-    ) -> io::Result<Self> {
+    pub fn new(len: u64, backend: Arc<dyn SlotBackend>) -> io::Result<Self> {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
@@ -205,7 +148,6 @@ impl ShmWindowKvm {
             host_base: addr as u64,
             len,
             backend,
-            slots,
             state: Mutex::new(State::default()),
             counters: Arc::new(WindowCounters::default()),
         })
@@ -245,7 +187,7 @@ impl ShmWindowKvm {
             let was_emulated = m.slot.is_none();
             let slot = match m.slot {
                 Some(slot) => Some(slot),
-                None if m.writable || readonly => self.slots.allocate(),
+                None if m.writable || readonly => self.backend.allocate_slot(),
                 None => None,
             };
             let Some(slot) = slot else { continue };
@@ -260,10 +202,10 @@ impl ShmWindowKvm {
                     dec(&self.counters.emulated_mappings);
                     inc(&self.counters.slot_mappings);
                 }
-                (Err(_), true) => self.slots.free(slot),
+                (Err(_), true) => self.backend.free_slot(slot),
                 (Err(e), false) => {
                     warn!("ism window: cannot place slot {slot} at {gpa:#x} ({e}); emulating it");
-                    self.slots.free(slot);
+                    self.backend.free_slot(slot);
                     m.slot = None;
                     inc(&self.counters.slot_fallbacks);
                     dec(&self.counters.slot_mappings);
@@ -338,8 +280,7 @@ impl ShmWindowKvm {
         }
     }
 
-    /// Whether `[offset, offset + len)` is served by a KVM slot now (for tests and logs).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Whether the mapping at `offset` is served by a memory slot now (for tests and logs).
     pub fn slot_at(&self, offset: u64) -> Option<u32> {
         self.lock().mappings.get(&offset).and_then(|m| m.slot)
     }
@@ -397,7 +338,7 @@ unsafe fn copy_to_host(dst: *mut u8, data: &[u8]) {
     }
 }
 
-impl ShmWindow for ShmWindowKvm {
+impl ShmWindow for SlotWindow {
     fn map(
         &self,
         window_offset: u64,
@@ -451,7 +392,7 @@ impl ShmWindow for ShmWindowKvm {
             return Err(err);
         }
         let mut slot = if writable || self.backend.readonly_supported() {
-            self.slots.allocate()
+            self.backend.allocate_slot()
         } else {
             None
         };
@@ -464,7 +405,7 @@ impl ShmWindow for ShmWindowKvm {
                 "ism window: KVM refused slot {s} at {:#x}: {e}",
                 base + window_offset
             );
-            self.slots.free(s);
+            self.backend.free_slot(s);
             slot = None;
         }
         if slot.is_some() {
@@ -527,11 +468,11 @@ impl ShmWindow for ShmWindowKvm {
                     if let Err(e) = self.backend.remove_slot(slot, base + start) {
                         warn!("ism window: cannot delete slot {slot}: {e}");
                     }
-                    self.slots.free(slot);
+                    self.backend.free_slot(slot);
                     dec(&self.counters.slot_mappings);
                 }
                 (Some(slot), None) => {
-                    self.slots.free(slot);
+                    self.backend.free_slot(slot);
                     dec(&self.counters.slot_mappings);
                 }
                 (None, _) => dec(&self.counters.emulated_mappings),
@@ -542,13 +483,13 @@ impl ShmWindow for ShmWindowKvm {
     }
 }
 
-impl Drop for ShmWindowKvm {
+impl Drop for SlotWindow {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for (start, m) in std::mem::take(&mut state.mappings) {
             if let (Some(slot), Some(base)) = (m.slot, state.base) {
                 let _ = self.backend.remove_slot(slot, base + start);
-                self.slots.free(slot);
+                self.backend.free_slot(slot);
             }
         }
         // SAFETY: the reservation is ours and no KVM slot points into it any more.
@@ -557,72 +498,20 @@ impl Drop for ShmWindowKvm {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use crate::test_utils::{FakeKvm, memfd};
+    use std::os::fd::AsFd;
 
-    /// Remembers the slots KVM would have, refuses past `capacity`.
-    #[derive(Default)]
-    pub(crate) struct FakeKvm {
-        pub(crate) slots: Mutex<BTreeMap<u32, (u64, u64, u64, bool)>>,
-        pub(crate) no_readonly: bool,
-        pub(crate) refuse: bool,
-    }
-
-    impl SlotBackend for FakeKvm {
-        fn add_slot(&self, slot: u32, gpa: u64, len: u64, host: u64, ro: bool) -> io::Result<()> {
-            if self.refuse {
-                return Err(io::Error::from_raw_os_error(libc::EEXIST));
-            }
-            let mut s = self.slots.lock().unwrap();
-            // KVM refuses a slot over another one's guest range.
-            if s.values()
-                .any(|(at, l, ..)| *at < gpa + len && gpa < at + l)
-            {
-                return Err(io::Error::from_raw_os_error(libc::EEXIST));
-            }
-            assert!(
-                s.insert(slot, (gpa, len, host, ro)).is_none(),
-                "slot {slot} reused"
-            );
-            Ok(())
-        }
-        fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()> {
-            let mut s = self.slots.lock().unwrap();
-            let (at, ..) = s.remove(&slot).expect("removing an absent slot");
-            assert_eq!(at, gpa);
-            Ok(())
-        }
-        fn readonly_supported(&self) -> bool {
-            !self.no_readonly
-        }
-    }
-
-    pub(crate) fn memfd(len: u64, fill: u8) -> OwnedFd {
-        // SAFETY: valid name and flags; returns a new fd or -1.
-        let fd = unsafe { libc::memfd_create(c"ism-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd was just created and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let file = std::fs::File::from(fd.try_clone().unwrap());
-        file.set_len(len).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&file, &vec![fill; len as usize], 0).unwrap();
-        fd
-    }
-
-    fn window(kvm: &Arc<FakeKvm>, slots: u32) -> ShmWindowKvm {
-        ShmWindowKvm::new(
-            1 << 20,
-            kvm.clone(),
-            Arc::new(MemorySlots::new(2, 2 + slots)),
-        )
-        .unwrap()
+    /// A 1 MiB window on `kvm`.
+    fn window(kvm: &Arc<FakeKvm>) -> SlotWindow {
+        SlotWindow::new(1 << 20, kvm.clone()).unwrap()
     }
 
     #[test]
     fn test_map_places_slots_at_bar_offsets_and_moves_them() {
         let kvm = Arc::new(FakeKvm::default());
-        let w = window(&kvm, 8);
+        let w = window(&kvm);
         w.relocate(0x1_0000_0000);
         let rw = memfd(0x2000, 0xaa);
         let ro = memfd(0x1000, 0xbb);
@@ -656,7 +545,7 @@ pub(crate) mod tests {
     #[test]
     fn test_overlapping_or_misaligned_maps_are_refused() {
         let kvm = Arc::new(FakeKvm::default());
-        let w = window(&kvm, 8);
+        let w = window(&kvm);
         let fd = memfd(0x4000, 1);
         w.map(0x2000, fd.as_fd(), 0, 0x2000, true).unwrap();
         for (off, len) in [(0x1000, 0x2000), (0x3000, 0x1000), (0x0, 0x8000)] {
@@ -685,8 +574,11 @@ pub(crate) mod tests {
 
     #[test]
     fn test_out_of_slots_falls_back_to_emulation() {
-        let kvm = Arc::new(FakeKvm::default());
-        let w = window(&kvm, 1);
+        let kvm = Arc::new(FakeKvm {
+            limit: 1,
+            ..Default::default()
+        });
+        let w = window(&kvm);
         w.relocate(0x1_0000_0000);
         let a = memfd(0x1000, 0x11);
         let b = memfd(0x1000, 0x22);
@@ -731,7 +623,7 @@ pub(crate) mod tests {
             no_readonly: true,
             ..Default::default()
         });
-        let w = window(&kvm, 8);
+        let w = window(&kvm);
         w.relocate(0x1_0000_0000);
         let fd = memfd(0x1000, 0x5a);
         w.map(0x0, fd.as_fd(), 0, 0x1000, false).unwrap();
@@ -748,107 +640,10 @@ pub(crate) mod tests {
         assert_eq!(w.write(0x8000, &[1]), WriteOutcome::Unmapped);
     }
 
-    /// Whether KVM has a slot covering `gpa`: adding a probe slot there fails with EEXIST.
-    fn kvm_has_slot_at(vm: &VmFd, probe: &ProbeMemory, gpa: u64) -> bool {
-        let region = kvm_userspace_memory_region {
-            slot: 500,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: 0x1000,
-            userspace_addr: probe.0 as u64,
-        };
-        // SAFETY: the probe page is a live mapping that outlives the slot, which is deleted
-        // again right away.
-        match unsafe { vm.set_user_memory_region(region) } {
-            Ok(()) => {
-                let delete = kvm_userspace_memory_region {
-                    memory_size: 0,
-                    ..region
-                };
-                // SAFETY: deleting the probe slot hands KVM no memory.
-                unsafe { vm.set_user_memory_region(delete) }.unwrap();
-                false
-            }
-            Err(e) if e.errno() == libc::EEXIST => true,
-            Err(e) => panic!("probe slot at {gpa:#x}: {e}"),
-        }
-    }
-
-    struct ProbeMemory(*mut libc::c_void);
-
-    impl ProbeMemory {
-        fn new() -> Self {
-            // SAFETY: a fresh anonymous page.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    0x1000,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Self(p)
-        }
-    }
-
-    impl Drop for ProbeMemory {
-        fn drop(&mut self) {
-            // SAFETY: our own page, no slot uses it any more.
-            unsafe { libc::munmap(self.0, 0x1000) };
-        }
-    }
-
-    #[test]
-    fn test_real_kvm_slots_map_move_and_unmap() {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            println!("SKIPPED: /dev/kvm missing, this test creates KVM memory slots");
-            return;
-        }
-        let kvm = Kvm::new().unwrap();
-        let vm = Arc::new(kvm.create_vm().unwrap());
-        let backend = Arc::new(KvmSlotBackend::new(&kvm, vm.clone()));
-        let readonly = backend.readonly_supported();
-        println!("KVM read-only memory slots: {readonly}");
-        let limit = u32::try_from(kvm.get_nr_memslots()).unwrap().min(400);
-        let w = ShmWindowKvm::new(1 << 20, backend, Arc::new(MemorySlots::new(0, limit))).unwrap();
-        let probe = ProbeMemory::new();
-        let bar = 0x10_0000_0000u64;
-        w.relocate(bar);
-        let rw = memfd(0x2000, 0x11);
-        let ro = memfd(0x1000, 0x22);
-        w.map(0x0, rw.as_fd(), 0, 0x2000, true).unwrap();
-        w.map(0x4000, ro.as_fd(), 0, 0x1000, false).unwrap();
-        assert!(w.slot_at(0).is_some());
-        // A read-only grant gets a KVM_MEM_READONLY slot where KVM has them, else emulation.
-        assert_eq!(w.slot_at(0x4000).is_some(), readonly);
-        assert!(kvm_has_slot_at(&vm, &probe, bar + 0x1000));
-        assert_eq!(kvm_has_slot_at(&vm, &probe, bar + 0x4000), readonly);
-        assert!(!kvm_has_slot_at(&vm, &probe, bar + 0x8000));
-        // The host side of the read-write mapping is the region's memory.
-        let mut buf = [0u8; 8];
-        assert!(w.read(0x4000, &mut buf));
-        assert_eq!(buf, [0x22; 8]);
-
-        let moved = 0x20_0000_0000u64;
-        w.relocate(moved);
-        assert!(!kvm_has_slot_at(&vm, &probe, bar + 0x1000));
-        assert!(kvm_has_slot_at(&vm, &probe, moved + 0x1000));
-        assert_eq!(kvm_has_slot_at(&vm, &probe, moved + 0x4000), readonly);
-
-        w.unmap(0x0, 0x2000).unwrap();
-        w.unmap(0x4000, 0x1000).unwrap();
-        assert!(!kvm_has_slot_at(&vm, &probe, moved));
-        assert!(!kvm_has_slot_at(&vm, &probe, moved + 0x4000));
-        assert_eq!(w.counters().slot_mappings.load(Ordering::Relaxed), 0);
-    }
-
     #[test]
     fn test_refused_slot_on_move_falls_back() {
         let kvm = Arc::new(FakeKvm::default());
-        let w = window(&kvm, 8);
+        let w = window(&kvm);
         let fd = memfd(0x1000, 7);
         // Mapped before the BAR is placed: the slot is kept and placed by relocate.
         w.map(0x0, fd.as_fd(), 0, 0x1000, true).unwrap();
@@ -859,7 +654,7 @@ pub(crate) mod tests {
             refuse: true,
             ..Default::default()
         });
-        let w2 = window(&refusing, 8);
+        let w2 = window(&refusing);
         w2.relocate(0x1000_0000);
         w2.map(0x0, fd.as_fd(), 0, 0x1000, true).unwrap();
         assert_eq!(w2.slot_at(0), None);

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-//! [`NotifyWiring`] on KVM: a notify slot of the virtio-ism window becomes a KVM ioeventfd
-//! at `bar_base + offset`, so a guest doorbell write signals the eventfd (a peer VM's irqfd,
-//! or the device's own one-hop eventfd) inside the host kernel. Unwired slots trap to
-//! [`super::mmio::IsmWindowMmio`], which hands the write to `IsmHandle::handle_notify`.
+//! [`NotifyWiring`] on ioeventfds: a notify slot of the virtio-ism window becomes a KVM
+//! ioeventfd at `bar_base + offset`, so a guest doorbell write signals the eventfd (a peer
+//! VM's irqfd, or the device's own one-hop eventfd) inside the host kernel. Unwired slots trap
+//! to [`crate::IsmBar::write`], which hands the write to `IsmHandle::handle_notify`.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -13,7 +13,12 @@ use log::{debug, warn};
 use virtio_ism::{NotifyWiring, WireOutcome};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::interrupt::IoEventRegistrar;
+/// Registers eventfds the hypervisor signals when the guest writes an MMIO address.
+pub trait IoEventRegistrar: Send + Sync {
+    /// Signal `fd` on any write of any length to `addr`.
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
+}
 
 #[derive(Default)]
 struct State {
@@ -23,12 +28,13 @@ struct State {
     wired: BTreeMap<u64, (u64, EventFd)>,
 }
 
-pub struct KvmNotifyWiring {
+/// [`NotifyWiring`] through an [`IoEventRegistrar`] (see the module doc).
+pub struct IoEventWiring {
     ioevents: Arc<dyn IoEventRegistrar>,
     state: Mutex<State>,
 }
 
-impl KvmNotifyWiring {
+impl IoEventWiring {
     pub fn new(ioevents: Arc<dyn IoEventRegistrar>) -> Self {
         Self {
             ioevents,
@@ -43,7 +49,6 @@ impl KvmNotifyWiring {
     }
 
     /// Slots wired now, as (window offset, guest address).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn wired(&self) -> Vec<(u64, u64)> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.wired.iter().map(|(o, (a, _))| (*o, *a)).collect()
@@ -59,7 +64,7 @@ fn is_resource_limit(e: &io::Error) -> bool {
     )
 }
 
-impl NotifyWiring for KvmNotifyWiring {
+impl NotifyWiring for IoEventWiring {
     fn wire(
         &self,
         window_offset: u64,
@@ -105,7 +110,7 @@ impl NotifyWiring for KvmNotifyWiring {
     }
 }
 
-impl Drop for KvmNotifyWiring {
+impl Drop for IoEventWiring {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for (_, (addr, evt)) in std::mem::take(&mut state.wired) {
@@ -149,7 +154,7 @@ mod tests {
             capacity: 2,
             registered: Mutex::new(Vec::new()),
         });
-        let wiring = KvmNotifyWiring::new(fake.clone());
+        let wiring = IoEventWiring::new(fake.clone());
         let evt = EventFd::new(0).unwrap();
         // SAFETY: `evt` stays open for the whole test.
         let evt = unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) };

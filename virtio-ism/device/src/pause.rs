@@ -1,0 +1,152 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Pausing the device worker: while the VM is paused (cloud-hypervisor's `Pausable`,
+//! `vm.pause`) the worker writes nothing into guest memory. Doorbells and pool events that
+//! arrive meanwhile stay pending on their eventfds and are served on resume.
+
+use std::io;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// How long [`PauseGate::pause`] waits for the worker to park before giving up.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct GateState {
+    /// The VMM wants the worker parked.
+    requested: bool,
+    /// The worker is parked.
+    parked: bool,
+}
+
+/// Shared by the device (which pauses and resumes) and its worker (which parks).
+pub(crate) struct PauseGate {
+    /// Written on pause so the worker's epoll wakes up and parks.
+    evt: EventFd,
+    park_timeout: Duration,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    pub(crate) fn new() -> io::Result<Self> {
+        Ok(Self {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            park_timeout: PARK_TIMEOUT,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn event(&self) -> &EventFd {
+        &self.evt
+    }
+
+    pub(crate) fn is_requested(&self) -> bool {
+        self.lock().requested
+    }
+
+    /// Ask the worker to park; with `worker_running`, wait until it has.
+    pub(crate) fn pause(&self, worker_running: bool) -> io::Result<()> {
+        let mut state = self.lock();
+        state.requested = true;
+        if !worker_running {
+            return Ok(());
+        }
+        self.evt.write(1)?;
+        let (state, timeout) = self
+            .changed
+            .wait_timeout_while(state, self.park_timeout, |s| s.requested && !s.parked)
+            .unwrap_or_else(|e| e.into_inner());
+        if timeout.timed_out() && !state.parked {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "virtio-ism worker did not pause",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Let the worker go on.
+    pub(crate) fn resume(&self) {
+        self.lock().requested = false;
+        self.changed.notify_all();
+    }
+
+    /// Worker side: if a pause is requested, park until resumed. Returns whether it parked.
+    pub(crate) fn park_if_requested(&self) -> bool {
+        let _ = self.evt.read();
+        let mut state = self.lock();
+        if !state.requested {
+            return false;
+        }
+        state.parked = true;
+        self.changed.notify_all();
+        let mut state = self
+            .changed
+            .wait_while(state, |s| s.requested)
+            .unwrap_or_else(|e| e.into_inner());
+        state.parked = false;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn test_pause_waits_for_the_worker_to_park_and_resume_releases_it() {
+        let gate = Arc::new(PauseGate::new().unwrap());
+        let running = Arc::new(AtomicBool::new(true));
+        let worker = {
+            let gate = gate.clone();
+            let running = running.clone();
+            std::thread::spawn(move || {
+                let mut parks = 0;
+                while running.load(Ordering::SeqCst) {
+                    if gate.park_if_requested() {
+                        parks += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                parks
+            })
+        };
+        gate.pause(true).unwrap();
+        assert!(gate.lock().parked);
+        gate.resume();
+        running.store(false, Ordering::SeqCst);
+        assert_eq!(worker.join().unwrap(), 1);
+        assert!(!gate.lock().parked);
+    }
+
+    #[test]
+    fn test_pause_without_a_worker_is_only_recorded() {
+        let gate = PauseGate::new().unwrap();
+        gate.pause(false).unwrap();
+        assert!(gate.is_requested());
+        gate.resume();
+        assert!(!gate.is_requested());
+    }
+
+    #[test]
+    fn test_pause_times_out_when_the_worker_never_parks() {
+        let gate = PauseGate {
+            park_timeout: Duration::from_millis(50),
+            ..PauseGate::new().unwrap()
+        };
+        // No worker reads the eventfd: a bounded wait, then an error (not a hang).
+        let started = std::time::Instant::now();
+        let err = gate.pause(true).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= gate.park_timeout);
+    }
+}
