@@ -532,7 +532,7 @@ impl Platform for FakePlatform {
         }
     }
 
-    fn mmio_allowed(&self, base: u64, len: u64) -> bool {
+    fn map_mmio(&self, base: u64, len: u64) -> bool {
         let (start, size) = self.mmio_window;
         base >= start && base.checked_add(len).is_some_and(|end| end <= start + size)
     }

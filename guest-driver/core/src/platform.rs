@@ -28,7 +28,7 @@ use core::ptr::NonNull;
 ///     fn port_write_u8(&self, _: u16, _: u8) {}
 ///     fn port_write_u16(&self, _: u16, _: u16) {}
 ///     fn port_write_u32(&self, _: u16, _: u32) {}
-///     fn mmio_allowed(&self, base: u64, len: u64) -> bool { base == 0x1000 && len <= 4 }
+///     fn map_mmio(&self, base: u64, len: u64) -> bool { base == 0x1000 && len <= 4 }
 ///     unsafe fn mmio_read(&self, _: u64, _: Width) -> u64 { self.0.get().into() }
 ///     unsafe fn mmio_write(&self, _: u64, _: Width, value: u64) { self.0.set(value as u32) }
 ///     fn dma_alloc(&self, _: usize, _: usize) -> Option<DmaRegion> { None }
@@ -56,9 +56,14 @@ pub trait Platform {
     /// Write a 32-bit word to an I/O port.
     fn port_write_u32(&self, port: u16, value: u32);
 
-    /// Whether `[base, base + len)` is a range where device registers may live (a PCI MMIO
-    /// window). Drivers refuse BARs outside it, so a device cannot point them at RAM.
-    fn mmio_allowed(&self, base: u64, len: u64) -> bool;
+    /// Make `[base, base + len)`, a window the driver found in a BAR, usable as device memory:
+    /// check that device registers or shared memory may live there (not RAM, so a device
+    /// cannot point a BAR at memory the program uses) and, if the platform needs it, map it so
+    /// that [`Platform::mmio_read`] / [`Platform::mmio_write`] (and, for shared-memory
+    /// windows, plain pointers to the guest-physical address) reach it. False if the range is
+    /// refused or cannot be mapped. Drivers call it before the first access to each window;
+    /// calling it again for a range already mapped must be cheap and harmless.
+    fn map_mmio(&self, base: u64, len: u64) -> bool;
 
     /// Read `N` bytes (1, 2, 4 or 8) of device memory at guest-physical `addr`, as one access.
     ///

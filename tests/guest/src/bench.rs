@@ -24,7 +24,7 @@ use core::sync::atomic::{Ordering, compiler_fence};
 use ism_guest_driver::ism::{IsmDriver, Region};
 
 use crate::platform::GuestPlatform;
-use crate::{apic, boot};
+use crate::{apic, boot, paging};
 
 /// Ping-pong message size.
 const MESSAGE: usize = 64;
@@ -450,29 +450,19 @@ fn control_plane(
     Ok(())
 }
 
-unsafe extern "C" {
-    /// The boot page tables' top level (boot.rs), identity mapped and user-writable.
-    static ism_pml4: [u64; 512];
-}
-
-/// Flags of a 2 MiB page-directory entry that select the memory type: PWT | PCD.
-const UNCACHED_BITS: u64 = 0x18;
-
 /// `bench cache TOKEN wb|uc`: map the 2 MiB pages holding the region write-back or uncached.
-/// The boot tables map the whole 64-bit PCI window uncached, which suits device registers but
+/// The guest maps every BAR window uncached (paging.rs), which suits device registers but
 /// makes every access to RAM-backed shared memory an uncached bus access. Only pages wholly
 /// inside shmid 1 (the regions, plain shared RAM) are changed; notify and MSI-X pages stay
-/// uncached. The page tables are ordinary memory to ring 3 and ring 3 cannot flush the TLB:
-/// under PVM's shadow paging the store traps (guest page tables are write-protected) and the
-/// stale translation is dropped; with hardware paging the old memory type may stay in the
-/// TLB until the entry is evicted, which changes speed, not the bytes read or written.
+/// uncached. The page tables are ordinary memory to ring 3 (under PVM's shadow paging the
+/// store traps, guest page tables being write-protected); ring 0 then flushes the TLB.
 fn set_caching(
     ism: &IsmDriver<'_, GuestPlatform>,
     region: &Region,
     write_back: bool,
     seq: u64,
 ) -> Result<(), &'static str> {
-    const PAGE: u64 = 2 << 20;
+    const PAGE: u64 = paging::PAGE;
     let geometry = ism.window().geometry();
     let [area] = region.areas() else {
         return Err("region_not_contiguous");
@@ -482,29 +472,30 @@ fn set_caching(
     if start < geometry.regions_addr || end > geometry.regions_addr + geometry.regions_len {
         return Err("pages_not_inside_regions");
     }
-    // SAFETY: reading the boot tables' first entry (identity mapped, always present).
-    let pdpt = (unsafe { (&raw const ism_pml4[0]).read_volatile() } & !0xfff) as *const u64;
     let mut changed = 0u64;
     for page in (start..end).step_by(PAGE as usize) {
-        // SAFETY: the boot PDPT covers 0..512 GiB and holds 512 entries; the PCI window's
-        // directories are identity-mapped user-writable data (boot.rs).
-        let pd = (unsafe { pdpt.add((page >> 30) as usize).read_volatile() } & !0xfff) as *mut u64;
-        if pd.is_null() {
+        let Some(slot) = paging::directory_entry(page) else {
+            return Err("page_not_mapped");
+        };
+        // SAFETY: an entry of a page directory of the live tables, identity-mapped
+        // user-writable data (paging.rs); the driver mapped the window in 2 MiB pages.
+        let entry = unsafe { slot.read_volatile() };
+        if entry & paging::PRESENT == 0 {
             return Err("page_not_mapped");
         }
-        let slot = pd.wrapping_add(((page >> 21) & 511) as usize);
-        // SAFETY: an entry of a 512-entry page directory (index masked).
-        let entry = unsafe { slot.read_volatile() };
         let new = if write_back {
-            entry & !UNCACHED_BITS
+            entry & !paging::UNCACHED
         } else {
-            entry | UNCACHED_BITS
+            entry | paging::UNCACHED
         };
         if new != entry {
             // SAFETY: changing only the memory-type bits of a 2 MiB mapping of shared RAM.
             unsafe { slot.write_volatile(new) };
             changed += 1;
         }
+    }
+    if changed > 0 {
+        boot::flush_tlb();
     }
     report!(
         "seq={seq} cmd=bench status=ok kind=cache mode={} pages={} changed={changed}",

@@ -5,8 +5,9 @@
 //! On PVM hosts guest ring 0 runs in KVM's instruction emulator (about 1000x slower than
 //! native, and some instructions kill the vCPU), so ring 0 does the minimum and uses only
 //! plain instructions: no int3, no xsave/xrstor, no cmpxchg16b, no popcnt, no clac/stac, no
-//! fwait, no ldmxcsr. Page tables are data in the image, not built at run time. Everything
-//! else, including filling the IDT, happens in ring 3 (all pages are user-accessible).
+//! fwait, no ldmxcsr. The boot page tables are data in the image; ring 3 adds device windows
+//! to them at run time (paging.rs). Everything else, including filling the IDT, happens in
+//! ring 3 (all pages are user-accessible).
 //!
 //! Interrupt vectors:
 //! - 0..32: exceptions. The stub records the fault in `ism_fault` and "returns" into ring 3 at
@@ -14,7 +15,7 @@
 //! - 0x80 (DPL 3): the one ring-3 -> ring-0 call. PVM does not deliver a user-mode `int N`
 //!   (nor `syscall`): it raises #UD at the instruction, so the #UD stub recognises `int 0x80`
 //!   (cd 80) from ring 3, steps over it and handles it as the call. eax selects: 0 wait for an interrupt (`sti; hlt`), 1 / 2 set /
-//!   clear IF in the caller's flags (ring 3 has no cli/sti here).
+//!   clear IF in the caller's flags (ring 3 has no cli/sti here), 3 flush the TLB (reload CR3).
 //! - any other: count it in `ism_irq_counts[vector]`, EOI the local APIC (xAPIC MMIO) unless
 //!   it is the spurious vector 0xff; if ring 3 armed a kick-back for this vector
 //!   ([`arm_kick_back`]), write 1 to that doorbell byte (a kick sent from the handler).
@@ -27,6 +28,7 @@ pub const KERNEL_CODE_SELECTOR: u16 = 0x08;
 pub const VECTOR_CALL: u8 = 0x80;
 const CALL_IDLE: u32 = 0;
 const CALL_ENABLE_IRQS: u32 = 1;
+const CALL_FLUSH_TLB: u32 = 3;
 /// Size of one stub in `ism_isr_stubs`.
 pub const ISR_STUB_SIZE: usize = 16;
 
@@ -174,6 +176,8 @@ ism_isr_call:
     je ism_isr_enable
     cmpq $2, %rax
     je ism_isr_disable
+    cmpq $3, %rax
+    je ism_isr_flush
 ism_isr_idle:
     sti
     hlt
@@ -184,6 +188,10 @@ ism_isr_enable:
     jmp ism_isr_return
 ism_isr_disable:
     andq $-0x201, 48(%rsp)
+    jmp ism_isr_return
+ism_isr_flush:
+    movq %cr3, %rax
+    movq %rax, %cr3
     jmp ism_isr_return
 ism_isr_fatal:
     movq %rax, ism_fault
@@ -358,9 +366,9 @@ ism_user_stack_top:
     options(att_syntax)
 );
 
-// Identity-mapped, user-accessible page tables with 2 MiB pages: 0..3 GiB write-back RAM,
-// 3..4 GiB uncached (PCI 32-bit window, ECAM, IOAPIC, LAPIC), and the 64 GiB PCI window at
-// 64 GiB uncached (layout.rs MMIO64_MIN_START; the VMM places it there for RAM below 63 GiB).
+// Identity-mapped, user-accessible boot page tables with 2 MiB pages: 0..3 GiB write-back
+// RAM (paging::BOOT_RAM_END) and the local APIC's page at 0xfee00000 uncached. Device windows
+// (ECAM, BARs) are added by ring 3 where the VMM put them (paging.rs).
 global_asm!(
     r#"
     .section .data.pagetables, "aw"
@@ -374,29 +382,16 @@ ism_pdpt:
     .quad ism_pd_low + 0x1007
     .quad ism_pd_low + 0x2007
     .quad ism_pd_low + 0x3007
-    .fill 60, 8, 0
-    .set ism_pt_i, 0
-    .rept 64
-    .quad ism_pd_high + ism_pt_i * 0x1000 + 0x7
-    .set ism_pt_i, ism_pt_i + 1
-    .endr
-    .fill 384, 8, 0
+    .fill 508, 8, 0
 ism_pd_low:
     .set ism_pt_i, 0
     .rept 1536
     .quad (ism_pt_i << 21) | 0x87
     .set ism_pt_i, ism_pt_i + 1
     .endr
-    .rept 512
-    .quad (ism_pt_i << 21) | 0x9f
-    .set ism_pt_i, ism_pt_i + 1
-    .endr
-ism_pd_high:
-    .set ism_pt_i, 0
-    .rept 32768
-    .quad (0x1000000000 + (ism_pt_i << 21)) | 0x9f
-    .set ism_pt_i, ism_pt_i + 1
-    .endr
+    .fill 503, 8, 0
+    .quad 0xfee00000 | 0x9f
+    .fill 8, 8, 0
 "#,
     options(att_syntax)
 );
@@ -484,6 +479,13 @@ pub fn fault_record() -> [u64; 8] {
 pub fn enable_interrupts() {
     // SAFETY: vector 0x80 is a DPL-3 gate; call 1 only sets IF in the saved flags.
     unsafe { core::arch::asm!("int 0x80", in("eax") CALL_ENABLE_IRQS, options(nomem, nostack)) }
+}
+
+/// Drop every cached translation (ring 0 reloads CR3), after ring 3 changed a present
+/// page-table entry.
+pub fn flush_tlb() {
+    // SAFETY: vector 0x80 is a DPL-3 gate; call 3 only reloads CR3 with its own value.
+    unsafe { core::arch::asm!("int 0x80", in("eax") CALL_FLUSH_TLB, options(nostack)) }
 }
 
 /// Wait for the next interrupt (ring 0 runs `sti; hlt`).

@@ -44,7 +44,7 @@ pub fn run(name: &str, ctx: &Context<'_>) -> bool {
             false
         }
         "pagefault" => {
-            // 128 GiB: above RAM and the PCI windows, not mapped by the boot page tables.
+            // 128 GiB: above RAM and ism-vmm's PCI windows; nothing maps it before this test.
             let unmapped = 0x20_0000_0000usize as *const u64;
             // SAFETY: deliberately faults (#PF) to exercise the fault path; nothing after runs.
             let value = unsafe { unmapped.read_volatile() };
@@ -89,12 +89,13 @@ pub(crate) fn config<'p>(ctx: &Context<'p>) -> (AnyConfig<'p>, u8, u8) {
     use ism_guest_driver::Platform as _;
     match ctx.acpi.ecam {
         Some(e)
-            if ctx.platform.mmio_allowed(
+            if ctx.platform.map_mmio(
                 e.base,
                 (u64::from(e.end_bus) + 1 - u64::from(e.start_bus)) << 20,
             ) =>
         {
-            // SAFETY: the window comes from the MCFG table and lies in the MMIO window.
+            // SAFETY: the window comes from the MCFG table; the platform mapped it as device
+            // memory.
             let ecam = unsafe { EcamConfig::new(ctx.platform, e.base, e.start_bus, e.end_bus) };
             (AnyConfig::Ecam(ecam), e.start_bus, e.end_bus)
         }

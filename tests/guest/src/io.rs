@@ -46,12 +46,12 @@ pub fn outl(port: u16, value: u32) {
 }
 
 /// Copy `out.len()` bytes of guest-physical memory at `addr`. Only for firmware-provided
-/// memory (boot info, ACPI tables) in the identity-mapped low 4 GiB.
+/// memory (boot info, ACPI tables) in the identity-mapped, write-back low RAM.
 pub fn read_phys(addr: u64, out: &mut [u8]) -> bool {
     let Some(end) = addr.checked_add(out.len() as u64) else {
         return false;
     };
-    if addr == 0 || end > 0xc000_0000 {
+    if addr == 0 || end > crate::paging::BOOT_RAM_END {
         return false;
     }
     for (i, byte) in out.iter_mut().enumerate() {

@@ -87,7 +87,7 @@ pub fn run(ctx: &Context<'_>, script: Option<&str>) -> bool {
         report!("error=no_virtio_ism");
         return false;
     };
-    let kick = kick_entry(&config, addr);
+    let kick = kick_entry(ctx.platform, &config, addr);
     let options = IsmOptions {
         max_waits: COMMAND_MAX_WAITS,
         ..IsmOptions::default()
@@ -148,19 +148,27 @@ pub fn run(ctx: &Context<'_>, script: Option<&str>) -> bool {
 }
 
 /// The MSI-X entry kicks use (entry 2, after the control and event queues' places, or the last
-/// one of a smaller table), with its table slot and pending bit addresses.
-fn kick_entry(config: &impl pci::ConfigAccess, addr: PciAddress) -> Option<KickEntry> {
+/// one of a smaller table), with its table slot and pending bit addresses (the driver maps the
+/// table; the pending-bit qword is mapped here).
+fn kick_entry(
+    platform: &GuestPlatform,
+    config: &impl pci::ConfigAccess,
+    addr: PciAddress,
+) -> Option<KickEntry> {
     let cap = pci::CapabilityIter::new(config, addr).find(|c| c.id == MSIX_CAP_ID)?;
     let msix = MsixCapability::parse(config, addr, cap)?;
     let bars = pci::read_bars(config, addr).ok()?;
     let pba = config.read_u32(addr, cap.offset + MsixCapability::PBA_REGISTER);
     let bar_base = |index: u32| bars.get(index as usize).copied().flatten().map(|b| b.base);
     let entry = msix.table_size.saturating_sub(1).min(2);
-    Some(KickEntry {
+    let kick = KickEntry {
         entry,
         table_addr: bar_base(msix.table_bar.into())? + u64::from(msix.table_offset),
         pba_addr: bar_base(pba & 7)? + u64::from(pba & !7),
-    })
+    };
+    platform
+        .map_mmio(kick.pba_addr + u64::from(entry / 64) * 8, 8)
+        .then_some(kick)
 }
 
 /// Read one line from COM1 (without the end of line), halting on the LAPIC timer between

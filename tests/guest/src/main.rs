@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The ism test guest: a freestanding x86_64 program booted by `ism-vmm --kernel` through
-//! its PVH note. Ring 0 (boot.rs, assembly) sets up paging, GDT/TSS/IDT and drops to ring 3
+//! The ism test guest: a freestanding x86_64 program booted by `ism-vmm --kernel` (or
+//! cloud-hypervisor's) through its PVH note. Ring 0 (boot.rs, assembly) sets up paging, GDT/TSS/IDT and drops to ring 3
 //! with IOPL 3, where everything else runs natively: serial output, ACPI, PCI, virtio.
 //!
 //! It runs the test named by `ism.test=<name>` on its command line and reports on COM1 in
@@ -19,6 +19,7 @@ mod boot;
 mod cases;
 mod io;
 mod ism_shell;
+mod paging;
 mod platform;
 mod progress;
 mod start_info;
@@ -75,7 +76,7 @@ extern "C" fn ism_guest_main(start_info_paddr: u32) -> ! {
     let apic_id = apic::init();
     boot::enable_interrupts();
     report!(
-        "cpus={} mem_bytes={} memmap_entries={} apic_id={} acpi_tables={} ecam={} s5={}",
+        "cpus={} mem_bytes={} memmap_entries={} apic_id={} acpi_tables={} ecam={} s5={} phys_bits={}",
         acpi.cpus,
         info.ram_bytes,
         info.memmap_entries,
@@ -83,11 +84,12 @@ extern "C" fn ism_guest_main(start_info_paddr: u32) -> ! {
         acpi.tables,
         acpi.ecam.map_or(0, |e| e.base),
         acpi.s5_slp_typ.map_or(-1, i32::from),
+        paging::phys_bits(),
     );
     let test = info.param("ism.test").unwrap_or("boot");
     report!("test={test}");
     // SAFETY: the only call.
-    let platform = unsafe { platform::GuestPlatform::take() };
+    let platform = unsafe { platform::GuestPlatform::take(&info) };
     let ctx = cases::Context {
         platform: &platform,
         acpi,

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The driver core's `Platform` for this guest: ring-3 port I/O, identity-mapped MMIO and a
-//! bump allocator over a static DMA pool.
+//! The driver core's `Platform` for this guest: ring-3 port I/O, identity-mapped MMIO (device
+//! windows mapped on demand where the VMM placed them, paging.rs) and a bump allocator over a
+//! static DMA pool.
 
 use core::cell::{Cell, UnsafeCell};
 use core::ptr::NonNull;
@@ -9,13 +10,9 @@ use ism_guest_driver::platform::Width;
 use ism_guest_driver::{DmaRegion, Platform};
 
 use crate::io;
+use crate::paging::DeviceMap;
+use crate::start_info::StartInfo;
 
-/// PCI MMIO windows of our VMM (vmm-integration/src/layout.rs): the 32-bit window with ECAM,
-/// IOAPIC and LAPIC up to 4 GiB, and the 64-bit window at 64 GiB (mapped by the boot tables).
-const MMIO_WINDOWS: [(u64, u64); 2] = [
-    (0xc000_0000, 0x1_0000_0000),
-    (0x10_0000_0000, 0x20_0000_0000),
-];
 const DMA_POOL_SIZE: usize = 1 << 20;
 
 #[repr(C, align(4096))]
@@ -30,16 +27,19 @@ static DMA_POOL: DmaPool = DmaPool(UnsafeCell::new([0; DMA_POOL_SIZE]));
 /// The guest's platform. Only one may exist (it owns the DMA pool).
 pub struct GuestPlatform {
     dma_next: Cell<usize>,
+    devices: DeviceMap,
 }
 
 impl GuestPlatform {
     /// Take the platform.
     ///
     /// # Safety
-    /// Call once: the DMA pool is handed out from offset 0.
-    pub unsafe fn take() -> Self {
+    /// Call once: the DMA pool and the page-table pool are handed out from their starts.
+    pub unsafe fn take(info: &StartInfo) -> Self {
         Self {
             dma_next: Cell::new(0),
+            // SAFETY: the only call, from the only call of this function.
+            devices: unsafe { DeviceMap::take(info) },
         }
     }
 
@@ -69,13 +69,14 @@ impl Platform for GuestPlatform {
         io::outl(port, value)
     }
 
-    fn mmio_allowed(&self, base: u64, len: u64) -> bool {
-        let Some(end) = base.checked_add(len) else {
-            return false;
-        };
-        MMIO_WINDOWS
-            .iter()
-            .any(|(start, limit)| base >= *start && end <= *limit)
+    fn map_mmio(&self, base: u64, len: u64) -> bool {
+        match self.devices.map(base, len) {
+            Ok(()) => true,
+            Err(e) => {
+                report!("warn=map_mmio base={base:#x} len={len:#x} detail={e:?}");
+                false
+            }
+        }
     }
 
     unsafe fn mmio_read(&self, addr: u64, width: Width) -> u64 {

@@ -7,6 +7,9 @@ const MAGIC: u32 = 0x336e_c578;
 const MAX_CMDLINE: usize = 1024;
 const MAX_MEMMAP_ENTRIES: u32 = 128;
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+/// Memory-map ranges kept for [`StartInfo::memory`].
+pub const MAX_MEMORY_RANGES: usize = 32;
 
 /// What the guest uses from the start info.
 pub struct StartInfo {
@@ -15,6 +18,12 @@ pub struct StartInfo {
     pub rsdp: u64,
     pub ram_bytes: u64,
     pub memmap_entries: u32,
+    /// `[start, end)` of every memory-map entry but "reserved": RAM, ACPI tables, NVS,
+    /// unusable; never device memory.
+    pub memory: [(u64, u64); MAX_MEMORY_RANGES],
+    pub memory_ranges: usize,
+    /// The whole memory map was read and every such entry fits in `memory`.
+    pub memory_complete: bool,
 }
 
 /// Errors reading the start info.
@@ -44,6 +53,10 @@ impl StartInfo {
             rsdp,
             ram_bytes: 0,
             memmap_entries,
+            memory: [(0, 0); MAX_MEMORY_RANGES],
+            memory_ranges: 0,
+            memory_complete: memmap_paddr != 0
+                && (1..=MAX_MEMMAP_ENTRIES).contains(&memmap_entries),
         };
         if cmdline_paddr != 0 {
             for i in 0..MAX_CMDLINE {
@@ -57,11 +70,23 @@ impl StartInfo {
         }
         for i in 0..u64::from(memmap_entries.min(MAX_MEMMAP_ENTRIES)) {
             let entry = memmap_paddr + 24 * i;
-            let (Some(size), Some(kind)) = (phys_u64(entry + 8), phys_u32(entry + 16)) else {
+            let (Some(start), Some(size), Some(kind)) =
+                (phys_u64(entry), phys_u64(entry + 8), phys_u32(entry + 16))
+            else {
+                info.memory_complete = false;
                 break;
             };
             if kind == E820_RAM {
                 info.ram_bytes = info.ram_bytes.saturating_add(size);
+            }
+            if kind != E820_RESERVED && size != 0 {
+                match info.memory.get_mut(info.memory_ranges) {
+                    Some(slot) => {
+                        *slot = (start, start.saturating_add(size));
+                        info.memory_ranges += 1;
+                    }
+                    None => info.memory_complete = false,
+                }
             }
         }
         Ok(info)

@@ -177,7 +177,7 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
     ///
     /// # Safety
     /// The caller owns the function at `addr` and its BARs (no one else drives it), and the
-    /// platform reaches its BARs, which must lie in the platform's MMIO windows.
+    /// platform reaches its BARs (every window is passed to [`Platform::map_mmio`] first).
     pub unsafe fn open<C: ConfigAccess>(
         platform: &'p P,
         config: &C,
@@ -234,7 +234,7 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
             ctrl,
             events,
             // SAFETY: the geometry was validated against the function's 64-bit memory BAR
-            // and the platform's MMIO windows in shm_layout / validate_layout.
+            // and mapped by the platform in shm_layout / validate_layout.
             window: unsafe { RegionWindow::new(platform, geometry) },
             msix,
             info: IsmInfo {
@@ -638,8 +638,8 @@ fn areas_bytes(reply: &Reply, header: usize, num: u64, room: usize) -> Result<&[
     Ok(&body[header..])
 }
 
-/// Find shmid 1 and shmid 2 and check they lie in a 64-bit memory BAR inside the platform's
-/// MMIO windows and do not overlap. Returns (regions addr, len, notify addr, len).
+/// Find shmid 1 and shmid 2 and check they lie in a 64-bit memory BAR, are mapped as device
+/// memory by the platform and do not overlap. Returns (regions addr, len, notify addr, len).
 fn shm_layout<'a, P: Platform>(
     platform: &P,
     bars: &[Option<Bar>; 6],
@@ -664,7 +664,7 @@ fn shm_layout<'a, P: Platform>(
         if !is_64 {
             return Err(ConfigError::ShmBar(region.id));
         }
-        if !platform.mmio_allowed(region.addr, region.len) {
+        if !platform.map_mmio(region.addr, region.len) {
             return Err(ConfigError::ShmNotMmio(region.id));
         }
         found[slot] = Some(*region);

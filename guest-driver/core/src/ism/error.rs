@@ -171,8 +171,8 @@ pub enum ConfigError {
     /// shmid 1 and shmid 2 overlap.
     #[error("Region and notify windows overlap")]
     ShmOverlap,
-    /// A shared-memory region lies outside the platform's MMIO windows.
-    #[error("Shared-memory region {0} outside the MMIO windows")]
+    /// The platform refused to map a shared-memory region as device memory.
+    #[error("Shared-memory region {0} is not device memory the platform can map")]
     ShmNotMmio(u8),
 }
 

@@ -646,7 +646,7 @@ impl Platform for TestIsm {
     fn port_write_u16(&self, _port: u16, _value: u16) {}
     fn port_write_u32(&self, _port: u16, _value: u32) {}
 
-    fn mmio_allowed(&self, base: u64, len: u64) -> bool {
+    fn map_mmio(&self, base: u64, len: u64) -> bool {
         let end = base.saturating_add(len);
         (base >= BAR0 && end <= BAR0 + BAR0_SIZE)
             || (base >= WINDOW_BAR && end <= WINDOW_BAR + self.layout.window_size)

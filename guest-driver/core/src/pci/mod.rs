@@ -529,6 +529,16 @@ mod tests {
             unsafe { huge.map_table(&platform, &bars) }.err(),
             Some(MsixError::TableOutsideBar { .. })
         ));
+        // A table the platform will not map as device memory is refused.
+        let elsewhere = FakePlatform {
+            mmio_window: (0xd000_0000, 0x1000_0000),
+            ..FakePlatform::new()
+        };
+        assert!(matches!(
+            // SAFETY: as above; the fake device is the same.
+            unsafe { msix.map_table(&elsewhere, &bars) }.err(),
+            Some(MsixError::TableNotMmio(_))
+        ));
         let wrong_bar = MsixCapability {
             table_bar: 4,
             ..msix

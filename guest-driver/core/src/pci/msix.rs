@@ -28,6 +28,9 @@ pub enum MsixError {
         /// Entry count.
         entries: u16,
     },
+    /// The platform refused to map the table as device memory.
+    #[error("MSI-X table at {0:#x} is not device memory the platform can map")]
+    TableNotMmio(u64),
     /// An entry index past the table.
     #[error("MSI-X entry {0} past the table")]
     NoSuchEntry(u16),
@@ -72,7 +75,7 @@ impl MsixCapability {
     /// Offset of the pending-bit array register (kept for completeness of the layout).
     pub const PBA_REGISTER: u16 = PBA;
 
-    /// Map the table after checking it lies inside its BAR.
+    /// Map the table after checking it lies inside its BAR ([`Platform::map_mmio`] too).
     ///
     /// # Safety
     /// `bars` must be this function's BARs as read from config space, with memory decoding
@@ -96,10 +99,14 @@ impl MsixCapability {
                 entries: self.table_size,
             });
         }
+        let base = bar.base + offset;
+        if !platform.map_mmio(base, len) {
+            return Err(MsixError::TableNotMmio(base));
+        }
         Ok(MsixTable {
             // SAFETY: the range lies inside a memory BAR of the device (checked above), which
-            // the caller vouched for.
-            region: unsafe { MmioRegion::new(platform, bar.base + offset, len) },
+            // the caller vouched for, and the platform mapped it as device memory.
+            region: unsafe { MmioRegion::new(platform, base, len) },
             entries: self.table_size,
         })
     }

@@ -87,8 +87,8 @@ pub enum TransportError {
         /// Length.
         len: u64,
     },
-    /// A BAR lies outside the platform's MMIO windows.
-    #[error("BAR {0} at {1:#x} lies outside the MMIO windows")]
+    /// The platform refused to map a window of a BAR as device memory.
+    #[error("BAR {0} at {1:#x} is not device memory the platform can map")]
     BarNotMmio(u8, u64),
     /// The device did not finish a reset.
     #[error("Device did not complete reset")]
@@ -345,13 +345,13 @@ impl<'p, P: Platform> VirtioPciDevice<'p, P> {
             caps.device,
         ];
         for w in windows.iter().flatten() {
-            if !platform.mmio_allowed(w.addr, w.len) {
+            if !platform.map_mmio(w.addr, w.len) {
                 return Err(TransportError::BarNotMmio(w.bar, w.addr));
             }
         }
         let map = |w: CapWindow| {
             // SAFETY: every window lies inside one of the device's memory BARs (checked by
-            // find_virtio_caps) and in the platform's MMIO windows (checked above).
+            // find_virtio_caps) and the platform mapped it as device memory (above).
             unsafe { MmioRegion::new(platform, w.addr, w.len) }
         };
         Ok(Self {
