@@ -335,6 +335,8 @@ impl Ism {
             self.regions.release_all();
             return None;
         };
+        // A worker that stops cleanly gives every region back itself.
+        let mut released = false;
         if let Some(worker) = active.worker.take() {
             // A parked worker must wake up to see the kill.
             self.pause.resume();
@@ -342,12 +344,14 @@ impl Ism {
                 error!("virtio-ism {}: failed to signal the worker: {e}", self.id);
             }
             match worker.join() {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => released = true,
                 Ok(Err(e)) => error!("virtio-ism {}: worker failed: {e}", self.id),
                 Err(_) => error!("virtio-ism {}: worker panicked", self.id),
             }
         }
-        self.regions.release_all();
+        if !released {
+            self.regions.release_all();
+        }
         Some(active.interrupt)
     }
 }

@@ -238,6 +238,10 @@ where
                 match event.data() {
                     EPOLL_KILL => {
                         debug!("virtio-ism: worker stopping");
+                        // Here rather than on the thread that stops the device: in some
+                        // VMMs that is a vCPU (a driver's reset), whose seccomp filter
+                        // has no business unmapping memory or talking to the pool.
+                        self.regions.release_all();
                         return Ok(());
                     }
                     EPOLL_CTRL => {

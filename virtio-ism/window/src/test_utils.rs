@@ -56,7 +56,7 @@ impl SlotBackend for FakeKvm {
         );
         Ok(())
     }
-    fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()> {
+    fn remove_slot(&self, slot: u32, gpa: u64, _len: u64, _host_addr: u64) -> io::Result<()> {
         let mut s = self.slots.lock().unwrap();
         let (at, ..) = s.remove(&slot).expect("removing an absent slot");
         assert_eq!(at, gpa);

@@ -40,8 +40,9 @@ pub trait SlotBackend: Send + Sync {
         host_addr: u64,
         readonly: bool,
     ) -> io::Result<()>;
-    /// Delete `slot` (placed at `gpa`).
-    fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()>;
+    /// Delete `slot`, placed at `gpa` with `len` bytes of host memory at `host_addr` (KVM
+    /// needs only the slot number; other hypervisors want the rest).
+    fn remove_slot(&self, slot: u32, gpa: u64, len: u64, host_addr: u64) -> io::Result<()>;
     /// Whether read-only slots exist (KVM_CAP_READONLY_MEM).
     fn readonly_supported(&self) -> bool;
 }
@@ -173,7 +174,7 @@ impl SlotWindow {
         if let Some(old) = old {
             for (offset, m) in &state.mappings {
                 if let Some(slot) = m.slot
-                    && let Err(e) = self.backend.remove_slot(slot, old + offset)
+                    && let Err(e) = self.backend.remove_slot(slot, old + offset, m.len, self.host_base + offset)
                 {
                     warn!(
                         "ism window: cannot delete slot {slot} at {:#x}: {e}",
@@ -465,7 +466,7 @@ impl ShmWindow for SlotWindow {
             // The slot goes first, so the guest never reaches the PROT_NONE memory via KVM.
             match (m.slot, base) {
                 (Some(slot), Some(base)) => {
-                    if let Err(e) = self.backend.remove_slot(slot, base + start) {
+                    if let Err(e) = self.backend.remove_slot(slot, base + start, m.len, self.host_base + start) {
                         warn!("ism window: cannot delete slot {slot}: {e}");
                     }
                     self.backend.free_slot(slot);
@@ -488,7 +489,7 @@ impl Drop for SlotWindow {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for (start, m) in std::mem::take(&mut state.mappings) {
             if let (Some(slot), Some(base)) = (m.slot, state.base) {
-                let _ = self.backend.remove_slot(slot, base + start);
+                let _ = self.backend.remove_slot(slot, base + start, m.len, self.host_base + start);
                 self.backend.free_slot(slot);
             }
         }

@@ -61,7 +61,7 @@ impl SlotBackend for KvmSlotBackend {
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
-    fn remove_slot(&self, slot: u32, gpa: u64) -> io::Result<()> {
+    fn remove_slot(&self, slot: u32, gpa: u64, _len: u64, _host_addr: u64) -> io::Result<()> {
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
