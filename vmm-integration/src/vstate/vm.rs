@@ -1,12 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The KVM VM: opened once, given guest RAM as memory slots and the in-kernel interrupt
-//! controllers (PIC, IOAPIC, per-vCPU LAPIC) and PIT, before any vCPU or PCI device exists.
+//! The KVM VM: opened once, given guest RAM as memory slots and then the in-kernel interrupt
+//! controllers (PIC, IOAPIC, per-vCPU LAPIC), before any vCPU or PCI device exists.
+//!
+//! Three choices here are about boot time on PVM hosts (docs/vmm.md, "Boot time"):
+//! - Guest RAM is advised to transparent huge pages, so KVM's shadow MMU can map the guest's
+//!   2 MiB pages with one fault each instead of one per 4 KiB page.
+//! - RAM is registered before the irqchip exists: a memory slot change right after
+//!   KVM_CREATE_IRQCHIP waited several milliseconds in an SRCU grace period.
+//! - There is no in-kernel PIT: nothing uses it (Linux takes the hardware-reduced ACPI path,
+//!   which sets up no PIT; the test guest uses the LAPIC timer), and freeing it at VM
+//!   teardown waits for two SRCU grace periods (about 16 ms).
 
 use std::sync::Arc;
 
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 /// Where KVM puts the real-mode TSS and identity-map page it needs on Intel hosts: three
 /// pages just below the IOAPIC-free area at the top of the 32-bit hole, above every window
@@ -28,8 +37,6 @@ pub enum VmError {
     SetIdentityMap(#[source] kvm_ioctls::Error),
     #[error("Failed to create the in-kernel irqchip")]
     CreateIrqChip(#[source] kvm_ioctls::Error),
-    #[error("Failed to create the in-kernel PIT")]
-    CreatePit(#[source] kvm_ioctls::Error),
     #[error("Failed to add guest RAM at {0:#x} as a KVM memory slot")]
     SetMemoryRegion(u64, #[source] kvm_ioctls::Error),
 }
@@ -38,11 +45,14 @@ pub enum VmError {
 pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
+    /// The first memory slot number after guest RAM's.
+    first_free_slot: u32,
 }
 
 impl Vm {
-    /// Open /dev/kvm and create a VM with its irqchip and PIT.
-    pub fn new() -> Result<Self, VmError> {
+    /// Open /dev/kvm, create a VM, give it `mem` (one slot per region, from slot 0), then
+    /// create its irqchip. Call before anything is written to `mem`, so its pages can be huge.
+    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != kvm_bindings::KVM_API_VERSION as i32 {
@@ -53,15 +63,13 @@ impl Vm {
             .map_err(VmError::SetIdentityMap)?;
         fd.set_tss_address(KVM_TSS_START)
             .map_err(VmError::SetTssAddress)?;
+        let first_free_slot = register_guest_memory(&fd, mem)?;
+        // After the memory slots: see the module comment.
         fd.create_irq_chip().map_err(VmError::CreateIrqChip)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(VmError::CreatePit)?;
         Ok(Self {
             kvm,
             fd: Arc::new(fd),
+            first_free_slot,
         })
     }
 
@@ -73,33 +81,68 @@ impl Vm {
         &self.fd
     }
 
-    /// Give every region of `mem` to KVM, one slot each, from slot 0 up. Returns the next free
-    /// slot number.
-    pub fn register_guest_memory(&self, mem: &GuestMemoryMmap) -> Result<u32, VmError> {
-        let mut slot = 0u32;
-        for region in mem.iter() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| {
-                    VmError::SetMemoryRegion(
-                        region.start_addr().0,
-                        kvm_ioctls::Error::new(libc::EFAULT),
-                    )
-                })?;
-            let kvm_region = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the host range is a live mapping owned by `mem`, which the VMM keeps
-            // alive (through GuestMemoryAtomic) for as long as the VM exists, and the slot and
-            // guest range are unique to this region.
-            unsafe { self.fd.set_user_memory_region(kvm_region) }
-                .map_err(|e| VmError::SetMemoryRegion(region.start_addr().0, e))?;
-            slot += 1;
-        }
-        Ok(slot)
+    /// The first memory slot number not used by guest RAM.
+    pub fn first_free_slot(&self) -> u32 {
+        self.first_free_slot
     }
+}
+
+/// Ask for transparent huge pages on `region` (at host address `host`) unless it is hugetlbfs
+/// already.
+///
+/// The guest maps RAM with 2 MiB pages (our test guest; Linux's direct map), but KVM's shadow
+/// MMU never maps more than the host page behind it: with 4 KiB host pages every 4 KiB the
+/// guest touches is a separate shadow page fault (the test guest's first 1,100 of them took
+/// 19 ms of its boot on PVM). cloud-hypervisor does the same (`thp=on`, its default). Only a
+/// hint: the host may have THP off, and shared memory follows `shmem_enabled`, so a failure is
+/// logged, not fatal. Must run before the region is first touched: pages already faulted in
+/// stay small.
+fn advise_transparent_huge_pages(region: &GuestRegionMmap, host: *mut u8) {
+    if region.is_hugetlbfs() == Some(true) {
+        return;
+    }
+    let Ok(len) = usize::try_from(region.len()) else {
+        return;
+    };
+    // SAFETY: `host..host + len` is exactly the mapping `region` owns (its host address and
+    // length); MADV_HUGEPAGE only changes how the kernel backs it, never its contents.
+    let ret = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+    if ret != 0 {
+        log::debug!(
+            "madvise(MADV_HUGEPAGE) on guest RAM at {:#x}: {}",
+            region.start_addr().0,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Give every region of `mem` to KVM, one slot each, from slot 0 up, after advising it to
+/// huge pages. Returns the next free slot number.
+fn register_guest_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<u32, VmError> {
+    let mut slot = 0u32;
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| {
+                VmError::SetMemoryRegion(
+                    region.start_addr().0,
+                    kvm_ioctls::Error::new(libc::EFAULT),
+                )
+            })?;
+        advise_transparent_huge_pages(region, host);
+        let kvm_region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range is a live mapping owned by `mem`, which the VMM keeps alive
+        // (through GuestMemoryAtomic) for as long as the VM exists, and the slot and guest
+        // range are unique to this region.
+        unsafe { fd.set_user_memory_region(kvm_region) }
+            .map_err(|e| VmError::SetMemoryRegion(region.start_addr().0, e))?;
+        slot += 1;
+    }
+    Ok(slot)
 }
