@@ -117,115 +117,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Permission bits as letters, as `ism-pool status` prints them: R(ead) W(rite) A(ttach)
-/// M(anage) C(lear default); "-" for none.
-pub fn perms_text(bits: u64) -> String {
-    let names = [(1, 'R'), (2, 'W'), (4, 'A'), (8, 'M'), (16, 'C')];
-    let text: String = names
-        .iter()
-        .filter(|(bit, _)| bits & bit != 0)
-        .map(|(_, name)| *name)
-        .collect();
-    if text.is_empty() { "-".into() } else { text }
-}
-
 /// Reports a device's region changes on the event monitor (source "ism"), with the device's
-/// id. Runs on the device's worker thread; `event!` only queues the line.
+/// id. Runs on the device's worker thread; reporting only queues the line.
 pub struct EventForwarder {
     id: String,
 }
 
 impl IsmObserver for EventForwarder {
     fn observe(&self, event: &IsmEvent) {
-        let id = self.id.as_str();
-        // Decimal, as the API's JSON numbers print.
-        let decimal = |t: Token| t.0.to_string();
-        match *event {
-            IsmEvent::RegionAllocated { token, size } => crate::event!(
-                "ism",
-                "region-allocated",
-                "id",
-                id,
-                "token",
-                decimal(token),
-                "size",
-                size.to_string(),
-                "origin",
-                "guest"
-            ),
-            IsmEvent::RegionAttached {
-                token,
-                size,
-                writable,
-            } => crate::event!(
-                "ism",
-                "region-attached",
-                "id",
-                id,
-                "token",
-                decimal(token),
-                "size",
-                size.to_string(),
-                "perm",
-                if writable { "RW" } else { "R" },
-                "origin",
-                "guest"
-            ),
-            IsmEvent::RegionDetached { token } => crate::event!(
-                "ism",
-                "region-detached",
-                "id",
-                id,
-                "token",
-                decimal(token),
-                "origin",
-                "guest"
-            ),
-            IsmEvent::RegionGranted { token, peer, perms } => crate::event!(
-                "ism",
-                "region-granted",
-                "id",
-                id,
-                "token",
-                decimal(token),
-                "peer",
-                peer.map_or_else(|| "default".to_owned(), |p| p.0.to_string()),
-                "perm",
-                perms_text(perms.0),
-                "origin",
-                "guest"
-            ),
-            IsmEvent::RegionRevoked { token } => crate::event!(
-                "ism",
-                "region-revoked",
-                "id",
-                id,
-                "token",
-                decimal(token),
-                "origin",
-                "pool"
-            ),
-            IsmEvent::PeerAttached { token, peer } => crate::event!(
-                "ism",
-                "peer-attached",
-                "id",
-                id,
-                "token",
-                decimal(token),
-                "peer",
-                peer.0.to_string()
-            ),
-            IsmEvent::PeerGone { token, peer } => crate::event!(
-                "ism",
-                "peer-gone",
-                "id",
-                id,
-                "token",
-                decimal(token),
-                "peer",
-                peer.0.to_string()
-            ),
+        let (name, properties) = event.monitor_event();
+        let mut props = std::collections::BTreeMap::new();
+        props.insert("id".into(), self.id.clone().into());
+        for (key, value) in properties {
+            props.insert(key.into(), value.into());
         }
+        crate::event_monitor::report("ism", name, Some(props));
     }
 }
 

@@ -26,7 +26,7 @@ pub use ctrl::{MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES};
 pub use device::{AVAIL_FEATURES, HandleError, Ism, IsmError, IsmHandle};
 pub use metrics::IsmMetrics;
 pub use notify::{MemoryWiring, NotifyWiring, WireOutcome};
-pub use observer::{IsmEvent, IsmObserver};
+pub use observer::{IsmEvent, IsmObserver, perms_text};
 pub use regions::{MAX_MSIX_VECTOR, MAX_PENDING_EVENTS};
 pub use window::{KickSink, ShmWindow};
 pub use worker::{IsmWorker, WorkerError};

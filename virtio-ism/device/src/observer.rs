@@ -46,6 +46,74 @@ impl IsmEvent {
             PoolEvent::Updated { .. } | PoolEvent::DoorbellsChanged { .. } => None,
         }
     }
+
+    /// The event as an event monitor reports it (source "ism"): its name and its properties,
+    /// numbers in decimal as the API's JSON prints them, permissions as letters
+    /// ([`perms_text`]), and who caused it ("origin": the guest, or the pool). Every VMM
+    /// reports ism events with exactly these.
+    pub fn monitor_event(&self) -> (&'static str, Vec<(&'static str, String)>) {
+        let token = |t: Token| ("token", t.0.to_string());
+        let guest = ("origin", "guest".to_owned());
+        match *self {
+            IsmEvent::RegionAllocated { token: t, size } => (
+                "region-allocated",
+                vec![token(t), ("size", size.to_string()), guest],
+            ),
+            IsmEvent::RegionAttached {
+                token: t,
+                size,
+                writable,
+            } => (
+                "region-attached",
+                vec![
+                    token(t),
+                    ("size", size.to_string()),
+                    ("perm", if writable { "RW" } else { "R" }.to_owned()),
+                    guest,
+                ],
+            ),
+            IsmEvent::RegionDetached { token: t } => ("region-detached", vec![token(t), guest]),
+            IsmEvent::RegionGranted {
+                token: t,
+                peer,
+                perms,
+            } => (
+                "region-granted",
+                vec![
+                    token(t),
+                    (
+                        "peer",
+                        peer.map_or_else(|| "default".to_owned(), |p| p.0.to_string()),
+                    ),
+                    ("perm", perms_text(perms.0)),
+                    guest,
+                ],
+            ),
+            IsmEvent::RegionRevoked { token: t } => (
+                "region-revoked",
+                vec![token(t), ("origin", "pool".to_owned())],
+            ),
+            IsmEvent::PeerAttached { token: t, peer } => (
+                "peer-attached",
+                vec![token(t), ("peer", peer.0.to_string())],
+            ),
+            IsmEvent::PeerGone { token: t, peer } => {
+                ("peer-gone", vec![token(t), ("peer", peer.0.to_string())])
+            }
+        }
+    }
+}
+
+/// Permission bits as letters, as `ism-pool status` prints them: R(ead) W(rite) A(ttach)
+/// M(anage) C(lear default); "-" for none.
+pub fn perms_text(bits: u64) -> String {
+    let names = [(1, 'R'), (2, 'W'), (4, 'A'), (8, 'M'), (16, 'C')];
+    let text: String = names
+        .iter()
+        .filter(|(bit, _)| bits & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if text.is_empty() { "-".into() } else { text }
 }
 
 /// Implemented by the embedder; called on the device's worker thread, so it must be quick
