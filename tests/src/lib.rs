@@ -5,10 +5,12 @@
 pub mod pair;
 pub mod report;
 pub mod vm;
+pub mod vmm_kind;
 
 pub use pair::{Answer, IsmGuest, IsmSpec, PoolBroker};
 pub use report::GuestReport;
 pub use vm::{VmOutcome, VmRun, kvm_available, pool_binary, test_guest, vmm_binary};
+pub use vmm_kind::{Vmm, cloud_hypervisor_dir};
 
 /// Return early from a test, with one loud line, when /dev/kvm is missing.
 #[macro_export]

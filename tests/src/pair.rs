@@ -1,22 +1,25 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Guests that talk to each other through virtio-ism: an `ism-pool` broker process and test
-//! guests in `ism.test=ism` mode, each in its own `ism-vmm` process, driven by commands
-//! written to their serial input.
+//! guests in `ism.test=ism` mode, each in its own VMM process (ism-vmm or cloud-hypervisor,
+//! [`IsmSpec::vmm`]), driven by commands written to their serial input: ism-vmm's stdin, or
+//! cloud-hypervisor's serial socket (it reads stdin only from a terminal).
 //!
 //! Every process runs in its own process group and is killed (SIGKILL to the group) when its
 //! handle is dropped, so a failing or panicking test leaves nothing behind. Every wait is
 //! bounded by the handle's deadline.
 
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::report::{GuestReport, PREFIX};
-use crate::vm::{pool_binary, test_guest, vmm_binary};
+use crate::vm::{pool_binary, test_guest};
+use crate::vmm_kind::Vmm;
 
 /// Hard limit for one paired-guest VM (the whole test shares the deadline of its VMs).
 pub const PAIR_TIMEOUT: Duration = Duration::from_secs(120);
@@ -236,13 +239,15 @@ impl Answer {
     }
 }
 
-/// Options of one guest's virtio-ism device (`--ism id=..,size=..,chunk_size=..,pool=..`).
+/// Options of one guest's virtio-ism device (`--ism id=..,size=..,chunk_size=..,pool=..`)
+/// and the VMM it runs under.
 #[derive(Clone, Debug)]
 pub struct IsmSpec {
     /// Window size, e.g. "64M".
     pub size: String,
     /// Chunk size, e.g. "4K" or "2M".
     pub chunk_size: String,
+    pub vmm: Vmm,
 }
 
 impl Default for IsmSpec {
@@ -250,6 +255,17 @@ impl Default for IsmSpec {
         Self {
             size: "64M".into(),
             chunk_size: "4K".into(),
+            vmm: Vmm::IsmVmm,
+        }
+    }
+}
+
+impl IsmSpec {
+    /// The default device under `vmm`.
+    pub fn on(vmm: Vmm) -> Self {
+        Self {
+            vmm,
+            ..Self::default()
         }
     }
 }
@@ -258,7 +274,10 @@ impl Default for IsmSpec {
 pub struct IsmGuest {
     name: String,
     group: Group,
-    stdin: Option<ChildStdin>,
+    /// The serial input: ism-vmm's stdin or cloud-hypervisor's serial socket.
+    input: Option<Box<dyn Write + Send>>,
+    /// Holds cloud-hypervisor's serial socket.
+    _dir: Option<ScratchDir>,
     console: Arc<(Mutex<Console>, Condvar)>,
     stderr: Arc<Mutex<String>>,
     deadline: Instant,
@@ -284,7 +303,7 @@ impl IsmGuest {
         script: &[&str],
         extra: &[&str],
     ) -> Self {
-        let vmm = vmm_binary();
+        let vmm = spec.vmm.binary();
         let mut cmdline = "ism.test=ism".to_string();
         if !script.is_empty() {
             cmdline.push_str(" ism.script=");
@@ -296,19 +315,22 @@ impl IsmGuest {
             spec.chunk_size,
             broker.socket().display()
         );
+        let mut args = spec.vmm.boot_args(&test_guest(), &cmdline);
+        let serial_dir = match spec.vmm {
+            Vmm::IsmVmm => None,
+            Vmm::CloudHypervisor => {
+                let dir = ScratchDir::new("serial");
+                let socket = dir.path().join("serial.sock");
+                if let Some(at) = args.iter().position(|a| a == "--serial") {
+                    args[at + 1] = format!("socket={}", socket.display());
+                }
+                Some((dir, socket))
+            }
+        };
+        let mut command = Command::new(&vmm);
+        command.args(&args);
         let mut group = Group::spawn(
-            Command::new(&vmm)
-                .arg("--kernel")
-                .arg(test_guest())
-                .args(["--cmdline", &cmdline])
-                .args([
-                    "--cpus",
-                    "boot=1",
-                    "--memory",
-                    "size=128M",
-                    "--serial",
-                    "tty",
-                ])
+            command
                 .args(["--ism", &ism])
                 .args(extra)
                 .stdin(Stdio::piped())
@@ -317,16 +339,31 @@ impl IsmGuest {
         )
         .unwrap_or_else(|e| panic!("Failed to start {}: {e}", vmm.display()));
         let console = Arc::new((Mutex::new(Console::default()), Condvar::new()));
-        let stdout = group.child.stdout.take().expect("piped");
-        let feed = console.clone();
-        thread::spawn(move || read_console(stdout, &feed));
         let stderr = Arc::new(Mutex::new(String::new()));
         collect(group.child.stderr.take().expect("piped"), stderr.clone());
-        let stdin = group.child.stdin.take();
+        let stdout = group.child.stdout.take().expect("piped");
+        let (input, dir): (Option<Box<dyn Write + Send>>, _) = match serial_dir {
+            None => {
+                let feed = console.clone();
+                thread::spawn(move || read_console(stdout, &feed));
+                let stdin = group.child.stdin.take().expect("piped");
+                (Some(Box::new(stdin)), None)
+            }
+            Some((dir, socket)) => {
+                // Its stdout carries nothing of the guest's; keep it with the log.
+                collect(stdout, stderr.clone());
+                let stream = connect_serial(&mut group, &socket, &stderr);
+                let reader = stream.try_clone().expect("clone the serial socket");
+                let feed = console.clone();
+                thread::spawn(move || read_console(reader, &feed));
+                (Some(Box::new(stream)), Some(dir))
+            }
+        };
         let mut guest = Self {
             name: name.to_string(),
             group,
-            stdin,
+            input,
+            _dir: dir,
             console,
             stderr,
             deadline: Instant::now() + PAIR_TIMEOUT,
@@ -376,11 +413,11 @@ impl IsmGuest {
 
     /// Send one command line without waiting; returns its sequence number.
     pub fn send(&mut self, command: &str) -> u64 {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        if let Err(e) = stdin
+        let input = self.input.as_mut().expect("serial input open");
+        if let Err(e) = input
             .write_all(command.as_bytes())
-            .and_then(|()| stdin.write_all(b"\n"))
-            .and_then(|()| stdin.flush())
+            .and_then(|()| input.write_all(b"\n"))
+            .and_then(|()| input.flush())
         {
             panic!(
                 "{}: writing {command:?} to serial input failed: {e}\n{}",
@@ -479,6 +516,31 @@ impl IsmGuest {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+/// Connect to a VMM's serial socket once it exists (bounded; panics with the VMM's log if it
+/// exits or the socket never comes).
+fn connect_serial(group: &mut Group, socket: &Path, log: &Mutex<String>) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(stream) = UnixStream::connect(socket) {
+            return stream;
+        }
+        if let Ok(Some(status)) = group.child.try_wait() {
+            group.reaped = true;
+            panic!(
+                "VMM exited ({status}) before its serial socket came up:\n{}",
+                log.lock().unwrap_or_else(|e| e.into_inner())
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no serial socket at {} within 20 s:\n{}",
+            socket.display(),
+            log.lock().unwrap_or_else(|e| e.into_inner())
+        );
+        thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Running ism-vmm under a hard timeout.
+//! Running a VMM (ism-vmm or cloud-hypervisor, see [`crate::Vmm`]) under a hard timeout.
 
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -10,6 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::report::{GuestReport, PREFIX};
+use crate::vmm_kind::Vmm;
 
 /// Default hard limit for one VM.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -156,28 +157,25 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A VM to run: ism-vmm arguments plus a timeout.
+/// A VM to run: VMM arguments plus a timeout.
 pub struct VmRun {
+    vmm: Vmm,
     args: Vec<String>,
     timeout: Duration,
 }
 
 impl VmRun {
-    /// Boot the test guest with `ism.test=<test>`, 1 vCPU, 128 MiB, serial on stdout.
+    /// Boot the test guest under ism-vmm with `ism.test=<test>`, 1 vCPU, 128 MiB, serial on
+    /// stdout.
     pub fn guest_test(test: &str) -> Self {
+        Self::guest_test_on(Vmm::IsmVmm, test)
+    }
+
+    /// [`VmRun::guest_test`] under `vmm`.
+    pub fn guest_test_on(vmm: Vmm, test: &str) -> Self {
         Self {
-            args: vec![
-                "--kernel".into(),
-                test_guest().display().to_string(),
-                "--cmdline".into(),
-                format!("ism.test={test}"),
-                "--cpus".into(),
-                "boot=1".into(),
-                "--memory".into(),
-                "size=128M".into(),
-                "--serial".into(),
-                "tty".into(),
-            ],
+            vmm,
+            args: vmm.boot_args(&test_guest(), &format!("ism.test={test}")),
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -185,9 +183,16 @@ impl VmRun {
     /// Arbitrary ism-vmm arguments.
     pub fn with_args<I: IntoIterator<Item = S>, S: Into<String>>(args: I) -> Self {
         Self {
+            vmm: Vmm::IsmVmm,
             args: args.into_iter().map(Into::into).collect(),
             timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// Append more arguments (a repeatable option may appear several times).
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
     }
 
     /// Replace the value of option `--name` (or append the option).
@@ -212,7 +217,7 @@ impl VmRun {
     /// Run to completion or the timeout (then the VMM is killed and `status` is None).
     pub fn run(&self) -> VmOutcome {
         // Resolve (maybe build) the VMM before the clock starts.
-        let vmm = vmm_binary();
+        let vmm = self.vmm.binary();
         let start = Instant::now();
         let child = Command::new(&vmm)
             .args(&self.args)

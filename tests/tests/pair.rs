@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Paired guests: test guests in separate ism-vmm processes sharing regions through one
-//! `ism-pool` broker. Tokens and device ids travel from one guest's serial output to the
+//! Paired guests: test guests in separate VMM processes sharing regions through one
+//! `ism-pool` broker; every test runs once under ism-vmm and once under cloud-hypervisor. Tokens and device ids travel from one guest's serial output to the
 //! other's serial input, as an application would pass them. Every VM and the broker run in
 //! their own process groups with a hard deadline and are killed when a test fails.
 
-use ism_tests::{IsmGuest, IsmSpec, PoolBroker, require_kvm};
+use ism_tests::{IsmGuest, IsmSpec, PoolBroker, Vmm, require_kvm, require_vmm, vmm_tests};
 
 /// A allocates `size`, fills it with `seed` and grants `perms` to `peer` (a devid or
 /// "default"); returns the token.
@@ -18,15 +18,16 @@ fn shared_region(owner: &mut IsmGuest, size: &str, seed: u64, peer: &str, perms:
     token
 }
 
-#[test]
-fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply() {
+fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply(vmm: Vmm) {
     require_kvm!();
+    require_vmm!(vmm);
     let broker = PoolBroker::start("1G");
     // Different window geometries: B maps A's 64 KiB region into one 2 MiB chunk.
-    let mut a = IsmGuest::start("A", &broker, &IsmSpec::default(), &[]);
+    let mut a = IsmGuest::start("A", &broker, &IsmSpec::on(vmm), &[]);
     let big_chunks = IsmSpec {
         size: "256M".into(),
         chunk_size: "2M".into(),
+        vmm,
     };
     let mut b = IsmGuest::start("B", &broker, &big_chunks, &[]);
     assert_eq!(b.ready.number("chunk_size"), Some(2 << 20));
@@ -86,11 +87,11 @@ fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply() {
     assert_eq!(a.power_off(), Some(0));
 }
 
-#[test]
-fn test_kicks_reach_the_peer_as_interrupt_and_latched_while_masked() {
+fn test_kicks_reach_the_peer_as_interrupt_and_latched_while_masked(vmm: Vmm) {
     require_kvm!();
+    require_vmm!(vmm);
     let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::default();
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let token = shared_region(&mut a, "4K", 1, &b.devid().to_string(), "rwa");
@@ -141,11 +142,11 @@ fn test_kicks_reach_the_peer_as_interrupt_and_latched_while_masked() {
     assert_eq!(b.power_off(), Some(0));
 }
 
-#[test]
-fn test_read_only_grant_keeps_owner_data_unchanged() {
+fn test_read_only_grant_keeps_owner_data_unchanged(vmm: Vmm) {
     require_kvm!();
+    require_vmm!(vmm);
     let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::default();
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let token = shared_region(&mut a, "16K", 77, &b.devid().to_string(), "ra");
@@ -184,11 +185,11 @@ fn test_read_only_grant_keeps_owner_data_unchanged() {
     assert_eq!(a.power_off(), Some(0));
 }
 
-#[test]
-fn test_guest_without_grant_or_with_guessed_token_is_refused() {
+fn test_guest_without_grant_or_with_guessed_token_is_refused(vmm: Vmm) {
     require_kvm!();
+    require_vmm!(vmm);
     let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::default();
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let mut c = IsmGuest::start("C", &broker, &spec, &[]);
@@ -228,11 +229,11 @@ fn test_guest_without_grant_or_with_guessed_token_is_refused() {
     assert_eq!(a.power_off(), Some(0));
 }
 
-#[test]
-fn test_detach_reattach_and_owner_killed_while_peer_attached() {
+fn test_detach_reattach_and_owner_killed_while_peer_attached(vmm: Vmm) {
     require_kvm!();
+    require_vmm!(vmm);
     let mut broker = PoolBroker::start("1G");
-    let spec = IsmSpec::default();
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let token = shared_region(&mut a, "256K", 9, "default", "ra");
@@ -299,12 +300,12 @@ fn test_detach_reattach_and_owner_killed_while_peer_attached() {
     assert!(broker.alive(), "broker survived:\n{}", broker.log());
 }
 
-#[test]
-fn test_guest_attaches_256_regions_with_their_contents() {
+fn test_guest_attaches_256_regions_with_their_contents(vmm: Vmm) {
     require_kvm!();
+    require_vmm!(vmm);
     const REGIONS: usize = 256;
     let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::default();
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let made = a
@@ -337,11 +338,11 @@ fn test_guest_attaches_256_regions_with_their_contents() {
 
 /// A guest that masks its kick vector and polls the MSI-X pending-bit array (PCI: a message
 /// the function would send while masked sets its pending bit) must see the kick there.
-#[test]
-fn test_masked_kick_sets_the_pending_bit() {
+fn test_masked_kick_sets_the_pending_bit(vmm: Vmm) {
     require_kvm!();
+    require_vmm!(vmm);
     let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::default();
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let token = shared_region(&mut a, "4K", 1, &b.devid().to_string(), "rwa");
@@ -356,3 +357,13 @@ fn test_masked_kick_sets_the_pending_bit() {
     assert_eq!(a.power_off(), Some(0));
     assert_eq!(b.power_off(), Some(0));
 }
+
+vmm_tests!(
+    test_peer_reads_owner_bytes_and_owner_sees_peer_reply,
+    test_kicks_reach_the_peer_as_interrupt_and_latched_while_masked,
+    test_read_only_grant_keeps_owner_data_unchanged,
+    test_guest_without_grant_or_with_guessed_token_is_refused,
+    test_detach_reattach_and_owner_killed_while_peer_attached,
+    test_guest_attaches_256_regions_with_their_contents,
+    test_masked_kick_sets_the_pending_bit,
+);

@@ -174,7 +174,9 @@ impl SlotWindow {
         if let Some(old) = old {
             for (offset, m) in &state.mappings {
                 if let Some(slot) = m.slot
-                    && let Err(e) = self.backend.remove_slot(slot, old + offset, m.len, self.host_base + offset)
+                    && let Err(e) =
+                        self.backend
+                            .remove_slot(slot, old + offset, m.len, self.host_base + offset)
                 {
                     warn!(
                         "ism window: cannot delete slot {slot} at {:#x}: {e}",
@@ -466,7 +468,10 @@ impl ShmWindow for SlotWindow {
             // The slot goes first, so the guest never reaches the PROT_NONE memory via KVM.
             match (m.slot, base) {
                 (Some(slot), Some(base)) => {
-                    if let Err(e) = self.backend.remove_slot(slot, base + start, m.len, self.host_base + start) {
+                    if let Err(e) =
+                        self.backend
+                            .remove_slot(slot, base + start, m.len, self.host_base + start)
+                    {
                         warn!("ism window: cannot delete slot {slot}: {e}");
                     }
                     self.backend.free_slot(slot);
@@ -489,7 +494,9 @@ impl Drop for SlotWindow {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for (start, m) in std::mem::take(&mut state.mappings) {
             if let (Some(slot), Some(base)) = (m.slot, state.base) {
-                let _ = self.backend.remove_slot(slot, base + start, m.len, self.host_base + start);
+                let _ = self
+                    .backend
+                    .remove_slot(slot, base + start, m.len, self.host_base + start);
                 self.backend.free_slot(slot);
             }
         }
