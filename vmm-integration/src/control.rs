@@ -11,44 +11,15 @@ use serde_json::json;
 
 use crate::api::http::{ApiListener, ApiServer, HttpError};
 use crate::api::types::{
-    AddRegion, DeviceInfo, GrantPerm, IsmAddRegionRequest, IsmGrant, IsmRegionInfo, IsmRegions,
-    IsmRemoveRegionRequest, RegionAccess, RegionArea, VmCounters, VmInfoResponse, VmmPingResponse,
+    DeviceInfo, IsmAddRegionRequest, IsmRemoveRegionRequest, VmCounters, VmInfoResponse,
+    VmmPingResponse,
 };
 use crate::api::{ApiError, ApiRequest, ApiResult, ApiSender, RequestHandler};
 use crate::config::{SerialMode, VmConfig};
 use crate::exit::ExitEvent;
 use crate::pci::PciManager;
 use crate::vstate::vcpu::ExitCounters;
-
-/// What the API needs from an ism device: region hotplug and the pool's view. Implemented
-/// over `virtio_ism::IsmHandle` by the VMM, and by fakes in tests.
-pub trait IsmControl: Send + Sync {
-    /// Attach `token` for the guest with `access`; returns the mapped areas.
-    fn add_region(&self, token: u64, access: RegionAccess) -> Result<Vec<RegionArea>, String>;
-    /// Create a region of `size` bytes in the device's pool, attach it for the guest and
-    /// grant `grants` (peer devid, permission) and `default` to the rest; returns its token
-    /// and mapped areas. On failure nothing is left allocated.
-    fn create_region(
-        &self,
-        size: u64,
-        grants: &[IsmGrant],
-        default: GrantPerm,
-    ) -> Result<(u64, Vec<RegionArea>), String>;
-    /// The device's id in its pool (its devid).
-    fn devid(&self) -> u64;
-    /// Revoke `token` from the guest; false if the device did not hold it.
-    fn remove_region(&self, token: u64) -> bool;
-    /// Tokens the device holds.
-    fn regions(&self) -> Vec<u64>;
-    /// The pool's status as JSON (`ism_pool::PoolStatus`).
-    fn pool_status(&self) -> Result<serde_json::Value, String>;
-}
-
-/// An ism device as the API sees it.
-pub struct IsmEntry {
-    pub id: String,
-    pub control: Arc<dyn IsmControl>,
-}
+use virtio_ism_api::{IsmDevices, IsmEntry};
 
 /// Pausing and resuming the vCPUs. Implemented by the VMM over its vCPU threads.
 pub trait VcpuControl {
@@ -67,7 +38,7 @@ pub struct VmmApi<'a> {
     pub config: &'a VmConfig,
     pub pci: &'a dyn DeviceView,
     pub exit_counters: Arc<ExitCounters>,
-    pub ism: Vec<IsmEntry>,
+    pub ism: IsmDevices,
     /// The vCPUs, for vm.pause / vm.resume (None: pausing is not available).
     pub vcpus: Option<&'a dyn VcpuControl>,
     pub paused: bool,
@@ -105,7 +76,7 @@ impl<'a> VmmApi<'a> {
             config,
             pci,
             exit_counters,
-            ism,
+            ism: IsmDevices(ism),
             vcpus: None,
             paused: false,
             requested_exit: None,
@@ -146,15 +117,6 @@ fn to_json<T: serde::Serialize>(value: &T) -> ApiResult {
         .map_err(ApiError::Serialise)
 }
 
-impl VmmApi<'_> {
-    fn ism(&self, id: &str) -> Result<&IsmEntry, ApiError> {
-        self.ism
-            .iter()
-            .find(|e| e.id == id)
-            .ok_or_else(|| ApiError::UnknownDeviceId(id.to_owned()))
-    }
-}
-
 impl RequestHandler for VmmApi<'_> {
     fn vmm_ping(&mut self) -> ApiResult {
         to_json(&VmmPingResponse {
@@ -171,11 +133,7 @@ impl RequestHandler for VmmApi<'_> {
             .devices()
             .into_iter()
             .map(|(id, bdf)| DeviceInfo {
-                ism_regions: self
-                    .ism
-                    .iter()
-                    .find(|e| e.id == id)
-                    .map(|e| e.control.regions()),
+                ism_regions: self.ism.regions_of(&id),
                 id,
                 bdf,
             })
@@ -252,153 +210,30 @@ impl RequestHandler for VmmApi<'_> {
     }
 
     fn ism_add_region(&mut self, req: IsmAddRegionRequest) -> ApiResult {
-        // The router checked the body already; a request built elsewhere is checked here.
-        let kind = req
-            .kind()
-            .map_err(|e| ApiError::DeviceRefused(req.id.clone(), e))?;
-        let entry = self.ism(&req.id)?;
-        let (token, areas) = match kind {
-            AddRegion::Attach { token, access } => {
-                if entry.control.regions().contains(&token) {
-                    return Err(ApiError::RegionExists(req.id, token));
-                }
-                let areas = entry
-                    .control
-                    .add_region(token, access)
-                    .map_err(|e| ApiError::DeviceRefused(req.id.clone(), e))?;
-                crate::event!(
-                    "ism",
-                    "region-attached",
-                    "id",
-                    &req.id,
-                    "token",
-                    token.to_string(),
-                    "origin",
-                    "api"
-                );
-                (token, areas)
-            }
-            AddRegion::Create {
-                size,
-                grants,
-                default_perm,
-            } => {
-                check_peers(&req.id, entry, &grants)?;
-                let (token, areas) = entry
-                    .control
-                    .create_region(size, &grants, default_perm)
-                    .map_err(|e| ApiError::DeviceRefused(req.id.clone(), e))?;
-                crate::event!(
-                    "ism",
-                    "region-allocated",
-                    "id",
-                    &req.id,
-                    "token",
-                    token.to_string(),
-                    "size",
-                    size.to_string(),
-                    "origin",
-                    "api"
-                );
-                for grant in &grants {
-                    crate::event!(
-                        "ism",
-                        "region-granted",
-                        "id",
-                        &req.id,
-                        "token",
-                        token.to_string(),
-                        "peer",
-                        grant.peer.to_string(),
-                        "perm",
-                        grant_perm_name(grant.perm),
-                        "origin",
-                        "api"
-                    );
-                }
-                (token, areas)
-            }
-        };
-        to_json(&IsmRegionInfo {
-            id: req.id,
-            token,
-            areas,
-        })
+        to_json(&self.ism.add_region(req, &report_ism_event)?)
     }
 
     fn ism_remove_region(&mut self, req: IsmRemoveRegionRequest) -> ApiResult {
-        let entry = self.ism(&req.id)?;
-        if !entry.control.remove_region(req.token) {
-            return Err(ApiError::UnknownRegion(req.id, req.token));
-        }
-        crate::event!(
-            "ism",
-            "region-revoked",
-            "id",
-            &req.id,
-            "token",
-            req.token.to_string()
-        );
+        self.ism.remove_region(req, &report_ism_event)?;
         Ok(None)
     }
 
     fn ism_regions(&mut self) -> ApiResult {
-        let map: IsmRegions = self
-            .ism
-            .iter()
-            .map(|e| (e.id.clone(), e.control.regions()))
-            .collect();
-        to_json(&map)
+        to_json(&self.ism.regions())
     }
 
     fn ism_pool_status(&mut self) -> ApiResult {
-        let mut out = serde_json::Map::new();
-        for e in &self.ism {
-            let status = e
-                .control
-                .pool_status()
-                .map_err(|msg| ApiError::PoolStatus(e.id.clone(), msg))?;
-            out.insert(e.id.clone(), status);
-        }
-        Ok(Some(serde_json::Value::Object(out)))
+        Ok(Some(self.ism.pool_status()?))
     }
 }
 
-fn grant_perm_name(perm: GrantPerm) -> &'static str {
-    match perm {
-        GrantPerm::None => "none",
-        GrantPerm::Ro => "ro",
-        GrantPerm::Rw => "rw",
-    }
-}
-
-/// Every granted peer must be another device of the pool `entry` uses (the pool's own
-/// status lists them), so a typo is a 400 before anything is allocated.
-fn check_peers(id: &str, entry: &IsmEntry, grants: &[IsmGrant]) -> Result<(), ApiError> {
-    if grants.is_empty() {
-        return Ok(());
-    }
-    let own = entry.control.devid();
-    if let Some(g) = grants.iter().find(|g| g.peer == own) {
-        return Err(ApiError::SelfPeer(id.to_owned(), g.peer));
-    }
-    let status = entry
-        .control
-        .pool_status()
-        .map_err(|msg| ApiError::PoolStatus(id.to_owned(), msg))?;
-    let known: Vec<u64> = status["sessions"]
-        .as_array()
-        .map(|sessions| {
-            sessions
-                .iter()
-                .filter_map(|s| s["devid"].as_u64())
-                .collect()
-        })
-        .unwrap_or_default();
-    match grants.iter().find(|g| !known.contains(&g.peer)) {
-        Some(g) => Err(ApiError::UnknownPeer(id.to_owned(), g.peer)),
-        None => Ok(()),
-    }
+/// What the API did to a region, on the event monitor.
+fn report_ism_event(event: &'static str, properties: Vec<(&'static str, String)>) {
+    let props = properties
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    crate::event_monitor::report("ism", event, Some(props));
 }
 
 /// What wakes the main thread.
@@ -473,8 +308,10 @@ mod tests {
 
     use super::*;
     use crate::api::http::simple_request;
+    use crate::api::types::{GrantPerm, IsmGrant, IsmRegionInfo, RegionAccess, RegionArea};
     use crate::config::VmParams;
     use crate::config::api::Endpoint;
+    use virtio_ism_api::IsmControl;
 
     /// A pool with regions 1 and 2; the device starts holding none.
     #[derive(Default)]

@@ -16,20 +16,8 @@ use types::{IsmAddRegionRequest, IsmRemoveRegionRequest};
 /// `api_error_status_code`.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("No ism device with id {0:?}")]
-    UnknownDeviceId(String),
-    #[error("Device {0:?} does not hold region {1}")]
-    UnknownRegion(String, u64),
-    #[error("Device {0:?} holds region {1} already")]
-    RegionExists(String, u64),
-    #[error("Device {0:?} refused the request: {1}")]
-    DeviceRefused(String, String),
-    #[error("Pool status of {0:?} is unavailable: {1}")]
-    PoolStatus(String, String),
-    #[error("Device {0:?}: peer {1} is not a device of its pool")]
-    UnknownPeer(String, u64),
-    #[error("Device {0:?}: peer {1} is the device itself")]
-    SelfPeer(String, u64),
+    #[error(transparent)]
+    Ism(#[from] virtio_ism_api::IsmApiError),
     #[error("The VM is already paused")]
     AlreadyPaused,
     #[error("The VM is not paused")]
@@ -45,13 +33,9 @@ pub enum ApiError {
 impl ApiError {
     pub fn status_code(&self) -> u16 {
         match self {
-            ApiError::UnknownDeviceId(_) | ApiError::UnknownRegion(..) => 404,
-            ApiError::RegionExists(..) | ApiError::AlreadyPaused | ApiError::NotPaused => 409,
-            ApiError::DeviceRefused(..) | ApiError::UnknownPeer(..) | ApiError::SelfPeer(..) => 400,
-            ApiError::PoolStatus(..)
-            | ApiError::Pause(_)
-            | ApiError::Serialise(_)
-            | ApiError::VmmGone => 500,
+            ApiError::Ism(e) => e.status_code(),
+            ApiError::AlreadyPaused | ApiError::NotPaused => 409,
+            ApiError::Pause(_) | ApiError::Serialise(_) | ApiError::VmmGone => 500,
         }
     }
 
