@@ -38,21 +38,44 @@ pub struct RtcTime {
     pub second: u8,
 }
 
+/// The host's current UTC time of day.
+///
+/// Computed here rather than with gmtime_r: glibc's first gmtime_r in a thread reads
+/// /etc/localtime (openat, read, lseek, close), and this runs on a vCPU thread, whose seccomp
+/// filter rightly has no file access. A Linux guest reading the RTC at boot was killed with
+/// SIGSYS (lseek) under the default `--seccomp true`.
 fn host_utc_now() -> RtcTime {
-    // SAFETY: time(NULL) only returns the current time.
-    let now = unsafe { libc::time(std::ptr::null_mut()) };
-    // SAFETY: tm is plain data, filled by gmtime_r from a valid time_t.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are valid for the duration of the call.
-    unsafe { libc::gmtime_r(&now, &mut tm) };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_from_unix(i64::try_from(secs).unwrap_or(i64::MAX))
+}
+
+/// Seconds since the Unix epoch as a UTC calendar time (proleptic Gregorian; days to a date
+/// with Howard Hinnant's `civil_from_days`).
+pub fn utc_from_unix(secs: i64) -> RtcTime {
+    const DAY: i64 = 86_400;
+    let days = secs.div_euclid(DAY);
+    let of_day = secs.rem_euclid(DAY);
+    // Shift the epoch to 0000-03-01, so a leap day is the last day of its year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
     RtcTime {
-        year: (tm.tm_year + 1900) as u32,
-        month: (tm.tm_mon + 1) as u8,
-        day: tm.tm_mday as u8,
-        weekday: (tm.tm_wday + 1) as u8,
-        hour: tm.tm_hour as u8,
-        minute: tm.tm_min as u8,
-        second: tm.tm_sec as u8,
+        year: u32::try_from(year).unwrap_or(0),
+        month: month as u8,
+        day: day as u8,
+        // 1970-01-01 was a Thursday; the RTC counts Sunday as 1.
+        weekday: ((days + 4).rem_euclid(7) + 1) as u8,
+        hour: (of_day / 3600) as u8,
+        minute: (of_day % 3600 / 60) as u8,
+        second: (of_day % 60) as u8,
     }
 }
 
@@ -148,6 +171,47 @@ mod tests {
         );
         assert_eq!(rtc_register(REG_STATUS_D, &t), Some(STATUS_D_VRT));
         assert_eq!(rtc_register(0x40, &t), None);
+    }
+
+    #[test]
+    fn test_utc_from_unix_matches_gmtime() {
+        let t = utc_from_unix(0);
+        assert_eq!(
+            (
+                t.year, t.month, t.day, t.weekday, t.hour, t.minute, t.second
+            ),
+            (1970, 1, 1, 5, 0, 0, 0)
+        );
+        // 2000-02-29 (a leap day in a century year), 2100-03-01 (2100 is not leap), the
+        // end of 2026, and steps through several years.
+        let samples = [951_782_400, 951_868_799, 4_107_542_400, 1_798_761_599]
+            .into_iter()
+            .chain((0..4000).map(|i| 86_399 + i * 997_331));
+        for secs in samples {
+            let t = utc_from_unix(secs);
+            // SAFETY: tm is plain data, filled by gmtime_r from a valid time_t; both
+            // pointers are valid for the call.
+            let tm = unsafe {
+                let mut tm: libc::tm = std::mem::zeroed();
+                libc::gmtime_r(&secs, &mut tm);
+                tm
+            };
+            assert_eq!(
+                (
+                    t.year, t.month, t.day, t.weekday, t.hour, t.minute, t.second
+                ),
+                (
+                    (tm.tm_year + 1900) as u32,
+                    (tm.tm_mon + 1) as u8,
+                    tm.tm_mday as u8,
+                    (tm.tm_wday + 1) as u8,
+                    tm.tm_hour as u8,
+                    tm.tm_min as u8,
+                    tm.tm_sec as u8
+                ),
+                "at {secs}"
+            );
+        }
     }
 
     #[test]
