@@ -193,6 +193,11 @@ impl RequestHandler for VmmApi<'_> {
             .ok_or_else(|| ApiError::Pause("this VMM has no vCPUs to pause".into()))?;
         crate::event!("vm", "pausing");
         vcpus.pause().map_err(ApiError::Pause)?;
+        // Then the device workers: nothing more is written into the guest's memory.
+        if let Err(why) = self.ism.pause_all() {
+            vcpus.resume();
+            return Err(ApiError::Pause(why));
+        }
         self.paused = true;
         crate::event!("vm", "paused");
         Ok(None)
@@ -203,6 +208,7 @@ impl RequestHandler for VmmApi<'_> {
             return Err(ApiError::NotPaused);
         };
         crate::event!("vm", "resuming");
+        self.ism.resume_all();
         vcpus.resume();
         self.paused = false;
         crate::event!("vm", "resumed");
@@ -362,6 +368,10 @@ mod tests {
                 "sessions": [{"devid": 1}, {"devid": 2}],
             }))
         }
+        fn pause(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn resume(&self) {}
     }
 
     /// Counts pauses and resumes.

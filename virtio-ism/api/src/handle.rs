@@ -90,6 +90,14 @@ impl IsmControl for HandleControl {
         };
         serde_json::to_value(status).map_err(|e| e.to_string())
     }
+
+    fn pause(&self) -> Result<(), String> {
+        self.handle.pause().map_err(|e| e.to_string())
+    }
+
+    fn resume(&self) {
+        self.handle.resume();
+    }
 }
 
 /// The pool permissions a grant of the API means: a peer that may read or write may also

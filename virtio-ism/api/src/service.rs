@@ -31,6 +31,10 @@ pub trait IsmControl: Send + Sync {
     fn regions(&self) -> Vec<u64>;
     /// The pool's status as JSON (`ism_pool::PoolStatus`).
     fn pool_status(&self) -> Result<serde_json::Value, String>;
+    /// Park the device's worker: it writes nothing into guest memory until
+    /// [`IsmControl::resume`] (`vm.pause`).
+    fn pause(&self) -> Result<(), String>;
+    fn resume(&self);
 }
 
 /// An ism device as the API sees it.
@@ -187,6 +191,23 @@ impl IsmDevices {
             .iter()
             .map(|e| (e.id.clone(), e.control.regions()))
             .collect()
+    }
+
+    /// Pause every device (`vm.pause`, after the vCPUs); on a failure the ones paused
+    /// already are resumed.
+    pub fn pause_all(&self) -> Result<(), String> {
+        for (n, e) in self.0.iter().enumerate() {
+            if let Err(why) = e.control.pause() {
+                self.0[..n].iter().for_each(|e| e.control.resume());
+                return Err(format!("ism device {}: {why}", e.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resume every device (`vm.resume`, before the vCPUs).
+    pub fn resume_all(&self) {
+        self.0.iter().for_each(|e| e.control.resume());
     }
 
     /// `vm.ism-pool-status`: device id -> its pool's status.

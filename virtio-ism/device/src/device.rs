@@ -206,6 +206,7 @@ impl Ism {
             wake_evt: self.wake_evt.clone(),
             layout: self.layout,
             observer: self.observer.clone(),
+            pause: self.pause.clone(),
         }
     }
 
@@ -319,8 +320,7 @@ impl Ism {
     /// into guest memory (used rings, event buffers). Kicks and pool events arriving
     /// meanwhile are kept and served on resume. Waits until the worker has parked.
     pub fn pause(&self) -> io::Result<()> {
-        let running = matches!(&self.state, DeviceState::Active(a) if a.worker.is_some());
-        self.pause.pause(running)
+        self.pause.pause()
     }
 
     /// Undo [`Ism::pause`].
@@ -459,9 +459,20 @@ pub struct IsmHandle {
     wake_evt: Arc<EventFd>,
     layout: WindowLayout,
     observer: Arc<ObserverSlot>,
+    pause: Arc<PauseGate>,
 }
 
 impl IsmHandle {
+    /// [`Ism::pause`], for a VMM that keeps only the handle.
+    pub fn pause(&self) -> io::Result<()> {
+        self.pause.pause()
+    }
+
+    /// [`Ism::resume`].
+    pub fn resume(&self) {
+        self.pause.resume();
+    }
+
     /// Tell `observer` about every region change from now on (replaces an earlier one;
     /// None removes it). Set it before the driver starts the device to miss nothing.
     pub fn set_observer(&self, observer: Option<Arc<dyn IsmObserver>>) {

@@ -18,6 +18,8 @@ struct GateState {
     requested: bool,
     /// The worker is parked.
     parked: bool,
+    /// A worker thread is running (between its start and its return).
+    worker_running: bool,
 }
 
 /// Shared by the device (which pauses and resumes) and its worker (which parks).
@@ -51,19 +53,27 @@ impl PauseGate {
         self.lock().requested
     }
 
-    /// Ask the worker to park; with `worker_running`, wait until it has.
-    pub(crate) fn pause(&self, worker_running: bool) -> io::Result<()> {
+    /// Worker side: it started, or it is about to return.
+    pub(crate) fn set_worker_running(&self, running: bool) {
+        self.lock().worker_running = running;
+        self.changed.notify_all();
+    }
+
+    /// Ask the worker to park; if one is running, wait until it has.
+    pub(crate) fn pause(&self) -> io::Result<()> {
         let mut state = self.lock();
         state.requested = true;
-        if !worker_running {
+        if !state.worker_running {
             return Ok(());
         }
         self.evt.write(1)?;
         let (state, timeout) = self
             .changed
-            .wait_timeout_while(state, self.park_timeout, |s| s.requested && !s.parked)
+            .wait_timeout_while(state, self.park_timeout, |s| {
+                s.requested && s.worker_running && !s.parked
+            })
             .unwrap_or_else(|e| e.into_inner());
-        if timeout.timed_out() && !state.parked {
+        if timeout.timed_out() && state.worker_running && !state.parked {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "virtio-ism worker did not pause",
@@ -109,6 +119,7 @@ mod tests {
         let worker = {
             let gate = gate.clone();
             let running = running.clone();
+            gate.set_worker_running(true);
             std::thread::spawn(move || {
                 let mut parks = 0;
                 while running.load(Ordering::SeqCst) {
@@ -120,7 +131,7 @@ mod tests {
                 parks
             })
         };
-        gate.pause(true).unwrap();
+        gate.pause().unwrap();
         assert!(gate.lock().parked);
         gate.resume();
         running.store(false, Ordering::SeqCst);
@@ -131,7 +142,7 @@ mod tests {
     #[test]
     fn test_pause_without_a_worker_is_only_recorded() {
         let gate = PauseGate::new().unwrap();
-        gate.pause(false).unwrap();
+        gate.pause().unwrap();
         assert!(gate.is_requested());
         gate.resume();
         assert!(!gate.is_requested());
@@ -144,8 +155,9 @@ mod tests {
             ..PauseGate::new().unwrap()
         };
         // No worker reads the eventfd: a bounded wait, then an error (not a hang).
+        gate.set_worker_running(true);
         let started = std::time::Instant::now();
-        let err = gate.pause(true).unwrap_err();
+        let err = gate.pause().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= gate.park_timeout);
     }

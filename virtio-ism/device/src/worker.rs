@@ -189,7 +189,15 @@ where
     }
 
     /// The epoll loop; returns when the kill eventfd is written.
-    pub fn run(mut self) -> Result<(), WorkerError> {
+    pub fn run(self) -> Result<(), WorkerError> {
+        let pause = self.pause.clone();
+        pause.set_worker_running(true);
+        let result = self.serve();
+        pause.set_worker_running(false);
+        result
+    }
+
+    fn serve(mut self) -> Result<(), WorkerError> {
         let epoll = Epoll::new().map_err(WorkerError::CreateEpoll)?;
         let add = |fd: RawFd, data: u64| {
             epoll
