@@ -2,11 +2,13 @@
 //! Helpers for the integration tests: find ism-vmm and the test guest, run a VM under a hard
 //! timeout (killing it on failure), and read the guest's `ISM-TEST key=value` serial lines.
 
+pub mod api;
 pub mod pair;
 pub mod report;
 pub mod vm;
 pub mod vmm_kind;
 
+pub use api::ApiEndpoint;
 pub use pair::{Answer, IsmGuest, IsmSpec, PoolBroker};
 pub use report::GuestReport;
 pub use vm::{VmOutcome, VmRun, kvm_available, pool_binary, test_guest, vmm_binary};
