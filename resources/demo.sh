@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
-# The demo: two guests in two ism-vmm processes share one memory region through an ism-pool
+# The demo: two guests in two VMM processes share one memory region through an ism-pool
 # broker. Guest A allocates a region, writes a greeting and grants it to B; B attaches it,
 # reads the greeting, writes a reply and kicks A's doorbell; A takes the interrupt and reads
 # the reply. Installs what is missing, builds, runs, and cleans everything up on exit.
 #
-# Usage: bash resources/demo.sh          (needs /dev/kvm; about a minute on a fresh clone)
+# Usage: bash resources/demo.sh [--vmm ism-vmm|cloud-hypervisor]
+#   ism-vmm (default): about a minute on a fresh clone.
+#   cloud-hypervisor: patched cloud-hypervisor from resources/cloud-hypervisor.sh (built once,
+#   about 5-10 minutes; needs its source, see docs/cloud-hypervisor.md).
+# Needs /dev/kvm.
 set -euo pipefail
+
+vmm_kind=ism-vmm
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --vmm) vmm_kind=${2:-}; shift 2 ;;
+        --vmm=*) vmm_kind=${1#--vmm=}; shift ;;
+        *) echo "usage: $0 [--vmm ism-vmm|cloud-hypervisor]" >&2; exit 2 ;;
+    esac
+done
+case "$vmm_kind" in
+    ism-vmm | cloud-hypervisor) ;;
+    *) echo "demo: --vmm must be ism-vmm or cloud-hypervisor, not '$vmm_kind'" >&2; exit 2 ;;
+esac
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -26,6 +43,12 @@ pool="$target/debug/ism-pool"
 # The freestanding test guest is its own cargo workspace with its own flags and target dir.
 (cd tests/guest && env -u CARGO_TARGET_DIR -u RUSTFLAGS cargo build --quiet --release)
 guest="$repo/tests/guest/target/x86_64-unknown-linux-gnu/release/ism-test-guest"
+if [ "$vmm_kind" = cloud-hypervisor ]; then
+    # Prints the directory of the cached build last; dies with what to set when it cannot.
+    ch_dir="$(bash resources/cloud-hypervisor.sh | tail -n 1)"
+    vmm="$ch_dir/cloud-hypervisor"
+    command -v python3 >/dev/null || die "python3 is needed to reach cloud-hypervisor's serial socket"
+fi
 for f in "$vmm" "$pool" "$guest"; do [ -x "$f" ] || die "missing $f after the build"; done
 
 work="$(mktemp -d /tmp/ism-demo.XXXXXX)"
@@ -53,15 +76,52 @@ for _ in $(seq 100); do [ -S "$work/pool.sock" ] && break; sleep 0.1; done
 [ -S "$work/pool.sock" ] || die "the broker did not start"
 echo "broker listening on $work/pool.sock"
 
+# cloud-hypervisor reads serial input only from a terminal: its serial console is a unix
+# socket instead, and this bridge joins it to the FIFO and the output file.
+serial_bridge() {
+    python3 -c '
+import os, socket, sys, threading, time
+path = sys.argv[1]
+for _ in range(600):
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit("no serial socket at " + path)
+def feed():
+    for line in sys.stdin.buffer:
+        s.sendall(line)
+threading.Thread(target=feed, daemon=True).start()
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    os.write(1, data)
+' "$1"
+}
+
 # start_guest NAME FD: boot the test guest in ism mode; its serial input is the FIFO opened
 # on file descriptor FD, its serial output goes to $work/NAME.out.
 start_guest() {
     local name=$1 fd=$2
+    local ism="id=ism0,size=64M,chunk_size=4K,pool=$work/pool.sock"
     mkfifo "$work/$name.in"
-    "$vmm" --kernel "$guest" --cmdline "ism.test=ism" --cpus boot=1 --memory size=128M \
-        --serial tty --ism "id=ism0,size=64M,chunk_size=4K,pool=$work/pool.sock" \
-        <"$work/$name.in" >"$work/$name.out" 2>"$work/$name.err" &
-    pids+=($!)
+    if [ "$vmm_kind" = cloud-hypervisor ]; then
+        "$vmm" --kernel "$guest" --cmdline "ism.test=ism" --cpus boot=1 --memory size=128M \
+            --serial "socket=$work/$name.sock" --console off --ism "$ism" \
+            </dev/null >"$work/$name.err" 2>&1 &
+        pids+=($!)
+        serial_bridge "$work/$name.sock" <"$work/$name.in" >"$work/$name.out" &
+        pids+=($!)
+    else
+        "$vmm" --kernel "$guest" --cmdline "ism.test=ism" --cpus boot=1 --memory size=128M \
+            --serial tty --ism "$ism" \
+            <"$work/$name.in" >"$work/$name.out" 2>"$work/$name.err" &
+        pids+=($!)
+    fi
     eval "exec $fd>\"$work/$name.in\""
     echo 0 >"$work/$name.seq"
 }
@@ -100,7 +160,7 @@ run() {
 # field KEY LINE: the value of KEY=... in LINE.
 field() { printf '%s\n' "$2" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n1; }
 
-say "== 3. Boot guests A and B, each in its own ism-vmm process"
+say "== 3. Boot guests A and B, each in its own $vmm_kind process"
 start_guest A 3
 start_guest B 4
 ready_a="$(wait_for A 'ism=ready')"
