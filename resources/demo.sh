@@ -47,7 +47,7 @@ if [ "$vmm_kind" = cloud-hypervisor ]; then
     # Prints the directory of the cached build last; dies with what to set when it cannot.
     ch_dir="$(bash resources/cloud-hypervisor.sh | tail -n 1)"
     vmm="$ch_dir/cloud-hypervisor"
-    command -v python3 >/dev/null || die "python3 is needed to reach cloud-hypervisor's serial socket"
+    command -v python3 >/dev/null || die "python3 is needed to find cloud-hypervisor's serial pty"
 fi
 for f in "$vmm" "$pool" "$guest"; do [ -x "$f" ] || die "missing $f after the build"; done
 
@@ -76,47 +76,53 @@ for _ in $(seq 100); do [ -S "$work/pool.sock" ] && break; sleep 0.1; done
 [ -S "$work/pool.sock" ] || die "the broker did not start"
 echo "broker listening on $work/pool.sock"
 
-# cloud-hypervisor reads serial input only from a terminal: its serial console is a unix
-# socket instead, and this bridge joins it to the FIFO and the output file.
-serial_bridge() {
+# cloud-hypervisor reads serial input only from a terminal: its serial console is a pty,
+# whose path its API reports (vm.info), read with cat and written through a descriptor.
+serial_pty() {
     python3 -c '
-import os, socket, sys, threading, time
-path = sys.argv[1]
+import json, socket, sys, time
 for _ in range(600):
     try:
         s = socket.socket(socket.AF_UNIX)
-        s.connect(path)
+        s.connect(sys.argv[1])
+        s.sendall(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += s.recv(65536)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+        while len(body) < length:
+            body += s.recv(65536)
+        print(json.loads(body)["config"]["serial"]["file"])
         break
-    except OSError:
+    except (OSError, ValueError, IndexError, KeyError):
         time.sleep(0.05)
 else:
-    sys.exit("no serial socket at " + path)
-def feed():
-    for line in sys.stdin.buffer:
-        s.sendall(line)
-threading.Thread(target=feed, daemon=True).start()
-while True:
-    data = s.recv(65536)
-    if not data:
-        break
-    os.write(1, data)
+    sys.exit("no serial pty in vm.info at " + sys.argv[1])
 ' "$1"
 }
 
-# start_guest NAME FD: boot the test guest in ism mode; its serial input is the FIFO opened
-# on file descriptor FD, its serial output goes to $work/NAME.out.
+# start_guest NAME FD: boot the test guest in ism mode; its serial input is opened on file
+# descriptor FD (a FIFO to ism-vmm's stdin, or cloud-hypervisor's pty), its serial output
+# goes to $work/NAME.out.
 start_guest() {
     local name=$1 fd=$2
     local ism="id=ism0,size=64M,chunk_size=4K,pool=$work/pool.sock"
-    mkfifo "$work/$name.in"
     if [ "$vmm_kind" = cloud-hypervisor ]; then
         "$vmm" --kernel "$guest" --cmdline "ism.test=ism" --cpus boot=1 --memory size=128M \
-            --serial "socket=$work/$name.sock" --console off --ism "$ism" \
+            --serial pty --console off --api-socket "$work/$name.api" --ism "$ism" \
             </dev/null >"$work/$name.err" 2>&1 &
         pids+=($!)
-        serial_bridge "$work/$name.sock" <"$work/$name.in" >"$work/$name.out" &
+        local pty
+        pty="$(serial_pty "$work/$name.api")" || die "guest $name: no serial pty"
+        # cat ends with EIO when the VM powers off and the pty goes away.
+        cat "$pty" >"$work/$name.out" 2>/dev/null &
         pids+=($!)
+        eval "exec $fd>\"$pty\""
+        echo 0 >"$work/$name.seq"
+        return 0
     else
+        mkfifo "$work/$name.in"
         "$vmm" --kernel "$guest" --cmdline "ism.test=ism" --cpus boot=1 --memory size=128M \
             --serial tty --ism "$ism" \
             <"$work/$name.in" >"$work/$name.out" 2>"$work/$name.err" &

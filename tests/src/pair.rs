@@ -2,14 +2,13 @@
 //! Guests that talk to each other through virtio-ism: an `ism-pool` broker process and test
 //! guests in `ism.test=ism` mode, each in its own VMM process (ism-vmm or cloud-hypervisor,
 //! [`IsmSpec::vmm`]), driven by commands written to their serial input: ism-vmm's stdin, or
-//! cloud-hypervisor's serial socket (it reads stdin only from a terminal).
+//! cloud-hypervisor's serial pty (it reads stdin only from a terminal).
 //!
 //! Every process runs in its own process group and is killed (SIGKILL to the group) when its
 //! handle is dropped, so a failing or panicking test leaves nothing behind. Every wait is
 //! bounded by the handle's deadline.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -274,9 +273,9 @@ impl IsmSpec {
 pub struct IsmGuest {
     name: String,
     group: Group,
-    /// The serial input: ism-vmm's stdin or cloud-hypervisor's serial socket.
+    /// The serial input: ism-vmm's stdin or cloud-hypervisor's serial pty.
     input: Option<Box<dyn Write + Send>>,
-    /// Holds cloud-hypervisor's serial socket.
+    /// Holds cloud-hypervisor's API socket when the test gave none.
     _dir: Option<ScratchDir>,
     console: Arc<(Mutex<Console>, Condvar)>,
     stderr: Arc<Mutex<String>>,
@@ -316,15 +315,25 @@ impl IsmGuest {
             broker.socket().display()
         );
         let mut args = spec.vmm.boot_args(&test_guest(), &cmdline);
+        // cloud-hypervisor: the serial console on a pty (its serial socket drops what the
+        // guest writes before a client connects), found through the API socket.
         let serial_dir = match spec.vmm {
             Vmm::IsmVmm => None,
             Vmm::CloudHypervisor => {
-                let dir = ScratchDir::new("serial");
-                let socket = dir.path().join("serial.sock");
                 if let Some(at) = args.iter().position(|a| a == "--serial") {
-                    args[at + 1] = format!("socket={}", socket.display());
+                    args[at + 1] = "pty".into();
                 }
-                Some((dir, socket))
+                let given = extra.iter().position(|a| *a == "--api-socket");
+                let dir = ScratchDir::new("serial");
+                let api = match given.and_then(|at| extra.get(at + 1)) {
+                    Some(path) => PathBuf::from(path),
+                    None => {
+                        let path = dir.path().join("api.sock");
+                        args.extend(["--api-socket".into(), path.display().to_string()]);
+                        path
+                    }
+                };
+                Some((dir, api))
             }
         };
         let mut command = Command::new(&vmm);
@@ -349,14 +358,14 @@ impl IsmGuest {
                 let stdin = group.child.stdin.take().expect("piped");
                 (Some(Box::new(stdin)), None)
             }
-            Some((dir, socket)) => {
+            Some((dir, api)) => {
                 // Its stdout carries nothing of the guest's; keep it with the log.
                 collect(stdout, stderr.clone());
-                let stream = connect_serial(&mut group, &socket, &stderr);
-                let reader = stream.try_clone().expect("clone the serial socket");
+                let pty = open_serial_pty(&mut group, &api, &stderr);
+                let reader = pty.try_clone().expect("clone the serial pty");
                 let feed = console.clone();
                 thread::spawn(move || read_console(reader, &feed));
-                (Some(Box::new(stream)), Some(dir))
+                (Some(Box::new(pty)), Some(dir))
             }
         };
         let mut guest = Self {
@@ -519,25 +528,36 @@ impl IsmGuest {
     }
 }
 
-/// Connect to a VMM's serial socket once it exists (bounded; panics with the VMM's log if it
-/// exits or the socket never comes).
-fn connect_serial(group: &mut Group, socket: &Path, log: &Mutex<String>) -> UnixStream {
+/// cloud-hypervisor's serial pty, once its API reports the path (bounded; panics with the
+/// VMM's log if it exits first). cloud-hypervisor keeps the pty raw, so nothing is echoed back.
+fn open_serial_pty(group: &mut Group, api: &Path, log: &Mutex<String>) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(stream) = UnixStream::connect(socket) {
-            return stream;
+        let path = std::os::unix::net::UnixStream::connect(api)
+            .ok()
+            .map(|_| crate::api::request(api, "GET", "vm.info", None))
+            .filter(|(status, _)| *status == 200)
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|info| info["config"]["serial"]["file"].as_str().map(PathBuf::from));
+        if let Some(path) = path {
+            return std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOCTTY)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("open the serial pty {}: {e}", path.display()));
         }
         if let Ok(Some(status)) = group.child.try_wait() {
             group.reaped = true;
             panic!(
-                "VMM exited ({status}) before its serial socket came up:\n{}",
+                "VMM exited ({status}) before its serial pty came up:\n{}",
                 log.lock().unwrap_or_else(|e| e.into_inner())
             );
         }
         assert!(
             Instant::now() < deadline,
-            "no serial socket at {} within 20 s:\n{}",
-            socket.display(),
+            "no serial pty in vm.info within 20 s:\n{}",
             log.lock().unwrap_or_else(|e| e.into_inner())
         );
         thread::sleep(Duration::from_millis(10));
