@@ -125,6 +125,6 @@ mkdir -p "$tmp"
 cp "$cache/target/release/cloud-hypervisor" "$cache/target/release/ch-remote" "$tmp/"
 rm -rf "$out"
 mv "$tmp" "$out"
-# Older builds are not needed once a newer one exists.
-find "$cache" -maxdepth 1 -name 'bin-*' -not -name "bin-$key" -exec rm -rf {} +
+# Keep the three newest builds (a test run may still use the one before).
+ls -1dt "$cache"/bin-* 2>/dev/null | tail -n +4 | xargs -r rm -rf
 echo "$out"

@@ -181,7 +181,30 @@ fn test_bad_ism_options_and_absent_broker_are_clear_errors(vmm: Vmm) {
     assert!(out.stderr.contains(duplicate), "{}", out.describe());
 }
 
+/// The pool embedded in the VMM (no `pool=`) under the default seccomp filters: the guest
+/// allocates, writes and reads a region, then powers off cleanly.
+fn test_embedded_pool_serves_the_guest_under_seccomp(vmm: Vmm) {
+    require_kvm!();
+    require_vmm!(vmm);
+    let script = "alloc,65536;poweroff";
+    let out = VmRun::guest_test_on(vmm, &format!("ism ism.script={script}"))
+        .args([
+            "--ism",
+            "id=ism0,size=8M,pool_size=16M",
+            "--seccomp",
+            "true",
+        ])
+        .run();
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("cmd=alloc status=ok"),
+        "{}",
+        out.describe()
+    );
+}
+
 vmm_tests!(
+    test_embedded_pool_serves_the_guest_under_seccomp,
     test_ism_device_enumerates_with_both_shm_regions,
     test_two_ism_devices_get_their_own_windows,
     test_pci_device_id_places_the_device_or_is_refused,
