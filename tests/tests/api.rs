@@ -314,6 +314,10 @@ fn test_cloud_hypervisor_hotplugs_ism_and_refuses_snapshots() {
     );
     // A second device with the same id is refused.
     api.expect("PUT", "vm.add-ism", Some(&body), 409);
+    // Unplug is requested through vm.remove-device; it completes when the guest ejects the
+    // device through ACPI (this test guest has no ACPI hotplug, so it stays).
+    api.expect("PUT", "vm.remove-device", Some(r#"{"id":"ism1"}"#), 204);
+    api.expect("PUT", "vm.remove-device", Some(r#"{"id":"ism9"}"#), 404);
 
     api.expect("PUT", "vm.pause", None, 204);
     let dir = ism_tests::pair::ScratchDir::new("snapshot");
