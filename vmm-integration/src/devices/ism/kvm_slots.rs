@@ -82,23 +82,12 @@ impl SlotBackend for KvmSlotBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::os::fd::AsFd;
     use std::sync::atomic::Ordering;
 
     use virtio_ism::ShmWindow;
     use virtio_ism_window::SlotWindow;
-
-    fn memfd(len: u64, fill: u8) -> OwnedFd {
-        // SAFETY: valid name and flags; returns a new fd or -1.
-        let fd = unsafe { libc::memfd_create(c"ism-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd was just created and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let file = std::fs::File::from(fd.try_clone().unwrap());
-        file.set_len(len).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&file, &vec![fill; len as usize], 0).unwrap();
-        fd
-    }
+    use virtio_ism_window::test_utils::memfd;
 
     /// Whether KVM has a slot covering `gpa`: adding a probe slot there fails with EEXIST.
     fn kvm_has_slot_at(vm: &VmFd, probe: &ProbeMemory, gpa: u64) -> bool {
