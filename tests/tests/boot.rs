@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Boot ism-vmm with the freestanding test guest: power-off, CPU count, virtio-rng, reset,
-//! guest faults and bad kernels. Each VM has a hard 60 s limit and is killed on failure.
+//! Boot the freestanding test guest: power-off, CPU count, virtio-rng with MSI-X, PCI and the
+//! APIC timer under ism-vmm and cloud-hypervisor alike; reset, guest faults and bad kernels
+//! under ism-vmm. Each VM has a hard 60 s limit and is killed on failure.
 
-use ism_tests::{VmRun, require_kvm};
+use ism_tests::{VmRun, Vmm, require_kvm, require_vmm, vmm_tests};
 
-#[test]
-fn test_guest_boots_prints_and_powers_off() {
+fn test_guest_boots_prints_and_powers_off(vmm: Vmm) {
     require_kvm!();
-    let out = VmRun::guest_test("boot").run();
+    require_vmm!(vmm);
+    let out = VmRun::guest_test_on(vmm, "boot").run();
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     let r = &out.report;
     assert_eq!(r.get("hello"), Some("1"), "{}", out.describe());
@@ -19,20 +20,22 @@ fn test_guest_boots_prints_and_powers_off() {
     assert_eq!(r.number("s5"), Some(5), "DSDT _S5_ sleep type");
 }
 
-#[test]
-fn test_two_vcpus_are_reported_by_madt() {
+fn test_two_vcpus_are_reported_by_madt(vmm: Vmm) {
     require_kvm!();
-    let out = VmRun::guest_test("boot").set("cpus", "boot=2").run();
+    require_vmm!(vmm);
+    let out = VmRun::guest_test_on(vmm, "boot")
+        .set("cpus", "boot=2")
+        .run();
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert_eq!(out.report.number("cpus"), Some(2), "{}", out.describe());
-    let one = VmRun::guest_test("boot").run();
+    let one = VmRun::guest_test_on(vmm, "boot").run();
     assert_eq!(one.report.number("cpus"), Some(1), "{}", one.describe());
 }
 
-#[test]
-fn test_virtio_rng_returns_varied_bytes() {
+fn test_virtio_rng_returns_varied_bytes(vmm: Vmm) {
     require_kvm!();
-    let out = VmRun::guest_test("rng")
+    require_vmm!(vmm);
+    let out = VmRun::guest_test_on(vmm, "rng")
         .set("rng", "src=/dev/urandom")
         .run();
     assert_eq!(out.code(), Some(0), "{}", out.describe());
@@ -47,10 +50,10 @@ fn test_virtio_rng_returns_varied_bytes() {
     assert_eq!(r.get("rng_reads_differ"), Some("true"));
 }
 
-#[test]
-fn test_virtio_rng_completions_raise_msix_interrupts() {
+fn test_virtio_rng_completions_raise_msix_interrupts(vmm: Vmm) {
     require_kvm!();
-    let out = VmRun::guest_test("rng")
+    require_vmm!(vmm);
+    let out = VmRun::guest_test_on(vmm, "rng")
         .set("rng", "src=/dev/urandom")
         .run();
     assert_eq!(out.code(), Some(0), "{}", out.describe());
@@ -67,19 +70,19 @@ fn test_virtio_rng_completions_raise_msix_interrupts() {
     );
 }
 
-#[test]
-fn test_pci_enumeration_lists_host_bridge() {
+fn test_pci_enumeration_lists_host_bridge(vmm: Vmm) {
     require_kvm!();
-    let out = VmRun::guest_test("pci").run();
+    require_vmm!(vmm);
+    let out = VmRun::guest_test_on(vmm, "pci").run();
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(out.report.passed(), "{}", out.describe());
     assert!(!out.report.all("pci").is_empty());
 }
 
-#[test]
-fn test_local_apic_timer_wakes_idle_guest() {
+fn test_local_apic_timer_wakes_idle_guest(vmm: Vmm) {
     require_kvm!();
-    let out = VmRun::guest_test("irq").run();
+    require_vmm!(vmm);
+    let out = VmRun::guest_test_on(vmm, "irq").run();
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert!(out.report.passed(), "{}", out.describe());
 }
@@ -165,3 +168,12 @@ fn test_virtio_capabilities_are_listed_inside_pci_windows() {
         "common cfg at {common:#x} outside the PCI windows"
     );
 }
+
+vmm_tests!(
+    test_guest_boots_prints_and_powers_off,
+    test_two_vcpus_are_reported_by_madt,
+    test_virtio_rng_returns_varied_bytes,
+    test_virtio_rng_completions_raise_msix_interrupts,
+    test_pci_enumeration_lists_host_bridge,
+    test_local_apic_timer_wakes_idle_guest,
+);
