@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Two PVM Linux guests, each in its own ism-vmm, sharing memory through one ism-pool broker.
+# Two PVM Linux guests, each in its own VMM process (ism-vmm, or patched cloud-hypervisor with
+# --vmm cloud-hypervisor), sharing memory through one ism-pool broker.
 # The module gets into each image the documented ways (docs/guest-driver.md), against the
 # PVM kernel's tree, release resolved at run time: A's image root by `make install
 # INSTALL_MOD_PATH=ROOT`, B's by `dkms add/build/install -k RELEASE` (lib-install.sh); both
@@ -12,9 +13,16 @@
 # reads the pattern (must match), tries to write (must be refused) and kicks A; A's
 # `ismctl wait` must see the kick. ismctl is the Rust `ism` crate's CLI: every step goes
 # through its Device/Region API. A boots first and B as soon as the token is known.
-# Usage: pair-test.sh [--vmm PATH] [--pool PATH] [--timeout SECONDS] [--keep-logs DIR]
+# The test body is the same under both VMMs; what differs (the binary, the serial set-up) is
+# in lib-vmtest.sh (vmtest_pick_vmm, vmtest_exec_vmm).
+# Usage: pair-test.sh [--vmm ism-vmm|cloud-hypervisor|PATH] [--pool PATH] [--timeout SECONDS]
+#                     [--keep-logs DIR]
+#   --vmm: ism-vmm (default, built with cargo), cloud-hypervisor (the patched build of
+#   resources/cloud-hypervisor.sh, or $ISM_CLOUD_HYPERVISOR_DIR), or the path of either binary
+#   (named cloud-hypervisor* for cloud-hypervisor).
 # Needs /dev/kvm; prints "SKIPPED: ..." and exits 0 without it. Prints
-# `ISM-LINUX-PAIR result=pass|fail` and exits 0 only on pass.
+# `ISM-LINUX-PAIR result=pass|fail vmm=KIND` and exits 0 only on pass: both guests' scripts
+# passed and both VMMs exited 0 (the guests powered off).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -26,6 +34,7 @@ keep=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --vmm) vmm="$2"; shift 2 ;;
+        --vmm=*) vmm="${1#--vmm=}"; shift ;;
         --pool) pool_bin="$2"; shift 2 ;;
         --timeout) timeout_s="$2"; shift 2 ;;
         --keep-logs) keep="$2"; shift 2 ;;
@@ -41,6 +50,9 @@ start=$SECONDS
 deadline=$((SECONDS + timeout_s))
 work="$(mktemp -d)"
 pids=()
+build_s=0
+guests_start=$SECONDS
+# shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
     local pid
     for pid in "${pids[@]}"; do
@@ -48,7 +60,7 @@ cleanup() {
     done
     wait 2>/dev/null || true
     if [[ -n "$keep" ]]; then
-        mkdir -p "$keep" && cp "$work"/*.log "$keep/" 2>/dev/null || true
+        { mkdir -p "$keep" && cp "$work"/*.log "$keep/"; } 2>/dev/null || true
     fi
     rm -rf "$work"
 }
@@ -64,10 +76,12 @@ finish() {
     if [[ "$result" != pass ]]; then
         echo "--- last lines of A"; tail -n 15 "$work/a.log" 2>/dev/null || true
         echo "--- last lines of B"; tail -n 15 "$work/b.log" 2>/dev/null || true
+        echo "--- $vmm_kind of A"; tail -n 15 "$work/a.vmm.log" 2>/dev/null || true
+        echo "--- $vmm_kind of B"; tail -n 15 "$work/b.vmm.log" 2>/dev/null || true
         echo "--- pool"; tail -n 15 "$work/pool.log" 2>/dev/null || true
     fi
-    echo "elapsed $((SECONDS - start)) s (build $build_s s, guests $((SECONDS - guests_start)) s): $why"
-    echo "ISM-LINUX-PAIR result=$result"
+    echo "elapsed $((SECONDS - start)) s (build $build_s s, guests $((SECONDS - guests_start)) s, $vmm_kind): $why"
+    echo "ISM-LINUX-PAIR result=$result vmm=$vmm_kind"
     [[ "$result" == pass ]]
 }
 
@@ -75,7 +89,10 @@ finish() {
 source "$here/lib-vmtest.sh"
 # shellcheck source=lib-install.sh
 source "$here/lib-install.sh"
+vmm_kind="${vmm:-ism-vmm}"
 vmtest_build "$work" "$vmm"
+vmm_kind="$VMTEST_VMM_KIND"
+echo "VMM: $vmm_kind, $VMTEST_VMM ($("$VMTEST_VMM" --version 2>&1 | head -n 1))"
 release="$(install_release "$PVM_KERNEL_TREE")"
 [[ -n "$release" ]] || { echo "No kernel release in $PVM_KERNEL_TREE"; exit 1; }
 # Each image root starts as an installed system would: the kernel's own module metadata.
@@ -186,13 +203,16 @@ for _ in $(seq 100); do
 done
 [[ -S "$sock" ]] || { finish fail "the pool broker did not create $sock"; exit 1; }
 
-# exec: the pid kept for the EXIT trap is then timeout(1)'s, which passes the signal on to ism-vmm.
+# run_guest SIDE ARGS: the guest's serial output goes to SIDE.log, its VMM's messages to
+# SIDE.vmm.log. vmtest_exec_vmm execs: the pid kept for the EXIT trap is then timeout(1)'s,
+# which passes the signal on to the VMM.
 run_guest() {
     local side="$1" args="$2"
-    exec timeout -k 5 $((deadline - SECONDS > 1 ? deadline - SECONDS : 1)) "$VMTEST_VMM" --kernel "$PVM_VMLINUX" \
-        --initramfs "$work/$side.cpio" --cmdline "$VMTEST_PVM_CMDLINE -- sh $args" \
-        --cpus boot=1 --memory size=256M --serial tty \
-        --ism "id=ism0,size=16M,chunk_size=64K,pool=$sock" </dev/null >"$work/$side.log" 2>&1
+    vmtest_exec_vmm $((deadline - SECONDS > 1 ? deadline - SECONDS : 1)) \
+        "$work/$side.log" "$work/$side.vmm.log" \
+        --kernel "$PVM_VMLINUX" --initramfs "$work/$side.cpio" \
+        --cmdline "$VMTEST_PVM_CMDLINE -- sh $args" --cpus boot=1 --memory size=256M \
+        --ism "id=ism0,size=16M,chunk_size=64K,pool=$sock"
 }
 
 run_guest a "/a.sh" &
@@ -200,7 +220,7 @@ pid_a=$!
 pids+=("$pid_a")
 token=""
 while [[ -z "$token" ]]; do
-    token="$(grep -ao 'ISM-PAIR-A token=0x[0-9a-f]*' "$work/a.log" | head -n1 | cut -d= -f2 || true)"
+    token="$(grep -ao 'ISM-PAIR-A token=0x[0-9a-f]*' "$work/a.log" 2>/dev/null | head -n1 | cut -d= -f2 || true)"
     [[ -n "$token" ]] && break
     kill -0 "$pid_a" 2>/dev/null || { finish fail "guest A ended before printing a token"; exit 1; }
     ((SECONDS < deadline)) || { finish fail "timed out waiting for A's token"; exit 1; }
@@ -219,10 +239,14 @@ rc_b=$?
 wait "$pid_a"
 rc_a=$?
 set -e
-echo "vmm exit: A $rc_a, B $rc_b"
+echo "$vmm_kind exit: A $rc_a, B $rc_b"
 if grep -q "ISM-PAIR-A all-passed" "$work/a.log" && grep -q "ISM-PAIR-B all-passed" "$work/b.log"; then
-    finish pass "B read A's pattern read-only, its write was refused, its kick reached A"
-    exit 0
+    if [[ "$rc_a" == 0 && "$rc_b" == 0 ]]; then
+        finish pass "B read A's pattern read-only, its write was refused, its kick reached A"
+        exit 0
+    fi
+    finish fail "both guests passed but a $vmm_kind did not exit 0 after the power-off (A $rc_a, B $rc_b)"
+    exit 1
 fi
 if ((SECONDS >= deadline)); then
     finish fail "timed out: the guests had not finished when the ${timeout_s} s budget ran out"

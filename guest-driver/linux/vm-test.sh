@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Boot the PVM kernel under ism-vmm with a virtio-ism device, load virtio_ism.ko and run
+# Boot the PVM kernel under ism-vmm (or cloud-hypervisor: --vmm), load virtio_ism.ko and run
 # ismctl (static) in the guest, with two ism devices on one embedded pool: the owner on
 # /dev/ism0 allocates, writes, reads back and grants; the peer on /dev/ism1 attaches, writes
 # what the owner reads, and kicks a region the owner bound (the owner's wait must see it).
-# Usage: vm-test.sh [--vmm PATH] [--timeout SECONDS] [--keep-log FILE]
+# Usage: vm-test.sh [--vmm ism-vmm|cloud-hypervisor|PATH] [--timeout SECONDS] [--keep-log FILE]
+#   --vmm as in pair-test.sh (lib-vmtest.sh: vmtest_pick_vmm); default ism-vmm.
 # Needs /dev/kvm; prints "SKIPPED: ..." and exits 0 without it. Exit 0 = every guest step passed.
 set -euo pipefail
 
@@ -33,7 +34,6 @@ log="${log:-$work/serial.log}"
 source "$here/lib-vmtest.sh"
 vmtest_build "$work" "$vmm"
 ismctl="$VMTEST_ISMCTL"
-vmm="$VMTEST_VMM"
 
 cat >"$work/test.sh" <<'GUEST'
 set -e
@@ -90,18 +90,25 @@ bash "$root/resources/linux/make-initramfs.sh" --output "$work/initramfs.cpio" -
     --add "$work/kmod/virtio_ism.ko:/lib/modules/virtio_ism.ko" \
     --add "$ismctl:/bin/ismctl" --add "$work/test.sh:/test.sh" >&2
 
+# ism-vmm's messages go into the serial log as before; cloud-hypervisor's into their own file.
+vmm_log="$log"
+[[ "$VMTEST_VMM_KIND" == ism-vmm ]] || vmm_log="$work/vmm.log"
 set +e
-timeout -k 5 "$timeout_s" "$vmm" --kernel "$PVM_VMLINUX" --initramfs "$work/initramfs.cpio" \
-    --cmdline "$VMTEST_PVM_CMDLINE -- sh /test.sh" \
-    --cpus boot=1 --memory size=256M --serial tty --ism "size=16M,chunk_size=64K,pool_size=8M" --ism "size=16M,chunk_size=64K" \
-    </dev/null >"$log" 2>&1
+(vmtest_exec_vmm "$timeout_s" "$log" "$vmm_log" --kernel "$PVM_VMLINUX" \
+    --initramfs "$work/initramfs.cpio" --cmdline "$VMTEST_PVM_CMDLINE -- sh /test.sh" \
+    --cpus boot=1 --memory size=256M \
+    --ism "size=16M,chunk_size=64K,pool_size=8M" --ism "size=16M,chunk_size=64K")
 rc=$?
 set -e
 grep -a "ISM-KMOD\|ISM-LINUX\|virtio_ism\|ism0" "$log" || true
 if grep -q "ISM-KMOD all-passed" "$log"; then
-    echo "PASS: virtio_ism + ismctl in a PVM guest (vmm exit $rc)"
+    echo "PASS: virtio_ism + ismctl in a PVM guest ($VMTEST_VMM_KIND exit $rc)"
     exit 0
 fi
-echo "FAIL: vmm exit $rc; last serial lines:"
+echo "FAIL: $VMTEST_VMM_KIND exit $rc; last serial lines:"
 tail -n 30 "$log"
+if [[ "$vmm_log" != "$log" ]]; then
+    echo "--- $VMTEST_VMM_KIND"
+    tail -n 15 "$vmm_log"
+fi
 exit 1
