@@ -106,7 +106,9 @@ impl RegionMemory {
     /// would stop the writers too, so the file is opened a second time through procfs.
     pub fn read_only_fd(&self) -> Result<OwnedFd, MemoryError> {
         let path = format!("/proc/self/fd/{}", self.fd.as_fd().as_raw_fd());
-        rustix::fs::open(
+        // openat, not open: the VMMs' seccomp filters allow only openat (and only read-only).
+        rustix::fs::openat(
+            rustix::fs::CWD,
             path.as_str(),
             OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
             Mode::empty(),
