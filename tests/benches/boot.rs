@@ -804,7 +804,7 @@ fn main() {
                  median is given first, the difference of the medians in brackets.\n\n\
                  {table}\n\
                  Goals:\n\n{goals}\n{}",
-                ch.display(),
+                common::paths::shown_path(ch),
                 version(ch),
                 missing
                     .iter()
@@ -843,7 +843,7 @@ fn main() {
          in ring 3, which runs natively; every serial byte is still a VM exit to the VMM. \
          Where boot time went and what changed it: docs/vmm.md, \"Boot time\".\n",
         ISM_ARGS.join(" "),
-        vmm.display(),
+        common::paths::shown_path(&vmm),
         mib(harness_rss),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         FIRST_LINE_GOAL.as_millis(),

@@ -988,7 +988,7 @@ fn vmm_comparison(
         .unwrap_or_else(|| "version unknown".into());
     let mut out = VmmComparison {
         rounds: Vmm::ALL.iter().map(|v| (*v, Vec::new())).collect(),
-        cloud_hypervisor: format!("`{}` ({version})", binary.display()),
+        cloud_hypervisor: format!("`{}` ({version})", common::paths::shown_path(&binary)),
         notes: Vec::new(),
     };
     let broker = PoolBroker::start("1G");
@@ -1306,8 +1306,8 @@ fn main() {
     let binaries = if kvm_available() {
         format!(
             " Binaries: `{}` and `{}`.",
-            vmm_binary().display(),
-            pool_binary().display()
+            common::paths::shown_path(&vmm_binary()),
+            common::paths::shown_path(&pool_binary())
         )
     } else {
         String::new()

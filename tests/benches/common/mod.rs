@@ -4,6 +4,8 @@
 //! the run, from /proc/stat and getrusage(2). Shared by the boot and ism benchmarks (a
 //! directory, so cargo does not take it for a benchmark of its own).
 
+pub mod paths;
+
 /// Load averages (1/5/15 min) as /proc/loadavg prints them.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
