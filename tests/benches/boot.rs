@@ -27,6 +27,7 @@ use ism_tests::report::PREFIX;
 use ism_tests::{GuestReport, Vmm, kvm_available, test_guest};
 
 use common::CpuTimes;
+use common::paths::version;
 
 /// Goals from the project brief.
 const FIRST_LINE_GOAL: Duration = Duration::from_millis(50);
@@ -448,22 +449,6 @@ fn comparison_table(rows: &[Row], configs: &[&'static str]) -> String {
         }
     }
     table
-}
-
-/// First line of `binary --version`, or "version unknown".
-fn version(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "version unknown".into())
 }
 
 /// This process's own peak RSS in KiB (VmHWM). A child's ru_maxrss starts from the high-water

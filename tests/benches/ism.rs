@@ -975,17 +975,7 @@ fn vmm_comparison(
 ) -> Result<VmmComparison, String> {
     available.clone()?;
     let binary = Vmm::CloudHypervisor.binary();
-    let version = std::process::Command::new(&binary)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "version unknown".into());
+    let version = common::paths::version(&binary);
     let mut out = VmmComparison {
         rounds: Vmm::ALL.iter().map(|v| (*v, Vec::new())).collect(),
         cloud_hypervisor: format!("`{}` ({version})", common::paths::shown_path(&binary)),

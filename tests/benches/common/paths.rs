@@ -1,7 +1,25 @@
 // SPDX-License-Identifier: Apache-2.0
-//! How the benchmarks name a binary in the docs they write: no machine's paths.
+//! How the benchmarks name a binary in the docs they write: its path without this machine's
+//! prefixes, and its version.
 
 use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// First line of `binary --version`, or "version unknown".
+pub fn version(binary: &Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "version unknown".into())
+}
 
 /// `path` relative to the workspace when it is inside it (`target/release/ism-vmm`), else its
 /// last two components (a cloud-hypervisor build in the cache: `bin-<key>/cloud-hypervisor`).
