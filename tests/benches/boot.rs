@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ism_tests::report::PREFIX;
+use ism_tests::vm::read_serial;
 use ism_tests::{GuestReport, Vmm, kvm_available, test_guest};
 
 use common::CpuTimes;
@@ -112,31 +112,6 @@ impl Row {
 fn median<T: Ord + Copy>(mut values: Vec<T>) -> T {
     values.sort();
     values[values.len() / 2]
-}
-
-/// Read the serial console to EOF; when the first complete report line arrived.
-fn read_serial(mut stdout: impl Read, start: Instant) -> (String, Option<Duration>) {
-    let mut text = Vec::new();
-    let mut buf = [0u8; 4096];
-    let mut first = None;
-    loop {
-        match stdout.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                text.extend_from_slice(&buf[..n]);
-                if first.is_none() {
-                    let so_far = String::from_utf8_lossy(&text);
-                    if so_far
-                        .find(PREFIX)
-                        .is_some_and(|at| so_far[at..].contains('\n'))
-                    {
-                        first = Some(start.elapsed());
-                    }
-                }
-            }
-        }
-    }
-    (String::from_utf8_lossy(&text).into_owned(), first)
 }
 
 /// Boot the test guest once under `variant`. The same runner serves every VMM: the end is

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{OnceLock, mpsc};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -233,9 +233,8 @@ impl VmRun {
         };
         let pid = guard.child.id() as libc::pid_t;
 
-        let (first_tx, first_rx) = mpsc::channel();
         let stdout = guard.child.stdout.take().expect("piped");
-        let stdout_reader = thread::spawn(move || read_serial(stdout, start, first_tx));
+        let stdout_reader = thread::spawn(move || read_serial(stdout, start));
         let mut stderr = guard.child.stderr.take().expect("piped");
         let stderr_reader = thread::spawn(move || {
             let mut text = Vec::new();
@@ -265,7 +264,7 @@ impl VmRun {
         let elapsed = start.elapsed();
         // Kill (on timeout) before joining the readers, so their pipes close.
         drop(guard);
-        let stdout = stdout_reader.join().unwrap_or_default();
+        let (stdout, first_line) = stdout_reader.join().unwrap_or_default();
         let stderr = stderr_reader.join().unwrap_or_default();
         VmOutcome {
             status,
@@ -273,38 +272,33 @@ impl VmRun {
             stdout,
             stderr,
             elapsed,
-            first_line: first_rx.try_recv().ok(),
+            first_line,
             peak_rss_kib,
         }
     }
 }
 
-/// Read the serial console to EOF, noting when the first complete report line arrived.
-fn read_serial(
-    mut stdout: impl Read,
-    start: Instant,
-    first_line: mpsc::Sender<Duration>,
-) -> String {
+/// Read the serial console to EOF; also when the first complete report line arrived.
+pub fn read_serial(mut stdout: impl Read, start: Instant) -> (String, Option<Duration>) {
     let mut text = Vec::new();
     let mut buf = [0u8; 4096];
-    let mut seen_first = false;
+    let mut first = None;
     loop {
         match stdout.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 text.extend_from_slice(&buf[..n]);
-                if !seen_first {
+                if first.is_none() {
                     let so_far = String::from_utf8_lossy(&text);
                     if so_far
                         .find(PREFIX)
                         .is_some_and(|at| so_far[at..].contains('\n'))
                     {
-                        seen_first = true;
-                        let _ = first_line.send(start.elapsed());
+                        first = Some(start.elapsed());
                     }
                 }
             }
         }
     }
-    String::from_utf8_lossy(&text).into_owned()
+    (String::from_utf8_lossy(&text).into_owned(), first)
 }
