@@ -25,6 +25,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{ConfigError, IsmConfig, WindowLayout};
+use crate::doorbell::DoorbellRinger;
 use crate::metrics::IsmMetrics;
 use crate::notify::NotifyWiring;
 use crate::observer::{IsmObserver, ObserverSlot};
@@ -150,6 +151,7 @@ impl Ism {
                     window,
                     metrics.clone(),
                     vmm_sys_util::epoll::Epoll::new().map_err(IsmError::CreateKickEpoll)?,
+                    DoorbellRinger::new(),
                 ),
                 session,
             )),

@@ -13,6 +13,7 @@ mod chunks;
 pub mod config;
 mod ctrl;
 mod device;
+mod doorbell;
 mod metrics;
 mod notify;
 mod observer;

@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::chunks::{ChunkMap, Extent};
 use crate::config::WindowLayout;
+use crate::doorbell::DoorbellRinger;
 use crate::metrics::IsmMetrics;
 use crate::notify::{NotifyWiring, WireOutcome};
 use crate::window::ShmWindow;
@@ -125,6 +126,8 @@ pub struct RegionTable {
     wiring: Option<Arc<dyn NotifyWiring>>,
     /// Watches the one-hop eventfds; epoll data is the region token.
     kick_epoll: Epoll,
+    /// Writes peers' doorbells without ever blocking on them.
+    ringer: DoorbellRinger,
 }
 
 impl RegionTable {
@@ -134,6 +137,7 @@ impl RegionTable {
         window: Arc<dyn ShmWindow>,
         metrics: Arc<IsmMetrics>,
         kick_epoll: Epoll,
+        ringer: DoorbellRinger,
     ) -> Self {
         Self {
             layout,
@@ -148,6 +152,7 @@ impl RegionTable {
             metrics,
             wiring: None,
             kick_epoll,
+            ringer,
         }
     }
 
@@ -614,11 +619,12 @@ impl RegionTable {
         let Some(region) = self.regions.get(&token) else {
             return 0;
         };
-        let rung = region
+        let doorbells: Vec<BorrowedFd<'_>> = region
             .doorbells
             .iter()
-            .filter(|(_, doorbell)| ring(doorbell))
-            .count();
+            .map(|(_, doorbell)| doorbell.as_fd())
+            .collect();
+        let rung = self.ringer.ring(&doorbells);
         IsmMetrics::add(&self.metrics.doorbell_writes, rung as u64);
         rung
     }
@@ -694,21 +700,6 @@ fn log_refusal(token: Token, route: &str, outcome: std::io::Result<WireOutcome>)
 
 /// Signal one peer doorbell without ever blocking: a peer could hand over an eventfd whose
 /// counter is full and whose O_NONBLOCK is clear, and this runs on the device's threads.
-fn ring(doorbell: &OwnedFd) -> bool {
-    use rustix::event::{PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(doorbell, PollFlags::OUT)];
-    let now = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    match rustix::event::poll(&mut fds, Some(&now)) {
-        Ok(1) if fds[0].revents().contains(PollFlags::OUT) => {
-            rustix::io::write(doorbell, &1u64.to_ne_bytes()).is_ok()
-        }
-        _ => false,
-    }
-}
-
 /// The region table behind its lock, plus the pool session. Shared by the worker thread
 /// (control and event queues) and the VMM-facing handle (hotplug, doorbells, reset).
 ///

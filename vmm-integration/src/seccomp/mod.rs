@@ -132,6 +132,15 @@ const POOL_CALLS: &[libc::c_long] = &[
     libc::SYS_openat,
 ];
 
+/// Ringing peers' doorbells through Linux AIO (virtio-ism's DoorbellRinger): a context is
+/// made with each device and destroyed with it, and every ring submits and reaps.
+const DOORBELL_AIO: &[libc::c_long] = &[
+    libc::SYS_io_setup,
+    libc::SYS_io_destroy,
+    libc::SYS_io_submit,
+    libc::SYS_io_getevents,
+];
+
 /// An epoll loop over eventfds (every device worker).
 const EPOLL_LOOP: &[libc::c_long] = &[
     libc::SYS_epoll_create1,
@@ -223,7 +232,10 @@ fn extra(thread: Thread) -> Vec<libc::c_long> {
         Thread::IsmWorker => {
             list.extend_from_slice(EPOLL_LOOP);
             list.extend_from_slice(POOL_CALLS);
+            list.extend_from_slice(DOORBELL_AIO);
         }
+        // Devices are made (vm.add-ism) and dropped here.
+        Thread::Main => list.extend_from_slice(DOORBELL_AIO),
         Thread::RngWorker => list.extend_from_slice(EPOLL_LOOP),
         // Device reset on a vCPU gives regions back to the pool, and the workers this
         // thread starts keep its filter: they can only do what it allows.
