@@ -5,6 +5,7 @@
 pub mod api;
 pub mod pair;
 pub mod report;
+pub mod uid;
 pub mod vm;
 pub mod vmm_kind;
 

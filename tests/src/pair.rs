@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::report::{GuestReport, PREFIX};
+use crate::uid::{KvmNode, command_as};
 use crate::vm::{pool_binary, test_guest};
 use crate::vmm_kind::Vmm;
 
@@ -247,6 +248,8 @@ pub struct IsmSpec {
     /// Chunk size, e.g. "4K" or "2M".
     pub chunk_size: String,
     pub vmm: Vmm,
+    /// Run the VMM as this user (see [`crate::uid`]); `None` runs it as the test's user.
+    pub run_as: Option<u32>,
 }
 
 impl Default for IsmSpec {
@@ -255,6 +258,7 @@ impl Default for IsmSpec {
             size: "64M".into(),
             chunk_size: "4K".into(),
             vmm: Vmm::IsmVmm,
+            run_as: None,
         }
     }
 }
@@ -277,6 +281,8 @@ pub struct IsmGuest {
     input: Option<Box<dyn Write + Send>>,
     /// Holds cloud-hypervisor's API socket when the test gave none.
     _dir: Option<ScratchDir>,
+    /// The VMM's `/dev/kvm` when it runs as another user.
+    _kvm_node: Option<KvmNode>,
     console: Arc<(Mutex<Console>, Condvar)>,
     stderr: Arc<Mutex<String>>,
     deadline: Instant,
@@ -325,6 +331,11 @@ impl IsmGuest {
                 }
                 let given = extra.iter().position(|a| *a == "--api-socket");
                 let dir = ScratchDir::new("serial");
+                if let Some(uid) = spec.run_as {
+                    // The VMM makes its API socket here.
+                    std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid))
+                        .expect("chown the serial dir");
+                }
                 let api = match given.and_then(|at| extra.get(at + 1)) {
                     Some(path) => PathBuf::from(path),
                     None => {
@@ -336,7 +347,11 @@ impl IsmGuest {
                 Some((dir, api))
             }
         };
-        let mut command = Command::new(&vmm);
+        let kvm_node = spec.run_as.map(KvmNode::for_uid);
+        let mut command = match (spec.run_as, &kvm_node) {
+            (Some(uid), Some(node)) => command_as(uid, node, &vmm),
+            _ => Command::new(&vmm),
+        };
         command.args(&args);
         let mut group = Group::spawn(
             command
@@ -373,6 +388,7 @@ impl IsmGuest {
             group,
             input,
             _dir: dir,
+            _kvm_node: kvm_node,
             console,
             stderr,
             deadline: Instant::now() + PAIR_TIMEOUT,

@@ -27,7 +27,7 @@ fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply(vmm: Vmm) {
     let big_chunks = IsmSpec {
         size: "256M".into(),
         chunk_size: "2M".into(),
-        vmm,
+        ..IsmSpec::on(vmm)
     };
     let mut b = IsmGuest::start("B", &broker, &big_chunks, &[]);
     assert_eq!(b.ready.number("chunk_size"), Some(2 << 20));
