@@ -6,19 +6,20 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::local::{LocalPool, LocalSession};
+pub use crate::admission::PeerInfo;
+use crate::local::{LocalPool, LocalSession, SessionOwner};
 use crate::session::{PoolError, PoolEvent, PoolSession};
 use crate::wire::{
     self, DOORBELL_VERSION, MAX_DOORBELLS_PER_REPLY, MAX_MESSAGE_LEN, MAX_VERSION, MIN_VERSION,
     Reply, Request, Role, STATUS_CHUNK_LEN, WireError,
 };
 
-/// Who is on the other end, from SO_PEERCRED.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerInfo {
-    pub pid: Option<u32>,
-    /// May query status and revoke regions (root or the broker's own uid).
-    pub trusted: bool,
+/// Per-broker rules a connection applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    /// Refuse device sessions whose read-only leases the kernel would not enforce (peers
+    /// running as root or as the broker's uid, or holding CAP_DAC_OVERRIDE/CAP_FOWNER).
+    pub require_uid_split: bool,
 }
 
 /// One message to send, with the descriptors it carries: one lease fd with LEASE, one
@@ -65,16 +66,27 @@ enum State {
 pub struct Connection {
     pool: Arc<LocalPool>,
     peer: PeerInfo,
+    options: ConnectionOptions,
     state: State,
 }
 
 impl Connection {
     pub fn new(pool: Arc<LocalPool>, peer: PeerInfo) -> Self {
+        Self::with_options(pool, peer, ConnectionOptions::default())
+    }
+
+    pub fn with_options(pool: Arc<LocalPool>, peer: PeerInfo, options: ConnectionOptions) -> Self {
         Connection {
             pool,
             peer,
+            options,
             state: State::AwaitingHello,
         }
+    }
+
+    /// Whether the client said hello as an observer.
+    pub fn is_observer(&self) -> bool {
+        matches!(self.state, State::Observer { .. })
     }
 
     /// The pool session behind this connection, once it said hello as a device.
@@ -175,9 +187,11 @@ impl Connection {
                 out: vec![device_request(session, *version, id, request, fds)],
                 close: false,
             },
+            // An observer that is not trusted gets the one answer it asked for (a refusal,
+            // as it may do nothing) and is closed, so it cannot sit on a slot.
             (State::Observer { version }, request) => Handled {
                 out: self.observer_request(*version, id, request),
-                close: false,
+                close: !self.peer.trusted,
             },
         }
     }
@@ -197,7 +211,23 @@ impl Connection {
         }
         let gid = self.pool.gid();
         let devid = match role {
-            Role::Device => match self.pool.open_session(self.peer.pid) {
+            Role::Device if !self.peer.read_only_enforced && self.options.require_uid_split => {
+                log::warn!(
+                    "Refused a device session from pid {:?} uid {:?}: its read-only leases would not be enforced (--require-uid-split)",
+                    self.peer.pid,
+                    self.peer.uid
+                );
+                return Handled {
+                    out: vec![Outgoing::error(
+                        id,
+                        WireError::protocol(
+                            "Refused: this broker requires VMMs to run under a uid other than root and the broker's, without CAP_DAC_OVERRIDE or CAP_FOWNER (--require-uid-split)",
+                        ),
+                    )],
+                    close: true,
+                };
+            }
+            Role::Device => match self.pool.open_session(self.session_owner()) {
                 Ok(session) => {
                     let devid = session.devid().0;
                     self.state = State::Device { session, version };
@@ -205,7 +235,7 @@ impl Connection {
                 }
                 Err(e) => {
                     return Handled {
-                        out: vec![Outgoing::error(id, WireError::from_pool_error(&e))],
+                        out: vec![Outgoing::error(id, WireError::for_version(&e, version))],
                         close: true,
                     };
                 }
@@ -228,6 +258,24 @@ impl Connection {
         }
     }
 
+    /// The pool's record of this peer; warns once per device connection whose read-only
+    /// leases are advisory only.
+    fn session_owner(&self) -> SessionOwner {
+        if self.peer.uid.is_some() && !self.peer.read_only_enforced {
+            log::warn!(
+                "Device session from pid {:?} uid {:?}: read-only leases to it are ADVISORY; as root, the broker's uid or with CAP_DAC_OVERRIDE/CAP_FOWNER it can reopen them read-write. Run VMMs under their own uid (see --require-uid-split)",
+                self.peer.pid,
+                self.peer.uid
+            );
+        }
+        SessionOwner {
+            pid: self.peer.pid,
+            uid: self.peer.uid,
+            vm: self.peer.vm.clone(),
+            read_only_enforced: self.peer.uid.map(|_| self.peer.read_only_enforced),
+        }
+    }
+
     fn observer_request(&self, version: u16, id: u64, request: Request) -> Vec<Outgoing> {
         let untrusted = || {
             vec![Outgoing::error(
@@ -238,12 +286,14 @@ impl Connection {
         match request {
             Request::Status if !self.peer.trusted => untrusted(),
             Request::Status => {
-                let mut status = self.pool.status();
+                let mut status = self.pool.status().for_version(version);
                 status.protocol_version = version;
                 status_chunks(id, &status)
             }
             Request::Revoke { .. } if !self.peer.trusted => untrusted(),
-            Request::Revoke { token } => vec![result_reply(id, self.pool.revoke(token))],
+            Request::Revoke { token } => {
+                vec![result_reply(id, version, self.pool.revoke(token))]
+            }
             _ => vec![Outgoing::error(
                 id,
                 WireError::protocol("Not allowed on an observer connection"),
@@ -252,10 +302,10 @@ impl Connection {
     }
 }
 
-fn result_reply(id: u64, result: Result<(), PoolError>) -> Outgoing {
+fn result_reply(id: u64, version: u16, result: Result<(), PoolError>) -> Outgoing {
     match result {
         Ok(()) => Outgoing::reply(id, &Reply::Ok),
-        Err(e) => Outgoing::error(id, WireError::from_pool_error(&e)),
+        Err(e) => Outgoing::error(id, WireError::for_version(&e, version)),
     }
 }
 
@@ -285,22 +335,26 @@ fn device_request(
             let Some(doorbell) = fds.first() else {
                 return Outgoing::error(id, WireError::protocol("Doorbell descriptor missing"));
             };
-            return result_reply(id, session.publish_doorbell(token, doorbell.as_fd()));
+            return result_reply(
+                id,
+                version,
+                session.publish_doorbell(token, doorbell.as_fd()),
+            );
         }
         Request::WithdrawDoorbell { token } => {
-            return result_reply(id, session.withdraw_doorbell(token));
+            return result_reply(id, version, session.withdraw_doorbell(token));
         }
         Request::PeerDoorbells { token, start } => {
-            return doorbells_reply(session, id, token, start);
+            return doorbells_reply(session, version, id, token, start);
         }
         Request::Alloc { size } => session.alloc(size),
         Request::Attach { token, want } => session.attach(token, want),
-        Request::Detach { token } => return result_reply(id, session.detach(token)),
+        Request::Detach { token } => return result_reply(id, version, session.detach(token)),
         Request::Grant {
             token,
             target,
             perms,
-        } => return result_reply(id, session.grant(token, target, perms)),
+        } => return result_reply(id, version, session.grant(token, target, perms)),
         Request::Status | Request::Revoke { .. } => {
             return Outgoing::error(
                 id,
@@ -321,19 +375,20 @@ fn device_request(
             .encode(id),
             fds: vec![lease.fd],
         },
-        Err(e) => Outgoing::error(id, WireError::from_pool_error(&e)),
+        Err(e) => Outgoing::error(id, WireError::for_version(&e, version)),
     }
 }
 
 fn doorbells_reply(
     session: &LocalSession,
+    version: u16,
     id: u64,
     token: crate::session::Token,
     start: u32,
 ) -> Outgoing {
     let page = match session.peer_doorbell_page(token, start as usize, MAX_DOORBELLS_PER_REPLY) {
         Ok(page) => page,
-        Err(e) => return Outgoing::error(id, WireError::from_pool_error(&e)),
+        Err(e) => return Outgoing::error(id, WireError::for_version(&e, version)),
     };
     // A start past the end gets an empty page with the true total.
     let start = start.min(page.total);
@@ -391,7 +446,10 @@ mod tests {
     }
 
     fn peer(trusted: bool) -> PeerInfo {
-        PeerInfo { pid: None, trusted }
+        PeerInfo {
+            trusted,
+            ..PeerInfo::default()
+        }
     }
 
     fn hello(role: Role) -> Vec<u8> {

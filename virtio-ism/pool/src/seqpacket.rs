@@ -185,8 +185,12 @@ pub fn wait_readable(
     }
 }
 
-/// Peer process id and uid, from SO_PEERCRED.
-pub fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+/// Peer process id, uid and gid, from SO_PEERCRED (as they were at connect time).
+pub fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32, u32)> {
     let cred = rustix::net::sockopt::socket_peercred(socket)?;
-    Ok((cred.pid.as_raw_nonzero().get() as u32, cred.uid.as_raw()))
+    Ok((
+        cred.pid.as_raw_nonzero().get() as u32,
+        cred.uid.as_raw(),
+        cred.gid.as_raw(),
+    ))
 }

@@ -555,7 +555,15 @@ fn test_read_only_lease_cannot_be_reopened_writable_by_another_user() {
 
 #[test]
 fn test_killed_client_is_reclaimed_and_peer_data_survives() {
-    let broker = BrokerProcess::start(&["--size", "16M", "--per-vm-limit", "2M"]);
+    // Each client process stands for a VM of its own here.
+    let broker = BrokerProcess::start(&[
+        "--size",
+        "16M",
+        "--per-vm-limit",
+        "2M",
+        "--vm-identity",
+        "process",
+    ]);
     let mut owner = ClientProcess::spawn(&broker.socket);
     let mut peer = ClientProcess::spawn(&broker.socket);
     let owner_devid = owner.devid();
@@ -594,7 +602,15 @@ fn test_killed_client_is_reclaimed_and_peer_data_survives() {
 
 #[test]
 fn test_quota_and_pool_exhaustion_errors() {
-    let broker = BrokerProcess::start(&["--size", "1M", "--per-vm-limit", "512K"]);
+    // Each client process stands for a VM of its own here.
+    let broker = BrokerProcess::start(&[
+        "--size",
+        "1M",
+        "--per-vm-limit",
+        "512K",
+        "--vm-identity",
+        "process",
+    ]);
     let mut a = ClientProcess::spawn(&broker.socket);
     let mut b = ClientProcess::spawn(&broker.socket);
     let mut c = ClientProcess::spawn(&broker.socket);
@@ -862,8 +878,9 @@ fn test_hugepage_pool_allocates_or_fails_cleanly() {
 
 #[test]
 fn test_one_process_cannot_take_every_connection() {
-    let broker = BrokerProcess::start(&["--size", "16M"]);
-    let limit = ism_pool::broker::MAX_CONNECTIONS_PER_PROCESS;
+    // With one VM per process, a process is capped at --connections-per-vm.
+    let broker = BrokerProcess::start(&["--size", "16M", "--vm-identity", "process"]);
+    let limit = ism_pool::admission::ConnectionLimits::default().per_vm;
     let mut open: Vec<_> = (0..limit).map(|_| raw_connect(&broker.socket)).collect();
     let refused = seqpacket::connect(&broker.socket).unwrap();
     match raw_answer(&refused) {
