@@ -127,13 +127,14 @@ impl Connection {
         fds_attached: usize,
     ) -> Handled {
         if fds_attached > 0 {
-            let before_hello = matches!(self.state, State::AwaitingHello);
+            let one_answer = matches!(self.state, State::AwaitingHello)
+                || (self.is_observer() && !self.peer.trusted);
             return Handled {
                 out: vec![Outgoing::error(
                     0,
                     WireError::protocol("Unexpected file descriptors from client"),
                 )],
-                close: before_hello,
+                close: one_answer,
             };
         }
         self.handle_message(packet, truncated, Vec::new())
@@ -143,10 +144,12 @@ impl Connection {
     /// the packet was longer than the receive buffer. Only PUBLISH_DOORBELL may carry a
     /// descriptor (exactly one); descriptors sent with anything else are closed unused.
     pub fn handle_message(&mut self, packet: &[u8], truncated: bool, fds: Vec<OwnedFd>) -> Handled {
-        let before_hello = matches!(self.state, State::AwaitingHello);
+        // Before hello, and for an observer that is not trusted, one answer is all there is.
+        let one_answer = matches!(self.state, State::AwaitingHello)
+            || (self.is_observer() && !self.peer.trusted);
         let refuse = |id: u64, error: WireError| Handled {
             out: vec![Outgoing::error(id, error)],
-            close: before_hello,
+            close: one_answer,
         };
         if truncated || packet.len() > MAX_MESSAGE_LEN {
             return refuse(
@@ -746,6 +749,97 @@ mod tests {
         assert_eq!(status.protocol_version, 1);
         let handled = conn.handle_packet(&Request::Alloc { size: 4096 }.encode(3), false, 0);
         assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+    }
+
+    #[test]
+    fn test_untrusted_observer_is_closed_after_one_answer() {
+        let pool = pool();
+        for packet in [Request::Status.encode(2), b"junk".to_vec()] {
+            let mut conn = Connection::new(pool.clone(), peer(false));
+            let handled = conn.handle_packet(&hello(Role::Observer), false, 0);
+            assert!(!handled.close);
+            let handled = conn.handle_packet(&packet, false, 0);
+            assert!(handled.close);
+            assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+        }
+        let mut conn = Connection::new(pool.clone(), peer(true));
+        conn.handle_packet(&hello(Role::Observer), false, 0);
+        assert!(!conn.handle_packet(&b"junk"[..], false, 0).close);
+        assert!(
+            !conn
+                .handle_packet(&Request::Status.encode(3), false, 0)
+                .close
+        );
+    }
+
+    #[test]
+    fn test_uid_split_is_required_when_asked() {
+        let pool = pool();
+        let strict = ConnectionOptions {
+            require_uid_split: true,
+        };
+        let root = PeerInfo {
+            uid: Some(0),
+            trusted: true,
+            vmm: true,
+            ..PeerInfo::default()
+        };
+        let mut conn = Connection::with_options(pool.clone(), root.clone(), strict);
+        let handled = conn.handle_packet(&hello(Role::Device), false, 0);
+        assert!(handled.close);
+        match one_reply(&handled).1 {
+            Reply::Error(e) => assert!(e.text.contains("--require-uid-split"), "{e:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Without the option the session opens, and the status says its read-only leases
+        // are advisory; an unprivileged VMM's are enforced.
+        let mut lax = Connection::new(
+            pool.clone(),
+            PeerInfo {
+                uid: Some(0),
+                trusted: true,
+                ..PeerInfo::default()
+            },
+        );
+        lax.handle_packet(&hello(Role::Device), false, 0);
+        let vmm = PeerInfo {
+            uid: Some(107),
+            vmm: true,
+            read_only_enforced: true,
+            ..PeerInfo::default()
+        };
+        let mut split = Connection::with_options(pool.clone(), vmm, strict);
+        let handled = split.handle_packet(&hello(Role::Device), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::HelloOk { .. }));
+        let enforced: Vec<_> = pool
+            .status()
+            .sessions
+            .iter()
+            .map(|s| (s.uid, s.read_only_enforced))
+            .collect();
+        assert_eq!(enforced, [(Some(0), Some(false)), (Some(107), Some(true))]);
+    }
+
+    #[test]
+    fn test_old_observers_get_a_status_without_new_fields() {
+        let pool = pool();
+        let _dev = device(&pool);
+        for (version, has_new_fields) in [(2, false), (3, true)] {
+            let mut conn = Connection::new(pool.clone(), peer(true));
+            let hello = Request::Hello {
+                min_version: 1,
+                max_version: version,
+                role: Role::Observer,
+            };
+            conn.handle_packet(&hello.encode(1), false, 0);
+            let handled = conn.handle_packet(&Request::Status.encode(2), false, 0);
+            let Reply::StatusChunk { data, .. } = one_reply(&handled).1 else {
+                panic!("no status");
+            };
+            let json = String::from_utf8(data).unwrap();
+            assert_eq!(json.contains("\"vm\""), has_new_fields, "{json}");
+            assert_eq!(json.contains("per_vm_regions"), has_new_fields, "{json}");
+        }
     }
 
     #[test]
