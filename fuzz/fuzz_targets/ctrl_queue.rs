@@ -181,6 +181,7 @@ fuzz_target!(|input: &[u8]| {
         per_vm_limit: None,
         hugepages: false,
         gid: Some(1),
+        ..PoolConfig::default()
     })
     .unwrap();
     let peer: Arc<dyn PoolSession> = pool.session().unwrap();

@@ -93,9 +93,10 @@ fuzz_target!(|data: &[u8]| {
         per_vm_limit: Some(POOL_SIZE / 2),
         hugepages: false,
         gid: Some(1),
+        ..PoolConfig::default()
     })
     .expect("pool");
-    let peer = |trusted| PeerInfo { pid: None, trusted };
+    let peer = |trusted| PeerInfo { trusted, ..PeerInfo::default() };
     let mut connections = [
         Connection::new(pool.clone(), peer(false)),
         Connection::new(pool.clone(), peer(true)),

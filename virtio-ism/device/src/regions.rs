@@ -103,6 +103,8 @@ pub fn pool_status(err: &PoolError) -> Status {
         },
         PoolError::PoolExhausted { .. }
         | PoolError::QuotaExceeded { .. }
+        | PoolError::RegionQuotaExceeded { .. }
+        | PoolError::DescriptorLimit(_)
         | PoolError::CreateMemory(_) => Status::NoMem,
         _ => Status::Err,
     }

@@ -344,6 +344,7 @@ fn pool() -> Arc<LocalPool> {
         per_vm_limit: None,
         hugepages: false,
         gid: Some(0x15a),
+        ..PoolConfig::default()
     })
     .unwrap()
 }
@@ -738,6 +739,7 @@ fn test_alloc_failures_map_to_draft_statuses() {
         per_vm_limit: None,
         hugepages: false,
         gid: None,
+        ..PoolConfig::default()
     })
     .unwrap();
     let mut vm = TestVm::new(&tiny, DRAFT_FEATURES);

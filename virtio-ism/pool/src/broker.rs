@@ -2,25 +2,24 @@
 //! The broker daemon's server: a listening socket, one thread per client connection, all
 //! sharing one [`LocalPool`].
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::handler::{Connection, Outgoing, PeerInfo};
+use crate::admission::{AdmissionPolicy, ConnectionCount, ConnectionSlot, PeerInfo};
+use crate::handler::{Connection, ConnectionOptions, Outgoing};
 use crate::local::LocalPool;
 use crate::seqpacket;
 use crate::wire::{Reply, WireError};
 
-/// Connections served at once; beyond it newcomers are told so and closed.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// Connections one process may have open at once, so that one VMM cannot use up the rest.
-pub const MAX_CONNECTIONS_PER_PROCESS: usize = 64;
 /// A client must say hello within this time, or it is disconnected.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Socket mode unless configured: owner and group may connect, nobody else.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// How long an observer may wait between requests unless configured.
+pub const DEFAULT_OBSERVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not read its replies for this long is disconnected.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -35,6 +34,39 @@ pub enum BrokerError {
     Listen(PathBuf, #[source] io::Error),
     #[error("Failed to accept a connection")]
     Accept(#[source] io::Error),
+    #[error("Invalid socket mode {0:#o}: only permission bits (0..=0o777) are allowed")]
+    SocketMode(u32),
+    #[error("Failed to set the mode of {0} to {1:#o}")]
+    Chmod(PathBuf, u32, #[source] io::Error),
+    #[error("Failed to give {0} to group {1}")]
+    Chown(PathBuf, u32, #[source] io::Error),
+    #[error("Invalid connection limits")]
+    Limits(#[source] crate::admission::AdmissionError),
+}
+
+/// How the broker admits clients and who may use its socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerOptions {
+    pub admission: AdmissionPolicy,
+    pub connection: ConnectionOptions,
+    /// How long an observer may stay idle between requests.
+    pub observer_timeout: Duration,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+    /// Group of the socket file (`None` leaves the broker's group).
+    pub socket_gid: Option<u32>,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            admission: AdmissionPolicy::default(),
+            connection: ConnectionOptions::default(),
+            observer_timeout: DEFAULT_OBSERVER_TIMEOUT,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            socket_gid: None,
+        }
+    }
 }
 
 /// A bound, listening broker.
@@ -42,12 +74,33 @@ pub struct Broker {
     pool: Arc<LocalPool>,
     listener: OwnedFd,
     path: PathBuf,
+    options: BrokerOptions,
     connections: Arc<ConnectionCount>,
 }
 
 impl Broker {
-    /// Listens on `path`. A socket file left by a dead broker is replaced; a live one is not.
+    /// Listens on `path` with the default options.
     pub fn bind(path: &Path, pool: Arc<LocalPool>) -> Result<Broker, BrokerError> {
+        Self::bind_with(path, pool, BrokerOptions::default())
+    }
+
+    /// Listens on `path`. A socket file left by a dead broker is replaced; a live one is not.
+    /// The socket gets `options.socket_mode` and `options.socket_gid`; it is created with
+    /// no access for group and others, so nobody connects before those are applied.
+    pub fn bind_with(
+        path: &Path,
+        pool: Arc<LocalPool>,
+        options: BrokerOptions,
+    ) -> Result<Broker, BrokerError> {
+        use rustix::fs::{Gid, Mode};
+        if options.socket_mode > 0o777 {
+            return Err(BrokerError::SocketMode(options.socket_mode));
+        }
+        options
+            .admission
+            .limits
+            .validate()
+            .map_err(BrokerError::Limits)?;
         if path.exists() {
             if seqpacket::connect(path).is_ok() {
                 return Err(BrokerError::AlreadyRunning(path.to_path_buf()));
@@ -55,12 +108,23 @@ impl Broker {
             std::fs::remove_file(path)
                 .map_err(|e| BrokerError::RemoveStale(path.to_path_buf(), e))?;
         }
-        let listener =
-            seqpacket::listen(path, 128).map_err(|e| BrokerError::Listen(path.to_path_buf(), e))?;
+        // The umask is process-wide; the broker binds before it starts any thread.
+        let old_umask = rustix::process::umask(Mode::from_raw_mode(0o077));
+        let listener = seqpacket::listen(path, 128);
+        rustix::process::umask(old_umask);
+        let listener = listener.map_err(|e| BrokerError::Listen(path.to_path_buf(), e))?;
+        let owned_path = || path.to_path_buf();
+        if let Some(gid) = options.socket_gid {
+            rustix::fs::chown(path, None, Some(Gid::from_raw(gid)))
+                .map_err(|e| BrokerError::Chown(owned_path(), gid, e.into()))?;
+        }
+        rustix::fs::chmod(path, Mode::from_raw_mode(options.socket_mode))
+            .map_err(|e| BrokerError::Chmod(owned_path(), options.socket_mode, e.into()))?;
         Ok(Broker {
             pool,
             listener,
             path: path.to_path_buf(),
+            options,
             connections: Arc::new(ConnectionCount::default()),
         })
     }
@@ -105,22 +169,30 @@ impl Broker {
     }
 
     fn spawn_connection(&self, socket: OwnedFd) {
-        let peer = peer_info(&socket);
-        let slot = match ConnectionSlot::take(&self.connections, peer.pid) {
-            Ok(slot) => slot,
-            Err(reason) => {
-                log::warn!("Refused connection from pid {:?}: {reason}", peer.pid);
-                let error = Reply::Error(WireError::protocol(reason));
-                let _ = seqpacket::send(socket.as_fd(), &error.encode(0), None);
-                return;
-            }
-        };
+        let peer = peer_info(&socket, &self.options.admission);
+        let slot =
+            match ConnectionSlot::take(&self.connections, &peer, &self.options.admission.limits) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    log::warn!(
+                        "Refused connection from pid {:?} uid {:?}: {reason}",
+                        peer.pid,
+                        peer.uid
+                    );
+                    let error = Reply::Error(WireError::protocol(reason));
+                    let _ = seqpacket::send(socket.as_fd(), &error.encode(0), None);
+                    return;
+                }
+            };
         let pool = self.pool.clone();
+        let options = self.options.connection;
+        let observer_timeout = self.options.observer_timeout;
         let spawned = std::thread::Builder::new()
             .name("ism-pool-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(socket, Connection::new(pool, peer));
+                let connection = Connection::with_options(pool, peer, options);
+                serve_connection(socket, connection, observer_timeout);
             });
         if let Err(e) = spawned {
             log::warn!("Failed to start a connection thread: {e}");
@@ -145,77 +217,12 @@ mod libc_errno {
     pub const ENOBUFS: i32 = Errno::NOBUFS.raw_os_error();
 }
 
-/// Open connections, in total and per peer process.
-#[derive(Default)]
-struct ConnectionCount {
-    total: AtomicUsize,
-    per_process: Mutex<HashMap<u32, usize>>,
-}
-
-/// One counted connection; dropping it gives the slot back.
-struct ConnectionSlot {
-    count: Arc<ConnectionCount>,
-    pid: Option<u32>,
-}
-
-impl ConnectionSlot {
-    fn take(count: &Arc<ConnectionCount>, pid: Option<u32>) -> Result<Self, &'static str> {
-        if count.total.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            count.total.fetch_sub(1, Ordering::AcqRel);
-            return Err("Too many connections");
-        }
-        // From here on, dropping the slot undoes the counts taken.
-        let mut slot = ConnectionSlot {
-            count: count.clone(),
-            pid: None,
-        };
-        if let Some(pid) = pid {
-            let mut per_process = count.per_process.lock().unwrap_or_else(|e| e.into_inner());
-            let open = per_process.entry(pid).or_insert(0);
-            if *open >= MAX_CONNECTIONS_PER_PROCESS {
-                return Err("Too many connections from this process");
-            }
-            *open += 1;
-            slot.pid = Some(pid);
-        }
-        Ok(slot)
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.count.total.fetch_sub(1, Ordering::AcqRel);
-        if let Some(pid) = self.pid {
-            let mut per_process = self
-                .count
-                .per_process
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(open) = per_process.get_mut(&pid) {
-                *open -= 1;
-                if *open == 0 {
-                    per_process.remove(&pid);
-                }
-            }
-        }
-    }
-}
-
-fn peer_info(socket: &OwnedFd) -> PeerInfo {
+fn peer_info(socket: &OwnedFd, policy: &AdmissionPolicy) -> PeerInfo {
     match seqpacket::peer_credentials(socket.as_fd()) {
-        Ok((pid, uid)) => {
-            let own_uid = rustix::process::geteuid().as_raw();
-            PeerInfo {
-                pid: Some(pid),
-                trusted: uid == 0 || uid == own_uid,
-            }
-        }
+        Ok((pid, uid, gid)) => PeerInfo::from_credentials(pid, uid, gid, policy),
         Err(e) => {
             log::warn!("No peer credentials: {e}");
-            PeerInfo {
-                pid: None,
-                trusted: false,
-            }
+            PeerInfo::default()
         }
     }
 }
@@ -231,22 +238,25 @@ fn send_all(socket: &OwnedFd, out: Vec<Outgoing>) -> io::Result<()> {
 
 /// Runs one connection until the client goes away (exit, crash or protocol violation).
 /// Dropping the connection closes its session, which releases every region it held.
-fn serve_connection(socket: OwnedFd, mut connection: Connection) {
+fn serve_connection(socket: OwnedFd, mut connection: Connection, observer_timeout: Duration) {
     if let Err(e) = seqpacket::set_send_timeout(socket.as_fd(), SEND_TIMEOUT) {
         log::warn!("Failed to set send timeout: {e}");
     }
-    let hello_deadline = std::time::Instant::now() + HELLO_TIMEOUT;
+    // Before hello: the hello deadline. An observer: idle time since its last request.
+    // A device: none (its connection is the VM's life).
+    let mut deadline = Some(Instant::now() + HELLO_TIMEOUT);
     loop {
         let events = connection.session().cloned();
-        let timeout = if connection.said_hello() {
-            None
-        } else {
-            let left = hello_deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                log::info!("Client did not say hello in time");
-                break;
+        let timeout = match deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    log::info!("Client idle too long (no hello, or an idle observer)");
+                    break;
+                }
+                Some(left)
             }
-            Some(left)
+            None => None,
         };
         let (socket_ready, events_ready) = match seqpacket::wait_readable(
             socket.as_fd(),
@@ -278,6 +288,13 @@ fn serve_connection(socket: OwnedFd, mut connection: Connection) {
         if send_all(&socket, handled.out).is_err() || handled.close {
             break;
         }
+        deadline = if !connection.said_hello() {
+            deadline
+        } else if connection.is_observer() {
+            Some(Instant::now() + observer_timeout)
+        } else {
+            None
+        };
     }
     if let Some(session) = connection.session() {
         log::info!("Device {} disconnected", session.devid().0);

@@ -78,7 +78,14 @@ fn handshake(socket: &OwnedFd, role: Role) -> Result<(u16, u64, u64), PoolError>
         max_version: MAX_VERSION,
         role,
     };
-    seqpacket::send(socket.as_fd(), &hello.encode(1), None).map_err(PoolError::Connection)?;
+    // A broker that refuses the connection says why and closes at once, so the hello may
+    // find the socket closed: the reason is still there to read.
+    if let Err(e) = seqpacket::send(socket.as_fd(), &hello.encode(1), None) {
+        return match recv_reply(socket) {
+            Ok(((_, Reply::Error(refusal)), _)) => Err(refusal.into_pool_error()),
+            _ => Err(PoolError::Connection(e)),
+        };
+    }
     let (answer, _fds) = recv_reply(socket)?;
     match answer {
         (

@@ -9,8 +9,13 @@ pub struct PoolConfig {
     /// Total bytes of region memory the pool may have alive at once.
     pub size: u64,
     /// Bytes of regions one VM may hold at once (allocated or attached); `None` = only the
-    /// pool size limits it.
+    /// pool size limits it. The broker binary never runs without one (see
+    /// [`default_per_vm_limit`]).
     pub per_vm_limit: Option<u64>,
+    /// Regions one VM may hold at once (allocated or attached). Each live region is a
+    /// descriptor in the process that runs the pool, so this bounds how many one VM can
+    /// pin; `None` = no count limit.
+    pub per_vm_regions: Option<u64>,
     /// Back regions with huge pages (MFD_HUGETLB, 2 MiB); region sizes must then be
     /// multiples of 2 MiB.
     pub hugepages: bool,
@@ -24,10 +29,21 @@ impl Default for PoolConfig {
         PoolConfig {
             size: 1 << 30,
             per_vm_limit: None,
+            per_vm_regions: Some(DEFAULT_PER_VM_REGIONS),
             hugepages: false,
             gid: None,
         }
     }
+}
+
+/// Regions one VM may hold unless configured otherwise.
+pub const DEFAULT_PER_VM_REGIONS: u64 = 1024;
+
+/// The per-VM byte limit the broker uses when none is given: half the pool, rounded down
+/// to the page size (at least one page), so that no single VM can take the whole pool.
+pub fn default_per_vm_limit(size: u64, page_size: u64) -> u64 {
+    let half = size / 2;
+    (half - half % page_size).max(page_size)
 }
 
 impl PoolConfig {
@@ -96,6 +112,17 @@ mod tests {
         assert_eq!(parse_size("4G"), Ok(4 << 30));
         assert_eq!(parse_size("4gib"), Ok(4 << 30));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn test_default_per_vm_limit_is_half_the_pool_in_pages() {
+        assert_eq!(default_per_vm_limit(4 << 30, PAGE_SIZE), 2 << 30);
+        assert_eq!(default_per_vm_limit(3 * PAGE_SIZE, PAGE_SIZE), PAGE_SIZE);
+        assert_eq!(default_per_vm_limit(PAGE_SIZE, PAGE_SIZE), PAGE_SIZE);
+        assert_eq!(
+            default_per_vm_limit(6 * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE),
+            3 * HUGE_PAGE_SIZE
+        );
     }
 
     #[test]

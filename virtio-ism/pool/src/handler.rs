@@ -6,19 +6,20 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::local::{LocalPool, LocalSession};
+pub use crate::admission::PeerInfo;
+use crate::local::{LocalPool, LocalSession, SessionOwner};
 use crate::session::{PoolError, PoolEvent, PoolSession};
 use crate::wire::{
     self, DOORBELL_VERSION, MAX_DOORBELLS_PER_REPLY, MAX_MESSAGE_LEN, MAX_VERSION, MIN_VERSION,
     Reply, Request, Role, STATUS_CHUNK_LEN, WireError,
 };
 
-/// Who is on the other end, from SO_PEERCRED.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerInfo {
-    pub pid: Option<u32>,
-    /// May query status and revoke regions (root or the broker's own uid).
-    pub trusted: bool,
+/// Per-broker rules a connection applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    /// Refuse device sessions whose read-only leases the kernel would not enforce (peers
+    /// running as root or as the broker's uid, or holding CAP_DAC_OVERRIDE/CAP_FOWNER).
+    pub require_uid_split: bool,
 }
 
 /// One message to send, with the descriptors it carries: one lease fd with LEASE, one
@@ -65,16 +66,27 @@ enum State {
 pub struct Connection {
     pool: Arc<LocalPool>,
     peer: PeerInfo,
+    options: ConnectionOptions,
     state: State,
 }
 
 impl Connection {
     pub fn new(pool: Arc<LocalPool>, peer: PeerInfo) -> Self {
+        Self::with_options(pool, peer, ConnectionOptions::default())
+    }
+
+    pub fn with_options(pool: Arc<LocalPool>, peer: PeerInfo, options: ConnectionOptions) -> Self {
         Connection {
             pool,
             peer,
+            options,
             state: State::AwaitingHello,
         }
+    }
+
+    /// Whether the client said hello as an observer.
+    pub fn is_observer(&self) -> bool {
+        matches!(self.state, State::Observer { .. })
     }
 
     /// The pool session behind this connection, once it said hello as a device.
@@ -115,13 +127,14 @@ impl Connection {
         fds_attached: usize,
     ) -> Handled {
         if fds_attached > 0 {
-            let before_hello = matches!(self.state, State::AwaitingHello);
+            let one_answer = matches!(self.state, State::AwaitingHello)
+                || (self.is_observer() && !self.peer.trusted);
             return Handled {
                 out: vec![Outgoing::error(
                     0,
                     WireError::protocol("Unexpected file descriptors from client"),
                 )],
-                close: before_hello,
+                close: one_answer,
             };
         }
         self.handle_message(packet, truncated, Vec::new())
@@ -131,10 +144,12 @@ impl Connection {
     /// the packet was longer than the receive buffer. Only PUBLISH_DOORBELL may carry a
     /// descriptor (exactly one); descriptors sent with anything else are closed unused.
     pub fn handle_message(&mut self, packet: &[u8], truncated: bool, fds: Vec<OwnedFd>) -> Handled {
-        let before_hello = matches!(self.state, State::AwaitingHello);
+        // Before hello, and for an observer that is not trusted, one answer is all there is.
+        let one_answer = matches!(self.state, State::AwaitingHello)
+            || (self.is_observer() && !self.peer.trusted);
         let refuse = |id: u64, error: WireError| Handled {
             out: vec![Outgoing::error(id, error)],
-            close: before_hello,
+            close: one_answer,
         };
         if truncated || packet.len() > MAX_MESSAGE_LEN {
             return refuse(
@@ -175,9 +190,11 @@ impl Connection {
                 out: vec![device_request(session, *version, id, request, fds)],
                 close: false,
             },
+            // An observer that is not trusted gets the one answer it asked for (a refusal,
+            // as it may do nothing) and is closed, so it cannot sit on a slot.
             (State::Observer { version }, request) => Handled {
                 out: self.observer_request(*version, id, request),
-                close: false,
+                close: !self.peer.trusted,
             },
         }
     }
@@ -197,7 +214,23 @@ impl Connection {
         }
         let gid = self.pool.gid();
         let devid = match role {
-            Role::Device => match self.pool.open_session(self.peer.pid) {
+            Role::Device if !self.peer.read_only_enforced && self.options.require_uid_split => {
+                log::warn!(
+                    "Refused a device session from pid {:?} uid {:?}: its read-only leases would not be enforced (--require-uid-split)",
+                    self.peer.pid,
+                    self.peer.uid
+                );
+                return Handled {
+                    out: vec![Outgoing::error(
+                        id,
+                        WireError::protocol(
+                            "Refused: this broker requires VMMs to run under a uid other than root and the broker's, without CAP_DAC_OVERRIDE or CAP_FOWNER (--require-uid-split)",
+                        ),
+                    )],
+                    close: true,
+                };
+            }
+            Role::Device => match self.pool.open_session(self.session_owner()) {
                 Ok(session) => {
                     let devid = session.devid().0;
                     self.state = State::Device { session, version };
@@ -205,7 +238,7 @@ impl Connection {
                 }
                 Err(e) => {
                     return Handled {
-                        out: vec![Outgoing::error(id, WireError::from_pool_error(&e))],
+                        out: vec![Outgoing::error(id, WireError::for_version(&e, version))],
                         close: true,
                     };
                 }
@@ -228,6 +261,24 @@ impl Connection {
         }
     }
 
+    /// The pool's record of this peer; warns once per device connection whose read-only
+    /// leases are advisory only.
+    fn session_owner(&self) -> SessionOwner {
+        if self.peer.uid.is_some() && !self.peer.read_only_enforced {
+            log::warn!(
+                "Device session from pid {:?} uid {:?}: read-only leases to it are ADVISORY; as root, the broker's uid or with CAP_DAC_OVERRIDE/CAP_FOWNER it can reopen them read-write. Run VMMs under their own uid (see --require-uid-split)",
+                self.peer.pid,
+                self.peer.uid
+            );
+        }
+        SessionOwner {
+            pid: self.peer.pid,
+            uid: self.peer.uid,
+            vm: self.peer.vm.clone(),
+            read_only_enforced: self.peer.uid.map(|_| self.peer.read_only_enforced),
+        }
+    }
+
     fn observer_request(&self, version: u16, id: u64, request: Request) -> Vec<Outgoing> {
         let untrusted = || {
             vec![Outgoing::error(
@@ -238,12 +289,14 @@ impl Connection {
         match request {
             Request::Status if !self.peer.trusted => untrusted(),
             Request::Status => {
-                let mut status = self.pool.status();
+                let mut status = self.pool.status().for_version(version);
                 status.protocol_version = version;
                 status_chunks(id, &status)
             }
             Request::Revoke { .. } if !self.peer.trusted => untrusted(),
-            Request::Revoke { token } => vec![result_reply(id, self.pool.revoke(token))],
+            Request::Revoke { token } => {
+                vec![result_reply(id, version, self.pool.revoke(token))]
+            }
             _ => vec![Outgoing::error(
                 id,
                 WireError::protocol("Not allowed on an observer connection"),
@@ -252,10 +305,10 @@ impl Connection {
     }
 }
 
-fn result_reply(id: u64, result: Result<(), PoolError>) -> Outgoing {
+fn result_reply(id: u64, version: u16, result: Result<(), PoolError>) -> Outgoing {
     match result {
         Ok(()) => Outgoing::reply(id, &Reply::Ok),
-        Err(e) => Outgoing::error(id, WireError::from_pool_error(&e)),
+        Err(e) => Outgoing::error(id, WireError::for_version(&e, version)),
     }
 }
 
@@ -285,22 +338,26 @@ fn device_request(
             let Some(doorbell) = fds.first() else {
                 return Outgoing::error(id, WireError::protocol("Doorbell descriptor missing"));
             };
-            return result_reply(id, session.publish_doorbell(token, doorbell.as_fd()));
+            return result_reply(
+                id,
+                version,
+                session.publish_doorbell(token, doorbell.as_fd()),
+            );
         }
         Request::WithdrawDoorbell { token } => {
-            return result_reply(id, session.withdraw_doorbell(token));
+            return result_reply(id, version, session.withdraw_doorbell(token));
         }
         Request::PeerDoorbells { token, start } => {
-            return doorbells_reply(session, id, token, start);
+            return doorbells_reply(session, version, id, token, start);
         }
         Request::Alloc { size } => session.alloc(size),
         Request::Attach { token, want } => session.attach(token, want),
-        Request::Detach { token } => return result_reply(id, session.detach(token)),
+        Request::Detach { token } => return result_reply(id, version, session.detach(token)),
         Request::Grant {
             token,
             target,
             perms,
-        } => return result_reply(id, session.grant(token, target, perms)),
+        } => return result_reply(id, version, session.grant(token, target, perms)),
         Request::Status | Request::Revoke { .. } => {
             return Outgoing::error(
                 id,
@@ -321,19 +378,20 @@ fn device_request(
             .encode(id),
             fds: vec![lease.fd],
         },
-        Err(e) => Outgoing::error(id, WireError::from_pool_error(&e)),
+        Err(e) => Outgoing::error(id, WireError::for_version(&e, version)),
     }
 }
 
 fn doorbells_reply(
     session: &LocalSession,
+    version: u16,
     id: u64,
     token: crate::session::Token,
     start: u32,
 ) -> Outgoing {
     let page = match session.peer_doorbell_page(token, start as usize, MAX_DOORBELLS_PER_REPLY) {
         Ok(page) => page,
-        Err(e) => return Outgoing::error(id, WireError::from_pool_error(&e)),
+        Err(e) => return Outgoing::error(id, WireError::for_version(&e, version)),
     };
     // A start past the end gets an empty page with the true total.
     let start = start.min(page.total);
@@ -391,7 +449,10 @@ mod tests {
     }
 
     fn peer(trusted: bool) -> PeerInfo {
-        PeerInfo { pid: None, trusted }
+        PeerInfo {
+            trusted,
+            ..PeerInfo::default()
+        }
     }
 
     fn hello(role: Role) -> Vec<u8> {
@@ -688,6 +749,97 @@ mod tests {
         assert_eq!(status.protocol_version, 1);
         let handled = conn.handle_packet(&Request::Alloc { size: 4096 }.encode(3), false, 0);
         assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+    }
+
+    #[test]
+    fn test_untrusted_observer_is_closed_after_one_answer() {
+        let pool = pool();
+        for packet in [Request::Status.encode(2), b"junk".to_vec()] {
+            let mut conn = Connection::new(pool.clone(), peer(false));
+            let handled = conn.handle_packet(&hello(Role::Observer), false, 0);
+            assert!(!handled.close);
+            let handled = conn.handle_packet(&packet, false, 0);
+            assert!(handled.close);
+            assert!(matches!(one_reply(&handled).1, Reply::Error(_)));
+        }
+        let mut conn = Connection::new(pool.clone(), peer(true));
+        conn.handle_packet(&hello(Role::Observer), false, 0);
+        assert!(!conn.handle_packet(&b"junk"[..], false, 0).close);
+        assert!(
+            !conn
+                .handle_packet(&Request::Status.encode(3), false, 0)
+                .close
+        );
+    }
+
+    #[test]
+    fn test_uid_split_is_required_when_asked() {
+        let pool = pool();
+        let strict = ConnectionOptions {
+            require_uid_split: true,
+        };
+        let root = PeerInfo {
+            uid: Some(0),
+            trusted: true,
+            vmm: true,
+            ..PeerInfo::default()
+        };
+        let mut conn = Connection::with_options(pool.clone(), root.clone(), strict);
+        let handled = conn.handle_packet(&hello(Role::Device), false, 0);
+        assert!(handled.close);
+        match one_reply(&handled).1 {
+            Reply::Error(e) => assert!(e.text.contains("--require-uid-split"), "{e:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Without the option the session opens, and the status says its read-only leases
+        // are advisory; an unprivileged VMM's are enforced.
+        let mut lax = Connection::new(
+            pool.clone(),
+            PeerInfo {
+                uid: Some(0),
+                trusted: true,
+                ..PeerInfo::default()
+            },
+        );
+        lax.handle_packet(&hello(Role::Device), false, 0);
+        let vmm = PeerInfo {
+            uid: Some(107),
+            vmm: true,
+            read_only_enforced: true,
+            ..PeerInfo::default()
+        };
+        let mut split = Connection::with_options(pool.clone(), vmm, strict);
+        let handled = split.handle_packet(&hello(Role::Device), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::HelloOk { .. }));
+        let enforced: Vec<_> = pool
+            .status()
+            .sessions
+            .iter()
+            .map(|s| (s.uid, s.read_only_enforced))
+            .collect();
+        assert_eq!(enforced, [(Some(0), Some(false)), (Some(107), Some(true))]);
+    }
+
+    #[test]
+    fn test_old_observers_get_a_status_without_new_fields() {
+        let pool = pool();
+        let _dev = device(&pool);
+        for (version, has_new_fields) in [(2, false), (3, true)] {
+            let mut conn = Connection::new(pool.clone(), peer(true));
+            let hello = Request::Hello {
+                min_version: 1,
+                max_version: version,
+                role: Role::Observer,
+            };
+            conn.handle_packet(&hello.encode(1), false, 0);
+            let handled = conn.handle_packet(&Request::Status.encode(2), false, 0);
+            let Reply::StatusChunk { data, .. } = one_reply(&handled).1 else {
+                panic!("no status");
+            };
+            let json = String::from_utf8(data).unwrap();
+            assert_eq!(json.contains("\"vm\""), has_new_fields, "{json}");
+            assert_eq!(json.contains("per_vm_regions"), has_new_fields, "{json}");
+        }
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! - [`BrokerSession`]: the VMM side of the broker protocol.
 //! - [`PoolBackend`]: picks the broker or an embedded pool at VMM startup.
 
+pub mod admission;
 pub mod backend;
 pub mod broker;
 pub mod client;
 pub mod config;
 pub mod events;
+pub mod fdlimit;
 pub mod handler;
 pub mod local;
 pub mod memory;
@@ -24,7 +26,7 @@ pub mod wire;
 
 pub use backend::PoolBackend;
 pub use client::BrokerSession;
-pub use config::{PoolConfig, parse_size};
-pub use local::{LocalPool, LocalSession};
+pub use config::{DEFAULT_PER_VM_REGIONS, PoolConfig, default_per_vm_limit, parse_size};
+pub use local::{LocalPool, LocalSession, SessionOwner, VmKey};
 pub use session::*;
 pub use status::{PoolStatus, RegionStatus, SessionStatus};

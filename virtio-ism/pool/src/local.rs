@@ -23,12 +23,49 @@ use crate::token::{mint_token, random_nonzero_u64};
 const OWNER_PERMS: Perms =
     Perms(Perms::READ.0 | Perms::WRITE.0 | Perms::ATTACH.0 | Perms::MANAGE.0);
 
-/// Which VM a session's quota is charged to. Sessions of one VMM process (known by the
-/// broker from SO_PEERCRED) share one quota; otherwise every session is its own VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Which VM a session's quotas are charged to. The broker derives it from the peer's
+/// credentials (see `admission::VmIdentity`); an in-process session is a VM of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum VmKey {
+    /// One session alone (in-process sessions).
     Session(DevId),
+    /// One process (SO_PEERCRED pid): forked children count as new VMs.
     Process(u32),
+    /// Every process of one uid.
+    Uid(u32),
+    /// Every process of one uid in one cgroup v2 (a systemd unit per VM); forked children
+    /// stay in their parent's cgroup.
+    Cgroup { uid: u32, path: Arc<str> },
+}
+
+impl std::fmt::Display for VmKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmKey::Session(devid) => write!(f, "session {}", devid.0),
+            VmKey::Process(pid) => write!(f, "pid {pid}"),
+            VmKey::Uid(uid) => write!(f, "uid {uid}"),
+            VmKey::Cgroup { uid, path } => write!(f, "uid {uid} cgroup {path}"),
+        }
+    }
+}
+
+/// Who opens a session, as the broker learned it from SO_PEERCRED and /proc.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionOwner {
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    /// The account charged; `None` makes the session a VM of its own.
+    pub vm: Option<VmKey>,
+    /// Whether the kernel enforces this session's read-only leases (the peer can neither
+    /// reopen a lease read-write nor chmod it); `None` when unknown (in-process).
+    pub read_only_enforced: Option<bool>,
+}
+
+/// What one VM holds: bytes and regions (each region is a descriptor in the broker).
+#[derive(Clone, Copy, Debug, Default)]
+struct VmUse {
+    bytes: u64,
+    regions: u64,
 }
 
 struct Region {
@@ -57,7 +94,7 @@ impl Region {
 
 struct SessionSlot {
     vm: VmKey,
-    pid: Option<u32>,
+    owner: SessionOwner,
     held: BTreeSet<Token>,
     events: Arc<EventQueue>,
 }
@@ -68,7 +105,7 @@ struct PoolState {
     used: u64,
     regions: HashMap<Token, Region>,
     sessions: BTreeMap<DevId, SessionSlot>,
-    vm_used: HashMap<VmKey, u64>,
+    vm_used: HashMap<VmKey, VmUse>,
 }
 
 impl PoolState {
@@ -83,15 +120,20 @@ impl PoolState {
         }
     }
 
-    fn charge(&mut self, vm: VmKey, bytes: u64) {
-        *self.vm_used.entry(vm).or_insert(0) += bytes;
+    /// Charges one region of `bytes` to `vm`.
+    fn charge(&mut self, vm: &VmKey, bytes: u64) {
+        let used = self.vm_used.entry(vm.clone()).or_default();
+        used.bytes += bytes;
+        used.regions += 1;
     }
 
-    fn refund(&mut self, vm: VmKey, bytes: u64) {
-        if let Some(used) = self.vm_used.get_mut(&vm) {
-            *used = used.saturating_sub(bytes);
-            if *used == 0 {
-                self.vm_used.remove(&vm);
+    /// Gives back one region of `bytes` charged to `vm`.
+    fn refund(&mut self, vm: &VmKey, bytes: u64) {
+        if let Some(used) = self.vm_used.get_mut(vm) {
+            used.bytes = used.bytes.saturating_sub(bytes);
+            used.regions = used.regions.saturating_sub(1);
+            if used.regions == 0 {
+                self.vm_used.remove(vm);
             }
         }
     }
@@ -100,7 +142,7 @@ impl PoolState {
     fn release(&mut self, devid: DevId, token: Token) {
         let Some(vm) = self.sessions.get_mut(&devid).map(|slot| {
             slot.held.remove(&token);
-            slot.vm
+            slot.vm.clone()
         }) else {
             return;
         };
@@ -115,7 +157,7 @@ impl PoolState {
             region.doorbell_generation += 1;
         }
         let size = region.memory.size();
-        self.refund(vm, size);
+        self.refund(&vm, size);
         let region = &self.regions[&token];
         if region.holders.is_empty() {
             // Dropping the region closes the pool's memfd; the pages go once every lease
@@ -214,29 +256,26 @@ impl LocalPool {
 
     /// A new session with a fresh devid, charged as a VM of its own.
     pub fn session(self: &Arc<Self>) -> Result<Arc<dyn PoolSession>, PoolError> {
-        Ok(self.open_session(None)?)
+        Ok(self.open_session(SessionOwner::default())?)
     }
 
-    /// A new session; sessions opened with the same `pid` share one per-VM quota.
+    /// A new session; sessions opened with the same `owner.vm` share the per-VM quotas.
     pub fn open_session(
         self: &Arc<Self>,
-        pid: Option<u32>,
+        owner: SessionOwner,
     ) -> Result<Arc<LocalSession>, PoolError> {
-        let events = Arc::new(EventQueue::new().map_err(PoolError::CreateMemory)?);
+        let events = Arc::new(EventQueue::new().map_err(PoolError::create_memory)?);
         let mut state = self.lock();
         let devid = DevId(state.next_devid);
         // Devids are never reused, so a grant made to a device that went away can never
         // be inherited by a newcomer.
         state.next_devid += 1;
-        let vm = match pid {
-            Some(pid) => VmKey::Process(pid),
-            None => VmKey::Session(devid),
-        };
+        let vm = owner.vm.clone().unwrap_or(VmKey::Session(devid));
         state.sessions.insert(
             devid,
             SessionSlot {
                 vm,
-                pid,
+                owner,
                 held: BTreeSet::new(),
                 events: events.clone(),
             },
@@ -265,8 +304,8 @@ impl LocalPool {
             };
             slot.held.remove(&token);
             slot.events.push(PoolEvent::Revoked { token });
-            let vm = slot.vm;
-            state.refund(vm, size);
+            let vm = slot.vm.clone();
+            state.refund(&vm, size);
         }
         Ok(())
     }
@@ -294,15 +333,23 @@ impl LocalPool {
             size: self.config.size,
             used: state.used,
             per_vm_limit: self.config.per_vm_limit,
+            per_vm_regions: self.config.per_vm_regions,
             hugepages: self.config.hugepages,
             sessions: state
                 .sessions
                 .iter()
-                .map(|(devid, slot)| SessionStatus {
-                    devid: devid.0,
-                    pid: slot.pid,
-                    vm_used: state.vm_used.get(&slot.vm).copied().unwrap_or(0),
-                    held: slot.held.iter().map(|t| t.0).collect(),
+                .map(|(devid, slot)| {
+                    let used = state.vm_used.get(&slot.vm).copied().unwrap_or_default();
+                    SessionStatus {
+                        devid: devid.0,
+                        pid: slot.owner.pid,
+                        vm_used: used.bytes,
+                        held: slot.held.iter().map(|t| t.0).collect(),
+                        uid: slot.owner.uid,
+                        vm: Some(slot.vm.to_string()),
+                        vm_regions: Some(used.regions),
+                        read_only_enforced: slot.owner.read_only_enforced,
+                    }
                 })
                 .collect(),
             regions,
@@ -315,9 +362,16 @@ impl LocalPool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn check_quota(&self, state: &PoolState, vm: VmKey, size: u64) -> Result<(), PoolError> {
+    /// Whether `vm` may hold one more region of `size` bytes.
+    fn check_quota(&self, state: &PoolState, vm: &VmKey, size: u64) -> Result<(), PoolError> {
+        let used = state.vm_used.get(vm).copied().unwrap_or_default();
+        if let Some(limit) = self.config.per_vm_regions
+            && used.regions >= limit
+        {
+            return Err(PoolError::RegionQuotaExceeded { limit });
+        }
         if let Some(limit) = self.config.per_vm_limit {
-            let used = state.vm_used.get(&vm).copied().unwrap_or(0);
+            let used = used.bytes;
             if used.checked_add(size).is_none_or(|total| total > limit) {
                 return Err(PoolError::QuotaExceeded {
                     limit,
@@ -335,8 +389,13 @@ impl LocalPool {
             return Err(PoolError::InvalidSize(size));
         }
         let mut state = self.lock();
-        let vm = state.sessions.get(&devid).ok_or_else(session_closed)?.vm;
-        self.check_quota(&state, vm, size)?;
+        let vm = state
+            .sessions
+            .get(&devid)
+            .ok_or_else(session_closed)?
+            .vm
+            .clone();
+        self.check_quota(&state, &vm, size)?;
         let available = self.config.size - state.used;
         if size > available {
             return Err(PoolError::PoolExhausted {
@@ -346,10 +405,10 @@ impl LocalPool {
         }
         let token = mint_token(|t| state.regions.contains_key(&t))?;
         let memory = RegionMemory::create(&format!("ism-{token}"), size, self.config.hugepages)
-            .map_err(|e| PoolError::CreateMemory(e.into_io()))?;
+            .map_err(|e| PoolError::create_memory(e.into_io()))?;
         let fd = memory
             .read_write_fd()
-            .map_err(|e| PoolError::CreateMemory(e.into_io()))?;
+            .map_err(|e| PoolError::create_memory(e.into_io()))?;
         state.regions.insert(
             token,
             Region {
@@ -363,7 +422,7 @@ impl LocalPool {
             },
         );
         state.used += size;
-        state.charge(vm, size);
+        state.charge(&vm, size);
         if let Some(slot) = state.sessions.get_mut(&devid) {
             slot.held.insert(token);
         }
@@ -377,7 +436,12 @@ impl LocalPool {
 
     fn attach(&self, devid: DevId, token: Token, want: Perms) -> Result<RegionLease, PoolError> {
         let mut state = self.lock();
-        let vm = state.sessions.get(&devid).ok_or_else(session_closed)?.vm;
+        let vm = state
+            .sessions
+            .get(&devid)
+            .ok_or_else(session_closed)?
+            .vm
+            .clone();
         let region = state
             .regions
             .get(&token)
@@ -388,14 +452,14 @@ impl LocalPool {
         let granted = region.effective_perms(devid);
         let writable = check_attach(token, granted, want)?;
         let size = region.memory.size();
-        self.check_quota(&state, vm, size)?;
+        self.check_quota(&state, &vm, size)?;
         let fd = if writable {
             region.memory.read_write_fd()
         } else {
             region.memory.read_only_fd()
         }
-        .map_err(|e| PoolError::CreateMemory(e.into_io()))?;
-        state.charge(vm, size);
+        .map_err(|e| PoolError::create_memory(e.into_io()))?;
+        state.charge(&vm, size);
         if let Some(slot) = state.sessions.get_mut(&devid) {
             slot.held.insert(token);
         }
@@ -439,6 +503,16 @@ impl LocalPool {
         perms: Perms,
     ) -> Result<(), PoolError> {
         let mut state = self.lock();
+        let bits = Perms(perms.0 & OWNER_PERMS.0);
+        let clean = perms.contains(Perms::CLEAN_DEFAULT);
+        // A grant may only name a device that is connected now. Devids are never reused,
+        // so a grant to one never issued yet would be inherited by whoever gets it next,
+        // and one to a departed device could never be used (its grants are dropped when it
+        // leaves). Removing a grant (CLEAN_DEFAULT) is allowed for any devid.
+        let unknown_peer = match target {
+            GrantTarget::Device(peer) if !clean => !state.sessions.contains_key(&peer),
+            _ => false,
+        };
         let region = state
             .regions
             .get_mut(&token)
@@ -452,9 +526,10 @@ impl LocalPool {
                 missing: MissingPerm::Manage,
             });
         }
+        if let (true, GrantTarget::Device(peer)) = (unknown_peer, target) {
+            return Err(PoolError::UnknownDevice(peer));
+        }
         // Bits this pool does not know are ignored, so newer drivers still work.
-        let bits = Perms(perms.0 & OWNER_PERMS.0);
-        let clean = perms.contains(Perms::CLEAN_DEFAULT);
         match target {
             GrantTarget::Default if clean => region.default_perms = Perms::NONE,
             GrantTarget::Default => region.default_perms = bits,
@@ -483,7 +558,7 @@ impl LocalPool {
         }
         let copy = doorbell
             .try_clone_to_owned()
-            .map_err(PoolError::DupDoorbell)?;
+            .map_err(PoolError::dup_doorbell)?;
         let mut state = self.lock();
         let region = state.held_region(devid, token)?;
         region.doorbells.insert(devid, copy);
@@ -519,7 +594,7 @@ impl LocalPool {
         let doorbells = others
             .skip(start)
             .take(max)
-            .map(|(peer, fd)| Ok((*peer, fd.try_clone().map_err(PoolError::DupDoorbell)?)))
+            .map(|(peer, fd)| Ok((*peer, fd.try_clone().map_err(PoolError::dup_doorbell)?)))
             .collect::<Result<Vec<_>, PoolError>>()?;
         Ok(DoorbellPage {
             generation: region.doorbell_generation,
@@ -538,6 +613,11 @@ impl LocalPool {
             state.release(devid, token);
         }
         state.sessions.remove(&devid);
+        // Grants naming the departed device can never be used again (devids are never
+        // reused); drop them so that grant tables stay bounded.
+        for region in state.regions.values_mut() {
+            region.grants.remove(&devid);
+        }
     }
 }
 
@@ -738,7 +818,7 @@ mod tests {
                 size: 4 << 20,
                 hugepages: true,
                 per_vm_limit: None,
-                gid: None
+                ..PoolConfig::default()
             })
             .is_ok()
         );
@@ -945,6 +1025,82 @@ mod tests {
     }
 
     #[test]
+    fn test_grant_to_a_device_not_connected_is_refused() {
+        let pool = pool(16 * PAGE_SIZE, None);
+        let owner = pool.session().unwrap();
+        let token = owner.alloc(PAGE_SIZE).unwrap().token;
+        let rw = Perms(Perms::ATTACH.0 | Perms::READ.0 | Perms::WRITE.0);
+        let next = DevId(owner.info().devid.0 + 1);
+        assert!(matches!(
+            owner.grant(token, GrantTarget::Device(next), rw),
+            Err(PoolError::UnknownDevice(d)) if d == next
+        ));
+        assert!(matches!(
+            owner.grant(token, GrantTarget::Device(DevId(0)), rw),
+            Err(PoolError::UnknownDevice(_))
+        ));
+        // The device that gets that devid inherits nothing.
+        let newcomer = pool.session().unwrap();
+        assert_eq!(newcomer.info().devid, next);
+        assert!(matches!(
+            newcomer.attach(token, Perms::NONE),
+            Err(PoolError::PermissionDenied {
+                missing: MissingPerm::Attach,
+                ..
+            })
+        ));
+        // A grant to a connected device is dropped when it leaves, and it cannot be
+        // renewed afterwards; removing one is always allowed.
+        owner.grant(token, GrantTarget::Device(next), rw).unwrap();
+        assert_eq!(pool.status().regions[0].grants, [(next.0, rw.0)]);
+        drop(newcomer);
+        assert!(pool.status().regions[0].grants.is_empty());
+        assert!(matches!(
+            owner.grant(token, GrantTarget::Device(next), rw),
+            Err(PoolError::UnknownDevice(_))
+        ));
+        owner
+            .grant(token, GrantTarget::Device(next), Perms::CLEAN_DEFAULT)
+            .unwrap();
+    }
+
+    #[test]
+    fn test_region_count_quota_is_per_vm_and_refunded() {
+        let pool = LocalPool::new(PoolConfig {
+            size: 64 * PAGE_SIZE,
+            per_vm_regions: Some(2),
+            ..PoolConfig::default()
+        })
+        .unwrap();
+        let owner = pool.session().unwrap();
+        let peer = pool.session().unwrap();
+        let a = owner.alloc(PAGE_SIZE).unwrap().token;
+        owner.alloc(PAGE_SIZE).unwrap();
+        assert!(matches!(
+            owner.alloc(PAGE_SIZE),
+            Err(PoolError::RegionQuotaExceeded { limit: 2 })
+        ));
+        owner
+            .grant(
+                a,
+                GrantTarget::Default,
+                Perms(Perms::ATTACH.0 | Perms::READ.0),
+            )
+            .unwrap();
+        peer.alloc(PAGE_SIZE).unwrap();
+        peer.attach(a, Perms::NONE).unwrap();
+        assert!(matches!(
+            peer.alloc(PAGE_SIZE),
+            Err(PoolError::RegionQuotaExceeded { limit: 2 })
+        ));
+        owner.detach(a).unwrap();
+        owner.alloc(PAGE_SIZE).unwrap();
+        let status = pool.status();
+        assert_eq!(status.per_vm_regions, Some(2));
+        assert!(status.sessions.iter().all(|s| s.vm_regions == Some(2)));
+    }
+
+    #[test]
     fn test_events_reach_other_holders() {
         let pool = pool(16 * PAGE_SIZE, None);
         let owner = pool.session().unwrap();
@@ -1044,8 +1200,8 @@ mod tests {
     #[test]
     fn test_a_session_reports_its_pools_status() {
         let pool = pool(1 << 20, Some(1 << 19));
-        let a = pool.open_session(None).unwrap();
-        let b = pool.open_session(None).unwrap();
+        let a = pool.open_session(SessionOwner::default()).unwrap();
+        let b = pool.open_session(SessionOwner::default()).unwrap();
         let token = a.alloc(2 * PAGE_SIZE).unwrap().token;
         a.grant(
             token,
@@ -1115,11 +1271,15 @@ mod tests {
     }
 
     #[test]
-    fn test_sessions_of_one_process_share_quota() {
+    fn test_sessions_of_one_vm_share_quota() {
         let pool = pool(8 * PAGE_SIZE, Some(4 * PAGE_SIZE));
-        let a = pool.open_session(Some(42)).unwrap();
-        let b = pool.open_session(Some(42)).unwrap();
-        let c = pool.open_session(Some(43)).unwrap();
+        let vm = |key| SessionOwner {
+            vm: Some(key),
+            ..SessionOwner::default()
+        };
+        let a = pool.open_session(vm(VmKey::Process(42))).unwrap();
+        let b = pool.open_session(vm(VmKey::Process(42))).unwrap();
+        let c = pool.open_session(vm(VmKey::Process(43))).unwrap();
         a.alloc(3 * PAGE_SIZE).unwrap();
         assert!(matches!(
             b.alloc(2 * PAGE_SIZE),

@@ -111,18 +111,27 @@ pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
     let mut bytes = vec![0u8; MAX_MESSAGE_LEN];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_PACKET))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
+    // CMSG_CLOEXEC: region fds must not leak into processes the VMM spawns.
+    // TRUNC: report the real length of an oversized packet.
+    let mut flags = RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC;
+    let mut reset = None;
     let received = loop {
         match rustix::net::recvmsg(
             socket,
             &mut [IoSliceMut::new(&mut bytes)],
             &mut control,
-            // CMSG_CLOEXEC: region fds must not leak into processes the VMM spawns.
-            // TRUNC: report the real length of an oversized packet.
-            RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
+            flags,
         ) {
             Ok(received) => break received,
             Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
+            // A peer that closed with our packets unread (a broker refusing a connection
+            // right after sending why) makes the kernel report ECONNRESET before the
+            // packets it sent are read: read those first (without blocking).
+            Err(rustix::io::Errno::CONNRESET) if reset.is_none() => {
+                reset = Some(rustix::io::Errno::CONNRESET);
+                flags |= RecvFlags::DONTWAIT;
+            }
+            Err(e) => return Err(reset.unwrap_or(e).into()),
         }
     };
     let mut fds = Vec::new();
@@ -185,8 +194,12 @@ pub fn wait_readable(
     }
 }
 
-/// Peer process id and uid, from SO_PEERCRED.
-pub fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+/// Peer process id, uid and gid, from SO_PEERCRED (as they were at connect time).
+pub fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32, u32)> {
     let cred = rustix::net::sockopt::socket_peercred(socket)?;
-    Ok((cred.pid.as_raw_nonzero().get() as u32, cred.uid.as_raw()))
+    Ok((
+        cred.pid.as_raw_nonzero().get() as u32,
+        cred.uid.as_raw(),
+        cred.gid.as_raw(),
+    ))
 }

@@ -134,6 +134,44 @@ pub enum PoolError {
     Connection(#[source] std::io::Error),
     #[error("Pool broker protocol error: {0}")]
     Protocol(String),
+    /// The host (the broker, or the VMM for an in-process pool) ran out of file
+    /// descriptors (EMFILE or ENFILE): every region, lease and doorbell is one. Not a
+    /// shortage of memory; the operator raises the limit or lowers the quotas.
+    #[error("Host descriptor limit reached")]
+    DescriptorLimit(#[source] std::io::Error),
+    #[error("Per-VM limit of {limit} regions reached")]
+    RegionQuotaExceeded { limit: u64 },
+    #[error("No device {0:?} is connected to the pool")]
+    UnknownDevice(DevId),
+}
+
+/// Whether `error` says a descriptor table is full (the process's or the system's).
+pub fn is_descriptor_limit(error: &std::io::Error) -> bool {
+    let raw = error.raw_os_error();
+    raw == Some(rustix::io::Errno::MFILE.raw_os_error())
+        || raw == Some(rustix::io::Errno::NFILE.raw_os_error())
+}
+
+impl PoolError {
+    /// A failure to make region memory (or a descriptor for it): `DescriptorLimit` when the
+    /// descriptor table is full, `CreateMemory` otherwise.
+    pub fn create_memory(error: std::io::Error) -> Self {
+        if is_descriptor_limit(&error) {
+            PoolError::DescriptorLimit(error)
+        } else {
+            PoolError::CreateMemory(error)
+        }
+    }
+
+    /// A failure to duplicate a doorbell: `DescriptorLimit` when the descriptor table is
+    /// full, `DupDoorbell` otherwise.
+    pub fn dup_doorbell(error: std::io::Error) -> Self {
+        if is_descriptor_limit(&error) {
+            PoolError::DescriptorLimit(error)
+        } else {
+            PoolError::DupDoorbell(error)
+        }
+    }
 }
 
 /// One device's view of the pool.

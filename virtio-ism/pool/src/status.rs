@@ -17,6 +17,9 @@ pub struct PoolStatus {
     /// Bytes of live regions.
     pub used: u64,
     pub per_vm_limit: Option<u64>,
+    /// Regions one VM may hold (protocol version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_vm_regions: Option<u64>,
     pub hugepages: bool,
     pub sessions: Vec<SessionStatus>,
     pub regions: Vec<RegionStatus>,
@@ -33,6 +36,39 @@ pub struct SessionStatus {
     pub vm_used: u64,
     /// Tokens of the regions this session holds.
     pub held: Vec<u64>,
+    /// The fields below are reported from protocol version 3 on.
+    /// User id of the VMM behind a broker connection, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The VM this session is charged to ("uid 107 cgroup /machine.slice/vm1.service",
+    /// "pid 4242", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// Regions charged to this session's VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_regions: Option<u64>,
+    /// Whether the kernel enforces this session's read-only leases: false when the VMM runs
+    /// as root or as the broker's uid (or holds CAP_DAC_OVERRIDE or CAP_FOWNER), which can
+    /// reopen a read-only lease read-write; unknown for in-process sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_enforced: Option<bool>,
+}
+
+impl PoolStatus {
+    /// The report as a client of protocol `version` understands it: clients older than
+    /// version 3 refuse fields they do not know, so those are left out for them.
+    pub fn for_version(mut self, version: u16) -> Self {
+        if version < crate::wire::LIMITS_VERSION {
+            self.per_vm_regions = None;
+            for session in &mut self.sessions {
+                session.uid = None;
+                session.vm = None;
+                session.vm_regions = None;
+                session.read_only_enforced = None;
+            }
+        }
+        self
+    }
 }
 
 /// One live region.
@@ -87,11 +123,13 @@ impl fmt::Display for PoolStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "pool gid {:#018x}: {} of {} used, per-VM limit {}, {}",
+            "pool gid {:#018x}: {} of {} used, per-VM limit {} in {} regions, {}",
             self.gid,
             bytes_text(self.used),
             bytes_text(self.size),
             self.per_vm_limit.map_or("none".to_string(), bytes_text),
+            self.per_vm_regions
+                .map_or("any number of".to_string(), |n| n.to_string()),
             if self.hugepages {
                 "huge pages"
             } else {
@@ -101,12 +139,23 @@ impl fmt::Display for PoolStatus {
         writeln!(f, "sessions: {}", self.sessions.len())?;
         for session in &self.sessions {
             let held: Vec<String> = session.held.iter().map(|t| format!("{t:#018x}")).collect();
+            let read_only = match session.read_only_enforced {
+                Some(true) => "enforced",
+                Some(false) => "ADVISORY",
+                None => "-",
+            };
             writeln!(
                 f,
-                "  devid {:<5} pid {:<8} vm uses {:<6} holds [{}]",
+                "  devid {:<5} pid {:<8} uid {:<6} vm uses {:<6} in {:<4} regions, read-only {:<8} vm [{}] holds [{}]",
                 session.devid,
                 session.pid.map_or("-".to_string(), |p| p.to_string()),
+                session.uid.map_or("-".to_string(), |u| u.to_string()),
                 bytes_text(session.vm_used),
+                session
+                    .vm_regions
+                    .map_or("-".to_string(), |n| n.to_string()),
+                read_only,
+                session.vm.as_deref().unwrap_or("-"),
                 held.join(", ")
             )?;
         }

@@ -8,11 +8,16 @@ use crate::session::{DevId, MissingPerm, Perms, PoolError, PoolEvent, Token};
 
 /// Protocol versions this build speaks. Version 2 adds the doorbell exchange
 /// (PUBLISH_DOORBELL, WITHDRAW_DOORBELL, PEER_DOORBELLS, DOORBELLS and the
-/// DOORBELLS_CHANGED event); everything else is as in version 1.
+/// DOORBELLS_CHANGED event); version 3 adds error codes 13..15 and the admission and
+/// identity fields of the status report; everything else is as in version 1.
 pub const MIN_VERSION: u16 = 1;
-pub const MAX_VERSION: u16 = 2;
+pub const MAX_VERSION: u16 = 3;
 /// First version with the doorbell exchange.
 pub const DOORBELL_VERSION: u16 = 2;
+/// First version with error codes 13..15 (`DescriptorLimit`, `RegionQuotaExceeded`,
+/// `UnknownDevice`); older clients get them as codes they know (see
+/// [`WireError::for_version`]).
+pub const LIMITS_VERSION: u16 = 3;
 /// Most doorbells (and descriptors) one DOORBELLS reply carries; larger sets take several
 /// PEER_DOORBELLS requests.
 pub const MAX_DOORBELLS_PER_REPLY: usize = 16;
@@ -160,6 +165,9 @@ pub mod error_code {
     pub const NOT_AN_EVENTFD: u32 = 10;
     pub const DUP_DOORBELL: u32 = 11;
     pub const DOORBELLS_UNSUPPORTED: u32 = 12;
+    pub const DESCRIPTOR_LIMIT: u32 = 13;
+    pub const REGION_QUOTA_EXCEEDED: u32 = 14;
+    pub const UNKNOWN_DEVICE: u32 = 15;
 }
 
 fn missing_to_raw(missing: MissingPerm) -> u64 {
@@ -193,7 +201,33 @@ fn bounded_text(text: &str) -> String {
 }
 
 impl WireError {
-    /// The wire form of a pool refusal.
+    /// The wire form of a pool refusal for a client that agreed on `version`. Codes newer
+    /// than the client become the closest code it knows, with the full text: a descriptor
+    /// shortage becomes CREATE_MEMORY with its errno (EMFILE/ENFILE), a region-count quota
+    /// CREATE_MEMORY with EDQUOT (both map to "no memory" in a device, as they should), an
+    /// unknown device PROTOCOL.
+    pub fn for_version(error: &PoolError, version: u16) -> Self {
+        use error_code::*;
+        let mut wire = Self::from_pool_error(error);
+        if version >= LIMITS_VERSION {
+            return wire;
+        }
+        match wire.code {
+            DESCRIPTOR_LIMIT => wire.code = CREATE_MEMORY,
+            REGION_QUOTA_EXCEEDED => {
+                wire.code = CREATE_MEMORY;
+                wire.args = [rustix::io::Errno::DQUOT.raw_os_error() as u64, 0, 0];
+            }
+            UNKNOWN_DEVICE => {
+                wire.code = PROTOCOL;
+                wire.args = [0; 3];
+            }
+            _ => {}
+        }
+        wire
+    }
+
+    /// The wire form of a pool refusal, for a client of the newest version.
     pub fn from_pool_error(error: &PoolError) -> Self {
         use error_code::*;
         let (code, args, text) = match error {
@@ -229,6 +263,15 @@ impl WireError {
             PoolError::DoorbellsUnsupported => (DOORBELLS_UNSUPPORTED, [0; 3], String::new()),
             PoolError::Connection(e) => (PROTOCOL, [0; 3], format!("Broker connection: {e}")),
             PoolError::Protocol(text) => (PROTOCOL, [0; 3], text.clone()),
+            PoolError::DescriptorLimit(e) => (
+                DESCRIPTOR_LIMIT,
+                [e.raw_os_error().unwrap_or(0) as u64, 0, 0],
+                format!("{error}: {e}"),
+            ),
+            PoolError::RegionQuotaExceeded { limit } => {
+                (REGION_QUOTA_EXCEEDED, [*limit, 0, 0], error.to_string())
+            }
+            PoolError::UnknownDevice(devid) => (UNKNOWN_DEVICE, [devid.0, 0, 0], error.to_string()),
         };
         WireError {
             code,
@@ -288,6 +331,19 @@ impl WireError {
                 PoolError::DupDoorbell(std::io::Error::other(format!("Broker: {}", self.text)))
             }
             DOORBELLS_UNSUPPORTED => PoolError::DoorbellsUnsupported,
+            DESCRIPTOR_LIMIT => {
+                let kind = if a != 0 && a <= i32::MAX as u64 {
+                    std::io::Error::from_raw_os_error(a as i32).kind()
+                } else {
+                    std::io::ErrorKind::Other
+                };
+                PoolError::DescriptorLimit(std::io::Error::new(
+                    kind,
+                    format!("Broker: {}", self.text),
+                ))
+            }
+            REGION_QUOTA_EXCEEDED => PoolError::RegionQuotaExceeded { limit: a },
+            UNKNOWN_DEVICE => PoolError::UnknownDevice(DevId(a)),
             other => PoolError::Protocol(format!("Unknown error code {other}: {}", self.text)),
         }
     }
@@ -980,6 +1036,8 @@ mod tests {
             PoolError::Protocol("Bad thing".into()),
             PoolError::NotAnEventfd { token: Token(7) },
             PoolError::DoorbellsUnsupported,
+            PoolError::RegionQuotaExceeded { limit: 1024 },
+            PoolError::UnknownDevice(DevId(12)),
         ];
         for error in errors {
             let back = WireError::from_pool_error(&error).into_pool_error();
@@ -990,6 +1048,39 @@ mod tests {
             PoolError::CreateMemory(e) => assert_eq!(e.kind(), std::io::ErrorKind::OutOfMemory),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn test_descriptor_limit_is_its_own_code_and_old_clients_get_create_memory() {
+        let emfile = rustix::io::Errno::MFILE.raw_os_error();
+        let error = PoolError::create_memory(std::io::Error::from_raw_os_error(emfile));
+        assert!(matches!(error, PoolError::DescriptorLimit(_)));
+        let wire = WireError::for_version(&error, LIMITS_VERSION);
+        assert_eq!(wire.code, error_code::DESCRIPTOR_LIMIT);
+        assert!(
+            wire.text.contains("Host descriptor limit reached"),
+            "{wire:?}"
+        );
+        match wire.into_pool_error() {
+            PoolError::DescriptorLimit(e) => {
+                assert!(e.to_string().contains("Too many open files"), "{e}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // A version-2 client knows no code 13: it gets CREATE_MEMORY with the real errno
+        // and the text, never ENOMEM.
+        let old = WireError::for_version(&error, 2);
+        assert_eq!(old.code, error_code::CREATE_MEMORY);
+        assert_eq!(old.args[0], emfile as u64);
+        assert!(old.text.contains("Host descriptor limit reached"));
+        let quota = WireError::for_version(&PoolError::RegionQuotaExceeded { limit: 8 }, 1);
+        assert_eq!(quota.code, error_code::CREATE_MEMORY);
+        assert!(quota.text.contains("limit of 8 regions"));
+        let unknown = WireError::for_version(&PoolError::UnknownDevice(DevId(3)), 2);
+        assert_eq!(unknown.code, error_code::PROTOCOL);
+        assert!(
+            matches!(unknown.into_pool_error(), PoolError::Protocol(t) if t.contains("No device"))
+        );
     }
 
     fn libc_enomem() -> i32 {

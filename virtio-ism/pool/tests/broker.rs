@@ -16,6 +16,8 @@ use ism_pool::wire::{self, MAX_MESSAGE_LEN, Reply, Request, Role};
 use ism_pool::{GrantTarget, Perms, PoolSession, RegionLease, Token, seqpacket};
 
 const CHILD_SOCKET_ENV: &str = "ISM_POOL_TEST_SOCKET";
+/// Set for a child that speaks the raw protocol instead of opening a `BrokerSession`.
+const CHILD_RAW_ENV: &str = "ISM_POOL_TEST_RAW";
 /// Marks answer lines; libtest may print its own text before it on the same line.
 const REPLY_PREFIX: &str = "@ism-client@ ";
 
@@ -24,6 +26,8 @@ struct BrokerProcess {
     child: Child,
     dir: PathBuf,
     socket: PathBuf,
+    /// What it logged (only with [`BrokerProcess::start_logged`]).
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
@@ -40,16 +44,54 @@ fn private_dir() -> PathBuf {
 
 impl BrokerProcess {
     fn start(args: &[&str]) -> Self {
+        Self::launch(args, None, false)
+    }
+
+    /// Starts the broker under `sh -c "<shell>; exec ism-pool ..."` (e.g. to set ulimits)
+    /// and keeps what it logs at info level and above.
+    fn start_logged(args: &[&str], shell: &str) -> Self {
+        Self::launch(args, Some(shell), true)
+    }
+
+    fn launch(args: &[&str], shell: Option<&str>, logged: bool) -> Self {
         let dir = private_dir();
         let socket = dir.join("pool.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_ism-pool"))
+        let binary = env!("CARGO_BIN_EXE_ism-pool");
+        let mut command = match shell {
+            Some(shell) => {
+                let mut command = Command::new("sh");
+                command.args(["-c", &format!("{shell} && exec \"$0\" \"$@\""), binary]);
+                command
+            }
+            None => Command::new(binary),
+        };
+        command
             .arg("--socket")
             .arg(&socket)
             .args(args)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start ism-pool");
-        let broker = BrokerProcess { child, dir, socket };
+            .env("RUST_LOG", if logged { "info" } else { "warn" });
+        if logged {
+            command.stderr(Stdio::piped());
+        }
+        let mut child = command.spawn().expect("start ism-pool");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let broker = BrokerProcess {
+            child,
+            dir,
+            socket,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while seqpacket::connect(&broker.socket).is_err() {
             assert!(Instant::now() < deadline, "broker did not come up");
@@ -57,6 +99,39 @@ impl BrokerProcess {
         }
         broker
     }
+
+    /// Lets processes of any uid reach the socket's directory and run `exe` copied into
+    /// it (the test binary, as a client running under another uid).
+    fn open_to_other_uids(&self) -> PathBuf {
+        set_mode(&self.dir, 0o755);
+        let exe = self.dir.join("client");
+        if !exe.exists() {
+            std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+            set_mode(&exe, 0o755);
+        }
+        exe
+    }
+
+    /// Everything the broker logged so far.
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `ism-pool status --json`, parsed loosely (fields of any version).
+    fn status_json(&self) -> serde_json::Value {
+        let output = Command::new(env!("CARGO_BIN_EXE_ism-pool"))
+            .args(["status", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 impl Drop for BrokerProcess {
@@ -80,7 +155,21 @@ impl ClientProcess {
     }
 
     fn spawn_with(socket: &Path, exe: &Path, uid: Option<u32>) -> Self {
+        let mut client = Self::launch(socket, exe, uid, false);
+        assert!(client.cmd("connect").starts_with("devid "));
+        client
+    }
+
+    /// A child speaking the raw protocol (see `run_raw_command`), as `uid` if given.
+    fn spawn_raw(socket: &Path, exe: &Path, uid: Option<u32>) -> Self {
+        Self::launch(socket, exe, uid, true)
+    }
+
+    fn launch(socket: &Path, exe: &Path, uid: Option<u32>, raw: bool) -> Self {
         let mut command = Command::new(exe);
+        if raw {
+            command.env(CHILD_RAW_ENV, "1");
+        }
         command
             .args([
                 "--ignored",
@@ -100,13 +189,11 @@ impl ClientProcess {
         let mut child = command.spawn().expect("spawn client process");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut client = ClientProcess {
+        ClientProcess {
             child,
             stdin,
             stdout,
-        };
-        assert!(client.cmd("connect").starts_with("devid "));
-        client
+        }
     }
 
     /// Sends one command line and returns the child's answer.
@@ -404,6 +491,24 @@ fn run_child_command(
             }
             format!("events {events:?}")
         }
+        // allocmany N SIZE: allocates until N regions or the first refusal.
+        "allocmany" => {
+            let mut allocated = 0;
+            let mut refusal = String::from("none");
+            for _ in 0..num(1) {
+                match session.alloc(num(2)) {
+                    Ok(lease) => {
+                        leases.insert(lease.token.0, lease);
+                        allocated += 1;
+                    }
+                    Err(e) => {
+                        refusal = format!("{e:?}");
+                        break;
+                    }
+                }
+            }
+            format!("allocated {allocated} err {refusal}")
+        }
         "hang" => loop {
             std::thread::sleep(Duration::from_secs(60));
         },
@@ -417,6 +522,19 @@ fn run_child_command(
 #[ignore = "client process entry point, run by the other tests"]
 fn client_process() {
     let socket = std::env::var(CHILD_SOCKET_ENV).expect("run by the broker tests only");
+    if std::env::var_os(CHILD_RAW_ENV).is_some() {
+        let mut open = Vec::new();
+        for line in std::io::stdin().lock().lines() {
+            let line = line.unwrap();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.first() == Some(&"exit") {
+                break;
+            }
+            let answer = run_raw_command(Path::new(&socket), &mut open, &words);
+            println!("{REPLY_PREFIX}{answer}");
+        }
+        return;
+    }
     let session = BrokerSession::connect(Path::new(&socket)).expect("connect to broker");
     let mut leases = HashMap::new();
     let mut doorbells = HashMap::new();
@@ -555,7 +673,15 @@ fn test_read_only_lease_cannot_be_reopened_writable_by_another_user() {
 
 #[test]
 fn test_killed_client_is_reclaimed_and_peer_data_survives() {
-    let broker = BrokerProcess::start(&["--size", "16M", "--per-vm-limit", "2M"]);
+    // Each client process stands for a VM of its own here.
+    let broker = BrokerProcess::start(&[
+        "--size",
+        "16M",
+        "--per-vm-limit",
+        "2M",
+        "--vm-identity",
+        "process",
+    ]);
     let mut owner = ClientProcess::spawn(&broker.socket);
     let mut peer = ClientProcess::spawn(&broker.socket);
     let owner_devid = owner.devid();
@@ -594,7 +720,15 @@ fn test_killed_client_is_reclaimed_and_peer_data_survives() {
 
 #[test]
 fn test_quota_and_pool_exhaustion_errors() {
-    let broker = BrokerProcess::start(&["--size", "1M", "--per-vm-limit", "512K"]);
+    // Each client process stands for a VM of its own here.
+    let broker = BrokerProcess::start(&[
+        "--size",
+        "1M",
+        "--per-vm-limit",
+        "512K",
+        "--vm-identity",
+        "process",
+    ]);
     let mut a = ClientProcess::spawn(&broker.socket);
     let mut b = ClientProcess::spawn(&broker.socket);
     let mut c = ClientProcess::spawn(&broker.socket);
@@ -862,8 +996,10 @@ fn test_hugepage_pool_allocates_or_fails_cleanly() {
 
 #[test]
 fn test_one_process_cannot_take_every_connection() {
-    let broker = BrokerProcess::start(&["--size", "16M"]);
-    let limit = ism_pool::broker::MAX_CONNECTIONS_PER_PROCESS;
+    // With one VM per process, a process is capped at --connections-per-vm.
+    let broker = BrokerProcess::start(&["--size", "16M", "--vm-identity", "process"]);
+    // --connections-per-vm defaults to 64.
+    let limit = 64;
     let mut open: Vec<_> = (0..limit).map(|_| raw_connect(&broker.socket)).collect();
     let refused = seqpacket::connect(&broker.socket).unwrap();
     match raw_answer(&refused) {
@@ -1070,4 +1206,390 @@ fn test_large_doorbell_sets_arrive_whole_over_several_replies() {
         owner.publish_doorbell(token, read_end.as_fd()),
         Err(ism_pool::PoolError::NotAnEventfd { .. })
     ));
+}
+
+/// What came back on a raw connection within a time limit.
+#[derive(Debug)]
+enum Received {
+    Reply(Reply),
+    /// The broker closed the connection.
+    Closed,
+    /// Nothing arrived in time.
+    Silent,
+}
+
+fn receive_within(conn: &OwnedFd, timeout: Duration) -> Received {
+    match seqpacket::wait_readable(conn.as_fd(), None, Some(timeout)) {
+        Ok((true, _)) => {}
+        _ => return Received::Silent,
+    }
+    match seqpacket::recv(conn.as_fd()) {
+        Ok(Some(packet)) => Received::Reply(wire::decode_reply(&packet.bytes).unwrap().1),
+        _ => Received::Closed,
+    }
+}
+
+/// Connects and says hello as `role`; the connection and the broker's answer.
+fn raw_hello(socket: &Path, role: Role) -> Result<(OwnedFd, Received), String> {
+    let conn = seqpacket::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    let hello = Request::Hello {
+        min_version: 1,
+        max_version: wire::MAX_VERSION,
+        role,
+    };
+    // A refused connection may be closed before the hello goes out; the reason is still
+    // there to read.
+    let sent = seqpacket::send(conn.as_fd(), &hello.encode(1), None);
+    let answer = receive_within(&conn, Duration::from_secs(5));
+    if let (Err(e), Received::Closed | Received::Silent) = (sent, &answer) {
+        return Err(format!("send: {e}"));
+    }
+    Ok((conn, answer))
+}
+
+/// Raw child commands:
+/// - `open N device|observer`: opens up to N connections that said hello, keeps them, and
+///   answers `opened K refused TEXT` (TEXT: why the next one was refused);
+/// - `observe`: an observer asks for STATUS; answers `answer error|status then
+///   closed|open` (whether the broker closed the connection afterwards).
+fn run_raw_command(socket: &Path, open: &mut Vec<OwnedFd>, words: &[&str]) -> String {
+    match words.first().copied().unwrap_or("") {
+        "open" => {
+            let count: usize = words.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            let role = if words.get(2) == Some(&"observer") {
+                Role::Observer
+            } else {
+                Role::Device
+            };
+            let mut opened = 0;
+            let mut refusal = "none".to_string();
+            for _ in 0..count {
+                match raw_hello(socket, role) {
+                    Ok((conn, Received::Reply(Reply::HelloOk { .. }))) => {
+                        open.push(conn);
+                        opened += 1;
+                    }
+                    Ok((_, Received::Reply(Reply::Error(e)))) => {
+                        refusal = e.text;
+                        break;
+                    }
+                    Ok((_, other)) => {
+                        refusal = format!("{other:?}");
+                        break;
+                    }
+                    Err(e) => {
+                        refusal = e;
+                        break;
+                    }
+                }
+            }
+            format!("opened {opened} refused {refusal}")
+        }
+        "observe" => {
+            let conn = match raw_hello(socket, Role::Observer) {
+                Ok((conn, Received::Reply(Reply::HelloOk { .. }))) => conn,
+                Ok((_, other)) => return format!("hello {other:?}"),
+                Err(e) => return e,
+            };
+            seqpacket::send(conn.as_fd(), &Request::Status.encode(2), None).unwrap();
+            let answer = match receive_within(&conn, Duration::from_secs(5)) {
+                Received::Reply(Reply::Error(_)) => "error",
+                Received::Reply(Reply::StatusChunk { .. }) => "status",
+                _ => "nothing",
+            };
+            let after = match receive_within(&conn, Duration::from_secs(3)) {
+                Received::Closed => "closed",
+                _ => "open",
+            };
+            format!("answer {answer} then {after}")
+        }
+        other => format!("err unknown command {other:?}"),
+    }
+}
+
+fn skip_unless_root(what: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return false;
+    }
+    println!("SKIPPED: not root, cannot {what}");
+    true
+}
+
+const NOBODY: u32 = 65534;
+
+// Finding 2: one guest exhausted the broker's descriptors.
+
+/// With the default soft limit of 1024 one guest holding ~1014 regions made every other
+/// VM's ALLOC fail. Now the broker raises its soft limit and one VM stops at its region
+/// quota, so another VM still allocates.
+#[test]
+fn test_one_guest_cannot_exhaust_the_broker_descriptors() {
+    if skip_unless_root("run a second VM under another uid") {
+        return;
+    }
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    if hard.is_some_and(|hard| hard < 4096) {
+        println!("SKIPPED: hard RLIMIT_NOFILE {hard:?} is below 4096");
+        return;
+    }
+    let broker = BrokerProcess::start_logged(&["--size", "64M"], "ulimit -Sn 1024");
+    let exe = broker.open_to_other_uids();
+    set_mode(&broker.socket, 0o777);
+    let mut greedy = ClientProcess::spawn(&broker.socket);
+    let mut other = ClientProcess::spawn_with(&broker.socket, &exe, Some(NOBODY));
+    assert_eq!(
+        greedy.cmd("allocmany 1100 4096"),
+        "allocated 1024 err RegionQuotaExceeded { limit: 1024 }"
+    );
+    assert!(parse_token(&other.cmd("alloc 4096")).is_some());
+    let status = broker.status_json();
+    assert_eq!(status["per_vm_regions"], 1024);
+    let regions: Vec<u64> = status["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["vm_regions"].as_u64().unwrap())
+        .collect();
+    assert!(regions.contains(&1024) && regions.contains(&1), "{status}");
+    assert!(
+        broker.log().contains("raised from 1024"),
+        "{}",
+        broker.log()
+    );
+}
+
+/// When the descriptors do run out, the guest is told so (not "out of memory"), and the
+/// broker warned at start that its hard limit was too low.
+#[test]
+fn test_descriptor_shortage_is_reported_as_such() {
+    let broker =
+        BrokerProcess::start_logged(&["--size", "16M"], "ulimit -Sn 128 && ulimit -Hn 128");
+    let mut guest = ClientProcess::spawn(&broker.socket);
+    let answer = guest.cmd("allocmany 200 4096");
+    assert!(
+        answer.contains("err DescriptorLimit") && answer.contains("Host descriptor limit"),
+        "{answer}"
+    );
+    let log = broker.log();
+    assert!(log.contains("hard descriptor limit 128 is below"), "{log}");
+}
+
+// Finding 3: any process could take every connection slot.
+
+#[test]
+fn test_untrusted_observer_gets_one_answer_then_is_closed() {
+    if skip_unless_root("run an observer under another uid") {
+        return;
+    }
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let exe = broker.open_to_other_uids();
+    set_mode(&broker.socket, 0o777);
+    let mut stranger = ClientProcess::spawn_raw(&broker.socket, &exe, Some(NOBODY));
+    assert_eq!(stranger.cmd("observe"), "answer error then closed");
+    // A trusted observer keeps its connection for further requests.
+    let mut operator =
+        ClientProcess::spawn_raw(&broker.socket, &std::env::current_exe().unwrap(), None);
+    assert_eq!(operator.cmd("observe"), "answer status then open");
+}
+
+#[test]
+fn test_idle_observer_is_disconnected() {
+    let broker = BrokerProcess::start(&["--size", "16M", "--observer-timeout", "1"]);
+    let (conn, answer) = raw_hello(&broker.socket, Role::Observer).unwrap();
+    assert!(
+        matches!(answer, Received::Reply(Reply::HelloOk { .. })),
+        "{answer:?}"
+    );
+    let started = Instant::now();
+    assert!(matches!(
+        receive_within(&conn, Duration::from_secs(5)),
+        Received::Closed
+    ));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// 17 processes of one uid with 64 connections each filled all 1024 slots; now one uid
+/// that is not a VMM uid gets a few, and a VMM is still served.
+#[test]
+fn test_processes_of_one_uid_cannot_take_every_slot() {
+    if skip_unless_root("run clients under another uid") {
+        return;
+    }
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let exe = broker.open_to_other_uids();
+    set_mode(&broker.socket, 0o777);
+    let mut forks: Vec<_> = (0..17)
+        .map(|_| ClientProcess::spawn_raw(&broker.socket, &exe, Some(NOBODY)))
+        .collect();
+    let mut opened = 0;
+    for fork in &mut forks {
+        let answer = fork.cmd("open 64 device");
+        opened += answer
+            .strip_prefix("opened ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap();
+    }
+    // --connections-per-uid defaults to 16.
+    assert_eq!(opened, 16);
+    let mut vmm = ClientProcess::spawn(&broker.socket);
+    assert!(parse_token(&vmm.cmd("alloc 4096")).is_some());
+}
+
+#[test]
+fn test_reserved_slots_are_kept_for_vmm_uids() {
+    if skip_unless_root("run clients under other uids") {
+        return;
+    }
+    let broker = BrokerProcess::start(&[
+        "--size",
+        "16M",
+        "--max-connections",
+        "16",
+        "--reserved-connections",
+        "6",
+        "--connections-per-uid",
+        "4",
+        "--vmm-uid",
+        "60001",
+    ]);
+    let exe = broker.open_to_other_uids();
+    set_mode(&broker.socket, 0o777);
+    let open = |uid: u32, count: usize| {
+        let mut client = ClientProcess::spawn_raw(&broker.socket, &exe, Some(uid));
+        let answer = client.cmd(&format!("open {count} device"));
+        (client, answer)
+    };
+    let (_a, answer) = open(60010, 8);
+    assert_eq!(
+        answer,
+        "opened 4 refused Too many connections from uid 60010"
+    );
+    let (_b, answer) = open(60011, 4);
+    assert_eq!(answer, "opened 4 refused none");
+    let (_c, answer) = open(60012, 4);
+    assert_eq!(
+        answer,
+        "opened 2 refused Too many connections: the remaining slots are reserved for VMMs"
+    );
+    // The VMM uid is not bound by the per-uid cap and gets the reserved slots.
+    let (_vmm, answer) = open(60001, 8);
+    assert_eq!(answer, "opened 6 refused Too many connections");
+}
+
+// Finding 4: the per-VM quota was per process.
+
+/// Processes of one VM (same uid and cgroup, like a VMM and its forked children) share
+/// one quota.
+#[test]
+fn test_forked_processes_share_their_vm_quota() {
+    let broker = BrokerProcess::start(&["--size", "16M", "--per-vm-limit", "1M"]);
+    let mut parent = ClientProcess::spawn(&broker.socket);
+    let mut child = ClientProcess::spawn(&broker.socket);
+    parent.alloc(1 << 20);
+    assert_eq!(
+        child.cmd("alloc 4096"),
+        format!(
+            "err QuotaExceeded {{ limit: {}, used: {}, requested: 4096 }}",
+            1 << 20,
+            1 << 20
+        )
+    );
+}
+
+#[test]
+fn test_one_vm_cannot_take_the_whole_pool_by_default() {
+    let broker = BrokerProcess::start(&["--size", "1M"]);
+    let mut vm = ClientProcess::spawn(&broker.socket);
+    assert_eq!(
+        vm.cmd(&format!("alloc {}", 1 << 20)),
+        format!(
+            "err QuotaExceeded {{ limit: {}, used: 0, requested: {} }}",
+            512 << 10,
+            1 << 20
+        )
+    );
+    vm.alloc(512 << 10);
+}
+
+// Finding 6: read-only leases hold only with a uid split.
+
+/// A VMM under its own uid reaches a socket of mode 0660 through --socket-group, and its
+/// read-only lease cannot be reopened read-write; a root holder can do exactly that, which
+/// is why the broker warns about such sessions, reports them, and can refuse them.
+#[test]
+fn test_read_only_leases_are_enforced_only_with_a_uid_split() {
+    if skip_unless_root("run a client under another uid") {
+        return;
+    }
+    let broker = BrokerProcess::start_logged(
+        &["--size", "16M", "--socket-group", &NOBODY.to_string()],
+        "true",
+    );
+    let exe = broker.open_to_other_uids();
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&broker.socket).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, NOBODY));
+    }
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let mut unprivileged = ClientProcess::spawn_with(&broker.socket, &exe, Some(NOBODY));
+    let mut root_reader = ClientProcess::spawn(&broker.socket);
+    let token = owner.alloc(4096);
+    assert_eq!(owner.cmd(&format!("grant {token} default {RO}")), "ok");
+    let eacces = rustix::io::Errno::ACCESS.raw_os_error();
+    for reader in [&mut unprivileged, &mut root_reader] {
+        assert_eq!(reader.cmd(&format!("attach {token} 0")), "lease writable=0");
+    }
+    let answer = unprivileged.cmd(&format!("escalate {token}"));
+    assert!(answer.contains(&format!("reopen={eacces}")), "{answer}");
+    let answer = root_reader.cmd(&format!("escalate {token}"));
+    assert!(answer.contains("reopen=ok"), "{answer}");
+    assert!(broker.log().contains("ADVISORY"), "{}", broker.log());
+    let status = broker.status_json();
+    let enforced = |devid: u64| {
+        status["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["devid"] == devid)
+            .map(|s| s["read_only_enforced"].clone())
+            .unwrap()
+    };
+    assert_eq!(enforced(unprivileged.devid()), true);
+    assert_eq!(enforced(root_reader.devid()), false);
+
+    let strict = BrokerProcess::start(&[
+        "--size",
+        "16M",
+        "--socket-group",
+        &NOBODY.to_string(),
+        "--require-uid-split",
+    ]);
+    let exe = strict.open_to_other_uids();
+    match BrokerSession::connect(&strict.socket) {
+        Err(e) => assert!(e.to_string().contains("--require-uid-split"), "{e}"),
+        Ok(_) => panic!("a root device session was accepted"),
+    }
+    let mut vmm = ClientProcess::spawn_with(&strict.socket, &exe, Some(NOBODY));
+    assert!(parse_token(&vmm.cmd("alloc 4096")).is_some());
+}
+
+// Finding 7: grants to devids not issued yet were inherited.
+
+#[test]
+fn test_grant_to_a_devid_not_yet_issued_is_refused() {
+    let broker = BrokerProcess::start(&["--size", "16M"]);
+    let mut owner = ClientProcess::spawn(&broker.socket);
+    let token = owner.alloc(4096);
+    let next = owner.devid() + 1;
+    let answer = owner.cmd(&format!("grant {token} {next} {RW}"));
+    assert_eq!(answer, format!("err UnknownDevice(DevId({next}))"));
+    let mut newcomer = ClientProcess::spawn(&broker.socket);
+    assert_eq!(newcomer.devid(), next);
+    assert!(
+        newcomer
+            .cmd(&format!("attach {token} 0"))
+            .contains("missing: Attach")
+    );
 }

@@ -59,6 +59,7 @@ pub fn pool() -> Arc<LocalPool> {
         per_vm_limit: None,
         hugepages: false,
         gid: Some(0x15a),
+        ..PoolConfig::default()
     })
     .unwrap()
 }
