@@ -95,7 +95,14 @@ pub struct PoolBroker {
 
 impl PoolBroker {
     /// Start a broker with a pool of `size` (e.g. "1G") and wait until its socket exists.
+    /// Every VMM of a test stands for a VM of its own, as it would in a cgroup of its own on
+    /// a host, so the pool counts quotas per process here (`--vm-identity process`).
     pub fn start(size: &str) -> Self {
+        Self::start_with_args(size, &["--vm-identity", "process"])
+    }
+
+    /// As [`PoolBroker::start`], with `extra` broker options instead of the test default.
+    pub fn start_with_args(size: &str, extra: &[&str]) -> Self {
         let binary = pool_binary();
         let dir = ScratchDir::new("pool");
         let socket = dir.path().join("pool.sock");
@@ -104,6 +111,7 @@ impl PoolBroker {
                 .arg("--socket")
                 .arg(&socket)
                 .args(["--size", size])
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),

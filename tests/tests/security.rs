@@ -3,8 +3,6 @@
 //! as another user. A read-only lease then holds against the VMM itself (a compromised VMM
 //! runs as that user): every way that user has to the region's pages refuses writes.
 
-use std::os::unix::fs::PermissionsExt;
-
 use ism_tests::uid::{UNPRIVILEGED_UID, run_as};
 use ism_tests::{IsmGuest, IsmSpec, PoolBroker, Vmm, require_kvm, require_run_as, require_vmm};
 
@@ -42,10 +40,20 @@ fn test_read_only_lease_holds_against_a_vmm_of_another_user(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
     require_run_as!();
-    let broker = PoolBroker::start("1G");
-    // The VMM's user must be able to connect (ism-pool --socket-mode/--socket-group).
-    std::fs::set_permissions(broker.socket(), std::fs::Permissions::from_mode(0o666))
-        .expect("open the broker socket to every user");
+    // As docs/security.md sets it up: the VMMs' group may use the socket, their uid is a
+    // VMM uid, and each VMM is a VM of its own.
+    let vmm_id = UNPRIVILEGED_UID.to_string();
+    let broker = PoolBroker::start_with_args(
+        "1G",
+        &[
+            "--socket-group",
+            &vmm_id,
+            "--vmm-uid",
+            &vmm_id,
+            "--vm-identity",
+            "process",
+        ],
+    );
     let mut a = IsmGuest::start("A", &broker, &IsmSpec::on(vmm), &[]);
     let jailed = IsmSpec {
         run_as: Some(UNPRIVILEGED_UID),
