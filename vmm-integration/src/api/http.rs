@@ -41,6 +41,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Wait after a failed accept (EMFILE, ENFILE, ENOMEM) before trying again.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a refused request's remaining input is read (and dropped) before closing.
+const LINGER: Duration = Duration::from_secs(1);
 /// How long teardown waits for connection threads to end once their sockets are shut down.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -349,6 +351,45 @@ fn refuse(mut stream: UnixStream, message: &str) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
     let response = error_response(503, &[message.to_owned()]);
     let _ = stream.write_all(&response.to_bytes(true));
+    close_gently(&mut stream, Duration::ZERO);
+}
+
+/// Most bytes read and dropped from a client whose request was refused.
+const DRAIN_MAX: usize = 4 << 20;
+
+/// End the answer (EOF for the client), then read and drop what the client still sends, for
+/// up to `linger` (zero: only what already arrived) and [`DRAIN_MAX`] bytes. A unix socket
+/// closed with unread input makes the client's next read fail with ECONNRESET, so a client
+/// still sending a refused request would see a reset instead of the answer's end.
+fn close_gently(stream: &mut UnixStream, linger: Duration) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + linger;
+    let mut drained = 0;
+    let mut chunk = [0u8; 16 << 10];
+    while drained < DRAIN_MAX {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let flags = if left.is_zero() {
+            libc::MSG_DONTWAIT
+        } else {
+            if stream.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            0
+        };
+        // SAFETY: receiving into the valid, writable `chunk` of `chunk.len()` bytes.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                chunk.as_mut_ptr().cast(),
+                chunk.len(),
+                flags,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 /// An answer: status, body, and whether the body is JSON.
@@ -622,7 +663,12 @@ impl Connection {
     /// Answer `e` and end the connection.
     fn fail(&mut self, e: &RequestError) {
         log::debug!("API: refusing a request: {e}");
-        let _ = self.send(&error_response(e.status_code(), &[e.to_string()]), true);
+        if self
+            .send(&error_response(e.status_code(), &[e.to_string()]), true)
+            .is_ok()
+        {
+            close_gently(&mut self.stream, LINGER);
+        }
     }
 
     /// Serve requests until the client closes, a limit is hit, or a request asks to close.
