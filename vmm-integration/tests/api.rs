@@ -1244,10 +1244,8 @@ fn test_a_device_of_2048_vectors_starts_under_a_1024_soft_limit() {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the valid `ours`.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) },
-        0
-    );
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) };
+    assert_eq!(got, 0);
     let hard = ours.rlim_max.min(65536);
     assert!(
         hard >= 4096,
