@@ -779,3 +779,116 @@ pub fn simple_request(
         .map_or(raw.len(), |p| p + 4);
     Ok((status, raw[start..].to_vec()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<Head>, RequestError> {
+        parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn test_parse_head_reads_length_connection_and_expect() {
+        let h = head("PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (h.method.as_str(), h.target.as_str()),
+            ("PUT", "/api/v1/vm.pause")
+        );
+        assert_eq!(
+            (h.content_length, h.close, h.expect_continue),
+            (5, false, false)
+        );
+        assert_eq!(
+            h.len,
+            "PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 5\r\n\r\n".len()
+        );
+        let h =
+            head("GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\nExpect: 100-continue\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(h.close && h.expect_continue);
+        // HTTP/1.0 closes unless it asks to keep the connection.
+        assert!(head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().close);
+        let kept = head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(!kept.unwrap().unwrap().close);
+        // Not complete yet.
+        assert!(head("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn test_parse_head_refuses_what_it_does_not_frame() {
+        let status = |text: &str| head(text).err().map(|e| e.status_code());
+        let chunked = "PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(status(chunked), Some(411));
+        let two = "PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(status(two), Some(400));
+        assert_eq!(
+            status("PUT / HTTP/1.1\r\nContent-Length: +1\r\n\r\n"),
+            Some(400)
+        );
+        let big = format!(
+            "PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY_SIZE + 1
+        );
+        assert_eq!(status(&big), Some(413));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Some(431));
+        let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_SIZE));
+        assert_eq!(status(&long), Some(431));
+        assert_eq!(status("GET\0 / HTTP/1.1\r\n\r\n"), Some(400));
+    }
+
+    /// Framing against a running server (with no VMM behind it, known routes answer 500):
+    /// two pipelined requests on one kept-alive connection, then one with
+    /// `Expect: 100-continue` and `Connection: close`.
+    #[test]
+    fn test_keep_alive_pipelining_and_expect_continue() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-http").unwrap();
+        let path = dir.as_path().join("api.sock");
+        let listener = ApiListener::bind(&Endpoint::Path(path.clone())).unwrap();
+        let server = ApiServer::start(listener, ApiSender::new(|_| false)).unwrap();
+        let mut stream = UnixStream::connect(&path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(
+                b"GET /api/v1/vm.nope HTTP/1.1\r\nHost: x\r\n\r\n\
+                  GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n",
+            )
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("500 Internal") {
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
+        assert!(!text.contains("Connection: close"), "{text}");
+
+        stream
+            .write_all(
+                b"PUT /api/v1/vm.pause HTTP/1.1\r\nExpect: 100-continue\r\n\
+                  Connection: close\r\nContent-Length: 2\r\n\r\n",
+            )
+            .unwrap();
+        let n = stream.read(&mut chunk).unwrap();
+        assert_eq!(&chunk[..n], b"HTTP/1.1 100 Continue\r\n\r\n");
+        stream.write_all(b"{}").unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(rest.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{rest}");
+        assert!(rest.contains("Connection: close\r\n"), "{rest}");
+        assert!(
+            rest.ends_with(r#"["Endpoint vm.pause takes no body"]"#),
+            "{rest}"
+        );
+        drop(server);
+    }
+}
