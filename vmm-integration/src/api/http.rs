@@ -279,6 +279,7 @@ fn poll_in<const N: usize>(fds: [RawFd; N], timeout: Option<Duration>) -> [bool;
 fn accept_loop(listener: &UnixListener, stop: &EventFd, api: &ApiSender) {
     let connections = Arc::new(Connections::default());
     let mut short = false;
+    let mut full = false;
     loop {
         let [pending, stopped] = poll_in([listener.as_raw_fd(), stop.as_raw_fd()], None);
         if stopped {
@@ -313,21 +314,25 @@ fn accept_loop(listener: &UnixListener, stop: &EventFd, api: &ApiSender) {
                 continue;
             }
         };
-        serve_or_refuse(stream, &connections, api);
+        let admitted = serve_or_refuse(stream, &connections, api);
+        // One warning per stretch of refusals, not one per refused connection.
+        if !admitted && !full {
+            log::warn!("API: {MAX_CONNECTIONS} connections are open; refusing more (503)");
+        }
+        full = !admitted;
     }
     connections.close_all();
 }
 
-/// Start a thread for `stream`, or answer 503 and close it when the cap is reached or no
-/// thread can be started.
-fn serve_or_refuse(stream: UnixStream, connections: &Arc<Connections>, api: &ApiSender) {
+/// Start a thread for `stream`, or answer 503 and close it when the cap is reached; whether
+/// it was admitted.
+fn serve_or_refuse(stream: UnixStream, connections: &Arc<Connections>, api: &ApiSender) -> bool {
     let Some(id) = connections.admit(stream.as_raw_fd()) else {
-        log::warn!("API: {MAX_CONNECTIONS} connections are open; refusing one more");
         refuse(
             stream,
             &format!("Too many API connections ({MAX_CONNECTIONS} open)"),
         );
-        return;
+        return false;
     };
     let (conns, api_clone) = (connections.clone(), api.clone());
     let spawned = std::thread::Builder::new()
@@ -344,6 +349,7 @@ fn serve_or_refuse(stream: UnixStream, connections: &Arc<Connections>, api: &Api
         log::warn!("API: failed to start a connection thread: {e}");
         connections.leave(id);
     }
+    true
 }
 
 /// Answer 503 on a connection that will not be served, without waiting on the client.
