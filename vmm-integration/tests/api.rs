@@ -200,7 +200,7 @@ fn test_api_session_under_seccomp() {
 }
 
 fn api_session(extra: &[&str]) {
-    if !kvm_available() {
+    if !kvm_or_skip("api_session") {
         return;
     }
     let vmm = Vmm::start(extra);
@@ -351,7 +351,7 @@ fn api_session(extra: &[&str]) {
 
 #[test]
 fn test_a_second_vmm_on_the_same_socket_is_refused() {
-    if !kvm_available() {
+    if !kvm_or_skip("test_a_second_vmm_on_the_same_socket_is_refused") {
         return;
     }
     let first = Vmm::start(&[]);
@@ -391,7 +391,7 @@ fn test_a_second_vmm_on_the_same_socket_is_refused() {
 /// its filter in kill mode: a missing syscall would kill the VMM with SIGSYS.
 #[test]
 fn test_rng_guest_runs_clean_under_seccomp() {
-    if !kvm_available() {
+    if !kvm_or_skip("test_rng_guest_runs_clean_under_seccomp") {
         return;
     }
     let guest = test_guest_elf();
@@ -425,7 +425,7 @@ fn test_rng_guest_runs_clean_under_seccomp() {
 /// Runs under seccomp in kill mode, with the embedded pool.
 #[test]
 fn test_ism_region_revoke_through_the_api() {
-    if !kvm_available() {
+    if !kvm_or_skip("test_ism_region_revoke_through_the_api") {
         return;
     }
     let guest = test_guest_elf();
@@ -497,7 +497,7 @@ fn last_progress(serial: &str) -> u64 {
 /// (the second waits for a SIPI inside KVM_RUN), under seccomp in kill mode.
 #[test]
 fn test_pause_and_resume_a_counting_guest() {
-    if !kvm_available() {
+    if !kvm_or_skip("test_pause_and_resume_a_counting_guest") {
         return;
     }
     let guest = test_guest_elf();
@@ -733,7 +733,7 @@ fn ism_events(vmm: &Vmm) -> Vec<serde_json::Value> {
 /// itself does (alloc, grant, detach) is on the event monitor with its properties.
 #[test]
 fn test_region_create_with_grants_pool_status_and_guest_events() {
-    if !kvm_available() {
+    if !kvm_or_skip("test_region_create_with_grants_pool_status_and_guest_events") {
         return;
     }
     // Two devices on one embedded pool: the guest drives ism0, ism1 is the named peer.
@@ -995,7 +995,7 @@ fn wait_events(vmm: &Vmm, event: &str, token: u64, count: usize) -> Vec<serde_js
 /// vm.ism-pool-status from the broker.
 #[test]
 fn test_paired_guests_report_peer_and_pool_events() {
-    if !kvm_available() {
+    if !kvm_or_skip("test_paired_guests_report_peer_and_pool_events") {
         return;
     }
     let broker = Broker::start();
