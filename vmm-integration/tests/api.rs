@@ -1328,6 +1328,28 @@ fn test_a_slow_body_does_not_hold_up_other_clients() {
     }
     let (status, body) = other.join().unwrap();
     assert_eq!(status, 200, "{body}");
+    // The slow client's thread runs under the http-server's filter and its own.
+    let filters: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", vmm.child.id()))
+        .unwrap()
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            (comm.trim() == "http-conn").then(|| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+        })
+        .collect();
+    // (The other client's thread may not have ended yet.)
+    assert!(
+        !filters.is_empty() && filters.iter().all(|n| n == "2"),
+        "http-conn threads and their filters: {filters:?}"
+    );
     // The slow client is still connected and unanswered.
     slow.set_nonblocking(true).unwrap();
     let mut byte = [0u8; 1];

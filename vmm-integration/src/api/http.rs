@@ -161,8 +161,8 @@ impl ApiServer {
             .map_err(HttpError::NonBlocking)?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(HttpError::StopEvent)?);
         let thread_stop = stop.clone();
-        // The connection threads are started by the http-server thread, so they all run
-        // under its seccomp filter.
+        // The connection threads are started by the http-server thread: each runs under its
+        // filter and adds its own, narrower one.
         let thread = std::thread::Builder::new()
             .name("http-server".into())
             .spawn(move || {
@@ -338,6 +338,7 @@ fn serve_or_refuse(stream: UnixStream, connections: &Arc<Connections>, api: &Api
     let spawned = std::thread::Builder::new()
         .name("http-conn".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Thread::HttpConnection);
             let mut conn = Connection::new(stream);
             conn.serve(&api_clone);
             conns.leave(id);

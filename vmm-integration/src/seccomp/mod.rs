@@ -50,9 +50,11 @@ pub enum Thread {
     /// A vCPU: KVM_RUN, the buses, device activation and reset (activation starts the
     /// device workers, whose filters stack on this one).
     Vcpu,
-    /// "http-server" (accepts API connections) and the "http-conn" thread it starts per
-    /// connection (reads a request, waits for the main thread's answer, writes it).
+    /// "http-server": accepts API connections and starts a thread for each.
     HttpServer,
+    /// "http-conn": one API connection (reads a request, waits for the main thread's answer,
+    /// writes it); its filter stacks on the http-server's.
+    HttpConnection,
     EventMonitor,
     SignalHandler,
     /// "exit-forward": moves exit events onto the main thread's channel.
@@ -71,10 +73,11 @@ pub enum Thread {
 impl Thread {
     /// Every kind.
     #[cfg(test)]
-    pub const ALL: [Thread; 10] = [
+    pub const ALL: [Thread; 11] = [
         Thread::Main,
         Thread::Vcpu,
         Thread::HttpServer,
+        Thread::HttpConnection,
         Thread::EventMonitor,
         Thread::SignalHandler,
         Thread::ExitForward,
@@ -209,10 +212,9 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
             libc::SYS_seccomp,
         ],
         // Accept (the listener was made non-blocking before the filter), poll the listener
-        // and the stop eventfd, per-connection timeouts (SO_RCVTIMEO/SO_SNDTIMEO), shutdown
-        // at teardown; `fcntl(F_GETFD)` (only that: see `rules`) is std's check, in debug
-        // builds, that a descriptor it closes is open. No files, no sockets of its own, no
-        // ioctl.
+        // and the stop eventfd, answer 503 over the cap, shut connections down at teardown,
+        // and everything its connection threads do (their filters stack on this one, and
+        // `seccomp` lets them add theirs). No files, no sockets of its own, no ioctl.
         Thread::HttpServer => &[
             libc::SYS_fcntl,
             libc::SYS_accept4,
@@ -222,6 +224,18 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
             libc::SYS_writev,
             libc::SYS_poll,
             libc::SYS_ppoll,
+            libc::SYS_setsockopt,
+            libc::SYS_seccomp,
+        ],
+        // Read a request and write its answer on the one socket, with timeouts
+        // (SO_RCVTIMEO/SO_SNDTIMEO); `fcntl(F_GETFD)` (only that: see `rules`) is std's check,
+        // in debug builds, that a descriptor it closes is open.
+        Thread::HttpConnection => &[
+            libc::SYS_fcntl,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_shutdown,
+            libc::SYS_writev,
             libc::SYS_setsockopt,
         ],
         Thread::EventMonitor => &[libc::SYS_fsync, libc::SYS_fcntl],
@@ -284,6 +298,7 @@ pub fn allowed_ioctls(thread: Thread) -> Vec<u64> {
         Thread::Vcpu => [VCPU, DEVICE_WIRING].concat(),
         Thread::IsmWorker => ISM_WORKER.to_vec(),
         Thread::HttpServer
+        | Thread::HttpConnection
         | Thread::EventMonitor
         | Thread::SignalHandler
         | Thread::ExitForward
@@ -384,7 +399,7 @@ fn rules(thread: Thread, policy: &Policy) -> Result<BTreeMap<i64, Vec<SeccompRul
                 .collect::<Result<Vec<_>, _>>()?,
             libc::SYS_mmap | libc::SYS_mprotect => vec![no_exec()?],
             libc::SYS_openat => vec![read_only_open()?],
-            libc::SYS_fcntl if thread == Thread::HttpServer => {
+            libc::SYS_fcntl if matches!(thread, Thread::HttpServer | Thread::HttpConnection) => {
                 vec![arg_is(1, libc::F_GETFD as u64)?]
             }
             libc::SYS_tgkill if !signals_threads(thread) => vec![abort_only()?],
@@ -580,6 +595,20 @@ mod tests {
                     "{worker:?}: ioctl {request:#x}"
                 );
             }
+        }
+    }
+
+    /// The same for the API: a connection thread's filter stacks on the http-server's.
+    #[test]
+    fn test_http_server_filter_covers_its_connection_threads() {
+        let server = allowed_syscalls(Thread::HttpServer, true);
+        for nr in allowed_syscalls(Thread::HttpConnection, true) {
+            assert!(server.contains(&nr), "syscall {nr}");
+        }
+        // A connection thread cannot accept, start threads or add filters.
+        let conn = allowed_syscalls(Thread::HttpConnection, true);
+        for nr in [libc::SYS_accept4, libc::SYS_clone3, libc::SYS_seccomp] {
+            assert!(!conn.contains(&nr), "syscall {nr}");
         }
     }
 
@@ -931,7 +960,12 @@ mod tests {
             }
         }
         // Threads that open nothing at all.
-        for thread in [Thread::HttpServer, Thread::RngWorker, Thread::PoolClient] {
+        for thread in [
+            Thread::HttpServer,
+            Thread::HttpConnection,
+            Thread::RngWorker,
+            Thread::PoolClient,
+        ] {
             assert!(!allowed_syscalls(thread, true).contains(&libc::SYS_openat));
         }
     }
@@ -988,9 +1022,14 @@ mod tests {
         let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                if matches!(thread, Thread::IsmWorker | Thread::RngWorker) {
-                    let vcpu = filter(Thread::Vcpu, &policy).unwrap().unwrap();
-                    seccompiler::apply_filter(&vcpu).unwrap();
+                let parent = match thread {
+                    Thread::IsmWorker | Thread::RngWorker => Some(Thread::Vcpu),
+                    Thread::HttpConnection => Some(Thread::HttpServer),
+                    _ => None,
+                };
+                if let Some(parent) = parent {
+                    let first = filter(parent, &policy).unwrap().unwrap();
+                    seccompiler::apply_filter(&first).unwrap();
                 }
                 let program = filter(thread, &policy).unwrap().unwrap();
                 seccompiler::apply_filter(&program).unwrap();
