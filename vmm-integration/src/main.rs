@@ -10,11 +10,13 @@ mod control;
 mod devices;
 mod event_monitor;
 mod exit;
+mod fd_limit;
 mod interrupt;
 mod ism_api;
 mod layout;
 mod legacy;
 mod memory;
+mod panic_hook;
 mod pci;
 mod seccomp;
 mod terminal;
@@ -154,55 +156,9 @@ fn init_logging(verbosity: u8) {
         .init();
 }
 
-/// How many descriptors the table is grown to before any thread starts: a virtio-ism device
-/// opens one irqfd per MSI-X vector (up to 2048), plus the VM's own.
-const FD_TABLE_SIZE: libc::rlim_t = 4096;
-
-/// Raise the soft descriptor limit to the hard one and grow the descriptor table to
-/// [`FD_TABLE_SIZE`] now, while the process has one thread. Growing it later, with threads
-/// running, waits for an RCU grace period at every doubling (`expand_fdtable`): about 50 ms
-/// for a device's 2048 irqfds on the project's machines. Best effort: failures only cost time.
-fn prepare_fd_table() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the valid `limit`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit reads the valid `raised`; raising the soft limit up to the hard
-        // one needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limit.rlim_cur = limit.rlim_max;
-        }
-    }
-    let size = limit.rlim_cur.min(FD_TABLE_SIZE);
-    let Ok(last) = libc::c_int::try_from(size.saturating_sub(1)) else {
-        return;
-    };
-    if last <= 2 {
-        return;
-    }
-    // SAFETY: fcntl F_GETFD only asks whether descriptor `last` is open.
-    if unsafe { libc::fcntl(last, libc::F_GETFD) } != -1 {
-        return;
-    }
-    // SAFETY: dup2 of stderr onto the free descriptor `last` (checked above) grows the table;
-    // closing `last` right away leaves every other descriptor as it was.
-    unsafe {
-        if libc::dup2(libc::STDERR_FILENO, last) == last {
-            libc::close(last);
-        }
-    }
-}
-
 fn main() {
+    // First: a panic anywhere, also in a thread under a seccomp filter, prints its message.
+    panic_hook::install();
     let matches = match create_app().try_get_matches() {
         Ok(m) => m,
         Err(e) => {
@@ -231,9 +187,19 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Before the first thread starts: each thread reads the mode when it applies its filter.
-    seccomp::set_mode(operator.seccomp);
-    prepare_fd_table();
+    // Before the first thread starts: each thread reads the policy when it applies its filter.
+    seccomp::set_policy(seccomp::Policy {
+        mode: operator.seccomp,
+        embedded_pool: config.ism.iter().any(|ism| ism.pool.is_none()),
+    });
+    let (needed, why) = fd_limit::descriptors_needed(&config);
+    match fd_limit::raise(needed, why) {
+        Ok(soft) => fd_limit::grow_table(needed, soft),
+        Err(e) => {
+            eprintln!("Error: {:#}", anyhow::Error::new(e));
+            std::process::exit(1);
+        }
+    }
     let monitor = match event_monitor::start(operator.event_monitor.as_ref()) {
         Ok(m) => m,
         Err(e) => {

@@ -66,6 +66,3 @@ pub const ISM_WORKER: &[u64] = &[KVM_SET_USER_MEMORY_REGION, KVM_IOEVENTFD];
 /// The terminal (`--serial tty`): `isatty`/`tcgetattr` and `tcsetattr(TCSANOW)`; the main
 /// thread restores the saved mode at exit.
 pub const TERMINAL: &[u64] = &[libc::TCGETS, libc::TCSETS];
-
-/// `set_nonblocking` on a socket (std uses FIONBIO).
-pub const FIONBIO: u64 = libc::FIONBIO;

@@ -5,8 +5,15 @@
 //! A filter is a syscall list plus argument checks where an argument decides what the call
 //! can do: `ioctl` only with the request numbers the thread issues ([`allowed_ioctls`]),
 //! `socket` only for the address families it opens, `mmap`/`mprotect` never with
-//! `PROT_EXEC` (the VMM maps no code after startup). `--seccomp log` shows anything missing
-//! in the kernel log (SECCOMP_RET_LOG, audit type 1326, with the thread's name as `comm`).
+//! `PROT_EXEC` (the VMM maps no code after startup), `openat` only read-only, `tgkill`
+//! (where a thread needs no other) only for `abort()`'s SIGABRT to its own process.
+//! `--seccomp log` shows anything missing in the kernel log (SECCOMP_RET_LOG, audit type
+//! 1326, with the thread's name as `comm`).
+//!
+//! What a filter allows also depends on the configuration, fixed once in `main`
+//! ([`Policy`]): `fchmod` only when a device uses the embedded pool, which creates memfds.
+//! A panic in a filtered thread goes through [`crate::panic_hook`], which needs nothing a
+//! filter refuses.
 //!
 //! Filters stack: a thread keeps the filter of the thread that spawned it and adds its own,
 //! and a syscall must pass both. Device workers are started on activation by the vCPU that
@@ -43,8 +50,11 @@ pub enum Thread {
     /// A vCPU: KVM_RUN, the buses, device activation and reset (activation starts the
     /// device workers, whose filters stack on this one).
     Vcpu,
-    /// "http-server" and the tiny_http threads it starts.
+    /// "http-server": accepts API connections and starts a thread for each.
     HttpServer,
+    /// "http-conn": one API connection (reads a request, waits for the main thread's answer,
+    /// writes it); its filter stacks on the http-server's.
+    HttpConnection,
     EventMonitor,
     SignalHandler,
     /// "exit-forward": moves exit events onto the main thread's channel.
@@ -63,10 +73,11 @@ pub enum Thread {
 impl Thread {
     /// Every kind.
     #[cfg(test)]
-    pub const ALL: [Thread; 10] = [
+    pub const ALL: [Thread; 11] = [
         Thread::Main,
         Thread::Vcpu,
         Thread::HttpServer,
+        Thread::HttpConnection,
         Thread::EventMonitor,
         Thread::SignalHandler,
         Thread::ExitForward,
@@ -77,8 +88,11 @@ impl Thread {
     ];
 }
 
-/// What every thread needs: memory, locks, its own exit, signal return, time. `mmap` and
-/// `mprotect` are further checked (no PROT_EXEC).
+/// What every thread needs: memory, locks, its own exit, signal return, time, and what
+/// `abort()` makes after a panic (`rt_sigprocmask`, `gettid`, `getpid`, `tgkill`, see
+/// [`abort_only`]). `mmap` and `mprotect` are further checked (no PROT_EXEC). `mremap`: glibc
+/// grows large allocations (an API body, a long pool status) with it, as cloud-hypervisor
+/// allows it; it cannot add permissions to a mapping.
 const COMMON: &[libc::c_long] = &[
     libc::SYS_brk,
     libc::SYS_clock_gettime,
@@ -91,6 +105,7 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_madvise,
     libc::SYS_mmap,
     libc::SYS_mprotect,
+    libc::SYS_mremap,
     libc::SYS_munmap,
     libc::SYS_nanosleep,
     libc::SYS_read,
@@ -98,6 +113,7 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_rt_sigreturn,
     libc::SYS_sched_yield,
     libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
     libc::SYS_write,
 ];
 
@@ -114,7 +130,8 @@ const SPAWN: &[libc::c_long] = &[
 
 /// What a virtio-ism worker needs for pool calls, on either pool backend: the broker client
 /// (send on the session socket, check a received memfd's size and name) or the embedded
-/// pool (create and seal a memfd, reopen it read-only through /proc/self/fd).
+/// pool (create and seal a memfd, reopen it read-only through /proc/self/fd). The embedded
+/// pool's `fchmod` is [`EMBEDDED_POOL`], only when a device uses it.
 const POOL_CALLS: &[libc::c_long] = &[
     libc::SYS_sendmsg,
     libc::SYS_poll,
@@ -128,7 +145,6 @@ const POOL_CALLS: &[libc::c_long] = &[
     libc::SYS_memfd_create,
     libc::SYS_ftruncate,
     libc::SYS_fallocate,
-    libc::SYS_fchmod,
     libc::SYS_openat,
 ];
 
@@ -141,6 +157,10 @@ const DOORBELL_AIO: &[libc::c_long] = &[
     libc::SYS_io_getevents,
 ];
 
+/// The embedded pool makes its memfds mode 0400 (`fchmod`) so that no other uid can reopen
+/// them; a VMM whose devices all use a broker never does.
+const EMBEDDED_POOL: &[libc::c_long] = &[libc::SYS_fchmod];
+
 /// An epoll loop over eventfds (every device worker).
 const EPOLL_LOOP: &[libc::c_long] = &[
     libc::SYS_epoll_create1,
@@ -152,7 +172,7 @@ const EPOLL_LOOP: &[libc::c_long] = &[
     libc::SYS_fcntl,
 ];
 
-fn extra(thread: Thread) -> Vec<libc::c_long> {
+fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
     let own: &[libc::c_long] = match thread {
         Thread::Main => &[
             libc::SYS_ioctl,
@@ -183,7 +203,6 @@ fn extra(thread: Thread) -> Vec<libc::c_long> {
             libc::SYS_lseek,
             libc::SYS_ftruncate,
             libc::SYS_fallocate,
-            libc::SYS_fchmod,
             libc::SYS_memfd_create,
             libc::SYS_flock,
             libc::SYS_restart_syscall,
@@ -201,22 +220,32 @@ fn extra(thread: Thread) -> Vec<libc::c_long> {
             // narrows; other seccomp operations stay refused, see `rules`).
             libc::SYS_seccomp,
         ],
+        // Accept (the listener was made non-blocking before the filter), poll the listener
+        // and the stop eventfd, answer 503 over the cap, shut connections down at teardown,
+        // and everything its connection threads do (their filters stack on this one, and
+        // `seccomp` lets them add theirs). No files, no sockets of its own, no ioctl.
         Thread::HttpServer => &[
-            libc::SYS_openat,
+            libc::SYS_fcntl,
             libc::SYS_accept4,
             libc::SYS_recvfrom,
             libc::SYS_sendto,
             libc::SYS_shutdown,
             libc::SYS_writev,
             libc::SYS_poll,
-            libc::SYS_fcntl,
-            libc::SYS_ioctl,
-            libc::SYS_getsockname,
-            libc::SYS_getpeername,
+            libc::SYS_ppoll,
             libc::SYS_setsockopt,
-            libc::SYS_getsockopt,
-            libc::SYS_socket,
-            libc::SYS_connect,
+            libc::SYS_seccomp,
+        ],
+        // Read a request and write its answer on the one socket, with timeouts
+        // (SO_RCVTIMEO/SO_SNDTIMEO); `fcntl(F_GETFD)` (only that: see `rules`) is std's check,
+        // in debug builds, that a descriptor it closes is open.
+        Thread::HttpConnection => &[
+            libc::SYS_fcntl,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_shutdown,
+            libc::SYS_writev,
+            libc::SYS_setsockopt,
         ],
         Thread::EventMonitor => &[libc::SYS_fsync, libc::SYS_fcntl],
         Thread::SignalHandler => &[libc::SYS_rt_sigtimedwait],
@@ -240,10 +269,15 @@ fn extra(thread: Thread) -> Vec<libc::c_long> {
         // Device reset on a vCPU gives regions back to the pool, and the workers this
         // thread starts keep its filter: they can only do what it allows.
         Thread::Vcpu => {
-            list.extend(allowed_syscalls(Thread::IsmWorker));
-            list.extend(allowed_syscalls(Thread::RngWorker));
+            list.extend(allowed_syscalls(Thread::IsmWorker, embedded_pool));
+            list.extend(allowed_syscalls(Thread::RngWorker, embedded_pool));
         }
         _ => {}
+    }
+    // API region hotplug (main), device activation and reset (vCPU) and the worker make
+    // embedded-pool calls.
+    if embedded_pool && matches!(thread, Thread::Main | Thread::Vcpu | Thread::IsmWorker) {
+        list.extend_from_slice(EMBEDDED_POOL);
     }
     list
 }
@@ -253,13 +287,14 @@ fn spawns(thread: Thread) -> bool {
     matches!(thread, Thread::Main | Thread::Vcpu | Thread::HttpServer)
 }
 
-/// The syscalls `thread` may make (some only with the arguments [`filter`] checks).
-pub fn allowed_syscalls(thread: Thread) -> Vec<libc::c_long> {
+/// The syscalls `thread` may make (some only with the arguments [`filter`] checks), when
+/// `embedded_pool` says whether a device uses the embedded pool.
+pub fn allowed_syscalls(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
     let mut list: Vec<libc::c_long> = COMMON.to_vec();
     if spawns(thread) {
         list.extend_from_slice(SPAWN);
     }
-    list.extend(extra(thread));
+    list.extend(extra(thread, embedded_pool));
     list.sort_unstable();
     list.dedup();
     list
@@ -274,9 +309,9 @@ pub fn allowed_ioctls(thread: Thread) -> Vec<u64> {
         Thread::Main => [DEVICE_WIRING, TERMINAL].concat(),
         Thread::Vcpu => [VCPU, DEVICE_WIRING].concat(),
         Thread::IsmWorker => ISM_WORKER.to_vec(),
-        // tiny_http makes its sockets non-blocking and back.
-        Thread::HttpServer => vec![FIONBIO],
-        Thread::EventMonitor
+        Thread::HttpServer
+        | Thread::HttpConnection
+        | Thread::EventMonitor
         | Thread::SignalHandler
         | Thread::ExitForward
         | Thread::RngWorker
@@ -292,8 +327,8 @@ pub fn allowed_ioctls(thread: Thread) -> Vec<u64> {
 /// The address families `thread` may open sockets in.
 pub fn socket_domains(thread: Thread) -> &'static [libc::c_int] {
     match thread {
-        // Unix sockets only: the API socket, the event monitor, the broker.
-        Thread::Main | Thread::HttpServer => &[libc::AF_UNIX],
+        // Unix sockets only: the event monitor, the broker.
+        Thread::Main => &[libc::AF_UNIX],
         _ => &[],
     }
 }
@@ -304,6 +339,49 @@ fn arg_is(index: u8, value: u64) -> Result<SeccompRule, BackendError> {
         SeccompCmpArgLen::Dword,
         SeccompCmpOp::Eq,
         value,
+    )?])
+}
+
+/// Whether `thread` may send any signal to any thread of the process (vCPU kicks, pause);
+/// the others may only `tgkill` for `abort()` ([`abort_only`]).
+fn signals_threads(thread: Thread) -> bool {
+    matches!(thread, Thread::Main | Thread::Vcpu)
+}
+
+/// `tgkill(getpid(), _, SIGABRT)`: what glibc's `abort()` sends (to the calling thread), after
+/// the panic hook wrote its message. The filter is built in the thread that applies it, so
+/// `getpid()` here is the VMM's own pid.
+fn abort_only() -> Result<SeccompRule, BackendError> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    SeccompRule::new(vec![
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, pid as u64)?,
+        SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::SIGABRT as u64,
+        )?,
+    ])
+}
+
+/// `__O_TMPFILE`, the bit of `O_TMPFILE` that is not `O_DIRECTORY` (asm-generic/fcntl.h); the
+/// libc crate only has the combined `O_TMPFILE`.
+const O_TMPFILE_BIT: libc::c_int = 0o20000000;
+
+/// Any of these in `openat`'s flags opens (or makes) a file for writing.
+pub const OPEN_WRITE_FLAGS: libc::c_int =
+    libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND | O_TMPFILE_BIT;
+
+/// `flags` (argument 2 of openat) without [`OPEN_WRITE_FLAGS`]: no thread opens a file for
+/// writing once filtered (the files the VMM writes are opened before the filters apply), so
+/// a thread holding a read-only region cannot reopen `/proc/self/fd/<n>` read-write.
+fn read_only_open() -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(OPEN_WRITE_FLAGS as u64),
+        0,
     )?])
 }
 
@@ -318,9 +396,9 @@ fn no_exec() -> Result<SeccompRule, BackendError> {
 }
 
 /// The seccompiler rules for `thread`: an empty list allows the syscall outright.
-fn rules(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
+fn rules(thread: Thread, policy: &Policy) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     let mut map = BTreeMap::new();
-    for nr in allowed_syscalls(thread) {
+    for nr in allowed_syscalls(thread, policy.embedded_pool) {
         let rules = match nr {
             libc::SYS_ioctl => allowed_ioctls(thread)
                 .into_iter()
@@ -332,6 +410,11 @@ fn rules(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError
                 .map(|&domain| arg_is(0, domain as u64))
                 .collect::<Result<Vec<_>, _>>()?,
             libc::SYS_mmap | libc::SYS_mprotect => vec![no_exec()?],
+            libc::SYS_openat => vec![read_only_open()?],
+            libc::SYS_fcntl if matches!(thread, Thread::HttpServer | Thread::HttpConnection) => {
+                vec![arg_is(1, libc::F_GETFD as u64)?]
+            }
+            libc::SYS_tgkill if !signals_threads(thread) => vec![abort_only()?],
             // Only adding a filter (a stacked worker filter).
             libc::SYS_seccomp => vec![arg_is(0, libc::SECCOMP_SET_MODE_FILTER.into())?],
             // Naming a new thread, and no_new_privs before a filter is added.
@@ -356,14 +439,23 @@ fn rules(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError
     Ok(map)
 }
 
-/// The compiled filter for `thread` under `mode`; `None` when filtering is off.
-pub fn filter(thread: Thread, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
-    let mismatch = match mode {
+/// What the filters depend on besides the thread kind, fixed once in `main`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `--seccomp`.
+    pub mode: SeccompMode,
+    /// Some `--ism` device has no `pool=` socket and takes regions from the embedded pool.
+    pub embedded_pool: bool,
+}
+
+/// The compiled filter for `thread` under `policy`; `None` when filtering is off.
+pub fn filter(thread: Thread, policy: &Policy) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match policy.mode {
         SeccompMode::Off => return Ok(None),
         SeccompMode::Kill => SeccompAction::KillProcess,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let rules = rules(thread).map_err(|e| SeccompError::Build(thread, e))?;
+    let rules = rules(thread, policy).map_err(|e| SeccompError::Build(thread, e))?;
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| SeccompError::Build(thread, e))?;
     let program: BpfProgram = filter
@@ -372,12 +464,12 @@ pub fn filter(thread: Thread, mode: SeccompMode) -> Result<Option<BpfProgram>, S
     Ok(Some(program))
 }
 
-static MODE: OnceLock<SeccompMode> = OnceLock::new();
+static POLICY: OnceLock<Policy> = OnceLock::new();
 
-/// Set the process-wide mode once, in `main`, before any thread starts.
-pub fn set_mode(mode: SeccompMode) {
-    let _ = MODE.set(mode);
-    if mode != SeccompMode::Off {
+/// Set the process-wide policy once, in `main`, before any thread starts.
+pub fn set_policy(policy: Policy) {
+    let _ = POLICY.set(policy);
+    if policy.mode != SeccompMode::Off {
         fix_malloc_arena_limit();
     }
 }
@@ -394,15 +486,18 @@ fn fix_malloc_arena_limit() {
     }
 }
 
-/// The mode `main` set; off when it set none (unit tests that start device workers run
-/// unfiltered).
-fn mode() -> SeccompMode {
-    MODE.get().copied().unwrap_or(SeccompMode::Off)
+/// The policy `main` set; filtering off when it set none (unit tests that start device
+/// workers run unfiltered).
+fn policy() -> Policy {
+    POLICY.get().copied().unwrap_or(Policy {
+        mode: SeccompMode::Off,
+        embedded_pool: false,
+    })
 }
 
-/// Apply `thread`'s filter to the calling thread under the process-wide mode.
+/// Apply `thread`'s filter to the calling thread under the process-wide policy.
 pub fn apply(thread: Thread) -> Result<(), SeccompError> {
-    if let Some(program) = filter(thread, mode())? {
+    if let Some(program) = filter(thread, &policy())? {
         seccompiler::apply_filter(&program).map_err(|e| SeccompError::Apply(thread, e))?;
     }
     Ok(())
@@ -459,7 +554,11 @@ mod tests {
     }
 
     fn program(thread: Thread, mode: SeccompMode) -> BpfProgram {
-        filter(thread, mode).unwrap().unwrap()
+        let policy = Policy {
+            mode,
+            embedded_pool: true,
+        };
+        filter(thread, &policy).unwrap().unwrap()
     }
 
     /// Exit code 7 when the syscall returned (whatever its result).
@@ -470,18 +569,23 @@ mod tests {
     #[test]
     fn test_every_thread_gets_a_filter_in_kill_and_log_mode_and_none_when_off() {
         for t in Thread::ALL {
-            assert!(filter(t, SeccompMode::Kill).unwrap().is_some());
-            assert!(filter(t, SeccompMode::Log).unwrap().is_some());
-            assert!(filter(t, SeccompMode::Off).unwrap().is_none());
+            for mode in [SeccompMode::Kill, SeccompMode::Log, SeccompMode::Off] {
+                let policy = Policy {
+                    mode,
+                    embedded_pool: false,
+                };
+                let built = filter(t, &policy).unwrap();
+                assert_eq!(built.is_some(), mode != SeccompMode::Off, "{t:?} {mode:?}");
+            }
         }
         // Lists differ: only spawning threads may clone, only the ism worker (and the vCPUs
         // that start it) may create memfds, only vCPUs may run.
-        assert!(!allowed_syscalls(Thread::EventMonitor).contains(&libc::SYS_clone3));
-        assert!(!allowed_syscalls(Thread::IsmWorker).contains(&libc::SYS_clone3));
-        assert!(allowed_syscalls(Thread::Vcpu).contains(&libc::SYS_memfd_create));
-        assert!(allowed_syscalls(Thread::IsmWorker).contains(&libc::SYS_memfd_create));
-        assert!(!allowed_syscalls(Thread::HttpServer).contains(&libc::SYS_memfd_create));
-        assert!(!allowed_syscalls(Thread::RngWorker).contains(&libc::SYS_memfd_create));
+        assert!(!allowed_syscalls(Thread::EventMonitor, true).contains(&libc::SYS_clone3));
+        assert!(!allowed_syscalls(Thread::IsmWorker, true).contains(&libc::SYS_clone3));
+        assert!(allowed_syscalls(Thread::Vcpu, true).contains(&libc::SYS_memfd_create));
+        assert!(allowed_syscalls(Thread::IsmWorker, true).contains(&libc::SYS_memfd_create));
+        assert!(!allowed_syscalls(Thread::HttpServer, true).contains(&libc::SYS_memfd_create));
+        assert!(!allowed_syscalls(Thread::RngWorker, true).contains(&libc::SYS_memfd_create));
         assert!(allowed_ioctls(Thread::Vcpu).contains(&ioctls::KVM_RUN));
         assert!(!allowed_ioctls(Thread::IsmWorker).contains(&ioctls::KVM_RUN));
         assert!(allowed_ioctls(Thread::RngWorker).is_empty());
@@ -491,10 +595,10 @@ mod tests {
     /// starts it must allow too, or the worker would die on it.
     #[test]
     fn test_vcpu_filter_covers_the_workers_it_starts() {
-        let vcpu = allowed_syscalls(Thread::Vcpu);
+        let vcpu = allowed_syscalls(Thread::Vcpu, true);
         let vcpu_ioctls = allowed_ioctls(Thread::Vcpu);
         for worker in [Thread::IsmWorker, Thread::RngWorker] {
-            for nr in allowed_syscalls(worker) {
+            for nr in allowed_syscalls(worker, true) {
                 assert!(vcpu.contains(&nr), "{worker:?}: syscall {nr}");
             }
             for request in allowed_ioctls(worker) {
@@ -503,6 +607,20 @@ mod tests {
                     "{worker:?}: ioctl {request:#x}"
                 );
             }
+        }
+    }
+
+    /// The same for the API: a connection thread's filter stacks on the http-server's.
+    #[test]
+    fn test_http_server_filter_covers_its_connection_threads() {
+        let server = allowed_syscalls(Thread::HttpServer, true);
+        for nr in allowed_syscalls(Thread::HttpConnection, true) {
+            assert!(server.contains(&nr), "syscall {nr}");
+        }
+        // A connection thread cannot accept, start threads or add filters.
+        let conn = allowed_syscalls(Thread::HttpConnection, true);
+        for nr in [libc::SYS_accept4, libc::SYS_clone3, libc::SYS_seccomp] {
+            assert!(!conn.contains(&nr), "syscall {nr}");
         }
     }
 
@@ -544,7 +662,7 @@ mod tests {
     fn test_a_forbidden_syscall_kills_in_true_and_passes_in_log_for_every_thread() {
         for thread in Thread::ALL {
             let (nr, call) = forbidden(thread);
-            assert!(!allowed_syscalls(thread).contains(&nr), "{thread:?}");
+            assert!(!allowed_syscalls(thread, true).contains(&nr), "{thread:?}");
             let status = in_child(&[&program(thread, SeccompMode::Kill)], || returned(call()));
             assert!(killed_by_sigsys(status), "{thread:?} true: {status:#x}");
             let status = in_child(&[&program(thread, SeccompMode::Log)], || returned(call()));
@@ -598,7 +716,6 @@ mod tests {
                 ioctls::KVM_SET_USER_MEMORY_REGION,
             ),
             (Thread::Vcpu, libc::TCSETS, ioctls::KVM_RUN),
-            (Thread::HttpServer, ioctls::KVM_IRQFD, libc::FIONBIO),
             (Thread::Main, ioctls::KVM_RUN, libc::TCGETS),
         ];
         for (thread, off_list, on_list) in cases {
@@ -675,10 +792,10 @@ mod tests {
         }
     }
 
-    /// The API server opens unix sockets only.
+    /// The main thread opens unix sockets only.
     #[test]
     fn test_socket_families_are_checked() {
-        let kill = program(Thread::HttpServer, SeccompMode::Kill);
+        let kill = program(Thread::Main, SeccompMode::Kill);
         // SAFETY: socket with plain integer arguments.
         let open = |family: libc::c_int| unsafe {
             libc::syscall(libc::SYS_socket, family, libc::SOCK_STREAM, 0)
@@ -764,5 +881,215 @@ mod tests {
             7
         });
         assert!(exited_with(main_status, 7), "main: {main_status:#x}");
+    }
+
+    /// glibc grows large buffers with mremap (an API body, a long pool status): every thread
+    /// may make it.
+    #[test]
+    fn test_every_thread_may_grow_a_mapping_with_mremap() {
+        let grow = || {
+            // SAFETY: an anonymous private mapping, grown (and maybe moved) by mremap; the
+            // child exits right after.
+            unsafe {
+                let addr = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                let grown = libc::mremap(addr, 4096, 1 << 20, libc::MREMAP_MAYMOVE);
+                if grown == libc::MAP_FAILED { 5 } else { 7 }
+            }
+        };
+        for thread in Thread::ALL {
+            let status = in_child(&[&program(thread, SeccompMode::Kill)], grow);
+            assert!(exited_with(status, 7), "{thread:?}: {status:#x}");
+        }
+    }
+
+    /// Open `path` with `flags` by a raw openat; 7 when the call returned.
+    fn open_with(path: &std::ffi::CStr, flags: libc::c_int) -> i32 {
+        // SAFETY: a NUL-terminated path and plain flags; the descriptor is left to the
+        // child's exit.
+        returned(unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                flags,
+                0o600,
+            )
+        })
+    }
+
+    /// A compromised thread holding a read-only region cannot reopen its memfd read-write
+    /// through /proc/self/fd: under every filter that allows openat, an open for writing
+    /// (O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND, O_TMPFILE) kills, a read-only open
+    /// passes.
+    #[test]
+    fn test_openat_for_writing_is_refused_on_every_thread() {
+        let memfd = vmm_sys_util::tempfile::TempFile::new_with_prefix("/tmp/ism-seccomp")
+            .expect("a temporary file");
+        let proc_path =
+            std::ffi::CString::new(format!("/proc/self/fd/{}", memfd.as_file().as_raw_fd()))
+                .expect("no NUL");
+        let new_path =
+            std::ffi::CString::new(format!("{}.new", memfd.as_path().display())).expect("no NUL");
+        let stacks: Vec<(&str, Vec<BpfProgram>)> = vec![
+            ("main", vec![program(Thread::Main, SeccompMode::Kill)]),
+            ("vcpu", vec![program(Thread::Vcpu, SeccompMode::Kill)]),
+            (
+                "ism worker",
+                vec![
+                    program(Thread::Vcpu, SeccompMode::Kill),
+                    program(Thread::IsmWorker, SeccompMode::Kill),
+                ],
+            ),
+        ];
+        for (name, stack) in &stacks {
+            let stack: Vec<&BpfProgram> = stack.iter().collect();
+            let flags = libc::O_RDONLY | libc::O_CLOEXEC;
+            let status = in_child(&stack, || open_with(&proc_path, flags));
+            assert!(exited_with(status, 7), "{name} read-only: {status:#x}");
+            for flags in [
+                libc::O_RDWR,
+                libc::O_WRONLY,
+                libc::O_RDONLY | libc::O_TRUNC,
+                libc::O_RDONLY | libc::O_APPEND,
+                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOCTTY,
+            ] {
+                let status = in_child(&stack, || open_with(&proc_path, flags));
+                assert!(killed_by_sigsys(status), "{name} {flags:#o}: {status:#x}");
+            }
+            for flags in [
+                libc::O_WRONLY | libc::O_CREAT,
+                libc::O_TMPFILE | libc::O_RDWR,
+            ] {
+                let status = in_child(&stack, || open_with(&new_path, flags));
+                assert!(killed_by_sigsys(status), "{name} {flags:#o}: {status:#x}");
+            }
+        }
+        // Threads that open nothing at all.
+        for thread in [
+            Thread::HttpServer,
+            Thread::HttpConnection,
+            Thread::RngWorker,
+            Thread::PoolClient,
+        ] {
+            assert!(!allowed_syscalls(thread, true).contains(&libc::SYS_openat));
+        }
+    }
+
+    /// fchmod (the embedded pool's memfds) only when a device uses the embedded pool, and
+    /// only on the threads that make pool calls.
+    #[test]
+    fn test_fchmod_only_with_the_embedded_pool_on_pool_threads() {
+        let file = vmm_sys_util::tempfile::TempFile::new_with_prefix("/tmp/ism-seccomp")
+            .expect("a temporary file");
+        let fd = file.as_file().as_raw_fd();
+        // SAFETY: fchmod on an open descriptor with a plain mode.
+        let chmod = || returned(unsafe { libc::syscall(libc::SYS_fchmod, fd, 0o400) });
+        let build = |thread, embedded_pool| {
+            let policy = Policy {
+                mode: SeccompMode::Kill,
+                embedded_pool,
+            };
+            filter(thread, &policy).unwrap().unwrap()
+        };
+        for thread in [Thread::Main, Thread::Vcpu, Thread::IsmWorker] {
+            let with = build(thread, true);
+            assert!(exited_with(in_child(&[&with], chmod), 7), "{thread:?}");
+            let without = build(thread, false);
+            assert!(killed_by_sigsys(in_child(&[&without], chmod)), "{thread:?}");
+        }
+        for thread in Thread::ALL {
+            if !matches!(thread, Thread::Main | Thread::Vcpu | Thread::IsmWorker) {
+                assert!(
+                    !allowed_syscalls(thread, true).contains(&libc::SYS_fchmod),
+                    "{thread:?}"
+                );
+            }
+        }
+    }
+
+    /// Set in the re-executed test binary: the thread kind to panic under.
+    const PANIC_CHILD_ENV: &str = "ISM_VMM_TEST_PANIC_UNDER";
+
+    fn thread_by_name(name: &str) -> Option<Thread> {
+        Thread::ALL.into_iter().find(|t| format!("{t:?}") == name)
+    }
+
+    /// The child's part: install the VMM's panic hook, start a thread named like the kind,
+    /// which applies the kind's filter (in kill mode; for a device worker the vCPU's first,
+    /// as they stack) and panics.
+    fn panic_under_filter(thread: Thread) -> ! {
+        crate::panic_hook::install();
+        let policy = Policy {
+            mode: SeccompMode::Kill,
+            embedded_pool: true,
+        };
+        let name = format!("test-{thread:?}");
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let parent = match thread {
+                    Thread::IsmWorker | Thread::RngWorker => Some(Thread::Vcpu),
+                    Thread::HttpConnection => Some(Thread::HttpServer),
+                    _ => None,
+                };
+                if let Some(parent) = parent {
+                    let first = filter(parent, &policy).unwrap().unwrap();
+                    seccompiler::apply_filter(&first).unwrap();
+                }
+                let program = filter(thread, &policy).unwrap().unwrap();
+                seccompiler::apply_filter(&program).unwrap();
+                panic!("deliberate panic under the {thread:?} filter");
+            })
+            .unwrap();
+        let _ = handle.join();
+        // Only reached if the panic did not end the process.
+        std::process::exit(3);
+    }
+
+    /// A panic in a filtered thread prints the hook's line (thread, location, message) and
+    /// ends the process with SIGABRT, not a silent SIGSYS: for every thread kind, in a
+    /// re-executed copy of this test binary.
+    #[test]
+    fn test_a_panic_under_any_filter_prints_its_message_and_aborts() {
+        if let Ok(name) = std::env::var(PANIC_CHILD_ENV) {
+            let thread = thread_by_name(&name).expect("a thread kind");
+            panic_under_filter(thread);
+        }
+        let exe = std::env::current_exe().unwrap();
+        for thread in Thread::ALL {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "seccomp::tests::test_a_panic_under_any_filter_prints_its_message_and_aborts",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(PANIC_CHILD_ENV, format!("{thread:?}"))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGABRT),
+                "{thread:?}: {:?}\n{stderr}",
+                out.status
+            );
+            let expected = format!(
+                "ism-vmm: thread 'test-{thread:?}' panicked at vmm-integration/src/seccomp/mod.rs:"
+            );
+            assert!(stderr.contains(&expected), "{thread:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!(": deliberate panic under the {thread:?} filter\n")),
+                "{thread:?}: {stderr}"
+            );
+        }
     }
 }

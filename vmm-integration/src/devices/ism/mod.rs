@@ -27,7 +27,7 @@ use crate::pci::{PciError, PciManager};
 
 /// MSI-X vectors a device may use: config, control queue, event queue and one per chunk
 /// (regions bind vectors with EVENT_VECTOR), up to the MSI-X maximum.
-const MAX_ISM_VECTORS: u64 = 2048;
+pub const MAX_ISM_VECTORS: u64 = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IsmSetupError {
