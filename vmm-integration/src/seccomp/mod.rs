@@ -411,6 +411,8 @@ fn rules(thread: Thread, policy: &Policy) -> Result<BTreeMap<i64, Vec<SeccompRul
                 .collect::<Result<Vec<_>, _>>()?,
             libc::SYS_mmap | libc::SYS_mprotect => vec![no_exec()?],
             libc::SYS_openat => vec![read_only_open()?],
+            // The embedded pool only ever makes a memfd owner-read-only.
+            libc::SYS_fchmod => vec![arg_is(1, libc::S_IRUSR.into())?],
             libc::SYS_fcntl if matches!(thread, Thread::HttpServer | Thread::HttpConnection) => {
                 vec![arg_is(1, libc::F_GETFD as u64)?]
             }
@@ -982,8 +984,8 @@ mod tests {
         }
     }
 
-    /// fchmod (the embedded pool's memfds) only when a device uses the embedded pool, and
-    /// only on the threads that make pool calls.
+    /// fchmod (the embedded pool's memfds) only when a device uses the embedded pool, only
+    /// on the threads that make pool calls, and only to owner-read-only.
     #[test]
     fn test_fchmod_only_with_the_embedded_pool_on_pool_threads() {
         let file = vmm_sys_util::tempfile::TempFile::new_with_prefix("/tmp/ism-seccomp")
@@ -998,9 +1000,15 @@ mod tests {
             };
             filter(thread, &policy).unwrap().unwrap()
         };
+        // SAFETY: as above; the mode that would make the file writable again.
+        let chmod_writable = || returned(unsafe { libc::syscall(libc::SYS_fchmod, fd, 0o600) });
         for thread in [Thread::Main, Thread::Vcpu, Thread::IsmWorker] {
             let with = build(thread, true);
             assert!(exited_with(in_child(&[&with], chmod), 7), "{thread:?}");
+            assert!(
+                killed_by_sigsys(in_child(&[&with], chmod_writable)),
+                "{thread:?}"
+            );
             let without = build(thread, false);
             assert!(killed_by_sigsys(in_child(&[&without], chmod)), "{thread:?}");
         }
