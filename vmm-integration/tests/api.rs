@@ -1156,7 +1156,8 @@ fn fill_pool(socket: &Path, count: usize) -> std::sync::Arc<ism_pool::BrokerSess
 /// Finding 1: requests whose handling grows a large buffer (glibc: mremap) used to kill a
 /// VMM under `--seccomp true`. A 1 MiB body (the most the API takes), a 1 MiB header line
 /// (refused with 431 after 64 KiB), and `vm.ism-pool-status` for a pool of 2000 regions are
-/// answered, and the VMM lives on. Broker flags relied on: `--size`, `--per-vm-limit`.
+/// answered, and the VMM lives on. Broker flags relied on: `--size`, `--per-vm-limit`,
+/// `--per-vm-regions` and `--vm-identity process` (the test process holds the regions).
 #[test]
 fn test_large_bodies_headers_and_pool_status_under_seccomp() {
     if !kvm_or_skip("test_large_bodies_headers_and_pool_status_under_seccomp") {
@@ -1164,7 +1165,16 @@ fn test_large_bodies_headers_and_pool_status_under_seccomp() {
     }
     const REGIONS: usize = 2000;
     // Generous, explicit limits: 2000 regions of 4 KiB from one session.
-    let broker = Broker::start_with(&["--size", "256M", "--per-vm-limit", "256M"]);
+    let broker = Broker::start_with(&[
+        "--size",
+        "256M",
+        "--per-vm-limit",
+        "256M",
+        "--per-vm-regions",
+        "4096",
+        "--vm-identity",
+        "process",
+    ]);
     let ism = format!("id=ism0,pool={},size=16M", broker.socket().display());
     let mut vmm = Vmm::start(&["--seccomp", "true", "--ism", &ism]);
     let sock = vmm.socket();
