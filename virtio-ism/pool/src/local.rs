@@ -109,6 +109,16 @@ struct PoolState {
 }
 
 impl PoolState {
+    /// The VM `devid`'s session is charged to.
+    fn vm_of(&self, devid: DevId) -> Result<VmKey, PoolError> {
+        Ok(self
+            .sessions
+            .get(&devid)
+            .ok_or_else(session_closed)?
+            .vm
+            .clone())
+    }
+
     fn notify_holders(&self, region: &Region, except: Option<DevId>, event: PoolEvent) {
         for holder in &region.holders {
             if Some(*holder) == except {
@@ -389,12 +399,7 @@ impl LocalPool {
             return Err(PoolError::InvalidSize(size));
         }
         let mut state = self.lock();
-        let vm = state
-            .sessions
-            .get(&devid)
-            .ok_or_else(session_closed)?
-            .vm
-            .clone();
+        let vm = state.vm_of(devid)?;
         self.check_quota(&state, &vm, size)?;
         let available = self.config.size - state.used;
         if size > available {
@@ -436,12 +441,7 @@ impl LocalPool {
 
     fn attach(&self, devid: DevId, token: Token, want: Perms) -> Result<RegionLease, PoolError> {
         let mut state = self.lock();
-        let vm = state
-            .sessions
-            .get(&devid)
-            .ok_or_else(session_closed)?
-            .vm
-            .clone();
+        let vm = state.vm_of(devid)?;
         let region = state
             .regions
             .get(&token)
