@@ -37,7 +37,8 @@ patches() {
 build_key() {
     {
         patches | while read -r p; do sha256sum "$p"; done
-        sha256sum "${BASH_SOURCE[0]}" "$top/Cargo.toml"
+        # By names relative to $top: the key must not depend on how the script was invoked.
+        (cd "$top" && sha256sum resources/cloud-hypervisor.sh Cargo.toml)
         (cd "$top" && find virtio-ism -type f -not -path '*/target/*' | LC_ALL=C sort | xargs sha256sum)
     } | sed "s|$top/||" | sha256sum | cut -c1-16
 }
