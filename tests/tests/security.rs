@@ -9,7 +9,8 @@ use ism_tests::{IsmGuest, IsmSpec, PoolBroker, Vmm, require_kvm, require_run_as,
 /// The `start-end` range and permissions of the mapping of region `token` in `pid`.
 fn region_mapping(pid: u32, token: &str) -> (String, String) {
     let token = u64::from_str_radix(token.trim_start_matches("0x"), 16).expect("hex token");
-    let name = format!("/memfd:ism-{token:#x}");
+    // The pool names memfds by the token in 16 hex digits.
+    let name = format!("/memfd:ism-{token:#018x}");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
     let line = maps
         .lines()
