@@ -61,8 +61,16 @@ pub enum ActivateError {
     CloneEventFd(#[source] io::Error),
     #[error("Failed to spawn the device worker thread")]
     SpawnWorker(#[source] io::Error),
-    #[error("Device-specific activation failure: {0}")]
-    Device(String),
+    /// The device's own reason, with its cause chain (build it with [`ActivateError::device`]).
+    #[error("Device-specific activation failure")]
+    Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ActivateError {
+    /// A device-specific failure caused by `source`.
+    pub fn device(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Device(Box::new(source))
+    }
 }
 
 /// One virtio shared-memory region (a `VIRTIO_PCI_CAP_SHARED_MEMORY_CFG` capability):
@@ -165,6 +173,20 @@ pub fn read_config_from_slice(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_activate_error_device_keeps_its_cause_chain() {
+        use std::error::Error as _;
+        let cause = io::Error::new(io::ErrorKind::PermissionDenied, "no entropy");
+        let err = ActivateError::device(cause);
+        let source = err.source().expect("the cause is the source");
+        let io_err = source
+            .downcast_ref::<io::Error>()
+            .expect("the typed cause survives");
+        assert_eq!(io_err.kind(), io::ErrorKind::PermissionDenied);
+        // The message names the step; the cause is not flattened into it.
+        assert_eq!(err.to_string(), "Device-specific activation failure");
+    }
 
     #[test]
     fn test_read_config_from_slice_in_range() {

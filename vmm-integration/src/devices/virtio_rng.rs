@@ -42,6 +42,8 @@ const EVENT_KILL: u64 = 1;
 pub enum RngError {
     #[error("Failed to open the entropy source {0}")]
     OpenSource(PathBuf, #[source] io::Error),
+    #[error("Failed to clone the entropy source for the worker")]
+    CloneSource(#[source] io::Error),
 }
 
 /// Increment-only counters, shared with the worker.
@@ -135,9 +137,10 @@ impl VirtioDevice for VirtioRng {
             return Err(ActivateError::BadQueueCount { needed: 1, enabled });
         };
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::CloneEventFd)?;
-        let source = self.source.try_clone().map_err(|e| {
-            ActivateError::Device(format!("Failed to clone the entropy source: {e}"))
-        })?;
+        let source = self
+            .source
+            .try_clone()
+            .map_err(|e| ActivateError::device(RngError::CloneSource(e)))?;
         let worker = RngWorker {
             mem,
             queue,
