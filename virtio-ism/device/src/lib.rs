@@ -19,7 +19,6 @@ mod kick_routes;
 mod metrics;
 mod notify;
 mod observer;
-mod pause;
 mod regions;
 mod window;
 mod worker;

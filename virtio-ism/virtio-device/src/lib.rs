@@ -3,6 +3,9 @@
 //! `virtio_devices::VirtioDevice` so a device written against it can be carried into
 //! cloud-hypervisor with a thin adapter. The VMM's virtio-pci transport drives devices only
 //! through this trait; devices never see PCI, KVM or the transport.
+//!
+//! Device worker threads run one event loop, [`EpollHelper`], with kill and pause built in;
+//! the device pauses and resumes it through a [`PauseGate`].
 
 use std::collections::HashMap;
 use std::io;
@@ -12,6 +15,12 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+mod epoll_helper;
+mod pause;
+
+pub use epoll_helper::{EpollHelper, EpollHelperError, EpollHelperHandler};
+pub use pause::PauseGate;
 
 /// Guest memory as devices see it: an atomically swappable snapshot of guest RAM.
 pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -149,6 +158,16 @@ pub trait VirtioDevice: Send {
     fn set_shm_regions(&mut self, _list: VirtioSharedMemoryList) -> Result<(), ShmError> {
         Err(ShmError::NotSupported)
     }
+
+    /// Stop writing into guest memory until [`VirtioDevice::resume`] (`vm.pause`, after the
+    /// vCPUs stopped): the device's worker parks, and events arriving meanwhile are served on
+    /// resume. Returns once the worker has parked. Devices without a worker keep the default.
+    fn pause(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Undo [`VirtioDevice::pause`] (`vm.resume`, before the vCPUs run again).
+    fn resume(&mut self) {}
 
     /// Named counters for `vm.counters`.
     fn counters(&self) -> Option<Counters> {
