@@ -46,8 +46,6 @@ pub enum RngError {
     CloneSource(#[source] io::Error),
     #[error("Failed to create the pause eventfd")]
     CreatePauseEvent(#[source] io::Error),
-    #[error("Failed to set up the worker's event loop")]
-    EventLoop(#[source] EpollHelperError),
 }
 
 /// Increment-only counters, shared with the worker.
@@ -149,13 +147,6 @@ impl VirtioDevice for VirtioRng {
             .source
             .try_clone()
             .map_err(|e| ActivateError::device(RngError::CloneSource(e)))?;
-        // Set up here, so a failure is the activation's; the thread only runs the loop.
-        let helper = EpollHelper::new(&kill, self.pause.clone())
-            .and_then(|helper| {
-                helper.add_event(queue_evt.as_raw_fd(), EVENT_QUEUE)?;
-                Ok(helper)
-            })
-            .map_err(|e| ActivateError::device(RngError::EventLoop(e)))?;
         let worker = RngWorker {
             mem,
             queue,
@@ -164,12 +155,13 @@ impl VirtioDevice for VirtioRng {
             interrupt: interrupt_cb.clone(),
             source,
             metrics: self.metrics.clone(),
+            pause: self.pause.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("virtio-rng".into())
             .spawn(move || {
                 crate::seccomp::apply_or_exit(crate::seccomp::Thread::RngWorker);
-                worker.run(helper)
+                worker.run()
             })
             .map_err(ActivateError::SpawnWorker)?;
         self.state = DeviceState::Active(ActiveWorker {
@@ -222,17 +214,24 @@ struct RngWorker {
     mem: GuestMemoryHandle,
     queue: Queue,
     queue_evt: EventFd,
-    /// Kept open for as long as the loop watches it.
-    #[allow(dead_code)]
     kill_evt: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
     source: File,
     metrics: Arc<RngMetrics>,
+    pause: Arc<PauseGate>,
 }
 
 impl RngWorker {
-    fn run(mut self, mut helper: EpollHelper) {
-        if let Err(e) = helper.run(&mut self) {
+    /// The event loop; returns on kill. The epoll set is made here, on the worker thread
+    /// (its filter allows epoll_create1), not on the thread that activates the device.
+    fn run(mut self) {
+        let result = EpollHelper::new(&self.kill_evt, self.pause.clone())
+            .and_then(|helper| {
+                helper.add_event(self.queue_evt.as_raw_fd(), EVENT_QUEUE)?;
+                Ok(helper)
+            })
+            .and_then(|mut helper| helper.run(&mut self));
+        if let Err(e) = result {
             error!("virtio-rng: worker stopped: {e}");
         }
     }
