@@ -1950,6 +1950,33 @@ fn test_host_created_region_whose_grant_fails_is_freed() {
     assert_eq!(handle.regions(), [token]);
 }
 
+#[test]
+fn test_paused_worker_serves_nothing_until_resumed() {
+    let pool = pool();
+    let (device, _window) = device("ism-pause", pool.session().unwrap(), DRAFT_FEATURES);
+    let mut vm = ThreadedVm::start(device, RecordingInterrupt::default());
+    // Through the trait, as a VMM's vm.pause does; returns once the worker has parked.
+    VirtioDevice::pause(&mut vm.device).unwrap();
+    let mut bytes = [0u8; 64];
+    let n = Request::Alloc(AllocRequest { size: CHUNK })
+        .encode(&mut bytes)
+        .unwrap();
+    vm.mem
+        .write_slice(&bytes[..n], GuestAddress(DATA_BASE))
+        .unwrap();
+    vm.ctrl
+        .submit(&[(DATA_BASE, n as u32, false), (DATA_BASE + 0x100, 64, true)]);
+    vm.ctrl_kick.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(vm.ctrl.pop_used(vm.mem).is_none(), "answered while paused");
+    assert!(vm.interrupts.take().is_empty());
+    assert!(pool.status().regions.is_empty());
+    VirtioDevice::resume(&mut vm.device);
+    assert_eq!(wait_used(&mut vm.ctrl).1 as usize, 1 + 16 + 16);
+    assert_eq!(pool.status().regions.len(), 1);
+    assert!(vm.device.reset().is_some());
+}
+
 /// The thread-start hook runs on the worker thread activation starts, before it serves
 /// anything (the VMM applies the worker's seccomp filter there).
 #[test]
