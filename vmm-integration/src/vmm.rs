@@ -19,6 +19,7 @@ use crate::bus::{BusError, IoBuses};
 use crate::config::api::OperatorConfig;
 use crate::config::{SerialMode, VmConfig};
 use crate::control::{self, VmmApi};
+use crate::devices::DevicePauser;
 use crate::devices::ism::kvm_slots::KvmSlotBackend;
 use crate::devices::ism::{IsmSetupError, add_ism_devices};
 use crate::devices::virtio_rng::{RngError, VirtioRng};
@@ -184,6 +185,7 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
     crate::event!("vm", "booted");
     let vcpus = VcpuPauser {
         pause: running.pause.clone(),
+        devices: pci.device_pauser(),
         // Ids stay valid until the JoinHandles are joined in teardown, after the API loop.
         threads: running
             .vcpu_threads
@@ -378,10 +380,13 @@ fn start_vcpus(
 }
 
 /// `vm.pause`/`vm.resume` over the vCPU threads: the kick signal plus immediate_exit gets
-/// each one out of KVM_RUN, and it parks until resumed.
+/// each one out of KVM_RUN, and it parks until resumed. Then the virtio devices: their
+/// workers park too (the ism devices are paused again by the ism API's `pause_all`, which
+/// changes nothing), so nothing is written into the paused guest's memory.
 struct VcpuPauser {
     pause: Arc<PauseState>,
     threads: Vec<libc::pthread_t>,
+    devices: DevicePauser,
 }
 
 impl control::VcpuControl for VcpuPauser {
@@ -395,10 +400,16 @@ impl control::VcpuControl for VcpuPauser {
                     unsafe { libc::pthread_kill(*thread, kick_signal()) };
                 }
             })
-            .map_err(|e: PauseError| e.to_string())
+            .map_err(|e: PauseError| e.to_string())?;
+        if let Err(e) = self.devices.pause_all() {
+            self.pause.resume();
+            return Err(format!("{e}: {}", e.source));
+        }
+        Ok(())
     }
 
     fn resume(&self) {
+        self.devices.resume_all();
         self.pause.resume();
     }
 }

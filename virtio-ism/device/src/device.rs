@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use ism_pool::{GrantTarget, Perms, PoolError, PoolSession, PoolStatus, Token};
 use log::{error, warn};
 use virtio_device::{
-    ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
+    ActivateError, ActivationContext, Counters, PauseGate, ShmError, VirtioDevice, VirtioInterrupt,
     VirtioSharedMemory, VirtioSharedMemoryList, read_config_from_slice,
 };
 use virtio_ism_proto::defs::VIRTIO_ID_ISM;
@@ -29,7 +29,6 @@ use crate::doorbell::DoorbellRinger;
 use crate::metrics::IsmMetrics;
 use crate::notify::NotifyWiring;
 use crate::observer::{IsmObserver, ObserverSlot};
-use crate::pause::PauseGate;
 use crate::regions::{RegionTable, Regions, pool_status};
 use crate::window::{KickSink, ShmWindow};
 use crate::worker::{IsmWorker, WorkerError};
@@ -341,8 +340,7 @@ impl Ism {
         let mut released = false;
         if let Some(worker) = active.worker.take() {
             // A parked worker must wake up to see the kill.
-            self.pause.resume();
-            if let Err(e) = active.kill_evt.write(1) {
+            if let Err(e) = self.pause.resume_and_kill(&active.kill_evt) {
                 error!("virtio-ism {}: failed to signal the worker: {e}", self.id);
             }
             match worker.join() {
@@ -439,6 +437,14 @@ impl VirtioDevice for Ism {
         }
         self.shm_addr = list.addr;
         Ok(())
+    }
+
+    fn pause(&mut self) -> io::Result<()> {
+        self.pause.pause()
+    }
+
+    fn resume(&mut self) {
+        self.pause.resume();
     }
 
     fn counters(&self) -> Option<Counters> {

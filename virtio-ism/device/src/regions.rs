@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The regions one device holds: pool leases mapped into chunk slots of its window, their
-//! interrupt vectors and the events about them. Every control command ends up here, after the
-//! request was copied out of guest memory and validated; nothing here touches guest memory.
+//! Region bookkeeping: pool leases mapped into chunk slots of the window, their vectors and
+//! peers, and the [`Regions`] lock around them that control commands and the VMM go through.
+//!
+//! Every control command ends up here, after the request was copied out of guest memory and
+//! validated; nothing here touches guest memory. The events a change produces wait in
+//! [`crate::events`]; kicks are routed by [`crate::kick_routes`].
 
-use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ism_pool::{
@@ -15,23 +18,22 @@ use log::{debug, warn};
 use virtio_device::{VirtioInterrupt, VirtioInterruptType};
 use virtio_ism_proto::defs::{VIRTIO_MSI_NO_VECTOR, perm, region_flags};
 use virtio_ism_proto::{Area, Event, EventType, Status};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::chunks::{ChunkMap, Extent};
 use crate::config::WindowLayout;
 use crate::doorbell::DoorbellRinger;
+use crate::events::PendingEvents;
+use crate::kick_routes::{KickRoutes, Route, borrow_eventfd};
 use crate::metrics::IsmMetrics;
-use crate::notify::{NotifyWiring, WireOutcome};
+use crate::notify::NotifyWiring;
 use crate::window::ShmWindow;
 
 /// Granule the pool sizes regions in.
 pub const PAGE_SIZE: u64 = 4096;
 /// Highest MSI-X vector EVENT_VECTOR accepts (an MSI-X table has at most 2048 entries).
 pub const MAX_MSIX_VECTOR: u64 = 2047;
-/// Events kept for the event queue while the driver posts no buffers; past this they are
-/// dropped and an OVERFLOW event tells the driver to re-sync with QUERY.
-pub const MAX_PENDING_EVENTS: usize = 256;
 
 /// One region held by this device.
 #[derive(Debug)]
@@ -52,18 +54,6 @@ pub struct Region {
     pub doorbells: Vec<(DevId, OwnedFd)>,
     /// How the notify slot of the first chunk is wired.
     pub route: Route,
-}
-
-/// Where a guest write to a region's notify slot goes (see `notify.rs`).
-#[derive(Debug, Default)]
-pub enum Route {
-    /// An MMIO exit to the VMM, which calls `IsmHandle::handle_notify`.
-    #[default]
-    Trap,
-    /// A KVM ioeventfd on the slot signals the only peer's doorbell directly.
-    ZeroHop,
-    /// A KVM ioeventfd on the slot signals this eventfd; the worker rings every doorbell.
-    OneHop(EventFd),
 }
 
 /// The facts about a region an event carries (the region may be gone already).
@@ -118,18 +108,12 @@ pub struct RegionTable {
     window: Arc<dyn ShmWindow>,
     chunks: ChunkMap,
     regions: BTreeMap<Token, Region>,
-    events: VecDeque<Event>,
-    overflowed: bool,
+    events: PendingEvents,
     /// The driver negotiated the event queue and activated it.
     event_queue: bool,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     metrics: Arc<IsmMetrics>,
-    /// How notify slots are bound to eventfds in the kernel; without one every kick traps.
-    wiring: Option<Arc<dyn NotifyWiring>>,
-    /// Watches the one-hop eventfds; epoll data is the region token.
-    kick_epoll: Epoll,
-    /// Writes peers' doorbells without ever blocking on them.
-    ringer: DoorbellRinger,
+    routes: KickRoutes,
 }
 
 impl RegionTable {
@@ -147,14 +131,11 @@ impl RegionTable {
             chunks: ChunkMap::new(layout.chunks),
             window,
             regions: BTreeMap::new(),
-            events: VecDeque::new(),
-            overflowed: false,
+            events: PendingEvents::new(metrics.clone()),
             event_queue: false,
             interrupt: None,
+            routes: KickRoutes::new(layout, metrics.clone(), kick_epoll, ringer),
             metrics,
-            wiring: None,
-            kick_epoll,
-            ringer,
         }
     }
 
@@ -167,7 +148,6 @@ impl RegionTable {
         self.interrupt = interrupt;
         self.event_queue = event_queue;
         self.events.clear();
-        self.overflowed = false;
     }
 
     pub fn is_active(&self) -> bool {
@@ -314,8 +294,8 @@ impl RegionTable {
 
     /// Unmap a region and free its slots; the pool side is the caller's business.
     pub fn uninstall(&mut self, token: Token) -> Option<Region> {
-        self.unroute(token);
-        let region = self.regions.remove(&token)?;
+        let mut region = self.regions.remove(&token)?;
+        self.routes.unroute(&mut region);
         for area in self.areas(&region) {
             if let Err(e) = self.window.unmap(area.offset, area.size) {
                 warn!("virtio-ism: unmapping region {token} failed: {e}");
@@ -421,12 +401,7 @@ impl RegionTable {
     /// only way a draft driver can hear about it).
     pub fn post_event(&mut self, kind: EventType, subject: EventSubject, devid: u64) {
         if self.event_queue {
-            if self.events.len() >= MAX_PENDING_EVENTS {
-                IsmMetrics::add(&self.metrics.events_dropped, self.events.len() as u64);
-                self.events.clear();
-                self.overflowed = true;
-            }
-            self.events.push_back(Event {
+            self.events.push(Event {
                 ev_type: kind.raw(),
                 offset: subject.offset,
                 devid,
@@ -440,25 +415,12 @@ impl RegionTable {
 
     /// Next event to deliver (an OVERFLOW marker first if events were dropped).
     pub fn peek_event(&self) -> Option<Event> {
-        if self.overflowed {
-            return Some(Event {
-                ev_type: EventType::Overflow.raw(),
-                ..Event::default()
-            });
-        }
-        self.events.front().copied()
+        self.events.peek()
     }
 
     /// `delivered` (returned by `peek_event`) reached the driver.
     pub fn pop_event(&mut self, delivered: &Event) {
-        if self.overflowed {
-            if delivered.kind() == EventType::Overflow {
-                self.overflowed = false;
-            }
-        } else if self.events.front() == Some(delivered) {
-            self.events.pop_front();
-        }
-        IsmMetrics::inc(&self.metrics.events_delivered);
+        self.events.pop(delivered);
     }
 
     /// The region whose notify slot is at `offset` within shmid 2.
@@ -472,16 +434,16 @@ impl RegionTable {
 
     /// Bind notify slots through `wiring` from now on (and re-route what is held).
     pub fn set_wiring(&mut self, wiring: Option<Arc<dyn NotifyWiring>>) {
-        for token in self.tokens() {
-            self.unroute(token);
+        for region in self.regions.values_mut() {
+            self.routes.unroute(region);
         }
-        self.wiring = wiring;
+        self.routes.set_wiring(wiring);
         self.rewire_all();
     }
 
     /// The epoll instance watching one-hop eventfds (for the worker's loop).
     pub fn kick_epoll_fd(&self) -> RawFd {
-        self.kick_epoll.as_raw_fd()
+        self.routes.kick_epoll_fd()
     }
 
     /// The eventfd that raises this guest's interrupt for `token` (its bound vector's irqfd),
@@ -499,168 +461,27 @@ impl RegionTable {
             return;
         };
         region.doorbells = doorbells;
-        self.reroute(token);
-    }
-
-    /// Window offset of the notify slot drivers ring for `region` (its first chunk's).
-    fn notify_slot(&self, region: &Region) -> Option<u64> {
-        region
-            .extents
-            .first()
-            .map(|e| self.layout.notify_offset + e.first * self.layout.notify_size)
-    }
-
-    /// Undo the wiring of `token`'s notify slot: writes trap again.
-    fn unroute(&mut self, token: Token) {
-        let Some(region) = self.regions.get_mut(&token) else {
-            return;
-        };
-        let route = std::mem::take(&mut region.route);
-        if matches!(route, Route::Trap) {
-            return;
-        }
-        let slot = self.notify_slot(&self.regions[&token]);
-        if let (Some(wiring), Some(slot)) = (&self.wiring, slot)
-            && let Err(e) = wiring.unwire(slot, self.layout.notify_size)
-        {
-            warn!("virtio-ism: unwiring the notify slot of {token} failed: {e}");
-        }
-        match route {
-            Route::ZeroHop => IsmMetrics::sub(&self.metrics.kick_routes_zero_hop, 1),
-            Route::OneHop(evt) => {
-                IsmMetrics::sub(&self.metrics.kick_routes_one_hop, 1);
-                let _ = self.kick_epoll.ctl(
-                    ControlOperation::Delete,
-                    evt.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
-            Route::Trap => {}
-        }
-    }
-
-    /// Wire `token`'s notify slot for the doorbells it has now: straight to the only peer's
-    /// doorbell, else to a one-hop eventfd the worker fans out, else (no peer, or the VMM
-    /// out of resources) leave it trapping. A route slower than wanted counts a fallback.
-    fn reroute(&mut self, token: Token) {
-        self.unroute(token);
-        let Some(wiring) = self.wiring.clone() else {
-            return;
-        };
-        let Some(region) = self.regions.get(&token) else {
-            return;
-        };
-        let Some(slot) = self.notify_slot(region) else {
-            return;
-        };
-        let len = self.layout.notify_size;
-        let route = match region.doorbells.as_slice() {
-            [] => return,
-            [(_, doorbell)] => match wiring.wire(slot, len, doorbell.as_fd()) {
-                Ok(WireOutcome::Wired) => Some(Route::ZeroHop),
-                outcome => {
-                    log_refusal(token, "zero-hop", outcome);
-                    self.one_hop(&*wiring, token, slot)
-                }
-            },
-            _ => self.one_hop(&*wiring, token, slot),
-        };
-        match route {
-            Some(Route::ZeroHop) => IsmMetrics::inc(&self.metrics.kick_routes_zero_hop),
-            Some(Route::OneHop(_)) => IsmMetrics::inc(&self.metrics.kick_routes_one_hop),
-            _ => {}
-        }
-        let wanted_zero_hop = self.regions[&token].doorbells.len() == 1;
-        if !matches!(route, Some(Route::ZeroHop)) && (wanted_zero_hop || route.is_none()) {
-            IsmMetrics::inc(&self.metrics.kick_fallbacks);
-        }
-        if let (Some(route), Some(region)) = (route, self.regions.get_mut(&token)) {
-            region.route = route;
-        }
-    }
-
-    /// Wire the slot to a fresh eventfd the worker watches; None if anything refuses.
-    fn one_hop(&self, wiring: &dyn NotifyWiring, token: Token, slot: u64) -> Option<Route> {
-        let evt = match EventFd::new(EFD_NONBLOCK) {
-            Ok(evt) => evt,
-            Err(e) => {
-                warn!("virtio-ism: no eventfd for the kicks of {token}: {e}");
-                return None;
-            }
-        };
-        let fd = evt.as_raw_fd();
-        if let Err(e) = self.kick_epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, token.0),
-        ) {
-            warn!("virtio-ism: watching the kicks of {token} failed: {e}");
-            return None;
-        }
-        match wiring.wire(slot, self.layout.notify_size, borrow_eventfd(&evt)) {
-            Ok(WireOutcome::Wired) => Some(Route::OneHop(evt)),
-            outcome => {
-                log_refusal(token, "one-hop", outcome);
-                let _ = self
-                    .kick_epoll
-                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                None
-            }
-        }
+        self.routes.reroute(region);
     }
 
     /// Wire every region again (the VMM moved the window, or the wiring changed).
     pub fn rewire_all(&mut self) {
-        for token in self.tokens() {
-            self.reroute(token);
+        for region in self.regions.values_mut() {
+            self.routes.reroute(region);
         }
     }
 
     /// Write every peer doorbell of `token`; returns how many were rung.
     pub fn ring_doorbells(&self, token: Token) -> usize {
-        let Some(region) = self.regions.get(&token) else {
-            return 0;
-        };
-        let doorbells: Vec<BorrowedFd<'_>> = region
-            .doorbells
-            .iter()
-            .map(|(_, doorbell)| doorbell.as_fd())
-            .collect();
-        let rung = self.ringer.ring(&doorbells);
-        IsmMetrics::add(&self.metrics.doorbell_writes, rung as u64);
-        rung
+        self.regions
+            .get(&token)
+            .map_or(0, |region| self.routes.ring(region))
     }
 
     /// Serve the one-hop eventfds that fired: ring the doorbells of their regions. Returns
     /// how many regions were kicked.
     pub fn serve_one_hop_kicks(&self) -> usize {
-        let mut events = [EpollEvent::default(); 16];
-        let mut kicked = 0;
-        loop {
-            let ready = match self.kick_epoll.wait(0, &mut events) {
-                Ok(ready) => ready,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("virtio-ism: waiting on kick eventfds failed: {e}");
-                    return kicked;
-                }
-            };
-            for event in &events[..ready] {
-                let token = Token(event.data());
-                let Some(Route::OneHop(evt)) = self.regions.get(&token).map(|r| &r.route) else {
-                    continue;
-                };
-                // Nothing to read means another pass already served it.
-                if evt.read().is_ok() {
-                    IsmMetrics::inc(&self.metrics.kicks_one_hop);
-                    self.ring_doorbells(token);
-                    kicked += 1;
-                }
-            }
-            if ready < events.len() {
-                return kicked;
-            }
-        }
+        self.routes.serve_one_hop_kicks(&self.regions)
     }
 
     /// A peer kicked `token`: raise its vector. Returns whether an interrupt was raised.
@@ -683,25 +504,6 @@ impl RegionTable {
     }
 }
 
-/// vmm-sys-util's EventFd does not implement AsFd.
-fn borrow_eventfd(evt: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the descriptor belongs to `evt` and stays open while the borrow (tied to
-    // `evt`'s lifetime) lives.
-    unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) }
-}
-
-fn log_refusal(token: Token, route: &str, outcome: std::io::Result<WireOutcome>) {
-    match outcome {
-        Ok(WireOutcome::Wired) => {}
-        Ok(WireOutcome::NoResources) => {
-            debug!("virtio-ism: no resources for a {route} kick route of {token}")
-        }
-        Err(e) => warn!("virtio-ism: wiring a {route} kick route of {token} failed: {e}"),
-    }
-}
-
-/// Signal one peer doorbell without ever blocking: a peer could hand over an eventfd whose
-/// counter is full and whose O_NONBLOCK is clear, and this runs on the device's threads.
 /// The region table behind its lock, plus the pool session. Shared by the worker thread
 /// (control and event queues) and the VMM-facing handle (hotplug, doorbells, reset).
 ///

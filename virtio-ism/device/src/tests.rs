@@ -2,6 +2,11 @@
 //! Drives the device as a guest driver would: requests are descriptor chains in guest memory
 //! (laid out like the Linux PoC driver's: header, payload, status, reply), regions come from a
 //! real in-process pool, and the window maps them for real so two devices share bytes.
+//!
+//! Set-up lives in fixtures so each test states what it checks: [`guests`] and
+//! [`wired_guests`] make a pool with activated guests ([`TestVm`], its worker driven
+//! synchronously), [`ThreadedVm`] runs a device's own worker thread, and the `TestVm` methods
+//! speak the control protocol (`alloc`, `alloc_shared`, `attach`, `detach`, ...).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -336,6 +341,8 @@ struct TestVm {
     ctrl: DriverQueue,
     events: DriverQueue,
     session: Arc<dyn PoolSession>,
+    /// How the VMM wires notify slots, for [`TestVm::wired`] guests.
+    wiring: Option<Arc<MemoryWiring>>,
 }
 
 fn pool() -> Arc<LocalPool> {
@@ -347,6 +354,40 @@ fn pool() -> Arc<LocalPool> {
         ..PoolConfig::default()
     })
     .unwrap()
+}
+
+/// A fresh pool and one guest per entry of `features` on it, each with its device activated
+/// and driven synchronously: the set-up of most tests.
+fn guests<const N: usize>(features: [u64; N]) -> (Arc<LocalPool>, [TestVm; N]) {
+    let pool = pool();
+    let vms = features.map(|features| TestVm::new(&pool, features));
+    (pool, vms)
+}
+
+/// The window layout every test device uses: 16 chunks of 64 KiB, 4-byte notify slots.
+fn config() -> IsmConfig {
+    IsmConfig {
+        shm_size: SHM,
+        chunk_size: CHUNK,
+        notify_size: 4,
+    }
+}
+
+/// A device named `id` over a fresh [`MemWindow`], its features acked, not yet activated.
+fn device(id: &str, session: Arc<dyn PoolSession>, features: u64) -> (Ism, Arc<MemWindow>) {
+    let window = MemWindow::new(config().layout().unwrap().window_size);
+    let mut device = Ism::new(id, config(), session, window.clone()).unwrap();
+    device.ack_features(features);
+    (device, window)
+}
+
+/// Poll `done` every 5 ms until it holds; fail with `what` after 10 s.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 impl TestVm {
@@ -381,20 +422,12 @@ impl TestVm {
         wiring: Option<Arc<MemoryWiring>>,
     ) -> Self {
         let mem = guest_memory();
-        let config = IsmConfig {
-            shm_size: SHM,
-            chunk_size: CHUNK,
-            notify_size: 4,
-        };
-        let window = MemWindow::new(config.layout().unwrap().window_size);
         let kicks = Arc::new(RecordingKicks::default());
-        let mut device = Ism::new("ism0", config, session.clone(), window.clone())
-            .unwrap()
-            .with_kick_sink(kicks.clone());
-        if let Some(wiring) = wiring {
-            device = device.with_notify_wiring(wiring);
+        let (device, window) = device("ism0", session.clone(), features);
+        let mut device = device.with_kick_sink(kicks.clone());
+        if let Some(wiring) = &wiring {
+            device = device.with_notify_wiring(wiring.clone());
         }
-        device.ack_features(features);
         let ctrl = DriverQueue::new(mem, CTRL_BASE);
         let events = DriverQueue::new(mem, EVENTQ_BASE);
         let worker = device
@@ -417,7 +450,13 @@ impl TestVm {
             ctrl,
             events,
             session,
+            wiring,
         }
+    }
+
+    /// The notify wiring of a [`TestVm::wired`] guest.
+    fn wiring(&self) -> &MemoryWiring {
+        self.wiring.as_ref().expect("a wired guest")
     }
 
     fn devid(&self) -> u64 {
@@ -518,6 +557,24 @@ impl TestVm {
         reply.status
     }
 
+    /// ALLOC_REGION, then a default grant of READ, WRITE and ATTACH so any peer can attach.
+    fn alloc_shared(&mut self, size: u64) -> (Token, Vec<Area>) {
+        let (token, areas) = self.alloc(size);
+        assert_eq!(self.grant_default(token, rw()), Status::Ok, "grant failed");
+        (token, areas)
+    }
+
+    fn detach(&mut self, token: Token) -> Status {
+        self.simple(Request::Detach(DetachRequest { token: token.0 }))
+    }
+
+    fn event_vector(&mut self, token: Token, vector: u64) -> Status {
+        self.simple(Request::EventVector(EventVectorRequest {
+            token: token.0,
+            vector,
+        }))
+    }
+
     fn grant_default(&mut self, token: Token, permissions: u64) -> Status {
         self.simple(Request::GrantDefault(GrantDefaultRequest {
             token: token.0,
@@ -558,6 +615,84 @@ impl TestVm {
     }
 }
 
+/// A guest whose device runs its own worker thread ([`VirtioDevice::activate`]), as in a VMM:
+/// the driver submits and kicks, then waits for the worker's answer.
+struct ThreadedVm {
+    mem: &'static GuestMemoryMmap,
+    device: Ism,
+    interrupts: Arc<RecordingInterrupt>,
+    ctrl: DriverQueue,
+    ctrl_kick: EventFd,
+    events: DriverQueue,
+    event_kick: EventFd,
+}
+
+impl ThreadedVm {
+    /// Activate `device` (features acked) with the control queue, and the event queue if
+    /// negotiated, on fresh guest memory.
+    fn start(mut device: Ism, interrupts: RecordingInterrupt) -> Self {
+        let mem = guest_memory();
+        let interrupts = Arc::new(interrupts);
+        let ctrl = DriverQueue::new(mem, CTRL_BASE);
+        let events = DriverQueue::new(mem, EVENTQ_BASE);
+        let (ctrl_kick, event_kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+        let mut queues = vec![(0, ctrl.device_queue(), ctrl_kick.try_clone().unwrap())];
+        if device.acked_features() & bit(VIRTIO_ISM_F_EVENT_QUEUE) != 0 {
+            queues.push((1, events.device_queue(), event_kick.try_clone().unwrap()));
+        }
+        device
+            .activate(ActivationContext {
+                mem: GuestMemoryAtomic::new(mem.clone()),
+                interrupt_cb: interrupts.clone(),
+                queues,
+            })
+            .unwrap();
+        Self {
+            mem,
+            device,
+            interrupts,
+            ctrl,
+            ctrl_kick,
+            events,
+            event_kick,
+        }
+    }
+
+    /// Send `request` with a reply buffer of `writable` bytes at `DATA_BASE + 0x100`, kick,
+    /// and wait for the worker to use it. Returns the used length.
+    fn request(&mut self, request: Request, writable: u32) -> u32 {
+        let mut bytes = [0u8; 64];
+        let n = request.encode(&mut bytes).unwrap();
+        self.mem
+            .write_slice(&bytes[..n], GuestAddress(DATA_BASE))
+            .unwrap();
+        self.ctrl.submit(&[
+            (DATA_BASE, n as u32, false),
+            (DATA_BASE + 0x100, writable, true),
+        ]);
+        self.ctrl_kick.write(1).unwrap();
+        wait_used(&mut self.ctrl).1
+    }
+}
+
+/// Wait for a worker thread to return a buffer on `queue`.
+fn wait_used(queue: &mut DriverQueue) -> (u32, u32) {
+    let mut used = None;
+    wait_until("worker did not answer", || {
+        used = queue.pop_used(queue.mem);
+        used.is_some()
+    });
+    used.unwrap()
+}
+
+/// A fresh pool and one guest per entry of `slots`, each with irqfds and a VMM that wires up
+/// to that many notify slots ([`TestVm::wiring`]).
+fn wired_guests<const N: usize>(slots: [usize; N]) -> (Arc<LocalPool>, [TestVm; N]) {
+    let pool = pool();
+    let vms = slots.map(|slots| TestVm::wired(&pool, &Arc::new(MemoryWiring::new(slots))));
+    (pool, vms)
+}
+
 const ALL_FEATURES: u64 =
     bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_ISM_F_EVENT_QUEUE) | bit(VIRTIO_ISM_F_QUERY);
 const DRAFT_FEATURES: u64 = bit(VIRTIO_F_VERSION_1);
@@ -568,8 +703,7 @@ fn rw() -> u64 {
 
 #[test]
 fn test_config_space_reports_session_ids_and_sizes() {
-    let pool = pool();
-    let vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [vm]) = guests([DRAFT_FEATURES]);
     let mut raw = [0u8; 32];
     vm.device.read_config(0, &mut raw);
     let cfg = ConfigSpace::decode(&raw).unwrap();
@@ -587,8 +721,7 @@ fn test_config_space_reports_session_ids_and_sizes() {
 
 #[test]
 fn test_features_never_offer_event_irq_and_mask_unoffered() {
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, 0);
+    let (_pool, [mut vm]) = guests([0]);
     let offered = vm.device.features();
     assert_ne!(offered & bit(VIRTIO_F_VERSION_1), 0);
     assert_eq!(offered & bit(VIRTIO_ISM_F_EVENT_IRQ), 0);
@@ -599,8 +732,7 @@ fn test_features_never_offer_event_irq_and_mask_unoffered() {
 
 #[test]
 fn test_shm_regions_describe_window_layout() {
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, 0);
+    let (_pool, [mut vm]) = guests([0]);
     let list = vm.device.get_shm_regions().unwrap();
     assert_eq!(list.len, 2 * SHM);
     assert_eq!(list.region_list.len(), 2);
@@ -634,8 +766,7 @@ fn test_shm_regions_describe_window_layout() {
 
 #[test]
 fn test_alloc_maps_region_writable_and_reports_areas() {
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut vm]) = guests([DRAFT_FEATURES]);
     let (token, areas) = vm.alloc(3 * CHUNK);
     assert_ne!(token.0, 0);
     // A fresh window gets one contiguous area.
@@ -665,16 +796,12 @@ fn test_alloc_maps_region_writable_and_reports_areas() {
 
 #[test]
 fn test_alloc_e2big_reports_needed_areas_and_allocates_nothing() {
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (pool, [mut vm]) = guests([DRAFT_FEATURES]);
     // Fragment the window: A B C with B freed leaves one free chunk between used ones.
     let (_, _) = vm.alloc(CHUNK);
     let (b, _) = vm.alloc(CHUNK);
     let (_, _) = vm.alloc(CHUNK);
-    assert_eq!(
-        vm.simple(Request::Detach(DetachRequest { token: b.0 })),
-        Status::Ok
-    );
+    assert_eq!(vm.detach(b), Status::Ok);
     // 14 chunks needed, 13 contiguous at the end + 1 hole: two areas.
     let small = reply_len(AllocReplyHeader::SIZE, Area::SIZE, 1);
     let reply = vm.request(Request::Alloc(AllocRequest { size: 14 * CHUNK }), small);
@@ -724,8 +851,7 @@ fn test_alloc_e2big_reports_needed_areas_and_allocates_nothing() {
 
 #[test]
 fn test_alloc_failures_map_to_draft_statuses() {
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut vm]) = guests([DRAFT_FEATURES]);
     let alloc = |size| Request::Alloc(AllocRequest { size });
     let big = reply_len(AllocReplyHeader::SIZE, Area::SIZE, 4);
     assert_eq!(vm.request(alloc(0), big).status, Status::Err);
@@ -750,13 +876,10 @@ fn test_alloc_failures_map_to_draft_statuses() {
 
 #[test]
 fn test_two_devices_share_region_bytes() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
     // Push B's free space so the offsets differ between the guests.
     b.alloc(2 * CHUNK);
-    let (token, a_areas) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (token, a_areas) = a.alloc_shared(CHUNK);
     let b_areas = b.attach(token, 0);
     assert_eq!(
         b_areas,
@@ -774,9 +897,7 @@ fn test_two_devices_share_region_bytes() {
 
 #[test]
 fn test_attach_without_grant_fails_perm_eattach() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
     let (token, _) = a.alloc(CHUNK);
     assert_eq!(b.attach_raw(token, 0).status, Status::PermAttach);
     // Read and write granted but not ATTACH is still no attach.
@@ -795,9 +916,7 @@ fn test_attach_without_grant_fails_perm_eattach() {
 
 #[test]
 fn test_read_only_grant_maps_read_only_and_refuses_write() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
     let (token, a_areas) = a.alloc(CHUNK);
     a.window.write(a_areas[0].offset, b"read me");
     assert_eq!(
@@ -821,21 +940,15 @@ fn test_read_only_grant_maps_read_only_and_refuses_write() {
 
 #[test]
 fn test_read_request_on_write_grant_maps_read_only() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
-    let (token, _) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
+    let (token, _) = a.alloc_shared(CHUNK);
     let areas = b.attach(token, VIRTIO_ISM_PERM_READ as u32);
     assert_eq!(b.window.last_map(), (areas[0].offset, CHUNK, false));
 }
 
 #[test]
 fn test_per_device_grant_applies_to_that_device_only() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut c = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut a, mut b, mut c]) = guests([DRAFT_FEATURES, DRAFT_FEATURES, DRAFT_FEATURES]);
     let (token, _) = a.alloc(CHUNK);
     assert_eq!(a.grant_device(token, rw(), b.devid()), Status::Ok);
     assert_eq!(c.attach_raw(token, 0).status, Status::PermAttach);
@@ -860,10 +973,8 @@ fn test_per_device_grant_applies_to_that_device_only() {
 
 #[test]
 fn test_multi_peer_attach_all_see_the_same_bytes() {
-    let pool = pool();
-    let mut owner = TestVm::new(&pool, DRAFT_FEATURES);
-    let (token, owner_areas) = owner.alloc(2 * CHUNK);
-    assert_eq!(owner.grant_default(token, rw()), Status::Ok);
+    let (pool, [mut owner]) = guests([DRAFT_FEATURES]);
+    let (token, owner_areas) = owner.alloc_shared(2 * CHUNK);
     let mut peers: Vec<(TestVm, Vec<Area>)> = (0..3)
         .map(|_| {
             let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
@@ -887,19 +998,12 @@ fn test_multi_peer_attach_all_see_the_same_bytes() {
 
 #[test]
 fn test_detach_unmaps_and_second_detach_is_enoent() {
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (pool, [mut vm]) = guests([DRAFT_FEATURES]);
     let (token, areas) = vm.alloc(CHUNK);
     assert!(vm.window.is_mapped(areas[0].offset));
-    assert_eq!(
-        vm.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::Ok
-    );
+    assert_eq!(vm.detach(token), Status::Ok);
     assert!(!vm.window.is_mapped(areas[0].offset));
-    assert_eq!(
-        vm.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::NoEnt
-    );
+    assert_eq!(vm.detach(token), Status::NoEnt);
     assert!(pool.status().regions.is_empty());
     assert_eq!(vm.counter("bytes_mapped"), 0);
     // The slot is free again.
@@ -909,9 +1013,7 @@ fn test_detach_unmaps_and_second_detach_is_enoent() {
 
 #[test]
 fn test_reset_unmaps_and_detaches_everything() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
     let (token, _) = a.alloc(CHUNK);
     a.alloc(2 * CHUNK);
     assert_eq!(a.grant_default(token, rw()), Status::Ok);
@@ -932,17 +1034,12 @@ fn test_reset_unmaps_and_detaches_everything() {
 
 #[test]
 fn test_event_queue_reports_peer_attach_update_detach() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, ALL_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut a, mut b]) = guests([ALL_FEATURES, DRAFT_FEATURES]);
     let (token, areas) = a.alloc(CHUNK);
     a.post_event_buffers(4);
     assert_eq!(a.grant_default(token, rw()), Status::Ok);
     b.attach(token, 0);
-    assert_eq!(
-        b.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::Ok
-    );
+    assert_eq!(b.detach(token), Status::Ok);
     a.interrupts.take();
     let events = a.take_events();
     let kinds: Vec<EventType> = events.iter().map(Event::kind).collect();
@@ -967,11 +1064,8 @@ fn test_event_queue_reports_peer_attach_update_detach() {
 
 #[test]
 fn test_events_wait_for_buffers_and_bad_buffers_are_returned_empty() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, ALL_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
-    let (token, _) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (_pool, [mut a, mut b]) = guests([ALL_FEATURES, DRAFT_FEATURES]);
+    let (token, _) = a.alloc_shared(CHUNK);
     b.attach(token, 0);
     // No buffers yet: the event waits.
     assert!(a.take_events().is_empty());
@@ -990,18 +1084,13 @@ fn test_events_wait_for_buffers_and_bad_buffers_are_returned_empty() {
 
 #[test]
 fn test_event_overflow_is_reported() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, ALL_FEATURES);
-    let (token, _) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (pool, [mut a]) = guests([ALL_FEATURES]);
+    let (token, _) = a.alloc_shared(CHUNK);
     let mut peers: Vec<TestVm> = (0..3).map(|_| TestVm::new(&pool, 0)).collect();
     for _ in 0..(crate::MAX_PENDING_EVENTS / 6 + 1) {
         for p in peers.iter_mut() {
             p.attach(token, 0);
-            assert_eq!(
-                p.simple(Request::Detach(DetachRequest { token: token.0 })),
-                Status::Ok
-            );
+            assert_eq!(p.detach(token), Status::Ok);
         }
     }
     a.worker.process_pool_events().unwrap();
@@ -1013,18 +1102,9 @@ fn test_event_overflow_is_reported() {
 
 #[test]
 fn test_without_event_queue_region_events_raise_the_bound_vector() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
-    let (token, _) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
-    let vector = |token: Token, vector| {
-        Request::EventVector(EventVectorRequest {
-            token: token.0,
-            vector,
-        })
-    };
-    assert_eq!(a.simple(vector(token, 3)), Status::Ok);
+    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
+    let (token, _) = a.alloc_shared(CHUNK);
+    assert_eq!(a.event_vector(token, 3), Status::Ok);
     a.interrupts.take();
     b.attach(token, 0);
     a.worker.process_pool_events().unwrap();
@@ -1034,22 +1114,13 @@ fn test_without_event_queue_region_events_raise_the_bound_vector() {
 
 #[test]
 fn test_event_vector_and_kicks() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
-    let (token, _) = a.alloc(2 * CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
+    let (token, _) = a.alloc_shared(2 * CHUNK);
     b.alloc(CHUNK);
     let b_areas = b.attach(token, 0);
-    let vector = |token: Token, vector| {
-        Request::EventVector(EventVectorRequest {
-            token: token.0,
-            vector,
-        })
-    };
-    assert_eq!(a.simple(vector(token, 5)), Status::Ok);
-    assert_eq!(a.simple(vector(token, 4096)), Status::Err);
-    assert_eq!(a.simple(vector(Token(token.0 ^ 1), 5)), Status::NoEnt);
+    assert_eq!(a.event_vector(token, 5), Status::Ok);
+    assert_eq!(a.event_vector(token, 4096), Status::Err);
+    assert_eq!(a.event_vector(Token(token.0 ^ 1), 5), Status::NoEnt);
     // B rings the doorbell of the region's second chunk: slot = chunk index * notify_size.
     let slot = (b_areas[0].offset / CHUNK + 1) * 4;
     assert_eq!(b.handle().handle_notify(slot), Some(token));
@@ -1068,14 +1139,13 @@ fn test_event_vector_and_kicks() {
     // B bound nothing: no interrupt.
     assert!(!b.handle().deliver_kick(token));
     // 0xffff unbinds.
-    assert_eq!(a.simple(vector(token, 0xffff)), Status::Ok);
+    assert_eq!(a.event_vector(token, 0xffff), Status::Ok);
     assert!(!a.handle().deliver_kick(token));
 }
 
 #[test]
 fn test_query_commands_need_the_feature() {
-    let pool = pool();
-    let mut draft = TestVm::new(&pool, DRAFT_FEATURES);
+    let (pool, [mut draft]) = guests([DRAFT_FEATURES]);
     let (token, _) = draft.alloc(CHUNK);
     assert_eq!(draft.request(Request::QueryList, 64).status, Status::Err);
     assert_eq!(
@@ -1129,18 +1199,12 @@ fn test_query_commands_need_the_feature() {
 
 #[test]
 fn test_attach_e2big_reports_needed_and_releases_the_hold() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
-    let (token, _) = a.alloc(3 * CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
+    let (token, _) = a.alloc_shared(3 * CHUNK);
     // Fragment B: used, free, used, free...
     let held: Vec<Token> = (0..6).map(|_| b.alloc(CHUNK).0).collect();
     for t in held.iter().step_by(2) {
-        assert_eq!(
-            b.simple(Request::Detach(DetachRequest { token: t.0 })),
-            Status::Ok
-        );
+        assert_eq!(b.detach(*t), Status::Ok);
     }
     // Free: 0, 2, 4, then 6..16 contiguous: the 3 chunks fit contiguously at 6.
     assert_eq!(
@@ -1150,10 +1214,7 @@ fn test_attach_e2big_reports_needed_and_releases_the_hold() {
             size: 3 * CHUNK
         }]
     );
-    assert_eq!(
-        b.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::Ok
-    );
+    assert_eq!(b.detach(token), Status::Ok);
     // Fill 6..16 leaving only the three holes.
     b.alloc(10 * CHUNK);
     let reply = b.request(
@@ -1182,11 +1243,8 @@ fn test_attach_e2big_reports_needed_and_releases_the_hold() {
 
 #[test]
 fn test_window_full_is_enospc() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
-    let (token, _) = a.alloc(2 * CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
+    let (token, _) = a.alloc_shared(2 * CHUNK);
     b.alloc(15 * CHUNK);
     assert_eq!(b.attach_raw(token, 0).status, Status::NoSpc);
     assert_eq!(
@@ -1203,8 +1261,7 @@ fn test_window_full_is_enospc() {
 
 #[test]
 fn test_revoked_region_is_unmapped_and_reported() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, ALL_FEATURES);
+    let (pool, [mut a]) = guests([ALL_FEATURES]);
     let (token, areas) = a.alloc(CHUNK);
     a.post_event_buffers(2);
     pool.revoke(token).unwrap();
@@ -1213,17 +1270,12 @@ fn test_revoked_region_is_unmapped_and_reported() {
     assert_eq!(events[0].kind(), EventType::Revoke);
     assert_eq!(events[0].token, token.0);
     assert!(!a.window.is_mapped(areas[0].offset));
-    assert_eq!(
-        a.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::NoEnt
-    );
+    assert_eq!(a.detach(token), Status::NoEnt);
 }
 
 #[test]
 fn test_host_hotplug_adds_and_removes_regions() {
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, ALL_FEATURES);
+    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, ALL_FEATURES]);
     let (token, a_areas) = a.alloc(CHUNK);
     assert_eq!(a.grant_device(token, rw(), b.devid()), Status::Ok);
     b.post_event_buffers(4);
@@ -1253,8 +1305,7 @@ fn test_host_hotplug_adds_and_removes_regions() {
 
 #[test]
 fn test_malformed_chains_get_err_or_nothing() {
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, ALL_FEATURES);
+    let (_pool, [mut vm]) = guests([ALL_FEATURES]);
     // Unknown class and unknown command.
     assert_eq!(vm.raw_request(&[9, 0], 1).status, Status::Err);
     assert_eq!(
@@ -1323,8 +1374,7 @@ fn test_malformed_chains_get_err_or_nothing() {
 
 #[test]
 fn test_status_and_reply_stay_inside_the_writable_buffer() {
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut vm]) = guests([DRAFT_FEATURES]);
     // Reply buffer of exactly header + one area: nothing past it is touched.
     let len = reply_len(AllocReplyHeader::SIZE, Area::SIZE, 1);
     let reply = vm.request(Request::Alloc(AllocRequest { size: CHUNK }), len);
@@ -1340,73 +1390,35 @@ fn test_status_and_reply_stay_inside_the_writable_buffer() {
 #[test]
 fn test_activate_runs_worker_thread_serving_kicks() {
     let pool = pool();
-    let session = pool.session().unwrap();
-    let mem = guest_memory();
-    let config = IsmConfig {
-        shm_size: SHM,
-        chunk_size: CHUNK,
-        notify_size: 4,
-    };
-    let window = MemWindow::new(config.layout().unwrap().window_size);
-    let mut device = Ism::new("ism-thread", config, session, window).unwrap();
-    device.ack_features(DRAFT_FEATURES);
-    let mut ctrl = DriverQueue::new(mem, CTRL_BASE);
-    let kick = EventFd::new(0).unwrap();
-    let interrupts = Arc::new(RecordingInterrupt::default());
-    device
-        .activate(ActivationContext {
-            mem: GuestMemoryAtomic::new(mem.clone()),
-            interrupt_cb: interrupts.clone(),
-            queues: vec![(0, ctrl.device_queue(), kick.try_clone().unwrap())],
-        })
-        .unwrap();
-    let mut req = [0u8; 10];
-    Request::Alloc(AllocRequest { size: CHUNK })
-        .encode(&mut req)
-        .unwrap();
-    mem.write_slice(&req, GuestAddress(DATA_BASE)).unwrap();
-    ctrl.submit(&[(DATA_BASE, 10, false), (DATA_BASE + 0x100, 64, true)]);
-    kick.write(1).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let used = loop {
-        if let Some(used) = ctrl.pop_used(mem) {
-            break used;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "worker did not answer"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    assert_eq!(used.1 as usize, 1 + 16 + 16);
-    assert!(interrupts.take().contains(&VirtioInterruptType::Queue(0)));
+    let (device, _window) = device("ism-thread", pool.session().unwrap(), DRAFT_FEATURES);
+    let mut vm = ThreadedVm::start(device, RecordingInterrupt::default());
+    let used = vm.request(Request::Alloc(AllocRequest { size: CHUNK }), 64);
+    assert_eq!(used as usize, 1 + 16 + 16);
     assert!(
-        device
+        vm.interrupts
+            .take()
+            .contains(&VirtioInterruptType::Queue(0))
+    );
+    assert!(
+        vm.device
             .activate(ActivationContext {
-                mem: GuestMemoryAtomic::new(mem.clone()),
-                interrupt_cb: interrupts.clone(),
+                mem: GuestMemoryAtomic::new(vm.mem.clone()),
+                interrupt_cb: vm.interrupts.clone(),
                 queues: vec![],
             })
             .is_err()
     );
-    assert!(device.reset().is_some());
+    assert!(vm.device.reset().is_some());
     assert!(pool.status().regions.is_empty());
 }
 
 #[test]
 fn test_activation_needs_the_control_queue() {
     let pool = pool();
-    let mem = guest_memory();
-    let config = IsmConfig {
-        shm_size: SHM,
-        chunk_size: CHUNK,
-        notify_size: 4,
-    };
-    let window = MemWindow::new(config.layout().unwrap().window_size);
-    let mut device = Ism::new("ism-q", config, pool.session().unwrap(), window).unwrap();
-    let events = DriverQueue::new(mem, EVENTQ_BASE);
+    let (mut device, _window) = device("ism-q", pool.session().unwrap(), 0);
+    let events = DriverQueue::new(guest_memory(), EVENTQ_BASE);
     let err = device.activate_worker(ActivationContext {
-        mem: GuestMemoryAtomic::new(mem.clone()),
+        mem: GuestMemoryAtomic::new(events.mem.clone()),
         interrupt_cb: Arc::new(RecordingInterrupt::default()),
         queues: vec![(1, events.device_queue(), EventFd::new(0).unwrap())],
     });
@@ -1416,8 +1428,7 @@ fn test_activation_needs_the_control_queue() {
 #[test]
 fn test_descriptor_cap_applies_to_indirect_tables() {
     const VRING_DESC_F_INDIRECT: u16 = 4;
-    let pool = pool();
-    let mut vm = TestVm::new(&pool, DRAFT_FEATURES);
+    let (_pool, [mut vm]) = guests([DRAFT_FEATURES]);
     let table = DATA_BASE + 0x4000;
     let request = DATA_BASE;
     let replies = DATA_BASE + 0x5000;
@@ -1479,91 +1490,47 @@ fn test_descriptor_cap_applies_to_indirect_tables() {
 #[test]
 fn test_worker_thread_delivers_pool_events_without_polling() {
     let pool = pool();
-    let mem = guest_memory();
-    let config = IsmConfig {
-        shm_size: SHM,
-        chunk_size: CHUNK,
-        notify_size: 4,
-    };
-    let window = MemWindow::new(config.layout().unwrap().window_size);
-    let mut device = Ism::new("ism-events", config, pool.session().unwrap(), window).unwrap();
-    device.ack_features(ALL_FEATURES);
-    let mut ctrl = DriverQueue::new(mem, CTRL_BASE);
-    let mut events = DriverQueue::new(mem, EVENTQ_BASE);
-    let ctrl_kick = EventFd::new(0).unwrap();
-    let event_kick = EventFd::new(0).unwrap();
-    let interrupts = Arc::new(RecordingInterrupt::default());
-    device
-        .activate(ActivationContext {
-            mem: GuestMemoryAtomic::new(mem.clone()),
-            interrupt_cb: interrupts.clone(),
-            queues: vec![
-                (0, ctrl.device_queue(), ctrl_kick.try_clone().unwrap()),
-                (1, events.device_queue(), event_kick.try_clone().unwrap()),
-            ],
-        })
-        .unwrap();
-    let wait_used = |queue: &mut DriverQueue| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if let Some(used) = queue.pop_used(mem) {
-                return used;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "worker did not answer"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    };
+    let (device, _window) = device("ism-events", pool.session().unwrap(), ALL_FEATURES);
+    let mut vm = ThreadedVm::start(device, RecordingInterrupt::default());
     // Allocate and grant through the thread.
-    let mut req = [0u8; 26];
-    let n = Request::Alloc(AllocRequest { size: CHUNK })
-        .encode(&mut req)
-        .unwrap();
-    mem.write_slice(&req[..n], GuestAddress(DATA_BASE)).unwrap();
-    ctrl.submit(&[(DATA_BASE, n as u32, false), (DATA_BASE + 0x100, 64, true)]);
-    ctrl_kick.write(1).unwrap();
-    wait_used(&mut ctrl);
+    vm.request(Request::Alloc(AllocRequest { size: CHUNK }), 64);
     let mut token = [0u8; 8];
-    mem.read_slice(&mut token, GuestAddress(DATA_BASE + 0x101))
+    vm.mem
+        .read_slice(&mut token, GuestAddress(DATA_BASE + 0x101))
         .unwrap();
     let token = Token(u64::from_le_bytes(token));
-    let n = Request::GrantDefault(GrantDefaultRequest {
+    let grant = Request::GrantDefault(GrantDefaultRequest {
         token: token.0,
         permissions: rw(),
-    })
-    .encode(&mut req)
-    .unwrap();
-    mem.write_slice(&req[..n], GuestAddress(DATA_BASE)).unwrap();
-    ctrl.submit(&[(DATA_BASE, n as u32, false), (DATA_BASE + 0x100, 1, true)]);
-    ctrl_kick.write(1).unwrap();
-    wait_used(&mut ctrl);
+    });
+    vm.request(grant, 1);
     // Post an event buffer, then a peer attaches: the worker hears it on the pool's eventfd.
-    events.submit(&[(DATA_BASE + 0x8000, Event::SIZE as u32, true)]);
-    event_kick.write(1).unwrap();
+    vm.events
+        .submit(&[(DATA_BASE + 0x8000, Event::SIZE as u32, true)]);
+    vm.event_kick.write(1).unwrap();
     let mut peer = TestVm::new(&pool, DRAFT_FEATURES);
     peer.attach(token, 0);
-    let (_, len) = wait_used(&mut events);
+    let (_, len) = wait_used(&mut vm.events);
     assert_eq!(len as usize, Event::SIZE);
     let mut raw = [0u8; Event::SIZE];
-    mem.read_slice(&mut raw, GuestAddress(DATA_BASE + 0x8000))
+    vm.mem
+        .read_slice(&mut raw, GuestAddress(DATA_BASE + 0x8000))
         .unwrap();
     let event = Event::decode(&raw).unwrap();
     assert_eq!(event.kind(), EventType::Attach);
     assert_eq!(event.devid, peer.devid());
-    assert!(interrupts.take().contains(&VirtioInterruptType::Queue(1)));
-    device.reset();
+    assert!(
+        vm.interrupts
+            .take()
+            .contains(&VirtioInterruptType::Queue(1))
+    );
+    vm.device.reset();
 }
 
 // Kick routes: doorbells exchanged through the pool, slots wired through NotifyWiring.
 
 fn bind_vector(vm: &mut TestVm, token: Token, vector: u64) {
-    let request = Request::EventVector(EventVectorRequest {
-        token: token.0,
-        vector,
-    });
-    assert_eq!(vm.simple(request), Status::Ok);
+    assert_eq!(vm.event_vector(token, vector), Status::Ok);
 }
 
 /// Window offset of the notify slot a driver rings for a region whose first area is at
@@ -1574,13 +1541,8 @@ fn notify_slot(area_offset: u64) -> u64 {
 
 #[test]
 fn test_zero_hop_kick_raises_the_only_peers_irqfd() {
-    let pool = pool();
-    let wiring_a = Arc::new(MemoryWiring::new(64));
-    let wiring_b = Arc::new(MemoryWiring::new(64));
-    let mut a = TestVm::wired(&pool, &wiring_a);
-    let mut b = TestVm::wired(&pool, &wiring_b);
-    let (token, a_areas) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (_pool, [mut a, mut b]) = wired_guests([64, 64]);
+    let (token, a_areas) = a.alloc_shared(CHUNK);
     bind_vector(&mut a, token, 3);
     // B takes a chunk first so the region lands at a different slot in B's window.
     b.alloc(CHUNK);
@@ -1591,20 +1553,20 @@ fn test_zero_hop_kick_raises_the_only_peers_irqfd() {
     );
     assert_ne!(slot_a, slot_b);
     // B learnt A's doorbell when it attached and wired its slot straight to it.
-    assert_eq!(wiring_b.wired_offsets(), vec![slot_b]);
+    assert_eq!(b.wiring().wired_offsets(), vec![slot_b]);
     assert_eq!(b.counter("kick_routes_zero_hop"), 1);
     // A has no peer doorbell yet: its slot traps.
-    assert!(wiring_a.wired_offsets().is_empty());
+    assert!(a.wiring().wired_offsets().is_empty());
     bind_vector(&mut b, token, 7);
     a.worker.process_pool_events().unwrap();
-    assert_eq!(wiring_a.wired_offsets(), vec![slot_a]);
+    assert_eq!(a.wiring().wired_offsets(), vec![slot_a]);
 
     // B's guest writes its slot; KVM signals the wired eventfd = A's irqfd for vector 3.
-    assert!(wiring_b.guest_write(slot_b));
+    assert!(b.wiring().guest_write(slot_b));
     assert_eq!(a.interrupts.irqfd_count(3), 1);
     assert_eq!(b.interrupts.irqfd_count(7), 0);
     // And back.
-    assert!(wiring_a.guest_write(slot_a));
+    assert!(a.wiring().guest_write(slot_a));
     assert_eq!(b.interrupts.irqfd_count(7), 1);
     assert_eq!(a.interrupts.irqfd_count(3), 0);
     // Neither device nor VMM took part.
@@ -1618,11 +1580,7 @@ fn test_zero_hop_kick_raises_the_only_peers_irqfd() {
 
 #[test]
 fn test_several_peers_take_the_one_hop_route_and_fan_out() {
-    let pool = pool();
-    let wiring_a = Arc::new(MemoryWiring::new(64));
-    let mut a = TestVm::wired(&pool, &wiring_a);
-    let mut b = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
-    let mut c = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
+    let (_pool, [mut a, mut b, mut c]) = wired_guests([64, 64, 64]);
     let (token, a_areas) = a.alloc(2 * CHUNK);
     let slot_a = notify_slot(a_areas[0].offset);
     assert_eq!(a.grant_default(token, rw()), Status::Ok);
@@ -1634,10 +1592,10 @@ fn test_several_peers_take_the_one_hop_route_and_fan_out() {
     a.worker.process_pool_events().unwrap();
     assert_eq!(a.counter("kick_routes_one_hop"), 1);
     assert_eq!(a.counter("kick_routes_zero_hop"), 0);
-    assert_eq!(wiring_a.wired_offsets(), vec![slot_a]);
+    assert_eq!(a.wiring().wired_offsets(), vec![slot_a]);
 
     // A's guest writes: A's own eventfd fires, A's worker writes both doorbells.
-    assert!(wiring_a.guest_write(slot_a));
+    assert!(a.wiring().guest_write(slot_a));
     assert_eq!(
         b.interrupts.irqfd_count(2),
         0,
@@ -1656,14 +1614,11 @@ fn test_several_peers_take_the_one_hop_route_and_fan_out() {
     );
 
     // C leaves: A is down to one peer and wires straight to B's doorbell.
-    assert_eq!(
-        c.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::Ok
-    );
+    assert_eq!(c.detach(token), Status::Ok);
     a.worker.process_pool_events().unwrap();
     assert_eq!(a.counter("kick_routes_one_hop"), 0);
     assert_eq!(a.counter("kick_routes_zero_hop"), 1);
-    assert!(wiring_a.guest_write(slot_a));
+    assert!(a.wiring().guest_write(slot_a));
     assert_eq!(b.interrupts.irqfd_count(2), 1);
     assert_eq!(c.interrupts.irqfd_count(3), 0);
     assert_eq!(a.worker.process_one_hop_kicks(), 0);
@@ -1672,21 +1627,17 @@ fn test_several_peers_take_the_one_hop_route_and_fan_out() {
 
 #[test]
 fn test_wiring_out_of_resources_falls_back_and_the_trap_still_kicks() {
-    let pool = pool();
-    let mut a = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
     // B's VMM cannot register a single ioeventfd.
-    let wiring_b = Arc::new(MemoryWiring::new(0));
-    let mut b = TestVm::wired(&pool, &wiring_b);
-    let (token, _) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (pool, [mut a, mut b]) = wired_guests([64, 0]);
+    let (token, _) = a.alloc_shared(CHUNK);
     bind_vector(&mut a, token, 4);
     let b_areas = b.attach(token, 0);
     let slot_b = notify_slot(b_areas[0].offset);
     // Zero hop refused, one hop refused: the slot traps, counted once.
-    assert!(wiring_b.wired_offsets().is_empty());
-    assert_eq!(wiring_b.wire_calls(), 2);
+    assert!(b.wiring().wired_offsets().is_empty());
+    assert_eq!(b.wiring().wire_calls(), 2);
     assert_eq!(b.counter("kick_fallbacks"), 1);
-    assert!(!wiring_b.guest_write(slot_b));
+    assert!(!b.wiring().guest_write(slot_b));
     // The VMM hands the trapped write to the device, which rings A's doorbell.
     assert_eq!(b.handle().handle_notify(slot_b - SHM), Some(token));
     assert_eq!(a.interrupts.irqfd_count(4), 1);
@@ -1709,19 +1660,14 @@ fn test_wiring_out_of_resources_falls_back_and_the_trap_still_kicks() {
 
 #[test]
 fn test_detach_unbind_and_reset_withdraw_and_unwire() {
-    let pool = pool();
-    let wiring_a = Arc::new(MemoryWiring::new(64));
-    let wiring_b = Arc::new(MemoryWiring::new(64));
-    let mut a = TestVm::wired(&pool, &wiring_a);
-    let mut b = TestVm::wired(&pool, &wiring_b);
-    let (token, _) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (pool, [mut a, mut b]) = wired_guests([64, 64]);
+    let (token, _) = a.alloc_shared(CHUNK);
     bind_vector(&mut a, token, 3);
     b.attach(token, 0);
     bind_vector(&mut b, token, 7);
     a.worker.process_pool_events().unwrap();
-    assert_eq!(wiring_a.wired_offsets().len(), 1);
-    assert_eq!(wiring_b.wired_offsets().len(), 1);
+    assert_eq!(a.wiring().wired_offsets().len(), 1);
+    assert_eq!(b.wiring().wired_offsets().len(), 1);
     let mut published = pool.status().regions[0].doorbells.clone();
     published.sort();
     assert_eq!(published, vec![a.devid(), b.devid()]);
@@ -1730,20 +1676,20 @@ fn test_detach_unbind_and_reset_withdraw_and_unwire() {
     bind_vector(&mut b, token, 0xffff);
     assert_eq!(pool.status().regions[0].doorbells, vec![a.devid()]);
     a.worker.process_pool_events().unwrap();
-    assert!(wiring_a.wired_offsets().is_empty());
+    assert!(a.wiring().wired_offsets().is_empty());
     assert_eq!(a.counter("kick_routes_zero_hop"), 0);
     // Rebinding publishes again.
     bind_vector(&mut b, token, 8);
     a.worker.process_pool_events().unwrap();
-    assert_eq!(wiring_a.wired_offsets().len(), 1);
-    assert!(wiring_a.guest_write(wiring_a.wired_offsets()[0]));
+    assert_eq!(a.wiring().wired_offsets().len(), 1);
+    assert!(a.wiring().guest_write(a.wiring().wired_offsets()[0]));
     assert_eq!(b.interrupts.irqfd_count(8), 1);
 
     // The transport re-created B's irqfds: republishing moves A's wiring to the new one.
     let old_irqfds = std::mem::take(&mut *b.interrupts.irqfds.as_ref().unwrap().lock().unwrap());
     b.handle().republish_doorbells();
     a.worker.process_pool_events().unwrap();
-    assert!(wiring_a.guest_write(wiring_a.wired_offsets()[0]));
+    assert!(a.wiring().guest_write(a.wiring().wired_offsets()[0]));
     assert_eq!(b.interrupts.irqfd_count(8), 1);
     assert!(
         old_irqfds[&8].read().is_err(),
@@ -1751,56 +1697,51 @@ fn test_detach_unbind_and_reset_withdraw_and_unwire() {
     );
 
     // B detaches: its slot is unwired and A's too.
-    assert_eq!(
-        b.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::Ok
-    );
-    assert!(wiring_b.wired_offsets().is_empty());
+    assert_eq!(b.detach(token), Status::Ok);
+    assert!(b.wiring().wired_offsets().is_empty());
     assert_eq!(b.counter("kick_routes_zero_hop"), 0);
     a.worker.process_pool_events().unwrap();
-    assert!(wiring_a.wired_offsets().is_empty());
+    assert!(a.wiring().wired_offsets().is_empty());
 
     // Reset unwires everything and withdraws every doorbell.
     b.attach(token, 0);
     bind_vector(&mut b, token, 7);
     a.worker.process_pool_events().unwrap();
-    assert_eq!(wiring_b.wired_offsets().len(), 1);
+    assert_eq!(b.wiring().wired_offsets().len(), 1);
     assert!(b.device.reset().is_some());
-    assert!(wiring_b.wired_offsets().is_empty());
+    assert!(b.wiring().wired_offsets().is_empty());
     assert_eq!(pool.status().regions[0].doorbells, vec![a.devid()]);
     a.worker.process_pool_events().unwrap();
-    assert!(wiring_a.wired_offsets().is_empty());
+    assert!(a.wiring().wired_offsets().is_empty());
 }
 
 #[test]
 fn test_rewire_all_wires_every_slot_again() {
-    let pool = pool();
-    let wiring_a = Arc::new(MemoryWiring::new(64));
-    let mut a = TestVm::wired(&pool, &wiring_a);
-    let mut b = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
+    let (_pool, [mut a, mut b]) = wired_guests([64, 64]);
     let (token, _) = a.alloc(CHUNK);
     let (private, _) = a.alloc(CHUNK);
     assert_eq!(a.grant_default(token, rw()), Status::Ok);
     b.attach(token, 0);
     bind_vector(&mut b, token, 2);
     a.worker.process_pool_events().unwrap();
-    let wired = wiring_a.wired_offsets();
+    let wired = a.wiring().wired_offsets();
     assert_eq!(
         wired.len(),
         1,
         "the private region {private} has no peer to wire to"
     );
-    let calls = wiring_a.wire_calls();
+    let calls = a.wiring().wire_calls();
     a.handle().rewire_all();
-    assert_eq!(wiring_a.wire_calls(), calls + 1);
-    assert_eq!(wiring_a.wired_offsets(), wired);
-    assert!(wiring_a.guest_write(wired[0]));
+    assert_eq!(a.wiring().wire_calls(), calls + 1);
+    assert_eq!(a.wiring().wired_offsets(), wired);
+    assert!(a.wiring().guest_write(wired[0]));
     assert_eq!(b.interrupts.irqfd_count(2), 1);
 }
 
 #[test]
 fn test_without_wiring_trapped_kicks_still_ring_peer_doorbells() {
     let pool = pool();
+    // A's transport has irqfds (so A publishes a doorbell) but its VMM wires nothing.
     let mut a = TestVm::build(
         pool.session().unwrap(),
         DRAFT_FEATURES,
@@ -1808,8 +1749,7 @@ fn test_without_wiring_trapped_kicks_still_ring_peer_doorbells() {
         None,
     );
     let mut b = TestVm::new(&pool, DRAFT_FEATURES);
-    let (token, _) = a.alloc(CHUNK);
-    assert_eq!(a.grant_default(token, rw()), Status::Ok);
+    let (token, _) = a.alloc_shared(CHUNK);
     bind_vector(&mut a, token, 6);
     let b_areas = b.attach(token, 0);
     let slot = notify_slot(b_areas[0].offset) - SHM;
@@ -1824,49 +1764,36 @@ fn test_without_wiring_trapped_kicks_still_ring_peer_doorbells() {
 
 #[test]
 fn test_worker_thread_fans_out_one_hop_kicks_on_its_own() {
-    let pool = pool();
-    let mut b = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
-    let mut c = TestVm::wired(&pool, &Arc::new(MemoryWiring::new(64)));
-    let (token, _) = b.alloc(CHUNK);
-    assert_eq!(b.grant_default(token, rw()), Status::Ok);
+    let (pool, [mut b, mut c]) = wired_guests([64, 64]);
+    let (token, _) = b.alloc_shared(CHUNK);
     bind_vector(&mut b, token, 2);
     c.attach(token, 0);
     bind_vector(&mut c, token, 3);
 
     // A runs its own worker thread; the host hot-adds the region (no control queue needed).
-    let config = IsmConfig {
-        shm_size: SHM,
-        chunk_size: CHUNK,
-        notify_size: 4,
-    };
     let wiring_a = Arc::new(MemoryWiring::new(64));
-    let window = MemWindow::new(config.layout().unwrap().window_size);
-    let mut a = Ism::new("ism-thread", config, pool.session().unwrap(), window)
-        .unwrap()
-        .with_notify_wiring(wiring_a.clone());
-    a.ack_features(DRAFT_FEATURES);
-    let mem = guest_memory();
-    let ctrl = DriverQueue::new(mem, CTRL_BASE);
-    a.activate(ActivationContext {
-        mem: GuestMemoryAtomic::new(mem.clone()),
-        interrupt_cb: Arc::new(RecordingInterrupt::with_irqfds()),
-        queues: vec![(0, ctrl.device_queue(), EventFd::new(0).unwrap())],
-    })
-    .unwrap();
-    let areas = a.handle().add_region(token, ism_pool::Perms::NONE).unwrap();
+    let (a, _window) = device("ism-thread", pool.session().unwrap(), DRAFT_FEATURES);
+    let mut a = ThreadedVm::start(
+        a.with_notify_wiring(wiring_a.clone()),
+        RecordingInterrupt::with_irqfds(),
+    );
+    let areas = a
+        .device
+        .handle()
+        .add_region(token, ism_pool::Perms::NONE)
+        .unwrap();
     let slot = notify_slot(areas[0].offset);
     assert_eq!(wiring_a.wired_offsets(), vec![slot]);
 
     assert!(wiring_a.guest_write(slot));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let (mut got_b, mut got_c) = (0, 0);
-    while (got_b == 0 || got_c == 0) && std::time::Instant::now() < deadline {
+    wait_until("both peers kicked", || {
         got_b += b.interrupts.irqfd_count(2);
         got_c += c.interrupts.irqfd_count(3);
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+        got_b > 0 && got_c > 0
+    });
     assert_eq!((got_b, got_c), (1, 1));
-    assert!(a.reset().is_some());
+    assert!(a.device.reset().is_some());
     assert!(wiring_a.wired_offsets().is_empty());
 }
 
@@ -1890,9 +1817,7 @@ impl RecordingObserver {
 fn test_observer_hears_successful_commands_and_pool_reports_only() {
     use crate::IsmEvent;
     use ism_pool::Perms;
-    let pool = pool();
-    let mut a = TestVm::new(&pool, DRAFT_FEATURES);
-    let mut b = TestVm::new(&pool, DRAFT_FEATURES);
+    let (pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
     let (seen_a, seen_b) = (
         Arc::new(RecordingObserver::default()),
         Arc::new(RecordingObserver::default()),
@@ -1904,14 +1829,8 @@ fn test_observer_hears_successful_commands_and_pool_reports_only() {
     assert_eq!(b.attach_raw(token, 0).status, Status::PermAttach);
     assert_eq!(a.grant_default(token, rw()), Status::Ok);
     b.attach(token, VIRTIO_ISM_PERM_READ as u32);
-    assert_eq!(
-        b.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::Ok
-    );
-    assert_eq!(
-        b.simple(Request::Detach(DetachRequest { token: token.0 })),
-        Status::NoEnt
-    );
+    assert_eq!(b.detach(token), Status::Ok);
+    assert_eq!(b.detach(token), Status::NoEnt);
     assert_eq!(
         seen_b.take(),
         [
@@ -1950,9 +1869,7 @@ fn test_observer_hears_successful_commands_and_pool_reports_only() {
 #[test]
 fn test_host_created_region_is_granted_owned_and_announced_or_not_made_at_all() {
     use ism_pool::{GrantTarget, Perms};
-    let pool = pool();
-    let mut a = TestVm::new(&pool, ALL_FEATURES);
-    let b = TestVm::new(&pool, ALL_FEATURES);
+    let (pool, [mut a, b]) = guests([ALL_FEATURES, ALL_FEATURES]);
     let handle = a.handle();
     let read = Perms::ATTACH.union(Perms::READ);
     // Larger than the window: refused before the pool is asked.
@@ -2033,40 +1950,47 @@ fn test_host_created_region_whose_grant_fails_is_freed() {
     assert_eq!(handle.regions(), [token]);
 }
 
+#[test]
+fn test_paused_worker_serves_nothing_until_resumed() {
+    let pool = pool();
+    let (device, _window) = device("ism-pause", pool.session().unwrap(), DRAFT_FEATURES);
+    let mut vm = ThreadedVm::start(device, RecordingInterrupt::default());
+    // Through the trait, as a VMM's vm.pause does; returns once the worker has parked.
+    VirtioDevice::pause(&mut vm.device).unwrap();
+    let mut bytes = [0u8; 64];
+    let n = Request::Alloc(AllocRequest { size: CHUNK })
+        .encode(&mut bytes)
+        .unwrap();
+    vm.mem
+        .write_slice(&bytes[..n], GuestAddress(DATA_BASE))
+        .unwrap();
+    vm.ctrl
+        .submit(&[(DATA_BASE, n as u32, false), (DATA_BASE + 0x100, 64, true)]);
+    vm.ctrl_kick.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(vm.ctrl.pop_used(vm.mem).is_none(), "answered while paused");
+    assert!(vm.interrupts.take().is_empty());
+    assert!(pool.status().regions.is_empty());
+    VirtioDevice::resume(&mut vm.device);
+    assert_eq!(wait_used(&mut vm.ctrl).1 as usize, 1 + 16 + 16);
+    assert_eq!(pool.status().regions.len(), 1);
+    assert!(vm.device.reset().is_some());
+}
+
 /// The thread-start hook runs on the worker thread activation starts, before it serves
 /// anything (the VMM applies the worker's seccomp filter there).
 #[test]
 fn test_thread_start_hook_runs_on_the_worker_thread() {
     let pool = pool();
-    let mem = guest_memory();
-    let config = IsmConfig {
-        shm_size: SHM,
-        chunk_size: CHUNK,
-        notify_size: 4,
-    };
-    let window = MemWindow::new(config.layout().unwrap().window_size);
     let ran_on: Arc<Mutex<Option<String>>> = Arc::default();
     let record = ran_on.clone();
-    let mut device = Ism::new("ism-hook", config, pool.session().unwrap(), window)
-        .unwrap()
-        .with_thread_start(Arc::new(move || {
-            let name = std::thread::current().name().map(str::to_owned);
-            *record.lock().unwrap() = Some(name.unwrap_or_default());
-        }));
-    device.ack_features(DRAFT_FEATURES);
-    let ctrl = DriverQueue::new(mem, CTRL_BASE);
-    device
-        .activate(ActivationContext {
-            mem: GuestMemoryAtomic::new(mem.clone()),
-            interrupt_cb: Arc::new(RecordingInterrupt::default()),
-            queues: vec![(0, ctrl.device_queue(), EventFd::new(0).unwrap())],
-        })
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while ran_on.lock().unwrap().is_none() {
-        assert!(std::time::Instant::now() < deadline, "hook never ran");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let (device, _window) = device("ism-hook", pool.session().unwrap(), DRAFT_FEATURES);
+    let device = device.with_thread_start(Arc::new(move || {
+        let name = std::thread::current().name().map(str::to_owned);
+        *record.lock().unwrap() = Some(name.unwrap_or_default());
+    }));
+    let mut vm = ThreadedVm::start(device, RecordingInterrupt::default());
+    wait_until("hook never ran", || ran_on.lock().unwrap().is_some());
     assert_eq!(ran_on.lock().unwrap().as_deref(), Some("virtio-ism"));
-    assert!(device.reset().is_some());
+    assert!(vm.device.reset().is_some());
 }

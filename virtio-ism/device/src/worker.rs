@@ -1,36 +1,36 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The data plane: owns the queues and guest memory after activation and serves them, from an
-//! epoll loop on its own thread ("virtio-ism") or synchronously when tests call the
-//! `process_*` methods directly.
+//! The data plane: owns the queues and guest memory after activation and serves them, from
+//! the [`EpollHelper`] loop on its own thread ("virtio-ism") or synchronously when tests call
+//! the `process_*` methods directly.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{debug, error};
-use virtio_device::{GuestMemoryHandle, VirtioInterrupt, VirtioInterruptType};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use virtio_device::{
+    EpollHelper, EpollHelperError, EpollHelperHandler, GuestMemoryHandle, PauseGate,
+    VirtioInterrupt, VirtioInterruptType,
+};
 use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX};
 use virtio_ism_proto::{Event, WireStruct};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::ctrl::{MAX_CHAIN_DESCRIPTORS, serve_chain};
 use crate::metrics::IsmMetrics;
 use crate::observer::{IsmEvent, ObserverSlot};
-use crate::pause::PauseGate;
 use crate::regions::Regions;
 
 /// Everything that can stop the worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("Failed to create the epoll instance")]
-    CreateEpoll(#[source] io::Error),
-    #[error("Failed to register a file descriptor with epoll")]
-    EpollCtl(#[source] io::Error),
-    #[error("Failed to wait on epoll")]
-    EpollWait(#[source] io::Error),
+    #[error("The worker's event loop failed")]
+    EventLoop(#[source] EpollHelperError),
     #[error("Failed to read a queue eventfd")]
     ReadQueueEvent(#[source] io::Error),
     #[error("Failed to return a buffer to the used ring")]
@@ -41,15 +41,19 @@ pub enum WorkerError {
     Interrupt(#[source] io::Error),
 }
 
-const EPOLL_KILL: u64 = 0;
-const EPOLL_CTRL: u64 = 1;
-const EPOLL_EVENTQ: u64 = 2;
-const EPOLL_WAKE: u64 = 3;
-const EPOLL_POOL: u64 = 4;
-const EPOLL_KICKS: u64 = 5;
-const EPOLL_PAUSE: u64 = 6;
+impl From<EpollHelperError> for WorkerError {
+    fn from(e: EpollHelperError) -> Self {
+        Self::EventLoop(e)
+    }
+}
+
+const EPOLL_CTRL: u64 = EpollHelper::FIRST_DEVICE_EVENT;
+const EPOLL_EVENTQ: u64 = EPOLL_CTRL + 1;
+const EPOLL_WAKE: u64 = EPOLL_CTRL + 2;
+const EPOLL_POOL: u64 = EPOLL_CTRL + 3;
+const EPOLL_KICKS: u64 = EPOLL_CTRL + 4;
 /// How often pool events are polled when the session has no event fd.
-const POOL_POLL_MS: i32 = 100;
+const POOL_POLL: Duration = Duration::from_millis(100);
 
 /// The queues of an active device and what serving them needs. Generic over how guest
 /// memory is reached (`M`), so VMMs with dirty-page bitmaps (cloud-hypervisor's
@@ -188,126 +192,102 @@ where
         Ok(())
     }
 
-    /// The epoll loop; returns when the kill eventfd is written.
-    pub fn run(self) -> Result<(), WorkerError> {
-        let pause = self.pause.clone();
-        pause.set_worker_running(true);
-        let result = self.serve();
-        pause.set_worker_running(false);
-        result
+    /// The event loop; returns when the kill eventfd is written, after giving every region
+    /// back.
+    pub fn run(mut self) -> Result<(), WorkerError> {
+        let mut helper = EpollHelper::new(&self.kill_evt, self.pause.clone())?;
+        helper.add_event(self.ctrl_evt.as_raw_fd(), EPOLL_CTRL)?;
+        helper.add_event(self.wake_evt.as_raw_fd(), EPOLL_WAKE)?;
+        if let Some((_, evt)) = &self.event_queue {
+            helper.add_event(evt.as_raw_fd(), EPOLL_EVENTQ)?;
+        }
+        match self.pool_fd {
+            Some(fd) => helper.add_event(fd, EPOLL_POOL)?,
+            None => helper = helper.with_timeout(POOL_POLL),
+        }
+        let kick_epoll = self.regions.lock().kick_epoll_fd();
+        helper.add_event(kick_epoll, EPOLL_KICKS)?;
+        helper.run(&mut self)?;
+        debug!("virtio-ism: worker stopping");
+        // Here rather than on the thread that stops the device: in some VMMs that is a vCPU
+        // (a driver's reset), whose seccomp filter has no business unmapping memory or
+        // talking to the pool.
+        self.regions.release_all();
+        Ok(())
+    }
+}
+
+impl<M> EpollHelperHandler for IsmWorker<M>
+where
+    M: GuestAddressSpace,
+    M::M: GuestMemoryBackend,
+{
+    type Error = WorkerError;
+
+    fn handle_event(&mut self, token: u64, _events: EventSet) -> Result<(), WorkerError> {
+        match token {
+            EPOLL_CTRL => {
+                self.ctrl_evt.read().map_err(WorkerError::ReadQueueEvent)?;
+                self.process_ctrl_queue()?;
+            }
+            EPOLL_EVENTQ => {
+                if let Some((_, evt)) = &self.event_queue {
+                    evt.read().map_err(WorkerError::ReadQueueEvent)?;
+                }
+                self.process_event_queue()?;
+            }
+            EPOLL_WAKE => {
+                self.wake_evt.read().map_err(WorkerError::ReadQueueEvent)?;
+                self.process_event_queue()?;
+            }
+            EPOLL_POOL => {
+                self.process_pool_events()?;
+                if let Some(fd) = self.pool_fd {
+                    drain_readable(fd);
+                }
+                // Events that arrived while draining.
+                self.process_pool_events()?;
+            }
+            EPOLL_KICKS => {
+                self.process_one_hop_kicks();
+            }
+            other => error!("virtio-ism: unexpected epoll token {other}"),
+        }
+        Ok(())
     }
 
-    fn serve(mut self) -> Result<(), WorkerError> {
-        let epoll = Epoll::new().map_err(WorkerError::CreateEpoll)?;
-        let add = |fd: RawFd, data: u64| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, data),
-                )
-                .map_err(WorkerError::EpollCtl)
-        };
-        add(self.kill_evt.as_raw_fd(), EPOLL_KILL)?;
-        add(self.ctrl_evt.as_raw_fd(), EPOLL_CTRL)?;
-        add(self.wake_evt.as_raw_fd(), EPOLL_WAKE)?;
-        if let Some((_, evt)) = &self.event_queue {
-            add(evt.as_raw_fd(), EPOLL_EVENTQ)?;
-        }
-        if let Some(fd) = self.pool_fd {
-            add(fd, EPOLL_POOL)?;
-        }
-        add(self.regions.lock().kick_epoll_fd(), EPOLL_KICKS)?;
-        add(self.pause.event().as_raw_fd(), EPOLL_PAUSE)?;
-        // A device activated while its VM is paused waits for the resume.
-        if self.pause.is_requested() {
-            self.pause.park_if_requested();
-        }
-        let timeout = if self.pool_fd.is_some() {
-            -1
-        } else {
-            POOL_POLL_MS
-        };
-        // Requests queued before activation completed.
+    /// At start and after a resume: requests queued before activation completed or while
+    /// parked, and pool events that need no signal.
+    fn serve_pending(&mut self) -> Result<(), WorkerError> {
         self.process_ctrl_queue()?;
         self.process_pool_events()?;
-        let mut events = vec![EpollEvent::default(); 8];
-        loop {
-            let n = match epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(WorkerError::EpollWait(e)),
-            };
-            if n == 0 {
-                self.process_pool_events()?;
-                continue;
-            }
-            for event in &events[..n] {
-                match event.data() {
-                    EPOLL_KILL => {
-                        debug!("virtio-ism: worker stopping");
-                        // Here rather than on the thread that stops the device: in some
-                        // VMMs that is a vCPU (a driver's reset), whose seccomp filter
-                        // has no business unmapping memory or talking to the pool.
-                        self.regions.release_all();
-                        return Ok(());
-                    }
-                    EPOLL_CTRL => {
-                        self.ctrl_evt.read().map_err(WorkerError::ReadQueueEvent)?;
-                        self.process_ctrl_queue()?;
-                    }
-                    EPOLL_EVENTQ => {
-                        if let Some((_, evt)) = &self.event_queue {
-                            evt.read().map_err(WorkerError::ReadQueueEvent)?;
-                        }
-                        self.process_event_queue()?;
-                    }
-                    EPOLL_WAKE => {
-                        self.wake_evt.read().map_err(WorkerError::ReadQueueEvent)?;
-                        self.process_event_queue()?;
-                    }
-                    EPOLL_POOL => {
-                        self.process_pool_events()?;
-                        if let Some(fd) = self.pool_fd {
-                            drain_readable(fd);
-                        }
-                        // Events that arrived while draining.
-                        self.process_pool_events()?;
-                    }
-                    EPOLL_KICKS => {
-                        self.process_one_hop_kicks();
-                    }
-                    EPOLL_PAUSE => {
-                        if self.pause.park_if_requested() {
-                            debug!("virtio-ism: worker resumed");
-                            // What arrived while parked is still signalled on its eventfd;
-                            // serve what needs no signal too.
-                            self.process_ctrl_queue()?;
-                            self.process_pool_events()?;
-                        }
-                    }
-                    other => error!("virtio-ism: unexpected epoll token {other}"),
-                }
-            }
-        }
+        Ok(())
+    }
+
+    /// Without an event fd the pool is polled.
+    fn timed_out(&mut self) -> Result<(), WorkerError> {
+        self.process_pool_events()?;
+        Ok(())
     }
 }
 
 /// Consume the readiness of the pool's event fd (the session contract leaves reading it to the
 /// caller once `take_events` came back empty). Reads at most once and never blocks.
 fn drain_readable(fd: RawFd) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
+    // SAFETY: `fd` is the pool session's event fd; the session (held by `Regions`, which the
+    // worker holds) keeps it open for longer than this call borrows it.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: `pfd` is a valid pollfd for the duration of the call; timeout 0 never blocks.
-    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
-    if ready == 1 && pfd.revents & libc::POLLIN != 0 {
+    let readable = matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(1))
+        && fds[0].revents().contains(PollFlags::IN);
+    if readable {
         let mut buf = [0u8; 8];
-        // SAFETY: `buf` is valid for 8 bytes of writes; the fd was just reported readable, so
-        // the read returns without blocking.
-        let _ = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        // Reported readable, so this returns without blocking.
+        let _ = rustix::io::read(fd, &mut buf);
     }
 }
 

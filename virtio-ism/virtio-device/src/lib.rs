@@ -3,6 +3,9 @@
 //! `virtio_devices::VirtioDevice` so a device written against it can be carried into
 //! cloud-hypervisor with a thin adapter. The VMM's virtio-pci transport drives devices only
 //! through this trait; devices never see PCI, KVM or the transport.
+//!
+//! Device worker threads run one event loop, [`EpollHelper`], with kill and pause built in;
+//! the device pauses and resumes it through a [`PauseGate`].
 
 use std::collections::HashMap;
 use std::io;
@@ -12,6 +15,12 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+mod epoll_helper;
+mod pause;
+
+pub use epoll_helper::{EpollHelper, EpollHelperError, EpollHelperHandler};
+pub use pause::PauseGate;
 
 /// Guest memory as devices see it: an atomically swappable snapshot of guest RAM.
 pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -61,8 +70,16 @@ pub enum ActivateError {
     CloneEventFd(#[source] io::Error),
     #[error("Failed to spawn the device worker thread")]
     SpawnWorker(#[source] io::Error),
-    #[error("Device-specific activation failure: {0}")]
-    Device(String),
+    /// The device's own reason, with its cause chain (build it with [`ActivateError::device`]).
+    #[error("Device-specific activation failure")]
+    Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ActivateError {
+    /// A device-specific failure caused by `source`.
+    pub fn device(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Device(Box::new(source))
+    }
 }
 
 /// One virtio shared-memory region (a `VIRTIO_PCI_CAP_SHARED_MEMORY_CFG` capability):
@@ -142,6 +159,16 @@ pub trait VirtioDevice: Send {
         Err(ShmError::NotSupported)
     }
 
+    /// Stop writing into guest memory until [`VirtioDevice::resume`] (`vm.pause`, after the
+    /// vCPUs stopped): the device's worker parks, and events arriving meanwhile are served on
+    /// resume. Returns once the worker has parked. Devices without a worker keep the default.
+    fn pause(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Undo [`VirtioDevice::pause`] (`vm.resume`, before the vCPUs run again).
+    fn resume(&mut self) {}
+
     /// Named counters for `vm.counters`.
     fn counters(&self) -> Option<Counters> {
         None
@@ -165,6 +192,20 @@ pub fn read_config_from_slice(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_activate_error_device_keeps_its_cause_chain() {
+        use std::error::Error as _;
+        let cause = io::Error::new(io::ErrorKind::PermissionDenied, "no entropy");
+        let err = ActivateError::device(cause);
+        let source = err.source().expect("the cause is the source");
+        let io_err = source
+            .downcast_ref::<io::Error>()
+            .expect("the typed cause survives");
+        assert_eq!(io_err.kind(), io::ErrorKind::PermissionDenied);
+        // The message names the step; the cause is not flattened into it.
+        assert_eq!(err.to_string(), "Device-specific activation failure");
+    }
 
     #[test]
     fn test_read_config_from_slice_in_range() {

@@ -3,8 +3,9 @@
 //! from an entropy source file (normally /dev/urandom).
 //!
 //! The control plane (this struct) handles features and the lifecycle; activation moves the
-//! queue into a worker thread named "virtio-rng" that runs an epoll loop on the queue
-//! notification eventfd and a kill eventfd.
+//! queue into a worker thread named "virtio-rng" that runs virtio-device's [`EpollHelper`] on
+//! the queue notification eventfd, with kill and pause (`vm.pause` parks it: no entropy and no
+//! used-ring entries reach a paused guest).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -17,12 +18,12 @@ use std::thread::JoinHandle;
 
 use log::{error, warn};
 use virtio_device::{
-    ActivateError, ActivationContext, Counters, GuestMemoryHandle, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType,
+    ActivateError, ActivationContext, Counters, EpollHelper, EpollHelperError, EpollHelperHandler,
+    GuestMemoryHandle, PauseGate, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Virtio device ID of an entropy device.
@@ -35,13 +36,16 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const AVAIL_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
 
-const EVENT_QUEUE: u64 = 0;
-const EVENT_KILL: u64 = 1;
+const EVENT_QUEUE: u64 = EpollHelper::FIRST_DEVICE_EVENT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
     #[error("Failed to open the entropy source {0}")]
     OpenSource(PathBuf, #[source] io::Error),
+    #[error("Failed to clone the entropy source for the worker")]
+    CloneSource(#[source] io::Error),
+    #[error("Failed to create the pause eventfd")]
+    CreatePauseEvent(#[source] io::Error),
 }
 
 /// Increment-only counters, shared with the worker.
@@ -75,6 +79,8 @@ pub struct VirtioRng {
     acked_features: u64,
     state: DeviceState,
     metrics: Arc<RngMetrics>,
+    /// Parks the worker while the VM is paused.
+    pause: Arc<PauseGate>,
 }
 
 impl VirtioRng {
@@ -86,6 +92,7 @@ impl VirtioRng {
             acked_features: 0,
             state: DeviceState::Inactive,
             metrics: Arc::new(RngMetrics::default()),
+            pause: Arc::new(PauseGate::new().map_err(RngError::CreatePauseEvent)?),
         })
     }
 
@@ -94,7 +101,8 @@ impl VirtioRng {
         else {
             return None;
         };
-        if let Err(e) = worker.kill.write(1) {
+        // A parked worker must wake up to see the kill.
+        if let Err(e) = self.pause.resume_and_kill(&worker.kill) {
             error!("virtio-rng: failed to signal the worker to stop: {e}");
         }
         if worker.thread.join().is_err() {
@@ -135,9 +143,10 @@ impl VirtioDevice for VirtioRng {
             return Err(ActivateError::BadQueueCount { needed: 1, enabled });
         };
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::CloneEventFd)?;
-        let source = self.source.try_clone().map_err(|e| {
-            ActivateError::Device(format!("Failed to clone the entropy source: {e}"))
-        })?;
+        let source = self
+            .source
+            .try_clone()
+            .map_err(|e| ActivateError::device(RngError::CloneSource(e)))?;
         let worker = RngWorker {
             mem,
             queue,
@@ -146,6 +155,7 @@ impl VirtioDevice for VirtioRng {
             interrupt: interrupt_cb.clone(),
             source,
             metrics: self.metrics.clone(),
+            pause: self.pause.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("virtio-rng".into())
@@ -169,6 +179,16 @@ impl VirtioDevice for VirtioRng {
 
     fn shutdown(&mut self) {
         self.stop_worker();
+    }
+
+    /// The worker parks: no buffer is filled or returned until resume; requests the guest
+    /// queued meanwhile are served then.
+    fn pause(&mut self) -> io::Result<()> {
+        self.pause.pause()
+    }
+
+    fn resume(&mut self) {
+        self.pause.resume();
     }
 
     fn counters(&self) -> Option<Counters> {
@@ -198,45 +218,21 @@ struct RngWorker {
     interrupt: Arc<dyn VirtioInterrupt>,
     source: File,
     metrics: Arc<RngMetrics>,
+    pause: Arc<PauseGate>,
 }
 
 impl RngWorker {
+    /// The event loop; returns on kill. The epoll set is made here, on the worker thread
+    /// (its filter allows epoll_create1), not on the thread that activates the device.
     fn run(mut self) {
-        if let Err(e) = self.event_loop() {
+        let result = EpollHelper::new(&self.kill_evt, self.pause.clone())
+            .and_then(|helper| {
+                helper.add_event(self.queue_evt.as_raw_fd(), EVENT_QUEUE)?;
+                Ok(helper)
+            })
+            .and_then(|mut helper| helper.run(&mut self));
+        if let Err(e) = result {
             error!("virtio-rng: worker stopped: {e}");
-        }
-    }
-
-    fn event_loop(&mut self) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        for (fd, data) in [
-            (self.queue_evt.as_raw_fd(), EVENT_QUEUE),
-            (self.kill_evt.as_raw_fd(), EVENT_KILL),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, data),
-            )?;
-        }
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    EVENT_QUEUE => {
-                        // EAGAIN only means another wakeup already drained it.
-                        let _ = self.queue_evt.read();
-                        self.process_queue();
-                    }
-                    EVENT_KILL => return Ok(()),
-                    other => warn!("virtio-rng: unknown epoll event {other}"),
-                }
-            }
         }
     }
 
@@ -310,6 +306,22 @@ impl RngWorker {
     }
 }
 
+impl EpollHelperHandler for RngWorker {
+    type Error = EpollHelperError;
+
+    fn handle_event(&mut self, token: u64, _events: EventSet) -> Result<(), Self::Error> {
+        match token {
+            EVENT_QUEUE => {
+                // EAGAIN only means another wakeup already drained it.
+                let _ = self.queue_evt.read();
+                self.process_queue();
+            }
+            other => warn!("virtio-rng: unknown epoll event {other}"),
+        }
+        Ok(())
+    }
+}
+
 /// Read up to `len` bytes from `source` into guest memory at `addr`; returns bytes written.
 fn fill_from<M: Bytes<vm_memory::GuestAddress>>(
     source: &mut File,
@@ -333,4 +345,136 @@ where
     mem.write_slice(&buf[..filled], addr)
         .map_err(io::Error::other)?;
     Ok(filled as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::io::Write;
+    use std::sync::Mutex;
+    use std::sync::mpsc::{self, Receiver, Sender};
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    /// How long a paused worker is watched for writing nothing.
+    const QUIET: Duration = Duration::from_millis(200);
+    const BUFFER: GuestAddress = GuestAddress(0x20000);
+
+    /// Tells the test each time the worker raises the queue interrupt.
+    struct SignalingInterrupt(Mutex<Sender<VirtioInterruptType>>);
+
+    impl VirtioInterrupt for SignalingInterrupt {
+        fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()> {
+            let _ = self.0.lock().unwrap().send(int_type);
+            Ok(())
+        }
+    }
+
+    struct Active {
+        rng: VirtioRng,
+        mem: GuestMemoryMmap,
+        queue: MockSplitQueue<'static, GuestMemoryMmap>,
+        queue_evt: EventFd,
+        interrupts: Receiver<VirtioInterruptType>,
+    }
+
+    impl Active {
+        fn used_idx(&self) -> u16 {
+            self.mem
+                .read_obj(self.queue.used_addr().unchecked_add(2))
+                .unwrap()
+        }
+    }
+
+    /// A virtio-rng reading a known pattern, activated on a mock queue in fresh guest memory.
+    fn activate() -> Active {
+        let pattern: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(7) | 1).collect();
+        let src = std::env::temp_dir().join(format!(
+            "ism-rng-pause-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::File::create(&src)
+            .unwrap()
+            .write_all(&pattern)
+            .unwrap();
+        let mut rng = VirtioRng::new(&src).unwrap();
+        std::fs::remove_file(&src).unwrap();
+
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        // The mock borrows guest memory for its whole life; leak one small map per test.
+        let leaked: &'static GuestMemoryMmap = Box::leak(Box::new(mem.clone()));
+        let queue = MockSplitQueue::create(leaked, GuestAddress(0x10000), 16);
+        let queue_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, interrupts) = mpsc::channel();
+        rng.ack_features(VIRTIO_F_VERSION_1);
+        rng.activate(ActivationContext {
+            mem: GuestMemoryAtomic::new(mem.clone()),
+            interrupt_cb: Arc::new(SignalingInterrupt(Mutex::new(tx))),
+            queues: vec![(
+                0,
+                queue.create_queue::<Queue>().unwrap(),
+                queue_evt.try_clone().unwrap(),
+            )],
+        })
+        .unwrap();
+        Active {
+            rng,
+            mem,
+            queue,
+            queue_evt,
+            interrupts,
+        }
+    }
+
+    #[test]
+    fn test_a_paused_worker_fills_no_buffer_until_resumed() {
+        let mut dev = activate();
+        dev.rng.pause().unwrap();
+
+        // The guest queues a 16-byte buffer and notifies while the VM is paused.
+        let chain = [RawDescriptor::from(SplitDescriptor::new(
+            BUFFER.0,
+            16,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ))];
+        dev.queue.add_desc_chains(&chain, 0).unwrap();
+        dev.queue_evt.write(1).unwrap();
+
+        assert!(dev.interrupts.recv_timeout(QUIET).is_err());
+        assert_eq!(dev.used_idx(), 0, "no used-ring entry while paused");
+        let mut buf = [0u8; 16];
+        dev.mem.read_slice(&mut buf, BUFFER).unwrap();
+        assert_eq!(buf, [0; 16], "no entropy written while paused");
+        assert_eq!(dev.rng.metrics.requests.load(Ordering::Relaxed), 0);
+
+        dev.rng.resume();
+        assert_eq!(
+            dev.interrupts.recv_timeout(Duration::from_secs(5)),
+            Ok(VirtioInterruptType::Queue(0))
+        );
+        assert_eq!(dev.used_idx(), 1);
+        dev.mem.read_slice(&mut buf, BUFFER).unwrap();
+        let expected: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(7) | 1).collect();
+        assert_eq!(buf.as_slice(), expected.as_slice());
+        dev.rng.shutdown();
+    }
+
+    #[test]
+    fn test_reset_stops_a_paused_worker() {
+        let mut dev = activate();
+        dev.rng.pause().unwrap();
+        let started = Instant::now();
+        assert!(dev.rng.reset().is_some());
+        // Joined: a parked worker was woken for the kill rather than left hanging.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(dev.rng.state, DeviceState::Inactive));
+    }
 }

@@ -14,6 +14,7 @@ use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::bus::{BusError, IoBuses};
+use crate::devices::DevicePauser;
 use crate::interrupt::{GsiRouter, InterruptError, IoEventRegistrar, KvmInterruptOps, MsiRouting};
 use crate::layout;
 use crate::virtio_pci::{VirtioPciDevice, VirtioPciError, VirtioPciResources};
@@ -66,6 +67,8 @@ pub struct PciManager {
     mmio32: AddressAllocator,
     mmio64: AddressAllocator,
     devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// The virtio devices behind `devices`, by id, for `vm.pause`.
+    pausable: DevicePauser,
     /// Id and address of each plugged device, in plug order (for `vm.info`).
     infos: Vec<PciDeviceInfo>,
 }
@@ -122,6 +125,7 @@ impl PciManager {
             mmio32,
             mmio64,
             devices: Vec::new(),
+            pausable: DevicePauser::default(),
             infos: Vec::new(),
         })
     }
@@ -201,7 +205,7 @@ impl PciManager {
             }
             None => None,
         };
-        let plugged = self.plug(id, dev, vectors, &settings, shm.as_ref(), slot);
+        let plugged = self.plug(id, dev.clone(), vectors, &settings, shm.as_ref(), slot);
         let (pci_dev, slot) = match plugged {
             Ok(p) => p,
             Err(e) => {
@@ -214,6 +218,7 @@ impl PciManager {
             }
         };
         self.devices.push(pci_dev);
+        self.pausable.push(id, dev);
         let bdf = format!("0000:00:{slot:02x}.0");
         log::info!(
             "PCI {bdf}: {id}, settings BAR {:#x}+{settings_size:#x}, shm BAR {:x?}",
@@ -246,10 +251,16 @@ impl PciManager {
             .collect()
     }
 
+    /// What pauses and resumes every plugged virtio device (`vm.pause`).
+    pub fn device_pauser(&self) -> DevicePauser {
+        self.pausable.clone()
+    }
+
     /// Stop every device (their worker threads end) and unplug them from the buses. Also
     /// done on drop.
     pub fn shutdown(&mut self) {
         self.infos.clear();
+        self.pausable = DevicePauser::default();
         for dev in self.devices.drain(..) {
             dev.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
         }

@@ -195,6 +195,14 @@ impl VirtioDevice for IsmDevice {
         Ok(())
     }
 
+    fn pause(&mut self) -> io::Result<()> {
+        VirtioDevice::pause(&mut self.ism)
+    }
+
+    fn resume(&mut self) {
+        VirtioDevice::resume(&mut self.ism);
+    }
+
     fn counters(&self) -> Option<Counters> {
         let mut counters = self.ism.counters().unwrap_or_default();
         self.bar.add_counters(&mut counters);

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Pausing the device worker: while the VM is paused (cloud-hypervisor's `Pausable`,
-//! `vm.pause`) the worker writes nothing into guest memory. Doorbells and pool events that
-//! arrive meanwhile stay pending on their eventfds and are served on resume.
+//! Pausing a device worker thread: while the VM is paused (cloud-hypervisor's `Pausable`,
+//! `vm.pause`) the worker writes nothing into guest memory. Events that arrive meanwhile stay
+//! pending on their eventfds and are served on resume. [`crate::EpollHelper`] does the
+//! worker's side; the device keeps the [`PauseGate`] to pause and resume.
 
 use std::io;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -23,7 +24,7 @@ struct GateState {
 }
 
 /// Shared by the device (which pauses and resumes) and its worker (which parks).
-pub(crate) struct PauseGate {
+pub struct PauseGate {
     /// Written on pause so the worker's epoll wakes up and parks.
     evt: EventFd,
     park_timeout: Duration,
@@ -32,7 +33,8 @@ pub(crate) struct PauseGate {
 }
 
 impl PauseGate {
-    pub(crate) fn new() -> io::Result<Self> {
+    /// A gate nobody has asked to pause yet.
+    pub fn new() -> io::Result<Self> {
         Ok(Self {
             evt: EventFd::new(EFD_NONBLOCK)?,
             park_timeout: PARK_TIMEOUT,
@@ -45,11 +47,13 @@ impl PauseGate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Written on pause; the worker's epoll set watches it.
     pub(crate) fn event(&self) -> &EventFd {
         &self.evt
     }
 
-    pub(crate) fn is_requested(&self) -> bool {
+    /// Whether the device is paused (a worker started now parks before serving anything).
+    pub fn is_requested(&self) -> bool {
         self.lock().requested
     }
 
@@ -60,7 +64,9 @@ impl PauseGate {
     }
 
     /// Ask the worker to park; if one is running, wait until it has.
-    pub(crate) fn pause(&self) -> io::Result<()> {
+    /// Fails with `TimedOut` if the worker did not park within 5 s; the pause stays
+    /// requested (the caller resumes to undo it).
+    pub fn pause(&self) -> io::Result<()> {
         let mut state = self.lock();
         state.requested = true;
         if !state.worker_running {
@@ -76,16 +82,23 @@ impl PauseGate {
         if timeout.timed_out() && state.worker_running && !state.parked {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "virtio-ism worker did not pause",
+                "the device worker did not pause",
             ));
         }
         Ok(())
     }
 
     /// Let the worker go on.
-    pub(crate) fn resume(&self) {
+    pub fn resume(&self) {
         self.lock().requested = false;
         self.changed.notify_all();
+    }
+
+    /// Stop a worker, paused or not: lift the pause so a parked worker wakes up, then write
+    /// its kill eventfd.
+    pub fn resume_and_kill(&self, kill_evt: &EventFd) -> io::Result<()> {
+        self.resume();
+        kill_evt.write(1)
     }
 
     /// Worker side: if a pause is requested, park until resumed. Returns whether it parked.
