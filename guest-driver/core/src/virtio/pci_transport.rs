@@ -3,8 +3,11 @@
 //! capabilities, the common configuration registers, feature negotiation, queue setup,
 //! notification, ISR, MSI-X vectors, device config and shared-memory regions.
 
+use virtio_ism_proto::defs::VIRTIO_MSI_NO_VECTOR;
+use virtio_ism_proto::defs::features::{VIRTIO_F_VERSION_1, bit};
+
+use super::status;
 use super::virtqueue::SplitQueue;
-use super::{features, status};
 use crate::mmio::{MmioError, MmioRegion};
 use crate::pci::{Bar, BarKind, CapabilityIter, ConfigAccess, PciAddress};
 use crate::platform::Platform;
@@ -44,8 +47,8 @@ mod common {
     pub const MIN_LEN: u64 = 56;
 }
 
-/// The MSI-X "no vector" value.
-pub const NO_VECTOR: u16 = 0xffff;
+/// The MSI-X "no vector" value, as the 16-bit vector registers hold it.
+pub const NO_VECTOR: u16 = VIRTIO_MSI_NO_VECTOR as u16;
 /// Most queues one device may use through this driver.
 pub const MAX_QUEUES: usize = 16;
 /// Most shared-memory regions recorded per device; more are counted but not kept.
@@ -405,11 +408,11 @@ impl<'p, P: Platform> VirtioPciDevice<'p, P> {
         self.add_status(status::ACKNOWLEDGE)?;
         self.add_status(status::DRIVER)?;
         let offered = self.device_features()?;
-        if offered & features::VERSION_1 == 0 {
+        if offered & bit(VIRTIO_F_VERSION_1) == 0 {
             self.add_status(status::FAILED)?;
             return Err(TransportError::NotModern);
         }
-        let accepted = offered & (wanted | features::VERSION_1);
+        let accepted = offered & (wanted | bit(VIRTIO_F_VERSION_1));
         for half in 0..2u32 {
             self.common.write_u32(common::DRIVER_FEATURE_SELECT, half)?;
             self.common
