@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use ism::{Access, Device, EventKind, Perms, Region};
+use ism::{Access, Device, EventKind, EventType, Perms, Region};
 
 #[derive(Parser)]
 #[command(name = "ismctl", about = "Inter-VM shared memory (virtio-ism) control")]
@@ -252,7 +252,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     bail!("Timed out after {seen} events");
                 };
                 let kind = match ev.kind {
-                    EventKind::Unknown(raw) => format!("unknown({raw:#x})"),
+                    EventKind::Device(EventType::Unknown(raw)) => format!("unknown({raw:#x})"),
+                    EventKind::Device(t) => format!("{t:?}").to_lowercase(),
                     k => format!("{k:?}").to_lowercase(),
                 };
                 println!(
