@@ -19,6 +19,7 @@ mod notify;
 mod observer;
 mod pause;
 mod regions;
+mod reservation;
 mod window;
 mod worker;
 
@@ -29,8 +30,11 @@ pub use metrics::IsmMetrics;
 pub use notify::{MemoryWiring, NotifyWiring, WireOutcome};
 pub use observer::{IsmEvent, IsmObserver, perms_text};
 pub use regions::{MAX_MSIX_VECTOR, MAX_PENDING_EVENTS};
+pub use reservation::Reservation;
 pub use window::{KickSink, ShmWindow};
 pub use worker::{IsmWorker, WorkerError};
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[cfg(test)]
 mod tests;
