@@ -52,6 +52,53 @@ pub mod device_status {
     pub const FAILED: u8 = 0x80;
 }
 
+/// The layout of the modern virtio-pci transport, shared by the device's VMM and drivers.
+/// [S] 4.1.4 (`linux/virtio_pci.h`)
+pub mod pci {
+    /// PCI capability ID of vendor-specific capabilities, which virtio's all are.
+    pub const PCI_CAP_ID_VNDR: u8 = 0x09;
+
+    /// `virtio_pci_cap.cfg_type`: the common configuration.
+    pub const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+    /// `virtio_pci_cap.cfg_type`: notifications.
+    pub const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
+    /// `virtio_pci_cap.cfg_type`: the ISR status byte.
+    pub const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
+    /// `virtio_pci_cap.cfg_type`: the device-specific configuration.
+    pub const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
+    /// `virtio_pci_cap.cfg_type`: a shared-memory region (`virtio_pci_cap64`).
+    pub const VIRTIO_PCI_CAP_SHARED_MEMORY_CFG: u8 = 8;
+
+    /// Size of `struct virtio_pci_cap`.
+    pub const VIRTIO_PCI_CAP_LEN: u8 = 16;
+    /// Size of `struct virtio_pci_notify_cap`.
+    pub const VIRTIO_PCI_NOTIFY_CAP_LEN: u8 = 20;
+    /// Size of `struct virtio_pci_cap64`.
+    pub const VIRTIO_PCI_CAP64_LEN: u8 = 24;
+
+    /// Register offsets in `struct virtio_pci_common_cfg`.
+    pub mod common_cfg {
+        pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+        pub const DEVICE_FEATURE: u64 = 0x04;
+        pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+        pub const DRIVER_FEATURE: u64 = 0x0c;
+        pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+        pub const NUM_QUEUES: u64 = 0x12;
+        pub const DEVICE_STATUS: u64 = 0x14;
+        pub const CONFIG_GENERATION: u64 = 0x15;
+        pub const QUEUE_SELECT: u64 = 0x16;
+        pub const QUEUE_SIZE: u64 = 0x18;
+        pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+        pub const QUEUE_ENABLE: u64 = 0x1c;
+        pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+        pub const QUEUE_DESC: u64 = 0x20;
+        pub const QUEUE_DRIVER: u64 = 0x28;
+        pub const QUEUE_DEVICE: u64 = 0x30;
+        /// Size of the structure, up to and including `queue_device`.
+        pub const LEN: u64 = 0x38;
+    }
+}
+
 /// Feature bits (device-specific bits 0..=23).
 pub mod features {
     /// Draft's only feature bit; its meaning was never specified and no PoC device offered it.
