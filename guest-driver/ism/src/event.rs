@@ -1,44 +1,29 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Events read from /dev/ismN.
 
+pub use virtio_ism_proto::EventType;
+
 use crate::uapi;
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// A grant on a held region changed.
-    Update,
-    /// A peer attached a held region.
-    Attach,
-    /// A peer detached a held region (or its VM went away).
-    Detach,
-    /// The host took the region away; it is already unmapped.
-    Revoke,
-    /// The host attached a region to this device; `ATTACH` its token to use it.
-    RegionAdded,
-    /// The device dropped events; re-read the region list.
-    Overflow,
+    /// An event of the device's event queue, which the driver passes through unchanged
+    /// (including types this crate does not know, as [`EventType::Unknown`]).
+    Device(EventType),
     /// A peer kicked a bound region. Kicks share one interrupt, so the token is 0.
     Kick,
     /// This file's event queue overflowed in the driver; events were lost.
     Lost,
-    /// A type this crate does not know.
-    Unknown(u64),
 }
 
 impl EventKind {
     /// Decode the record's `type`.
     pub fn from_raw(raw: u64) -> Self {
         match raw {
-            uapi::VIRTIO_ISM_EV_UPDATE => Self::Update,
-            uapi::VIRTIO_ISM_EV_ATTACH => Self::Attach,
-            uapi::VIRTIO_ISM_EV_DETACH => Self::Detach,
-            uapi::VIRTIO_ISM_EV_REVOKE => Self::Revoke,
-            uapi::VIRTIO_ISM_EV_REGION_ADDED => Self::RegionAdded,
-            uapi::VIRTIO_ISM_EV_OVERFLOW => Self::Overflow,
             uapi::VIRTIO_ISM_EV_KICK => Self::Kick,
             uapi::VIRTIO_ISM_EV_LOST => Self::Lost,
-            other => Self::Unknown(other),
+            other => Self::Device(EventType::from_raw(other)),
         }
     }
 }
@@ -75,21 +60,28 @@ mod tests {
     fn test_device_event_types_decode_with_wire_values() {
         // The driver passes the device's ev_type through unchanged.
         let table = [
-            (wire::VIRTIO_ISM_EVENT_UPDATE, EventKind::Update),
-            (wire::VIRTIO_ISM_EVENT_ATTACH, EventKind::Attach),
-            (wire::VIRTIO_ISM_EVENT_DETACH, EventKind::Detach),
-            (wire::VIRTIO_ISM_EVENT_REVOKE, EventKind::Revoke),
-            (wire::VIRTIO_ISM_EVENT_REGION_ADDED, EventKind::RegionAdded),
-            (wire::VIRTIO_ISM_EVENT_OVERFLOW, EventKind::Overflow),
+            (wire::VIRTIO_ISM_EVENT_UPDATE, EventType::Update),
+            (wire::VIRTIO_ISM_EVENT_ATTACH, EventType::Attach),
+            (wire::VIRTIO_ISM_EVENT_DETACH, EventType::Detach),
+            (wire::VIRTIO_ISM_EVENT_REVOKE, EventType::Revoke),
+            (wire::VIRTIO_ISM_EVENT_REGION_ADDED, EventType::RegionAdded),
+            (wire::VIRTIO_ISM_EVENT_OVERFLOW, EventType::Overflow),
         ];
         for (raw, kind) in table {
-            assert_eq!(EventKind::from_raw(raw), kind);
+            assert_eq!(EventKind::from_raw(raw), EventKind::Device(kind));
         }
         assert_eq!(
             EventKind::from_raw(uapi::VIRTIO_ISM_EV_KICK),
             EventKind::Kick
         );
-        assert_eq!(EventKind::from_raw(1 << 40), EventKind::Unknown(1 << 40));
+        assert_eq!(
+            EventKind::from_raw(uapi::VIRTIO_ISM_EV_LOST),
+            EventKind::Lost
+        );
+        assert_eq!(
+            EventKind::from_raw(1 << 40),
+            EventKind::Device(EventType::Unknown(1 << 40))
+        );
     }
 
     #[test]
@@ -103,7 +95,7 @@ mod tests {
         assert_eq!(
             ev,
             Event {
-                kind: EventKind::Detach,
+                kind: EventKind::Device(EventType::Detach),
                 token: 0xfeed,
                 devid: 7,
                 peers: 2

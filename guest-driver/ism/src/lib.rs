@@ -25,5 +25,5 @@ pub mod uapi;
 
 pub use device::{Access, Counters, Device, Info, Perms, RegionFlags, RegionInfo};
 pub use error::{CommandError, Error, Result};
-pub use event::{Event, EventKind};
+pub use event::{Event, EventKind, EventType};
 pub use region::Region;

@@ -259,6 +259,15 @@ impl Shell<'_> {
         self.slot_of(token).and_then(|i| self.regions[i].as_ref())
     }
 
+    /// [`Self::keep`] `region`, as a command's outcome.
+    fn kept(&mut self, region: Region) -> Outcome {
+        if self.keep(region) {
+            Outcome::Done
+        } else {
+            Outcome::Bad("region_table_full")
+        }
+    }
+
     fn keep(&mut self, region: Region) -> bool {
         match self.regions.iter_mut().find(|r| r.is_none()) {
             Some(slot) => {
@@ -282,11 +291,7 @@ impl Shell<'_> {
                     region.areas().len(),
                     region.first_offset()
                 );
-                if self.keep(region) {
-                    Outcome::Done
-                } else {
-                    Outcome::Bad("region_table_full")
-                }
+                self.kept(region)
             }
             Err(e) => Outcome::Failed(e),
         }
@@ -311,11 +316,7 @@ impl Shell<'_> {
                     region.writable(),
                     region.first_offset()
                 );
-                if self.keep(region) {
-                    Outcome::Done
-                } else {
-                    Outcome::Bad("region_table_full")
-                }
+                self.kept(region)
             }
             Err(e) => Outcome::Failed(e),
         }

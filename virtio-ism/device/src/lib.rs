@@ -20,6 +20,7 @@ mod metrics;
 mod notify;
 mod observer;
 mod regions;
+mod reservation;
 mod window;
 mod worker;
 
@@ -31,8 +32,11 @@ pub use metrics::IsmMetrics;
 pub use notify::{MemoryWiring, NotifyWiring, WireOutcome};
 pub use observer::{IsmEvent, IsmObserver, perms_text};
 pub use regions::MAX_MSIX_VECTOR;
+pub use reservation::Reservation;
 pub use window::{KickSink, ShmWindow};
 pub use worker::{IsmWorker, WorkerError};
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[cfg(test)]
 mod tests;

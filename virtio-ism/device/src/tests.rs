@@ -8,9 +8,8 @@
 //! synchronously), [`ThreadedVm`] runs a device's own worker thread, and the `TestVm` methods
 //! speak the control protocol (`alloc`, `alloc_shared`, `attach`, `detach`, ...).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 
 use ism_pool::{DevId, LocalPool, PoolConfig, PoolSession, Token};
@@ -31,7 +30,8 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, MemoryWiring, ShmWindow};
+use crate::test_utils::MemWindow;
+use crate::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, MemoryWiring};
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
@@ -44,143 +44,6 @@ const MEM_SIZE: usize = 0x10_0000;
 
 const CHUNK: u64 = 64 << 10;
 const SHM: u64 = 16 * CHUNK;
-
-/// A window that really maps region memory: a PROT_NONE reservation with regions mapped over
-/// it, so what one device's window shows another's does too.
-struct MemWindow {
-    base: *mut u8,
-    len: usize,
-    maps: Mutex<Vec<(u64, u64, bool)>>,
-    mapped: Mutex<BTreeSet<u64>>,
-}
-
-// SAFETY: the raw pointer is only used for mmap calls and bounds-checked copies; the mapping
-// lives as long as the struct.
-unsafe impl Send for MemWindow {}
-// SAFETY: as above; concurrent copies into shared memory are what the device shares anyway.
-unsafe impl Sync for MemWindow {}
-
-impl MemWindow {
-    fn new(len: u64) -> Arc<Self> {
-        // SAFETY: anonymous PROT_NONE reservation; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        Arc::new(Self {
-            base: base.cast(),
-            len: len as usize,
-            maps: Mutex::new(Vec::new()),
-            mapped: Mutex::new(BTreeSet::new()),
-        })
-    }
-
-    fn is_mapped(&self, offset: u64) -> bool {
-        self.mapped.lock().unwrap().contains(&offset)
-    }
-
-    fn last_map(&self) -> (u64, u64, bool) {
-        *self.maps.lock().unwrap().last().unwrap()
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) {
-        assert!(self.is_mapped_range(offset, data.len() as u64));
-        // SAFETY: the range is inside the reservation and currently mapped (checked above).
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(offset as usize), data.len())
-        };
-    }
-
-    fn read(&self, offset: u64, len: usize) -> Vec<u8> {
-        assert!(self.is_mapped_range(offset, len as u64));
-        let mut out = vec![0u8; len];
-        // SAFETY: the range is inside the reservation and currently mapped (checked above).
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.base.add(offset as usize), out.as_mut_ptr(), len)
-        };
-        out
-    }
-
-    fn is_mapped_range(&self, offset: u64, len: u64) -> bool {
-        let maps = self.maps.lock().unwrap();
-        let mapped = self.mapped.lock().unwrap();
-        maps.iter()
-            .any(|&(off, l, _)| mapped.contains(&off) && offset >= off && offset + len <= off + l)
-            && offset + len <= self.len as u64
-    }
-}
-
-impl ShmWindow for MemWindow {
-    fn map(
-        &self,
-        window_offset: u64,
-        fd: BorrowedFd<'_>,
-        fd_offset: u64,
-        len: u64,
-        writable: bool,
-    ) -> io::Result<()> {
-        assert!(window_offset + len <= self.len as u64);
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: the target range lies inside our own reservation (asserted above).
-        let addr = unsafe {
-            libc::mmap(
-                self.base.add(window_offset as usize).cast(),
-                len as usize,
-                prot,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_raw_fd(),
-                fd_offset as libc::off_t,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        self.maps
-            .lock()
-            .unwrap()
-            .push((window_offset, len, writable));
-        self.mapped.lock().unwrap().insert(window_offset);
-        Ok(())
-    }
-
-    fn unmap(&self, window_offset: u64, len: u64) -> io::Result<()> {
-        assert!(window_offset + len <= self.len as u64);
-        // SAFETY: replaces a range of our own reservation with PROT_NONE anonymous memory.
-        let addr = unsafe {
-            libc::mmap(
-                self.base.add(window_offset as usize).cast(),
-                len as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        self.mapped.lock().unwrap().remove(&window_offset);
-        Ok(())
-    }
-}
-
-impl Drop for MemWindow {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the reservation made in `new`.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
 
 #[derive(Default)]
 struct RecordingInterrupt {

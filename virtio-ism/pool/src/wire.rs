@@ -487,6 +487,8 @@ fn expect_min_len(
 /// Decodes one client packet. Pure: the broker's whole input path starts here.
 pub fn decode_request(packet: &[u8]) -> Result<(u64, Request), DecodeError> {
     let (kind, id, body) = split_frame(packet)?;
+    // The body of the requests that carry nothing but a token.
+    let token_only = || expect_len(id, kind, body, 8).map(|mut f| Token(f.u64()));
     let request = match kind {
         kind::HELLO => {
             let mut f = expect_len(id, kind, body, 16)?;
@@ -518,7 +520,7 @@ pub fn decode_request(packet: &[u8]) -> Result<(u64, Request), DecodeError> {
             }
         }
         kind::DETACH => Request::Detach {
-            token: Token(expect_len(id, kind, body, 8)?.u64()),
+            token: token_only()?,
         },
         kind::GRANT => {
             let mut f = expect_len(id, kind, body, 32)?;
@@ -543,13 +545,13 @@ pub fn decode_request(packet: &[u8]) -> Result<(u64, Request), DecodeError> {
             Request::Status
         }
         kind::REVOKE => Request::Revoke {
-            token: Token(expect_len(id, kind, body, 8)?.u64()),
+            token: token_only()?,
         },
         kind::PUBLISH_DOORBELL => Request::PublishDoorbell {
-            token: Token(expect_len(id, kind, body, 8)?.u64()),
+            token: token_only()?,
         },
         kind::WITHDRAW_DOORBELL => Request::WithdrawDoorbell {
-            token: Token(expect_len(id, kind, body, 8)?.u64()),
+            token: token_only()?,
         },
         kind::PEER_DOORBELLS => {
             let mut f = expect_len(id, kind, body, 16)?;
@@ -965,6 +967,30 @@ mod tests {
             decode_request(&packet),
             Err(DecodeError::BodyLength { id: 3, .. })
         ));
+    }
+
+    #[test]
+    fn test_token_only_requests_take_exactly_eight_bytes() {
+        for request in [
+            Request::Detach { token: Token(1) },
+            Request::Revoke { token: Token(1) },
+            Request::PublishDoorbell { token: Token(1) },
+            Request::WithdrawDoorbell { token: Token(1) },
+        ] {
+            let mut packet = request.encode(4);
+            packet.push(0);
+            let len = packet.len() as u32;
+            packet[..4].copy_from_slice(&len.to_le_bytes());
+            assert!(matches!(
+                decode_request(&packet),
+                Err(DecodeError::BodyLength {
+                    id: 4,
+                    expected: 8,
+                    actual: 9,
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]

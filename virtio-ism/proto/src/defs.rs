@@ -9,11 +9,95 @@
 //! - [X] this project's extensions, each behind a feature bit (docs/protocol.md, "Extensions").
 
 /// Virtio device ID of the ISM device. [S] (commit 985bbf397db4)
-pub const VIRTIO_ID_ISM: u32 = 44;
+pub const VIRTIO_ID_ISM: u32 = device_type::ISM as u32;
 /// PCI vendor ID of virtio devices. [S]
 pub const PCI_VENDOR_ID_VIRTIO: u16 = 0x1af4;
+/// Modern virtio PCI device IDs are this plus the virtio device type. [S] 4.1.2.1
+pub const PCI_MODERN_DEVICE_ID_BASE: u16 = 0x1040;
 /// Modern PCI device ID: 0x1040 + 44. [S]
-pub const PCI_DEVICE_ID_ISM: u16 = 0x1040 + VIRTIO_ID_ISM as u16;
+pub const PCI_DEVICE_ID_ISM: u16 = PCI_MODERN_DEVICE_ID_BASE + device_type::ISM;
+
+/// The virtio device type behind a modern PCI device ID, if it is one. [S] 4.1.2.1
+pub const fn modern_device_type(vendor_id: u16, device_id: u16) -> Option<u16> {
+    if vendor_id != PCI_VENDOR_ID_VIRTIO {
+        return None;
+    }
+    match device_id.checked_sub(PCI_MODERN_DEVICE_ID_BASE) {
+        Some(t) if t <= 0x3f => Some(t),
+        _ => None,
+    }
+}
+
+/// Virtio device types the drivers of this project look for. [S] 5
+pub mod device_type {
+    /// Entropy source.
+    pub const RNG: u16 = 4;
+    /// Inter-VM shared memory (virtio-ism draft).
+    pub const ISM: u16 = 44;
+}
+
+/// Device status bits. [S] 2.1
+pub mod device_status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest knows how to drive it.
+    pub const DRIVER: u8 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device hit an error it cannot recover from.
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    /// The driver gave up.
+    pub const FAILED: u8 = 0x80;
+}
+
+/// The layout of the modern virtio-pci transport, shared by the device's VMM and drivers.
+/// [S] 4.1.4 (`linux/virtio_pci.h`)
+pub mod pci {
+    /// PCI capability ID of vendor-specific capabilities, which virtio's all are.
+    pub const PCI_CAP_ID_VNDR: u8 = 0x09;
+
+    /// `virtio_pci_cap.cfg_type`: the common configuration.
+    pub const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+    /// `virtio_pci_cap.cfg_type`: notifications.
+    pub const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
+    /// `virtio_pci_cap.cfg_type`: the ISR status byte.
+    pub const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
+    /// `virtio_pci_cap.cfg_type`: the device-specific configuration.
+    pub const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
+    /// `virtio_pci_cap.cfg_type`: a shared-memory region (`virtio_pci_cap64`).
+    pub const VIRTIO_PCI_CAP_SHARED_MEMORY_CFG: u8 = 8;
+
+    /// Size of `struct virtio_pci_cap`.
+    pub const VIRTIO_PCI_CAP_LEN: u8 = 16;
+    /// Size of `struct virtio_pci_notify_cap`.
+    pub const VIRTIO_PCI_NOTIFY_CAP_LEN: u8 = 20;
+    /// Size of `struct virtio_pci_cap64`.
+    pub const VIRTIO_PCI_CAP64_LEN: u8 = 24;
+
+    /// Register offsets in `struct virtio_pci_common_cfg`.
+    pub mod common_cfg {
+        pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+        pub const DEVICE_FEATURE: u64 = 0x04;
+        pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+        pub const DRIVER_FEATURE: u64 = 0x0c;
+        pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+        pub const NUM_QUEUES: u64 = 0x12;
+        pub const DEVICE_STATUS: u64 = 0x14;
+        pub const CONFIG_GENERATION: u64 = 0x15;
+        pub const QUEUE_SELECT: u64 = 0x16;
+        pub const QUEUE_SIZE: u64 = 0x18;
+        pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+        pub const QUEUE_ENABLE: u64 = 0x1c;
+        pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+        pub const QUEUE_DESC: u64 = 0x20;
+        pub const QUEUE_DRIVER: u64 = 0x28;
+        pub const QUEUE_DEVICE: u64 = 0x30;
+        /// Size of the structure, up to and including `queue_device`.
+        pub const LEN: u64 = 0x38;
+    }
+}
 
 /// Feature bits (device-specific bits 0..=23).
 pub mod features {
@@ -135,3 +219,24 @@ pub mod region_flags {
 
 /// MSI-X "no vector": EVENT_VECTOR with this value unbinds the region's vector. [S]
 pub const VIRTIO_MSI_NO_VECTOR: u64 = 0xffff;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_modern_device_type_accepts_only_modern_virtio_ids() {
+        assert_eq!(
+            modern_device_type(PCI_VENDOR_ID_VIRTIO, PCI_DEVICE_ID_ISM),
+            Some(device_type::ISM)
+        );
+        assert_eq!(
+            modern_device_type(PCI_VENDOR_ID_VIRTIO, 0x1044),
+            Some(device_type::RNG)
+        );
+        // Transitional IDs, IDs past the modern range and other vendors are not virtio 1.x.
+        assert_eq!(modern_device_type(PCI_VENDOR_ID_VIRTIO, 0x1005), None);
+        assert_eq!(modern_device_type(PCI_VENDOR_ID_VIRTIO, 0x1080), None);
+        assert_eq!(modern_device_type(0x8086, PCI_DEVICE_ID_ISM), None);
+    }
+}

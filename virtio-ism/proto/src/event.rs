@@ -27,19 +27,27 @@ le64_struct! {
     } size 40
 }
 
-/// Decoded event type.
+/// Decoded event type: what happened to a region this device holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventType {
+    /// A grant on a held region changed.
     Update,
+    /// A peer attached a held region.
     Attach,
+    /// A peer detached a held region (or its VM went away).
     Detach,
+    /// The host took the region away; the device has already unmapped it.
     Revoke,
+    /// The host attached a region to this device; describe it with QUERY_REGION.
     RegionAdded,
+    /// The device dropped events; re-read the region list.
     Overflow,
+    /// A type this crate does not know.
     Unknown(u64),
 }
 
 impl EventType {
+    /// Decode an `ev_type` value.
     pub fn from_raw(raw: u64) -> Self {
         match raw {
             e::VIRTIO_ISM_EVENT_UPDATE => Self::Update,
@@ -52,6 +60,7 @@ impl EventType {
         }
     }
 
+    /// The `ev_type` value.
     pub fn raw(self) -> u64 {
         match self {
             Self::Update => e::VIRTIO_ISM_EVENT_UPDATE,
@@ -66,6 +75,7 @@ impl EventType {
 }
 
 impl Event {
+    /// The decoded `ev_type`.
     pub fn kind(&self) -> EventType {
         EventType::from_raw(self.ev_type)
     }

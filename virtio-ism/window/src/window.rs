@@ -14,12 +14,12 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, warn};
-use virtio_ism::ShmWindow;
+use virtio_ism::{Reservation, ShmWindow};
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -114,10 +114,8 @@ pub enum WriteOutcome {
 
 /// [`ShmWindow`] on KVM (see the module doc).
 pub struct SlotWindow {
-    /// Host address of the `PROT_NONE` reservation.
-    host_base: u64,
-    /// Length of the reservation: shmid 1, the only part regions go into.
-    len: u64,
+    /// The `PROT_NONE` reservation of shmid 1, the only part regions go into.
+    reservation: Reservation,
     backend: Arc<dyn SlotBackend>,
     state: Mutex<State>,
     counters: Arc<WindowCounters>,
@@ -129,25 +127,9 @@ impl SlotWindow {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let size = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel picks; it
-        // touches no existing memory.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let reservation = Reservation::new(len)?;
         Ok(Self {
-            host_base: addr as u64,
-            len,
+            reservation,
             backend,
             state: Mutex::new(State::default()),
             counters: Arc::new(WindowCounters::default()),
@@ -174,9 +156,12 @@ impl SlotWindow {
         if let Some(old) = old {
             for (offset, m) in &state.mappings {
                 if let Some(slot) = m.slot
-                    && let Err(e) =
-                        self.backend
-                            .remove_slot(slot, old + offset, m.len, self.host_base + offset)
+                    && let Err(e) = self.backend.remove_slot(
+                        slot,
+                        old + offset,
+                        m.len,
+                        self.reservation.base() + offset,
+                    )
                 {
                     warn!(
                         "ism window: cannot delete slot {slot} at {:#x}: {e}",
@@ -195,9 +180,13 @@ impl SlotWindow {
             };
             let Some(slot) = slot else { continue };
             let gpa = new_base + offset;
-            let placed =
-                self.backend
-                    .add_slot(slot, gpa, m.len, self.host_base + offset, !m.writable);
+            let placed = self.backend.add_slot(
+                slot,
+                gpa,
+                m.len,
+                self.reservation.base() + offset,
+                !m.writable,
+            );
             match (placed, was_emulated) {
                 (Ok(()), false) => {}
                 (Ok(()), true) => {
@@ -219,26 +208,6 @@ impl SlotWindow {
         debug!("ism window: base {old:x?} -> {new_base:#x}");
     }
 
-    /// Put `PROT_NONE` reservation memory back over `[offset, offset + len)`.
-    fn reserve_again(&self, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: the range lies inside our own reservation (callers check), so MAP_FIXED
-        // only replaces memory this window owns.
-        let addr = unsafe {
-            libc::mmap(
-                (self.host_base + offset) as *mut libc::c_void,
-                len as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
     /// The mapping holding `[offset, offset + len)` whole, with its start.
     fn find(state: &State, offset: u64, len: u64) -> Option<(u64, &Mapping)> {
         let (start, m) = state.mappings.range(..=offset).next_back()?;
@@ -257,7 +226,7 @@ impl SlotWindow {
         inc(&self.counters.emulated_accesses);
         // SAFETY: the bytes lie inside a live region mapping (checked under the state lock,
         // which unmap also takes), and the mapping is at least readable.
-        unsafe { copy_from_host((self.host_base + offset) as *const u8, data) };
+        unsafe { copy_from_host((self.reservation.base() + offset) as *const u8, data) };
         true
     }
 
@@ -277,7 +246,7 @@ impl SlotWindow {
             Some(_) => {
                 inc(&self.counters.emulated_accesses);
                 // SAFETY: inside a live, writable region mapping (checked under the lock).
-                unsafe { copy_to_host((self.host_base + offset) as *mut u8, data) };
+                unsafe { copy_to_host((self.reservation.base() + offset) as *mut u8, data) };
                 WriteOutcome::Written
             }
         }
@@ -355,7 +324,7 @@ impl ShmWindow for SlotWindow {
         if len == 0
             || !window_offset.is_multiple_of(PAGE_SIZE)
             || !len.is_multiple_of(PAGE_SIZE)
-            || end > self.len
+            || end > self.reservation.len()
         {
             return Err(einval());
         }
@@ -368,32 +337,9 @@ impl ShmWindow for SlotWindow {
         if overlaps {
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
         }
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        let file_offset = libc::off_t::try_from(fd_offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let host = self.host_base + window_offset;
-        // SAFETY: MAP_FIXED over our own PROT_NONE reservation (range checked above, no other
-        // mapping there); the fd is a pool region the caller keeps open for the call.
-        let addr = unsafe {
-            libc::mmap(
-                host as *mut libc::c_void,
-                len as usize,
-                prot,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_raw_fd(),
-                file_offset,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            let err = io::Error::last_os_error();
-            // A failed MAP_FIXED may have removed the reservation under it.
-            let _ = self.reserve_again(window_offset, len);
-            return Err(err);
-        }
+        self.reservation
+            .map(window_offset, fd, fd_offset, len, writable)?;
+        let host = self.reservation.base() + window_offset;
         let mut slot = if writable || self.backend.readonly_supported() {
             self.backend.allocate_slot()
         } else {
@@ -439,7 +385,7 @@ impl ShmWindow for SlotWindow {
     fn unmap(&self, window_offset: u64, len: u64) -> io::Result<()> {
         let einval = || io::Error::from_raw_os_error(libc::EINVAL);
         let end = window_offset.checked_add(len).ok_or_else(einval)?;
-        if end > self.len {
+        if end > self.reservation.len() {
             return Err(einval());
         }
         let mut state = self.lock();
@@ -468,10 +414,12 @@ impl ShmWindow for SlotWindow {
             // The slot goes first, so the guest never reaches the PROT_NONE memory via KVM.
             match (m.slot, base) {
                 (Some(slot), Some(base)) => {
-                    if let Err(e) =
-                        self.backend
-                            .remove_slot(slot, base + start, m.len, self.host_base + start)
-                    {
+                    if let Err(e) = self.backend.remove_slot(
+                        slot,
+                        base + start,
+                        m.len,
+                        self.reservation.base() + start,
+                    ) {
                         warn!("ism window: cannot delete slot {slot}: {e}");
                     }
                     self.backend.free_slot(slot);
@@ -483,7 +431,7 @@ impl ShmWindow for SlotWindow {
                 }
                 (None, _) => dec(&self.counters.emulated_mappings),
             }
-            self.reserve_again(start, m.len)?;
+            self.reservation.unmap(start, m.len)?;
         }
         Ok(())
     }
@@ -494,14 +442,16 @@ impl Drop for SlotWindow {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for (start, m) in std::mem::take(&mut state.mappings) {
             if let (Some(slot), Some(base)) = (m.slot, state.base) {
-                let _ = self
-                    .backend
-                    .remove_slot(slot, base + start, m.len, self.host_base + start);
+                let _ = self.backend.remove_slot(
+                    slot,
+                    base + start,
+                    m.len,
+                    self.reservation.base() + start,
+                );
                 self.backend.free_slot(slot);
             }
         }
-        // SAFETY: the reservation is ours and no KVM slot points into it any more.
-        unsafe { libc::munmap(self.host_base as *mut libc::c_void, self.len as usize) };
+        // The reservation goes after this, with no KVM slot pointing into it any more.
     }
 }
 
@@ -527,8 +477,14 @@ mod tests {
         w.map(0x8000, ro.as_fd(), 0, 0x1000, false).unwrap();
         {
             let s = kvm.slots.lock().unwrap();
-            assert_eq!(s[&2], (0x1_0000_4000, 0x2000, w.host_base + 0x4000, false));
-            assert_eq!(s[&3], (0x1_0000_8000, 0x1000, w.host_base + 0x8000, true));
+            assert_eq!(
+                s[&2],
+                (0x1_0000_4000, 0x2000, w.reservation.base() + 0x4000, false)
+            );
+            assert_eq!(
+                s[&3],
+                (0x1_0000_8000, 0x1000, w.reservation.base() + 0x8000, true)
+            );
         }
         w.relocate(0x2_0000_0000);
         {

@@ -144,19 +144,34 @@ fn parse_grants(s: &str) -> Result<Vec<IsmGrant>, RemoteError> {
         .collect()
 }
 
+/// Parse the options of `command` (which include `id`) from `input`; returns the parser and
+/// the ISM device id, which every region command needs.
+fn parse_region_command(
+    command: &'static str,
+    input: &str,
+    options: &[&str],
+) -> Result<(OptionParser, String), RemoteError> {
+    let mut parser = OptionParser::new();
+    parser.add_all(options);
+    parser
+        .parse(input)
+        .map_err(|e| RemoteError::Parse(command, e))?;
+    let id = parser
+        .get("id")
+        .ok_or(RemoteError::Missing(command, "id=<ism device id>"))?;
+    Ok((parser, id))
+}
+
 /// `id=<ism id>,token=<n>[,access=granted|read|rw]` (attach) or
 /// `id=<ism id>,size=<bytes>[,grants=[<peer>:<ro|rw>,...]][,default_perm=none|ro|rw]`
 /// (create), checked as the VMM checks it.
 fn parse_add_region(input: &str) -> Result<IsmAddRegionRequest, RemoteError> {
     const COMMAND: &str = "ism-add-region";
-    let mut parser = OptionParser::new();
-    parser.add_all(&["id", "token", "access", "size", "grants", "default_perm"]);
-    parser
-        .parse(input)
-        .map_err(|e| RemoteError::Parse(COMMAND, e))?;
-    let id = parser
-        .get("id")
-        .ok_or(RemoteError::Missing(COMMAND, "id=<ism device id>"))?;
+    let (parser, id) = parse_region_command(
+        COMMAND,
+        input,
+        &["id", "token", "access", "size", "grants", "default_perm"],
+    )?;
     let req = IsmAddRegionRequest {
         id,
         token: parser
@@ -187,14 +202,7 @@ fn parse_add_region(input: &str) -> Result<IsmAddRegionRequest, RemoteError> {
 /// `id=<ism id>,token=<n>`.
 fn parse_remove_region(input: &str) -> Result<IsmRemoveRegionRequest, RemoteError> {
     const COMMAND: &str = "ism-remove-region";
-    let mut parser = OptionParser::new();
-    parser.add_all(&["id", "token"]);
-    parser
-        .parse(input)
-        .map_err(|e| RemoteError::Parse(COMMAND, e))?;
-    let id = parser
-        .get("id")
-        .ok_or(RemoteError::Missing(COMMAND, "id=<ism device id>"))?;
+    let (parser, id) = parse_region_command(COMMAND, input, &["id", "token"])?;
     let token = parser
         .convert::<u64>("token")
         .map_err(|e| RemoteError::Parse(COMMAND, e))?

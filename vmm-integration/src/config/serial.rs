@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::option_parser::OptionParser;
+use super::option_parser::{OptionParser, OptionParserError};
 use super::{Error, ValidationError, VmConfig};
 
 /// Where the COM1 serial port goes.
@@ -24,6 +24,18 @@ pub struct SerialConfig {
     pub mode: SerialMode,
 }
 
+/// Parse an output option (cloud-hypervisor's `off|null|tty|pty|file=<path>` family) that
+/// accepts the words `valueless` and `file=<path>`.
+fn parse_output(input: &str, valueless: &[&str]) -> Result<OptionParser, OptionParserError> {
+    let mut parser = OptionParser::new();
+    for word in valueless {
+        parser.add_valueless(word);
+    }
+    parser.add("file");
+    parser.parse(input)?;
+    Ok(parser)
+}
+
 impl Default for SerialConfig {
     fn default() -> Self {
         Self {
@@ -36,13 +48,7 @@ impl SerialConfig {
     pub const SYNTAX: &'static str = "Control serial port: off|null|tty|file=</path/to/a/file>";
 
     pub fn parse(input: &str) -> Result<Self, Error> {
-        let mut parser = OptionParser::new();
-        parser
-            .add_valueless("off")
-            .add_valueless("null")
-            .add_valueless("tty")
-            .add("file");
-        parser.parse(input).map_err(Error::ParseSerial)?;
+        let parser = parse_output(input, &["off", "null", "tty"]).map_err(Error::ParseSerial)?;
         let given = ["off", "null", "tty", "file"]
             .iter()
             .filter(|k| parser.is_set(k))
@@ -80,14 +86,8 @@ impl ConsoleConfig {
     pub const SYNTAX: &'static str = "Control (virtio) console: off (no virtio-console device)";
 
     pub fn parse(input: &str) -> Result<Self, Error> {
-        let mut parser = OptionParser::new();
-        parser
-            .add_valueless("off")
-            .add_valueless("null")
-            .add_valueless("tty")
-            .add_valueless("pty")
-            .add("file");
-        parser.parse(input).map_err(Error::ParseConsole)?;
+        let parser =
+            parse_output(input, &["off", "null", "tty", "pty"]).map_err(Error::ParseConsole)?;
         if parser.is_set("off")
             && !["null", "tty", "pty", "file"]
                 .iter()

@@ -14,14 +14,14 @@ use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
 use std::boxed::Box;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::vec;
 use std::vec::Vec;
 
 use ism_pool::{DevId, LocalPool, PoolConfig, PoolSession, Token};
 use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
-use virtio_ism::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, ShmWindow, WindowLayout};
+use virtio_ism::test_utils::MemWindow;
+use virtio_ism::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, WindowLayout};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -79,130 +79,6 @@ impl KickSink for Fabric {
                 handle.deliver_kick(token);
             }
         }
-    }
-}
-
-/// A window that maps region memory for real: a PROT_NONE reservation with pool memory
-/// mapped over it. Keeps a list of what is mapped so the bench fails a test, rather than
-/// faulting, if the driver touches memory it should not.
-pub struct MemWindow {
-    base: *mut u8,
-    len: u64,
-    maps: Mutex<Vec<(u64, u64, bool)>>,
-}
-
-// SAFETY: the pointer is only used for mmap calls and checked accesses; the reservation
-// lives as long as the struct.
-unsafe impl Send for MemWindow {}
-// SAFETY: as above; concurrent accesses to shared memory are what the window is for.
-unsafe impl Sync for MemWindow {}
-
-impl MemWindow {
-    fn new(len: u64) -> Arc<Self> {
-        // SAFETY: a fresh anonymous PROT_NONE reservation; nothing existing is touched.
-        let base = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        Arc::new(Self {
-            base: base.cast(),
-            len,
-            maps: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Host pointer for `offset..offset + len`, if mapped (and writable when `write`).
-    fn host(&self, offset: u64, len: u64, write: bool) -> *mut u8 {
-        let ok = self
-            .maps
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|&(o, l, w)| offset >= o && offset + len <= o + l && (w || !write));
-        assert!(
-            ok,
-            "driver accessed window {offset:#x}+{len:#x} (write {write}) outside a mapping"
-        );
-        // SAFETY: inside the reservation (mappings are).
-        unsafe { self.base.add(offset as usize) }
-    }
-
-    pub fn is_mapped(&self, offset: u64) -> bool {
-        self.maps
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|&(o, _, _)| o == offset)
-    }
-}
-
-impl ShmWindow for MemWindow {
-    fn map(
-        &self,
-        window_offset: u64,
-        fd: BorrowedFd<'_>,
-        fd_offset: u64,
-        len: u64,
-        writable: bool,
-    ) -> io::Result<()> {
-        assert!(window_offset + len <= self.len);
-        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
-        // SAFETY: the target lies inside our own reservation (asserted).
-        let addr = unsafe {
-            libc::mmap(
-                self.base.add(window_offset as usize).cast(),
-                len as usize,
-                prot,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_raw_fd(),
-                fd_offset as libc::off_t,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        self.maps
-            .lock()
-            .unwrap()
-            .push((window_offset, len, writable));
-        Ok(())
-    }
-
-    fn unmap(&self, window_offset: u64, len: u64) -> io::Result<()> {
-        assert!(window_offset + len <= self.len);
-        // SAFETY: replaces part of our own reservation with PROT_NONE memory.
-        let addr = unsafe {
-            libc::mmap(
-                self.base.add(window_offset as usize).cast(),
-                len as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        self.maps
-            .lock()
-            .unwrap()
-            .retain(|&(o, l, _)| o + l <= window_offset || o >= window_offset + len);
-        Ok(())
-    }
-}
-
-impl Drop for MemWindow {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the reservation made in `new`.
-        unsafe { libc::munmap(self.base.cast(), self.len as usize) };
     }
 }
 

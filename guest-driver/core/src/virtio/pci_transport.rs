@@ -3,49 +3,22 @@
 //! capabilities, the common configuration registers, feature negotiation, queue setup,
 //! notification, ISR, MSI-X vectors, device config and shared-memory regions.
 
+use virtio_ism_proto::defs::VIRTIO_MSI_NO_VECTOR;
+use virtio_ism_proto::defs::features::{VIRTIO_F_VERSION_1, bit};
+use virtio_ism_proto::defs::pci::{
+    PCI_CAP_ID_VNDR, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_CAP_ISR_CFG,
+    VIRTIO_PCI_CAP_LEN, VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_SHARED_MEMORY_CFG,
+    VIRTIO_PCI_CAP64_LEN, VIRTIO_PCI_NOTIFY_CAP_LEN, common_cfg as common,
+};
+
+use super::status;
 use super::virtqueue::SplitQueue;
-use super::{features, status};
 use crate::mmio::{MmioError, MmioRegion};
 use crate::pci::{Bar, BarKind, CapabilityIter, ConfigAccess, PciAddress};
 use crate::platform::Platform;
 
-/// Vendor-specific capability ID used by virtio.
-const VENDOR_CAP_ID: u8 = 0x09;
-/// virtio_pci_cap cfg_type values.
-const CFG_COMMON: u8 = 1;
-const CFG_NOTIFY: u8 = 2;
-const CFG_ISR: u8 = 3;
-const CFG_DEVICE: u8 = 4;
-const CFG_SHARED_MEMORY: u8 = 8;
-/// Sizes of virtio_pci_cap, virtio_pci_notify_cap and virtio_pci_cap64.
-const CAP_LEN: u8 = 16;
-const NOTIFY_CAP_LEN: u8 = 20;
-const CAP64_LEN: u8 = 24;
-
-/// Common configuration register offsets (struct virtio_pci_common_cfg).
-mod common {
-    pub const DEVICE_FEATURE_SELECT: u64 = 0;
-    pub const DEVICE_FEATURE: u64 = 4;
-    pub const DRIVER_FEATURE_SELECT: u64 = 8;
-    pub const DRIVER_FEATURE: u64 = 12;
-    pub const CONFIG_MSIX_VECTOR: u64 = 16;
-    pub const NUM_QUEUES: u64 = 18;
-    pub const DEVICE_STATUS: u64 = 20;
-    pub const CONFIG_GENERATION: u64 = 21;
-    pub const QUEUE_SELECT: u64 = 22;
-    pub const QUEUE_SIZE: u64 = 24;
-    pub const QUEUE_MSIX_VECTOR: u64 = 26;
-    pub const QUEUE_ENABLE: u64 = 28;
-    pub const QUEUE_NOTIFY_OFF: u64 = 30;
-    pub const QUEUE_DESC: u64 = 32;
-    pub const QUEUE_DRIVER: u64 = 40;
-    pub const QUEUE_DEVICE: u64 = 48;
-    /// Everything up to and including queue_device.
-    pub const MIN_LEN: u64 = 56;
-}
-
-/// The MSI-X "no vector" value.
-pub const NO_VECTOR: u16 = 0xffff;
+/// The MSI-X "no vector" value, as the 16-bit vector registers hold it.
+pub const NO_VECTOR: u16 = VIRTIO_MSI_NO_VECTOR as u16;
 /// Most queues one device may use through this driver.
 pub const MAX_QUEUES: usize = 16;
 /// Most shared-memory regions recorded per device; more are counted but not kept.
@@ -205,7 +178,7 @@ pub fn find_virtio_caps<C: ConfigAccess>(
     let mut shm_total = 0usize;
 
     for cap in CapabilityIter::new(config, addr) {
-        if cap.id != VENDOR_CAP_ID {
+        if cap.id != PCI_CAP_ID_VNDR {
             continue;
         }
         let o = cap.offset;
@@ -213,7 +186,7 @@ pub fn find_virtio_caps<C: ConfigAccess>(
         let cfg_type = config.read_u8(addr, o + 3);
         let bar_index = config.read_u8(addr, o + 4);
         let id = config.read_u8(addr, o + 5);
-        if cap_len < CAP_LEN {
+        if cap_len < VIRTIO_PCI_CAP_LEN {
             return Err(TransportError::CapTooShort {
                 offset: o,
                 len: cap_len,
@@ -228,8 +201,8 @@ pub fn find_virtio_caps<C: ConfigAccess>(
         }
         let mut offset = u64::from(config.read_u32(addr, o + 8));
         let mut len = u64::from(config.read_u32(addr, o + 12));
-        if cfg_type == CFG_SHARED_MEMORY {
-            if cap_len < CAP64_LEN {
+        if cfg_type == VIRTIO_PCI_CAP_SHARED_MEMORY_CFG {
+            if cap_len < VIRTIO_PCI_CAP64_LEN {
                 return Err(TransportError::CapTooShort {
                     offset: o,
                     len: cap_len,
@@ -261,14 +234,14 @@ pub fn find_virtio_caps<C: ConfigAccess>(
             addr: bar.base + offset,
         };
         match cfg_type {
-            CFG_COMMON if common.is_none() => {
-                if len < common::MIN_LEN {
+            VIRTIO_PCI_CAP_COMMON_CFG if common.is_none() => {
+                if len < common::LEN {
                     return Err(TransportError::CapWindowTooSmall { cfg_type, len });
                 }
                 common = Some(window);
             }
-            CFG_NOTIFY if notify.is_none() => {
-                if cap_len < NOTIFY_CAP_LEN {
+            VIRTIO_PCI_CAP_NOTIFY_CFG if notify.is_none() => {
+                if cap_len < VIRTIO_PCI_NOTIFY_CAP_LEN {
                     return Err(TransportError::CapTooShort {
                         offset: o,
                         len: cap_len,
@@ -280,14 +253,14 @@ pub fn find_virtio_caps<C: ConfigAccess>(
                 let multiplier = config.read_u32(addr, o + 16);
                 notify = Some((window, multiplier));
             }
-            CFG_ISR if isr.is_none() => {
+            VIRTIO_PCI_CAP_ISR_CFG if isr.is_none() => {
                 if len < 1 {
                     return Err(TransportError::CapWindowTooSmall { cfg_type, len });
                 }
                 isr = Some(window);
             }
-            CFG_DEVICE if device.is_none() => device = Some(window),
-            CFG_SHARED_MEMORY => {
+            VIRTIO_PCI_CAP_DEVICE_CFG if device.is_none() => device = Some(window),
+            VIRTIO_PCI_CAP_SHARED_MEMORY_CFG => {
                 if let Some(slot) = shm.get_mut(shm_total) {
                     *slot = Some(ShmRegion {
                         id,
@@ -303,9 +276,10 @@ pub fn find_virtio_caps<C: ConfigAccess>(
         }
     }
 
-    let common = common.ok_or(TransportError::MissingCap(CFG_COMMON))?;
-    let (notify, notify_multiplier) = notify.ok_or(TransportError::MissingCap(CFG_NOTIFY))?;
-    let isr = isr.ok_or(TransportError::MissingCap(CFG_ISR))?;
+    let common = common.ok_or(TransportError::MissingCap(VIRTIO_PCI_CAP_COMMON_CFG))?;
+    let (notify, notify_multiplier) =
+        notify.ok_or(TransportError::MissingCap(VIRTIO_PCI_CAP_NOTIFY_CFG))?;
+    let isr = isr.ok_or(TransportError::MissingCap(VIRTIO_PCI_CAP_ISR_CFG))?;
     Ok(VirtioPciCaps {
         common,
         notify,
@@ -405,11 +379,11 @@ impl<'p, P: Platform> VirtioPciDevice<'p, P> {
         self.add_status(status::ACKNOWLEDGE)?;
         self.add_status(status::DRIVER)?;
         let offered = self.device_features()?;
-        if offered & features::VERSION_1 == 0 {
+        if offered & bit(VIRTIO_F_VERSION_1) == 0 {
             self.add_status(status::FAILED)?;
             return Err(TransportError::NotModern);
         }
-        let accepted = offered & (wanted | features::VERSION_1);
+        let accepted = offered & (wanted | bit(VIRTIO_F_VERSION_1));
         for half in 0..2u32 {
             self.common.write_u32(common::DRIVER_FEATURE_SELECT, half)?;
             self.common

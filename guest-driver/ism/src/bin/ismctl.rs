@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use ism::{Access, Device, EventKind, Perms, Region};
+use ism::{Access, Device, EventKind, EventType, Perms, Region};
 
 #[derive(Parser)]
 #[command(name = "ismctl", about = "Inter-VM shared memory (virtio-ism) control")]
@@ -154,15 +154,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::List => unreachable!("handled above"),
         Cmd::Info => {
             let i = dev.info()?;
-            println!("device      {}", cli.node.display());
-            println!("gid         {}", i.gid);
-            println!("devid       {}", i.devid);
-            println!("chunk_size  {}", i.chunk_size);
-            println!("notify_size {}", i.notify_size);
-            println!("window      {}", i.shm_size);
-            println!("event_queue {}", i.event_queue);
-            println!("query       {}", i.query);
-            println!("regions     {}", i.regions);
+            print_fields(&[
+                ("device", &cli.node.display()),
+                ("gid", &i.gid),
+                ("devid", &i.devid),
+                ("chunk_size", &i.chunk_size),
+                ("notify_size", &i.notify_size),
+                ("window", &i.shm_size),
+                ("event_queue", &i.event_queue),
+                ("query", &i.query),
+                ("regions", &i.regions),
+            ]);
         }
         Cmd::Alloc { size } => {
             let region = dev.alloc(parse_size(&size)?)?;
@@ -252,7 +254,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     bail!("Timed out after {seen} events");
                 };
                 let kind = match ev.kind {
-                    EventKind::Unknown(raw) => format!("unknown({raw:#x})"),
+                    EventKind::Device(EventType::Unknown(raw)) => format!("unknown({raw:#x})"),
+                    EventKind::Device(t) => format!("{t:?}").to_lowercase(),
                     k => format!("{k:?}").to_lowercase(),
                 };
                 println!(
@@ -272,17 +275,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Counters => {
             let c = dev.counters()?;
-            println!("ctrl_commands {}", c.ctrl_commands);
-            println!("ctrl_errors   {}", c.ctrl_errors);
-            println!("ctrl_timeouts {}", c.ctrl_timeouts);
-            println!("bad_replies   {}", c.bad_replies);
-            println!("kicks_sent    {}", c.kicks_sent);
-            println!("kick_irqs     {}", c.kick_irqs);
-            println!("events        {}", c.events);
-            println!("events_lost   {}", c.events_lost);
+            print_fields(&[
+                ("ctrl_commands", &c.ctrl_commands),
+                ("ctrl_errors", &c.ctrl_errors),
+                ("ctrl_timeouts", &c.ctrl_timeouts),
+                ("bad_replies", &c.bad_replies),
+                ("kicks_sent", &c.kicks_sent),
+                ("kick_irqs", &c.kick_irqs),
+                ("events", &c.events),
+                ("events_lost", &c.events_lost),
+            ]);
         }
     }
     Ok(())
+}
+
+/// Print `name value` lines, the values lined up in one column.
+fn print_fields(fields: &[(&str, &dyn std::fmt::Display)]) {
+    print!("{}", format_fields(fields));
+}
+
+fn format_fields(fields: &[(&str, &dyn std::fmt::Display)]) -> String {
+    let width = fields.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    fields
+        .iter()
+        .map(|(name, value)| format!("{name:<width$} {value}\n"))
+        .collect()
 }
 
 fn region_len(dev: &Device, token: &str) -> anyhow::Result<u64> {
@@ -296,6 +314,12 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_fields_line_up_after_the_longest_name() {
+        let text = format_fields(&[("gid", &7), ("notify_size", &"4"), ("query", &true)]);
+        assert_eq!(text, "gid         7\nnotify_size 4\nquery       true\n");
+    }
 
     #[test]
     fn test_parse_token_hex_and_decimal() {
