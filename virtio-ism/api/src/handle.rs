@@ -140,21 +140,22 @@ impl HandleControl {
             }
             // The device only keeps the virtio-ism status of a failed attach (the pool's
             // error became that status), so the class comes from the status.
-            HandleError::Attach { status, .. } | HandleError::Install { status, .. } => {
-                match status {
-                    Status::NoEnt | Status::PermAttach | Status::PermRead | Status::PermWrite => {
-                        refused(PoolRefusal::Invalid, error)
-                    }
-                    Status::NoMem => refused(PoolRefusal::Capacity, error),
-                    Status::NoSpc => ControlError::device(error),
-                    // A bare Err is what a broken broker connection becomes, and also what
-                    // a few device-side refusals are: ask the broker whether it answers.
-                    Status::Err => self.probe_broker(error),
-                    Status::Ok | Status::TooBig | Status::Unknown(_) => {
-                        ControlError::internal(error)
-                    }
+            HandleError::Attach { status, .. } => match status {
+                Status::NoEnt | Status::PermAttach | Status::PermRead | Status::PermWrite => {
+                    refused(PoolRefusal::Invalid, error)
                 }
-            }
+                Status::NoMem => refused(PoolRefusal::Capacity, error),
+                Status::NoSpc => ControlError::device(error),
+                // A bare Err is what a broken broker connection becomes, and also what a few
+                // device-side refusals are: ask the broker whether it answers.
+                Status::Err => self.probe_broker(error),
+                Status::Ok | Status::TooBig | Status::Unknown(_) => ControlError::internal(error),
+            },
+            // Mapping a region the pool just made: only the device's own window is involved.
+            HandleError::Install { status, .. } => match status {
+                Status::NoSpc => ControlError::device(error),
+                _ => ControlError::internal(error),
+            },
         }
     }
 
