@@ -1013,6 +1013,7 @@ fn test_a_pool_that_is_down_is_503_with_its_cause() {
         chain[0],
         "Device \"ism0\" could not create a region of 4096 bytes"
     );
+    assert_ne!(chain[3], chain[4], "the session's own cause: {chain:?}");
     let chain = down("PUT", "vm.ism-add-region", r#"{"id":"ism0","token":1}"#);
     assert_eq!(chain[0], "Device \"ism0\" could not attach region 1");
     assert!(chain[2].contains("status Err"), "{chain:?}");
