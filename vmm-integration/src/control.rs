@@ -18,13 +18,14 @@ use crate::api::{ApiError, ApiRequest, ApiResult, ApiSender, RequestHandler};
 use crate::config::{SerialMode, VmConfig};
 use crate::exit::ExitEvent;
 use crate::pci::PciManager;
+use crate::vstate::pause::PauseError;
 use crate::vstate::vcpu::ExitCounters;
 use virtio_ism_api::{IsmDevices, IsmEntry};
 
 /// Pausing and resuming the vCPUs. Implemented by the VMM over its vCPU threads.
 pub trait VcpuControl {
     /// Get every vCPU out of KVM_RUN and keep it parked; returns once all are.
-    fn pause(&self) -> Result<(), String>;
+    fn pause(&self) -> Result<(), PauseError>;
     /// Let the parked vCPUs run again.
     fn resume(&self);
 }
@@ -188,15 +189,13 @@ impl RequestHandler for VmmApi<'_> {
         if self.paused {
             return Err(ApiError::AlreadyPaused);
         }
-        let vcpus = self
-            .vcpus
-            .ok_or_else(|| ApiError::Pause("this VMM has no vCPUs to pause".into()))?;
+        let vcpus = self.vcpus.ok_or(ApiError::NoVcpus)?;
         crate::event!("vm", "pausing");
-        vcpus.pause().map_err(ApiError::Pause)?;
+        vcpus.pause().map_err(ApiError::PauseVcpus)?;
         // Then the device workers: nothing more is written into the guest's memory.
-        if let Err(why) = self.ism.pause_all() {
+        if let Err(e) = self.ism.pause_all() {
             vcpus.resume();
-            return Err(ApiError::Pause(why));
+            return Err(e.into());
         }
         self.paused = true;
         crate::event!("vm", "paused");
@@ -317,18 +316,23 @@ mod tests {
     use crate::api::types::{GrantPerm, IsmGrant, IsmRegionInfo, RegionAccess, RegionArea};
     use crate::config::VmParams;
     use crate::config::api::Endpoint;
-    use virtio_ism_api::IsmControl;
+    use virtio_ism_api::{ControlError, IsmControl, PoolRefusal};
 
-    /// A pool with regions 1 and 2; the device starts holding none.
+    /// A pool with regions 1 and 2; the device starts holding none. With `pool_down`, its
+    /// broker is gone: the pool's status cannot be had.
     #[derive(Default)]
     struct FakeIsm {
         held: Mutex<Vec<u64>>,
+        pool_down: bool,
     }
 
     impl IsmControl for FakeIsm {
-        fn add_region(&self, token: u64, _: RegionAccess) -> Result<Vec<RegionArea>, String> {
+        fn add_region(&self, token: u64, _: RegionAccess) -> Result<Vec<RegionArea>, ControlError> {
             if token != 1 && token != 2 {
-                return Err(format!("no region {token} in the pool"));
+                return Err(ControlError::Pool {
+                    reason: PoolRefusal::Invalid,
+                    source: format!("no region {token} in the pool").into(),
+                });
             }
             self.held.lock().unwrap().push(token);
             Ok(vec![RegionArea {
@@ -350,9 +354,12 @@ mod tests {
             size: u64,
             _: &[IsmGrant],
             _: GrantPerm,
-        ) -> Result<(u64, Vec<RegionArea>), String> {
+        ) -> Result<(u64, Vec<RegionArea>), ControlError> {
             if size > 4 << 20 {
-                return Err("pool exhausted".into());
+                return Err(ControlError::Pool {
+                    reason: PoolRefusal::Capacity,
+                    source: "pool exhausted".into(),
+                });
             }
             let token = 100 + self.held.lock().unwrap().len() as u64;
             self.held.lock().unwrap().push(token);
@@ -361,14 +368,20 @@ mod tests {
         fn devid(&self) -> u64 {
             1
         }
-        fn pool_status(&self) -> Result<serde_json::Value, String> {
+        fn pool_status(&self) -> Result<serde_json::Value, ControlError> {
+            if self.pool_down {
+                let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+                return Err(ControlError::PoolUnavailable(Box::new(
+                    ism_pool::PoolError::Connection(refused),
+                )));
+            }
             Ok(json!({
                 "size": 4 << 20,
                 "used": self.held.lock().unwrap().len() << 20,
                 "sessions": [{"devid": 1}, {"devid": 2}],
             }))
         }
-        fn pause(&self) -> Result<(), String> {
+        fn pause(&self) -> Result<(), ControlError> {
             Ok(())
         }
         fn resume(&self) {}
@@ -381,7 +394,7 @@ mod tests {
     }
 
     impl VcpuControl for FakeVcpus {
-        fn pause(&self) -> Result<(), String> {
+        fn pause(&self) -> Result<(), PauseError> {
             self.calls.lock().unwrap().push("pause");
             Ok(())
         }
@@ -426,6 +439,14 @@ mod tests {
         vcpus: &FakeVcpus,
         client: impl FnOnce(&Path, &Sender<ExitEvent>),
     ) -> (ExitEvent, Arc<FakeIsm>) {
+        with_api_on(FakeIsm::default(), vcpus, client)
+    }
+
+    fn with_api_on(
+        ism: FakeIsm,
+        vcpus: &FakeVcpus,
+        client: impl FnOnce(&Path, &Sender<ExitEvent>),
+    ) -> (ExitEvent, Arc<FakeIsm>) {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ism-api").unwrap();
         let socket = dir.as_path().join("api.sock");
         let config = VmConfig::parse(VmParams {
@@ -433,7 +454,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let ism = Arc::new(FakeIsm::default());
+        let ism = Arc::new(ism);
         let (exit_tx, exit_rx) = channel();
         let endpoint = Endpoint::Path(socket.clone());
         let event = std::thread::scope(|s| {
@@ -531,6 +552,29 @@ mod tests {
     }
 
     #[test]
+    fn test_a_pool_that_is_down_is_503_with_its_cause() {
+        let ism = FakeIsm {
+            pool_down: true,
+            ..Default::default()
+        };
+        let (event, _) = with_api_on(ism, &FakeVcpus::default(), |sock, _| {
+            let (status, body) = simple_request(sock, "GET", "vm.ism-pool-status", None).unwrap();
+            assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+            let chain = json_of(&body);
+            assert_eq!(chain[0], "Pool status of \"ism0\" is unavailable");
+            assert_eq!(chain[1], "The region pool is unavailable");
+            assert_eq!(chain[2], "Pool broker connection failed");
+            assert_eq!(chain.as_array().map(Vec::len), Some(4), "{chain}");
+            // A create with grants asks the pool for its devices first: 503 as well.
+            let body = br#"{"id":"ism0","size":8192,"grants":[{"peer":2,"perm":"ro"}]}"#;
+            let (status, _) = simple_request(sock, "PUT", "vm.ism-add-region", Some(body)).unwrap();
+            assert_eq!(status, 503);
+            simple_request(sock, "PUT", "vm.shutdown", None).unwrap();
+        });
+        assert_eq!(event, ExitEvent::Shutdown("API vm.shutdown"));
+    }
+
+    #[test]
     fn test_pause_resume_states_and_conflicts() {
         let vcpus = FakeVcpus::default();
         let (event, _) = with_api_vcpus(&vcpus, |sock, _| {
@@ -579,9 +623,17 @@ mod tests {
             assert!(reply[0].as_str().unwrap().contains("the device itself"));
             let (status, _) = add(r#"{"id":"ism0","size":4096,"token":3}"#);
             assert_eq!(status, 400);
+            // The pool is out of room: 409, the pool's words last in the chain.
             let (status, reply) = add(r#"{"id":"ism0","size":16777216}"#);
-            assert_eq!(status, 400, "{reply}");
-            assert!(reply[0].as_str().unwrap().contains("pool exhausted"));
+            assert_eq!(status, 409, "{reply}");
+            assert_eq!(
+                reply,
+                json!([
+                    "Device \"ism0\" could not create a region of 16777216 bytes",
+                    "The pool refused the request: out of room",
+                    "pool exhausted"
+                ])
+            );
             let (status, reply) = add(
                 r#"{"id":"ism0","size":8192,"grants":[{"peer":2,"perm":"rw"}],"default_perm":"ro"}"#,
             );

@@ -390,20 +390,18 @@ struct VcpuPauser {
 }
 
 impl control::VcpuControl for VcpuPauser {
-    fn pause(&self) -> Result<(), String> {
-        self.pause
-            .pause(self.threads.len(), PAUSE_TIMEOUT, || {
-                for thread in &self.threads {
-                    // SAFETY: every id belongs to a vCPU thread whose JoinHandle is held (not
-                    // joined) until teardown, which runs after the API loop; signalling a
-                    // thread that has ended but not been joined is allowed (ESRCH at worst).
-                    unsafe { libc::pthread_kill(*thread, kick_signal()) };
-                }
-            })
-            .map_err(|e: PauseError| e.to_string())?;
+    fn pause(&self) -> Result<(), PauseError> {
+        self.pause.pause(self.threads.len(), PAUSE_TIMEOUT, || {
+            for thread in &self.threads {
+                // SAFETY: every id belongs to a vCPU thread whose JoinHandle is held (not
+                // joined) until teardown, which runs after the API loop; signalling a
+                // thread that has ended but not been joined is allowed (ESRCH at worst).
+                unsafe { libc::pthread_kill(*thread, kick_signal()) };
+            }
+        })?;
         if let Err(e) = self.devices.pause_all() {
             self.pause.resume();
-            return Err(format!("{e}: {}", e.source));
+            return Err(PauseError::Device(e));
         }
         Ok(())
     }

@@ -966,6 +966,66 @@ impl Drop for Broker {
     }
 }
 
+/// A broker that dies under a running VMM is a 503 with its cause, not a 400: the pool's
+/// status, a region created (the device's session cannot reach the broker) and a region
+/// attached (the device only says `Err`; the broker does not answer) all say the pool is
+/// unavailable, and the VMM serves on.
+#[test]
+fn test_a_pool_that_is_down_is_503_with_its_cause() {
+    if !kvm_or_skip("test_a_pool_that_is_down_is_503_with_its_cause") {
+        return;
+    }
+    let mut broker = Broker::start();
+    let device = format!("id=ism0,pool={},size=16M", broker.socket().display());
+    let mut shell = ShellVmm::start(&[device.as_str()]);
+    let sock = shell.socket();
+    let (status, body) = request(&sock, "GET", "vm.ism-pool-status", "");
+    assert_eq!(status, 200, "{body}");
+    // The guest holds a region of the live pool.
+    shell.cmd("alloc 4096");
+
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+    assert!(
+        broker.socket().exists(),
+        "a stale socket: connect is refused"
+    );
+
+    let down = |method: &str, endpoint: &str, body: &str| {
+        let (status, reply) = request(&sock, method, endpoint, body);
+        assert_eq!(status, 503, "{method} {endpoint} {body}: {reply}");
+        let chain: Vec<String> = serde_json::from_str(&reply).unwrap();
+        assert!(
+            chain.iter().any(|m| m == "The region pool is unavailable"),
+            "{chain:?}"
+        );
+        assert!(
+            chain.iter().any(|m| m == "Pool broker connection failed"),
+            "the cause: {chain:?}"
+        );
+        chain
+    };
+    let chain = down("GET", "vm.ism-pool-status", "");
+    assert_eq!(chain[0], "Pool status of \"ism0\" is unavailable");
+    assert!(chain[3].contains("Connection refused"), "{chain:?}");
+    let chain = down("PUT", "vm.ism-add-region", r#"{"id":"ism0","size":4096}"#);
+    assert_eq!(
+        chain[0],
+        "Device \"ism0\" could not create a region of 4096 bytes"
+    );
+    assert_ne!(chain[3], chain[4], "the session's own cause: {chain:?}");
+    let chain = down("PUT", "vm.ism-add-region", r#"{"id":"ism0","token":1}"#);
+    assert_eq!(chain[0], "Device \"ism0\" could not attach region 1");
+    assert!(chain[2].contains("status Err"), "{chain:?}");
+
+    // Requests that do not need the pool are answered as before.
+    let (status, body) = request(&sock, "GET", "vm.ism-regions", "");
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = request(&sock, "GET", "vmm.ping", "");
+    assert_eq!(status, 200);
+    assert_alive(&mut shell.vmm);
+}
+
 /// The properties of `vmm`'s ism events named `event` about `token`, waiting (the monitor
 /// writes asynchronously) until there are `count`.
 fn wait_events(vmm: &Vmm, event: &str, token: u64, count: usize) -> Vec<serde_json::Value> {

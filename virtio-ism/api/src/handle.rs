@@ -4,9 +4,11 @@
 
 use std::path::PathBuf;
 
-use ism_pool::session::{DevId, GrantTarget, Perms, Token};
-use virtio_ism::IsmHandle;
+use virtio_ism::{HandleError, IsmHandle};
+use virtio_ism_pool_api::{DevId, GrantTarget, Perms, PoolError, Token};
+use virtio_ism_proto::Status;
 
+use crate::error::{ControlError, PoolRefusal, pool_unavailable};
 use crate::service::IsmControl;
 use crate::types::{GrantPerm, IsmGrant, RegionAccess, RegionArea};
 
@@ -19,7 +21,11 @@ pub struct HandleControl {
 }
 
 impl IsmControl for HandleControl {
-    fn add_region(&self, token: u64, access: RegionAccess) -> Result<Vec<RegionArea>, String> {
+    fn add_region(
+        &self,
+        token: u64,
+        access: RegionAccess,
+    ) -> Result<Vec<RegionArea>, ControlError> {
         let want = match access {
             RegionAccess::Granted => Perms::NONE,
             RegionAccess::Read => Perms::READ,
@@ -28,7 +34,7 @@ impl IsmControl for HandleControl {
         let areas = self
             .handle
             .add_region(Token(token), want)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.classify(e))?;
         Ok(areas
             .iter()
             .map(|a| RegionArea {
@@ -43,7 +49,7 @@ impl IsmControl for HandleControl {
         size: u64,
         grants: &[IsmGrant],
         default: GrantPerm,
-    ) -> Result<(u64, Vec<RegionArea>), String> {
+    ) -> Result<(u64, Vec<RegionArea>), ControlError> {
         let mut pool_grants: Vec<(GrantTarget, Perms)> = grants
             .iter()
             .map(|g| (GrantTarget::Device(DevId(g.peer)), grant_perms(g.perm)))
@@ -55,7 +61,7 @@ impl IsmControl for HandleControl {
         let (token, areas) = self
             .handle
             .create_region(size, &pool_grants)
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| self.classify(e))?;
         Ok((
             token.0,
             areas
@@ -80,19 +86,18 @@ impl IsmControl for HandleControl {
         self.handle.regions().into_iter().map(|t| t.0).collect()
     }
 
-    fn pool_status(&self) -> Result<serde_json::Value, String> {
+    fn pool_status(&self) -> Result<serde_json::Value, ControlError> {
         let status = match &self.broker {
-            Some(path) => ism_pool::client::query_status(path).map_err(|e| e.to_string())?,
-            None => self
-                .handle
-                .pool_status()
-                .ok_or("the device's pool session reports no status")?,
+            Some(path) => ism_pool::client::query_status(path).map_err(ControlError::from_pool)?,
+            None => self.handle.pool_status().ok_or_else(|| {
+                ControlError::internal("the device's pool session reports no status")
+            })?,
         };
-        serde_json::to_value(status).map_err(|e| e.to_string())
+        serde_json::to_value(status).map_err(ControlError::internal)
     }
 
-    fn pause(&self) -> Result<(), String> {
-        self.handle.pause().map_err(|e| e.to_string())
+    fn pause(&self) -> Result<(), ControlError> {
+        self.handle.pause().map_err(ControlError::internal)
     }
 
     fn resume(&self) {
@@ -110,14 +115,61 @@ fn grant_perms(perm: GrantPerm) -> Perms {
     }
 }
 
-/// An error and its causes, "outer: inner: ...".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
+/// An attach the device failed with a bare `Err` status while the pool's broker does not
+/// answer either: the broker is the likely cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{attach}, and the pool's broker does not answer")]
+struct BrokerDown {
+    attach: HandleError,
+    #[source]
+    probe: PoolError,
+}
+
+impl HandleControl {
+    /// Who refused: the device, the pool (for a reason), or nobody because the pool is gone.
+    fn classify(&self, error: HandleError) -> ControlError {
+        let refused = |reason, error| ControlError::Pool {
+            reason,
+            source: Box::new(error),
+        };
+        match error {
+            HandleError::NotActive | HandleError::NoRoom { .. } => ControlError::device(error),
+            // These carry the pool's own error.
+            HandleError::Alloc { .. } | HandleError::Grant { .. } => {
+                ControlError::from_pool_cause(Box::new(error))
+            }
+            // The device only keeps the virtio-ism status of a failed attach (the pool's
+            // error became that status), so the class comes from the status.
+            HandleError::Attach { status, .. } => match status {
+                Status::NoEnt | Status::PermAttach | Status::PermRead | Status::PermWrite => {
+                    refused(PoolRefusal::Invalid, error)
+                }
+                Status::NoMem => refused(PoolRefusal::Capacity, error),
+                Status::NoSpc => ControlError::device(error),
+                // A bare Err is what a broken broker connection becomes, and also what a few
+                // device-side refusals are: ask the broker whether it answers.
+                Status::Err => self.probe_broker(error),
+                Status::Ok | Status::TooBig | Status::Unknown(_) => ControlError::internal(error),
+            },
+            // Mapping a region the pool just made: only the device's own window is involved.
+            HandleError::Install { status, .. } => match status {
+                Status::NoSpc => ControlError::device(error),
+                _ => ControlError::internal(error),
+            },
+        }
     }
-    text
+
+    /// `attach` failed with a bare `Err`: a pool that is unavailable when asked again is
+    /// the cause; otherwise the device refused.
+    fn probe_broker(&self, attach: HandleError) -> ControlError {
+        let Some(path) = &self.broker else {
+            return ControlError::device(attach);
+        };
+        match ism_pool::client::query_status(path) {
+            Err(probe) if pool_unavailable(&probe) => {
+                ControlError::PoolUnavailable(Box::new(BrokerDown { attach, probe }))
+            }
+            _ => ControlError::device(attach),
+        }
+    }
 }

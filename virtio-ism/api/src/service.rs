@@ -4,16 +4,20 @@
 
 use std::sync::Arc;
 
+use crate::error::{ControlError, IsmApiError};
 use crate::types::{
     AddRegion, GrantPerm, IsmAddRegionRequest, IsmGrant, IsmRegionInfo, IsmRegions,
     IsmRemoveRegionRequest, RegionAccess, RegionArea,
 };
 
 /// What the API needs from an ism device: region hotplug and the pool's view. Implemented
-/// over `virtio_ism::IsmHandle` ([`crate::HandleControl`]), and by fakes in tests.
+/// over `virtio_ism::IsmHandle` ([`crate::HandleControl`]), and by fakes in tests. Every
+/// failure is a [`ControlError`] that says who refused (device, pool) or that the pool
+/// cannot be reached; [`IsmApiError::status_code`] turns it into an HTTP status.
 pub trait IsmControl: Send + Sync {
     /// Attach `token` for the guest with `access`; returns the mapped areas.
-    fn add_region(&self, token: u64, access: RegionAccess) -> Result<Vec<RegionArea>, String>;
+    fn add_region(&self, token: u64, access: RegionAccess)
+    -> Result<Vec<RegionArea>, ControlError>;
     /// Create a region of `size` bytes in the device's pool, attach it for the guest and
     /// grant `grants` (peer devid, permission) and `default` to the rest; returns its token
     /// and mapped areas. On failure nothing is left allocated.
@@ -22,7 +26,7 @@ pub trait IsmControl: Send + Sync {
         size: u64,
         grants: &[IsmGrant],
         default: GrantPerm,
-    ) -> Result<(u64, Vec<RegionArea>), String>;
+    ) -> Result<(u64, Vec<RegionArea>), ControlError>;
     /// The device's id in its pool (its devid).
     fn devid(&self) -> u64;
     /// Revoke `token` from the guest; false if the device did not hold it.
@@ -30,10 +34,11 @@ pub trait IsmControl: Send + Sync {
     /// Tokens the device holds.
     fn regions(&self) -> Vec<u64>;
     /// The pool's status as JSON (`ism_pool::PoolStatus`).
-    fn pool_status(&self) -> Result<serde_json::Value, String>;
+    fn pool_status(&self) -> Result<serde_json::Value, ControlError>;
     /// Park the device's worker: it writes nothing into guest memory until
     /// [`IsmControl::resume`] (`vm.pause`).
-    fn pause(&self) -> Result<(), String>;
+    fn pause(&self) -> Result<(), ControlError>;
+    /// Undo [`IsmControl::pause`].
     fn resume(&self);
 }
 
@@ -42,40 +47,6 @@ pub trait IsmControl: Send + Sync {
 pub struct IsmEntry {
     pub id: String,
     pub control: Arc<dyn IsmControl>,
-}
-
-/// Why an ism request was refused.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum IsmApiError {
-    #[error("No ism device with id {0:?}")]
-    UnknownDeviceId(String),
-    #[error("Device {0:?} does not hold region {1}")]
-    UnknownRegion(String, u64),
-    #[error("Device {0:?} holds region {1} already")]
-    RegionExists(String, u64),
-    #[error("Device {0:?} refused the request: {1}")]
-    DeviceRefused(String, String),
-    #[error("Pool status of {0:?} is unavailable: {1}")]
-    PoolStatus(String, String),
-    #[error("Device {0:?}: peer {1} is not a device of its pool")]
-    UnknownPeer(String, u64),
-    #[error("Device {0:?}: peer {1} is the device itself")]
-    SelfPeer(String, u64),
-}
-
-impl IsmApiError {
-    /// The HTTP status of the refusal: 404 for what is not there, 409 for what is there
-    /// already, 400 for what the device or pool refused, 500 when the pool cannot be asked.
-    pub fn status_code(&self) -> u16 {
-        match self {
-            IsmApiError::UnknownDeviceId(_) | IsmApiError::UnknownRegion(..) => 404,
-            IsmApiError::RegionExists(..) => 409,
-            IsmApiError::DeviceRefused(..)
-            | IsmApiError::UnknownPeer(..)
-            | IsmApiError::SelfPeer(..) => 400,
-            IsmApiError::PoolStatus(..) => 500,
-        }
-    }
 }
 
 /// Where the API reports what it did to regions (the VMM's event monitor, source "ism"):
@@ -108,7 +79,7 @@ impl IsmDevices {
         // The router checked the body already; a request built elsewhere is checked here.
         let kind = req
             .kind()
-            .map_err(|e| IsmApiError::DeviceRefused(req.id.clone(), e))?;
+            .map_err(|e| IsmApiError::InvalidRequest(req.id.clone(), e))?;
         let entry = self.get(&req.id)?;
         let id = || ("id", req.id.clone());
         let api = || ("origin", "api".to_owned());
@@ -117,10 +88,13 @@ impl IsmDevices {
                 if entry.control.regions().contains(&token) {
                     return Err(IsmApiError::RegionExists(req.id, token));
                 }
-                let areas = entry
-                    .control
-                    .add_region(token, access)
-                    .map_err(|e| IsmApiError::DeviceRefused(req.id.clone(), e))?;
+                let areas = entry.control.add_region(token, access).map_err(|source| {
+                    IsmApiError::Attach {
+                        id: req.id.clone(),
+                        token,
+                        source,
+                    }
+                })?;
                 events(
                     "region-attached",
                     vec![id(), ("token", token.to_string()), api()],
@@ -136,7 +110,11 @@ impl IsmDevices {
                 let (token, areas) = entry
                     .control
                     .create_region(size, &grants, default_perm)
-                    .map_err(|e| IsmApiError::DeviceRefused(req.id.clone(), e))?;
+                    .map_err(|source| IsmApiError::Create {
+                        id: req.id.clone(),
+                        size,
+                        source,
+                    })?;
                 events(
                     "region-allocated",
                     vec![
@@ -195,11 +173,14 @@ impl IsmDevices {
 
     /// Pause every device (`vm.pause`, after the vCPUs); on a failure the ones paused
     /// already are resumed.
-    pub fn pause_all(&self) -> Result<(), String> {
+    pub fn pause_all(&self) -> Result<(), IsmApiError> {
         for (n, e) in self.0.iter().enumerate() {
-            if let Err(why) = e.control.pause() {
+            if let Err(source) = e.control.pause() {
                 self.0[..n].iter().for_each(|e| e.control.resume());
-                return Err(format!("ism device {}: {why}", e.id));
+                return Err(IsmApiError::Pause {
+                    id: e.id.clone(),
+                    source,
+                });
             }
         }
         Ok(())
@@ -217,7 +198,10 @@ impl IsmDevices {
             let status = e
                 .control
                 .pool_status()
-                .map_err(|msg| IsmApiError::PoolStatus(e.id.clone(), msg))?;
+                .map_err(|source| IsmApiError::PoolStatus {
+                    id: e.id.clone(),
+                    source,
+                })?;
             out.insert(e.id.clone(), status);
         }
         Ok(serde_json::Value::Object(out))
@@ -237,7 +221,10 @@ fn check_peers(id: &str, entry: &IsmEntry, grants: &[IsmGrant]) -> Result<(), Is
     let status = entry
         .control
         .pool_status()
-        .map_err(|msg| IsmApiError::PoolStatus(id.to_owned(), msg))?;
+        .map_err(|source| IsmApiError::PoolStatus {
+            id: id.to_owned(),
+            source,
+        })?;
     let known: Vec<u64> = status["sessions"]
         .as_array()
         .map(|sessions| {

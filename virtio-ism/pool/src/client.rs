@@ -351,6 +351,9 @@ fn read_loop(shared: &Shared) {
             Err(PoolError::Protocol(text)) => {
                 log::warn!("Ignoring bad message from broker: {text}");
             }
+            // Requests then fail with Connection(reason): keep the cause, not the
+            // "connection failed" the request's error says already.
+            Err(PoolError::Connection(cause)) => break cause.to_string(),
             Err(e) => break e.to_string(),
         }
     };

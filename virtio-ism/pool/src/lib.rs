@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Host-wide region pool for virtio-ism.
 //!
-//! - [`session`]: the [`PoolSession`] contract the device codes against.
+//! - [`session`]: the [`PoolSession`] contract the device codes against, re-exported from
+//!   `virtio-ism-pool-api` (where a device should take it from).
 //! - [`LocalPool`]: the pool logic, usable in-process (a VMM without a broker socket).
 //! - [`broker`], [`handler`], [`wire`]: the `ism-pool` daemon, its per-connection request
 //!   handler and the protocol (docs/pool.md).

@@ -17,7 +17,7 @@ pub const DOORBELL_VERSION: u16 = 2;
 /// First version with error codes 13..15 (`DescriptorLimit`, `RegionQuotaExceeded`,
 /// `UnknownDevice`); older clients get them as codes they know (see
 /// [`WireError::for_version`]).
-pub const LIMITS_VERSION: u16 = 3;
+pub const LIMITS_VERSION: u16 = virtio_ism_pool_api::status::LIMITS_VERSION;
 /// Most doorbells (and descriptors) one DOORBELLS reply carries; larger sets take several
 /// PEER_DOORBELLS requests.
 pub const MAX_DOORBELLS_PER_REPLY: usize = 16;

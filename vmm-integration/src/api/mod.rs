@@ -22,8 +22,10 @@ pub enum ApiError {
     AlreadyPaused,
     #[error("The VM is not paused")]
     NotPaused,
-    #[error("Failed to pause the VM: {0}")]
-    Pause(String),
+    #[error("This VMM has no vCPUs to pause")]
+    NoVcpus,
+    #[error("Failed to pause the vCPUs")]
+    PauseVcpus(#[source] crate::vstate::pause::PauseError),
     #[error("Failed to serialise the response")]
     Serialise(#[source] serde_json::Error),
     #[error("The VMM is shutting down")]
@@ -35,7 +37,10 @@ impl ApiError {
         match self {
             ApiError::Ism(e) => e.status_code(),
             ApiError::AlreadyPaused | ApiError::NotPaused => 409,
-            ApiError::Pause(_) | ApiError::Serialise(_) | ApiError::VmmGone => 500,
+            ApiError::NoVcpus
+            | ApiError::PauseVcpus(_)
+            | ApiError::Serialise(_)
+            | ApiError::VmmGone => 500,
         }
     }
 

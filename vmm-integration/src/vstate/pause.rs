@@ -43,6 +43,9 @@ pub enum PauseError {
         total: usize,
         waited: Duration,
     },
+    /// The vCPUs stopped but a device's worker did not (they were resumed again).
+    #[error("The vCPUs stopped but a device did not")]
+    Device(#[source] crate::devices::PauseError),
 }
 
 #[derive(Default)]
