@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ism_pool::Token;
+use virtio_ism_pool_api::Token;
 
 /// A run of consecutive chunk slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 //! once, run it against the region table and write `status` + reply back, only inside the
 //! chain's device-writable buffers.
 
-use ism_pool::{DevId, GrantTarget, Perms, Token};
 use log::debug;
+use virtio_ism_pool_api::{DevId, GrantTarget, Perms, Token};
 use virtio_ism_proto::ctrl::{REPLY_OFFSET, reply_capacity};
 use virtio_ism_proto::defs::features::bit;
 use virtio_ism_proto::{

@@ -7,12 +7,12 @@ use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use ism_pool::{GrantTarget, Perms, PoolError, PoolSession, PoolStatus, Token};
 use log::{error, warn};
 use virtio_device::{
     ActivateError, ActivationContext, Counters, PauseGate, ShmError, VirtioDevice, VirtioInterrupt,
     VirtioSharedMemory, VirtioSharedMemoryList, read_config_from_slice,
 };
+use virtio_ism_pool_api::{GrantTarget, Perms, PoolError, PoolSession, PoolStatus, Token};
 use virtio_ism_proto::defs::VIRTIO_ID_ISM;
 use virtio_ism_proto::defs::features::{
     VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit,
@@ -650,7 +650,7 @@ impl IsmHandle {
     }
 
     /// Map a pool refusal to the status a driver would see (for API error messages).
-    pub fn status_of(err: &ism_pool::PoolError) -> virtio_ism_proto::Status {
+    pub fn status_of(err: &virtio_ism_pool_api::PoolError) -> virtio_ism_proto::Status {
         pool_status(err)
     }
 

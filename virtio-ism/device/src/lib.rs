@@ -2,7 +2,7 @@
 //! virtio-ism device model, independent of KVM and of the transport.
 //!
 //! [`Ism`] implements [`virtio_device::VirtioDevice`]. It takes regions from the host pool
-//! through an [`ism_pool::PoolSession`], maps them into its shared-memory window through a
+//! through an [`virtio_ism_pool_api::PoolSession`], maps them into its shared-memory window through a
 //! [`ShmWindow`] the VMM provides, and serves the control queue (and, when negotiated, the
 //! event queue) from a worker thread. [`IsmHandle`] is the VMM's side door: doorbells
 //! ([`KickSink`]), peer kicks and region hotplug. Kicks between VMs take no userspace hop

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use ism_pool::{DevId, Perms, PoolEvent, Token};
+use virtio_ism_pool_api::{DevId, Perms, PoolEvent, Token};
 
 /// One thing that happened to a region this device holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

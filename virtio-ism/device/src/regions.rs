@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ism_pool::{
+use log::{debug, warn};
+use virtio_device::{VirtioInterrupt, VirtioInterruptType};
+use virtio_ism_pool_api::{
     DevId, GrantTarget, MissingPerm, Perms, PoolError, PoolEvent, PoolSession, RegionLease,
     SessionInfo, Token,
 };
-use log::{debug, warn};
-use virtio_device::{VirtioInterrupt, VirtioInterruptType};
 use virtio_ism_proto::defs::{VIRTIO_MSI_NO_VECTOR, perm, region_flags};
 use virtio_ism_proto::{Area, Event, EventType, Status};
 use vmm_sys_util::epoll::Epoll;

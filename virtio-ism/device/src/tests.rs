@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use ism_pool::{DevId, LocalPool, PoolConfig, PoolSession, Token};
+use ism_pool::{LocalPool, PoolConfig};
 use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use virtio_ism_pool_api::{DevId, PoolSession, Token};
 use virtio_ism_proto::ctrl::{decode_areas, decode_tokens, reply_len};
 use virtio_ism_proto::defs::features::{
     VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_IRQ, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit,
@@ -1142,7 +1143,10 @@ fn test_host_hotplug_adds_and_removes_regions() {
     let (token, a_areas) = a.alloc(CHUNK);
     assert_eq!(a.grant_device(token, rw(), b.devid()), Status::Ok);
     b.post_event_buffers(4);
-    let areas = b.handle().add_region(token, ism_pool::Perms::NONE).unwrap();
+    let areas = b
+        .handle()
+        .add_region(token, virtio_ism_pool_api::Perms::NONE)
+        .unwrap();
     assert_eq!(b.handle().regions(), vec![token]);
     let events = b.take_events();
     assert_eq!(events.len(), 1);
@@ -1163,7 +1167,11 @@ fn test_host_hotplug_adds_and_removes_regions() {
     assert!(!b.window.is_mapped(areas[0].offset));
     // An inactive device refuses hotplug.
     b.device.reset();
-    assert!(b.handle().add_region(token, ism_pool::Perms::NONE).is_err());
+    assert!(
+        b.handle()
+            .add_region(token, virtio_ism_pool_api::Perms::NONE)
+            .is_err()
+    );
 }
 
 #[test]
@@ -1643,7 +1651,7 @@ fn test_worker_thread_fans_out_one_hop_kicks_on_its_own() {
     let areas = a
         .device
         .handle()
-        .add_region(token, ism_pool::Perms::NONE)
+        .add_region(token, virtio_ism_pool_api::Perms::NONE)
         .unwrap();
     let slot = notify_slot(areas[0].offset);
     assert_eq!(wiring_a.wired_offsets(), vec![slot]);
@@ -1679,7 +1687,7 @@ impl RecordingObserver {
 #[test]
 fn test_observer_hears_successful_commands_and_pool_reports_only() {
     use crate::IsmEvent;
-    use ism_pool::Perms;
+    use virtio_ism_pool_api::Perms;
     let (pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
     let (seen_a, seen_b) = (
         Arc::new(RecordingObserver::default()),
@@ -1731,7 +1739,7 @@ fn test_observer_hears_successful_commands_and_pool_reports_only() {
 
 #[test]
 fn test_host_created_region_is_granted_owned_and_announced_or_not_made_at_all() {
-    use ism_pool::{GrantTarget, Perms};
+    use virtio_ism_pool_api::{GrantTarget, Perms};
     let (pool, [mut a, b]) = guests([ALL_FEATURES, ALL_FEATURES]);
     let handle = a.handle();
     let read = Perms::ATTACH.union(Perms::READ);
@@ -1762,38 +1770,43 @@ fn test_host_created_region_is_granted_owned_and_announced_or_not_made_at_all() 
 struct RefusingGrants(Arc<dyn PoolSession>);
 
 impl PoolSession for RefusingGrants {
-    fn info(&self) -> ism_pool::SessionInfo {
+    fn info(&self) -> virtio_ism_pool_api::SessionInfo {
         self.0.info()
     }
-    fn alloc(&self, size: u64) -> Result<ism_pool::RegionLease, ism_pool::PoolError> {
+    fn alloc(
+        &self,
+        size: u64,
+    ) -> Result<virtio_ism_pool_api::RegionLease, virtio_ism_pool_api::PoolError> {
         self.0.alloc(size)
     }
     fn attach(
         &self,
         token: Token,
-        want: ism_pool::Perms,
-    ) -> Result<ism_pool::RegionLease, ism_pool::PoolError> {
+        want: virtio_ism_pool_api::Perms,
+    ) -> Result<virtio_ism_pool_api::RegionLease, virtio_ism_pool_api::PoolError> {
         self.0.attach(token, want)
     }
-    fn detach(&self, token: Token) -> Result<(), ism_pool::PoolError> {
+    fn detach(&self, token: Token) -> Result<(), virtio_ism_pool_api::PoolError> {
         self.0.detach(token)
     }
     fn grant(
         &self,
         _: Token,
-        _: ism_pool::GrantTarget,
-        _: ism_pool::Perms,
-    ) -> Result<(), ism_pool::PoolError> {
-        Err(ism_pool::PoolError::Protocol("grants refused".into()))
+        _: virtio_ism_pool_api::GrantTarget,
+        _: virtio_ism_pool_api::Perms,
+    ) -> Result<(), virtio_ism_pool_api::PoolError> {
+        Err(virtio_ism_pool_api::PoolError::Protocol(
+            "grants refused".into(),
+        ))
     }
-    fn take_events(&self) -> Vec<ism_pool::PoolEvent> {
+    fn take_events(&self) -> Vec<virtio_ism_pool_api::PoolEvent> {
         self.0.take_events()
     }
 }
 
 #[test]
 fn test_host_created_region_whose_grant_fails_is_freed() {
-    use ism_pool::{GrantTarget, Perms};
+    use virtio_ism_pool_api::{GrantTarget, Perms};
     let pool = pool();
     let a = TestVm::with_session(
         Arc::new(RefusingGrants(pool.session().unwrap())),

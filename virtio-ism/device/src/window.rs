@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 
-use ism_pool::{DevId, Token};
+use virtio_ism_pool_api::{DevId, Token};
 
 /// The device's shared-memory window (the 64-bit BAR behind shmid 1 and 2), as the VMM
 /// provides it. Offsets are relative to the start of the window; the device only ever maps
