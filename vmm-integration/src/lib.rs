@@ -4,9 +4,9 @@
 //! The binaries are thin: `ism-vmm` turns its command line into a [`config::VmConfig`] and an
 //! [`config::api::OperatorConfig`] and calls [`run`]; `ism-remote` speaks the REST API with
 //! the bodies in [`rest`] and parses its arguments with [`config::option_parser`]. What else
-//! is public is what tests outside the crate need: the virtio-pci transport
-//! ([`virtio_pci`], for the guest driver's host tests) and, with the `test-utils` feature,
-//! tiny PVH guests ([`test_guest`]). Everything else is internal to the VMM.
+//! is public is what tests outside the crate need, with the `test-utils` feature: tiny PVH
+//! guests (`test_guest`) and the PCI root with the virtio-pci transport on a fake KVM
+//! (`test_pci`, for the guest driver's host tests). Everything else is internal to the VMM.
 
 mod acpi;
 mod api;
@@ -29,6 +29,8 @@ mod seccomp;
 mod terminal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_guest;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_pci;
 mod virtio_pci;
 mod vmm;
 mod vstate;
