@@ -237,6 +237,8 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
             libc::SYS_dup,
             libc::SYS_fcntl,
             libc::SYS_restart_syscall,
+            // Log lines from the devices it activates (as on the vCPU before).
+            libc::SYS_writev,
             libc::SYS_seccomp,
         ],
         // Accept (the listener was made non-blocking before the filter), poll the listener
