@@ -1,20 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 //! ism-vmm's REST request path: arbitrary bytes as an HTTP request line plus body, through
-//! the VMM's own router and body parsing (compiled in from vmm-integration). Checks that
+//! the VMM's own router and body parsing (`ism_vmm::rest`). Checks that
 //! nothing panics, that every refusal is a 4xx, and that an accepted body round-trips.
 
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../vmm-integration/src/api/router.rs"]
-mod router;
-#[allow(dead_code)]
-#[path = "../../vmm-integration/src/api/types.rs"]
-mod types;
-
 use libfuzzer_sys::fuzz_target;
 
-use types::{API_PREFIX, ApiAction, ROUTES};
+use ism_vmm::rest::{self as router, API_PREFIX, ApiAction, ROUTES};
 
 fuzz_target!(|data: &[u8]| {
     // "<method> <url>\n<body>": the first line picks the route, the rest is the body.

@@ -143,7 +143,6 @@ pub fn stop() {
 
 /// `event!(source, event)` or `event!(source, event, "key", value, ...)`; values are
 /// anything `Into<Cow<'static, str>>` or `&String`/`&str` (copied).
-#[macro_export]
 macro_rules! event {
     ($source:expr, $event:expr) => {
         $crate::event_monitor::report($source, $event, None)
@@ -159,3 +158,4 @@ macro_rules! event {
         $crate::event_monitor::report($source, $event, Some(props))
     }};
 }
+pub(crate) use event;

@@ -207,7 +207,7 @@ impl GsiRouter {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod fake {
     //! A recording stand-in for KVM.
     use super::*;
@@ -230,6 +230,8 @@ pub mod fake {
     }
 
     impl FakeKvm {
+        /// What the fake holds now (the transport's own tests look at it).
+        #[cfg_attr(not(test), allow(dead_code))]
         pub fn snapshot<R>(&self, f: impl FnOnce(&FakeState) -> R) -> R {
             f(&self.state.lock().unwrap())
         }

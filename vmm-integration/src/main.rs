@@ -1,41 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
-//! ism-vmm: command line -> VmConfig -> run.
-
-mod acpi;
-mod api;
-mod boot;
-mod bus;
-mod config;
-mod control;
-mod devices;
-mod event_monitor;
-mod exit;
-mod fd_limit;
-mod interrupt;
-mod ism_api;
-mod layout;
-mod legacy;
-mod memory;
-mod panic_hook;
-mod pci;
-mod seccomp;
-mod terminal;
-#[cfg(test)]
-mod test_guest;
-mod virtio_pci;
-mod vmm;
-mod vstate;
+//! ism-vmm: command line -> VmConfig -> [`ism_vmm::run`].
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
-use config::api::{
+use ism_vmm::config::api::{
     ApiSocketConfig, EventMonitorConfig, OperatorConfig, OperatorError, SeccompMode,
 };
-use config::{
+use ism_vmm::config::{
     ConsoleConfig, CpusConfig, IsmDeviceConfig, MemoryConfig, PlatformConfig, RngConfig,
     SerialConfig, VmConfig, VmParams,
 };
-use exit::ExitEvent;
 
 /// Every option, sorted alphabetically by long name (a test keeps it so, as in
 /// cloud-hypervisor).
@@ -158,7 +132,7 @@ fn init_logging(verbosity: u8) {
 
 fn main() {
     // First: a panic anywhere, also in a thread under a seccomp filter, prints its message.
-    panic_hook::install();
+    ism_vmm::install_panic_hook();
     let matches = match create_app().try_get_matches() {
         Ok(m) => m,
         Err(e) => {
@@ -187,44 +161,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Before the first thread starts: each thread reads the policy when it applies its filter.
-    seccomp::set_policy(seccomp::Policy {
-        mode: operator.seccomp,
-        embedded_pool: config.ism.iter().any(|ism| ism.pool.is_none()),
-    });
-    let (needed, why) = fd_limit::descriptors_needed(&config);
-    match fd_limit::raise(needed, why) {
-        Ok(soft) => fd_limit::grow_table(needed, soft),
-        Err(e) => {
-            eprintln!("Error: {:#}", anyhow::Error::new(e));
-            std::process::exit(1);
-        }
-    }
-    let monitor = match event_monitor::start(operator.event_monitor.as_ref()) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("Error: {:#}", anyhow::Error::new(e));
-            std::process::exit(1);
-        }
-    };
-    event!("vmm", "starting");
-    let status = match vmm::run_with(&config, &operator) {
-        Ok(event) => {
-            match &event {
-                ExitEvent::Shutdown(why) => log::warn!("Guest shut down ({why})"),
-                ExitEvent::Reboot(why) => log::warn!("Guest requested a reboot ({why}); exiting"),
-                ExitEvent::Error(msg) => eprintln!("Error: VM stopped: {msg}"),
-            }
-            event.exit_status()
-        }
-        Err(e) => {
-            eprintln!("Error: {:#}", anyhow::Error::new(e));
-            1
-        }
-    };
-    event!("vmm", "shutdown");
-    event_monitor::finish(monitor);
-    std::process::exit(status);
+    std::process::exit(ism_vmm::run(&config, &operator));
 }
 
 #[cfg(test)]

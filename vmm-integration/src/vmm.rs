@@ -32,6 +32,7 @@ use crate::legacy::serial::{self, EventFdTrigger, SerialDevice};
 use crate::memory::{self, MemoryError, MemorySlots};
 use crate::pci::{PciError, PciManager};
 use crate::terminal::RawTerminal;
+use crate::virtio_pci::{DeviceManager, Lifecycle};
 use crate::vstate::pause::{self, PauseError, PauseState};
 use crate::vstate::pvm;
 use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuError, VcpuShared};
@@ -125,6 +126,13 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
     // Before any thread exists, so every thread inherits the mask and only the
     // "signal-handler" thread receives these.
     spawn_signal_handler(ExitNotifier::clone(&exit))?;
+    // Virtio activation and reset run here, not on the vCPU that wrote the status; the
+    // device workers start from this thread and stack their filters on its filter.
+    let device_manager = DeviceManager::new();
+    let lifecycle = device_manager.lifecycle();
+    let device_thread = device_manager
+        .spawn(|| crate::seccomp::apply_or_exit(crate::seccomp::Thread::DeviceManager))
+        .map_err(|e| VmmError::SpawnThread("device-manager".into(), e))?;
     // Guest RAM before the VM: the VM registers it before creating its irqchip, and advises it
     // to huge pages before anything touches it (vstate/vm.rs).
     let mem = memory::create_guest_memory(&config.memory).map_err(VmmError::Memory)?;
@@ -141,7 +149,8 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
 
     add_platform_devices(&buses, &exit, &reset)?;
     let serial = add_serial_device(&vm, &buses, &config.serial.mode)?;
-    let (pci, ism_handles) = add_pci_devices(&vm, &guest_memory, &buses, &memory_slots, config)?;
+    let (pci, ism_handles) =
+        add_pci_devices(&vm, &guest_memory, &buses, &memory_slots, config, lifecycle)?;
 
     let ram_end = memory::ram_end(config.memory.size);
     let rsdp_addr = create_acpi_tables(
@@ -196,6 +205,8 @@ pub fn run_with(config: &VmConfig, operator: &OperatorConfig) -> Result<ExitEven
     let mut api = VmmApi::new(config, &pci, running.counters.clone(), ism).with_vcpus(&vcpus);
     let waited = control::wait_for_exit(exit_rx, api_listener, &mut api);
     teardown(running);
+    // After the vCPUs: none is left waiting on a job that would not run.
+    device_thread.stop();
     let event = waited.map_err(VmmError::Api)?;
     match &event {
         ExitEvent::Reboot(_) => crate::event!("vm", "rebooting"),
@@ -285,6 +296,7 @@ fn add_pci_devices(
     buses: &Arc<IoBuses>,
     memory_slots: &Arc<MemorySlots>,
     config: &VmConfig,
+    lifecycle: Lifecycle,
 ) -> Result<(PciManager, Vec<(String, virtio_ism::IsmHandle)>), VmmError> {
     let ram_end = memory::ram_end(config.memory.size);
     let mut pci = PciManager::new(
@@ -293,7 +305,8 @@ fn add_pci_devices(
         buses.clone(),
         layout::mmio64_start(ram_end),
     )
-    .map_err(VmmError::Pci)?;
+    .map_err(VmmError::Pci)?
+    .with_lifecycle(lifecycle);
     if let Some(rng) = &config.rng {
         let id = rng.id.clone().unwrap_or_else(|| "_rng0".to_owned());
         let dev = VirtioRng::new(&rng.src).map_err(VmmError::Rng)?;

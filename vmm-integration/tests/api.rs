@@ -1,13 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The REST API, ism-remote and the event monitor against a running ism-vmm process.
 
-#[allow(dead_code)]
-#[path = "../src/layout.rs"]
-mod layout;
-#[allow(dead_code)]
-#[path = "../src/test_guest.rs"]
-mod test_guest;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,7 +8,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use test_guest::{halt_code, kvm_available, print_code, pvh_elf, write_temp};
+use ism_vmm::test_guest::{halt_code, kvm_available, print_code, pvh_elf, write_temp};
 
 const VMM: &str = env!("CARGO_BIN_EXE_ism-vmm");
 const REMOTE: &str = env!("CARGO_BIN_EXE_ism-remote");

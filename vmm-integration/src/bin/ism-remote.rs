@@ -2,14 +2,6 @@
 //! ism-remote: drive a running ism-vmm through its REST API, in the style of
 //! cloud-hypervisor's `ch-remote --api-socket <path> <command> [arg]`.
 
-// The request/response types and the option-string parser are the VMM's own, compiled in.
-#[allow(dead_code)]
-#[path = "../config/option_parser.rs"]
-mod option_parser;
-#[allow(dead_code)]
-#[path = "../api/types.rs"]
-mod types;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -17,8 +9,11 @@ use std::process::ExitCode;
 
 use clap::{Arg, Command};
 
-use option_parser::{ByteSized, OptionParser, OptionParserError};
-use types::{GrantPerm, IsmAddRegionRequest, IsmGrant, IsmRemoveRegionRequest, RegionAccess};
+// The request/response bodies and the option-string parser are the VMM's own.
+use ism_vmm::config::option_parser::{ByteSized, OptionParser, OptionParserError};
+use ism_vmm::rest::{
+    GrantPerm, IsmAddRegionRequest, IsmGrant, IsmRemoveRegionRequest, RegionAccess,
+};
 
 #[derive(Debug, thiserror::Error)]
 enum RemoteError {

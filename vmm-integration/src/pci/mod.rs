@@ -17,7 +17,7 @@ use crate::bus::{BusError, IoBuses};
 use crate::devices::DevicePauser;
 use crate::interrupt::{GsiRouter, InterruptError, IoEventRegistrar, KvmInterruptOps, MsiRouting};
 use crate::layout;
-use crate::virtio_pci::{VirtioPciDevice, VirtioPciError, VirtioPciResources};
+use crate::virtio_pci::{Lifecycle, VirtioPciDevice, VirtioPciError, VirtioPciResources};
 use bus::{PciBus, PciConfigIo, PciEcam, PciHostBridge};
 use virtio_device::VirtioDevice;
 
@@ -71,6 +71,8 @@ pub struct PciManager {
     pausable: DevicePauser,
     /// Id and address of each plugged device, in plug order (for `vm.info`).
     infos: Vec<PciDeviceInfo>,
+    /// Where the devices' activate and reset run.
+    lifecycle: Lifecycle,
 }
 
 impl PciManager {
@@ -127,7 +129,15 @@ impl PciManager {
             devices: Vec::new(),
             pausable: DevicePauser::default(),
             infos: Vec::new(),
+            lifecycle: Lifecycle::inline(),
         })
+    }
+
+    /// Run the activate and reset of devices plugged from now on through `lifecycle` (the
+    /// VMM's device-manager thread) rather than on the thread that wrote the status.
+    pub fn with_lifecycle(mut self, lifecycle: Lifecycle) -> Self {
+        self.lifecycle = lifecycle;
+        self
     }
 
     /// Plug `dev` in with one MSI-X vector per queue plus one for configuration changes.
@@ -288,6 +298,7 @@ impl PciManager {
             self.ioevents.clone(),
             self.buses.clone(),
             self.mem.clone(),
+            self.lifecycle.clone(),
         )
         .map_err(|e| PciError::CreateVirtioPci(id.to_owned(), e))?;
         let pci_dev = Arc::new(Mutex::new(pci_dev));

@@ -16,9 +16,11 @@
 //! filter refuses.
 //!
 //! Filters stack: a thread keeps the filter of the thread that spawned it and adds its own,
-//! and a syscall must pass both. Device workers are started on activation by the vCPU that
-//! wrote DRIVER_OK, so the vCPU filter is built as the vCPU's own needs plus those of the
-//! workers it starts ([`Thread::Vcpu`]); each worker then narrows to its own list.
+//! and a syscall must pass both. Device workers are started on activation by the
+//! device-manager thread (a vCPU that writes DRIVER_OK only queues the activation and
+//! waits, `virtio_pci::Lifecycle`), so that thread's filter is built as its own needs plus
+//! those of the workers it starts ([`Thread::DeviceManager`]); each worker then narrows to its
+//! own list. A vCPU starts no thread and adds no filter.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -47,9 +49,12 @@ pub enum SeccompError {
 pub enum Thread {
     /// The main thread once the VM runs: API requests, teardown, device shutdown.
     Main,
-    /// A vCPU: KVM_RUN, the buses, device activation and reset (activation starts the
-    /// device workers, whose filters stack on this one).
+    /// A vCPU: KVM_RUN and the buses (register accesses, BAR moves, MSI-X, trapped
+    /// doorbells). Device activation and reset it hands to the device-manager thread.
     Vcpu,
+    /// "device-manager": runs device activation and reset for the vCPUs (activation starts
+    /// the device workers, whose filters stack on this one).
+    DeviceManager,
     /// "http-server": accepts API connections and starts a thread for each.
     HttpServer,
     /// "http-conn": one API connection (reads a request, waits for the main thread's answer,
@@ -73,9 +78,10 @@ pub enum Thread {
 impl Thread {
     /// Every kind.
     #[cfg(test)]
-    pub const ALL: [Thread; 11] = [
+    pub const ALL: [Thread; 12] = [
         Thread::Main,
         Thread::Vcpu,
+        Thread::DeviceManager,
         Thread::HttpServer,
         Thread::HttpConnection,
         Thread::EventMonitor,
@@ -207,6 +213,10 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
             libc::SYS_flock,
             libc::SYS_restart_syscall,
         ],
+        // KVM_RUN and the exits it hands to the buses: queue eventfds made and registered
+        // at DRIVER_OK (`eventfd2`, `dup`, `fcntl`), MSI-X and BAR moves (ioctls), trapped
+        // doorbells (AIO, below), serial output (`writev`); `getrandom` for std HashMap keys
+        // in device code the buses reach. No threads, no files, no sockets, no filters.
         Thread::Vcpu => &[
             libc::SYS_ioctl,
             libc::SYS_exit_group,
@@ -216,8 +226,19 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
             libc::SYS_tgkill,
             libc::SYS_restart_syscall,
             libc::SYS_writev,
-            // The workers it starts apply their own filters on top (adding a filter only
-            // narrows; other seccomp operations stay refused, see `rules`).
+            libc::SYS_getrandom,
+        ],
+        // Activation and reset: ioeventfds and memory slots unwired (ioctls), the worker
+        // started; the workers it starts apply their own filters on top (adding a filter
+        // only narrows; other seccomp operations stay refused, see `rules`).
+        Thread::DeviceManager => &[
+            libc::SYS_ioctl,
+            libc::SYS_eventfd2,
+            libc::SYS_dup,
+            libc::SYS_fcntl,
+            libc::SYS_restart_syscall,
+            // Log lines from the devices it activates (as on the vCPU before).
+            libc::SYS_writev,
             libc::SYS_seccomp,
         ],
         // Accept (the listener was made non-blocking before the filter), poll the listener
@@ -266,17 +287,24 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
         // Devices are made (vm.add-ism) and dropped here.
         Thread::Main => list.extend_from_slice(DOORBELL_AIO),
         Thread::RngWorker => list.extend_from_slice(EPOLL_LOOP),
-        // Device reset on a vCPU gives regions back to the pool, and the workers this
-        // thread starts keep its filter: they can only do what it allows.
-        Thread::Vcpu => {
+        // Trapped doorbell writes ring the peers' doorbells.
+        Thread::Vcpu => list.extend_from_slice(DOORBELL_AIO),
+        // Device reset gives regions back to the pool, and the workers this thread starts
+        // keep its filter: they can only do what it allows.
+        Thread::DeviceManager => {
             list.extend(allowed_syscalls(Thread::IsmWorker, embedded_pool));
             list.extend(allowed_syscalls(Thread::RngWorker, embedded_pool));
         }
         _ => {}
     }
-    // API region hotplug (main), device activation and reset (vCPU) and the worker make
-    // embedded-pool calls.
-    if embedded_pool && matches!(thread, Thread::Main | Thread::Vcpu | Thread::IsmWorker) {
+    // API region hotplug (main), device activation and reset (device-manager) and the
+    // worker make embedded-pool calls.
+    if embedded_pool
+        && matches!(
+            thread,
+            Thread::Main | Thread::DeviceManager | Thread::IsmWorker
+        )
+    {
         list.extend_from_slice(EMBEDDED_POOL);
     }
     list
@@ -284,7 +312,10 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
 
 /// Whether `thread` may start threads.
 fn spawns(thread: Thread) -> bool {
-    matches!(thread, Thread::Main | Thread::Vcpu | Thread::HttpServer)
+    matches!(
+        thread,
+        Thread::Main | Thread::DeviceManager | Thread::HttpServer
+    )
 }
 
 /// The syscalls `thread` may make (some only with the arguments [`filter`] checks), when
@@ -308,6 +339,8 @@ pub fn allowed_ioctls(thread: Thread) -> Vec<u64> {
         // restored at exit.
         Thread::Main => [DEVICE_WIRING, TERMINAL].concat(),
         Thread::Vcpu => [VCPU, DEVICE_WIRING].concat(),
+        // Activation wires (and a failed one unwires) slots and doorbells; reset unwires.
+        Thread::DeviceManager => [DEVICE_WIRING, ISM_WORKER].concat(),
         Thread::IsmWorker => ISM_WORKER.to_vec(),
         Thread::HttpServer
         | Thread::HttpConnection
@@ -580,11 +613,12 @@ mod tests {
                 assert_eq!(built.is_some(), mode != SeccompMode::Off, "{t:?} {mode:?}");
             }
         }
-        // Lists differ: only spawning threads may clone, only the ism worker (and the vCPUs
-        // that start it) may create memfds, only vCPUs may run.
+        // Lists differ: only spawning threads may clone, only the ism worker (and the
+        // device-manager thread that starts it) may create memfds, only vCPUs may run.
         assert!(!allowed_syscalls(Thread::EventMonitor, true).contains(&libc::SYS_clone3));
         assert!(!allowed_syscalls(Thread::IsmWorker, true).contains(&libc::SYS_clone3));
-        assert!(allowed_syscalls(Thread::Vcpu, true).contains(&libc::SYS_memfd_create));
+        assert!(allowed_syscalls(Thread::DeviceManager, true).contains(&libc::SYS_memfd_create));
+        assert!(!allowed_syscalls(Thread::Vcpu, true).contains(&libc::SYS_memfd_create));
         assert!(allowed_syscalls(Thread::IsmWorker, true).contains(&libc::SYS_memfd_create));
         assert!(!allowed_syscalls(Thread::HttpServer, true).contains(&libc::SYS_memfd_create));
         assert!(!allowed_syscalls(Thread::RngWorker, true).contains(&libc::SYS_memfd_create));
@@ -593,22 +627,86 @@ mod tests {
         assert!(allowed_ioctls(Thread::RngWorker).is_empty());
     }
 
-    /// A stacked worker filter only narrows: whatever the worker allows, the vCPU that
-    /// starts it must allow too, or the worker would die on it.
+    /// A stacked worker filter only narrows: whatever the worker allows, the device-manager
+    /// thread that starts it must allow too, or the worker would die on it.
     #[test]
-    fn test_vcpu_filter_covers_the_workers_it_starts() {
-        let vcpu = allowed_syscalls(Thread::Vcpu, true);
-        let vcpu_ioctls = allowed_ioctls(Thread::Vcpu);
-        for worker in [Thread::IsmWorker, Thread::RngWorker] {
-            for nr in allowed_syscalls(worker, true) {
-                assert!(vcpu.contains(&nr), "{worker:?}: syscall {nr}");
+    fn test_device_manager_filter_covers_the_workers_it_starts() {
+        for embedded_pool in [false, true] {
+            let parent = allowed_syscalls(Thread::DeviceManager, embedded_pool);
+            let parent_ioctls = allowed_ioctls(Thread::DeviceManager);
+            for worker in [Thread::IsmWorker, Thread::RngWorker] {
+                for nr in allowed_syscalls(worker, embedded_pool) {
+                    assert!(parent.contains(&nr), "{worker:?}: syscall {nr}");
+                }
+                for request in allowed_ioctls(worker) {
+                    assert!(
+                        parent_ioctls.contains(&request),
+                        "{worker:?}: ioctl {request:#x}"
+                    );
+                }
             }
-            for request in allowed_ioctls(worker) {
-                assert!(
-                    vcpu_ioctls.contains(&request),
-                    "{worker:?}: ioctl {request:#x}"
-                );
+        }
+    }
+
+    /// A vCPU hands activation and reset to the device-manager thread, so it starts no
+    /// thread, adds no filter and makes no pool calls: under its filter (in a child, kill
+    /// mode) clone, memfd_create, sendmsg and seccomp kill, for either pool backend.
+    #[test]
+    fn test_vcpu_filter_refuses_thread_starts_and_pool_calls() {
+        fn clone() -> libc::c_long {
+            // SAFETY: clone with no flags and no stack: killed by the filter before it runs
+            // (were it allowed, it would fork the forked test child, which exits at once).
+            unsafe { libc::syscall(libc::SYS_clone, 0, 0, 0, 0, 0) }
+        }
+        fn clone3() -> libc::c_long {
+            // SAFETY: a null clone_args with size 0 fails with EINVAL if it is ever run.
+            unsafe { libc::syscall(libc::SYS_clone3, 0, 0) }
+        }
+        fn memfd_create() -> libc::c_long {
+            // SAFETY: a NUL-terminated name and no flags; the descriptor dies with the child.
+            unsafe { libc::syscall(libc::SYS_memfd_create, c"ism".as_ptr(), 0) }
+        }
+        fn sendmsg() -> libc::c_long {
+            // SAFETY: a bad descriptor and a null message: EBADF if it is ever run.
+            unsafe { libc::syscall(libc::SYS_sendmsg, -1, 0, 0) }
+        }
+        fn seccomp() -> libc::c_long {
+            // SAFETY: a null filter program: EFAULT if it is ever run.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    std::ptr::null::<u8>(),
+                )
             }
+        }
+        type Call = (&'static str, libc::c_long, fn() -> libc::c_long);
+        let calls: [Call; 5] = [
+            ("clone", libc::SYS_clone, clone),
+            ("clone3", libc::SYS_clone3, clone3),
+            ("memfd_create", libc::SYS_memfd_create, memfd_create),
+            ("sendmsg", libc::SYS_sendmsg, sendmsg),
+            ("seccomp", libc::SYS_seccomp, seccomp),
+        ];
+        for embedded_pool in [false, true] {
+            let list = allowed_syscalls(Thread::Vcpu, embedded_pool);
+            for (name, nr, _) in calls {
+                assert!(!list.contains(&nr), "vCPU may call {name}");
+            }
+            for nr in [libc::SYS_openat, libc::SYS_fchmod, libc::SYS_socket] {
+                assert!(!list.contains(&nr), "vCPU may call {nr}");
+            }
+        }
+        let vcpu = program(Thread::Vcpu, SeccompMode::Kill);
+        for (name, _, call) in calls {
+            let status = in_child(&[&vcpu], || returned(call()));
+            assert!(killed_by_sigsys(status), "{name}: {status:#x}");
+        }
+        // The device-manager thread, which starts the workers, may.
+        let manager = allowed_syscalls(Thread::DeviceManager, true);
+        for (name, nr, _) in calls {
+            assert!(manager.contains(&nr), "device-manager may not call {name}");
         }
     }
 
@@ -672,29 +770,36 @@ mod tests {
         }
     }
 
-    /// Filters stack: a worker started by a vCPU keeps the vCPU filter and adds its own, so
-    /// tgkill (which a vCPU may make) kills an ism worker; a call both allow goes through.
+    /// Filters stack: a worker started by the device-manager thread keeps that thread's
+    /// filter and adds its own, so sched_getaffinity (which the device-manager thread may
+    /// make, to start threads) kills an ism worker; a call both allow goes through.
     #[test]
-    fn test_a_worker_filter_stacked_on_the_vcpu_filter_narrows_it() {
-        let vcpu = program(Thread::Vcpu, SeccompMode::Kill);
+    fn test_a_worker_filter_stacked_on_the_device_manager_filter_narrows_it() {
+        let manager = program(Thread::DeviceManager, SeccompMode::Kill);
         let worker = program(Thread::IsmWorker, SeccompMode::Kill);
-        // SAFETY: signal 0 only checks that the thread exists.
-        let tgkill = || unsafe {
-            libc::syscall(
-                libc::SYS_tgkill,
-                libc::getpid(),
-                libc::syscall(libc::SYS_gettid),
-                0,
-            )
+        let affinity = || {
+            let mut mask = [0u64; 16];
+            // SAFETY: the calling thread's CPU mask into a buffer of the given size.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_sched_getaffinity,
+                    0,
+                    std::mem::size_of_val(&mask),
+                    mask.as_mut_ptr(),
+                )
+            }
         };
-        assert!(exited_with(in_child(&[&vcpu], || returned(tgkill())), 7));
-        assert!(killed_by_sigsys(in_child(&[&vcpu, &worker], || returned(
-            tgkill()
-        ))));
+        assert!(exited_with(
+            in_child(&[&manager], || returned(affinity())),
+            7
+        ));
+        assert!(killed_by_sigsys(in_child(&[&manager, &worker], || {
+            returned(affinity())
+        })));
         // SAFETY: eventfd2 with plain integer arguments.
         let eventfd = || unsafe { libc::syscall(libc::SYS_eventfd2, 0, 0) };
         assert!(exited_with(
-            in_child(&[&vcpu, &worker], || returned(eventfd())),
+            in_child(&[&manager, &worker], || returned(eventfd())),
             7
         ));
     }
@@ -777,7 +882,12 @@ mod tests {
             // SAFETY: `addr` is the page mapped above (or MAP_FAILED, which fails cleanly).
             returned(unsafe { libc::mprotect(addr, 4096, prot) }.into())
         };
-        for thread in [Thread::Vcpu, Thread::IsmWorker, Thread::Main] {
+        for thread in [
+            Thread::Vcpu,
+            Thread::DeviceManager,
+            Thread::IsmWorker,
+            Thread::Main,
+        ] {
             let kill = program(thread, SeccompMode::Kill);
             let rw = libc::PROT_READ | libc::PROT_WRITE;
             assert!(exited_with(in_child(&[&kill], || map(rw)), 7));
@@ -857,8 +967,28 @@ mod tests {
             7
         });
         assert!(exited_with(vcpu_status, 7), "vCPU: {vcpu_status:#x}");
+        // Activation and reset on the device-manager thread wire and unwire the same.
+        let manager_status = in_child(
+            &[&program(Thread::DeviceManager, SeccompMode::Kill)],
+            || {
+                // SAFETY: as above.
+                let _ = unsafe { vm.set_user_memory_region(no_slot) };
+                let _ = vm.register_ioevent(&evt, &IoEventAddress::Mmio(0xd000_0000), NoDatamatch);
+                let _ =
+                    vm.unregister_ioevent(&evt, &IoEventAddress::Mmio(0xd000_0000), NoDatamatch);
+                let _ = vm
+                    .register_irqfd(&evt, 5)
+                    .and_then(|()| vm.unregister_irqfd(&evt, 5));
+                let _ = vm.set_gsi_routing(&routing);
+                7
+            },
+        );
+        assert!(
+            exited_with(manager_status, 7),
+            "device-manager: {manager_status:#x}"
+        );
         let worker = [
-            &program(Thread::Vcpu, SeccompMode::Kill),
+            &program(Thread::DeviceManager, SeccompMode::Kill),
             &program(Thread::IsmWorker, SeccompMode::Kill),
         ];
         let worker_status = in_child(&worker, || {
@@ -941,11 +1071,14 @@ mod tests {
             std::ffi::CString::new(format!("{}.new", memfd.as_path().display())).expect("no NUL");
         let stacks: Vec<(&str, Vec<BpfProgram>)> = vec![
             ("main", vec![program(Thread::Main, SeccompMode::Kill)]),
-            ("vcpu", vec![program(Thread::Vcpu, SeccompMode::Kill)]),
+            (
+                "device-manager",
+                vec![program(Thread::DeviceManager, SeccompMode::Kill)],
+            ),
             (
                 "ism worker",
                 vec![
-                    program(Thread::Vcpu, SeccompMode::Kill),
+                    program(Thread::DeviceManager, SeccompMode::Kill),
                     program(Thread::IsmWorker, SeccompMode::Kill),
                 ],
             ),
@@ -975,6 +1108,7 @@ mod tests {
         }
         // Threads that open nothing at all.
         for thread in [
+            Thread::Vcpu,
             Thread::HttpServer,
             Thread::HttpConnection,
             Thread::RngWorker,
@@ -1002,7 +1136,7 @@ mod tests {
         };
         // SAFETY: as above; the mode that would make the file writable again.
         let chmod_writable = || returned(unsafe { libc::syscall(libc::SYS_fchmod, fd, 0o600) });
-        for thread in [Thread::Main, Thread::Vcpu, Thread::IsmWorker] {
+        for thread in [Thread::Main, Thread::DeviceManager, Thread::IsmWorker] {
             let with = build(thread, true);
             assert!(exited_with(in_child(&[&with], chmod), 7), "{thread:?}");
             assert!(
@@ -1013,7 +1147,10 @@ mod tests {
             assert!(killed_by_sigsys(in_child(&[&without], chmod)), "{thread:?}");
         }
         for thread in Thread::ALL {
-            if !matches!(thread, Thread::Main | Thread::Vcpu | Thread::IsmWorker) {
+            if !matches!(
+                thread,
+                Thread::Main | Thread::DeviceManager | Thread::IsmWorker
+            ) {
                 assert!(
                     !allowed_syscalls(thread, true).contains(&libc::SYS_fchmod),
                     "{thread:?}"
@@ -1043,7 +1180,7 @@ mod tests {
             .name(name)
             .spawn(move || {
                 let parent = match thread {
-                    Thread::IsmWorker | Thread::RngWorker => Some(Thread::Vcpu),
+                    Thread::IsmWorker | Thread::RngWorker => Some(Thread::DeviceManager),
                     Thread::HttpConnection => Some(Thread::HttpServer),
                     _ => None,
                 };

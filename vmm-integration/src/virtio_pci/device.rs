@@ -2,7 +2,8 @@
 //! A virtio device on PCI: configuration space with the virtio and MSI-X capabilities, the
 //! settings BAR (common config, ISR, device config, notifications, MSI-X table and PBA),
 //! the optional shared-memory BAR, and the device lifecycle (activate on DRIVER_OK, reset on
-//! status 0).
+//! status 0; the device's part of both runs where [`Lifecycle`] says, in the VMM on the
+//! device-manager thread).
 
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use log::{info, warn};
 use virtio_device::{
-    ActivateError, ActivationContext, ShmError, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    ActivationContext, ShmError, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
     VirtioSharedMemoryList,
 };
 use virtio_queue::{Queue, QueueT};
@@ -21,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::common_config::{COMMON_CONFIG_LEN, CommonConfig, DEVICE_STATUS};
 use super::interrupt::VirtioPciInterrupt;
+use super::lifecycle::{Job, JobError, Lifecycle};
 use super::*;
 use crate::bus::IoBuses;
 use crate::interrupt::{GsiRouter, IoEventRegistrar};
@@ -82,8 +84,8 @@ enum ActivationError {
     QueueEventFd(#[source] io::Error),
     #[error("Failed to register the ioeventfd at {0:#x}")]
     RegisterIoEvent(u64, #[source] io::Error),
-    #[error("Device refused to activate")]
-    Device(#[source] ActivateError),
+    #[error("Device activation failed")]
+    Device(#[source] JobError),
 }
 
 /// Where the VMM placed the BARs.
@@ -177,6 +179,8 @@ pub struct VirtioPciDevice {
     /// Notification eventfds of the running device, registered as ioeventfds.
     queue_evts: Vec<(u16, EventFd)>,
     activated: bool,
+    /// Where the device's activate and reset run (the VMM's device-manager thread).
+    lifecycle: Lifecycle,
 }
 
 impl VirtioPciDevice {
@@ -190,6 +194,7 @@ impl VirtioPciDevice {
         ioevents: Arc<dyn IoEventRegistrar>,
         buses: Arc<IoBuses>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        lifecycle: Lifecycle,
     ) -> Result<Self, VirtioPciError> {
         let (device_type, queue_sizes, features, shm_list) = {
             let d = device.lock().unwrap_or_else(|e| e.into_inner());
@@ -361,6 +366,7 @@ impl VirtioPciDevice {
             mem,
             queue_evts: Vec::new(),
             activated: false,
+            lifecycle,
         })
     }
 
@@ -433,13 +439,19 @@ impl VirtioPciDevice {
         for (i, _, evt) in &queues {
             ours.push((*i, evt.try_clone().map_err(ActivationError::QueueEventFd)?));
         }
+        // Registered before the device runs: a notification the driver writes as soon as
+        // DRIVER_OK is in waits in the eventfd for the worker.
         self.register_ioevents(&ours)?;
         let context = ActivationContext {
             mem: self.mem.clone(),
             interrupt_cb: self.interrupt.clone(),
             queues,
         };
-        if let Err(e) = self.lock_device().activate(context) {
+        // Off this (vCPU) thread: the device-manager thread starts the worker; this waits.
+        let activated = self
+            .lifecycle
+            .run(&self.id, &self.device, Job::Activate(context));
+        if let Err(e) = activated {
             self.unregister_ioevents(&ours);
             return Err(ActivationError::Device(e));
         }
@@ -452,8 +464,11 @@ impl VirtioPciDevice {
     /// Driver wrote 0 to device_status.
     fn reset(&mut self) {
         if self.activated {
-            // The returned interrupt object is ours; nothing to take back.
-            let _ = self.lock_device().reset();
+            // On the device-manager thread (the worker stops, regions go back to the pool);
+            // this waits, so the driver reads status 0 only once the device is reset.
+            if let Err(e) = self.lifecycle.run(&self.id, &self.device, Job::Reset) {
+                warn!("{}: reset: {e}", self.id);
+            }
             self.activated = false;
             crate::event!("virtio-device", "reset", "id", &self.id);
         }

@@ -6,10 +6,12 @@
 mod common_config;
 mod device;
 mod interrupt;
+mod lifecycle;
 #[cfg(test)]
 mod tests;
 
 pub use device::{VirtioPciDevice, VirtioPciError, VirtioPciResources, settings_bar_size};
+pub use lifecycle::{DeviceManager, Lifecycle};
 
 /// Device status bits (virtio 1.2, 2.1).
 #[cfg(test)]

@@ -112,6 +112,11 @@ struct Harness {
 const RAM_SIZE: usize = 0x40_0000;
 
 fn harness() -> Harness {
+    harness_with(Lifecycle::inline())
+}
+
+/// A harness whose devices activate and reset through `lifecycle`.
+fn harness_with(lifecycle: Lifecycle) -> Harness {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap();
     let kvm = Arc::new(FakeKvm::default());
     let buses = Arc::new(IoBuses::new());
@@ -122,7 +127,8 @@ fn harness() -> Harness {
         buses.clone(),
         layout::MMIO64_MIN_START,
     )
-    .unwrap();
+    .unwrap()
+    .with_lifecycle(lifecycle);
     Harness {
         kvm,
         buses,
@@ -472,6 +478,86 @@ fn test_driver_ok_activates_queues_and_status_zero_resets() {
     assert_eq!(h.r16(bar + 0x1c), 0, "queue disabled after reset");
     assert_eq!(h.r16(bar + 0x18), 16, "queue size back to max");
     assert_eq!(h.r16(bar + 0x1a), VIRTQ_MSI_NO_VECTOR);
+}
+
+/// Wait (bounded) until `manager` holds a queued job: the thread that wrote the status is
+/// then blocked on it.
+fn wait_for_queued_job(manager: &DeviceManager) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while manager.pending() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the status write did not queue a job for the device-manager thread"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// DRIVER_OK and a reset from a vCPU only queue the device's part for the device-manager
+/// thread: the device is activated (or reset) when that side runs, the writing vCPU waits
+/// for it, and its next status read sees the outcome. A notification the guest writes
+/// while the activation is queued (KVM signals the registered ioeventfd) reaches the device.
+#[test]
+fn test_driver_ok_and_reset_only_queue_the_device_work_for_the_device_manager() {
+    let manager = DeviceManager::new();
+    let mut h = harness_with(manager.lifecycle());
+    let (dev, log) = fake_device(1, None);
+    h.mgr
+        .add_virtio_device("fake0", Arc::new(Mutex::new(dev)))
+        .unwrap();
+    let bar = h.bar0(1);
+    h.cfg_write(1, 4, &[0x06, 0x00]);
+    assert_ne!(negotiate(&h, 1, FAKE_FEATURES) & STATUS_FEATURES_OK, 0);
+    setup_queue(&h, 1, 0, 0x1000, 0x2000, 0x3000, 8);
+
+    // The "vCPU": write a status, then read it back.
+    let vcpu = |value: u8| {
+        let buses = h.buses.clone();
+        std::thread::spawn(move || {
+            assert!(buses.mmio_write(bar + 0x14, &[value]));
+            let mut back = [0u8];
+            assert!(buses.mmio_read(bar + 0x14, &mut back));
+            back[0]
+        })
+    };
+
+    let writer = vcpu(DRIVER_READY);
+    wait_for_queued_job(&manager);
+    assert!(
+        log.lock().unwrap().activations.is_empty(),
+        "activated on the vCPU"
+    );
+    assert!(
+        !writer.is_finished(),
+        "the vCPU went on before the activation ran"
+    );
+    // The queue's ioeventfd is registered before the job is queued: a notification now is
+    // kept in the eventfd the device will own.
+    let notify0 = bar + 0x3000;
+    let fd = h.kvm.snapshot(|s| s.ioevents.get(&notify0).copied());
+    let fd = fd.expect("queue 0's ioeventfd is registered before activation");
+    // SAFETY: `fd` is the transport's registered queue eventfd, open while it is registered.
+    assert_eq!(unsafe { libc::eventfd_write(fd, 1) }, 0);
+
+    assert_eq!(manager.run_pending(), 1);
+    assert_eq!(writer.join().unwrap(), DRIVER_READY);
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.activations, vec![vec![(0, 8, 0x1000, 0x2000, 0x3000)]]);
+        assert_eq!(l.queue_evts[0].read().unwrap(), 1, "notification lost");
+    }
+
+    let writer = vcpu(0);
+    wait_for_queued_job(&manager);
+    assert_eq!(log.lock().unwrap().resets, 0, "reset on the vCPU");
+    assert!(
+        !writer.is_finished(),
+        "the vCPU went on before the reset ran"
+    );
+    assert_eq!(manager.run_pending(), 1);
+    assert_eq!(writer.join().unwrap(), 0);
+    assert_eq!(log.lock().unwrap().resets, 1);
+    h.kvm.snapshot(|s| assert!(s.ioevents.is_empty()));
 }
 
 #[test]

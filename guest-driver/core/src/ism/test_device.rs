@@ -1,33 +1,38 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Host test bench for the virtio-ism driver: the real `virtio-ism` device model behind an
-//! in-memory virtio-pci function, in one process.
+//! Host test bench for the virtio-ism driver: the real `virtio-ism` device model behind
+//! ism-vmm's own PCI root and virtio-pci transport (`ism_vmm::test_pci`), in one process.
 //!
-//! [`TestIsm`] is the driver's [`Platform`]: its DMA memory is a `GuestMemoryMmap` that the
-//! device's queues point into; BAR 0 holds the common config, notify, ISR, device config and
-//! MSI-X table registers, emulated here and forwarded to the device through `VirtioDevice`;
-//! BAR 2 is the device's shared-memory window, a host reservation the device maps pool memory
-//! into. A notify write runs the device's worker synchronously; `wait` lets it deliver pool
-//! events, as its thread would. A [`Tamper`] hook can rewrite a completed control reply to
-//! play a hostile device.
+//! [`TestIsm`] is the driver's [`Platform`]: port I/O (configuration space through
+//! 0xCF8/0xCFC) and the settings BAR go to the VMM's transport, exactly as a guest's accesses
+//! do; its DMA memory is a `GuestMemoryMmap` the device's queues point into; the
+//! shared-memory BAR is a host reservation the device maps pool memory into ([`MemWindow`]),
+//! with doorbell writes handed to the device as the VMM's window handler does. The device's
+//! worker runs synchronously: a queue notification runs it after the transport saw the
+//! write, and `wait` lets it deliver pool events, as its thread would. A [`Tamper`] hook can
+//! rewrite a completed control reply to play a hostile device, [`BenchConfig::poke_u8`]
+//! overlays configuration-space bytes, and the device can be made to offer fewer features or
+//! present another device configuration.
 
 use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
 use std::boxed::Box;
+use std::collections::BTreeMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::vec;
 use std::vec::Vec;
 
 use ism_pool::{DevId, LocalPool, PoolConfig, PoolSession, Token};
-use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use ism_vmm::test_pci::{MMIO32_SIZE, MMIO32_START, MMIO64_START, PciBench};
+use virtio_device::{
+    ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType, VirtioSharedMemoryList,
+};
 use virtio_ism::test_utils::MemWindow;
 use virtio_ism::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, WindowLayout};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::fake::{FakeConfig, FakeFunction};
-use crate::pci::PciAddress;
+use crate::pci::{ConfigAccess, PciAddress};
 use crate::platform::{DmaRegion, Platform, Width};
 
 pub const ADDR: PciAddress = PciAddress {
@@ -35,18 +40,25 @@ pub const ADDR: PciAddress = PciAddress {
     device: 4,
     function: 0,
 };
-pub const BAR0: u64 = 0xe000_0000;
-const BAR0_SIZE: u64 = 0x4000;
-pub const WINDOW_BAR: u64 = 0x10_0000_0000;
-const COMMON: u64 = 0;
-const NOTIFY: u64 = 0x1000;
-const NOTIFY_MULTIPLIER: u32 = 4;
-const ISR: u64 = 0x2000;
-const DEVICE_CFG: u64 = 0x3000;
-const MSIX_TABLE: u64 = 0x3800;
-pub const MSIX_ENTRIES: usize = 8;
+/// Where ism-vmm places the first shared-memory BAR: the start of its 64-bit window.
+pub const WINDOW_BAR: u64 = MMIO64_START;
+/// MSI-X vectors of the test function.
+const MSIX_VECTORS: usize = 8;
 const DMA_BASE: u64 = 0x10_0000;
 const DMA_SIZE: usize = 1 << 20;
+
+/// Settings BAR layout of ism-vmm's transport (`vmm-integration/src/virtio_pci/device.rs`),
+/// only for what the bench itself reads back; the driver finds it through the capabilities.
+const COMMON_STATUS: u64 = 0x14;
+const COMMON_QUEUE_SELECT: u64 = 0x16;
+const COMMON_QUEUE_SIZE: u64 = 0x18;
+const COMMON_QUEUE_VECTOR: u64 = 0x1a;
+const COMMON_QUEUE_ENABLE: u64 = 0x1c;
+const COMMON_QUEUE_DESC: u64 = 0x20;
+const COMMON_QUEUE_DEVICE: u64 = 0x30;
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u64 = 4;
+const MSIX_TABLE: u64 = 0x4000;
 
 pub const CHUNK: u64 = 64 << 10;
 pub const CHUNKS: u64 = 16;
@@ -82,15 +94,21 @@ impl KickSink for Fabric {
     }
 }
 
+/// Records the interrupts the device raises and passes each to the transport's interrupt
+/// (MSI-X table, ISR), as the device would raise it there directly.
 #[derive(Default)]
 pub struct RecordingInterrupt {
     raised: Mutex<Vec<VirtioInterruptType>>,
+    transport: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
 }
 
 impl VirtioInterrupt for RecordingInterrupt {
     fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()> {
         self.raised.lock().unwrap().push(int_type);
-        Ok(())
+        match self.transport.lock().unwrap().as_ref() {
+            Some(transport) => transport.trigger(int_type),
+            None => Ok(()),
+        }
     }
 }
 
@@ -104,61 +122,163 @@ impl RecordingInterrupt {
 /// (status first) and the used length.
 pub type Tamper = Box<dyn FnMut(&mut [u8], &mut u32)>;
 
-#[derive(Clone, Copy, Default)]
-struct QueueRegs {
-    size: u16,
-    vector: u16,
-    enabled: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
-}
-
-/// Queue registers after reset: the device's maximum size, no vector.
-fn fresh_queues() -> [QueueRegs; 2] {
-    [QueueRegs {
-        size: 64,
-        vector: 0xffff,
-        ..QueueRegs::default()
-    }; 2]
-}
-
-/// The transport state the driver programs through BAR 0.
-struct Transport {
-    device: Ism,
+/// The device the transport drives: [`Ism`], with its worker run synchronously by the bench
+/// instead of on a thread, features it may hide and a configuration it may replace.
+struct BenchIsm {
+    ism: Ism,
     worker: Option<IsmWorker>,
     offered_mask: u64,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    status: u8,
-    queue_select: u16,
-    queues: [QueueRegs; 2],
-    config_vector: u16,
-    msix: [[u32; 4]; MSIX_ENTRIES],
-    tamper: Option<Tamper>,
-    silent: bool,
     config_override: Option<[u8; 32]>,
+    interrupts: Arc<RecordingInterrupt>,
 }
 
-/// One virtio-ism device behind an in-memory PCI function, and the platform its driver runs
+impl VirtioDevice for BenchIsm {
+    fn device_type(&self) -> u32 {
+        self.ism.device_type()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.ism.queue_max_sizes()
+    }
+    fn features(&self) -> u64 {
+        self.ism.features() & self.offered_mask
+    }
+    fn ack_features(&mut self, value: u64) {
+        self.ism.ack_features(value);
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        match &self.config_override {
+            Some(config) => virtio_device::read_config_from_slice(config, offset, data),
+            None => self.ism.read_config(offset, data),
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.ism.write_config(offset, data);
+    }
+    fn activate(&mut self, mut context: ActivationContext) -> Result<(), ActivateError> {
+        *self.interrupts.transport.lock().unwrap() = Some(context.interrupt_cb);
+        context.interrupt_cb = self.interrupts.clone();
+        self.worker = Some(self.ism.activate_worker(context)?);
+        Ok(())
+    }
+    fn reset(&mut self) -> Option<Arc<dyn VirtioInterrupt>> {
+        self.worker = None;
+        self.ism.reset();
+        self.interrupts.transport.lock().unwrap().take()
+    }
+    fn get_shm_regions(&self) -> Option<VirtioSharedMemoryList> {
+        self.ism.get_shm_regions()
+    }
+    fn set_shm_regions(&mut self, list: VirtioSharedMemoryList) -> Result<(), ShmError> {
+        self.ism.set_shm_regions(list)
+    }
+    fn counters(&self) -> Option<Counters> {
+        self.ism.counters()
+    }
+}
+
+/// Configuration space through ports 0xCF8/0xCFC of the bench, with bytes of the test
+/// function a test may overlay (a device presenting something else).
+pub struct BenchConfig {
+    bench: Arc<PciBench>,
+    overlay: RefCell<BTreeMap<u16, u8>>,
+}
+
+impl BenchConfig {
+    fn select(&self, addr: PciAddress, offset: u16) {
+        let value = (1u32 << 31)
+            | (u32::from(addr.bus) << 16)
+            | (u32::from(addr.device & 0x1f) << 11)
+            | (u32::from(addr.function & 7) << 8)
+            | u32::from(offset & 0xfc);
+        self.bench.pio_write(0xcf8, &value.to_le_bytes());
+    }
+
+    /// Present `value` at `offset` of the test function's configuration space from now on.
+    pub fn poke_u8(&self, offset: u16, value: u8) {
+        self.overlay.borrow_mut().insert(offset, value);
+    }
+
+    /// As [`Self::poke_u8`], little-endian.
+    pub fn poke_u16(&self, offset: u16, value: u16) {
+        for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+            self.poke_u8(offset + i as u16, byte);
+        }
+    }
+
+    /// Offset of the shared-memory capability for `shmid` in the test function.
+    pub fn shm_cap(&self, shmid: u8) -> u16 {
+        let mut at = (self.read_u32(ADDR, 0x34) & 0xfc) as u16;
+        while at != 0 {
+            let head = self.read_u32(ADDR, at);
+            let id = self.read_u32(ADDR, at + 4);
+            // cap_vndr 0x09, cfg_type 8 (shared memory), id in byte 5.
+            if head & 0xff == 0x09 && head >> 24 == 8 && (id >> 8) & 0xff == u32::from(shmid) {
+                return at;
+            }
+            at = ((head >> 8) & 0xfc) as u16;
+        }
+        panic!("no shared-memory capability for shmid {shmid}");
+    }
+}
+
+impl ConfigAccess for BenchConfig {
+    fn read_u32(&self, addr: PciAddress, offset: u16) -> u32 {
+        self.select(addr, offset);
+        let mut raw = [0xffu8; 4];
+        self.bench.pio_read(0xcfc, &mut raw);
+        if addr == ADDR {
+            let base = offset & !3;
+            for (i, byte) in raw.iter_mut().enumerate() {
+                if let Some(v) = self.overlay.borrow().get(&(base + i as u16)) {
+                    *byte = *v;
+                }
+            }
+        }
+        u32::from_le_bytes(raw)
+    }
+
+    fn write_u32(&self, addr: PciAddress, offset: u16, value: u32) {
+        self.select(addr, offset);
+        self.bench.pio_write(0xcfc, &value.to_le_bytes());
+    }
+
+    fn write_u16(&self, addr: PciAddress, offset: u16, value: u16) {
+        self.select(addr, offset);
+        self.bench
+            .pio_write(0xcfc + (offset & 2), &value.to_le_bytes());
+    }
+}
+
+/// One virtio-ism device on ism-vmm's virtio-pci transport, and the platform its driver runs
 /// on.
 pub struct TestIsm {
     mem: GuestMemoryMmap,
     dma_next: Cell<u64>,
-    pub config: FakeConfig,
+    pub config: BenchConfig,
+    bench: Arc<PciBench>,
+    /// Where the transport's settings BAR is.
+    settings: u64,
+    settings_size: u64,
+    device: Arc<Mutex<BenchIsm>>,
     pub window: Arc<MemWindow>,
     pub layout: WindowLayout,
     pub interrupts: Arc<RecordingInterrupt>,
     pub handle: IsmHandle,
     pub devid: u64,
-    transport: RefCell<Transport>,
+    tamper: RefCell<Option<Tamper>>,
+    silent: Cell<bool>,
     pub waits: Cell<u64>,
 }
 
 impl TestIsm {
     /// A device in `pool`'s group whose doorbells go to `fabric`.
     pub fn new(pool: &Arc<LocalPool>, fabric: &Arc<Fabric>) -> Self {
+        Self::offering(pool, fabric, u64::MAX)
+    }
+
+    /// As [`Self::new`], offering only `mask` of the device's features (the transport reads
+    /// the offer once, when the device is plugged).
+    pub fn offering(pool: &Arc<LocalPool>, fabric: &Arc<Fabric>, mask: u64) -> Self {
         let session: Arc<dyn PoolSession> = pool.session().unwrap();
         let devid = session.info().devid;
         let config = IsmConfig {
@@ -168,262 +288,181 @@ impl TestIsm {
         };
         let layout = config.layout().unwrap();
         let window = MemWindow::new(layout.window_size);
-        let mut device = Ism::new("ism-test", config, session, window.clone())
+        let ism = Ism::new("ism-test", config, session, window.clone())
             .unwrap()
             .with_kick_sink(fabric.clone());
-        let list = device.get_shm_regions().unwrap();
-        let mut moved = list.clone();
-        moved.addr = GuestAddress(WINDOW_BAR);
-        device.set_shm_regions(moved).unwrap();
-        let handle = device.handle();
+        let handle = ism.handle();
         fabric.devices.lock().unwrap().push((devid, handle.clone()));
+        let interrupts = Arc::new(RecordingInterrupt::default());
+        let device = Arc::new(Mutex::new(BenchIsm {
+            ism,
+            worker: None,
+            offered_mask: mask,
+            config_override: None,
+            interrupts: interrupts.clone(),
+        }));
 
-        let mut f = FakeFunction::new(ADDR, 0x1af4, 0x106c);
-        f.set_bar64(0, BAR0, BAR0_SIZE);
-        f.set_bar64(2, WINDOW_BAR, list.len);
-        f.add_cap(0x40, &virtio_cap(1, 0, COMMON, 0x38, 0, 16));
-        let mut notify = virtio_cap(2, 0, NOTIFY, 0x100, 0, 20);
-        notify[16..20].copy_from_slice(&NOTIFY_MULTIPLIER.to_le_bytes());
-        f.add_cap(0x50, &notify[..20]);
-        f.add_cap(0x68, &virtio_cap(3, 0, ISR, 4, 0, 16));
-        f.add_cap(0x78, &virtio_cap(4, 0, DEVICE_CFG, 0x100, 0, 16));
-        for (i, shm) in list.region_list.iter().enumerate() {
-            let at = 0x88 + 24 * i as u8;
-            f.add_cap(at, &virtio_cap(8, 2, shm.offset, shm.len, shm.id, 24));
-        }
-        let mut msix = [0u8; 12];
-        msix[0] = 0x11;
-        msix[2..4].copy_from_slice(&(MSIX_ENTRIES as u16 - 1).to_le_bytes());
-        msix[4..8].copy_from_slice(&(MSIX_TABLE as u32).to_le_bytes());
-        msix[8..12].copy_from_slice(&0x3c00u32.to_le_bytes());
-        f.add_cap(0xb8, &msix);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(DMA_BASE), DMA_SIZE)]).unwrap();
+        let mut bench = PciBench::new(GuestMemoryAtomic::new(mem.clone())).unwrap();
+        bench
+            .add_virtio_device("ism-test", device.clone(), MSIX_VECTORS, ADDR.device)
+            .unwrap();
+        let bench = Arc::new(bench);
+        let config = BenchConfig {
+            bench: bench.clone(),
+            overlay: RefCell::new(BTreeMap::new()),
+        };
+        // BAR 0 (32-bit): the settings; BARs 2-3 (64-bit): the shared-memory window.
+        let settings = u64::from(config.read_u32(ADDR, 0x10) & !0xf);
+        config.write_u32(ADDR, 0x10, u32::MAX);
+        let settings_size = u64::from(!(config.read_u32(ADDR, 0x10) & !0xf)) + 1;
+        config.write_u32(ADDR, 0x10, settings as u32);
+        let shm = u64::from(config.read_u32(ADDR, 0x18) & !0xf)
+            | u64::from(config.read_u32(ADDR, 0x1c)) << 32;
+        assert_eq!(shm, WINDOW_BAR, "the window is the first 64-bit BAR");
 
         Self {
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(DMA_BASE), DMA_SIZE)]).unwrap(),
+            mem,
             dma_next: Cell::new(DMA_BASE),
-            config: FakeConfig::with(vec![f]),
+            config,
+            bench,
+            settings,
+            settings_size,
+            device,
             window,
             layout,
-            interrupts: Arc::new(RecordingInterrupt::default()),
+            interrupts,
             handle,
             devid: devid.0,
-            transport: RefCell::new(Transport {
-                device,
-                worker: None,
-                offered_mask: u64::MAX,
-                device_feature_select: 0,
-                driver_feature_select: 0,
-                driver_features: 0,
-                status: 0,
-                queue_select: 0,
-                queues: fresh_queues(),
-                config_vector: 0xffff,
-                msix: [[0, 0, 0, 1]; MSIX_ENTRIES],
-                tamper: None,
-                silent: false,
-                config_override: None,
-            }),
+            tamper: RefCell::new(None),
+            silent: Cell::new(false),
             waits: Cell::new(0),
         }
     }
 
-    /// Offer only `mask` of the device's features.
-    pub fn offer_only(&self, mask: u64) {
-        self.transport.borrow_mut().offered_mask = mask;
+    fn device(&self) -> MutexGuard<'_, BenchIsm> {
+        self.device.lock().unwrap()
     }
 
     /// Rewrite the next control completion with `tamper`.
     pub fn tamper_next(&self, tamper: Tamper) {
-        self.transport.borrow_mut().tamper = Some(tamper);
+        *self.tamper.borrow_mut() = Some(tamper);
     }
 
     /// Ignore control-queue notifications from now on (a hung device).
     pub fn go_silent(&self) {
-        self.transport.borrow_mut().silent = true;
+        self.silent.set(true);
     }
 
     /// Present `config` instead of the device's config space.
     pub fn override_config(&self, config: [u8; 32]) {
-        self.transport.borrow_mut().config_override = Some(config);
+        self.device().config_override = Some(config);
     }
 
     /// Features the device saw acknowledged.
     pub fn acked_features(&self) -> u64 {
-        self.transport.borrow().device.acked_features()
+        self.device().ism.acked_features()
     }
 
-    /// Device status as the driver last wrote it.
+    fn settings_read(&self, offset: u64, data: &mut [u8]) {
+        assert!(self.bench.mmio_read(self.settings + offset, data));
+    }
+
+    fn settings_write(&self, offset: u64, data: &[u8]) {
+        assert!(self.bench.mmio_write(self.settings + offset, data));
+    }
+
+    fn settings_u16(&self, offset: u64) -> u16 {
+        let mut raw = [0u8; 2];
+        self.settings_read(offset, &mut raw);
+        u16::from_le_bytes(raw)
+    }
+
+    fn settings_u64(&self, offset: u64) -> u64 {
+        let mut raw = [0u8; 8];
+        self.settings_read(offset, &mut raw[..4]);
+        self.settings_read(offset + 4, &mut raw[4..]);
+        u64::from_le_bytes(raw)
+    }
+
+    /// Device status as the transport holds it.
     pub fn status(&self) -> u8 {
-        self.transport.borrow().status
+        let mut raw = [0u8];
+        self.settings_read(COMMON_STATUS, &mut raw);
+        raw[0]
+    }
+
+    /// Run `f` with queue `index` selected in the common configuration, then select back
+    /// what the driver had selected.
+    fn with_queue<R>(&self, index: u16, f: impl FnOnce() -> R) -> R {
+        let selected = self.settings_u16(COMMON_QUEUE_SELECT);
+        self.settings_write(COMMON_QUEUE_SELECT, &index.to_le_bytes());
+        let result = f();
+        self.settings_write(COMMON_QUEUE_SELECT, &selected.to_le_bytes());
+        result
     }
 
     /// Queue registers as programmed: (enabled, msix vector).
-    pub fn queue_state(&self, index: usize) -> (bool, u16) {
-        let q = self.transport.borrow().queues[index];
-        (q.enabled, q.vector)
+    pub fn queue_state(&self, index: u16) -> (bool, u16) {
+        self.with_queue(index, || {
+            (
+                self.settings_u16(COMMON_QUEUE_ENABLE) != 0,
+                self.settings_u16(COMMON_QUEUE_VECTOR),
+            )
+        })
     }
 
     /// MSI-X table entry `index`: address low, high, data, control.
-    pub fn msix_entry(&self, index: usize) -> [u32; 4] {
-        self.transport.borrow().msix[index]
+    pub fn msix_entry(&self, index: u64) -> [u32; 4] {
+        let mut entry = [0u32; 4];
+        for (i, dword) in entry.iter_mut().enumerate() {
+            let mut raw = [0u8; 4];
+            self.settings_read(MSIX_TABLE + 16 * index + 4 * i as u64, &mut raw);
+            *dword = u32::from_le_bytes(raw);
+        }
+        entry
     }
 
     /// Counter of the device model.
     pub fn counter(&self, name: &str) -> u64 {
-        self.transport.borrow().device.counters().unwrap()[name].0
+        self.device().counters().unwrap()[name].0
     }
 
     /// Let the device's worker deliver pool events (what its thread does on its own).
     pub fn pump(&self) {
-        if let Some(worker) = self.transport.borrow_mut().worker.as_mut() {
+        if let Some(worker) = self.device().worker.as_mut() {
             worker.process_pool_events().unwrap();
         }
     }
 
-    fn common_read(&self, offset: u64) -> u64 {
-        let t = self.transport.borrow();
-        let q = t.queues.get(usize::from(t.queue_select)).copied();
-        let offered = t.device.features() & t.offered_mask;
-        match offset {
-            0 => t.device_feature_select.into(),
-            4 => match t.device_feature_select {
-                0 => offered & 0xffff_ffff,
-                1 => offered >> 32,
-                _ => 0,
-            },
-            8 => t.driver_feature_select.into(),
-            16 => t.config_vector.into(),
-            18 => t.device.queue_max_sizes().len() as u64,
-            20 => t.status.into(),
-            21 => 0,
-            22 => t.queue_select.into(),
-            24 => q.map_or(0, |q| q.size.into()),
-            26 => q.map_or(0xffff, |q| q.vector.into()),
-            28 => q.map_or(0, |q| q.enabled.into()),
-            30 => t.queue_select.into(),
-            _ => 0,
-        }
-    }
-
-    fn common_write(&self, offset: u64, value: u64) {
-        let mut t = self.transport.borrow_mut();
-        let select = usize::from(t.queue_select);
-        let set_half = |field: &mut u64, high: bool, value: u64| {
-            if high {
-                *field = (*field & 0xffff_ffff) | (value << 32);
-            } else {
-                *field = (*field & !0xffff_ffff) | value;
-            }
-        };
-        match offset {
-            0 => t.device_feature_select = value as u32,
-            8 => t.driver_feature_select = value as u32,
-            12 => {
-                let high = t.driver_feature_select == 1;
-                set_half(&mut t.driver_features, high, value);
-            }
-            16 => t.config_vector = value as u16,
-            20 => {
-                drop(t);
-                self.write_status(value as u8);
-            }
-            22 => t.queue_select = value as u16,
-            24 | 26 | 28 | 32 | 36 | 40 | 44 | 48 | 52 => {
-                let Some(q) = t.queues.get_mut(select) else {
-                    return;
-                };
-                match offset {
-                    24 => q.size = value as u16,
-                    26 => q.vector = value as u16,
-                    28 => q.enabled = value != 0,
-                    32 | 36 => set_half(&mut q.desc, offset == 36, value),
-                    40 | 44 => set_half(&mut q.driver, offset == 44, value),
-                    _ => set_half(&mut q.device, offset == 52, value),
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn write_status(&self, value: u8) {
-        let mut t = self.transport.borrow_mut();
-        if value == 0 {
-            t.worker = None;
-            t.device.reset();
-            t.status = 0;
-            t.driver_features = 0;
-            t.queues = fresh_queues();
-            return;
-        }
-        let old = t.status;
-        let mut new = value;
-        if new & 8 != 0 && old & 8 == 0 {
-            let offered = t.device.features() & t.offered_mask;
-            let features = t.driver_features;
-            if features & !offered != 0 {
-                new &= !8;
-            } else {
-                t.device.ack_features(features);
-            }
-        }
-        if new & 4 != 0 && old & 4 == 0 {
-            let queues = t
-                .queues
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| q.enabled)
-                .map(|(index, q)| {
-                    let mut queue = Queue::new(64).unwrap();
-                    queue.set_size(q.size);
-                    queue.set_desc_table_address(Some(q.desc as u32), Some((q.desc >> 32) as u32));
-                    queue.set_avail_ring_address(
-                        Some(q.driver as u32),
-                        Some((q.driver >> 32) as u32),
-                    );
-                    queue.set_used_ring_address(
-                        Some(q.device as u32),
-                        Some((q.device >> 32) as u32),
-                    );
-                    queue.set_ready(true);
-                    (index as u16, queue, EventFd::new(EFD_NONBLOCK).unwrap())
-                })
-                .collect();
-            let worker = t
-                .device
-                .activate_worker(ActivationContext {
-                    mem: GuestMemoryAtomic::new(self.mem.clone()),
-                    interrupt_cb: self.interrupts.clone(),
-                    queues,
-                })
-                .unwrap();
-            t.worker = Some(worker);
-        }
-        t.status = new;
-    }
-
+    /// The driver notified `queue` (the transport has seen the write): run the worker.
     fn notify(&self, queue: u64) {
-        let mut t = self.transport.borrow_mut();
-        if t.silent {
+        if self.silent.get() {
             return;
         }
-        let Some(worker) = t.worker.as_mut() else {
-            return;
-        };
-        match queue {
-            0 => {
-                if worker.process_ctrl_queue().unwrap()
-                    && let Some(mut tamper) = t.tamper.take()
-                {
-                    let (desc, used) = (t.queues[0].desc, t.queues[0].device);
-                    let size = t.queues[0].size;
-                    drop(t);
-                    self.tamper_last_completion(desc, used, size, &mut tamper);
+        let completed = {
+            let mut device = self.device();
+            let Some(worker) = device.worker.as_mut() else {
+                return;
+            };
+            match queue {
+                0 => worker.process_ctrl_queue().unwrap(),
+                1 => {
+                    worker.process_event_queue().unwrap();
+                    false
                 }
+                _ => false,
             }
-            1 => {
-                worker.process_event_queue().unwrap();
-            }
-            _ => {}
+        };
+        if completed && let Some(mut tamper) = self.tamper.borrow_mut().take() {
+            let (desc, used, size) = self.with_queue(0, || {
+                (
+                    self.settings_u64(COMMON_QUEUE_DESC),
+                    self.settings_u64(COMMON_QUEUE_DEVICE),
+                    self.settings_u16(COMMON_QUEUE_SIZE),
+                )
+            });
+            self.tamper_last_completion(desc, used, size, &mut tamper);
         }
     }
 
@@ -453,87 +492,55 @@ impl TestIsm {
         }
     }
 
-    fn bar0_read(&self, offset: u64, width: Width) -> u64 {
-        match offset {
-            COMMON..0x38 => self.common_read(offset),
-            ISR..0x2004 => 0,
-            DEVICE_CFG..0x3100 => {
-                let t = self.transport.borrow();
-                let mut raw = [0u8; 8];
-                let n = width.bytes() as usize;
-                let at = offset - DEVICE_CFG;
-                match t.config_override {
-                    Some(cfg) => {
-                        if let Some(src) = cfg.get(at as usize..at as usize + n) {
-                            raw[..n].copy_from_slice(src);
-                        }
-                    }
-                    None => t.device.read_config(at, &mut raw[..n]),
-                }
-                u64::from_le_bytes(raw)
-            }
-            MSIX_TABLE..0x3880 => {
-                let i = (offset - MSIX_TABLE) as usize;
-                self.transport.borrow().msix[i / 16][(i % 16) / 4].into()
-            }
-            _ => 0,
-        }
+    fn in_settings(&self, addr: u64) -> bool {
+        (self.settings..self.settings + self.settings_size).contains(&addr)
     }
-
-    fn bar0_write(&self, offset: u64, value: u64) {
-        match offset {
-            COMMON..0x38 => self.common_write(offset, value),
-            NOTIFY..0x1100 => self.notify((offset - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)),
-            MSIX_TABLE..0x3880 => {
-                let i = (offset - MSIX_TABLE) as usize;
-                self.transport.borrow_mut().msix[i / 16][(i % 16) / 4] = value as u32;
-            }
-            _ => {}
-        }
-    }
-}
-
-/// A virtio_pci_cap (16 bytes) or virtio_pci_cap64 (24 bytes), padded to 24.
-fn virtio_cap(cfg_type: u8, bar: u8, offset: u64, len: u64, id: u8, cap_len: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 24];
-    c[0] = 0x09;
-    c[2] = cap_len;
-    c[3] = cfg_type;
-    c[4] = bar;
-    c[5] = id;
-    c[8..12].copy_from_slice(&(offset as u32).to_le_bytes());
-    c[12..16].copy_from_slice(&(len as u32).to_le_bytes());
-    c[16..20].copy_from_slice(&((offset >> 32) as u32).to_le_bytes());
-    c[20..24].copy_from_slice(&((len >> 32) as u32).to_le_bytes());
-    c.truncate(usize::from(cap_len));
-    c
 }
 
 impl Platform for TestIsm {
-    fn port_read_u8(&self, _port: u16) -> u8 {
-        0xff
+    fn port_read_u8(&self, port: u16) -> u8 {
+        let mut raw = [0xff];
+        self.bench.pio_read(port, &mut raw);
+        raw[0]
     }
-    fn port_read_u16(&self, _port: u16) -> u16 {
-        0xffff
+    fn port_read_u16(&self, port: u16) -> u16 {
+        let mut raw = [0xff; 2];
+        self.bench.pio_read(port, &mut raw);
+        u16::from_le_bytes(raw)
     }
-    fn port_read_u32(&self, _port: u16) -> u32 {
-        u32::MAX
+    fn port_read_u32(&self, port: u16) -> u32 {
+        let mut raw = [0xff; 4];
+        self.bench.pio_read(port, &mut raw);
+        u32::from_le_bytes(raw)
     }
-    fn port_write_u8(&self, _port: u16, _value: u8) {}
-    fn port_write_u16(&self, _port: u16, _value: u16) {}
-    fn port_write_u32(&self, _port: u16, _value: u32) {}
+    fn port_write_u8(&self, port: u16, value: u8) {
+        self.bench.pio_write(port, &[value]);
+    }
+    fn port_write_u16(&self, port: u16, value: u16) {
+        self.bench.pio_write(port, &value.to_le_bytes());
+    }
+    fn port_write_u32(&self, port: u16, value: u32) {
+        self.bench.pio_write(port, &value.to_le_bytes());
+    }
 
     fn map_mmio(&self, base: u64, len: u64) -> bool {
         let end = base.saturating_add(len);
-        (base >= BAR0 && end <= BAR0 + BAR0_SIZE)
+        (base >= MMIO32_START && end <= MMIO32_START + MMIO32_SIZE)
             || (base >= WINDOW_BAR && end <= WINDOW_BAR + self.layout.window_size)
     }
 
     unsafe fn mmio_read(&self, addr: u64, width: Width) -> u64 {
-        if (BAR0..BAR0 + BAR0_SIZE).contains(&addr) {
-            return self.bar0_read(addr - BAR0, width);
+        if addr < WINDOW_BAR {
+            let mut raw = [0xffu8; 8];
+            let n = width.bytes() as usize;
+            assert!(
+                self.bench.mmio_read(addr, &mut raw[..n]),
+                "driver read {addr:#x}, where no device is"
+            );
+            raw[n..].fill(0);
+            return u64::from_le_bytes(raw);
         }
-        let offset = addr.checked_sub(WINDOW_BAR).expect("read outside the BARs");
+        let offset = addr - WINDOW_BAR;
         assert!(
             offset + width.bytes() <= self.layout.shm_size,
             "driver read the notify area or past the window"
@@ -552,12 +559,19 @@ impl Platform for TestIsm {
     }
 
     unsafe fn mmio_write(&self, addr: u64, width: Width, value: u64) {
-        if (BAR0..BAR0 + BAR0_SIZE).contains(&addr) {
-            return self.bar0_write(addr - BAR0, value);
+        if addr < WINDOW_BAR {
+            let n = width.bytes() as usize;
+            assert!(
+                self.bench.mmio_write(addr, &value.to_le_bytes()[..n]),
+                "driver wrote {addr:#x}, where no device is"
+            );
+            let notify = self.settings + NOTIFY;
+            if self.in_settings(addr) && (notify..notify + 2 * NOTIFY_MULTIPLIER).contains(&addr) {
+                self.notify((addr - notify) / NOTIFY_MULTIPLIER);
+            }
+            return;
         }
-        let offset = addr
-            .checked_sub(WINDOW_BAR)
-            .expect("write outside the BARs");
+        let offset = addr - WINDOW_BAR;
         if offset >= self.layout.notify_offset {
             // A doorbell: the VMM hands it to the device, which resolves and broadcasts it.
             self.handle

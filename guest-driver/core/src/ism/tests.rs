@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The driver against the real device model (through the whole virtio-pci path of
+//! The driver against the real device model behind ism-vmm's virtio-pci transport (through
 //! `test_device`), two guests sharing one in-process pool, and a device made hostile by
 //! rewriting its replies.
 
@@ -45,6 +45,11 @@ impl Group {
     fn device(&self) -> TestIsm {
         TestIsm::new(&self.pool, &self.fabric)
     }
+
+    /// A device offering only `mask` of its features.
+    fn device_offering(&self, mask: u64) -> TestIsm {
+        TestIsm::offering(&self.pool, &self.fabric, mask)
+    }
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -81,8 +86,7 @@ fn test_open_negotiates_extensions_and_validates_config() {
 #[test]
 fn test_open_without_offered_extensions_works_as_draft_driver() {
     let group = Group::new();
-    let a = group.device();
-    a.offer_only(bit(VIRTIO_F_VERSION_1));
+    let a = group.device_offering(bit(VIRTIO_F_VERSION_1));
     let mut ism = open(&a).unwrap();
     assert_eq!(ism.info().features, bit(VIRTIO_F_VERSION_1));
     assert_eq!(a.acked_features(), bit(VIRTIO_F_VERSION_1));
@@ -98,8 +102,7 @@ fn test_open_without_offered_extensions_works_as_draft_driver() {
     let region = ism.alloc(CHUNK).unwrap();
     ism.write(&region, 0, b"draft").unwrap();
     // Without QUERY an as-granted attach cannot know it is writable.
-    let b = group.device();
-    b.offer_only(bit(VIRTIO_F_VERSION_1));
+    let b = group.device_offering(bit(VIRTIO_F_VERSION_1));
     let mut peer = open(&b).unwrap();
     ism.grant_default(region.token(), RWA).unwrap();
     let seen = peer.attach(region.token(), Access::AsGranted).unwrap();
@@ -131,7 +134,7 @@ fn test_open_asks_only_for_wanted_features_and_binds_queue_vectors() {
 fn test_open_refuses_other_devices() {
     let group = Group::new();
     let a = group.device();
-    a.config.functions.borrow_mut()[0].set_u16(2, 0x1044);
+    a.config.poke_u16(2, 0x1044);
     assert_eq!(find_ism(&a.config, 0, 0), None);
     assert!(matches!(
         open(&a).err(),
@@ -798,13 +801,14 @@ fn test_hostile_config_is_refused_and_device_failed() {
 fn test_missing_or_duplicate_shm_regions_are_refused() {
     let group = Group::new();
     let a = group.device();
-    // Renumber shmid 2 (the cap at 0xa0) to an unknown id.
-    a.config.functions.borrow_mut()[0].set_u8(0xa0 + 5, 7);
+    // Renumber shmid 2 to an unknown id.
+    let shm2 = a.config.shm_cap(2);
+    a.config.poke_u8(shm2 + 5, 7);
     assert_eq!(
         open(&a).err(),
         Some(IsmError::Config(ConfigError::MissingShm(2)))
     );
-    a.config.functions.borrow_mut()[0].set_u8(0xa0 + 5, 1);
+    a.config.poke_u8(shm2 + 5, 1);
     assert_eq!(
         open(&a).err(),
         Some(IsmError::Config(ConfigError::DuplicateShm(1)))
