@@ -243,14 +243,20 @@ impl IsmApiError {
 
     /// The error and its sources, outermost first: the body of an error response.
     pub fn chain(&self) -> Vec<String> {
-        let mut out = vec![self.to_string()];
-        let mut source = std::error::Error::source(self);
-        while let Some(e) = source {
-            out.push(e.to_string());
-            source = e.source();
-        }
-        out
+        error_chain(self)
     }
+}
+
+/// An error and its sources as text, outermost first: what an API error response carries,
+/// for the ism endpoints and for the VMM's own.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut out = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push(e.to_string());
+        source = e.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -11,6 +11,6 @@ mod handle;
 mod service;
 pub mod types;
 
-pub use error::{Cause, ControlError, IsmApiError, PoolRefusal};
+pub use error::{Cause, ControlError, IsmApiError, PoolRefusal, error_chain};
 pub use handle::HandleControl;
 pub use service::{EventSink, IsmControl, IsmDevices, IsmEntry};

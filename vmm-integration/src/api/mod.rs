@@ -46,13 +46,7 @@ impl ApiError {
 
     /// The error and its sources, outermost first: the body of an error response.
     pub fn chain(&self) -> Vec<String> {
-        let mut out = vec![self.to_string()];
-        let mut source = std::error::Error::source(self);
-        while let Some(e) = source {
-            out.push(e.to_string());
-            source = e.source();
-        }
-        out
+        virtio_ism_api::error_chain(self)
     }
 }
 

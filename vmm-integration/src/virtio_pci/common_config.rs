@@ -6,31 +6,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-/// "No vector" for config_msix_vector / queue_msix_vector.
-pub const VIRTQ_MSI_NO_VECTOR: u16 = 0xffff;
-
-/// Register offsets in `struct virtio_pci_common_cfg` (linux/virtio_pci.h).
-mod offsets {
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
-    pub const NUM_QUEUES: u64 = 0x12;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const CONFIG_GENERATION: u64 = 0x15;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    pub const QUEUE_DESC: u64 = 0x20;
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    pub const QUEUE_DEVICE: u64 = 0x30;
-}
 pub use offsets::DEVICE_STATUS;
+/// Register offsets in `struct virtio_pci_common_cfg`: the device interface crate's, which the
+/// guest drivers use too.
+use virtio_ism_proto::defs::pci::common_cfg as offsets;
 /// Size of the structure (up to queue_device).
-pub const COMMON_CONFIG_LEN: u64 = 0x38;
+pub const COMMON_CONFIG_LEN: u64 = offsets::LEN;
+/// "No vector" for config_msix_vector / queue_msix_vector.
+pub const VIRTQ_MSI_NO_VECTOR: u16 = virtio_ism_proto::defs::VIRTIO_MSI_NO_VECTOR as u16;
 
 /// The MSI-X vectors the driver assigned, shared with the interrupt object that a running
 /// device uses from its own threads.

@@ -30,15 +30,15 @@ use crate::pci::bus::PciDevice;
 use crate::pci::configuration::{BarKind, ConfigError, PciConfiguration, PciHeader};
 use crate::pci::msix::{MSIX_CTRL_ENABLE, MSIX_CTRL_FUNCTION_MASK, MsixError, MsixState};
 
-/// Capability IDs and virtio structure types (virtio 1.2, 4.1.4).
-const PCI_CAP_ID_VNDR: u8 = 0x09;
+// Capability IDs and virtio structure types (virtio 1.2, 4.1.4).
+use virtio_ism_proto::defs::pci::{
+    PCI_CAP_ID_VNDR, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_CAP_ISR_CFG,
+    VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_SHARED_MEMORY_CFG,
+};
+
 const PCI_CAP_ID_MSIX: u8 = 0x11;
-const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
-const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
-const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
-const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
+/// `virtio_pci_cap.cfg_type` of the PCI configuration access capability.
 const VIRTIO_PCI_CAP_PCI_CFG: u8 = 5;
-const VIRTIO_PCI_CAP_SHARED_MEMORY_CFG: u8 = 8;
 
 /// Settings BAR (BAR 0, 32-bit) layout; every structure starts on its own page.
 pub const SETTINGS_BAR: usize = 0;
