@@ -23,6 +23,16 @@ apt_update_once() {
     fi
 }
 
+# install_missing pkg ...: install these Debian packages (none: nothing to do), as root.
+install_missing() {
+    [ "$#" = 0 ] && return 0
+    [ "$(id -u)" = 0 ] || die "Missing packages $* and not root to install them"
+    apt_update_once
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null ||
+        die "apt-get install $* failed"
+}
+
 # need_tools "tool:package" ...: install the Debian packages of tools that are missing.
 need_tools() {
     local missing=() pair tool pkg
@@ -31,12 +41,7 @@ need_tools() {
         pkg="${pair#*:}"
         command -v "$tool" >/dev/null 2>&1 || missing+=("$pkg")
     done
-    [ "${#missing[@]}" = 0 ] && return 0
-    [ "$(id -u)" = 0 ] || die "Missing packages ${missing[*]} and not root to install them"
-    apt_update_once
-    log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
-        die "apt-get install ${missing[*]} failed"
+    install_missing ${missing[@]+"${missing[@]}"}
 }
 
 # need_packages pkg ...: install Debian packages (libraries, headers) that are not installed.
@@ -46,12 +51,7 @@ need_packages() {
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
             missing+=("$pkg")
     done
-    [ "${#missing[@]}" = 0 ] && return 0
-    [ "$(id -u)" = 0 ] || die "Missing packages ${missing[*]} and not root to install them"
-    apt_update_once
-    log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
-        die "apt-get install ${missing[*]} failed"
+    install_missing ${missing[@]+"${missing[@]}"}
 }
 
 # apt_candidate PKG: the version apt would install, or nothing.
