@@ -269,13 +269,14 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
             libc::SYS_setsockopt,
         ],
         Thread::EventMonitor => &[libc::SYS_fsync, libc::SYS_fcntl],
-        Thread::SignalHandler => &[libc::SYS_rt_sigtimedwait],
-        Thread::ExitForward => &[],
+        // fcntl: F_GETFD only (see `rules`), std's debug-build check on closing a descriptor.
+        Thread::SignalHandler => &[libc::SYS_rt_sigtimedwait, libc::SYS_fcntl],
+        Thread::ExitForward => &[libc::SYS_fcntl],
         // getrandom: the std HashMap's keys, seeded once per thread.
         Thread::IsmWorker => &[libc::SYS_ioctl, libc::SYS_getrandom],
         Thread::RngWorker => &[],
-        Thread::PoolClient => &[libc::SYS_recvmsg],
-        Thread::SerialInput => &[],
+        Thread::PoolClient => &[libc::SYS_recvmsg, libc::SYS_fcntl],
+        Thread::SerialInput => &[libc::SYS_fcntl],
     };
     let mut list = own.to_vec();
     match thread {
@@ -308,6 +309,20 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
         list.extend_from_slice(EMBEDDED_POOL);
     }
     list
+}
+
+/// Threads whose only `fcntl` is std's check, in debug builds, that a descriptor it closes
+/// is open (`F_GETFD`): they never change descriptor flags.
+fn fcntl_getfd_only(thread: Thread) -> bool {
+    matches!(
+        thread,
+        Thread::HttpServer
+            | Thread::HttpConnection
+            | Thread::SignalHandler
+            | Thread::ExitForward
+            | Thread::PoolClient
+            | Thread::SerialInput
+    )
 }
 
 /// Whether `thread` may start threads.
@@ -446,7 +461,7 @@ fn rules(thread: Thread, policy: &Policy) -> Result<BTreeMap<i64, Vec<SeccompRul
             libc::SYS_openat => vec![read_only_open()?],
             // The embedded pool only ever makes a memfd owner-read-only.
             libc::SYS_fchmod => vec![arg_is(1, libc::S_IRUSR.into())?],
-            libc::SYS_fcntl if matches!(thread, Thread::HttpServer | Thread::HttpConnection) => {
+            libc::SYS_fcntl if fcntl_getfd_only(thread) => {
                 vec![arg_is(1, libc::F_GETFD as u64)?]
             }
             libc::SYS_tgkill if !signals_threads(thread) => vec![abort_only()?],
