@@ -16,13 +16,14 @@ use virtio_ism_pool_api::{
     DevId, GrantTarget, MissingPerm, Perms, PoolError, PoolEvent, PoolSession, RegionLease,
     SessionInfo, Token,
 };
+use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_VECTOR_EVENTS, bit};
 use virtio_ism_proto::defs::{VIRTIO_MSI_NO_VECTOR, perm, region_flags};
 use virtio_ism_proto::{Area, Event, EventType, Status};
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chunks::{ChunkMap, Extent};
-use crate::config::WindowLayout;
+use crate::config::{DraftDefaultPerm, WindowLayout};
 use crate::doorbell::DoorbellRinger;
 use crate::events::PendingEvents;
 use crate::kick_routes::{KickRoutes, Route, borrow_eventfd};
@@ -111,6 +112,8 @@ pub struct RegionTable {
     events: PendingEvents,
     /// The driver negotiated the event queue and activated it.
     event_queue: bool,
+    /// Features the driver negotiated (0 while inactive).
+    features: u64,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     metrics: Arc<IsmMetrics>,
     routes: KickRoutes,
@@ -133,6 +136,7 @@ impl RegionTable {
             regions: BTreeMap::new(),
             events: PendingEvents::new(metrics.clone()),
             event_queue: false,
+            features: 0,
             interrupt: None,
             routes: KickRoutes::new(layout, metrics.clone(), kick_epoll, ringer),
             metrics,
@@ -143,11 +147,22 @@ impl RegionTable {
         self.info
     }
 
-    /// Called at activation and reset.
-    pub fn set_active(&mut self, interrupt: Option<Arc<dyn VirtioInterrupt>>, event_queue: bool) {
+    /// Called at activation (with the negotiated features) and reset.
+    pub fn set_active(
+        &mut self,
+        interrupt: Option<Arc<dyn VirtioInterrupt>>,
+        event_queue: bool,
+        features: u64,
+    ) {
         self.interrupt = interrupt;
         self.event_queue = event_queue;
+        self.features = features;
         self.events.clear();
+    }
+
+    /// Whether the driver negotiated feature bit `nr`.
+    pub fn negotiated(&self, nr: u32) -> bool {
+        self.features & bit(nr) != 0
     }
 
     pub fn is_active(&self) -> bool {
@@ -343,7 +358,7 @@ impl RegionTable {
         for token in &tokens {
             self.uninstall(*token);
         }
-        self.set_active(None, false);
+        self.set_active(None, false, 0);
         tokens
     }
 
@@ -397,8 +412,10 @@ impl RegionTable {
         }
     }
 
-    /// Queue an event for the event queue, or, without one, raise the region's vector (the
-    /// only way a draft driver can hear about it).
+    /// Queue an event for the event queue, or, without one, raise the region's vector if the
+    /// driver negotiated `VIRTIO_ISM_F_VECTOR_EVENTS`. A driver that negotiated neither hears
+    /// nothing: the draft's region vector fires for kicks only, and a draft driver counts
+    /// every interrupt on it as a kick.
     pub fn post_event(&mut self, kind: EventType, subject: EventSubject, devid: u64) {
         if self.event_queue {
             self.events.push(Event {
@@ -408,7 +425,9 @@ impl RegionTable {
                 peers: subject.peers,
                 token: subject.token.0,
             });
-        } else if let (Some(vector), Some(interrupt)) = (subject.vector, &self.interrupt) {
+        } else if self.negotiated(VIRTIO_ISM_F_VECTOR_EVENTS)
+            && let (Some(vector), Some(interrupt)) = (subject.vector, &self.interrupt)
+        {
             let _ = interrupt.trigger(VirtioInterruptType::Vector(vector));
         }
     }
@@ -513,16 +532,23 @@ impl RegionTable {
 pub struct Regions {
     table: Mutex<RegionTable>,
     session: Arc<dyn PoolSession>,
+    /// What regions of drivers without `VIRTIO_ISM_F_GRANT` grant everyone at ALLOC.
+    draft_default_perm: DraftDefaultPerm,
     /// Serialises doorbell refreshes, so an older answer from the pool never overwrites a
     /// newer one.
     refresh: Mutex<()>,
 }
 
 impl Regions {
-    pub fn new(table: RegionTable, session: Arc<dyn PoolSession>) -> Self {
+    pub fn new(
+        table: RegionTable,
+        session: Arc<dyn PoolSession>,
+        draft_default_perm: DraftDefaultPerm,
+    ) -> Self {
         Self {
             table: Mutex::new(table),
             session,
+            draft_default_perm,
             refresh: Mutex::new(()),
         }
     }
@@ -539,8 +565,22 @@ impl Regions {
     }
 
     /// ALLOC_REGION. `capacity` is how many areas the driver's reply buffer holds.
+    ///
+    /// For a driver that did not negotiate `VIRTIO_ISM_F_GRANT` the operator's
+    /// `draft_default_perm` is granted to the pool's default target right away (it can never
+    /// grant itself); if the pool refuses that grant the region is freed again and the driver
+    /// gets ERR.
     pub fn alloc(&self, size: u64, capacity: u64) -> Result<(Token, Vec<Area>), Refusal> {
-        let size = self.lock().check_alloc(size, capacity)?;
+        let (size, draft_grant) = {
+            let table = self.lock();
+            let size = table.check_alloc(size, capacity)?;
+            let draft_grant = if table.negotiated(VIRTIO_ISM_F_GRANT) {
+                None
+            } else {
+                self.draft_default_perm.grant_bits()
+            };
+            (size, draft_grant)
+        };
         let lease = self.session.alloc(size).map_err(|e| {
             debug!("virtio-ism: pool refused alloc of {size} bytes: {e}");
             Refusal::from(pool_status(&e))
@@ -549,6 +589,15 @@ impl Regions {
         let installed = self.lock().install_lease(lease, capacity, true, false);
         if installed.is_err() {
             self.give_back(token);
+            return installed.map(|areas| (token, areas));
+        }
+        if let Some(bits) = draft_grant
+            && let Err(e) = self.session.grant(token, GrantTarget::Default, Perms(bits))
+        {
+            warn!("virtio-ism: draft_default_perm grant on new region {token} refused: {e}");
+            self.lock().uninstall(token);
+            self.give_back(token);
+            return Err(Status::Err.into());
         }
         installed.map(|areas| (token, areas))
     }
