@@ -30,7 +30,7 @@ use crate::doorbell::DoorbellRinger;
 use crate::metrics::IsmMetrics;
 use crate::notify::NotifyWiring;
 use crate::observer::{IsmObserver, ObserverSlot};
-use crate::regions::{RegionTable, Regions, pool_status};
+use crate::regions::{RegionTable, Regions, TrappedKick, pool_status};
 use crate::window::{KickSink, ShmWindow};
 use crate::worker::{IsmWorker, WorkerError};
 
@@ -589,6 +589,13 @@ impl IsmHandle {
         let (token, from) = {
             let table = self.regions.lock();
             let token = table.notify_target(offset)?;
+            match table.trapped_kick_kind(token, self.layout.notify_offset + offset) {
+                TrappedKick::WithoutDoorbell => {
+                    IsmMetrics::inc(&self.metrics.kicks_without_doorbell)
+                }
+                TrappedKick::WhileWired => IsmMetrics::inc(&self.metrics.kicks_trapped_while_wired),
+                TrappedKick::Expected => {}
+            }
             table.ring_doorbells(token);
             (token, table.info().devid)
         };

@@ -66,6 +66,17 @@ pub struct EventSubject {
     pub vector: Option<u16>,
 }
 
+/// Why a kick took the trap route (see `IsmMetrics`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrappedKick {
+    /// No peer doorbell known for the region: nothing in the kernel could carry it.
+    WithoutDoorbell,
+    /// The slot counts as wired now: the write landed while it was being re-wired.
+    WhileWired,
+    /// A slot that is never wired (not the region's first chunk's), or the VMM had no room.
+    Expected,
+}
+
 /// A failed command: the status to return and, for E2BIG, how many entries were needed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -487,6 +498,27 @@ impl RegionTable {
     pub fn rewire_all(&mut self) {
         for region in self.regions.values_mut() {
             self.routes.reroute(region);
+        }
+    }
+
+    /// Classify a trapped write at window offset `slot` to a notify slot of `token`.
+    pub fn trapped_kick_kind(&self, token: Token, slot: u64) -> TrappedKick {
+        let Some(region) = self.regions.get(&token) else {
+            return TrappedKick::Expected;
+        };
+        if region.doorbells.is_empty() {
+            return TrappedKick::WithoutDoorbell;
+        }
+        let wired_slot = region
+            .extents
+            .first()
+            .map(|e| self.layout.notify_offset + e.first * self.layout.notify_size);
+        let on_wired_slot = wired_slot
+            .is_some_and(|wired| (wired..wired + self.layout.notify_size).contains(&slot));
+        if on_wired_slot && !matches!(region.route, Route::Trap) {
+            TrappedKick::WhileWired
+        } else {
+            TrappedKick::Expected
         }
     }
 

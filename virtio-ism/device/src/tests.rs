@@ -1572,6 +1572,55 @@ fn test_zero_hop_kick_raises_the_only_peers_irqfd() {
     }
 }
 
+/// Why a doorbell write takes the trap route although the region gets (or had) a zero-hop
+/// ioeventfd: the route follows the pool's doorbell reports asynchronously. A kick between a
+/// peer's bind and the worker absorbing the report finds no doorbell (it reaches only
+/// in-process peers); a report that changes nothing still rebuilds the route (unwire, wire),
+/// and a write in that gap traps while the route counts as wired. Each case has a counter.
+#[test]
+fn test_trapped_kicks_are_counted_by_cause() {
+    let (_pool, [mut a, mut b]) = wired_guests([64, 64]);
+    let (token, a_areas) = a.alloc_shared(2 * CHUNK);
+    bind_vector(&mut a, token, 3);
+    b.attach(token, 0);
+    bind_vector(&mut b, token, 7);
+    let slot_a = notify_slot(a_areas[0].offset);
+    let notify = |slot: u64| slot - SHM;
+
+    // B's doorbell report is still on its way to A's worker: A's slot is not wired, the
+    // write traps and the device knows no doorbell to ring.
+    assert!(!a.wiring().guest_write(slot_a));
+    assert_eq!(a.handle().handle_notify(notify(slot_a)), Some(token));
+    assert_eq!(a.counter("kicks_without_doorbell"), 1);
+    assert_eq!(a.counter("doorbell_writes"), 0);
+    assert_eq!(
+        b.interrupts.irqfd_count(7),
+        0,
+        "no doorbell: B is not reached"
+    );
+
+    // Once absorbed, the slot is wired zero-hop.
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.wiring().wired_offsets(), vec![slot_a]);
+    let wires = a.wiring().wire_calls();
+    // B publishes the same doorbell again (e.g. its transport re-created the irqfd): A
+    // rebuilds the route, unwire then wire, although nothing changed for the guest.
+    b.handle().republish_doorbells();
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.wiring().wire_calls(), wires + 1, "the route was rebuilt");
+    // A write in that gap traps while the route counts as wired; it is still delivered.
+    assert_eq!(a.handle().handle_notify(notify(slot_a)), Some(token));
+    assert_eq!(a.counter("kicks_trapped_while_wired"), 1);
+    assert_eq!(b.interrupts.irqfd_count(7), 1);
+
+    // The second chunk's slot is never wired: trapping there is the expected route.
+    assert_eq!(a.handle().handle_notify(notify(slot_a + 4)), Some(token));
+    assert_eq!(a.counter("kicks_trapped_while_wired"), 1);
+    assert_eq!(a.counter("kicks_without_doorbell"), 1);
+    assert_eq!(a.counter("kicks"), 3);
+    assert_eq!(b.interrupts.irqfd_count(7), 1);
+}
+
 #[test]
 fn test_several_peers_take_the_one_hop_route_and_fan_out() {
     let (_pool, [mut a, mut b, mut c]) = wired_guests([64, 64, 64]);
