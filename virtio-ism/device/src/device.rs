@@ -586,12 +586,17 @@ impl IsmHandle {
         if offset >= self.layout.notify_len {
             return None;
         }
+        let mut held = false;
         let (token, from) = {
-            let table = self.regions.lock();
+            let mut table = self.regions.lock();
             let token = table.notify_target(offset)?;
             match table.trapped_kick_kind(token, self.layout.notify_offset + offset) {
                 TrappedKick::WithoutDoorbell => {
-                    IsmMetrics::inc(&self.metrics.kicks_without_doorbell)
+                    // The peers' doorbells may be on their way from the pool: the worker
+                    // absorbs them and rings them for this kick.
+                    IsmMetrics::inc(&self.metrics.kicks_without_doorbell);
+                    table.hold_kick(token);
+                    held = true;
                 }
                 TrappedKick::WhileWired => IsmMetrics::inc(&self.metrics.kicks_trapped_while_wired),
                 TrappedKick::Expected => {}
@@ -600,6 +605,9 @@ impl IsmHandle {
             (token, table.info().devid)
         };
         IsmMetrics::inc(&self.metrics.kicks);
+        if held {
+            self.wake();
+        }
         if let Some(sink) = &self.kick_sink {
             sink.kick_peers(from, token);
         }

@@ -20,9 +20,13 @@ pub struct IsmMetrics {
     pub kicks: AtomicU64,
     /// Trapped kicks for a region no peer doorbell was known for yet: the peers' doorbells
     /// were still on their way from the pool (a kick right after a peer bound its vector, or
-    /// right after this device attached), or no peer had bound one. They reach in-process
-    /// peers only (the kick sink), not peers in other VMMs.
+    /// right after this device attached), or no peer had bound one. Each is held for the
+    /// worker, which absorbs the pool's reports and rings the doorbells they brought.
     pub kicks_without_doorbell: AtomicU64,
+    /// Held kicks (`kicks_without_doorbell`) the worker delivered once it had absorbed the
+    /// pool's doorbell reports; the rest found no doorbell then either (no peer had bound a
+    /// vector: nothing is raised, as for any kick to a peer without a vector).
+    pub kicks_delivered_late: AtomicU64,
     /// Trapped kicks at the wired slot of a region whose route was zero- or one-hop when the
     /// device handled them: the write landed while the slot was being re-wired (the route is
     /// rebuilt, unwire then wire, whenever the pool reports the region's doorbells changed,
@@ -71,6 +75,7 @@ impl IsmMetrics {
             ("bytes_mapped", get(&self.bytes_mapped)),
             ("kicks", get(&self.kicks)),
             ("kicks_without_doorbell", get(&self.kicks_without_doorbell)),
+            ("kicks_delivered_late", get(&self.kicks_delivered_late)),
             (
                 "kicks_trapped_while_wired",
                 get(&self.kicks_trapped_while_wired),

@@ -6,7 +6,7 @@
 //! validated; nothing here touches guest memory. The events a change produces wait in
 //! [`crate::events`]; kicks are routed by [`crate::kick_routes`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -128,6 +128,9 @@ pub struct RegionTable {
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     metrics: Arc<IsmMetrics>,
     routes: KickRoutes,
+    /// Regions kicked through the trap while no peer doorbell was known: the worker rings
+    /// them once it has absorbed the pool's reports.
+    held_kicks: BTreeSet<Token>,
 }
 
 impl RegionTable {
@@ -151,6 +154,7 @@ impl RegionTable {
             interrupt: None,
             routes: KickRoutes::new(layout, metrics.clone(), kick_epoll, ringer),
             metrics,
+            held_kicks: BTreeSet::new(),
         }
     }
 
@@ -328,6 +332,7 @@ impl RegionTable {
             }
         }
         self.chunks.release(&region.extents);
+        self.held_kicks.remove(&token);
         IsmMetrics::sub(&self.metrics.regions_attached, 1);
         IsmMetrics::sub(&self.metrics.bytes_mapped, region.size);
         Some(region)
@@ -520,6 +525,26 @@ impl RegionTable {
         } else {
             TrappedKick::Expected
         }
+    }
+
+    /// Keep a trapped kick of `token` that found no peer doorbell, for
+    /// [`RegionTable::serve_held_kicks`].
+    pub fn hold_kick(&mut self, token: Token) {
+        self.held_kicks.insert(token);
+    }
+
+    /// Ring the doorbells of the regions whose kicks were held, now that the pool's reports
+    /// are absorbed; a region still without a doorbell drops its kick (no peer has a vector
+    /// bound). Returns how many held kicks rang a doorbell.
+    pub fn serve_held_kicks(&mut self) -> usize {
+        let mut delivered = 0;
+        for token in std::mem::take(&mut self.held_kicks) {
+            if self.ring_doorbells(token) > 0 {
+                IsmMetrics::inc(&self.metrics.kicks_delivered_late);
+                delivered += 1;
+            }
+        }
+        delivered
     }
 
     /// Write every peer doorbell of `token`; returns how many were rung.
@@ -773,8 +798,15 @@ impl Regions {
         removed
     }
 
-    /// Take what the pool reported and fold it into the table. Returns the reports.
+    /// Take what the pool reported and fold it into the table, then ring the doorbells of
+    /// kicks held for want of one. Returns the reports.
     pub fn absorb_pool_events(&self) -> Vec<PoolEvent> {
+        let events = self.absorb_reports();
+        self.lock().serve_held_kicks();
+        events
+    }
+
+    fn absorb_reports(&self) -> Vec<PoolEvent> {
         let events = self.session.take_events();
         if events.is_empty() {
             return events;

@@ -1588,20 +1588,21 @@ fn test_trapped_kicks_are_counted_by_cause() {
     let notify = |slot: u64| slot - SHM;
 
     // B's doorbell report is still on its way to A's worker: A's slot is not wired, the
-    // write traps and the device knows no doorbell to ring.
+    // write traps and the device knows no doorbell to ring yet. It holds the kick.
     assert!(!a.wiring().guest_write(slot_a));
     assert_eq!(a.handle().handle_notify(notify(slot_a)), Some(token));
     assert_eq!(a.counter("kicks_without_doorbell"), 1);
     assert_eq!(a.counter("doorbell_writes"), 0);
-    assert_eq!(
-        b.interrupts.irqfd_count(7),
-        0,
-        "no doorbell: B is not reached"
-    );
+    assert_eq!(b.interrupts.irqfd_count(7), 0, "no doorbell yet");
 
-    // Once absorbed, the slot is wired zero-hop.
+    // The worker absorbs the report: the slot is wired zero-hop and the held kick reaches B,
+    // once.
     a.worker.process_pool_events().unwrap();
     assert_eq!(a.wiring().wired_offsets(), vec![slot_a]);
+    assert_eq!(b.interrupts.irqfd_count(7), 1, "the held kick is delivered");
+    assert_eq!(a.counter("kicks_delivered_late"), 1);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(b.interrupts.irqfd_count(7), 0, "and only once");
     let wires = a.wiring().wire_calls();
     // B publishes the same doorbell again (e.g. its transport re-created the irqfd): A
     // rebuilds the route, unwire then wire, although nothing changed for the guest.
@@ -1619,6 +1620,25 @@ fn test_trapped_kicks_are_counted_by_cause() {
     assert_eq!(a.counter("kicks_without_doorbell"), 1);
     assert_eq!(a.counter("kicks"), 3);
     assert_eq!(b.interrupts.irqfd_count(7), 1);
+}
+
+/// A kick held for want of a doorbell is dropped, not kept, when the pool's reports bring
+/// none (no peer bound a vector): a peer binding later must not get a stale kick.
+#[test]
+fn test_held_kick_without_any_peer_doorbell_is_dropped() {
+    let (_pool, [mut a, mut b]) = wired_guests([64, 64]);
+    let (token, a_areas) = a.alloc_shared(CHUNK);
+    b.attach(token, 0);
+    let slot_a = notify_slot(a_areas[0].offset);
+    assert_eq!(a.handle().handle_notify(slot_a - SHM), Some(token));
+    assert_eq!(a.counter("kicks_without_doorbell"), 1);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.counter("kicks_delivered_late"), 0);
+    // B binds now: nothing stale reaches it.
+    bind_vector(&mut b, token, 7);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(b.interrupts.irqfd_count(7), 0);
+    assert_eq!(a.counter("kicks_delivered_late"), 0);
 }
 
 #[test]
