@@ -619,7 +619,7 @@ static LOGGER: CapturingLogger = CapturingLogger(Mutex::new(Vec::new()));
 /// Log lines recorded so far that contain `needle` (installs the logger on first use).
 fn logged(needle: &str) -> Vec<String> {
     if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(log::LevelFilter::Debug);
+        log::set_max_level(log::LevelFilter::Warn);
     }
     let lines = LOGGER.0.lock().unwrap_or_else(|e| e.into_inner());
     lines
