@@ -200,6 +200,7 @@ fuzz_target!(|input: &[u8]| {
         shm_size: SHM,
         chunk_size: CHUNK,
         notify_size: 4,
+        draft_default_perm: Default::default(),
     };
     let mut device = Ism::new("fuzz", config, pool.session().unwrap(), window.clone()).unwrap();
     device.ack_features(features);

@@ -258,6 +258,11 @@ pub struct IsmSpec {
     pub vmm: Vmm,
     /// Run the VMM as this user (see [`crate::uid`]); `None` runs it as the test's user.
     pub run_as: Option<u32>,
+    /// The guest drives the device as a driver written only against the draft
+    /// (`ism.draft=1`: no feature bits, no GRANT).
+    pub draft: bool,
+    /// `--ism draft_default_perm=` (none, ro or rw); `None` leaves the VMM's default.
+    pub draft_default_perm: Option<String>,
 }
 
 impl Default for IsmSpec {
@@ -267,6 +272,8 @@ impl Default for IsmSpec {
             chunk_size: "4K".into(),
             vmm: Vmm::IsmVmm,
             run_as: None,
+            draft: false,
+            draft_default_perm: None,
         }
     }
 }
@@ -318,16 +325,23 @@ impl IsmGuest {
     ) -> Self {
         let vmm = spec.vmm.binary();
         let mut cmdline = "ism.test=ism".to_string();
+        if spec.draft {
+            cmdline.push_str(" ism.draft=1");
+        }
         if !script.is_empty() {
             cmdline.push_str(" ism.script=");
             cmdline.push_str(&script.join(";").replace(' ', ","));
         }
-        let ism = format!(
+        let mut ism = format!(
             "id=ism0,size={},chunk_size={},pool={}",
             spec.size,
             spec.chunk_size,
             broker.socket().display()
         );
+        if let Some(policy) = &spec.draft_default_perm {
+            ism.push_str(",draft_default_perm=");
+            ism.push_str(policy);
+        }
         let mut args = spec.vmm.boot_args(&test_guest(), &cmdline);
         // cloud-hypervisor: the serial console on a pty (its serial socket drops what the
         // guest writes before a client connects), found through the API socket.

@@ -24,6 +24,9 @@ pub struct Context<'a> {
     pub apic_id: u8,
     /// `ism.script=`: commands for `ism.test=ism` to run before reading COM1.
     pub script: Option<&'a str>,
+    /// `ism.draft=1`: `ism.test=ism` drives the device as a driver written only against the
+    /// draft (no feature bits, no GRANT, every interrupt on a region's vector is a kick).
+    pub draft: bool,
 }
 
 /// Run test `name`; true if it passed.

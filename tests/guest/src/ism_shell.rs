@@ -3,6 +3,10 @@
 //! the command line (`ism.script=cmd;cmd;...`, words separated by `,`) and then from COM1
 //! input lines, until `poweroff`.
 //!
+//! With `ism.draft=1` the driver negotiates no feature bit and never sends GRANT (a driver
+//! written only against the draft; `grant` then fails with `DRIVER`), and `pingpong` treats
+//! every interrupt on the kick vector as a peer's kick, as such a driver does.
+//!
 //! Every command prints exactly one line `ISM-TEST seq=<n> cmd=<name> status=<ok|error> ...`,
 //! so a host test can send a command and wait for its numbered answer. Region bytes are
 //! compared against a pattern derived from a seed (`fill` / `check`), so no region contents
@@ -36,6 +40,13 @@ const MAX_LINE: usize = 8192;
 const KICK_WAIT_TICKS: u64 = 10_000;
 /// LAPIC timer ticks a poll-mode `wait-kick` spins on the pending bit at most.
 const KICK_POLL_TICKS: u64 = 2_000;
+/// LAPIC timer ticks one `pingpong` round waits for the peer's kick at most.
+const PINGPONG_WAIT_TICKS: u64 = 2_000;
+/// Polls of the interrupt counter in ring 3 before a `pingpong` wait halts.
+const PINGPONG_SPINS: u32 = 20_000;
+/// `pingpong` region layout: the counter of kicks the ping side sent, and the pong side's.
+const PING_COUNTER: u64 = 0;
+const PONG_COUNTER: u64 = 64;
 
 /// The held regions, keyed by token. Static because each `Region` is about 1 KiB.
 struct RegionTable(UnsafeCell<[Option<Region>; MAX_REGIONS]>);
@@ -68,6 +79,9 @@ struct Shell<'p> {
     apic_id: u8,
     /// `wait-kick` polls the pending bit with the entry masked instead of taking interrupts.
     poll_kicks: bool,
+    /// Kick-vector interrupts `pingpong` has taken as kicks so far (a draft driver's view:
+    /// every interrupt on a region's vector since boot is a kick).
+    kicks_consumed: u64,
     seq: u64,
     malformed: u64,
 }
@@ -90,7 +104,11 @@ pub fn run(ctx: &Context<'_>, script: Option<&str>) -> bool {
     let kick = kick_entry(ctx.platform, &config, addr);
     let options = IsmOptions {
         max_waits: COMMAND_MAX_WAITS,
-        ..IsmOptions::default()
+        ..if ctx.draft {
+            IsmOptions::draft()
+        } else {
+            IsmOptions::default()
+        }
     };
     // SAFETY: this program owns the function and its BARs; the platform reaches the PCI
     // windows the VMM places BARs in.
@@ -104,7 +122,7 @@ pub fn run(ctx: &Context<'_>, script: Option<&str>) -> bool {
     let info = *ism.info();
     let geometry = *ism.window().geometry();
     report!(
-        "ism=ready device={addr} gid={:#x} devid={} chunk_size={} chunks={} notify_size={} features={:#x} window={:#x} kick_entry={}",
+        "ism=ready device={addr} gid={:#x} devid={} chunk_size={} chunks={} notify_size={} features={:#x} window={:#x} kick_entry={} draft={}",
         info.gid,
         info.devid,
         info.chunk_size,
@@ -112,7 +130,8 @@ pub fn run(ctx: &Context<'_>, script: Option<&str>) -> bool {
         info.notify_size,
         info.features,
         geometry.regions_addr,
-        kick.map_or(-1, |k| i32::from(k.entry))
+        kick.map_or(-1, |k| i32::from(k.entry)),
+        ctx.draft
     );
     let mut shell = Shell {
         ism,
@@ -122,6 +141,7 @@ pub fn run(ctx: &Context<'_>, script: Option<&str>) -> bool {
         kick,
         apic_id: ctx.apic_id,
         poll_kicks: false,
+        kicks_consumed: 0,
         seq: 0,
         malformed: 0,
     };
@@ -218,6 +238,7 @@ impl Shell<'_> {
             "kick" => self.kick(words, seq),
             "kick-mode" => self.kick_mode(words, seq),
             "wait-kick" => self.wait_kick(words, seq),
+            "pingpong" => self.pingpong(words, seq),
             "events" => self.events(seq),
             "alloc-many" => self.alloc_many(words, seq),
             "attach-many" => self.attach_many(words, seq),
@@ -631,6 +652,78 @@ impl Shell<'_> {
         Outcome::Done
     }
 
+    /// `pingpong TOKEN ping|pong ROUNDS`: a kick ping-pong driven the way a draft driver
+    /// does it: every interrupt on the kick vector counts as one kick from the peer. Before
+    /// each kick a side stores how many kicks it has sent in the region (ping at offset 0,
+    /// pong at 64), so a side that took an interrupt for a kick it never got sees the peer's
+    /// counter behind (`out_of_step`). The ping side kicks first; both sides run at once.
+    /// Reports `irqs` (kick-vector interrupts since boot), `peer_kicks` (the peer's counter at
+    /// the end: the kicks it really sent), `kicks_sent`, `out_of_step` and `timeouts` (a
+    /// round that waited in vain ends the loop).
+    fn pingpong<'a>(&mut self, mut words: impl Iterator<Item = &'a str>, seq: u64) -> Outcome {
+        let (token, region) = match self.token_region(&mut words) {
+            Ok(found) => found,
+            Err(outcome) => return outcome,
+        };
+        let ping = match words.next() {
+            Some("ping") => true,
+            Some("pong") => false,
+            _ => return Outcome::Bad("role"),
+        };
+        let Some(rounds) = words.next().and_then(parse_number) else {
+            return Outcome::Bad("rounds");
+        };
+        let (mine, theirs) = if ping {
+            (PING_COUNTER, PONG_COUNTER)
+        } else {
+            (PONG_COUNTER, PING_COUNTER)
+        };
+        let (mut sent, mut out_of_step, mut timeouts) = (0u64, 0u64, 0u64);
+        for round in 1..=rounds {
+            if ping && let Err(e) = self.send_kick(&region, mine, round, &mut sent) {
+                return Outcome::Failed(e);
+            }
+            if !wait_for_kick_irq(self.kicks_consumed + 1) {
+                timeouts += 1;
+                break;
+            }
+            // A draft driver: this interrupt is the peer's kick.
+            self.kicks_consumed += 1;
+            match self.ism.window().read_u64(&region, theirs) {
+                Ok(peer) if peer == round => {}
+                Ok(_) => out_of_step += 1,
+                Err(e) => return Outcome::Failed(e),
+            }
+            if !ping && let Err(e) = self.send_kick(&region, mine, round, &mut sent) {
+                return Outcome::Failed(e);
+            }
+        }
+        let peer_kicks = match self.ism.window().read_u64(&region, theirs) {
+            Ok(value) => value,
+            Err(e) => return Outcome::Failed(e),
+        };
+        report!(
+            "seq={seq} cmd=pingpong status=ok token={token:#x} role={} rounds={rounds} kicks_sent={sent} irqs={} peer_kicks={peer_kicks} out_of_step={out_of_step} timeouts={timeouts}",
+            if ping { "ping" } else { "pong" },
+            boot::irq_count(KICK_VECTOR)
+        );
+        Outcome::Done
+    }
+
+    /// Publish `count` at `offset` of the region, then kick it.
+    fn send_kick(
+        &self,
+        region: &Region,
+        offset: u64,
+        count: u64,
+        sent: &mut u64,
+    ) -> Result<(), IsmError> {
+        self.ism.window().write_u64(region, offset, count)?;
+        self.ism.kick(region)?;
+        *sent += 1;
+        Ok(())
+    }
+
     /// `bench KIND [TOKEN ROLE] COUNT`: one side of a benchmark (bench.rs).
     fn bench<'a>(&mut self, mut words: impl Iterator<Item = &'a str>, seq: u64) -> Outcome {
         let kind = words.next().unwrap_or("");
@@ -760,6 +853,18 @@ impl Shell<'_> {
         );
         Outcome::Done
     }
+}
+
+/// Wait until `count` kick-vector interrupts have arrived since boot: spin in ring 3 for a
+/// while (a ping-pong peer answers within microseconds), then halt between timer ticks.
+fn wait_for_kick_irq(count: u64) -> bool {
+    for _ in 0..PINGPONG_SPINS {
+        if boot::irq_count(KICK_VECTOR) >= count {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    cases::wait_for_irq(KICK_VECTOR, count, PINGPONG_WAIT_TICKS)
 }
 
 fn write_fmt(args: core::fmt::Arguments<'_>) -> core::fmt::Result {

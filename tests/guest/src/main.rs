@@ -95,6 +95,7 @@ extern "C" fn ism_guest_main(start_info_paddr: u32) -> ! {
         acpi,
         apic_id,
         script: info.param("ism.script"),
+        draft: info.param("ism.draft") == Some("1"),
     };
     let pass = cases::run(test, &ctx);
     finish(pass)

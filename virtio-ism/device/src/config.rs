@@ -18,6 +18,70 @@ pub struct IsmConfig {
     pub chunk_size: u64,
     /// Bytes of notify area per chunk; a power of two in 1..=4096.
     pub notify_size: u64,
+    /// What every other device of the pool may do with a region allocated by a driver that
+    /// did not negotiate `VIRTIO_ISM_F_GRANT` (and so can never grant).
+    pub draft_default_perm: DraftDefaultPerm,
+}
+
+/// The operator's policy for regions of drivers that never grant (`draft_default_perm=`).
+///
+/// Right after such a driver's ALLOC the device grants the pool's default target (every
+/// other device of the pool) ATTACH plus the chosen access; never MANAGE. Any device of the
+/// pool that learns the token can then attach the region: tokens are random 64-bit values,
+/// but they travel through guests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DraftDefaultPerm {
+    /// Owner-only, like every region of a granting driver before its first GRANT.
+    #[default]
+    None,
+    /// Others may attach read-only (ATTACH | READ).
+    ReadOnly,
+    /// Others may attach read-write (ATTACH | READ | WRITE).
+    ReadWrite,
+}
+
+impl DraftDefaultPerm {
+    /// The permission bits granted to the default target, or None for no grant.
+    pub fn grant_bits(self) -> Option<u64> {
+        use virtio_ism_proto::defs::perm::{
+            VIRTIO_ISM_PERM_ATTACH, VIRTIO_ISM_PERM_READ, VIRTIO_ISM_PERM_WRITE,
+        };
+        match self {
+            Self::None => None,
+            Self::ReadOnly => Some(VIRTIO_ISM_PERM_ATTACH | VIRTIO_ISM_PERM_READ),
+            Self::ReadWrite => {
+                Some(VIRTIO_ISM_PERM_ATTACH | VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE)
+            }
+        }
+    }
+
+    /// The option value: `none`, `ro` or `rw`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::ReadOnly => "ro",
+            Self::ReadWrite => "rw",
+        }
+    }
+}
+
+impl std::str::FromStr for DraftDefaultPerm {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Self::None),
+            "ro" => Ok(Self::ReadOnly),
+            "rw" => Ok(Self::ReadWrite),
+            other => Err(ConfigError::DraftDefaultPerm(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for DraftDefaultPerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Why an `IsmConfig` was refused.
@@ -37,6 +101,8 @@ pub enum ConfigError {
     WindowSize(u64),
     #[error("Shared-memory window size overflows")]
     WindowOverflow,
+    #[error("draft_default_perm={0:?} is not one of none, ro, rw")]
+    DraftDefaultPerm(String),
 }
 
 /// Where things are in the device's shared-memory window (one 64-bit BAR).
@@ -75,9 +141,18 @@ impl IsmConfig {
             shm_size: chunks * chunk_size,
             chunk_size,
             notify_size,
+            draft_default_perm: DraftDefaultPerm::None,
         };
         config.layout()?;
         Ok(config)
+    }
+
+    /// This configuration with `policy` for regions of drivers that never grant.
+    pub fn with_draft_default_perm(self, policy: DraftDefaultPerm) -> Self {
+        Self {
+            draft_default_perm: policy,
+            ..self
+        }
     }
 
     /// Check the configuration and lay out the window.
@@ -126,6 +201,7 @@ mod tests {
             shm_size: 64 << 20,
             chunk_size: 1 << 20,
             notify_size: 4,
+            draft_default_perm: DraftDefaultPerm::None,
         }
         .layout()
         .unwrap();
@@ -155,6 +231,7 @@ mod tests {
             shm_size: 1 << 20,
             chunk_size: 4096,
             notify_size: 1,
+            draft_default_perm: DraftDefaultPerm::None,
         };
         assert!(good.layout().is_ok());
         let bad_chunk = IsmConfig {
@@ -182,5 +259,29 @@ mod tests {
             ..good
         };
         assert!(matches!(huge.layout(), Err(ConfigError::TooManyChunks(_))));
+    }
+
+    #[test]
+    fn test_draft_default_perm_parses_and_never_grants_manage() {
+        use virtio_ism_proto::defs::perm::VIRTIO_ISM_PERM_MANAGE;
+        for (text, policy) in [
+            ("none", DraftDefaultPerm::None),
+            ("ro", DraftDefaultPerm::ReadOnly),
+            ("rw", DraftDefaultPerm::ReadWrite),
+        ] {
+            assert_eq!(text.parse::<DraftDefaultPerm>(), Ok(policy));
+            assert_eq!(policy.to_string(), text);
+            assert_eq!(policy.grant_bits().unwrap_or(0) & VIRTIO_ISM_PERM_MANAGE, 0);
+        }
+        assert_eq!(DraftDefaultPerm::None.grant_bits(), None);
+        assert_eq!(DraftDefaultPerm::ReadOnly.grant_bits(), Some(0b101));
+        assert_eq!(DraftDefaultPerm::ReadWrite.grant_bits(), Some(0b111));
+        assert!("RW".parse::<DraftDefaultPerm>().is_err());
+        assert_eq!(
+            IsmConfig::for_window(1 << 20, 4096, 4)
+                .unwrap()
+                .draft_default_perm,
+            DraftDefaultPerm::None
+        );
     }
 }

@@ -15,7 +15,8 @@ use virtio_device::{
 use virtio_ism_pool_api::{GrantTarget, Perms, PoolError, PoolSession, PoolStatus, Token};
 use virtio_ism_proto::defs::VIRTIO_ID_ISM;
 use virtio_ism_proto::defs::features::{
-    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit,
+    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_QUERY,
+    VIRTIO_ISM_F_VECTOR_EVENTS, bit,
 };
 use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX, QUEUE_SIZE};
 use virtio_ism_proto::defs::shm::{VIRTIO_ISM_SHM_ID_NOTIFY, VIRTIO_ISM_SHM_ID_REGIONS};
@@ -29,13 +30,17 @@ use crate::doorbell::DoorbellRinger;
 use crate::metrics::IsmMetrics;
 use crate::notify::NotifyWiring;
 use crate::observer::{IsmObserver, ObserverSlot};
-use crate::regions::{RegionTable, Regions, pool_status};
+use crate::regions::{RegionTable, Regions, TrappedKick, pool_status};
 use crate::window::{KickSink, ShmWindow};
 use crate::worker::{IsmWorker, WorkerError};
 
-/// Features this device offers.
-pub const AVAIL_FEATURES: u64 =
-    bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_ISM_F_EVENT_QUEUE) | bit(VIRTIO_ISM_F_QUERY);
+/// Features this device offers. A driver that acknowledges none of the `VIRTIO_ISM_F_*` bits
+/// sees the draft device (docs/protocol.md, section 11).
+pub const AVAIL_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_ISM_F_EVENT_QUEUE)
+    | bit(VIRTIO_ISM_F_QUERY)
+    | bit(VIRTIO_ISM_F_GRANT)
+    | bit(VIRTIO_ISM_F_VECTOR_EVENTS);
 
 /// Why a device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,13 @@ pub enum IsmError {
     CreateKickEpoll(#[source] io::Error),
     #[error("Failed to create the pause eventfd")]
     CreatePauseEvent(#[source] io::Error),
+}
+
+/// Why the device refused to activate (carried in `ActivateError::Device`).
+#[derive(Debug, thiserror::Error)]
+pub enum IsmActivateError {
+    #[error("The driver did not enable the control queue (queue 0); it enabled {0:?}")]
+    NoControlQueue(Vec<u16>),
 }
 
 /// Why a host-side region operation failed.
@@ -153,6 +165,7 @@ impl Ism {
                     DoorbellRinger::new(),
                 ),
                 session,
+                config.draft_default_perm,
             )),
             metrics,
             shm_addr: GuestAddress(0),
@@ -234,7 +247,7 @@ impl Ism {
         }
         let mut ctrl = None;
         let mut events = None;
-        let enabled = queues.len();
+        let enabled: Vec<u16> = queues.iter().map(|(index, _, _)| *index).collect();
         for (index, queue, evt) in queues {
             match index {
                 CTRL_QUEUE_INDEX => ctrl = Some((queue, evt)),
@@ -245,7 +258,9 @@ impl Ism {
             }
         }
         let Some((ctrl_queue, ctrl_evt)) = ctrl else {
-            return Err(ActivateError::BadQueueCount { needed: 1, enabled });
+            return Err(ActivateError::device(IsmActivateError::NoControlQueue(
+                enabled,
+            )));
         };
         let kill_evt = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::CloneEventFd)?;
         let worker = IsmWorker {
@@ -266,9 +281,11 @@ impl Ism {
             observer: self.observer.clone(),
             pause: self.pause.clone(),
         };
-        self.regions
-            .lock()
-            .set_active(Some(interrupt_cb.clone()), worker.event_queue.is_some());
+        self.regions.lock().set_active(
+            Some(interrupt_cb.clone()),
+            worker.event_queue.is_some(),
+            self.acked_features,
+        );
         self.state = DeviceState::Active(ActiveState {
             kill_evt,
             worker: None,
@@ -569,13 +586,28 @@ impl IsmHandle {
         if offset >= self.layout.notify_len {
             return None;
         }
+        let mut held = false;
         let (token, from) = {
-            let table = self.regions.lock();
+            let mut table = self.regions.lock();
             let token = table.notify_target(offset)?;
+            match table.trapped_kick_kind(token, self.layout.notify_offset + offset) {
+                TrappedKick::WithoutDoorbell => {
+                    // The peers' doorbells may be on their way from the pool: the worker
+                    // absorbs them and rings them for this kick.
+                    IsmMetrics::inc(&self.metrics.kicks_without_doorbell);
+                    table.hold_kick(token);
+                    held = true;
+                }
+                TrappedKick::WhileWired => IsmMetrics::inc(&self.metrics.kicks_trapped_while_wired),
+                TrappedKick::Expected => {}
+            }
             table.ring_doorbells(token);
             (token, table.info().devid)
         };
         IsmMetrics::inc(&self.metrics.kicks);
+        if held {
+            self.wake();
+        }
         if let Some(sink) = &self.kick_sink {
             sink.kick_peers(from, token);
         }

@@ -24,9 +24,9 @@ mod reservation;
 mod window;
 mod worker;
 
-pub use config::{ConfigError, IsmConfig, WindowLayout};
+pub use config::{ConfigError, DraftDefaultPerm, IsmConfig, WindowLayout};
 pub use ctrl::{MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES};
-pub use device::{AVAIL_FEATURES, HandleError, Ism, IsmError, IsmHandle};
+pub use device::{AVAIL_FEATURES, HandleError, Ism, IsmActivateError, IsmError, IsmHandle};
 pub use events::MAX_PENDING_EVENTS;
 pub use metrics::IsmMetrics;
 pub use notify::{MemoryWiring, NotifyWiring, WireOutcome};

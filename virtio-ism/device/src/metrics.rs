@@ -16,8 +16,22 @@ pub struct IsmMetrics {
     pub regions_attached: AtomicU64,
     /// Bytes currently mapped into the window.
     pub bytes_mapped: AtomicU64,
-    /// Doorbell writes handled (`handle_notify`).
+    /// Doorbell writes handled (`handle_notify`): every kick that took the trap route.
     pub kicks: AtomicU64,
+    /// Trapped kicks for a region no peer doorbell was known for yet: the peers' doorbells
+    /// were still on their way from the pool (a kick right after a peer bound its vector, or
+    /// right after this device attached), or no peer had bound one. Each is held for the
+    /// worker, which absorbs the pool's reports and rings the doorbells they brought.
+    pub kicks_without_doorbell: AtomicU64,
+    /// Held kicks (`kicks_without_doorbell`) the worker delivered once it had absorbed the
+    /// pool's doorbell reports; the rest found no doorbell then either (no peer had bound a
+    /// vector: nothing is raised, as for any kick to a peer without a vector).
+    pub kicks_delivered_late: AtomicU64,
+    /// Trapped kicks at the wired slot of a region whose route was zero- or one-hop when the
+    /// device handled them: the write landed while the slot was being re-wired (the route is
+    /// rebuilt, unwire then wire, whenever the pool reports the region's doorbells changed,
+    /// and after a BAR move). Delivered through the doorbells all the same.
+    pub kicks_trapped_while_wired: AtomicU64,
     /// Kicks received from peers and raised as an interrupt.
     pub kicks_delivered: AtomicU64,
     /// Kicks that came through a one-hop eventfd (several peers) and were fanned out.
@@ -60,6 +74,12 @@ impl IsmMetrics {
             ("regions_attached", get(&self.regions_attached)),
             ("bytes_mapped", get(&self.bytes_mapped)),
             ("kicks", get(&self.kicks)),
+            ("kicks_without_doorbell", get(&self.kicks_without_doorbell)),
+            ("kicks_delivered_late", get(&self.kicks_delivered_late)),
+            (
+                "kicks_trapped_while_wired",
+                get(&self.kicks_trapped_while_wired),
+            ),
             ("kicks_delivered", get(&self.kicks_delivered)),
             ("kicks_one_hop", get(&self.kicks_one_hop)),
             ("doorbell_writes", get(&self.doorbell_writes)),

@@ -6,7 +6,7 @@
 //! validated; nothing here touches guest memory. The events a change produces wait in
 //! [`crate::events`]; kicks are routed by [`crate::kick_routes`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -16,13 +16,14 @@ use virtio_ism_pool_api::{
     DevId, GrantTarget, MissingPerm, Perms, PoolError, PoolEvent, PoolSession, RegionLease,
     SessionInfo, Token,
 };
+use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_VECTOR_EVENTS, bit};
 use virtio_ism_proto::defs::{VIRTIO_MSI_NO_VECTOR, perm, region_flags};
 use virtio_ism_proto::{Area, Event, EventType, Status};
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chunks::{ChunkMap, Extent};
-use crate::config::WindowLayout;
+use crate::config::{DraftDefaultPerm, WindowLayout};
 use crate::doorbell::DoorbellRinger;
 use crate::events::PendingEvents;
 use crate::kick_routes::{KickRoutes, Route, borrow_eventfd};
@@ -63,6 +64,17 @@ pub struct EventSubject {
     pub offset: u64,
     pub peers: u64,
     pub vector: Option<u16>,
+}
+
+/// Why a kick took the trap route (see `IsmMetrics`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrappedKick {
+    /// No peer doorbell known for the region: nothing in the kernel could carry it.
+    WithoutDoorbell,
+    /// The slot counts as wired now: the write landed while it was being re-wired.
+    WhileWired,
+    /// A slot that is never wired (not the region's first chunk's), or the VMM had no room.
+    Expected,
 }
 
 /// A failed command: the status to return and, for E2BIG, how many entries were needed.
@@ -111,9 +123,14 @@ pub struct RegionTable {
     events: PendingEvents,
     /// The driver negotiated the event queue and activated it.
     event_queue: bool,
+    /// Features the driver negotiated (0 while inactive).
+    features: u64,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     metrics: Arc<IsmMetrics>,
     routes: KickRoutes,
+    /// Regions kicked through the trap while no peer doorbell was known: the worker rings
+    /// them once it has absorbed the pool's reports.
+    held_kicks: BTreeSet<Token>,
 }
 
 impl RegionTable {
@@ -133,9 +150,11 @@ impl RegionTable {
             regions: BTreeMap::new(),
             events: PendingEvents::new(metrics.clone()),
             event_queue: false,
+            features: 0,
             interrupt: None,
             routes: KickRoutes::new(layout, metrics.clone(), kick_epoll, ringer),
             metrics,
+            held_kicks: BTreeSet::new(),
         }
     }
 
@@ -143,11 +162,22 @@ impl RegionTable {
         self.info
     }
 
-    /// Called at activation and reset.
-    pub fn set_active(&mut self, interrupt: Option<Arc<dyn VirtioInterrupt>>, event_queue: bool) {
+    /// Called at activation (with the negotiated features) and reset.
+    pub fn set_active(
+        &mut self,
+        interrupt: Option<Arc<dyn VirtioInterrupt>>,
+        event_queue: bool,
+        features: u64,
+    ) {
         self.interrupt = interrupt;
         self.event_queue = event_queue;
+        self.features = features;
         self.events.clear();
+    }
+
+    /// Whether the driver negotiated feature bit `nr`.
+    pub fn negotiated(&self, nr: u32) -> bool {
+        self.features & bit(nr) != 0
     }
 
     pub fn is_active(&self) -> bool {
@@ -302,6 +332,7 @@ impl RegionTable {
             }
         }
         self.chunks.release(&region.extents);
+        self.held_kicks.remove(&token);
         IsmMetrics::sub(&self.metrics.regions_attached, 1);
         IsmMetrics::sub(&self.metrics.bytes_mapped, region.size);
         Some(region)
@@ -343,7 +374,7 @@ impl RegionTable {
         for token in &tokens {
             self.uninstall(*token);
         }
-        self.set_active(None, false);
+        self.set_active(None, false, 0);
         tokens
     }
 
@@ -397,8 +428,10 @@ impl RegionTable {
         }
     }
 
-    /// Queue an event for the event queue, or, without one, raise the region's vector (the
-    /// only way a draft driver can hear about it).
+    /// Queue an event for the event queue, or, without one, raise the region's vector if the
+    /// driver negotiated `VIRTIO_ISM_F_VECTOR_EVENTS`. A driver that negotiated neither hears
+    /// nothing: the draft's region vector fires for kicks only, and a draft driver counts
+    /// every interrupt on it as a kick.
     pub fn post_event(&mut self, kind: EventType, subject: EventSubject, devid: u64) {
         if self.event_queue {
             self.events.push(Event {
@@ -408,7 +441,9 @@ impl RegionTable {
                 peers: subject.peers,
                 token: subject.token.0,
             });
-        } else if let (Some(vector), Some(interrupt)) = (subject.vector, &self.interrupt) {
+        } else if self.negotiated(VIRTIO_ISM_F_VECTOR_EVENTS)
+            && let (Some(vector), Some(interrupt)) = (subject.vector, &self.interrupt)
+        {
             let _ = interrupt.trigger(VirtioInterruptType::Vector(vector));
         }
     }
@@ -471,6 +506,47 @@ impl RegionTable {
         }
     }
 
+    /// Classify a trapped write at window offset `slot` to a notify slot of `token`.
+    pub fn trapped_kick_kind(&self, token: Token, slot: u64) -> TrappedKick {
+        let Some(region) = self.regions.get(&token) else {
+            return TrappedKick::Expected;
+        };
+        if region.doorbells.is_empty() {
+            return TrappedKick::WithoutDoorbell;
+        }
+        let wired_slot = region
+            .extents
+            .first()
+            .map(|e| self.layout.notify_offset + e.first * self.layout.notify_size);
+        let on_wired_slot = wired_slot
+            .is_some_and(|wired| (wired..wired + self.layout.notify_size).contains(&slot));
+        if on_wired_slot && !matches!(region.route, Route::Trap) {
+            TrappedKick::WhileWired
+        } else {
+            TrappedKick::Expected
+        }
+    }
+
+    /// Keep a trapped kick of `token` that found no peer doorbell, for
+    /// [`RegionTable::serve_held_kicks`].
+    pub fn hold_kick(&mut self, token: Token) {
+        self.held_kicks.insert(token);
+    }
+
+    /// Ring the doorbells of the regions whose kicks were held, now that the pool's reports
+    /// are absorbed; a region still without a doorbell drops its kick (no peer has a vector
+    /// bound). Returns how many held kicks rang a doorbell.
+    pub fn serve_held_kicks(&mut self) -> usize {
+        let mut delivered = 0;
+        for token in std::mem::take(&mut self.held_kicks) {
+            if self.ring_doorbells(token) > 0 {
+                IsmMetrics::inc(&self.metrics.kicks_delivered_late);
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
     /// Write every peer doorbell of `token`; returns how many were rung.
     pub fn ring_doorbells(&self, token: Token) -> usize {
         self.regions
@@ -513,16 +589,23 @@ impl RegionTable {
 pub struct Regions {
     table: Mutex<RegionTable>,
     session: Arc<dyn PoolSession>,
+    /// What regions of drivers without `VIRTIO_ISM_F_GRANT` grant everyone at ALLOC.
+    draft_default_perm: DraftDefaultPerm,
     /// Serialises doorbell refreshes, so an older answer from the pool never overwrites a
     /// newer one.
     refresh: Mutex<()>,
 }
 
 impl Regions {
-    pub fn new(table: RegionTable, session: Arc<dyn PoolSession>) -> Self {
+    pub fn new(
+        table: RegionTable,
+        session: Arc<dyn PoolSession>,
+        draft_default_perm: DraftDefaultPerm,
+    ) -> Self {
         Self {
             table: Mutex::new(table),
             session,
+            draft_default_perm,
             refresh: Mutex::new(()),
         }
     }
@@ -539,8 +622,22 @@ impl Regions {
     }
 
     /// ALLOC_REGION. `capacity` is how many areas the driver's reply buffer holds.
+    ///
+    /// For a driver that did not negotiate `VIRTIO_ISM_F_GRANT` the operator's
+    /// `draft_default_perm` is granted to the pool's default target right away (it can never
+    /// grant itself); if the pool refuses that grant the region is freed again and the driver
+    /// gets ERR.
     pub fn alloc(&self, size: u64, capacity: u64) -> Result<(Token, Vec<Area>), Refusal> {
-        let size = self.lock().check_alloc(size, capacity)?;
+        let (size, draft_grant) = {
+            let table = self.lock();
+            let size = table.check_alloc(size, capacity)?;
+            let draft_grant = if table.negotiated(VIRTIO_ISM_F_GRANT) {
+                None
+            } else {
+                self.draft_default_perm.grant_bits()
+            };
+            (size, draft_grant)
+        };
         let lease = self.session.alloc(size).map_err(|e| {
             debug!("virtio-ism: pool refused alloc of {size} bytes: {e}");
             Refusal::from(pool_status(&e))
@@ -549,6 +646,15 @@ impl Regions {
         let installed = self.lock().install_lease(lease, capacity, true, false);
         if installed.is_err() {
             self.give_back(token);
+            return installed.map(|areas| (token, areas));
+        }
+        if let Some(bits) = draft_grant
+            && let Err(e) = self.session.grant(token, GrantTarget::Default, Perms(bits))
+        {
+            warn!("virtio-ism: draft_default_perm grant on new region {token} refused: {e}");
+            self.lock().uninstall(token);
+            self.give_back(token);
+            return Err(Status::Err.into());
         }
         installed.map(|areas| (token, areas))
     }
@@ -692,8 +798,15 @@ impl Regions {
         removed
     }
 
-    /// Take what the pool reported and fold it into the table. Returns the reports.
+    /// Take what the pool reported and fold it into the table, then ring the doorbells of
+    /// kicks held for want of one. Returns the reports.
     pub fn absorb_pool_events(&self) -> Vec<PoolEvent> {
+        let events = self.absorb_reports();
+        self.lock().serve_held_kicks();
+        events
+    }
+
+    fn absorb_reports(&self) -> Vec<PoolEvent> {
         let events = self.session.take_events();
         if events.is_empty() {
             return events;

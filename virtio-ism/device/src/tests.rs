@@ -17,7 +17,8 @@ use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInte
 use virtio_ism_pool_api::{DevId, PoolSession, Token};
 use virtio_ism_proto::ctrl::{decode_areas, decode_tokens, reply_len};
 use virtio_ism_proto::defs::features::{
-    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_IRQ, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit,
+    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_IRQ, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT,
+    VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS, bit,
 };
 use virtio_ism_proto::defs::perm::{
     VIRTIO_ISM_PERM_ATTACH, VIRTIO_ISM_PERM_MANAGE, VIRTIO_ISM_PERM_READ, VIRTIO_ISM_PERM_WRITE,
@@ -32,7 +33,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::test_utils::MemWindow;
-use crate::{Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, MemoryWiring};
+use crate::{DraftDefaultPerm, Ism, IsmConfig, IsmHandle, IsmWorker, KickSink, MemoryWiring};
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
@@ -234,13 +235,24 @@ fn config() -> IsmConfig {
         shm_size: SHM,
         chunk_size: CHUNK,
         notify_size: 4,
+        draft_default_perm: Default::default(),
     }
 }
 
 /// A device named `id` over a fresh [`MemWindow`], its features acked, not yet activated.
 fn device(id: &str, session: Arc<dyn PoolSession>, features: u64) -> (Ism, Arc<MemWindow>) {
-    let window = MemWindow::new(config().layout().unwrap().window_size);
-    let mut device = Ism::new(id, config(), session, window.clone()).unwrap();
+    device_with(id, session, features, config())
+}
+
+/// [`device`] with its own configuration.
+fn device_with(
+    id: &str,
+    session: Arc<dyn PoolSession>,
+    features: u64,
+    config: IsmConfig,
+) -> (Ism, Arc<MemWindow>) {
+    let window = MemWindow::new(config.layout().unwrap().window_size);
+    let mut device = Ism::new(id, config, session, window.clone()).unwrap();
     device.ack_features(features);
     (device, window)
 }
@@ -268,6 +280,17 @@ impl TestVm {
         )
     }
 
+    /// A guest whose device has the operator policy `policy` for drivers that never grant.
+    fn with_policy(pool: &Arc<LocalPool>, features: u64, policy: DraftDefaultPerm) -> Self {
+        Self::build_with(
+            pool.session().unwrap(),
+            features,
+            Arc::new(RecordingInterrupt::default()),
+            None,
+            config().with_draft_default_perm(policy),
+        )
+    }
+
     /// A guest whose transport has irqfds and whose VMM wires notify slots through
     /// `wiring`.
     fn wired(pool: &Arc<LocalPool>, wiring: &Arc<MemoryWiring>) -> Self {
@@ -285,9 +308,19 @@ impl TestVm {
         interrupts: Arc<RecordingInterrupt>,
         wiring: Option<Arc<MemoryWiring>>,
     ) -> Self {
+        Self::build_with(session, features, interrupts, wiring, config())
+    }
+
+    fn build_with(
+        session: Arc<dyn PoolSession>,
+        features: u64,
+        interrupts: Arc<RecordingInterrupt>,
+        wiring: Option<Arc<MemoryWiring>>,
+        config: IsmConfig,
+    ) -> Self {
         let mem = guest_memory();
         let kicks = Arc::new(RecordingKicks::default());
-        let (device, window) = device("ism0", session.clone(), features);
+        let (device, window) = device_with("ism0", session.clone(), features, config);
         let mut device = device.with_kick_sink(kicks.clone());
         if let Some(wiring) = &wiring {
             device = device.with_notify_wiring(wiring.clone());
@@ -966,7 +999,8 @@ fn test_event_overflow_is_reported() {
 
 #[test]
 fn test_without_event_queue_region_events_raise_the_bound_vector() {
-    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
+    let vector_events = DRAFT_FEATURES | bit(VIRTIO_ISM_F_VECTOR_EVENTS);
+    let (_pool, [mut a, mut b]) = guests([vector_events, DRAFT_FEATURES]);
     let (token, _) = a.alloc_shared(CHUNK);
     assert_eq!(a.event_vector(token, 3), Status::Ok);
     a.interrupts.take();
@@ -974,6 +1008,80 @@ fn test_without_event_queue_region_events_raise_the_bound_vector() {
     a.worker.process_pool_events().unwrap();
     assert_eq!(a.interrupts.take(), vec![VirtioInterruptType::Vector(3)]);
     assert!(a.events.pop_used(a.mem).is_none());
+}
+
+/// A draft driver counts every interrupt on a region's vector as a kick: without
+/// VIRTIO_ISM_F_VECTOR_EVENTS a peer's attach, a grant change and a detach raise nothing.
+#[test]
+fn test_draft_driver_region_vector_fires_only_for_kicks() {
+    let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);
+    let (token, _) = a.alloc_shared(CHUNK);
+    assert_eq!(a.event_vector(token, 3), Status::Ok);
+    assert_eq!(
+        a.grant_device(token, rw() | VIRTIO_ISM_PERM_MANAGE, b.devid()),
+        Status::Ok
+    );
+    a.interrupts.take();
+    b.attach(token, 0);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(b.grant_default(token, rw()), Status::Ok, "an UPDATE for A");
+    assert_eq!(b.detach(token), Status::Ok);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.interrupts.take(), vec![], "no region event may raise it");
+    assert!(a.handle().deliver_kick(token));
+    assert_eq!(a.interrupts.take(), vec![VirtioInterruptType::Vector(3)]);
+}
+
+#[test]
+fn test_features_offer_grant_and_vector_events() {
+    let (_pool, [vm]) = guests([0]);
+    let offered = vm.device.features();
+    assert_ne!(offered & bit(VIRTIO_ISM_F_GRANT), 0);
+    assert_ne!(offered & bit(VIRTIO_ISM_F_VECTOR_EVENTS), 0);
+}
+
+/// `draft_default_perm`: regions of a driver without VIRTIO_ISM_F_GRANT are granted to the
+/// pool's default target right after ALLOC; a granting driver's stay owner-only.
+#[test]
+fn test_draft_default_perm_applies_only_to_drivers_without_grant() {
+    let pool = pool();
+    // No policy: owner-only, as before.
+    let mut none = TestVm::with_policy(&pool, DRAFT_FEATURES, DraftDefaultPerm::None);
+    let mut peer = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = none.alloc(CHUNK);
+    assert_eq!(peer.attach_raw(token, 0).status, Status::PermAttach);
+
+    // rw: a peer attaches writable; MANAGE is never given.
+    let mut rw_owner = TestVm::with_policy(&pool, DRAFT_FEATURES, DraftDefaultPerm::ReadWrite);
+    let (token, _) = rw_owner.alloc(CHUNK);
+    assert_eq!(peer.attach_raw(token, 0).status, Status::Ok);
+    assert_eq!(
+        pool_perms(&pool, token),
+        VIRTIO_ISM_PERM_ATTACH | VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE
+    );
+    assert_eq!(peer.grant_default(token, rw()), Status::Err, "no MANAGE");
+
+    // ro: read-only attach works, a writable one is refused.
+    let mut ro_owner = TestVm::with_policy(&pool, DRAFT_FEATURES, DraftDefaultPerm::ReadOnly);
+    let (token, _) = ro_owner.alloc(CHUNK);
+    assert_eq!(
+        peer.attach_raw(token, VIRTIO_ISM_PERM_WRITE as u32).status,
+        Status::PermWrite
+    );
+    let areas = peer.attach(token, 0);
+    assert!(peer.window.is_mapped(areas[0].offset));
+    assert!(!peer.window.last_map().2, "mapped read-only");
+
+    // A driver that negotiated VIRTIO_ISM_F_GRANT grants for itself: the policy stays out.
+    let mut granting = TestVm::with_policy(
+        &pool,
+        DRAFT_FEATURES | bit(VIRTIO_ISM_F_GRANT),
+        DraftDefaultPerm::ReadWrite,
+    );
+    let (token, _) = granting.alloc(CHUNK);
+    assert_eq!(peer.attach_raw(token, 0).status, Status::PermAttach);
+    assert_eq!(granting.grant_default(token, rw()), Status::Ok);
+    assert_eq!(peer.attach_raw(token, 0).status, Status::Ok);
 }
 
 #[test]
@@ -1293,7 +1401,22 @@ fn test_activation_needs_the_control_queue() {
         interrupt_cb: Arc::new(RecordingInterrupt::default()),
         queues: vec![(1, events.device_queue(), EventFd::new(0).unwrap())],
     });
-    assert!(err.is_err());
+    let err = match err {
+        Err(err) => err,
+        Ok(_) => panic!("activated without the control queue"),
+    };
+    // The reason travels in the error's chain, for the transport to log.
+    let mut chain = vec![err.to_string()];
+    let mut source = std::error::Error::source(&err);
+    while let Some(e) = source {
+        chain.push(e.to_string());
+        source = e.source();
+    }
+    assert_eq!(
+        chain.last().map(String::as_str),
+        Some("The driver did not enable the control queue (queue 0); it enabled [1]"),
+        "{chain:?}"
+    );
 }
 
 #[test]
@@ -1447,6 +1570,75 @@ fn test_zero_hop_kick_raises_the_only_peers_irqfd() {
         assert_eq!(vm.counter("kick_fallbacks"), 0);
         assert!(vm.kicks.kicks.lock().unwrap().is_empty());
     }
+}
+
+/// Why a doorbell write takes the trap route although the region gets (or had) a zero-hop
+/// ioeventfd: the route follows the pool's doorbell reports asynchronously. A kick between a
+/// peer's bind and the worker absorbing the report finds no doorbell (it reaches only
+/// in-process peers); a report that changes nothing still rebuilds the route (unwire, wire),
+/// and a write in that gap traps while the route counts as wired. Each case has a counter.
+#[test]
+fn test_trapped_kicks_are_counted_by_cause() {
+    let (_pool, [mut a, mut b]) = wired_guests([64, 64]);
+    let (token, a_areas) = a.alloc_shared(2 * CHUNK);
+    bind_vector(&mut a, token, 3);
+    b.attach(token, 0);
+    bind_vector(&mut b, token, 7);
+    let slot_a = notify_slot(a_areas[0].offset);
+    let notify = |slot: u64| slot - SHM;
+
+    // B's doorbell report is still on its way to A's worker: A's slot is not wired, the
+    // write traps and the device knows no doorbell to ring yet. It holds the kick.
+    assert!(!a.wiring().guest_write(slot_a));
+    assert_eq!(a.handle().handle_notify(notify(slot_a)), Some(token));
+    assert_eq!(a.counter("kicks_without_doorbell"), 1);
+    assert_eq!(a.counter("doorbell_writes"), 0);
+    assert_eq!(b.interrupts.irqfd_count(7), 0, "no doorbell yet");
+
+    // The worker absorbs the report: the slot is wired zero-hop and the held kick reaches B,
+    // once.
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.wiring().wired_offsets(), vec![slot_a]);
+    assert_eq!(b.interrupts.irqfd_count(7), 1, "the held kick is delivered");
+    assert_eq!(a.counter("kicks_delivered_late"), 1);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(b.interrupts.irqfd_count(7), 0, "and only once");
+    let wires = a.wiring().wire_calls();
+    // B publishes the same doorbell again (e.g. its transport re-created the irqfd): A
+    // rebuilds the route, unwire then wire, although nothing changed for the guest.
+    b.handle().republish_doorbells();
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.wiring().wire_calls(), wires + 1, "the route was rebuilt");
+    // A write in that gap traps while the route counts as wired; it is still delivered.
+    assert_eq!(a.handle().handle_notify(notify(slot_a)), Some(token));
+    assert_eq!(a.counter("kicks_trapped_while_wired"), 1);
+    assert_eq!(b.interrupts.irqfd_count(7), 1);
+
+    // The second chunk's slot is never wired: trapping there is the expected route.
+    assert_eq!(a.handle().handle_notify(notify(slot_a + 4)), Some(token));
+    assert_eq!(a.counter("kicks_trapped_while_wired"), 1);
+    assert_eq!(a.counter("kicks_without_doorbell"), 1);
+    assert_eq!(a.counter("kicks"), 3);
+    assert_eq!(b.interrupts.irqfd_count(7), 1);
+}
+
+/// A kick held for want of a doorbell is dropped, not kept, when the pool's reports bring
+/// none (no peer bound a vector): a peer binding later must not get a stale kick.
+#[test]
+fn test_held_kick_without_any_peer_doorbell_is_dropped() {
+    let (_pool, [mut a, mut b]) = wired_guests([64, 64]);
+    let (token, a_areas) = a.alloc_shared(CHUNK);
+    b.attach(token, 0);
+    let slot_a = notify_slot(a_areas[0].offset);
+    assert_eq!(a.handle().handle_notify(slot_a - SHM), Some(token));
+    assert_eq!(a.counter("kicks_without_doorbell"), 1);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(a.counter("kicks_delivered_late"), 0);
+    // B binds now: nothing stale reaches it.
+    bind_vector(&mut b, token, 7);
+    a.worker.process_pool_events().unwrap();
+    assert_eq!(b.interrupts.irqfd_count(7), 0);
+    assert_eq!(a.counter("kicks_delivered_late"), 0);
 }
 
 #[test]
@@ -1869,4 +2061,14 @@ fn test_thread_start_hook_runs_on_the_worker_thread() {
     wait_until("hook never ran", || ran_on.lock().unwrap().is_some());
     assert_eq!(ran_on.lock().unwrap().as_deref(), Some("virtio-ism"));
     assert!(vm.device.reset().is_some());
+}
+
+/// The permission bits the pool's default target holds on `token`.
+fn pool_perms(pool: &LocalPool, token: Token) -> u64 {
+    pool.status()
+        .regions
+        .iter()
+        .find(|r| r.token == token.0)
+        .expect("region in the pool")
+        .default_perms
 }

@@ -238,7 +238,9 @@ where
             }
             EPOLL_WAKE => {
                 self.wake_evt.read().map_err(WorkerError::ReadQueueEvent)?;
-                self.process_event_queue()?;
+                // Host-side changes (events to deliver) or a kick held for want of a
+                // doorbell (absorbing the pool's reports rings it).
+                self.process_pool_events()?;
             }
             EPOLL_POOL => {
                 self.process_pool_events()?;

@@ -108,6 +108,14 @@ pub mod features {
     pub const VIRTIO_ISM_F_EVENT_QUEUE: u32 = 1;
     /// The QUERY control class (list held regions, describe one region). [X]
     pub const VIRTIO_ISM_F_QUERY: u32 = 2;
+    /// The permissions extension: regions are owner-only until GRANTed. A driver that
+    /// negotiates it sends GRANT; regions allocated by one that does not get the operator's
+    /// draft policy (`draft_default_perm`). [X]
+    pub const VIRTIO_ISM_F_GRANT: u32 = 3;
+    /// A region's bound vector is also raised for that region's events (peer attach, detach,
+    /// grant update, revoke) when the event queue is not in use. Without it the vector fires
+    /// for kicks only, as the draft says. [X]
+    pub const VIRTIO_ISM_F_VECTOR_EVENTS: u32 = 4;
     /// VIRTIO_F_VERSION_1. [S]
     pub const VIRTIO_F_VERSION_1: u32 = 32;
 

@@ -36,6 +36,9 @@ pub struct IsmDeviceConfig {
     pub pci_segment: u16,
     /// The PCI slot the device must land on, if the user asked for one.
     pub pci_device_id: Option<u8>,
+    /// What other devices of the pool may do with regions allocated by a driver that does
+    /// not negotiate `VIRTIO_ISM_F_GRANT` (`draft_default_perm=none|ro|rw`).
+    pub draft_default_perm: virtio_ism::DraftDefaultPerm,
 }
 
 /// Why an `--ism` option parses but cannot make a device.
@@ -68,8 +71,11 @@ pub enum IsmValidationError {
 impl IsmDeviceConfig {
     pub const SYNTAX: &'static str = "virtio-ism device parameters \
         \"pool=<broker_socket>,pool_size=<embedded_pool_bytes>,size=<window_bytes>,\
-        chunk_size=<bytes>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<slot>\" \
-        (repeatable; without pool= the device uses a pool embedded in this VMM)";
+        chunk_size=<bytes>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<slot>,\
+        draft_default_perm=none|ro|rw\" \
+        (repeatable; without pool= the device uses a pool embedded in this VMM; \
+        draft_default_perm: what every other device of the pool may do with regions of a \
+        driver that never grants (no VIRTIO_ISM_F_GRANT), default none = owner-only)";
 
     pub fn parse(input: &str) -> Result<Self, Error> {
         let mut parser = OptionParser::new();
@@ -81,6 +87,7 @@ impl IsmDeviceConfig {
             "id",
             "pci_segment",
             "pci_device_id",
+            "draft_default_perm",
         ]);
         parser.parse(input).map_err(Error::ParseIsm)?;
         let bytes = |name| {
@@ -102,6 +109,10 @@ impl IsmDeviceConfig {
             pci_device_id: parser
                 .convert::<u8>("pci_device_id")
                 .map_err(Error::ParseIsm)?,
+            draft_default_perm: parser
+                .convert::<virtio_ism::DraftDefaultPerm>("draft_default_perm")
+                .map_err(Error::ParseIsm)?
+                .unwrap_or_default(),
         })
     }
 
@@ -109,6 +120,7 @@ impl IsmDeviceConfig {
     /// their notify slots.
     pub fn device_config(&self) -> Result<virtio_ism::IsmConfig, virtio_ism::ConfigError> {
         virtio_ism::IsmConfig::for_window(self.size, self.chunk_size, ISM_NOTIFY_SIZE)
+            .map(|c| c.with_draft_default_perm(self.draft_default_perm))
     }
 
     /// Checks on this device alone; [`validate_ism_devices`] checks them together.
@@ -228,6 +240,25 @@ mod tests {
         assert_eq!(cfg.id, None);
         assert_eq!(cfg.pci_segment, 0);
         assert_eq!(cfg.pci_device_id, None);
+        assert_eq!(cfg.draft_default_perm, virtio_ism::DraftDefaultPerm::None);
+        assert_eq!(
+            cfg.device_config().unwrap().draft_default_perm,
+            virtio_ism::DraftDefaultPerm::None
+        );
+    }
+
+    #[test]
+    fn test_draft_default_perm_reaches_the_device_config() {
+        use virtio_ism::DraftDefaultPerm;
+        for (text, policy) in [
+            ("none", DraftDefaultPerm::None),
+            ("ro", DraftDefaultPerm::ReadOnly),
+            ("rw", DraftDefaultPerm::ReadWrite),
+        ] {
+            let cfg = parse_valid(&format!("draft_default_perm={text}"));
+            assert_eq!(cfg.draft_default_perm, policy);
+            assert_eq!(cfg.device_config().unwrap().draft_default_perm, policy);
+        }
     }
 
     #[test]
@@ -257,6 +288,8 @@ mod tests {
             "pci_segment=x",
             "pci_device_id=300",
             "pool_size=1Q",
+            "draft_default_perm=rwm",
+            "draft_default_perm=RW",
         ] {
             assert!(
                 matches!(IsmDeviceConfig::parse(bad), Err(Error::ParseIsm(_))),

@@ -9,7 +9,7 @@ use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use log::{info, warn};
+use log::{error, info, warn};
 use virtio_device::{
     ActivationContext, ShmError, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
     VirtioSharedMemoryList,
@@ -531,7 +531,12 @@ impl VirtioPciDevice {
         self.common.status = new;
         if new & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 && !self.activated {
             if let Err(e) = self.activate() {
-                warn!("{}: activation failed: {e}", self.id);
+                // The whole chain: "Device activation failed" alone says nothing of why.
+                let reason = virtio_ism_api::error_chain(&e).join(": ");
+                error!(
+                    "{}: activation failed, device set to NEEDS_RESET: {reason}",
+                    self.id
+                );
                 self.common.status |= STATUS_NEEDS_RESET;
                 if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Config) {
                     warn!("{}: failed to signal NEEDS_RESET: {e}", self.id);

@@ -42,6 +42,8 @@ struct FakeLog {
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     queue_evts: Vec<EventFd>,
     fail_activate: bool,
+    /// Refuse, as virtio-ism does, when queue 0 is not among the enabled queues.
+    need_queue_0: bool,
 }
 
 struct FakeDevice {
@@ -72,6 +74,12 @@ impl VirtioDevice for FakeDevice {
         let mut log = self.log.lock().unwrap();
         if log.fail_activate {
             return Err(ActivateError::Device("refused".into()));
+        }
+        if log.need_queue_0 && !context.queues.iter().any(|(i, _, _)| *i == 0) {
+            let enabled = context.queues.iter().map(|(i, _, _)| *i).collect();
+            return Err(ActivateError::device(
+                virtio_ism::IsmActivateError::NoControlQueue(enabled),
+            ));
         }
         let queues = context
             .queues
@@ -590,6 +598,70 @@ fn test_activation_failure_sets_needs_reset() {
     assert!(log.lock().unwrap().activations.is_empty());
     h.kvm
         .snapshot(|s| assert!(s.ioevents.is_empty(), "no ioeventfd left behind"));
+}
+
+/// Every log record, for tests that check what the host is told.
+struct CapturingLogger(Mutex<Vec<String>>);
+
+impl log::Log for CapturingLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let line = format!("{} {}", record.level(), record.args());
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: CapturingLogger = CapturingLogger(Mutex::new(Vec::new()));
+
+/// Log lines recorded so far that contain `needle` (installs the logger on first use).
+fn logged(needle: &str) -> Vec<String> {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    let lines = LOGGER.0.lock().unwrap_or_else(|e| e.into_inner());
+    lines
+        .iter()
+        .filter(|l| l.contains(needle))
+        .cloned()
+        .collect()
+}
+
+/// A device that refuses activation (here: the control queue was not enabled) shows
+/// NEEDS_RESET to the guest and logs the whole reason, not just "activation failed".
+#[test]
+fn test_activation_refused_sets_needs_reset_and_logs_the_reason() {
+    logged("");
+    let mut h = harness();
+    let (dev, log) = fake_device(2, None);
+    log.lock().unwrap().need_queue_0 = true;
+    h.mgr
+        .add_virtio_device("refusing0", Arc::new(Mutex::new(dev)))
+        .unwrap();
+    let bar = h.bar0(1);
+    negotiate(&h, 1, FAKE_FEATURES);
+    // Queue 1 only.
+    setup_queue(&h, 1, 1, 0x1000, 0x2000, 0x3000, 8);
+    h.w8(bar + 0x14, DRIVER_READY);
+    assert_ne!(h.r8(bar + 0x14) & STATUS_NEEDS_RESET, 0);
+    assert!(log.lock().unwrap().activations.is_empty());
+    let lines = logged("refusing0: activation failed");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("ERROR "), "{}", lines[0]);
+    assert!(
+        lines[0].ends_with("The driver did not enable the control queue (queue 0); it enabled [1]"),
+        "the log line carries the device's reason: {}",
+        lines[0]
+    );
+    // With queue 0 the same device activates.
+    h.w8(bar + 0x14, 0);
+    negotiate(&h, 1, FAKE_FEATURES);
+    setup_queue(&h, 1, 0, 0x1000, 0x2000, 0x3000, 8);
+    h.w8(bar + 0x14, DRIVER_READY);
+    assert_eq!(h.r8(bar + 0x14) & STATUS_NEEDS_RESET, 0);
+    assert_eq!(log.lock().unwrap().activations.len(), 1);
 }
 
 #[test]

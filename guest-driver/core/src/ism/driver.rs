@@ -3,7 +3,10 @@
 //! feature negotiation, config, queues) and the region commands.
 
 use virtio_ism_proto::ctrl::reply_len;
-use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit};
+use virtio_ism_proto::defs::features::{
+    VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS,
+    bit,
+};
 use virtio_ism_proto::defs::perm::{VIRTIO_ISM_PERM_READ, VIRTIO_ISM_PERM_WRITE};
 use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX};
 use virtio_ism_proto::defs::region_flags::{
@@ -52,7 +55,8 @@ pub fn find_ism<C: ConfigAccess>(config: &C, start_bus: u8, end_bus: u8) -> Opti
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IsmOptions {
     /// Optional features to negotiate when the device offers them, as a mask of
-    /// `bit(VIRTIO_ISM_F_*)`. Default: the event queue and QUERY.
+    /// `bit(VIRTIO_ISM_F_*)`. Default: the event queue, QUERY and GRANT. Zero (see
+    /// [`IsmOptions::draft`]) is a driver written against the draft alone.
     pub features: u64,
     /// MSI-X entry for control-queue completions, or [`NO_VECTOR`] (the driver polls anyway).
     pub ctrl_vector: u16,
@@ -65,10 +69,30 @@ pub struct IsmOptions {
 impl Default for IsmOptions {
     fn default() -> Self {
         Self {
-            features: bit(VIRTIO_ISM_F_EVENT_QUEUE) | bit(VIRTIO_ISM_F_QUERY),
+            features: bit(VIRTIO_ISM_F_EVENT_QUEUE)
+                | bit(VIRTIO_ISM_F_QUERY)
+                | bit(VIRTIO_ISM_F_GRANT),
             ctrl_vector: NO_VECTOR,
             event_vector: NO_VECTOR,
             max_waits: 1_000_000,
+        }
+    }
+}
+
+impl IsmOptions {
+    /// Every optional feature this driver knows how to use.
+    pub const KNOWN_FEATURES: u64 = bit(VIRTIO_ISM_F_EVENT_QUEUE)
+        | bit(VIRTIO_ISM_F_QUERY)
+        | bit(VIRTIO_ISM_F_GRANT)
+        | bit(VIRTIO_ISM_F_VECTOR_EVENTS);
+
+    /// A driver written only against the draft: it negotiates no `VIRTIO_ISM_F_*` bit (so it
+    /// has no event queue, no QUERY, and cannot GRANT: its regions get the operator's
+    /// `draft_default_perm`), and the device raises a region's vector for kicks only.
+    pub fn draft() -> Self {
+        Self {
+            features: 0,
+            ..Self::default()
         }
     }
 }
@@ -212,7 +236,7 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
         // SAFETY: caps come from find_virtio_caps for this function, decoding is enabled and
         // the caller owns its BARs.
         let mut transport = unsafe { VirtioPciDevice::new(platform, caps) }?;
-        let wanted = options.features & (bit(VIRTIO_ISM_F_EVENT_QUEUE) | bit(VIRTIO_ISM_F_QUERY));
+        let wanted = options.features & IsmOptions::KNOWN_FEATURES;
         let features = transport.initialize(wanted)?;
         let setup = match Self::bring_up(platform, &mut transport, geometry, features, options) {
             Ok(setup) => setup,
@@ -432,6 +456,7 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
     /// GRANT_SET_DEFAULT: `permissions` (`defs::perm` bits) for every device without a
     /// per-device grant.
     pub fn grant_default(&mut self, token: u64, permissions: u64) -> Result<(), IsmError> {
+        self.need(VIRTIO_ISM_F_GRANT)?;
         self.simple(Request::GrantDefault(GrantDefaultRequest {
             token,
             permissions,
@@ -445,6 +470,7 @@ impl<'p, P: Platform> IsmDriver<'p, P> {
         permissions: u64,
         peer_devid: u64,
     ) -> Result<(), IsmError> {
+        self.need(VIRTIO_ISM_F_GRANT)?;
         self.simple(Request::GrantDevice(GrantDeviceRequest {
             token,
             permissions,

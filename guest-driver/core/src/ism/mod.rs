@@ -47,7 +47,10 @@ pub use region::{MAX_AREAS, PAGE_SIZE, Region, RegionWindow, WindowGeometry};
 pub use virtio_ism_proto::Area;
 
 /// Feature bit numbers of the extensions, and the mask helper for [`IsmOptions::features`].
-pub use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit};
+pub use virtio_ism_proto::defs::features::{
+    VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS,
+    bit,
+};
 /// GRANT permission bits (`virtio_ism_proto::defs::perm`).
 pub use virtio_ism_proto::defs::perm::{
     VIRTIO_ISM_PERM_ATTACH as PERM_ATTACH, VIRTIO_ISM_PERM_CLEAN_DEFAULT as PERM_CLEAN_DEFAULT,

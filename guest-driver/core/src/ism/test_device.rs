@@ -285,6 +285,7 @@ impl TestIsm {
             shm_size: CHUNKS * CHUNK,
             chunk_size: CHUNK,
             notify_size: NOTIFY_SIZE,
+            draft_default_perm: Default::default(),
         };
         let layout = config.layout().unwrap();
         let window = MemWindow::new(layout.window_size);

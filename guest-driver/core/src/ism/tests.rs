@@ -71,8 +71,11 @@ fn test_open_negotiates_extensions_and_validates_config() {
         (info.chunk_size, info.notify_size, info.chunks),
         (CHUNK, NOTIFY_SIZE, CHUNKS)
     );
-    let all = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_ISM_F_EVENT_QUEUE) | bit(VIRTIO_ISM_F_QUERY);
-    assert_eq!(info.features, all);
+    let all = bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_ISM_F_EVENT_QUEUE)
+        | bit(VIRTIO_ISM_F_QUERY)
+        | bit(VIRTIO_ISM_F_GRANT);
+    assert_eq!(info.features, all, "VECTOR_EVENTS only when asked for");
     assert_eq!(a.acked_features(), all);
     assert_eq!(a.status(), 1 | 2 | 8 | 4);
     assert_eq!(a.queue_state(0), (true, 0xffff));
@@ -101,15 +104,38 @@ fn test_open_without_offered_extensions_works_as_draft_driver() {
     );
     let region = ism.alloc(CHUNK).unwrap();
     ism.write(&region, 0, b"draft").unwrap();
-    // Without QUERY an as-granted attach cannot know it is writable.
+    // Without VIRTIO_ISM_F_GRANT the driver never sends GRANT, and the device (no
+    // draft_default_perm policy here) keeps the region owner-only.
+    assert_eq!(
+        ism.grant_default(region.token(), RWA),
+        Err(IsmError::NotNegotiated(VIRTIO_ISM_F_GRANT))
+    );
+    assert_eq!(
+        ism.grant_for_device(region.token(), RWA, 7),
+        Err(IsmError::NotNegotiated(VIRTIO_ISM_F_GRANT))
+    );
     let b = group.device_offering(bit(VIRTIO_F_VERSION_1));
     let mut peer = open(&b).unwrap();
-    ism.grant_default(region.token(), RWA).unwrap();
-    let seen = peer.attach(region.token(), Access::AsGranted).unwrap();
-    assert!(!seen.writable());
-    let mut out = [0u8; 5];
-    peer.read(&seen, 0, &mut out).unwrap();
-    assert_eq!(&out, b"draft");
+    assert_eq!(
+        peer.attach(region.token(), Access::AsGranted)
+            .map(|r| r.size()),
+        Err(IsmError::Perm(Perm::Attach))
+    );
+}
+
+#[test]
+fn test_draft_options_negotiate_nothing_even_when_offered() {
+    let group = Group::new();
+    let a = group.device();
+    let mut ism = open_with(&a, IsmOptions::draft()).unwrap();
+    assert_eq!(ism.info().features, bit(VIRTIO_F_VERSION_1));
+    assert_eq!(a.acked_features(), bit(VIRTIO_F_VERSION_1));
+    assert!(!a.queue_state(1).0, "event queue must stay disabled");
+    let region = ism.alloc(CHUNK).unwrap();
+    assert_eq!(
+        ism.grant_default(region.token(), RWA),
+        Err(IsmError::NotNegotiated(VIRTIO_ISM_F_GRANT))
+    );
 }
 
 #[test]
