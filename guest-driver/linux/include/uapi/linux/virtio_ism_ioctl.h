@@ -128,8 +128,6 @@ struct virtio_ism_list {
 #define VIRTIO_ISM_EV_KICK		(1ULL << 16)
 /* This file's own event queue overflowed; events were lost. */
 #define VIRTIO_ISM_EV_LOST		(1ULL << 17)
-/* The driver reset the device (a control command timed out): every region is gone. */
-#define VIRTIO_ISM_EV_RESET		(1ULL << 18)
 
 /* What read() returns, one or more whole records. */
 struct virtio_ism_event_record {
