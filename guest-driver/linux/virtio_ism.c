@@ -85,7 +85,7 @@ struct ism_region {
 	u64 token;
 	u64 size;
 	u64 map_key;			/* the mmap offset */
-	u32 flags;			/* VIRTIO_ISM_REGION_F_{WRITE,OWNER,BOUND,HOTPLUGGED,OWN_VECTOR} */
+	u32 flags;			/* VIRTIO_ISM_REGION_F_*, not KEPT or MINE */
 	int vector;			/* own MSI-X vector (OWN_VECTOR) */
 	int irq;			/* its Linux irq */
 	virtio_ism_kick_fn kick_fn;	/* in-kernel handler, under kick_lock */
@@ -99,7 +99,7 @@ struct ism_region {
 struct ism_file {
 	struct ism_dev *ism;
 	struct list_head node;		/* ism_dev.files */
-	spinlock_t ev_lock;
+	spinlock_t ev_lock;		/* the event ring below */
 	unsigned int ev_head;
 	unsigned int ev_count;
 	bool ev_lost;
@@ -130,23 +130,23 @@ struct ism_dev {
 
 	struct virtqueue *ctrl_vq;
 	struct virtqueue *event_vq;
-	struct mutex ctrl_lock;
+	struct mutex ctrl_lock;		/* one control command at a time; region add/remove */
 	struct completion ctrl_done;
 	bool gone;			/* removed: every operation fails with ENODEV */
 	bool reaping;
 	unsigned int nr_orphans;
 	u64 orphans[ISM_MAX_ORPHANS];
 
-	struct mutex regions_lock;
+	struct mutex regions_lock;	/* the regions list and region fields */
 	struct list_head regions;
 	u64 next_map_index;
 	struct inode *mapping_inode;	/* anonymous, one per device */
 	struct address_space *mapping;	/* its i_mapping, every file's f_mapping */
 
-	spinlock_t kick_lock;
+	spinlock_t kick_lock;		/* shared_kicks, kick_fn/kick_data; hard IRQ */
 	struct list_head shared_kicks;	/* regions bound to the config vector */
 
-	spinlock_t files_lock;
+	spinlock_t files_lock;		/* the files list; any context */
 	struct list_head files;
 	wait_queue_head_t wq;
 
@@ -648,7 +648,7 @@ static struct ism_region *ism_map_cmd(struct ism_dev *ism, u8 class, const void 
 			kfree(reply);
 			return ERR_PTR(ret);
 		}
-		/* A refusal may come with the status byte alone: only OK and E2BIG carry a header. */
+		/* A refusal may be the status byte alone: only OK and E2BIG carry a header. */
 		if (status != VIRTIO_ISM_OK && status != VIRTIO_ISM_E2BIG) {
 			kfree(reply);
 			return ERR_PTR(virtio_ism_status_errno(status));
@@ -704,7 +704,7 @@ static struct ism_region *ism_query_region(struct ism_dev *ism, u64 token)
 			return ERR_PTR(-ENOMEM);
 		ret = ism_ctrl(ism, VIRTIO_ISM_CTRL_QUERY, VIRTIO_ISM_CTRL_QUERY_REGION, 0,
 			       &req, sizeof(req), rep, cap_bytes, &got, &status);
-		/* A refusal may come with the status byte alone: only OK and E2BIG carry a header. */
+		/* A refusal may be the status byte alone: only OK and E2BIG carry a header. */
 		if (!ret && status != VIRTIO_ISM_OK && status != VIRTIO_ISM_E2BIG) {
 			ret = virtio_ism_status_errno(status);
 		} else if (!ret && got < hdr) {
@@ -894,7 +894,8 @@ static void ism_handle_event(struct ism_dev *ism, const struct virtio_ism_event 
 		added = ism->gone ? ERR_PTR(-ENODEV) : ism_query_region(ism, rec.token);
 		if (IS_ERR(added)) {
 			mutex_unlock(&ism->ctrl_lock);
-			dev_warn(&ism->vdev->dev, "hot-added region %llx: query failed\n", rec.token);
+			dev_warn(&ism->vdev->dev, "hot-added region %llx: query failed\n",
+				 rec.token);
 			break;
 		}
 		mutex_lock(&ism->regions_lock);
@@ -1096,7 +1097,8 @@ static long ism_ioc_attach(struct ism_file *f, struct virtio_ism_region __user *
 	if (r) {
 		if (r->holder && r->holder != f)
 			ret = -EBUSY;
-		else if ((ureg.perm & VIRTIO_ISM_PERM_WRITE) && !(r->flags & VIRTIO_ISM_REGION_F_WRITE))
+		else if ((ureg.perm & VIRTIO_ISM_PERM_WRITE) &&
+			 !(r->flags & VIRTIO_ISM_REGION_F_WRITE))
 			ret = -EROFS;
 		else
 			WRITE_ONCE(r->holder, f);
@@ -1552,14 +1554,14 @@ static struct ism_dev *ism_from_dev(struct device *dev)
 	return container_of(misc, struct ism_dev, misc);
 }
 
-#define ISM_COUNTER_ATTR(name)							\
-static ssize_t name##_show(struct device *dev, struct device_attribute *attr,	\
-			   char *buf)						\
+#define ISM_COUNTER_ATTR(_name)							\
+static ssize_t _name##_show(struct device *dev, struct device_attribute *attr,	\
+			    char *buf)						\
 {										\
 	return sysfs_emit(buf, "%llu\n",					\
-			  (u64)atomic64_read(&ism_from_dev(dev)->name));	\
+			  (u64)atomic64_read(&ism_from_dev(dev)->_name));	\
 }										\
-static DEVICE_ATTR_RO(name)
+static DEVICE_ATTR_RO(_name)
 
 ISM_COUNTER_ATTR(ctrl_commands);
 ISM_COUNTER_ATTR(ctrl_errors);

@@ -94,7 +94,7 @@ struct virtio_ism_region_info {
 	__u64 token;		/* in */
 	__u64 size;		/* out */
 	__u64 map_offset;	/* out (meaningful only with VIRTIO_ISM_REGION_F_MINE) */
-	__u64 areas;		/* in: user pointer to struct virtio_ism_region_area[max_areas] or 0 */
+	__u64 areas;		/* in: user pointer to virtio_ism_region_area[max_areas], or 0 */
 	__u32 max_areas;	/* in */
 	__u32 nr_areas;		/* out: areas of the region (may exceed max_areas) */
 	__u32 flags;		/* in: 0 */
@@ -149,7 +149,8 @@ struct virtio_ism_event_record {
 #define VIRTIO_ISM_IOC_BIND		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x05, struct virtio_ism_token_op)
 #define VIRTIO_ISM_IOC_UNBIND		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x06, struct virtio_ism_token_op)
 #define VIRTIO_ISM_IOC_KICK		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x07, struct virtio_ism_token_op)
-#define VIRTIO_ISM_IOC_REGION_INFO	_IOWR(VIRTIO_ISM_IOC_MAGIC, 0x08, struct virtio_ism_region_info)
+#define VIRTIO_ISM_IOC_REGION_INFO	_IOWR(VIRTIO_ISM_IOC_MAGIC, 0x08, \
+					      struct virtio_ism_region_info)
 #define VIRTIO_ISM_IOC_LIST		_IOWR(VIRTIO_ISM_IOC_MAGIC, 0x09, struct virtio_ism_list)
 /* 0x0a was COUNTERS: the counters are in sysfs (/sys/class/misc/ismN/counters/). */
 /*
