@@ -119,6 +119,9 @@ modprobe virtio_ism
 [ -c /dev/ism0 ] || { echo "no /dev/ism0 after modprobe"; exit 1; }
 step modprobe ok "$(uname -r)" "$(grep -o '^[^:]*virtio_ism.ko' "/lib/modules/$(uname -r)/modules.dep")"
 ismctl info
+# The ioctl ABI's EINVAL for non-zero flags/reserved fields, mmap inside a region, sysfs.
+abi-check /dev/ism0
+step abi-check ok
 line="$(ismctl alloc 64K)"
 token="${line%% *}"
 step alloc ok "$line"
@@ -209,10 +212,14 @@ step kick ok
 echo "ISM-PAIR-B all-passed"
 GUEST
 
+# abi-check: the ioctl checks ismctl cannot make (tests/abi-check.c), static like ismctl.
+gcc -static -O2 -Wall -Wextra -Werror -I "$here/include/uapi" -o "$work/abi-check" \
+    "$here/tests/abi-check.c"
 for side in a b; do
     bash "$root/resources/linux/make-initramfs.sh" --output "$work/$side.cpio" --uncompressed \
         --root "$work/root-$side" \
-        --add "$VMTEST_ISMCTL:/bin/ismctl" --add "$work/$side.sh:/$side.sh" >&2
+        --add "$VMTEST_ISMCTL:/bin/ismctl" --add "$work/abi-check:/bin/abi-check" \
+        --add "$work/$side.sh:/$side.sh" >&2
 done
 
 sock="$work/pool.sock"

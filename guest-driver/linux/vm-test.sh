@@ -43,6 +43,8 @@ step insmod ok
 ls -l /dev/ism0
 ismctl info
 step info ok
+abi-check /dev/ism0
+step abi-check ok
 line="$(ismctl alloc 64K)"
 token="${line%% *}"
 step alloc ok "$line"
@@ -86,9 +88,13 @@ ISM_NODE=/dev/ism1 ismctl counters
 echo "ISM-KMOD all-passed"
 GUEST
 
+# abi-check: the ioctl checks ismctl cannot make (tests/abi-check.c), static like ismctl.
+gcc -static -O2 -Wall -Wextra -Werror -I "$here/include/uapi" -o "$work/abi-check" \
+    "$here/tests/abi-check.c"
 bash "$root/resources/linux/make-initramfs.sh" --output "$work/initramfs.cpio" --uncompressed \
     --add "$work/kmod/virtio_ism.ko:/lib/modules/virtio_ism.ko" \
-    --add "$ismctl:/bin/ismctl" --add "$work/test.sh:/test.sh" >&2
+    --add "$ismctl:/bin/ismctl" --add "$work/abi-check:/bin/abi-check" \
+    --add "$work/test.sh:/test.sh" >&2
 
 # ism-vmm's messages go into the serial log as before; cloud-hypervisor's into their own file.
 vmm_log="$log"
