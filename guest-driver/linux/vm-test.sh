@@ -85,6 +85,14 @@ ismctl detach "$token"
 step detach ok
 ismctl counters
 ISM_NODE=/dev/ism1 ismctl counters
+# Unload (devices removed, the module's pseudo filesystem released) and load again.
+rmmod virtio_ism
+[ ! -e /dev/ism0 ] || { echo "/dev/ism0 still there after rmmod"; exit 1; }
+step rmmod ok
+insmod /lib/modules/virtio_ism.ko
+ismctl info >/dev/null
+ISM_NODE=/dev/ism1 ismctl info >/dev/null
+step reload ok
 echo "ISM-KMOD all-passed"
 GUEST
 
