@@ -74,6 +74,11 @@ module_param(kick_vectors, bool, 0444);
 MODULE_PARM_DESC(kick_vectors,
 		 "Give each bound region an MSI-X vector of its own when the transport can (default on)");
 
+static bool draft;
+module_param(draft, bool, 0444);
+MODULE_PARM_DESC(draft,
+		 "Negotiate only what the virtio-ism draft defines: no event queue, QUERY or GRANT");
+
 static DEFINE_MUTEX(ism_devs_lock);
 static DEFINE_IDR(ism_devs);
 
@@ -1847,6 +1852,17 @@ static void ism_remove(struct virtio_device *vdev)
 	kref_put(&ism->ref, ism_free);
 }
 
+/* Before the features are finalized: draft mode drops every extension. */
+static int ism_validate(struct virtio_device *vdev)
+{
+	if (draft) {
+		__virtio_clear_bit(vdev, VIRTIO_ISM_F_EVENT_QUEUE);
+		__virtio_clear_bit(vdev, VIRTIO_ISM_F_QUERY);
+		__virtio_clear_bit(vdev, VIRTIO_ISM_F_GRANT);
+	}
+	return 0;
+}
+
 static unsigned int ism_features[] = {
 	VIRTIO_ISM_F_EVENT_QUEUE,
 	VIRTIO_ISM_F_QUERY,
@@ -1869,6 +1885,7 @@ static struct virtio_driver ism_driver = {
 	.id_table = ism_id_table,
 	.feature_table = ism_features,
 	.feature_table_size = ARRAY_SIZE(ism_features),
+	.validate = ism_validate,
 	.probe = ism_probe,
 	.remove = ism_remove,
 	.config_changed = ism_config_changed,
