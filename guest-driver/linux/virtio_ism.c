@@ -5,13 +5,22 @@
  * Binds the device through the virtio core, maps its two shared-memory regions
  * (shmid 1: the region window, shmid 2: the doorbells), runs the control queue
  * and, when offered, the event queue, and exposes /dev/ismN to user space:
- * ioctls (include/uapi/linux/virtio_ism.h), mmap of held regions, read/poll of
- * events. The protocol is docs/protocol.md; the numbers are virtio_ism_wire.h.
+ * ioctls (include/uapi/linux/virtio_ism_ioctl.h), mmap of held regions, read/poll
+ * of events, counters in sysfs (/sys/class/misc/ismN/counters/). Kernel users get
+ * virtio_ism_set_kick_handler() (include/linux/virtio_ism.h). The protocol is
+ * docs/protocol.md; the device interface is include/uapi/linux/virtio_ism.h.
  *
- * Locking: ctrl_lock serializes ioctls that talk to the device (one control
- * command at a time); regions_lock protects the region list and is taken inside
- * ctrl_lock, by mmap (under mmap_lock) and by the event worker. Nothing copies
- * to or from user memory while holding regions_lock.
+ * Kicks: a bound region gets an MSI-X vector of its own when the transport can
+ * allocate one at run time (PCI, Linux 6.2+, pci_msix_can_alloc_dyn()), so a kick
+ * names its region. Otherwise regions share the config vector and a config
+ * interrupt is reported as a kick of every region bound to it.
+ *
+ * Locking: ctrl_lock serializes control commands and is held by whoever adds or
+ * removes a region (so a region found under ctrl_lock stays valid); regions_lock
+ * protects the region list and is taken inside ctrl_lock, by mmap (under mmap_lock)
+ * and by kick. kick_lock (a spinlock, taken in hard IRQ) protects the shared-vector
+ * list and the in-kernel kick handlers. Nothing copies to or from user memory while
+ * holding regions_lock.
  */
 
 #include <linux/module.h>
@@ -19,19 +28,28 @@
 #include <linux/virtio_config.h>
 #include <linux/miscdevice.h>
 #include <linux/fs.h>
+#include <linux/mount.h>
+#include <linux/pseudo_fs.h>
 #include <linux/mm.h>
 #include <linux/io.h>
 #include <linux/idr.h>
+#include <linux/interrupt.h>
+#include <linux/pci.h>
 #include <linux/poll.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/scatterlist.h>
 #include <linux/workqueue.h>
 #include <linux/version.h>
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 12, 0)
+#include <linux/unaligned.h>
+#else
 #include <asm/unaligned.h>
+#endif
 
-#include "virtio_ism_wire.h"
-#include "include/uapi/linux/virtio_ism.h"
+#include <linux/virtio_ism.h>
+#include <uapi/linux/virtio_ism_ioctl.h>
+#include "virtio_ism_status.h"
 
 #define ISM_CTRL_TIMEOUT	(5 * HZ)
 #define ISM_EVENT_BUFS		16
@@ -40,33 +58,67 @@
 #define ISM_FIRST_AREAS		4
 /* No reply may claim more areas or tokens than this, whatever the window size. */
 #define ISM_MAX_ENTRIES		4096
+/* Regions a late reply to a timed-out ALLOC/ATTACH left on the device, to detach. */
+#define ISM_MAX_ORPHANS		16
 /* mmap offsets: region i is at i << ISM_MAP_SHIFT (1 TiB apart). */
 #define ISM_MAP_SHIFT		40
+/* The config vector of virtio-pci's MSI-X set-up (VP_MSIX_CONFIG_VECTOR). */
+#define ISM_CONFIG_VECTOR	0
 #define ISM_PERM_ALL		(VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE | \
 				 VIRTIO_ISM_PERM_ATTACH | VIRTIO_ISM_PERM_MANAGE | \
 				 VIRTIO_ISM_PERM_CLEAN_DEFAULT)
+#define ISM_FS_MAGIC		0x69736d31	/* "ism1" */
 
-static DEFINE_IDA(ism_ida);
+static bool kick_vectors = true;
+module_param(kick_vectors, bool, 0444);
+MODULE_PARM_DESC(kick_vectors,
+		 "Give each bound region an MSI-X vector of its own when the transport can (default on)");
+
+static bool draft;
+module_param(draft, bool, 0444);
+MODULE_PARM_DESC(draft,
+		 "Negotiate only what the virtio-ism draft defines: no event queue, QUERY or GRANT");
+
+static DEFINE_MUTEX(ism_devs_lock);
+static DEFINE_IDR(ism_devs);
 
 struct ism_region {
 	struct list_head node;		/* ism_dev.regions */
+	struct list_head kick_node;	/* ism_dev.shared_kicks, under kick_lock */
+	struct ism_dev *ism;
 	struct ism_file *holder;	/* NULL: kept by the driver */
 	u64 token;
 	u64 size;
 	u64 map_key;			/* the mmap offset */
-	u32 flags;			/* VIRTIO_ISM_REGION_F_{WRITE,OWNER,BOUND,HOTPLUGGED} */
+	u32 flags;			/* VIRTIO_ISM_REGION_F_*, not KEPT or MINE */
+	int vector;			/* own MSI-X vector (OWN_VECTOR) */
+	int irq;			/* its Linux irq */
+	virtio_ism_kick_fn kick_fn;	/* in-kernel handler, under kick_lock */
+	void *kick_data;
+	atomic64_t kicks;
+	char irq_name[32];
 	u32 nr_areas;
-	struct virtio_ism_area areas[];
+	struct virtio_ism_region_area areas[];
 };
 
 struct ism_file {
 	struct ism_dev *ism;
 	struct list_head node;		/* ism_dev.files */
-	spinlock_t ev_lock;
+	spinlock_t ev_lock;		/* the event ring below */
 	unsigned int ev_head;
 	unsigned int ev_count;
 	bool ev_lost;
 	struct virtio_ism_event_record ev[ISM_FILE_EVENTS];
+};
+
+/* One control command; the control queue's token. */
+struct ism_cmd {
+	u8 class;
+	u8 cmd;
+	u64 token;			/* ATTACH: the region asked for */
+	size_t in_len;
+	u8 *out;			/* header + payload */
+	u8 in[];			/* status + reply */
 };
 
 struct ism_dev {
@@ -75,7 +127,6 @@ struct ism_dev {
 	int instance;
 	char name[16];
 	struct miscdevice misc;
-	bool misc_registered;
 
 	u64 gid, devid, chunk_size, notify_size, features;
 	struct virtio_shm_region shm, notify_shm;
@@ -84,34 +135,76 @@ struct ism_dev {
 
 	struct virtqueue *ctrl_vq;
 	struct virtqueue *event_vq;
-	struct mutex ctrl_lock;
+	struct mutex ctrl_lock;		/* one control command at a time; region add/remove */
 	struct completion ctrl_done;
-	bool broken;			/* a command timed out: the queue state is unknown */
 	bool gone;			/* removed: every operation fails with ENODEV */
+	bool reaping;
+	unsigned int nr_orphans;
+	u64 orphans[ISM_MAX_ORPHANS];
 
-	struct mutex regions_lock;
+	struct mutex regions_lock;	/* the regions list and region fields */
 	struct list_head regions;
 	u64 next_map_index;
-	struct address_space *mapping;	/* shared by every file, for unmap_mapping_range */
-	struct inode *mapping_inode;
+	struct inode *mapping_inode;	/* anonymous, one per device */
+	struct address_space *mapping;	/* its i_mapping, every file's f_mapping */
 
-	spinlock_t files_lock;
+	spinlock_t kick_lock;		/* shared_kicks, kick_fn/kick_data; hard IRQ */
+	struct list_head shared_kicks;	/* regions bound to the config vector */
+
+	spinlock_t files_lock;		/* the files list; any context */
 	struct list_head files;
 	wait_queue_head_t wq;
 
 	struct work_struct event_work;
-	u8 *event_bufs;
+	struct virtio_ism_event *event_bufs;
 
-	atomic64_t ctrl_commands, ctrl_errors, ctrl_timeouts, bad_replies;
-	atomic64_t kicks_sent, kick_irqs, events, events_lost;
+	atomic64_t ctrl_commands, ctrl_errors, ctrl_timeouts, late_replies, bad_replies;
+	atomic64_t kicks_sent, kick_irqs, config_irqs, events, events_lost;
 };
+
+/* ---- the anonymous inode every file of a device maps through ---------------- */
+
+static struct vfsmount *ism_mnt;
+static int ism_mnt_count;
+
+static int ism_fs_init_fs_context(struct fs_context *fc)
+{
+	return init_pseudo(fc, ISM_FS_MAGIC) ? 0 : -ENOMEM;
+}
+
+/* No .owner: a pinned mount must not hold the module (rmmod removes the devices). */
+static struct file_system_type ism_fs_type = {
+	.name = "virtio_ism",
+	.init_fs_context = ism_fs_init_fs_context,
+	.kill_sb = kill_anon_super,
+};
+
+static struct inode *ism_inode_new(void)
+{
+	struct inode *inode;
+	int ret;
+
+	ret = simple_pin_fs(&ism_fs_type, &ism_mnt, &ism_mnt_count);
+	if (ret)
+		return ERR_PTR(ret);
+	inode = alloc_anon_inode(ism_mnt->mnt_sb);
+	if (IS_ERR(inode))
+		simple_release_fs(&ism_mnt, &ism_mnt_count);
+	return inode;
+}
+
+static void ism_inode_put(struct inode *inode)
+{
+	iput(inode);
+	simple_release_fs(&ism_mnt, &ism_mnt_count);
+}
 
 static void ism_free(struct kref *ref)
 {
 	struct ism_dev *ism = container_of(ref, struct ism_dev, ref);
 
 	if (ism->mapping_inode)
-		iput(ism->mapping_inode);
+		ism_inode_put(ism->mapping_inode);
 	kfree(ism->event_bufs);
 	kfree(ism);
 }
@@ -134,7 +227,10 @@ static void ism_post_one(struct ism_dev *ism, struct ism_file *f,
 	spin_unlock_irqrestore(&f->ev_lock, flags);
 }
 
-/* Queue @rec for @only, or for every open file when @only is NULL. Any context. */
+/*
+ * Queue @rec for @only, or for every open file when @only is NULL. Any context.
+ * @only is compared, never dereferenced, unless it is still on the files list.
+ */
 static void ism_post(struct ism_dev *ism, struct ism_file *only,
 		     const struct virtio_ism_event_record *rec)
 {
@@ -149,6 +245,137 @@ static void ism_post(struct ism_dev *ism, struct ism_file *only,
 	wake_up_interruptible(&ism->wq);
 }
 
+/* ---- kicks ----------------------------------------------------------------- */
+
+/* A peer kicked @r. Hard IRQ; caller holds kick_lock. */
+static void ism_region_kicked(struct ism_dev *ism, struct ism_region *r)
+{
+	struct virtio_ism_event_record rec = {
+		.type = VIRTIO_ISM_EV_KICK,
+		.token = r->token,
+	};
+
+	atomic64_inc(&r->kicks);
+	if (r->kick_fn)
+		r->kick_fn(r->token, r->kick_data);
+	else
+		ism_post(ism, READ_ONCE(r->holder), &rec);
+}
+
+/*
+ * The config vector: a config change, or a kick of a region bound to it (no
+ * vector of its own). The device does not say which, so every region bound to
+ * it is reported. Hard IRQ.
+ */
+static void ism_config_changed(struct virtio_device *vdev)
+{
+	struct ism_dev *ism = vdev->priv;
+	struct ism_region *r;
+	unsigned long flags;
+
+	atomic64_inc(&ism->config_irqs);
+	spin_lock_irqsave(&ism->kick_lock, flags);
+	list_for_each_entry(r, &ism->shared_kicks, kick_node)
+		ism_region_kicked(ism, r);
+	spin_unlock_irqrestore(&ism->kick_lock, flags);
+}
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0) && IS_ENABLED(CONFIG_PCI_MSI)
+static irqreturn_t ism_region_irq(int irq, void *data)
+{
+	struct ism_region *r = data;
+	struct ism_dev *ism = r->ism;
+	unsigned long flags;
+
+	atomic64_inc(&ism->kick_irqs);
+	spin_lock_irqsave(&ism->kick_lock, flags);
+	ism_region_kicked(ism, r);
+	spin_unlock_irqrestore(&ism->kick_lock, flags);
+	return IRQ_HANDLED;
+}
+
+static struct pci_dev *ism_pci_dev(struct ism_dev *ism)
+{
+	struct device *parent = ism->vdev->dev.parent;
+
+	return parent && dev_is_pci(parent) ? to_pci_dev(parent) : NULL;
+}
+
+static bool ism_can_own_vectors(struct ism_dev *ism)
+{
+	struct pci_dev *pdev = ism_pci_dev(ism);
+
+	return kick_vectors && pdev && pdev->msix_enabled && pci_msix_can_alloc_dyn(pdev);
+}
+
+/* Allocate an MSI-X vector of the transport's PCI function for @r and request it. */
+static int ism_vector_alloc(struct ism_dev *ism, struct ism_region *r)
+{
+	struct pci_dev *pdev = ism_pci_dev(ism);
+	struct msi_map map;
+	int ret;
+
+	if (!ism_can_own_vectors(ism))
+		return -EOPNOTSUPP;
+	map = pci_msix_alloc_irq_at(pdev, MSI_ANY_INDEX, NULL);
+	if (map.index < 0)
+		return map.index;
+	snprintf(r->irq_name, sizeof(r->irq_name), "%s-%llx", ism->name, r->token);
+	ret = request_irq(map.virq, ism_region_irq, 0, r->irq_name, r);
+	if (ret) {
+		pci_msix_free_irq(pdev, map);
+		return ret;
+	}
+	r->vector = map.index;
+	r->irq = map.virq;
+	return 0;
+}
+
+static void ism_vector_free(struct ism_dev *ism, struct ism_region *r)
+{
+	struct msi_map map = { .index = r->vector, .virq = r->irq };
+
+	free_irq(r->irq, r);
+	pci_msix_free_irq(ism_pci_dev(ism), map);
+}
+#else
+static bool ism_can_own_vectors(struct ism_dev *ism)
+{
+	return false;
+}
+
+static int ism_vector_alloc(struct ism_dev *ism, struct ism_region *r)
+{
+	return -EOPNOTSUPP;
+}
+
+static void ism_vector_free(struct ism_dev *ism, struct ism_region *r)
+{
+}
+#endif
+
+/* Stop delivering kicks of @r (the device side is unbound, detached or reset). */
+static void ism_region_unbind_local(struct ism_dev *ism, struct ism_region *r)
+{
+	unsigned long flags;
+
+	if (r->flags & VIRTIO_ISM_REGION_F_OWN_VECTOR)
+		ism_vector_free(ism, r);
+	spin_lock_irqsave(&ism->kick_lock, flags);
+	list_del_init(&r->kick_node);
+	r->kick_fn = NULL;
+	r->kick_data = NULL;
+	spin_unlock_irqrestore(&ism->kick_lock, flags);
+	r->flags &= ~(VIRTIO_ISM_REGION_F_BOUND | VIRTIO_ISM_REGION_F_OWN_VECTOR);
+}
+
+/* Forget a region already off the regions list. Caller holds ctrl_lock. */
+static void ism_region_free(struct ism_dev *ism, struct ism_region *r)
+{
+	ism_region_unbind_local(ism, r);
+	kfree(r);
+}
+
 /* ---- control queue -------------------------------------------------------- */
 
 static void ism_ctrl_vq_done(struct virtqueue *vq)
@@ -158,84 +385,145 @@ static void ism_ctrl_vq_done(struct virtqueue *vq)
 	complete(&ism->ctrl_done);
 }
 
+static void ism_cmd_free(struct ism_cmd *c)
+{
+	kfree(c->out);
+	kfree(c);
+}
+
+/*
+ * The device answered a command after it timed out. A region it allocated or
+ * attached then is unknown to the driver: note it so it is detached.
+ */
+static void ism_cmd_late(struct ism_dev *ism, struct ism_cmd *c, unsigned int used)
+{
+	u64 token = 0;
+
+	atomic64_inc(&ism->late_replies);
+	if (used >= 1 && c->in[0] == VIRTIO_ISM_OK) {
+		if (c->class == VIRTIO_ISM_CTRL_ALLOC &&
+		    used >= 1 + sizeof(struct virtio_ism_ctrl_alloc_reply))
+			token = get_unaligned_le64(c->in + 1);
+		else if (c->class == VIRTIO_ISM_CTRL_ATTACH)
+			token = c->token;
+	}
+	if (token && ism->nr_orphans < ISM_MAX_ORPHANS)
+		ism->orphans[ism->nr_orphans++] = token;
+	else if (token)
+		dev_warn(&ism->vdev->dev, "region %llx left attached by a late reply\n", token);
+	ism_cmd_free(c);
+}
+
 /*
  * Run one control command; caller holds ctrl_lock. On success *status is the
  * device's status byte and @reply holds *reply_len (<= @reply_cap) reply bytes.
+ * A command the device does not answer in time stays on the queue; its buffers
+ * are freed when the answer comes (ism_cmd_late) or at remove.
  */
-static int ism_ctrl(struct ism_dev *ism, u8 class, u8 cmd,
-		    const void *payload, size_t payload_len,
-		    void *reply, size_t reply_cap, size_t *reply_len, u8 *status)
+static int __ism_ctrl(struct ism_dev *ism, u8 class, u8 cmd, u64 token,
+		      const void *payload, size_t payload_len,
+		      void *reply, size_t reply_cap, size_t *reply_len, u8 *status)
 {
+	struct virtio_ism_ctrl_hdr *hdr;
 	struct scatterlist out_sg, in_sg, *sgs[2];
 	unsigned long left = ISM_CTRL_TIMEOUT;
 	unsigned int used = 0;
-	u8 *out, *in;
-	void *done = NULL;
+	struct ism_cmd *c, *done;
 	int ret;
 
 	lockdep_assert_held(&ism->ctrl_lock);
 	if (ism->gone)
 		return -ENODEV;
-	if (ism->broken)
-		return -EIO;
 
-	out = kmalloc(VIRTIO_ISM_CTRL_HDR_SIZE + payload_len, GFP_KERNEL);
-	in = kzalloc(1 + reply_cap, GFP_KERNEL);
-	if (!out || !in) {
-		kfree(out);
-		kfree(in);
+	c = kzalloc(struct_size(c, in, 1 + reply_cap), GFP_KERNEL);
+	if (!c)
+		return -ENOMEM;
+	c->out = kmalloc(sizeof(*hdr) + payload_len, GFP_KERNEL);
+	if (!c->out) {
+		kfree(c);
 		return -ENOMEM;
 	}
-	out[0] = class;
-	out[1] = cmd;
+	c->class = class;
+	c->cmd = cmd;
+	c->token = token;
+	c->in_len = 1 + reply_cap;
+	hdr = (struct virtio_ism_ctrl_hdr *)c->out;
+	hdr->class = class;
+	hdr->cmd = cmd;
 	if (payload_len)
-		memcpy(out + VIRTIO_ISM_CTRL_HDR_SIZE, payload, payload_len);
-	sg_init_one(&out_sg, out, VIRTIO_ISM_CTRL_HDR_SIZE + payload_len);
-	sg_init_one(&in_sg, in, 1 + reply_cap);
+		memcpy(c->out + sizeof(*hdr), payload, payload_len);
+	sg_init_one(&out_sg, c->out, sizeof(*hdr) + payload_len);
+	sg_init_one(&in_sg, c->in, c->in_len);
 	sgs[0] = &out_sg;
 	sgs[1] = &in_sg;
 
 	reinit_completion(&ism->ctrl_done);
-	ret = virtqueue_add_sgs(ism->ctrl_vq, sgs, 1, 1, in, GFP_KERNEL);
+	ret = virtqueue_add_sgs(ism->ctrl_vq, sgs, 1, 1, c, GFP_KERNEL);
 	if (ret) {
-		kfree(out);
-		kfree(in);
-		return ret;
+		/* ENOSPC: the queue is full of commands the device never answered. */
+		ism_cmd_free(c);
+		return ret == -ENOSPC ? -EBUSY : ret;
 	}
 	virtqueue_kick(ism->ctrl_vq);
 
-	while (!done) {
-		done = virtqueue_get_buf(ism->ctrl_vq, &used);
-		if (done)
-			break;
-		left = wait_for_completion_timeout(&ism->ctrl_done, left);
+	for (;;) {
+		while ((done = virtqueue_get_buf(ism->ctrl_vq, &used))) {
+			if (done == c)
+				goto answered;
+			ism_cmd_late(ism, done, used);
+		}
 		if (!left) {
-			done = virtqueue_get_buf(ism->ctrl_vq, &used);
-			if (done)
-				break;
-			/* The device still owns both buffers: leak them, stop using the queue. */
-			ism->broken = true;
 			atomic64_inc(&ism->ctrl_timeouts);
 			dev_err(&ism->vdev->dev, "control command %u/%u timed out\n", class, cmd);
 			return -ETIMEDOUT;
 		}
+		left = wait_for_completion_timeout(&ism->ctrl_done, left);
 	}
-	kfree(out);
-	if (done != in || used < 1 || used > 1 + reply_cap) {
+answered:
+	if (used < 1 || used > c->in_len) {
 		atomic64_inc(&ism->bad_replies);
-		kfree(in);
-		if (done != in)
-			ism->broken = true;
+		ism_cmd_free(c);
 		return -EIO;
 	}
-	*status = in[0];
+	*status = c->in[0];
 	*reply_len = used - 1;
-	memcpy(reply, in + 1, *reply_len);
-	kfree(in);
+	memcpy(reply, c->in + 1, *reply_len);
+	ism_cmd_free(c);
 	atomic64_inc(&ism->ctrl_commands);
 	if (*status != VIRTIO_ISM_OK)
 		atomic64_inc(&ism->ctrl_errors);
 	return 0;
+}
+
+/* Detach what late replies left attached. Caller holds ctrl_lock. */
+static void ism_reap_orphans(struct ism_dev *ism)
+{
+	struct virtio_ism_ctrl_detach req;
+	size_t got;
+	u8 status, dummy;
+
+	if (ism->reaping)
+		return;
+	ism->reaping = true;
+	while (ism->nr_orphans && !ism->gone) {
+		req.token = cpu_to_le64(ism->orphans[--ism->nr_orphans]);
+		__ism_ctrl(ism, VIRTIO_ISM_CTRL_DETACH, VIRTIO_ISM_CTRL_DETACH_REGION, 0,
+			   &req, sizeof(req), &dummy, 0, &got, &status);
+	}
+	ism->reaping = false;
+}
+
+static int ism_ctrl(struct ism_dev *ism, u8 class, u8 cmd, u64 token,
+		    const void *payload, size_t payload_len,
+		    void *reply, size_t reply_cap, size_t *reply_len, u8 *status)
+{
+	int ret;
+
+	ret = __ism_ctrl(ism, class, cmd, token, payload, payload_len, reply, reply_cap,
+			 reply_len, status);
+	if (ism->nr_orphans)
+		ism_reap_orphans(ism);
+	return ret;
 }
 
 /* A command without a reply; returns 0 or a negative errno (device status mapped). */
@@ -247,7 +535,7 @@ static int ism_ctrl_simple(struct ism_dev *ism, u8 class, u8 cmd,
 	u8 dummy;
 	int ret;
 
-	ret = ism_ctrl(ism, class, cmd, payload, payload_len, &dummy, 0, &got, &status);
+	ret = ism_ctrl(ism, class, cmd, 0, payload, payload_len, &dummy, 0, &got, &status);
 	return ret ? ret : virtio_ism_status_errno(status);
 }
 
@@ -259,11 +547,12 @@ static u64 ism_max_areas(struct ism_dev *ism)
 }
 
 /*
- * Check @num areas the device returned at @buf (le64 offset, le64 size each) and
- * build a region of them. Every area must lie inside shmid 1, start on a chunk,
- * cover whole pages, and the sizes must add up to @want (0: any).
+ * Check @num areas the device returned at @area and build a region of them. Every
+ * area must lie inside shmid 1, start on a chunk, cover whole pages, and the sizes
+ * must add up to @want (0: any).
  */
-static struct ism_region *ism_region_from_areas(struct ism_dev *ism, const u8 *buf,
+static struct ism_region *ism_region_from_areas(struct ism_dev *ism,
+						const struct virtio_ism_area *area,
 						u64 num, u64 want)
 {
 	struct ism_region *r;
@@ -275,8 +564,8 @@ static struct ism_region *ism_region_from_areas(struct ism_dev *ism, const u8 *b
 	if (!r)
 		return ERR_PTR(-ENOMEM);
 	for (i = 0; i < num; i++) {
-		u64 off = get_unaligned_le64(buf + i * VIRTIO_ISM_AREA_SIZE);
-		u64 size = get_unaligned_le64(buf + i * VIRTIO_ISM_AREA_SIZE + 8);
+		u64 off = le64_to_cpu(area[i].offset);
+		u64 size = le64_to_cpu(area[i].size);
 
 		if (!size || !IS_ALIGNED(off, ism->chunk_size) || !PAGE_ALIGNED(size) ||
 		    off >= ism->shm.len || size > ism->shm.len - off ||
@@ -292,6 +581,9 @@ static struct ism_region *ism_region_from_areas(struct ism_dev *ism, const u8 *b
 		kfree(r);
 		goto bad;
 	}
+	r->ism = ism;
+	INIT_LIST_HEAD(&r->kick_node);
+	atomic64_set(&r->kicks, 0);
 	r->nr_areas = num;
 	r->size = total;
 	return r;
@@ -312,7 +604,7 @@ static struct ism_region *ism_find(struct ism_dev *ism, u64 token)
 	return NULL;
 }
 
-/* Caller holds regions_lock. */
+/* Caller holds ctrl_lock and regions_lock. */
 static void ism_track(struct ism_dev *ism, struct ism_region *r, struct ism_file *holder)
 {
 	r->holder = holder;
@@ -323,13 +615,12 @@ static void ism_track(struct ism_dev *ism, struct ism_region *r, struct ism_file
 /* Remove every user mapping of @r; the pages become SIGBUS. No regions_lock needed. */
 static void ism_zap(struct ism_dev *ism, struct ism_region *r)
 {
-	if (ism->mapping)
-		unmap_mapping_range(ism->mapping, r->map_key, PAGE_ALIGN(r->size), 1);
+	unmap_mapping_range(ism->mapping, r->map_key, PAGE_ALIGN(r->size), 1);
 }
 
 static void ism_detach_on_device(struct ism_dev *ism, u64 token)
 {
-	__le64 req = cpu_to_le64(token);
+	struct virtio_ism_ctrl_detach req = { .token = cpu_to_le64(token) };
 	int ret;
 
 	ret = ism_ctrl_simple(ism, VIRTIO_ISM_CTRL_DETACH, VIRTIO_ISM_CTRL_DETACH_REGION,
@@ -350,18 +641,19 @@ static struct ism_region *ism_map_cmd(struct ism_dev *ism, u8 class, const void 
 	int tries, ret;
 
 	for (tries = 0; tries < 3; tries++) {
-		size_t cap_bytes = hdr_size + cap * VIRTIO_ISM_AREA_SIZE, got;
+		size_t cap_bytes = hdr_size + cap * sizeof(struct virtio_ism_area), got;
 		u8 *reply = kzalloc(cap_bytes, GFP_KERNEL);
 		u8 status;
 
 		if (!reply)
 			return ERR_PTR(-ENOMEM);
-		ret = ism_ctrl(ism, class, 0, req, req_len, reply, cap_bytes, &got, &status);
+		ret = ism_ctrl(ism, class, 0, *token, req, req_len, reply, cap_bytes, &got,
+			       &status);
 		if (ret) {
 			kfree(reply);
 			return ERR_PTR(ret);
 		}
-		/* A refusal may come with the status byte alone: only OK and E2BIG carry a header. */
+		/* A refusal may be the status byte alone: only OK and E2BIG carry a header. */
 		if (status != VIRTIO_ISM_OK && status != VIRTIO_ISM_E2BIG) {
 			kfree(reply);
 			return ERR_PTR(virtio_ism_status_errno(status));
@@ -371,7 +663,7 @@ static struct ism_region *ism_map_cmd(struct ism_dev *ism, u8 class, const void 
 			atomic64_inc(&ism->bad_replies);
 			return ERR_PTR(-EIO);
 		}
-		num = get_unaligned_le64(reply + hdr_size - 8);
+		num = le64_to_cpup((__le64 *)(reply + hdr_size - sizeof(__le64)));
 		if (status == VIRTIO_ISM_E2BIG) {
 			kfree(reply);
 			if (num <= cap || num > ism_max_areas(ism)) {
@@ -381,12 +673,13 @@ static struct ism_region *ism_map_cmd(struct ism_dev *ism, u8 class, const void 
 			cap = num;
 			continue;
 		}
-		*token = hdr_size == VIRTIO_ISM_ALLOC_REPLY_HDR_SIZE ?
-			 get_unaligned_le64(reply) : *token;
-		if (num > cap || got < hdr_size + num * VIRTIO_ISM_AREA_SIZE)
+		if (class == VIRTIO_ISM_CTRL_ALLOC)
+			*token = le64_to_cpu(((struct virtio_ism_ctrl_alloc_reply *)reply)->token);
+		if (num > cap || got < hdr_size + num * sizeof(struct virtio_ism_area))
 			r = ERR_PTR(-EIO);
 		else
-			r = ism_region_from_areas(ism, reply + hdr_size, num, want);
+			r = ism_region_from_areas(ism, (struct virtio_ism_area *)(reply + hdr_size),
+						  num, want);
 		kfree(reply);
 		if (IS_ERR(r))
 			/* The device holds something we refuse to use: give it back. */
@@ -399,50 +692,52 @@ static struct ism_region *ism_map_cmd(struct ism_dev *ism, u8 class, const void 
 /* QUERY_REGION (needs VIRTIO_ISM_F_QUERY): describe a region the device holds. */
 static struct ism_region *ism_query_region(struct ism_dev *ism, u64 token)
 {
-	__le64 req = cpu_to_le64(token);
+	struct virtio_ism_ctrl_query_region req = { .token = cpu_to_le64(token) };
+	struct virtio_ism_ctrl_query_region_reply *rep;
+	const size_t hdr = sizeof(*rep);
 	struct ism_region *r;
 	u64 cap = ISM_FIRST_AREAS, num, size, flags;
 	int tries, ret;
 
 	for (tries = 0; tries < 3; tries++) {
-		size_t cap_bytes = VIRTIO_ISM_QREGION_REPLY_HDR_SIZE + cap * VIRTIO_ISM_AREA_SIZE;
+		size_t cap_bytes = hdr + cap * sizeof(struct virtio_ism_area);
 		size_t got;
-		u8 *reply = kzalloc(cap_bytes, GFP_KERNEL);
 		u8 status;
 
-		if (!reply)
+		rep = kzalloc(cap_bytes, GFP_KERNEL);
+		if (!rep)
 			return ERR_PTR(-ENOMEM);
-		ret = ism_ctrl(ism, VIRTIO_ISM_CTRL_QUERY, VIRTIO_ISM_CTRL_QUERY_REGION,
-			       &req, sizeof(req), reply, cap_bytes, &got, &status);
-		/* A refusal may come with the status byte alone: only OK and E2BIG carry a header. */
+		ret = ism_ctrl(ism, VIRTIO_ISM_CTRL_QUERY, VIRTIO_ISM_CTRL_QUERY_REGION, 0,
+			       &req, sizeof(req), rep, cap_bytes, &got, &status);
+		/* A refusal may be the status byte alone: only OK and E2BIG carry a header. */
 		if (!ret && status != VIRTIO_ISM_OK && status != VIRTIO_ISM_E2BIG) {
 			ret = virtio_ism_status_errno(status);
-		} else if (!ret && got < VIRTIO_ISM_QREGION_REPLY_HDR_SIZE) {
+		} else if (!ret && got < hdr) {
 			atomic64_inc(&ism->bad_replies);
 			ret = -EIO;
 		}
 		if (ret) {
-			kfree(reply);
+			kfree(rep);
 			return ERR_PTR(ret);
 		}
-		size = get_unaligned_le64(reply);
-		flags = get_unaligned_le64(reply + 8);
-		num = get_unaligned_le64(reply + 24);
+		size = le64_to_cpu(rep->size);
+		flags = le64_to_cpu(rep->flags);
+		num = le64_to_cpu(rep->num);
 		if (status == VIRTIO_ISM_E2BIG && num > cap && num <= ism_max_areas(ism)) {
-			kfree(reply);
+			kfree(rep);
 			cap = num;
 			continue;
 		}
 		if (status != VIRTIO_ISM_OK) {
-			kfree(reply);
-			return ERR_PTR(status == VIRTIO_ISM_E2BIG ? -EIO : virtio_ism_status_errno(status));
+			kfree(rep);
+			atomic64_inc(&ism->bad_replies);
+			return ERR_PTR(-EIO);
 		}
-		if (num > cap || got < VIRTIO_ISM_QREGION_REPLY_HDR_SIZE + num * VIRTIO_ISM_AREA_SIZE)
+		if (num > cap || got < hdr + num * sizeof(struct virtio_ism_area))
 			r = ERR_PTR(-EIO);
 		else
-			r = ism_region_from_areas(ism, reply + VIRTIO_ISM_QREGION_REPLY_HDR_SIZE,
-						  num, size);
-		kfree(reply);
+			r = ism_region_from_areas(ism, rep->area, num, size);
+		kfree(rep);
 		if (!IS_ERR(r)) {
 			r->token = token;
 			if (flags & VIRTIO_ISM_QREGION_WRITE)
@@ -457,13 +752,107 @@ static struct ism_region *ism_query_region(struct ism_dev *ism, u64 token)
 	return ERR_PTR(-EAGAIN);
 }
 
+/*
+ * Bind @r's kicks to a vector of its own (or the config vector), or unbind.
+ * Caller holds ctrl_lock; @r is on the regions list.
+ */
+static int ism_region_bind(struct ism_dev *ism, struct ism_region *r, bool bind)
+{
+	struct virtio_ism_ctrl_event_vector req = { .token = cpu_to_le64(r->token) };
+	unsigned long flags;
+	bool own = false;
+	int ret;
+
+	if (bind == !!(r->flags & VIRTIO_ISM_REGION_F_BOUND))
+		return 0;
+	if (bind) {
+		own = !ism_vector_alloc(ism, r);
+		req.vector = cpu_to_le64(own ? r->vector : ISM_CONFIG_VECTOR);
+	} else {
+		req.vector = cpu_to_le64(VIRTIO_ISM_MSI_NO_VECTOR);
+	}
+	ret = ism_ctrl_simple(ism, VIRTIO_ISM_CTRL_EVENT_VECTOR,
+			      VIRTIO_ISM_CTRL_EVENT_VECTOR_SET, &req, sizeof(req));
+	if (ret && bind) {
+		if (own)
+			ism_vector_free(ism, r);
+		return ret;
+	}
+	if (!bind) {
+		/* Even if the device refused: stop listening. */
+		mutex_lock(&ism->regions_lock);
+		ism_region_unbind_local(ism, r);
+		mutex_unlock(&ism->regions_lock);
+		return ret;
+	}
+	mutex_lock(&ism->regions_lock);
+	r->flags |= VIRTIO_ISM_REGION_F_BOUND;
+	if (own) {
+		r->flags |= VIRTIO_ISM_REGION_F_OWN_VECTOR;
+	} else {
+		spin_lock_irqsave(&ism->kick_lock, flags);
+		list_add_tail(&r->kick_node, &ism->shared_kicks);
+		spin_unlock_irqrestore(&ism->kick_lock, flags);
+	}
+	mutex_unlock(&ism->regions_lock);
+	return 0;
+}
+
+/**
+ * virtio_ism_set_kick_handler - route kicks of a region to a kernel function
+ * @instance: N of /dev/ismN
+ * @token: a region the driver holds on that device (e.g. one user space ATTACHed
+ *	   and KEEPs, or one the host hot-added)
+ * @fn: called in hard-IRQ context for each kick (kicks may merge); NULL stops it
+ * @data: passed to @fn
+ *
+ * Binds the region for kicks if it is not bound yet. While @fn is set, kicks of the
+ * region are not reported to user space. When the region goes away (detach,
+ * revoke, remove) the handler is dropped; it is never called after that.
+ *
+ * Return: 0, -ENODEV (no such device), -ENOENT (region not held) or a bind error.
+ */
+int virtio_ism_set_kick_handler(unsigned int instance, u64 token,
+				virtio_ism_kick_fn fn, void *data)
+{
+	struct ism_dev *ism;
+	struct ism_region *r;
+	unsigned long flags;
+	int ret = 0;
+
+	mutex_lock(&ism_devs_lock);
+	ism = idr_find(&ism_devs, instance);
+	if (!ism) {
+		mutex_unlock(&ism_devs_lock);
+		return -ENODEV;
+	}
+	mutex_lock(&ism->ctrl_lock);
+	mutex_lock(&ism->regions_lock);
+	r = ism->gone ? NULL : ism_find(ism, token);
+	mutex_unlock(&ism->regions_lock);
+	if (!r)
+		ret = ism->gone ? -ENODEV : -ENOENT;
+	else if (fn)
+		ret = ism_region_bind(ism, r, true);
+	if (!ret) {
+		spin_lock_irqsave(&ism->kick_lock, flags);
+		r->kick_fn = fn;
+		r->kick_data = data;
+		spin_unlock_irqrestore(&ism->kick_lock, flags);
+	}
+	mutex_unlock(&ism->ctrl_lock);
+	mutex_unlock(&ism_devs_lock);
+	return ret;
+}
+EXPORT_SYMBOL_GPL(virtio_ism_set_kick_handler);
+
 /* ---- event queue ---------------------------------------------------------- */
 
-static int ism_post_event_buf(struct ism_dev *ism, u8 *buf)
+static int ism_post_event_buf(struct ism_dev *ism, struct virtio_ism_event *buf)
 {
 	struct scatterlist sg;
 
-	sg_init_one(&sg, buf, VIRTIO_ISM_EVENT_SIZE);
+	sg_init_one(&sg, buf, sizeof(*buf));
 	return virtqueue_add_inbuf(ism->event_vq, &sg, 1, buf, GFP_KERNEL);
 }
 
@@ -474,13 +863,13 @@ static void ism_event_vq_done(struct virtqueue *vq)
 	schedule_work(&ism->event_work);
 }
 
-static void ism_handle_event(struct ism_dev *ism, const u8 *ev)
+static void ism_handle_event(struct ism_dev *ism, const struct virtio_ism_event *ev)
 {
 	struct virtio_ism_event_record rec = {
-		.type = get_unaligned_le64(ev + VIRTIO_ISM_EV_OFF_TYPE),
-		.devid = get_unaligned_le64(ev + VIRTIO_ISM_EV_OFF_DEVID),
-		.peers = get_unaligned_le64(ev + VIRTIO_ISM_EV_OFF_PEERS),
-		.token = get_unaligned_le64(ev + VIRTIO_ISM_EV_OFF_TOKEN),
+		.type = le64_to_cpu(ev->ev_type),
+		.devid = le64_to_cpu(ev->devid),
+		.peers = le64_to_cpu(ev->peers),
+		.token = le64_to_cpu(ev->token),
 	};
 	struct ism_region *r, *added;
 	struct ism_file *to = NULL;
@@ -489,6 +878,7 @@ static void ism_handle_event(struct ism_dev *ism, const u8 *ev)
 	switch (rec.type) {
 	case VIRTIO_ISM_EVENT_REVOKE:
 		/* The device has already unmapped it: drop user mappings, forget it. */
+		mutex_lock(&ism->ctrl_lock);
 		mutex_lock(&ism->regions_lock);
 		r = ism_find(ism, rec.token);
 		if (r) {
@@ -498,17 +888,19 @@ static void ism_handle_event(struct ism_dev *ism, const u8 *ev)
 		mutex_unlock(&ism->regions_lock);
 		if (r) {
 			ism_zap(ism, r);
-			kfree(r);
+			ism_region_free(ism, r);
 		}
+		mutex_unlock(&ism->ctrl_lock);
 		break;
 	case VIRTIO_ISM_EVENT_REGION_ADDED:
 		if (!(ism->features & VIRTIO_ISM_INFO_F_QUERY))
 			break;
 		mutex_lock(&ism->ctrl_lock);
-		added = ism_query_region(ism, rec.token);
-		mutex_unlock(&ism->ctrl_lock);
+		added = ism->gone ? ERR_PTR(-ENODEV) : ism_query_region(ism, rec.token);
 		if (IS_ERR(added)) {
-			dev_warn(&ism->vdev->dev, "hot-added region %llx: query failed\n", rec.token);
+			mutex_unlock(&ism->ctrl_lock);
+			dev_warn(&ism->vdev->dev, "hot-added region %llx: query failed\n",
+				 rec.token);
 			break;
 		}
 		mutex_lock(&ism->regions_lock);
@@ -517,6 +909,7 @@ static void ism_handle_event(struct ism_dev *ism, const u8 *ev)
 		else
 			ism_track(ism, added, NULL);
 		mutex_unlock(&ism->regions_lock);
+		mutex_unlock(&ism->ctrl_lock);
 		break;
 	case VIRTIO_ISM_EVENT_UPDATE:
 	case VIRTIO_ISM_EVENT_ATTACH:
@@ -532,46 +925,32 @@ static void ism_handle_event(struct ism_dev *ism, const u8 *ev)
 		atomic64_inc(&ism->bad_replies);
 		return;
 	}
-	/*
-	 * A file pointer read under regions_lock stays valid here: a file removes its
-	 * regions (under regions_lock) before it leaves the files list, and
-	 * ism_post only delivers to files still on that list.
-	 */
+	/* ism_post compares @to with the files still open; it may have closed since. */
 	ism_post(ism, to, &rec);
 }
 
 static void ism_event_work(struct work_struct *work)
 {
 	struct ism_dev *ism = container_of(work, struct ism_dev, event_work);
+	struct virtio_ism_event *buf;
 	unsigned int len;
-	u8 *buf;
 
 	for (;;) {
 		virtqueue_disable_cb(ism->event_vq);
-		while (!ism->gone && (buf = virtqueue_get_buf(ism->event_vq, &len))) {
-			if (len >= VIRTIO_ISM_EVENT_SIZE)
+		while (!READ_ONCE(ism->gone) && (buf = virtqueue_get_buf(ism->event_vq, &len))) {
+			if (len >= sizeof(*buf))
 				ism_handle_event(ism, buf);
 			else
 				atomic64_inc(&ism->bad_replies);
 			if (ism_post_event_buf(ism, buf))
 				dev_warn(&ism->vdev->dev, "cannot repost an event buffer\n");
 		}
-		if (ism->gone)
+		if (READ_ONCE(ism->gone))
 			return;
 		virtqueue_kick(ism->event_vq);
 		if (virtqueue_enable_cb(ism->event_vq))
 			return;
 	}
-}
-
-/* Kicks arrive on the config vector (see docs/guest-driver.md). Hard IRQ context. */
-static void ism_config_changed(struct virtio_device *vdev)
-{
-	struct ism_dev *ism = vdev->priv;
-	struct virtio_ism_event_record rec = { .type = VIRTIO_ISM_EV_KICK };
-
-	atomic64_inc(&ism->kick_irqs);
-	ism_post(ism, NULL, &rec);
 }
 
 /* ---- file operations ------------------------------------------------------ */
@@ -593,12 +972,7 @@ static int ism_open(struct inode *inode, struct file *file)
 		kfree(f);
 		return -ENODEV;
 	}
-	/* One address_space for every node of this device, so revocation reaches all. */
-	if (!ism->mapping) {
-		ihold(inode);
-		ism->mapping_inode = inode;
-		ism->mapping = inode->i_mapping;
-	}
+	/* Every file maps through the device's own inode, so revocation reaches all. */
 	file->f_mapping = ism->mapping;
 	mutex_unlock(&ism->regions_lock);
 
@@ -628,7 +1002,8 @@ static int ism_release(struct inode *inode, struct file *file)
 		ism_zap(ism, r);
 		if (!ism->gone)
 			ism_detach_on_device(ism, r->token);
-		kfree(r);
+		list_del(&r->node);
+		ism_region_free(ism, r);
 	}
 	mutex_unlock(&ism->ctrl_lock);
 
@@ -655,18 +1030,20 @@ static long ism_ioc_alloc(struct ism_file *f, struct virtio_ism_region __user *a
 {
 	struct ism_dev *ism = f->ism;
 	struct virtio_ism_region ureg;
+	struct virtio_ism_ctrl_alloc req;
 	struct ism_region *r;
-	__le64 req;
 	u64 token = 0, want;
 
 	if (copy_from_user(&ureg, arg, sizeof(ureg)))
 		return -EFAULT;
+	if (ureg.perm || ureg.flags || ureg.reserved0 || ureg.reserved[0] || ureg.reserved[1])
+		return -EINVAL;
 	if (!ureg.size || ureg.size > ism->shm.len)
 		return -EINVAL;
 	want = round_up(ureg.size, PAGE_SIZE);
-	req = cpu_to_le64(ureg.size);
+	req.size = cpu_to_le64(ureg.size);
 	r = ism_map_cmd(ism, VIRTIO_ISM_CTRL_ALLOC, &req, sizeof(req),
-			VIRTIO_ISM_ALLOC_REPLY_HDR_SIZE, want, &token);
+			sizeof(struct virtio_ism_ctrl_alloc_reply), want, &token);
 	if (IS_ERR(r))
 		return PTR_ERR(r);
 	r->token = token;
@@ -676,24 +1053,46 @@ static long ism_ioc_alloc(struct ism_file *f, struct virtio_ism_region __user *a
 	ureg.token = token;
 	ureg.size = r->size;
 	ureg.map_offset = r->map_key;
-	ureg.flags = ism_user_flags(r, f);
+	ureg.region_flags = ism_user_flags(r, f);
 	mutex_unlock(&ism->regions_lock);
-	ureg.perm = 0;
 	return copy_to_user(arg, &ureg, sizeof(ureg)) ? -EFAULT : 0;
+}
+
+/*
+ * Is the device's mapping of a region just attached writable? QUERY says; without
+ * it the device maps writable iff WRITE was granted and asked for (or perm 0),
+ * which a READ-only request rules out and anything else leaves to the grant: the
+ * driver then trusts the request (a wrong guess makes writes fault, never more).
+ */
+static u32 ism_attached_flags(struct ism_dev *ism, u64 token, u32 perm)
+{
+	struct ism_region *q;
+	u32 flags;
+
+	if (!(ism->features & VIRTIO_ISM_INFO_F_QUERY))
+		return perm == VIRTIO_ISM_PERM_READ ? 0 : VIRTIO_ISM_REGION_F_WRITE;
+	q = ism_query_region(ism, token);
+	if (IS_ERR(q))
+		return 0;
+	flags = q->flags & (VIRTIO_ISM_REGION_F_WRITE | VIRTIO_ISM_REGION_F_OWNER);
+	kfree(q);
+	return flags;
 }
 
 static long ism_ioc_attach(struct ism_file *f, struct virtio_ism_region __user *arg)
 {
 	struct ism_dev *ism = f->ism;
 	struct virtio_ism_region ureg;
+	struct virtio_ism_ctrl_attach req = {};
 	struct ism_region *r;
-	u8 req[VIRTIO_ISM_ATTACH_REQ_SIZE] = {};
 	u64 token;
 	long ret = 0;
 
 	if (copy_from_user(&ureg, arg, sizeof(ureg)))
 		return -EFAULT;
 	if (ureg.perm & ~(u32)(VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE))
+		return -EINVAL;
+	if (ureg.flags || ureg.reserved0 || ureg.reserved[0] || ureg.reserved[1])
 		return -EINVAL;
 	token = ureg.token;
 
@@ -703,118 +1102,95 @@ static long ism_ioc_attach(struct ism_file *f, struct virtio_ism_region __user *
 	if (r) {
 		if (r->holder && r->holder != f)
 			ret = -EBUSY;
-		else if ((ureg.perm & VIRTIO_ISM_PERM_WRITE) && !(r->flags & VIRTIO_ISM_REGION_F_WRITE))
+		else if ((ureg.perm & VIRTIO_ISM_PERM_WRITE) &&
+			 !(r->flags & VIRTIO_ISM_REGION_F_WRITE))
 			ret = -EROFS;
 		else
-			r->holder = f;
+			WRITE_ONCE(r->holder, f);
 	}
 	mutex_unlock(&ism->regions_lock);
 	if (ret)
 		return ret;
 
 	if (!r) {
-		put_unaligned_le64(token, req);
-		put_unaligned_le32(ureg.perm, req + 8);
-		r = ism_map_cmd(ism, VIRTIO_ISM_CTRL_ATTACH, req, sizeof(req),
-				VIRTIO_ISM_ATTACH_REPLY_HDR_SIZE, 0, &token);
+		req.token = cpu_to_le64(token);
+		req.rw_perm = cpu_to_le32(ureg.perm);
+		r = ism_map_cmd(ism, VIRTIO_ISM_CTRL_ATTACH, &req, sizeof(req),
+				sizeof(struct virtio_ism_ctrl_attach_reply), 0, &token);
 		if (IS_ERR(r))
 			return PTR_ERR(r);
 		r->token = token;
-		if (ism->features & VIRTIO_ISM_INFO_F_QUERY) {
-			struct ism_region *q = ism_query_region(ism, token);
-
-			if (!IS_ERR(q)) {
-				r->flags = q->flags & VIRTIO_ISM_REGION_F_WRITE;
-				kfree(q);
-			}
-		} else if (ureg.perm != VIRTIO_ISM_PERM_READ) {
-			/* Without QUERY the mapping is writable iff WRITE was granted; assume so. */
-			r->flags = VIRTIO_ISM_REGION_F_WRITE;
-		}
+		r->flags = ism_attached_flags(ism, token, ureg.perm);
 		mutex_lock(&ism->regions_lock);
 		ism_track(ism, r, f);
 	} else {
 		mutex_lock(&ism->regions_lock);
-		r = ism_find(ism, token);
-		if (!r || r->holder != f) {
-			mutex_unlock(&ism->regions_lock);
-			return -ENOENT;
-		}
 	}
 	ureg.size = r->size;
 	ureg.map_offset = r->map_key;
-	ureg.flags = ism_user_flags(r, f);
+	ureg.region_flags = ism_user_flags(r, f);
 	mutex_unlock(&ism->regions_lock);
 	return copy_to_user(arg, &ureg, sizeof(ureg)) ? -EFAULT : 0;
 }
 
-static long ism_ioc_detach(struct ism_file *f, u64 token)
+/* The region @token this file holds, or NULL. Caller holds ctrl_lock. */
+static struct ism_region *ism_find_mine(struct ism_file *f, u64 token)
 {
 	struct ism_dev *ism = f->ism;
 	struct ism_region *r;
 
 	mutex_lock(&ism->regions_lock);
 	r = ism_find(ism, token);
-	if (!r || r->holder != f) {
-		mutex_unlock(&ism->regions_lock);
+	if (r && r->holder != f)
+		r = NULL;
+	mutex_unlock(&ism->regions_lock);
+	return r;
+}
+
+static long ism_ioc_detach(struct ism_file *f, u64 token)
+{
+	struct ism_dev *ism = f->ism;
+	struct ism_region *r = ism_find_mine(f, token);
+
+	if (!r)
 		return -ENOENT;
-	}
+	mutex_lock(&ism->regions_lock);
 	list_del(&r->node);
 	mutex_unlock(&ism->regions_lock);
 	/* Unmap from every process before the device may reuse the chunks. */
 	ism_zap(ism, r);
 	ism_detach_on_device(ism, token);
-	kfree(r);
+	ism_region_free(ism, r);
 	return 0;
 }
 
 static long ism_ioc_grant(struct ism_file *f, struct virtio_ism_grant __user *arg)
 {
 	struct virtio_ism_grant g;
-	__le64 req[3];
+	struct virtio_ism_ctrl_grant req;
 
 	if (copy_from_user(&g, arg, sizeof(g)))
 		return -EFAULT;
 	if (g.perms & ~ISM_PERM_ALL)
 		return -EINVAL;
-	req[0] = cpu_to_le64(g.token);
-	req[1] = cpu_to_le64(g.perms);
-	req[2] = cpu_to_le64(g.peer_devid);
+	if (g.flags || g.reserved0 || g.reserved[0] || g.reserved[1])
+		return -EINVAL;
+	req.token = cpu_to_le64(g.token);
+	req.permissions = cpu_to_le64(g.perms);
+	req.peer_devid = cpu_to_le64(g.peer_devid);
 	if (!g.peer_devid)
 		return ism_ctrl_simple(f->ism, VIRTIO_ISM_CTRL_GRANT,
-				       VIRTIO_ISM_CTRL_GRANT_SET_DEFAULT, req, 16);
+				       VIRTIO_ISM_CTRL_GRANT_SET_DEFAULT, &req,
+				       offsetof(struct virtio_ism_ctrl_grant, peer_devid));
 	return ism_ctrl_simple(f->ism, VIRTIO_ISM_CTRL_GRANT,
-			       VIRTIO_ISM_CTRL_GRANT_SET_FOR_DEVICE, req, 24);
+			       VIRTIO_ISM_CTRL_GRANT_SET_FOR_DEVICE, &req, sizeof(req));
 }
 
-/* Bind kicks of a region this file holds to the config vector (0), or unbind. */
 static long ism_ioc_bind(struct ism_file *f, u64 token, bool bind)
 {
-	struct ism_dev *ism = f->ism;
-	struct ism_region *r;
-	__le64 req[2];
-	long ret;
+	struct ism_region *r = ism_find_mine(f, token);
 
-	mutex_lock(&ism->regions_lock);
-	r = ism_find(ism, token);
-	ret = (!r || r->holder != f) ? -ENOENT : 0;
-	mutex_unlock(&ism->regions_lock);
-	if (ret)
-		return ret;
-	req[0] = cpu_to_le64(token);
-	req[1] = cpu_to_le64(bind ? 0 : VIRTIO_ISM_MSI_NO_VECTOR);
-	ret = ism_ctrl_simple(ism, VIRTIO_ISM_CTRL_EVENT_VECTOR,
-			      VIRTIO_ISM_CTRL_EVENT_VECTOR_SET, req, sizeof(req));
-	if (ret)
-		return ret;
-	mutex_lock(&ism->regions_lock);
-	r = ism_find(ism, token);
-	if (r && bind)
-		r->flags |= VIRTIO_ISM_REGION_F_BOUND;
-	else if (r)
-		r->flags &= ~VIRTIO_ISM_REGION_F_BOUND;
-	mutex_unlock(&ism->regions_lock);
-	return 0;
+	return r ? ism_region_bind(f->ism, r, bind) : -ENOENT;
 }
 
 /* Ring the doorbell of the region's first chunk. Needs no control command. */
@@ -849,12 +1225,14 @@ static long ism_ioc_region_info(struct ism_file *f, struct virtio_ism_region_inf
 {
 	struct ism_dev *ism = f->ism;
 	struct virtio_ism_region_info info;
-	struct virtio_ism_area *areas = NULL;
+	struct virtio_ism_region_area *areas = NULL;
 	struct ism_region *r;
 	u32 n = 0;
 
 	if (copy_from_user(&info, arg, sizeof(info)))
 		return -EFAULT;
+	if (info.flags || info.reserved[0] || info.reserved[1])
+		return -EINVAL;
 	if (info.max_areas > ISM_MAX_ENTRIES)
 		info.max_areas = ISM_MAX_ENTRIES;
 	if (info.areas && info.max_areas) {
@@ -867,8 +1245,9 @@ static long ism_ioc_region_info(struct ism_file *f, struct virtio_ism_region_inf
 	if (r) {
 		info.size = r->size;
 		info.map_offset = r->holder == f ? r->map_key : 0;
-		info.flags = ism_user_flags(r, f);
+		info.region_flags = ism_user_flags(r, f);
 		info.nr_areas = r->nr_areas;
+		info.kicks = atomic64_read(&r->kicks);
 		if (areas) {
 			n = min(info.max_areas, r->nr_areas);
 			memcpy(areas, r->areas, n * sizeof(*areas));
@@ -879,7 +1258,6 @@ static long ism_ioc_region_info(struct ism_file *f, struct virtio_ism_region_inf
 		kfree(areas);
 		return -ENOENT;
 	}
-	info.reserved = 0;
 	if ((n && copy_to_user(u64_to_user_ptr(info.areas), areas, n * sizeof(*areas))) ||
 	    copy_to_user(arg, &info, sizeof(info))) {
 		kfree(areas);
@@ -899,6 +1277,8 @@ static long ism_ioc_list(struct ism_file *f, struct virtio_ism_list __user *arg)
 
 	if (copy_from_user(&list, arg, sizeof(list)))
 		return -EFAULT;
+	if (list.flags || list.reserved0 || list.reserved)
+		return -EINVAL;
 	if (list.max_tokens > ISM_MAX_ENTRIES)
 		list.max_tokens = ISM_MAX_ENTRIES;
 	if (list.tokens && list.max_tokens) {
@@ -934,6 +1314,7 @@ static long ism_ioc_info(struct ism_file *f, struct virtio_ism_info __user *arg)
 		.features = ism->features,
 		.shm_size = ism->shm.len,
 		.instance = ism->instance,
+		.flags = ism_can_own_vectors(ism) ? VIRTIO_ISM_INFO_KICK_VECTORS : 0,
 	};
 	struct ism_region *r;
 
@@ -942,23 +1323,6 @@ static long ism_ioc_info(struct ism_file *f, struct virtio_ism_info __user *arg)
 		info.nr_regions++;
 	mutex_unlock(&ism->regions_lock);
 	return copy_to_user(arg, &info, sizeof(info)) ? -EFAULT : 0;
-}
-
-static long ism_ioc_counters(struct ism_file *f, struct virtio_ism_counters __user *arg)
-{
-	struct ism_dev *ism = f->ism;
-	struct virtio_ism_counters c = {
-		.ctrl_commands = atomic64_read(&ism->ctrl_commands),
-		.ctrl_errors = atomic64_read(&ism->ctrl_errors),
-		.ctrl_timeouts = atomic64_read(&ism->ctrl_timeouts),
-		.bad_replies = atomic64_read(&ism->bad_replies),
-		.kicks_sent = atomic64_read(&ism->kicks_sent),
-		.kick_irqs = atomic64_read(&ism->kick_irqs),
-		.events = atomic64_read(&ism->events),
-		.events_lost = atomic64_read(&ism->events_lost),
-	};
-
-	return copy_to_user(arg, &c, sizeof(c)) ? -EFAULT : 0;
 }
 
 static long ism_ioc_keep(struct ism_file *f, u64 token)
@@ -972,7 +1336,7 @@ static long ism_ioc_keep(struct ism_file *f, u64 token)
 	if (!r || r->holder != f)
 		ret = -ENOENT;
 	else
-		r->holder = NULL;
+		WRITE_ONCE(r->holder, NULL);
 	mutex_unlock(&ism->regions_lock);
 	/* Mappings of this file stay; new ones need the region back (ATTACH). */
 	return ret;
@@ -983,7 +1347,7 @@ static long ism_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	struct ism_file *f = file->private_data;
 	struct ism_dev *ism = f->ism;
 	void __user *uarg = (void __user *)arg;
-	u64 token = 0;
+	struct virtio_ism_token_op op = {};
 	long ret;
 
 	switch (cmd) {
@@ -992,15 +1356,17 @@ static long ism_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case VIRTIO_ISM_IOC_UNBIND:
 	case VIRTIO_ISM_IOC_KICK:
 	case VIRTIO_ISM_IOC_KEEP:
-		if (copy_from_user(&token, uarg, sizeof(token)))
+		if (copy_from_user(&op, uarg, sizeof(op)))
 			return -EFAULT;
+		if (op.flags || op.reserved0 || op.reserved)
+			return -EINVAL;
 		break;
 	default:
 		break;
 	}
 	/* Kicks are the data path: they never wait behind a control command. */
 	if (cmd == VIRTIO_ISM_IOC_KICK)
-		return ism_ioc_kick(f, token);
+		return ism_ioc_kick(f, op.token);
 
 	mutex_lock(&ism->ctrl_lock);
 	if (ism->gone) {
@@ -1018,14 +1384,14 @@ static long ism_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		ret = ism_ioc_attach(f, uarg);
 		break;
 	case VIRTIO_ISM_IOC_DETACH:
-		ret = ism_ioc_detach(f, token);
+		ret = ism_ioc_detach(f, op.token);
 		break;
 	case VIRTIO_ISM_IOC_GRANT:
 		ret = ism_ioc_grant(f, uarg);
 		break;
 	case VIRTIO_ISM_IOC_BIND:
 	case VIRTIO_ISM_IOC_UNBIND:
-		ret = ism_ioc_bind(f, token, cmd == VIRTIO_ISM_IOC_BIND);
+		ret = ism_ioc_bind(f, op.token, cmd == VIRTIO_ISM_IOC_BIND);
 		break;
 	case VIRTIO_ISM_IOC_REGION_INFO:
 		ret = ism_ioc_region_info(f, uarg);
@@ -1033,11 +1399,8 @@ static long ism_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case VIRTIO_ISM_IOC_LIST:
 		ret = ism_ioc_list(f, uarg);
 		break;
-	case VIRTIO_ISM_IOC_COUNTERS:
-		ret = ism_ioc_counters(f, uarg);
-		break;
 	case VIRTIO_ISM_IOC_KEEP:
-		ret = ism_ioc_keep(f, token);
+		ret = ism_ioc_keep(f, op.token);
 		break;
 	default:
 		ret = -ENOTTY;
@@ -1048,37 +1411,43 @@ static long ism_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 }
 
 /*
- * mmap(offset = map_offset of a region this file holds): its areas back to back.
+ * mmap(offset = map_offset of a region this file holds, plus a page multiple): the
+ * region's areas back to back from there, each from its own offset in the window.
  * Read-only regions cannot be mapped writable, now or later (VM_MAYWRITE off).
  * The memory is host RAM shared between VMs, so it is mapped cached, like the
- * kernel's own memremap(MEMREMAP_WB) of the window.
+ * kernel's own memremap(MEMREMAP_WB) of the window. remap_pfn_range() fills the
+ * whole VMA now, so there is no fault path; ism_zap() empties it on detach.
  */
 static int ism_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct ism_file *f = file->private_data;
 	struct ism_dev *ism = f->ism;
-	u64 key = (u64)vma->vm_pgoff << PAGE_SHIFT;
+	u64 key = (u64)vma->vm_pgoff << PAGE_SHIFT, skip;
 	unsigned long len = vma->vm_end - vma->vm_start, addr = vma->vm_start;
-	struct ism_region *r;
+	struct ism_region *r = NULL, *it;
 	int ret = 0;
 	u32 i;
 
 	if (!(vma->vm_flags & VM_SHARED))
 		return -EINVAL;
 	mutex_lock(&ism->regions_lock);
-	r = NULL;
-	if (!ism->gone) {
-		list_for_each_entry(r, &ism->regions, node)
-			if (r->map_key == key && r->holder == f)
-				break;
-		if (list_entry_is_head(r, &ism->regions, node))
-			r = NULL;
-	}
-	if (!r) {
-		ret = ism->gone ? -ENODEV : -ENOENT;
+	if (ism->gone) {
+		ret = -ENODEV;
 		goto out;
 	}
-	if (len > PAGE_ALIGN(r->size)) {
+	list_for_each_entry(it, &ism->regions, node) {
+		if (it->holder == f && key >= it->map_key &&
+		    key - it->map_key < PAGE_ALIGN(it->size)) {
+			r = it;
+			break;
+		}
+	}
+	if (!r) {
+		ret = -ENOENT;
+		goto out;
+	}
+	skip = key - r->map_key;
+	if (len > PAGE_ALIGN(r->size) - skip) {
 		ret = -EINVAL;
 		goto out;
 	}
@@ -1094,9 +1463,18 @@ static int ism_mmap(struct file *file, struct vm_area_struct *vma)
 #endif
 	}
 	for (i = 0; i < r->nr_areas && len; i++) {
-		unsigned long chunk = min_t(u64, len, r->areas[i].size);
+		u64 area_off = r->areas[i].offset, area_len = r->areas[i].size;
+		unsigned long chunk;
 
-		ret = remap_pfn_range(vma, addr, PHYS_PFN(ism->shm.addr + r->areas[i].offset),
+		if (skip >= area_len) {
+			skip -= area_len;
+			continue;
+		}
+		area_off += skip;
+		area_len -= skip;
+		skip = 0;
+		chunk = min_t(u64, len, area_len);
+		ret = remap_pfn_range(vma, addr, PHYS_PFN(ism->shm.addr + area_off),
 				      chunk, vma->vm_page_prot);
 		if (ret)
 			goto out;
@@ -1172,25 +1550,88 @@ static const struct file_operations ism_fops = {
 	.llseek = noop_llseek,
 };
 
-/* ---- probe / remove ------------------------------------------------------- */
+/* ---- sysfs: /sys/class/misc/ismN/kick_vectors and counters/ ------------------ */
 
-static u64 ism_cread64(struct virtio_device *vdev, unsigned int off)
+static struct ism_dev *ism_from_dev(struct device *dev)
 {
-	__le64 v;
+	struct miscdevice *misc = dev_get_drvdata(dev);
 
-	virtio_cread_bytes(vdev, off, &v, sizeof(v));
-	return le64_to_cpu(v);
+	return container_of(misc, struct ism_dev, misc);
 }
+
+#define ISM_COUNTER_ATTR(_name)							\
+static ssize_t _name##_show(struct device *dev, struct device_attribute *attr,	\
+			    char *buf)						\
+{										\
+	return sysfs_emit(buf, "%llu\n",					\
+			  (u64)atomic64_read(&ism_from_dev(dev)->_name));	\
+}										\
+static DEVICE_ATTR_RO(_name)
+
+ISM_COUNTER_ATTR(ctrl_commands);
+ISM_COUNTER_ATTR(ctrl_errors);
+ISM_COUNTER_ATTR(ctrl_timeouts);
+ISM_COUNTER_ATTR(late_replies);
+ISM_COUNTER_ATTR(bad_replies);
+ISM_COUNTER_ATTR(kicks_sent);
+ISM_COUNTER_ATTR(kick_irqs);
+ISM_COUNTER_ATTR(config_irqs);
+ISM_COUNTER_ATTR(events);
+ISM_COUNTER_ATTR(events_lost);
+
+static struct attribute *ism_counter_attrs[] = {
+	&dev_attr_ctrl_commands.attr,
+	&dev_attr_ctrl_errors.attr,
+	&dev_attr_ctrl_timeouts.attr,
+	&dev_attr_late_replies.attr,
+	&dev_attr_bad_replies.attr,
+	&dev_attr_kicks_sent.attr,
+	&dev_attr_kick_irqs.attr,
+	&dev_attr_config_irqs.attr,
+	&dev_attr_events.attr,
+	&dev_attr_events_lost.attr,
+	NULL,
+};
+
+static const struct attribute_group ism_counter_group = {
+	.name = "counters",
+	.attrs = ism_counter_attrs,
+};
+
+/* "per-region" or "shared": how kicks of bound regions arrive. */
+static ssize_t kick_vectors_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%s\n",
+			  ism_can_own_vectors(ism_from_dev(dev)) ? "per-region" : "shared");
+}
+static DEVICE_ATTR_RO(kick_vectors);
+
+static struct attribute *ism_dev_attrs[] = {
+	&dev_attr_kick_vectors.attr,
+	NULL,
+};
+
+static const struct attribute_group ism_dev_group = {
+	.attrs = ism_dev_attrs,
+};
+
+static const struct attribute_group *ism_groups[] = {
+	&ism_dev_group,
+	&ism_counter_group,
+	NULL,
+};
+
+/* ---- probe / remove ------------------------------------------------------- */
 
 static int ism_read_config(struct ism_dev *ism)
 {
 	struct device *dev = &ism->vdev->dev;
 	u64 slots;
 
-	ism->gid = ism_cread64(ism->vdev, VIRTIO_ISM_CFG_GID);
-	ism->devid = ism_cread64(ism->vdev, VIRTIO_ISM_CFG_DEVID);
-	ism->chunk_size = ism_cread64(ism->vdev, VIRTIO_ISM_CFG_CHUNK_SIZE);
-	ism->notify_size = ism_cread64(ism->vdev, VIRTIO_ISM_CFG_NOTIFY_SIZE);
+	virtio_cread_le(ism->vdev, struct virtio_ism_config, gid, &ism->gid);
+	virtio_cread_le(ism->vdev, struct virtio_ism_config, devid, &ism->devid);
+	virtio_cread_le(ism->vdev, struct virtio_ism_config, chunk_size, &ism->chunk_size);
+	virtio_cread_le(ism->vdev, struct virtio_ism_config, notify_size, &ism->notify_size);
 
 	if (!ism->devid || ism->chunk_size < PAGE_SIZE || !is_power_of_2(ism->chunk_size) ||
 	    !ism->notify_size || ism->notify_size > 4096 || !is_power_of_2(ism->notify_size)) {
@@ -1217,12 +1658,21 @@ static int ism_read_config(struct ism_dev *ism)
 static int ism_setup_vqs(struct ism_dev *ism)
 {
 	struct virtqueue *vqs[2];
-	vq_callback_t *callbacks[2] = { ism_ctrl_vq_done, ism_event_vq_done };
-	static const char * const names[2] = { "control", "events" };
 	unsigned int nvqs = (ism->features & VIRTIO_ISM_INFO_F_EVENT_QUEUE) ? 2 : 1;
 	int ret;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+	struct virtqueue_info vqs_info[2] = {
+		{ "control", ism_ctrl_vq_done },
+		{ "events", ism_event_vq_done },
+	};
+
+	ret = virtio_find_vqs(ism->vdev, nvqs, vqs, vqs_info, NULL);
+#else
+	vq_callback_t *callbacks[2] = { ism_ctrl_vq_done, ism_event_vq_done };
+	static const char * const names[2] = { "control", "events" };
 
 	ret = virtio_find_vqs(ism->vdev, nvqs, vqs, callbacks, names, NULL);
+#endif
 	if (ret)
 		return ret;
 	ism->ctrl_vq = vqs[0];
@@ -1237,11 +1687,11 @@ static int ism_fill_event_queue(struct ism_dev *ism)
 
 	if (!ism->event_vq)
 		return 0;
-	ism->event_bufs = kcalloc(ISM_EVENT_BUFS, VIRTIO_ISM_EVENT_SIZE, GFP_KERNEL);
+	ism->event_bufs = kcalloc(ISM_EVENT_BUFS, sizeof(*ism->event_bufs), GFP_KERNEL);
 	if (!ism->event_bufs)
 		return -ENOMEM;
 	for (i = 0; i < ISM_EVENT_BUFS; i++) {
-		ret = ism_post_event_buf(ism, ism->event_bufs + i * VIRTIO_ISM_EVENT_SIZE);
+		ret = ism_post_event_buf(ism, &ism->event_bufs[i]);
 		if (ret)
 			return ret;
 	}
@@ -1249,11 +1699,29 @@ static int ism_fill_event_queue(struct ism_dev *ism)
 	return 0;
 }
 
+/* After a reset: take back what the device never returned, then drop the queues. */
+static void ism_del_vqs(struct ism_dev *ism)
+{
+	struct ism_cmd *c;
+
+	while ((c = virtqueue_detach_unused_buf(ism->ctrl_vq)))
+		ism_cmd_free(c);
+	if (ism->event_vq)
+		while (virtqueue_detach_unused_buf(ism->event_vq))
+			;	/* ism->event_bufs, freed with the device */
+	ism->vdev->config->del_vqs(ism->vdev);
+}
+
 static int ism_probe(struct virtio_device *vdev)
 {
 	struct ism_dev *ism;
+	struct inode *inode;
 	int ret;
 
+	if (!vdev->config->get_shm_region) {
+		dev_err(&vdev->dev, "transport has no shared-memory regions\n");
+		return -ENODEV;
+	}
 	ism = kzalloc(sizeof(*ism), GFP_KERNEL);
 	if (!ism)
 		return -ENOMEM;
@@ -1265,7 +1733,9 @@ static int ism_probe(struct virtio_device *vdev)
 	init_completion(&ism->ctrl_done);
 	INIT_LIST_HEAD(&ism->regions);
 	INIT_LIST_HEAD(&ism->files);
+	INIT_LIST_HEAD(&ism->shared_kicks);
 	spin_lock_init(&ism->files_lock);
+	spin_lock_init(&ism->kick_lock);
 	init_waitqueue_head(&ism->wq);
 	INIT_WORK(&ism->event_work, ism_event_work);
 
@@ -1273,6 +1743,16 @@ static int ism_probe(struct virtio_device *vdev)
 		ism->features |= VIRTIO_ISM_INFO_F_EVENT_QUEUE;
 	if (virtio_has_feature(vdev, VIRTIO_ISM_F_QUERY))
 		ism->features |= VIRTIO_ISM_INFO_F_QUERY;
+	if (virtio_has_feature(vdev, VIRTIO_ISM_F_GRANT))
+		ism->features |= VIRTIO_ISM_INFO_F_GRANT;
+
+	inode = ism_inode_new();
+	if (IS_ERR(inode)) {
+		ret = PTR_ERR(inode);
+		goto err_free;
+	}
+	ism->mapping_inode = inode;
+	ism->mapping = inode->i_mapping;
 
 	ret = ism_read_config(ism);
 	if (ret)
@@ -1295,7 +1775,9 @@ static int ism_probe(struct virtio_device *vdev)
 	if (ret)
 		goto err_reset;
 
-	ism->instance = ida_alloc(&ism_ida, GFP_KERNEL);
+	mutex_lock(&ism_devs_lock);
+	ism->instance = idr_alloc(&ism_devs, ism, 0, 0, GFP_KERNEL);
+	mutex_unlock(&ism_devs_lock);
 	if (ism->instance < 0) {
 		ret = ism->instance;
 		goto err_reset;
@@ -1305,22 +1787,26 @@ static int ism_probe(struct virtio_device *vdev)
 	ism->misc.name = ism->name;
 	ism->misc.fops = &ism_fops;
 	ism->misc.parent = &vdev->dev;
+	ism->misc.groups = ism_groups;
 	ret = misc_register(&ism->misc);
 	if (ret)
-		goto err_ida;
-	ism->misc_registered = true;
-	dev_info(&vdev->dev, "/dev/%s: gid %llu devid %llu chunk %llu window %llu MiB%s%s\n",
+		goto err_idr;
+	dev_info(&vdev->dev, "/dev/%s: gid %llu devid %llu chunk %llu window %llu MiB%s%s%s, %s kick vectors\n",
 		 ism->name, ism->gid, ism->devid, ism->chunk_size, ism->shm.len >> 20,
 		 ism->event_vq ? " events" : "",
-		 (ism->features & VIRTIO_ISM_INFO_F_QUERY) ? " query" : "");
+		 (ism->features & VIRTIO_ISM_INFO_F_QUERY) ? " query" : "",
+		 (ism->features & VIRTIO_ISM_INFO_F_GRANT) ? " grant" : "",
+		 ism_can_own_vectors(ism) ? "per-region" : "shared");
 	return 0;
 
-err_ida:
-	ida_free(&ism_ida, ism->instance);
+err_idr:
+	mutex_lock(&ism_devs_lock);
+	idr_remove(&ism_devs, ism->instance);
+	mutex_unlock(&ism_devs_lock);
 err_reset:
 	virtio_reset_device(vdev);
 	cancel_work_sync(&ism->event_work);
-	vdev->config->del_vqs(vdev);
+	ism_del_vqs(ism);
 err_notify:
 	iounmap(ism->notify_base);
 err_shm:
@@ -1335,37 +1821,56 @@ static void ism_remove(struct virtio_device *vdev)
 {
 	struct ism_dev *ism = vdev->priv;
 	struct ism_region *r, *tmp;
+	LIST_HEAD(all);
 
+	mutex_lock(&ism_devs_lock);
+	idr_remove(&ism_devs, ism->instance);
+	mutex_unlock(&ism_devs_lock);
 	misc_deregister(&ism->misc);
+
 	mutex_lock(&ism->ctrl_lock);
 	mutex_lock(&ism->regions_lock);
-	ism->gone = true;
+	WRITE_ONCE(ism->gone, true);
+	list_splice_init(&ism->regions, &all);
 	mutex_unlock(&ism->regions_lock);
-	mutex_unlock(&ism->ctrl_lock);
 	wake_up_all(&ism->wq);
 
 	/* Reset drops every region on the device side; no process may keep a mapping. */
-	if (ism->mapping)
-		unmap_mapping_range(ism->mapping, 0, 0, 1);
+	unmap_mapping_range(ism->mapping, 0, 0, 1);
+	/* Own vectors go before the transport frees its MSI-X set-up (del_vqs). */
+	list_for_each_entry_safe(r, tmp, &all, node) {
+		list_del(&r->node);
+		ism_region_free(ism, r);
+	}
+	mutex_unlock(&ism->ctrl_lock);
+
 	virtio_reset_device(vdev);
 	cancel_work_sync(&ism->event_work);
-	vdev->config->del_vqs(vdev);
-
-	mutex_lock(&ism->regions_lock);
-	list_for_each_entry_safe(r, tmp, &ism->regions, node) {
-		list_del(&r->node);
-		kfree(r);
-	}
-	mutex_unlock(&ism->regions_lock);
+	ism_del_vqs(ism);
 	iounmap(ism->notify_base);
 	memunmap(ism->shm_base);
-	ida_free(&ism_ida, ism->instance);
 	kref_put(&ism->ref, ism_free);
+}
+
+/* Before the features are finalized: draft mode drops every extension. */
+static int ism_validate(struct virtio_device *vdev)
+{
+	if (draft) {
+		__virtio_clear_bit(vdev, VIRTIO_ISM_F_EVENT_QUEUE);
+		__virtio_clear_bit(vdev, VIRTIO_ISM_F_QUERY);
+		__virtio_clear_bit(vdev, VIRTIO_ISM_F_GRANT);
+	}
+	return 0;
 }
 
 static unsigned int ism_features[] = {
 	VIRTIO_ISM_F_EVENT_QUEUE,
 	VIRTIO_ISM_F_QUERY,
+	VIRTIO_ISM_F_GRANT,
+	/*
+	 * Not VIRTIO_ISM_F_VECTOR_EVENTS: events come on the event queue, so region
+	 * vectors carry kicks only.
+	 */
 };
 
 static const struct virtio_device_id ism_id_table[] = {
@@ -1380,6 +1885,7 @@ static struct virtio_driver ism_driver = {
 	.id_table = ism_id_table,
 	.feature_table = ism_features,
 	.feature_table_size = ARRAY_SIZE(ism_features),
+	.validate = ism_validate,
 	.probe = ism_probe,
 	.remove = ism_remove,
 	.config_changed = ism_config_changed,

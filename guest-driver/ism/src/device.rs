@@ -38,6 +38,8 @@ bitflags! {
         const KEPT = uapi::VIRTIO_ISM_REGION_F_KEPT;
         const MINE = uapi::VIRTIO_ISM_REGION_F_MINE;
         const HOTPLUGGED = uapi::VIRTIO_ISM_REGION_F_HOTPLUGGED;
+        /// Kicks arrive on an MSI-X vector of the region's own.
+        const OWN_VECTOR = uapi::VIRTIO_ISM_REGION_F_OWN_VECTOR;
     }
 }
 
@@ -69,6 +71,11 @@ pub struct Info {
     pub notify_size: u64,
     pub event_queue: bool,
     pub query: bool,
+    /// Regions are owner-only until GRANTed (`VIRTIO_ISM_F_GRANT` negotiated).
+    pub grant: bool,
+    /// BIND gives each region an MSI-X vector of its own, so a kick names its region;
+    /// otherwise a kick is reported for every bound region.
+    pub kick_vectors: bool,
     pub shm_size: u64,
     pub regions: u64,
     pub instance: u32,
@@ -80,12 +87,96 @@ pub struct RegionInfo {
     pub token: u64,
     pub size: u64,
     pub flags: RegionFlags,
+    /// Kicks received for the region while bound.
+    pub kicks: u64,
     /// (offset in the device window, size) of each area, in order.
     pub areas: Vec<(u64, u64)>,
 }
 
-/// Driver counters (see the uapi header).
-pub type Counters = uapi::virtio_ism_counters;
+/// Driver counters, read from sysfs (`/sys/class/misc/ismN/counters/`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Control commands completed.
+    pub ctrl_commands: u64,
+    /// ... with a status other than OK.
+    pub ctrl_errors: u64,
+    /// Commands the device did not answer in time.
+    pub ctrl_timeouts: u64,
+    /// Answers that came after their command timed out.
+    pub late_replies: u64,
+    /// Replies refused: bad offset, size or count.
+    pub bad_replies: u64,
+    pub kicks_sent: u64,
+    /// Interrupts on regions' own vectors.
+    pub kick_irqs: u64,
+    /// Interrupts on the config vector (config changes and shared-vector kicks).
+    pub config_irqs: u64,
+    /// Event queue entries received.
+    pub events: u64,
+    /// Events dropped because a reader's queue was full.
+    pub events_lost: u64,
+}
+
+impl Counters {
+    /// The counter file names, in the order of the fields.
+    pub const NAMES: [&'static str; 10] = [
+        "ctrl_commands",
+        "ctrl_errors",
+        "ctrl_timeouts",
+        "late_replies",
+        "bad_replies",
+        "kicks_sent",
+        "kick_irqs",
+        "config_irqs",
+        "events",
+        "events_lost",
+    ];
+
+    /// The sysfs directory of device instance `n`.
+    pub fn sysfs_dir(instance: u32) -> PathBuf {
+        PathBuf::from(format!("/sys/class/misc/ism{instance}/counters"))
+    }
+
+    /// Read every counter from `dir` (one decimal number per file).
+    pub fn read_dir(dir: &Path) -> Result<Self> {
+        let mut v = [0u64; 10];
+        for (slot, name) in v.iter_mut().zip(Self::NAMES) {
+            let path = dir.join(name);
+            let text = std::fs::read_to_string(&path).map_err(|source| Error::ReadCounter {
+                path: path.clone(),
+                source,
+            })?;
+            *slot = text.trim().parse().map_err(|_| Error::ReadCounter {
+                path,
+                source: io::Error::from(io::ErrorKind::InvalidData),
+            })?;
+        }
+        let [
+            ctrl_commands,
+            ctrl_errors,
+            ctrl_timeouts,
+            late_replies,
+            bad_replies,
+            kicks_sent,
+            kick_irqs,
+            config_irqs,
+            events,
+            events_lost,
+        ] = v;
+        Ok(Self {
+            ctrl_commands,
+            ctrl_errors,
+            ctrl_timeouts,
+            late_replies,
+            bad_replies,
+            kicks_sent,
+            kick_irqs,
+            config_irqs,
+            events,
+            events_lost,
+        })
+    }
+}
 
 /// An open /dev/ismN. Regions it allocates or attaches are released when it closes
 /// (unless kept with [`Device::keep`]).
@@ -173,8 +264,11 @@ impl Device {
     }
 
     fn token_ioctl(&self, op: &'static str, request: u32, token: u64) -> Result<()> {
-        let mut token = token;
-        self.ioctl(op, request, &mut token)
+        let mut arg = uapi::virtio_ism_token_op {
+            token,
+            ..Default::default()
+        };
+        self.ioctl(op, request, &mut arg)
     }
 
     /// The device's identity and geometry.
@@ -188,6 +282,8 @@ impl Device {
             notify_size: raw.notify_size,
             event_queue: raw.features & uapi::VIRTIO_ISM_INFO_F_EVENT_QUEUE != 0,
             query: raw.features & uapi::VIRTIO_ISM_INFO_F_QUERY != 0,
+            grant: raw.features & uapi::VIRTIO_ISM_INFO_F_GRANT != 0,
+            kick_vectors: raw.flags & uapi::VIRTIO_ISM_INFO_KICK_VECTORS != 0,
             shm_size: raw.shm_size,
             regions: raw.nr_regions,
             instance: raw.instance,
@@ -231,7 +327,7 @@ impl Device {
         let mut raw = uapi::virtio_ism_grant {
             token,
             perms: perms.bits(),
-            peer_devid: 0,
+            ..Default::default()
         };
         self.ioctl("GRANT", uapi::VIRTIO_ISM_IOC_GRANT, &mut raw)
     }
@@ -248,6 +344,7 @@ impl Device {
             token,
             perms: perms.bits(),
             peer_devid: devid,
+            ..Default::default()
         };
         self.ioctl("GRANT", uapi::VIRTIO_ISM_IOC_GRANT, &mut raw)
     }
@@ -274,7 +371,7 @@ impl Device {
             let mut raw = uapi::virtio_ism_list {
                 tokens: tokens.as_mut_ptr() as u64,
                 max_tokens: tokens.capacity().min(u32::MAX as usize) as u32,
-                nr_tokens: 0,
+                ..Default::default()
             };
             self.ioctl("LIST", uapi::VIRTIO_ISM_IOC_LIST, &mut raw)?;
             let n = raw.nr_tokens as usize;
@@ -293,7 +390,7 @@ impl Device {
 
     /// Size, flags and areas of a region the driver holds.
     pub fn region_info(&self, token: u64) -> Result<RegionInfo> {
-        let mut areas: Vec<uapi::virtio_ism_area> = Vec::new();
+        let mut areas: Vec<uapi::virtio_ism_region_area> = Vec::new();
         for _ in 0..4 {
             let mut raw = uapi::virtio_ism_region_info {
                 token,
@@ -309,7 +406,8 @@ impl Device {
                 return Ok(RegionInfo {
                     token,
                     size: raw.size,
-                    flags: RegionFlags::from_bits_retain(raw.flags),
+                    flags: RegionFlags::from_bits_retain(raw.region_flags),
+                    kicks: raw.kicks,
                     areas: areas.iter().map(|a| (a.offset, a.size)).collect(),
                 });
             }
@@ -321,11 +419,9 @@ impl Device {
         })
     }
 
-    /// The driver's counters.
+    /// The driver's counters for this device, from sysfs.
     pub fn counters(&self) -> Result<Counters> {
-        let mut raw = Counters::default();
-        self.ioctl("COUNTERS", uapi::VIRTIO_ISM_IOC_COUNTERS, &mut raw)?;
-        Ok(raw)
+        Counters::read_dir(&Counters::sysfs_dir(self.info()?.instance))
     }
 
     /// Block until an event arrives.
@@ -415,6 +511,27 @@ mod tests {
             }) => {}
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn test_counters_read_every_file_of_the_sysfs_dir() {
+        let dir = std::env::temp_dir().join(format!("ism-counters-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, name) in Counters::NAMES.iter().enumerate() {
+            std::fs::write(dir.join(name), format!("{}\n", i + 1)).unwrap();
+        }
+        let c = Counters::read_dir(&dir).unwrap();
+        assert_eq!(c.ctrl_commands, 1);
+        assert_eq!(c.late_replies, 4);
+        assert_eq!(c.config_irqs, 8);
+        assert_eq!(c.events_lost, 10);
+        std::fs::write(dir.join("kick_irqs"), "x\n").unwrap();
+        let err = Counters::read_dir(&dir).unwrap_err();
+        assert!(err.to_string().contains("kick_irqs"), "{err}");
+        std::fs::remove_file(dir.join("events")).unwrap();
+        std::fs::write(dir.join("kick_irqs"), "0\n").unwrap();
+        assert!(Counters::read_dir(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -118,6 +118,12 @@ pub enum Error {
     TooLarge { size: u64 },
     #[error("Cannot read an event")]
     ReadEvent(#[source] io::Error),
+    #[error("Cannot read the driver counter {}", path.display())]
+    ReadCounter {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("Driver returned a partial event of {0} bytes")]
     ShortEvent(usize),
     #[error("Cannot poll the device")]

@@ -11,7 +11,9 @@ pub enum EventKind {
     /// An event of the device's event queue, which the driver passes through unchanged
     /// (including types this crate does not know, as [`EventType::Unknown`]).
     Device(EventType),
-    /// A peer kicked a bound region. Kicks share one interrupt, so the token is 0.
+    /// A peer kicked the bound region `token`. With per-region vectors
+    /// ([`crate::Info::kick_vectors`]) only the kicked region is reported; on the shared
+    /// config vector every bound region is.
     Kick,
     /// This file's event queue overflowed in the driver; events were lost.
     Lost,

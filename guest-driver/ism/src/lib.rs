@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Requests and replies go through ioctls declared in the driver's uapi header
-//! (`guest-driver/linux/include/uapi/linux/virtio_ism.h`), mirrored in [`uapi`].
+//! (`guest-driver/linux/include/uapi/linux/virtio_ism_ioctl.h`), mirrored in [`uapi`].
 
 mod device;
 mod error;

@@ -41,7 +41,7 @@ impl<'d> Region<'d> {
         let len = usize::try_from(raw.size).map_err(|_| Error::TooLarge { size: raw.size })?;
         let offset = libc::off_t::try_from(raw.map_offset)
             .map_err(|_| Error::TooLarge { size: raw.size })?;
-        let writable = raw.flags & uapi::VIRTIO_ISM_REGION_F_WRITE != 0;
+        let writable = raw.region_flags & uapi::VIRTIO_ISM_REGION_F_WRITE != 0;
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -72,7 +72,7 @@ impl<'d> Region<'d> {
         Ok(Self {
             device,
             token: raw.token,
-            flags: raw.flags,
+            flags: raw.region_flags,
             ptr,
             len,
         })
@@ -237,9 +237,8 @@ mod tests {
         uapi::virtio_ism_region {
             token: 0xabc,
             size,
-            map_offset: 0,
-            perm: 0,
-            flags,
+            region_flags: flags,
+            ..Default::default()
         }
     }
 

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Mirror of `guest-driver/linux/include/uapi/linux/virtio_ism.h`, the single source of the
-//! ioctl numbers and structures. `tests/c_layout.rs` compiles that header and checks every
-//! size, offset and number below against it.
+//! Mirror of `guest-driver/linux/include/uapi/linux/virtio_ism_ioctl.h` (the /dev/ismN
+//! interface) and the permission bits of `include/uapi/linux/virtio_ism.h` (the device
+//! interface). `tests/c_layout.rs` compiles those headers and checks every size, offset and
+//! number below against them. Every `flags` and `reserved*` field must be zero on input:
+//! the driver answers EINVAL otherwise.
 
 #![allow(missing_docs)]
 
@@ -17,9 +19,13 @@ pub const VIRTIO_ISM_REGION_F_BOUND: u32 = 1 << 2;
 pub const VIRTIO_ISM_REGION_F_KEPT: u32 = 1 << 3;
 pub const VIRTIO_ISM_REGION_F_MINE: u32 = 1 << 4;
 pub const VIRTIO_ISM_REGION_F_HOTPLUGGED: u32 = 1 << 5;
+pub const VIRTIO_ISM_REGION_F_OWN_VECTOR: u32 = 1 << 6;
 
 pub const VIRTIO_ISM_INFO_F_EVENT_QUEUE: u64 = 1 << 1;
 pub const VIRTIO_ISM_INFO_F_QUERY: u64 = 1 << 2;
+pub const VIRTIO_ISM_INFO_F_GRANT: u64 = 1 << 3;
+
+pub const VIRTIO_ISM_INFO_KICK_VECTORS: u32 = 1 << 0;
 
 pub const VIRTIO_ISM_EV_UPDATE: u64 = 1 << 0;
 pub const VIRTIO_ISM_EV_ATTACH: u64 = 1 << 1;
@@ -41,7 +47,8 @@ pub struct virtio_ism_info {
     pub shm_size: u64,
     pub nr_regions: u64,
     pub instance: u32,
-    pub reserved: u32,
+    pub flags: u32,
+    pub reserved: [u64; 4],
 }
 
 #[repr(C)]
@@ -52,6 +59,9 @@ pub struct virtio_ism_region {
     pub map_offset: u64,
     pub perm: u32,
     pub flags: u32,
+    pub region_flags: u32,
+    pub reserved0: u32,
+    pub reserved: [u64; 2],
 }
 
 #[repr(C)]
@@ -60,11 +70,23 @@ pub struct virtio_ism_grant {
     pub token: u64,
     pub perms: u64,
     pub peer_devid: u64,
+    pub flags: u32,
+    pub reserved0: u32,
+    pub reserved: [u64; 2],
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct virtio_ism_area {
+pub struct virtio_ism_token_op {
+    pub token: u64,
+    pub flags: u32,
+    pub reserved0: u32,
+    pub reserved: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct virtio_ism_region_area {
     pub offset: u64,
     pub size: u64,
 }
@@ -79,7 +101,9 @@ pub struct virtio_ism_region_info {
     pub max_areas: u32,
     pub nr_areas: u32,
     pub flags: u32,
-    pub reserved: u32,
+    pub region_flags: u32,
+    pub kicks: u64,
+    pub reserved: [u64; 2],
 }
 
 #[repr(C)]
@@ -88,19 +112,9 @@ pub struct virtio_ism_list {
     pub tokens: u64,
     pub max_tokens: u32,
     pub nr_tokens: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct virtio_ism_counters {
-    pub ctrl_commands: u64,
-    pub ctrl_errors: u64,
-    pub ctrl_timeouts: u64,
-    pub bad_replies: u64,
-    pub kicks_sent: u64,
-    pub kick_irqs: u64,
-    pub events: u64,
-    pub events_lost: u64,
+    pub flags: u32,
+    pub reserved0: u32,
+    pub reserved: u64,
 }
 
 #[repr(C)]
@@ -135,12 +149,11 @@ const fn iowr<T>(nr: u32) -> u32 {
 pub const VIRTIO_ISM_IOC_INFO: u32 = ior::<virtio_ism_info>(0x00);
 pub const VIRTIO_ISM_IOC_ALLOC: u32 = iowr::<virtio_ism_region>(0x01);
 pub const VIRTIO_ISM_IOC_ATTACH: u32 = iowr::<virtio_ism_region>(0x02);
-pub const VIRTIO_ISM_IOC_DETACH: u32 = iow::<u64>(0x03);
+pub const VIRTIO_ISM_IOC_DETACH: u32 = iow::<virtio_ism_token_op>(0x03);
 pub const VIRTIO_ISM_IOC_GRANT: u32 = iow::<virtio_ism_grant>(0x04);
-pub const VIRTIO_ISM_IOC_BIND: u32 = iow::<u64>(0x05);
-pub const VIRTIO_ISM_IOC_UNBIND: u32 = iow::<u64>(0x06);
-pub const VIRTIO_ISM_IOC_KICK: u32 = iow::<u64>(0x07);
+pub const VIRTIO_ISM_IOC_BIND: u32 = iow::<virtio_ism_token_op>(0x05);
+pub const VIRTIO_ISM_IOC_UNBIND: u32 = iow::<virtio_ism_token_op>(0x06);
+pub const VIRTIO_ISM_IOC_KICK: u32 = iow::<virtio_ism_token_op>(0x07);
 pub const VIRTIO_ISM_IOC_REGION_INFO: u32 = iowr::<virtio_ism_region_info>(0x08);
 pub const VIRTIO_ISM_IOC_LIST: u32 = iowr::<virtio_ism_list>(0x09);
-pub const VIRTIO_ISM_IOC_COUNTERS: u32 = ior::<virtio_ism_counters>(0x0a);
-pub const VIRTIO_ISM_IOC_KEEP: u32 = iow::<u64>(0x0b);
+pub const VIRTIO_ISM_IOC_KEEP: u32 = iow::<virtio_ism_token_op>(0x0b);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use ism::{Access, Device, EventKind, EventType, Perms, Region};
+use ism::{Access, Device, Event, EventKind, EventType, Perms, Region};
 
 #[derive(Parser)]
 #[command(name = "ismctl", about = "Inter-VM shared memory (virtio-ism) control")]
@@ -66,20 +66,23 @@ enum Cmd {
         #[arg(long)]
         len: Option<usize>,
     },
-    /// Wait for events; with --bind, also for kicks of that region.
+    /// Wait for events; with --bind (repeatable), also for kicks of those regions.
     Wait {
         #[arg(long)]
-        bind: Option<String>,
+        bind: Vec<String>,
         /// Events to print before exiting.
         #[arg(long, default_value_t = 1)]
         count: u32,
         /// Seconds to wait at most.
         #[arg(long)]
         timeout: Option<u64>,
+        /// After COUNT events, print whatever else arrives within this many seconds.
+        #[arg(long, value_name = "SECS")]
+        linger: Option<u64>,
     },
     /// Kick a region (interrupt its other holders).
     Kick { token: String },
-    /// Show the driver's counters.
+    /// Show the driver's counters (from /sys/class/misc/ismN/counters/).
     Counters,
 }
 
@@ -144,7 +147,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             for token in dev.list()? {
                 let r = dev.region_info(token)?;
-                println!("  {token:#018x} size={} flags={:?}", r.size, r.flags);
+                println!(
+                    "  {token:#018x} size={} kicks={} flags={:?}",
+                    r.size, r.kicks, r.flags
+                );
             }
         }
         return Ok(());
@@ -163,6 +169,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ("window", &i.shm_size),
                 ("event_queue", &i.event_queue),
                 ("query", &i.query),
+                ("grant", &i.grant),
+                (
+                    "kick_vectors",
+                    &if i.kick_vectors {
+                        "per-region"
+                    } else {
+                        "shared"
+                    },
+                ),
                 ("regions", &i.regions),
             ]);
         }
@@ -235,38 +250,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bind,
             count,
             timeout,
+            linger,
         } => {
-            let region = match &bind {
-                Some(token) => {
-                    let region = take(&dev, token, Access::AsGranted)?;
-                    dev.bind(region.token())?;
-                    Some(region)
+            let mut regions = Vec::new();
+            for token in &bind {
+                let region = take(&dev, token, Access::AsGranted)?;
+                dev.bind(region.token())?;
+                regions.push(region);
+            }
+            let keep_all = |regions: Vec<Region<'_>>| -> anyhow::Result<()> {
+                for r in regions {
+                    r.keep()?;
                 }
-                None => None,
+                Ok(())
             };
             let timeout = timeout.map(Duration::from_secs);
             let mut seen = 0;
             while seen < count {
                 let Some(ev) = dev.wait_event_timeout(timeout)? else {
-                    if let Some(r) = region {
-                        r.keep()?;
-                    }
+                    keep_all(regions)?;
                     bail!("Timed out after {seen} events");
                 };
-                let kind = match ev.kind {
-                    EventKind::Device(EventType::Unknown(raw)) => format!("unknown({raw:#x})"),
-                    EventKind::Device(t) => format!("{t:?}").to_lowercase(),
-                    k => format!("{k:?}").to_lowercase(),
-                };
-                println!(
-                    "{kind} token={:#018x} devid={} peers={}",
-                    ev.token, ev.devid, ev.peers
-                );
+                println!("{}", format_event(&ev));
                 seen += 1;
             }
-            if let Some(r) = region {
-                r.keep()?;
+            if let Some(secs) = linger {
+                let end = std::time::Instant::now() + Duration::from_secs(secs);
+                loop {
+                    let left = end.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match dev.wait_event_timeout(Some(left))? {
+                        Some(ev) => println!("{}", format_event(&ev)),
+                        None => break,
+                    }
+                }
             }
+            keep_all(regions)?;
         }
         Cmd::Kick { token } => {
             let region = take(&dev, &token, Access::AsGranted)?;
@@ -279,15 +300,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ("ctrl_commands", &c.ctrl_commands),
                 ("ctrl_errors", &c.ctrl_errors),
                 ("ctrl_timeouts", &c.ctrl_timeouts),
+                ("late_replies", &c.late_replies),
                 ("bad_replies", &c.bad_replies),
                 ("kicks_sent", &c.kicks_sent),
                 ("kick_irqs", &c.kick_irqs),
+                ("config_irqs", &c.config_irqs),
                 ("events", &c.events),
                 ("events_lost", &c.events_lost),
             ]);
         }
     }
     Ok(())
+}
+
+/// One event as `KIND token=0x... devid=N peers=N`.
+fn format_event(ev: &Event) -> String {
+    let kind = match ev.kind {
+        EventKind::Device(EventType::Unknown(raw)) => format!("unknown({raw:#x})"),
+        EventKind::Device(t) => format!("{t:?}").to_lowercase(),
+        k => format!("{k:?}").to_lowercase(),
+    };
+    format!(
+        "{kind} token={:#018x} devid={} peers={}",
+        ev.token, ev.devid, ev.peers
+    )
 }
 
 /// Print `name value` lines, the values lined up in one column.
@@ -319,6 +355,20 @@ mod tests {
     fn test_fields_line_up_after_the_longest_name() {
         let text = format_fields(&[("gid", &7), ("notify_size", &"4"), ("query", &true)]);
         assert_eq!(text, "gid         7\nnotify_size 4\nquery       true\n");
+    }
+
+    #[test]
+    fn test_kick_event_prints_its_token() {
+        let ev = Event {
+            kind: EventKind::Kick,
+            token: 0xab,
+            devid: 0,
+            peers: 0,
+        };
+        assert_eq!(
+            format_event(&ev),
+            "kick token=0x00000000000000ab devid=0 peers=0"
+        );
     }
 
     #[test]

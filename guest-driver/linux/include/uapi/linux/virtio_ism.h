@@ -1,143 +1,165 @@
 /* SPDX-License-Identifier: ((GPL-2.0 WITH Linux-syscall-note) OR Apache-2.0) */
 /*
- * virtio_ism: user-space interface of /dev/ismN (the virtio-ism guest driver).
+ * Virtio ISM (inter-VM shared memory) device interface: device id 44.
  *
- * This header is the single source of the ioctl numbers and structures. The Rust
- * crate `ism` (guest-driver/ism) mirrors them and its tests compile this header to
- * check every size, offset and number against the Rust side.
- *
- * Every structure is made of naturally aligned __u64/__u32 fields with explicit
- * padding, so its layout is the same for every ABI Linux supports.
+ * Feature bits, config space, control commands, statuses and event records of the
+ * device, as docs/protocol.md describes them. The Rust crate virtio-ism-proto
+ * (virtio-ism/proto/src/defs.rs) holds the same numbers; guest-driver/ism/tests/c_layout.rs
+ * compiles this header and compares them. All multi-byte fields are little endian.
  */
 #ifndef _UAPI_LINUX_VIRTIO_ISM_H
 #define _UAPI_LINUX_VIRTIO_ISM_H
 
 #include <linux/types.h>
-#include <linux/ioctl.h>
+#include <linux/virtio_types.h>
 
-/* Permission bits: GRANT permissions and ATTACH's perm (same values as the device). */
+#ifndef VIRTIO_ID_ISM
+#define VIRTIO_ID_ISM			44
+#endif
+
+/* Feature bits */
+#define VIRTIO_ISM_F_EVENT_IRQ		0	/* draft: region events raise an interrupt */
+#define VIRTIO_ISM_F_EVENT_QUEUE	1	/* events arrive on queue 1 */
+#define VIRTIO_ISM_F_QUERY		2	/* QUERY_LIST and QUERY_REGION */
+#define VIRTIO_ISM_F_GRANT		3	/* regions are owner-only until GRANTed */
+#define VIRTIO_ISM_F_VECTOR_EVENTS	4	/* region events also raise the region's vector */
+
+/* Virtqueues */
+#define VIRTIO_ISM_CTRL_QUEUE		0
+#define VIRTIO_ISM_EVENT_QUEUE		1
+
+/* Shared-memory region ids */
+#define VIRTIO_ISM_SHM_ID_REGIONS	1	/* the region window */
+#define VIRTIO_ISM_SHM_ID_NOTIFY	2	/* one doorbell slot per chunk */
+
+struct virtio_ism_config {
+	__le64 gid;		/* group id of the device's pool */
+	__le64 devid;		/* this device's id */
+	__le64 chunk_size;	/* allocation granule, a power of two */
+	__le64 notify_size;	/* bytes of one doorbell slot */
+};
+
+/* Control queue: the header, then a command payload; the device writes status + reply. */
+struct virtio_ism_ctrl_hdr {
+	__u8 class;
+	__u8 cmd;
+};
+
+#define VIRTIO_ISM_CTRL_ALLOC			0
+#define VIRTIO_ISM_CTRL_ALLOC_REGION		0
+#define VIRTIO_ISM_CTRL_ATTACH			1
+#define VIRTIO_ISM_CTRL_ATTACH_REGION		0
+#define VIRTIO_ISM_CTRL_DETACH			2
+#define VIRTIO_ISM_CTRL_DETACH_REGION		0
+#define VIRTIO_ISM_CTRL_GRANT			3
+#define VIRTIO_ISM_CTRL_GRANT_SET_DEFAULT	0
+#define VIRTIO_ISM_CTRL_GRANT_SET_FOR_DEVICE	1
+#define VIRTIO_ISM_CTRL_EVENT_VECTOR		4
+#define VIRTIO_ISM_CTRL_EVENT_VECTOR_SET	0
+#define VIRTIO_ISM_CTRL_QUERY			5
+#define VIRTIO_ISM_CTRL_QUERY_LIST		0
+#define VIRTIO_ISM_CTRL_QUERY_REGION		1
+
+/* Status byte, the first byte the device writes */
+#define VIRTIO_ISM_OK			0
+#define VIRTIO_ISM_ENOENT		2
+#define VIRTIO_ISM_E2BIG		7
+#define VIRTIO_ISM_ENOMEM		12
+#define VIRTIO_ISM_ENOSPC		28
+#define VIRTIO_ISM_PERM_EATTACH		100
+#define VIRTIO_ISM_PERM_EREAD		101
+#define VIRTIO_ISM_PERM_EWRITE		102
+#define VIRTIO_ISM_ERR			255
+
+/* Permission bits of GRANT */
 #define VIRTIO_ISM_PERM_READ		(1ULL << 0)
 #define VIRTIO_ISM_PERM_WRITE		(1ULL << 1)
 #define VIRTIO_ISM_PERM_ATTACH		(1ULL << 2)
 #define VIRTIO_ISM_PERM_MANAGE		(1ULL << 3)
 #define VIRTIO_ISM_PERM_CLEAN_DEFAULT	(1ULL << 4)
 
-/* Region flags reported by ALLOC, ATTACH and REGION_INFO. */
-#define VIRTIO_ISM_REGION_F_WRITE	(1U << 0) /* mapped writable by the device */
-#define VIRTIO_ISM_REGION_F_OWNER	(1U << 1) /* allocated by this device */
-#define VIRTIO_ISM_REGION_F_BOUND	(1U << 2) /* kicks raise an interrupt (BIND) */
-#define VIRTIO_ISM_REGION_F_KEPT	(1U << 3) /* held by the driver, not by a file */
-#define VIRTIO_ISM_REGION_F_MINE	(1U << 4) /* held by the file asking */
-#define VIRTIO_ISM_REGION_F_HOTPLUGGED	(1U << 5) /* attached by the host */
+/* EVENT_VECTOR's vector that unbinds */
+#define VIRTIO_ISM_MSI_NO_VECTOR	0xffff
 
-/* Device feature bits, as reported in virtio_ism_info.features (bit numbers). */
-#define VIRTIO_ISM_INFO_F_EVENT_QUEUE	(1ULL << 1)
-#define VIRTIO_ISM_INFO_F_QUERY		(1ULL << 2)
-
-struct virtio_ism_info {
-	__u64 gid;		/* group id of the device's pool */
-	__u64 devid;		/* this device's id (named by per-device grants) */
-	__u64 chunk_size;	/* allocation granule */
-	__u64 notify_size;	/* doorbell bytes per chunk */
-	__u64 features;		/* negotiated device feature bits (VIRTIO_ISM_INFO_F_*) */
-	__u64 shm_size;		/* bytes of the region window (shmid 1) */
-	__u64 nr_regions;	/* regions the driver holds on this device */
-	__u32 instance;		/* N of /dev/ismN */
-	__u32 reserved;
-};
-
-/*
- * A region as returned by ALLOC and ATTACH. mmap() the region with
- * offset = map_offset and length <= size: its areas appear back to back.
- */
-struct virtio_ism_region {
-	__u64 token;		/* ALLOC: out; ATTACH: in */
-	__u64 size;		/* ALLOC: in (bytes wanted) and out (bytes mapped); ATTACH: out */
-	__u64 map_offset;	/* out: the mmap offset of this region on this file */
-	__u32 perm;		/* ATTACH in: READ|WRITE wanted, 0 = as granted; else 0 */
-	__u32 flags;		/* out: VIRTIO_ISM_REGION_F_* */
-};
-
-struct virtio_ism_grant {
-	__u64 token;
-	__u64 perms;		/* VIRTIO_ISM_PERM_* */
-	__u64 peer_devid;	/* 0: the default grant; else that device's grant */
-};
-
+/* A run of chunks of a region, relative to the start of shmid 1. */
 struct virtio_ism_area {
-	__u64 offset;		/* in the region window (shmid 1) */
-	__u64 size;
+	__le64 offset;
+	__le64 size;
 };
 
-/* REGION_INFO: describe a region the driver holds. */
-struct virtio_ism_region_info {
-	__u64 token;		/* in */
-	__u64 size;		/* out */
-	__u64 map_offset;	/* out (meaningful only with VIRTIO_ISM_REGION_F_MINE) */
-	__u64 areas;		/* in: user pointer to struct virtio_ism_area[max_areas] or 0 */
-	__u32 max_areas;	/* in */
-	__u32 nr_areas;		/* out: areas of the region (may exceed max_areas) */
-	__u32 flags;		/* out: VIRTIO_ISM_REGION_F_* */
-	__u32 reserved;
+struct virtio_ism_ctrl_alloc {
+	__le64 size;
 };
 
-/* LIST: tokens of every region the driver holds on this device. */
-struct virtio_ism_list {
-	__u64 tokens;		/* in: user pointer to __u64[max_tokens] or 0 */
-	__u32 max_tokens;	/* in */
-	__u32 nr_tokens;	/* out: regions held (may exceed max_tokens) */
+struct virtio_ism_ctrl_alloc_reply {
+	__le64 token;
+	__le64 num;
+	struct virtio_ism_area area[];
 };
 
-struct virtio_ism_counters {
-	__u64 ctrl_commands;	/* control commands completed */
-	__u64 ctrl_errors;	/* ... with a status other than OK */
-	__u64 ctrl_timeouts;	/* commands the device did not answer in time */
-	__u64 bad_replies;	/* replies refused: bad offset, size or count */
-	__u64 kicks_sent;
-	__u64 kick_irqs;	/* kick interrupts received */
-	__u64 events;		/* event queue entries received */
-	__u64 events_lost;	/* events dropped because a reader's queue was full */
+struct virtio_ism_ctrl_attach {
+	__le64 token;
+	__le32 rw_perm;		/* VIRTIO_ISM_PERM_READ | _WRITE, 0: as granted */
+	__le32 padding;
 };
 
-/* Event types read() returns: the device's event types plus KICK. */
-#define VIRTIO_ISM_EV_UPDATE		(1ULL << 0)
-#define VIRTIO_ISM_EV_ATTACH		(1ULL << 1)
-#define VIRTIO_ISM_EV_DETACH		(1ULL << 2)
-#define VIRTIO_ISM_EV_REVOKE		(1ULL << 3)
-#define VIRTIO_ISM_EV_REGION_ADDED	(1ULL << 4)
-#define VIRTIO_ISM_EV_OVERFLOW		(1ULL << 5)
-/* A peer kicked a bound region. Kicks share one interrupt: token is 0. */
-#define VIRTIO_ISM_EV_KICK		(1ULL << 16)
-/* This file's own event queue overflowed; events were lost. */
-#define VIRTIO_ISM_EV_LOST		(1ULL << 17)
-
-/* What read() returns, one or more whole records. */
-struct virtio_ism_event_record {
-	__u64 type;		/* VIRTIO_ISM_EV_* */
-	__u64 token;		/* the region, or 0 */
-	__u64 devid;		/* the peer for ATTACH/DETACH, else 0 */
-	__u64 peers;		/* other holders known after the event */
+struct virtio_ism_ctrl_attach_reply {
+	__le64 num;
+	struct virtio_ism_area area[];
 };
 
-#define VIRTIO_ISM_IOC_MAGIC 0xC5
+struct virtio_ism_ctrl_detach {
+	__le64 token;
+};
 
-#define VIRTIO_ISM_IOC_INFO		_IOR(VIRTIO_ISM_IOC_MAGIC, 0x00, struct virtio_ism_info)
-#define VIRTIO_ISM_IOC_ALLOC		_IOWR(VIRTIO_ISM_IOC_MAGIC, 0x01, struct virtio_ism_region)
-#define VIRTIO_ISM_IOC_ATTACH		_IOWR(VIRTIO_ISM_IOC_MAGIC, 0x02, struct virtio_ism_region)
-/* Argument: the token (__u64). Unmaps it from every process first. */
-#define VIRTIO_ISM_IOC_DETACH		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x03, __u64)
-#define VIRTIO_ISM_IOC_GRANT		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x04, struct virtio_ism_grant)
-/* Argument: the token. Kicks raise this device's config interrupt; see docs. */
-#define VIRTIO_ISM_IOC_BIND		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x05, __u64)
-#define VIRTIO_ISM_IOC_UNBIND		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x06, __u64)
-#define VIRTIO_ISM_IOC_KICK		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x07, __u64)
-#define VIRTIO_ISM_IOC_REGION_INFO	_IOWR(VIRTIO_ISM_IOC_MAGIC, 0x08, struct virtio_ism_region_info)
-#define VIRTIO_ISM_IOC_LIST		_IOWR(VIRTIO_ISM_IOC_MAGIC, 0x09, struct virtio_ism_list)
-#define VIRTIO_ISM_IOC_COUNTERS		_IOR(VIRTIO_ISM_IOC_MAGIC, 0x0a, struct virtio_ism_counters)
-/*
- * Argument: the token. Moves a region from this file to the driver: it outlives the
- * file until a later ATTACH of the same token (any file) takes it back.
- */
-#define VIRTIO_ISM_IOC_KEEP		_IOW(VIRTIO_ISM_IOC_MAGIC, 0x0b, __u64)
+/* GRANT_SET_DEFAULT sends token and permissions; GRANT_SET_FOR_DEVICE all three. */
+struct virtio_ism_ctrl_grant {
+	__le64 token;
+	__le64 permissions;
+	__le64 peer_devid;
+};
+
+struct virtio_ism_ctrl_event_vector {
+	__le64 token;
+	__le64 vector;		/* MSI-X table index, or VIRTIO_ISM_MSI_NO_VECTOR */
+};
+
+struct virtio_ism_ctrl_query_list_reply {
+	__le64 num;
+	__le64 token[];
+};
+
+struct virtio_ism_ctrl_query_region {
+	__le64 token;
+};
+
+#define VIRTIO_ISM_QREGION_READ		(1ULL << 0)
+#define VIRTIO_ISM_QREGION_WRITE	(1ULL << 1)
+#define VIRTIO_ISM_QREGION_OWNER	(1ULL << 8)
+#define VIRTIO_ISM_QREGION_HOTPLUGGED	(1ULL << 9)
+
+struct virtio_ism_ctrl_query_region_reply {
+	__le64 size;
+	__le64 flags;		/* VIRTIO_ISM_QREGION_* */
+	__le64 vector;
+	__le64 num;
+	struct virtio_ism_area area[];
+};
+
+/* Event queue records (VIRTIO_ISM_F_EVENT_QUEUE) */
+#define VIRTIO_ISM_EVENT_UPDATE		(1ULL << 0)
+#define VIRTIO_ISM_EVENT_ATTACH		(1ULL << 1)
+#define VIRTIO_ISM_EVENT_DETACH		(1ULL << 2)
+#define VIRTIO_ISM_EVENT_REVOKE		(1ULL << 3)
+#define VIRTIO_ISM_EVENT_REGION_ADDED	(1ULL << 4)
+#define VIRTIO_ISM_EVENT_OVERFLOW	(1ULL << 5)
+
+struct virtio_ism_event {
+	__le64 ev_type;		/* VIRTIO_ISM_EVENT_* */
+	__le64 offset;
+	__le64 devid;		/* the peer, for ATTACH and DETACH */
+	__le64 peers;		/* other holders after the event */
+	__le64 token;
+};
 
 #endif /* _UAPI_LINUX_VIRTIO_ISM_H */
