@@ -376,11 +376,19 @@ fn test_uapi_header_matches_rust_and_wire_header_matches_proto() {
         "VIRTIO_ISM_INFO_F_QUERY",
         1 << defs::features::VIRTIO_ISM_F_QUERY,
     );
-    // The permissions extension and vector events (issue 13). virtio-ism-proto gains
-    // their constants with the device side; until then the draft's bit numbers.
-    k.eq("VIRTIO_ISM_F_GRANT", 3);
-    k.eq("VIRTIO_ISM_F_VECTOR_EVENTS", 4);
-    k.eq("VIRTIO_ISM_INFO_F_GRANT", 1 << 3);
+    // The permissions extension and vector events.
+    k.eq(
+        "VIRTIO_ISM_F_GRANT",
+        defs::features::VIRTIO_ISM_F_GRANT.into(),
+    );
+    k.eq(
+        "VIRTIO_ISM_F_VECTOR_EVENTS",
+        defs::features::VIRTIO_ISM_F_VECTOR_EVENTS.into(),
+    );
+    k.eq(
+        "VIRTIO_ISM_INFO_F_GRANT",
+        1 << defs::features::VIRTIO_ISM_F_GRANT,
+    );
 
     // The wire header against the protocol crate.
     use virtio_ism_proto::ctrl as wire;
