@@ -15,11 +15,17 @@ pub use report::GuestReport;
 pub use vm::{VmOutcome, VmRun, kvm_available, pool_binary, test_guest, vmm_binary};
 pub use vmm_kind::{Vmm, cloud_hypervisor_dir};
 
-/// Return early from a test, with one loud line, when /dev/kvm is missing.
+/// Return early from a test, with one loud line, when /dev/kvm is missing; fail it instead
+/// when `ISM_REQUIRE_KVM` says KVM is expected here.
 #[macro_export]
 macro_rules! require_kvm {
     () => {
         if !$crate::kvm_available() {
+            assert!(
+                std::env::var_os("ISM_REQUIRE_KVM").is_none(),
+                "ISM_REQUIRE_KVM is set but /dev/kvm is missing or not accessible ({})",
+                module_path!()
+            );
             eprintln!(
                 "SKIPPED: /dev/kvm missing or not accessible; {} needs KVM",
                 module_path!()

@@ -322,8 +322,7 @@ mod tests {
 
     #[test]
     fn test_kvm_routing_irqfd_and_ioeventfd() {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("SKIPPED: /dev/kvm missing, KVM interrupt routing not tested");
+        if !crate::test_guest::kvm_available_for("KVM interrupt routing not tested") {
             return;
         }
         let kvm = kvm_ioctls::Kvm::new().unwrap();

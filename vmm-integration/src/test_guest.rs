@@ -160,10 +160,19 @@ pub fn write_temp(bytes: &[u8]) -> TempFile {
 }
 
 pub fn kvm_available() -> bool {
+    kvm_available_for("this test boots a guest")
+}
+
+/// Whether /dev/kvm is there; when not, one loud SKIPPED line saying what did not run, or a
+/// failure when `ISM_REQUIRE_KVM` says KVM is expected here.
+pub fn kvm_available_for(what: &str) -> bool {
     if std::path::Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        println!("SKIPPED: /dev/kvm missing, this test boots a guest");
-        false
+        return true;
     }
+    assert!(
+        std::env::var_os("ISM_REQUIRE_KVM").is_none(),
+        "ISM_REQUIRE_KVM is set but /dev/kvm is missing: {what}"
+    );
+    println!("SKIPPED: /dev/kvm missing, {what}");
+    false
 }

@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ism_vmm::test_guest::{halt_code, kvm_available, print_code, pvh_elf, write_temp};
+use ism_vmm::test_guest::{halt_code, kvm_available_for, print_code, pvh_elf, write_temp};
 
 const VMM: &str = env!("CARGO_BIN_EXE_ism-vmm");
 const REMOTE: &str = env!("CARGO_BIN_EXE_ism-remote");
@@ -1154,11 +1154,7 @@ fn test_paired_guests_report_peer_and_pool_events() {
 
 /// Whether KVM is there; when not, one loud line saying which test did not run.
 fn kvm_or_skip(test: &str) -> bool {
-    let ok = kvm_available();
-    if !ok {
-        eprintln!("SKIPPED: {test}: /dev/kvm missing or not accessible");
-    }
-    ok
+    kvm_available_for(test)
 }
 
 /// The VMM process has not ended.

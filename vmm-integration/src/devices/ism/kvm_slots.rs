@@ -144,8 +144,7 @@ mod tests {
 
     #[test]
     fn test_real_kvm_slots_map_move_and_unmap() {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            println!("SKIPPED: /dev/kvm missing, this test creates KVM memory slots");
+        if !crate::test_guest::kvm_available_for("this test creates KVM memory slots") {
             return;
         }
         let kvm = Kvm::new().unwrap();
