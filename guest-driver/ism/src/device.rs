@@ -137,43 +137,30 @@ impl Counters {
         PathBuf::from(format!("/sys/class/misc/ism{instance}/counters"))
     }
 
-    /// Read every counter from `dir` (one decimal number per file).
+    /// Read every counter from `dir` (one decimal number per file, named as the field).
     pub fn read_dir(dir: &Path) -> Result<Self> {
-        let mut v = [0u64; 10];
-        for (slot, name) in v.iter_mut().zip(Self::NAMES) {
+        let read = |name: &str| -> Result<u64> {
             let path = dir.join(name);
             let text = std::fs::read_to_string(&path).map_err(|source| Error::ReadCounter {
                 path: path.clone(),
                 source,
             })?;
-            *slot = text.trim().parse().map_err(|_| Error::ReadCounter {
+            text.trim().parse().map_err(|_| Error::ReadCounter {
                 path,
                 source: io::Error::from(io::ErrorKind::InvalidData),
-            })?;
-        }
-        let [
-            ctrl_commands,
-            ctrl_errors,
-            ctrl_timeouts,
-            late_replies,
-            bad_replies,
-            kicks_sent,
-            kick_irqs,
-            config_irqs,
-            events,
-            events_lost,
-        ] = v;
+            })
+        };
         Ok(Self {
-            ctrl_commands,
-            ctrl_errors,
-            ctrl_timeouts,
-            late_replies,
-            bad_replies,
-            kicks_sent,
-            kick_irqs,
-            config_irqs,
-            events,
-            events_lost,
+            ctrl_commands: read("ctrl_commands")?,
+            ctrl_errors: read("ctrl_errors")?,
+            ctrl_timeouts: read("ctrl_timeouts")?,
+            late_replies: read("late_replies")?,
+            bad_replies: read("bad_replies")?,
+            kicks_sent: read("kicks_sent")?,
+            kick_irqs: read("kick_irqs")?,
+            config_irqs: read("config_irqs")?,
+            events: read("events")?,
+            events_lost: read("events_lost")?,
         })
     }
 }
