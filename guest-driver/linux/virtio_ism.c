@@ -53,7 +53,6 @@
 #include <uapi/linux/virtio_ism_ioctl.h>
 #include "virtio_ism_status.h"
 
-#define ISM_CTRL_TIMEOUT	(5 * HZ)
 #define ISM_EVENT_BUFS		16
 #define ISM_FILE_EVENTS		64
 /* Areas asked for on the first try of ALLOC/ATTACH; E2BIG says how many are needed. */
@@ -73,6 +72,15 @@
 				 VIRTIO_ISM_PERM_ATTACH | VIRTIO_ISM_PERM_MANAGE | \
 				 VIRTIO_ISM_PERM_CLEAN_DEFAULT)
 #define ISM_FS_MAGIC		0x69736d31	/* "ism1" */
+
+/*
+ * Longer than the device's own wait for its host pool (5 s; docs/pool.md): a host
+ * pool that does not answer gives the device's EAGAIN status, not a timeout here.
+ */
+static unsigned int ctrl_timeout_ms = 10000;
+module_param(ctrl_timeout_ms, uint, 0644);
+MODULE_PARM_DESC(ctrl_timeout_ms,
+		 "Milliseconds a control command waits for the device (default 10000, at least 100)");
 
 static bool kick_vectors = true;
 module_param(kick_vectors, bool, 0444);
@@ -461,7 +469,7 @@ static int __ism_ctrl(struct ism_dev *ism, u8 class, u8 cmd, u64 token,
 {
 	struct virtio_ism_ctrl_hdr *hdr;
 	struct scatterlist out_sg, in_sg, *sgs[2];
-	unsigned long left = ISM_CTRL_TIMEOUT;
+	unsigned long left = msecs_to_jiffies(max(READ_ONCE(ctrl_timeout_ms), 100U));
 	unsigned int used = 0;
 	struct ism_cmd *c, *done;
 	int ret;
