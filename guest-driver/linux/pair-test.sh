@@ -239,8 +239,11 @@ step alloc-after-timeout ok "$line"
 c=/sys/class/misc/ism0/counters
 read -r timeouts <$c/ctrl_timeouts
 read -r late <$c/late_replies
+read -r orphans <$c/orphans_detached
 [ "$timeouts" -ge 1 ] && [ "$late" -ge 1 ] || { echo "ctrl_timeouts=$timeouts late_replies=$late"; exit 1; }
-step late-reply-collected ok "ctrl_timeouts=$timeouts late_replies=$late"
+# orphans_detached is 1 when the late answer was the ALLOC's success (the broker resumed within
+# the device's 5 s wait), 0 when it was the device's "pool unavailable".
+step late-reply-collected ok "ctrl_timeouts=$timeouts late_replies=$late orphans_detached=$orphans"
 # B holds A's region and the ALLOC above; a region from the late answer must be gone.
 echo "ISM-PAIR-B check-pool devid=$devid regions=2"
 sleep 10

@@ -180,6 +180,7 @@ struct ism_dev {
 	struct virtio_ism_event *event_bufs;
 
 	atomic64_t ctrl_commands, ctrl_errors, ctrl_timeouts, late_replies, bad_replies;
+	atomic64_t orphans_detached;
 	atomic64_t kicks_sent, kick_irqs, config_irqs, events, events_lost;
 };
 
@@ -550,8 +551,10 @@ static void ism_reap_orphans(struct ism_dev *ism)
 	ism->reaping = true;
 	while (ism->nr_orphans && !ism->gone) {
 		req.token = cpu_to_le64(ism->orphans[--ism->nr_orphans]);
-		__ism_ctrl(ism, VIRTIO_ISM_CTRL_DETACH, VIRTIO_ISM_CTRL_DETACH_REGION, 0,
-			   &req, sizeof(req), &dummy, 0, &got, &status);
+		if (!__ism_ctrl(ism, VIRTIO_ISM_CTRL_DETACH, VIRTIO_ISM_CTRL_DETACH_REGION, 0,
+				&req, sizeof(req), &dummy, 0, &got, &status) &&
+		    status == VIRTIO_ISM_OK)
+			atomic64_inc(&ism->orphans_detached);
 	}
 	ism->reaping = false;
 }
@@ -1647,6 +1650,7 @@ ISM_COUNTER_ATTR(ctrl_commands);
 ISM_COUNTER_ATTR(ctrl_errors);
 ISM_COUNTER_ATTR(ctrl_timeouts);
 ISM_COUNTER_ATTR(late_replies);
+ISM_COUNTER_ATTR(orphans_detached);
 ISM_COUNTER_ATTR(bad_replies);
 ISM_COUNTER_ATTR(kicks_sent);
 ISM_COUNTER_ATTR(kick_irqs);
@@ -1659,6 +1663,7 @@ static struct attribute *ism_counter_attrs[] = {
 	&dev_attr_ctrl_errors.attr,
 	&dev_attr_ctrl_timeouts.attr,
 	&dev_attr_late_replies.attr,
+	&dev_attr_orphans_detached.attr,
 	&dev_attr_bad_replies.attr,
 	&dev_attr_kicks_sent.attr,
 	&dev_attr_kick_irqs.attr,
