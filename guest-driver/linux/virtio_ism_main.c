@@ -9,6 +9,9 @@
  * of events, counters in sysfs (/sys/class/misc/ismN/counters/). Kernel users get
  * virtio_ism_set_kick_handler() (include/linux/virtio_ism.h). The protocol is
  * docs/protocol.md; the device interface is include/uapi/linux/virtio_ism.h.
+ * Each device is also offered to the kernel's SMC as an SMC-D device where the
+ * kernel allows it (virtio_ism_smc.c, docs/smc.md), through the kernel regions below
+ * (virtio_ism_internal.h).
  *
  * Kicks: a bound region gets an MSI-X vector of its own when the transport can
  * allocate one at run time (PCI, Linux 6.2+, pci_msix_can_alloc_dyn()), so a kick
@@ -52,6 +55,7 @@
 #include <linux/virtio_ism.h>
 #include <uapi/linux/virtio_ism_ioctl.h>
 #include "virtio_ism_status.h"
+#include "virtio_ism_internal.h"
 
 #define ISM_EVENT_BUFS		16
 #define ISM_FILE_EVENTS		64
@@ -107,6 +111,7 @@ struct ism_region {
 	int vector;			/* own MSI-X vector (OWN_VECTOR) */
 	int irq;			/* its Linux irq */
 	int pending_bit;		/* in ism_dev.pending, -1: none; under kick_lock */
+	bool kernel;			/* a kernel region (ism_k_*): never a file's */
 	virtio_ism_kick_fn kick_fn;	/* in-kernel handler, under kick_lock */
 	void *kick_data;
 	atomic64_t kicks;
@@ -182,6 +187,11 @@ struct ism_dev {
 	atomic64_t ctrl_commands, ctrl_errors, ctrl_timeouts, late_replies, bad_replies;
 	atomic64_t orphans_detached;
 	atomic64_t kicks_sent, kick_irqs, config_irqs, events, events_lost;
+
+	struct ism_smcd_counters smcd;
+	void *smc_priv;			/* virtio_ism_smc.c's */
+	spinlock_t smcd_state_lock;
+	char smcd_state[128];		/* /sys/class/misc/ismN/smcd */
 };
 
 /* ---- the anonymous inode every file of a device maps through ---------------- */
@@ -315,6 +325,14 @@ static void ism_config_changed(struct virtio_device *vdev)
 	spin_unlock_irqrestore(&ism->kick_lock, flags);
 }
 
+/* The transport's PCI function, or NULL (virtio-mmio). */
+static struct pci_dev *ism_pci_dev(struct ism_dev *ism)
+{
+	struct device *parent = ism->vdev->dev.parent;
+
+	return parent && dev_is_pci(parent) ? to_pci_dev(parent) : NULL;
+}
+
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0) && IS_ENABLED(CONFIG_PCI_MSI)
 static irqreturn_t ism_region_irq(int irq, void *data)
 {
@@ -327,13 +345,6 @@ static irqreturn_t ism_region_irq(int irq, void *data)
 	ism_region_kicked(ism, r);
 	spin_unlock_irqrestore(&ism->kick_lock, flags);
 	return IRQ_HANDLED;
-}
-
-static struct pci_dev *ism_pci_dev(struct ism_dev *ism)
-{
-	struct device *parent = ism->vdev->dev.parent;
-
-	return parent && dev_is_pci(parent) ? to_pci_dev(parent) : NULL;
 }
 
 static bool ism_can_own_vectors(struct ism_dev *ism)
@@ -875,6 +886,37 @@ static int ism_region_bind(struct ism_dev *ism, struct ism_region *r, bool bind)
 	return ret;
 }
 
+/*
+ * Set @token's kick handler (binding it when @fn is set). @kernel: only a kernel
+ * region (ism_k_set_kick); else any region the driver holds (the exported API).
+ */
+static int ism_set_kick(struct ism_dev *ism, u64 token, virtio_ism_kick_fn fn, void *data,
+			bool kernel)
+{
+	struct ism_region *r;
+	unsigned long flags;
+	int ret = 0;
+
+	mutex_lock(&ism->ctrl_lock);
+	mutex_lock(&ism->regions_lock);
+	r = ism->gone ? NULL : ism_find(ism, token);
+	if (r && kernel && !r->kernel)
+		r = NULL;
+	mutex_unlock(&ism->regions_lock);
+	if (!r)
+		ret = ism->gone ? -ENODEV : -ENOENT;
+	else if (fn)
+		ret = ism_region_bind(ism, r, true);
+	if (!ret) {
+		spin_lock_irqsave(&ism->kick_lock, flags);
+		r->kick_fn = fn;
+		r->kick_data = data;
+		spin_unlock_irqrestore(&ism->kick_lock, flags);
+	}
+	mutex_unlock(&ism->ctrl_lock);
+	return ret;
+}
+
 /**
  * virtio_ism_set_kick_handler - route kicks of a region to a kernel function
  * @instance: N of /dev/ismN
@@ -893,35 +935,231 @@ int virtio_ism_set_kick_handler(unsigned int instance, u64 token,
 				virtio_ism_kick_fn fn, void *data)
 {
 	struct ism_dev *ism;
-	struct ism_region *r;
-	unsigned long flags;
-	int ret = 0;
+	int ret;
 
 	mutex_lock(&ism_devs_lock);
 	ism = idr_find(&ism_devs, instance);
-	if (!ism) {
-		mutex_unlock(&ism_devs_lock);
-		return -ENODEV;
-	}
-	mutex_lock(&ism->ctrl_lock);
-	mutex_lock(&ism->regions_lock);
-	r = ism->gone ? NULL : ism_find(ism, token);
-	mutex_unlock(&ism->regions_lock);
-	if (!r)
-		ret = ism->gone ? -ENODEV : -ENOENT;
-	else if (fn)
-		ret = ism_region_bind(ism, r, true);
-	if (!ret) {
-		spin_lock_irqsave(&ism->kick_lock, flags);
-		r->kick_fn = fn;
-		r->kick_data = data;
-		spin_unlock_irqrestore(&ism->kick_lock, flags);
-	}
-	mutex_unlock(&ism->ctrl_lock);
+	ret = ism ? ism_set_kick(ism, token, fn, data, false) : -ENODEV;
 	mutex_unlock(&ism_devs_lock);
 	return ret;
 }
 EXPORT_SYMBOL_GPL(virtio_ism_set_kick_handler);
+
+/* ---- kernel regions (virtio_ism_internal.h) -------------------------------- */
+
+static u32 ism_attached_flags(struct ism_dev *ism, u64 token, u32 perm);
+
+void ism_k_info(struct ism_dev *ism, struct ism_k_info *info)
+{
+	struct pci_dev *pdev = ism_pci_dev(ism);
+
+	info->gid = ism->gid;
+	info->devid = ism->devid;
+	info->chunk_size = ism->chunk_size;
+	info->features = ism->features;
+	info->name = ism->name;
+	info->pci = pdev ? &pdev->dev : NULL;
+}
+
+struct ism_smcd_counters *ism_k_counters(struct ism_dev *ism)
+{
+	return &ism->smcd;
+}
+
+void ism_k_set_smcd_state(struct ism_dev *ism, const char *fmt, ...)
+{
+	unsigned long flags;
+	va_list args;
+
+	spin_lock_irqsave(&ism->smcd_state_lock, flags);
+	va_start(args, fmt);
+	vsnprintf(ism->smcd_state, sizeof(ism->smcd_state), fmt, args);
+	va_end(args);
+	spin_unlock_irqrestore(&ism->smcd_state_lock, flags);
+}
+
+void ism_k_set_smc_priv(struct ism_dev *ism, void *priv)
+{
+	WRITE_ONCE(ism->smc_priv, priv);
+}
+
+void *ism_k_smc_priv(struct ism_dev *ism)
+{
+	return READ_ONCE(ism->smc_priv);
+}
+
+/*
+ * Fill @map for kernel region @r: its areas must be back to back in the window (one
+ * kernel range); else -ENOMEM, which SMC takes as "try a smaller buffer".
+ * Caller holds ctrl_lock.
+ */
+static int ism_k_map(struct ism_dev *ism, struct ism_region *r, struct ism_kmap *map)
+{
+	u64 slot, off;
+	u32 i;
+
+	for (i = 1; i < r->nr_areas; i++)
+		if (r->areas[i].offset != r->areas[i - 1].offset + r->areas[i - 1].size)
+			return -ENOMEM;
+	slot = div64_u64(r->areas[0].offset, ism->chunk_size);
+	off = slot * ism->notify_size;
+	if (off >= ism->notify_shm.len || ism->notify_size > ism->notify_shm.len - off)
+		return -EIO;
+	map->token = r->token;
+	map->size = r->size;
+	map->addr = ism->shm_base + r->areas[0].offset;
+	map->phys = ism->shm.addr + r->areas[0].offset;
+	map->doorbell = ism->notify_base + off;
+	map->owner = !!(r->flags & VIRTIO_ISM_REGION_F_OWNER);
+	return 0;
+}
+
+/* Track @r (just ALLOCed or ATTACHed) as a kernel region, or give it back. */
+static int ism_k_track(struct ism_dev *ism, struct ism_region *r, struct ism_kmap *map)
+{
+	int ret = ism_k_map(ism, r, map);
+
+	if (ret) {
+		ism_detach_on_device(ism, r->token);
+		kfree(r);
+		return ret;
+	}
+	r->kernel = true;
+	mutex_lock(&ism->regions_lock);
+	ism_track(ism, r, NULL);
+	mutex_unlock(&ism->regions_lock);
+	return 0;
+}
+
+int ism_k_alloc(struct ism_dev *ism, u64 size, struct ism_kmap *map)
+{
+	struct virtio_ism_ctrl_alloc req = { .size = cpu_to_le64(size) };
+	struct ism_region *r;
+	u64 token = 0;
+	int ret;
+
+	if (!size || size > ism->shm.len)
+		return -EINVAL;
+	mutex_lock(&ism->ctrl_lock);
+	if (ism->gone) {
+		ret = -ENODEV;
+		goto out;
+	}
+	r = ism_map_cmd(ism, VIRTIO_ISM_CTRL_ALLOC, &req, sizeof(req),
+			sizeof(struct virtio_ism_ctrl_alloc_reply), round_up(size, PAGE_SIZE),
+			&token);
+	if (IS_ERR(r)) {
+		ret = PTR_ERR(r);
+		goto out;
+	}
+	r->token = token;
+	r->flags = VIRTIO_ISM_REGION_F_WRITE | VIRTIO_ISM_REGION_F_OWNER;
+	ret = ism_k_track(ism, r, map);
+out:
+	mutex_unlock(&ism->ctrl_lock);
+	return ret;
+}
+
+int ism_k_attach(struct ism_dev *ism, u64 token, struct ism_kmap *map)
+{
+	struct virtio_ism_ctrl_attach req = {
+		.token = cpu_to_le64(token),
+		.rw_perm = cpu_to_le32(VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE),
+	};
+	struct ism_region *r;
+	bool held;
+	int ret;
+
+	mutex_lock(&ism->ctrl_lock);
+	if (ism->gone) {
+		ret = -ENODEV;
+		goto out;
+	}
+	/* Held already (ours, or a file's): not shared with a kernel user. */
+	mutex_lock(&ism->regions_lock);
+	held = ism_find(ism, token);
+	mutex_unlock(&ism->regions_lock);
+	if (held) {
+		ret = -EBUSY;
+		goto out;
+	}
+	r = ism_map_cmd(ism, VIRTIO_ISM_CTRL_ATTACH, &req, sizeof(req),
+			sizeof(struct virtio_ism_ctrl_attach_reply), 0, &token);
+	if (IS_ERR(r)) {
+		ret = PTR_ERR(r);
+		goto out;
+	}
+	r->token = token;
+	/* Asked for WRITE: the device refused the ATTACH (PERM_EWRITE) or maps it writable. */
+	r->flags = ism_attached_flags(ism, token, VIRTIO_ISM_PERM_READ | VIRTIO_ISM_PERM_WRITE);
+	if (!(r->flags & VIRTIO_ISM_REGION_F_WRITE)) {
+		ism_detach_on_device(ism, token);
+		kfree(r);
+		ret = -EACCES;
+		goto out;
+	}
+	ret = ism_k_track(ism, r, map);
+out:
+	mutex_unlock(&ism->ctrl_lock);
+	return ret;
+}
+
+int ism_k_detach(struct ism_dev *ism, u64 token)
+{
+	struct ism_region *r;
+	int ret = 0;
+
+	mutex_lock(&ism->ctrl_lock);
+	mutex_lock(&ism->regions_lock);
+	r = ism_find(ism, token);
+	if (r && r->kernel)
+		list_del(&r->node);
+	else
+		r = NULL;
+	mutex_unlock(&ism->regions_lock);
+	if (!r) {
+		ret = ism->gone ? -ENODEV : -ENOENT;
+	} else {
+		if (!ism->gone)
+			ism_detach_on_device(ism, token);
+		/* Unbinds too: the kick handler is never called after this. */
+		ism_region_free(ism, r);
+	}
+	mutex_unlock(&ism->ctrl_lock);
+	return ret;
+}
+
+int ism_k_grant(struct ism_dev *ism, u64 token, u64 devid, u64 perms)
+{
+	struct virtio_ism_ctrl_grant req = {
+		.token = cpu_to_le64(token),
+		.permissions = cpu_to_le64(perms),
+		.peer_devid = cpu_to_le64(devid),
+	};
+	int ret;
+
+	if (!devid || (perms & ~ISM_PERM_ALL))
+		return -EINVAL;
+	mutex_lock(&ism->ctrl_lock);
+	ret = ism->gone ? -ENODEV :
+	      ism_ctrl_simple(ism, VIRTIO_ISM_CTRL_GRANT, VIRTIO_ISM_CTRL_GRANT_SET_FOR_DEVICE,
+			      &req, sizeof(req));
+	mutex_unlock(&ism->ctrl_lock);
+	return ret;
+}
+
+int ism_k_set_kick(struct ism_dev *ism, u64 token, virtio_ism_kick_fn fn, void *data)
+{
+	return ism_set_kick(ism, token, fn, data, true);
+}
+
+void ism_k_kick(struct ism_dev *ism, const struct ism_kmap *map)
+{
+	/* The peer reads what was written before it sees the kick. */
+	wmb();
+	iowrite8(1, map->doorbell);
+	atomic64_inc(&ism->kicks_sent);
+}
 
 /* ---- event queue ---------------------------------------------------------- */
 
@@ -950,6 +1188,7 @@ static void ism_handle_event(struct ism_dev *ism, const struct virtio_ism_event 
 	};
 	struct ism_region *r, *added;
 	struct ism_file *to = NULL;
+	bool kernel = false;
 
 	atomic64_inc(&ism->events);
 	switch (rec.type) {
@@ -961,6 +1200,7 @@ static void ism_handle_event(struct ism_dev *ism, const struct virtio_ism_event 
 		if (r) {
 			list_del(&r->node);
 			to = r->holder;
+			kernel = r->kernel;
 		}
 		mutex_unlock(&ism->regions_lock);
 		if (r) {
@@ -968,6 +1208,8 @@ static void ism_handle_event(struct ism_dev *ism, const struct virtio_ism_event 
 			ism_region_free(ism, r);
 		}
 		mutex_unlock(&ism->ctrl_lock);
+		if (kernel)
+			virtio_ism_smc_region_event(ism, rec.type, rec.token, rec.devid);
 		break;
 	case VIRTIO_ISM_EVENT_REGION_ADDED:
 		if (!(ism->features & VIRTIO_ISM_INFO_F_QUERY))
@@ -994,7 +1236,10 @@ static void ism_handle_event(struct ism_dev *ism, const struct virtio_ism_event 
 		mutex_lock(&ism->regions_lock);
 		r = ism_find(ism, rec.token);
 		to = r ? r->holder : NULL;
+		kernel = r && r->kernel;
 		mutex_unlock(&ism->regions_lock);
+		if (kernel && rec.type == VIRTIO_ISM_EVENT_DETACH)
+			virtio_ism_smc_region_event(ism, rec.type, rec.token, rec.devid);
 		break;
 	case VIRTIO_ISM_EVENT_OVERFLOW:
 		break;
@@ -1177,7 +1422,7 @@ static long ism_ioc_attach(struct ism_file *f, struct virtio_ism_region __user *
 	mutex_lock(&ism->regions_lock);
 	r = ism_find(ism, token);
 	if (r) {
-		if (r->holder && r->holder != f)
+		if (r->kernel || (r->holder && r->holder != f))
 			ret = -EBUSY;
 		else if ((ureg.perm & VIRTIO_ISM_PERM_WRITE) &&
 			 !(r->flags & VIRTIO_ISM_REGION_F_WRITE))
@@ -1658,6 +1903,30 @@ ISM_COUNTER_ATTR(config_irqs);
 ISM_COUNTER_ATTR(events);
 ISM_COUNTER_ATTR(events_lost);
 
+#define ISM_SMCD_COUNTER_ATTR(_name)						\
+static ssize_t smcd_##_name##_show(struct device *dev,				\
+				   struct device_attribute *attr, char *buf)	\
+{										\
+	return sysfs_emit(buf, "%llu\n",					\
+			  (u64)atomic64_read(&ism_from_dev(dev)->smcd._name));	\
+}										\
+static DEVICE_ATTR_RO(smcd_##_name)
+
+ISM_SMCD_COUNTER_ATTR(dmbs_registered);
+ISM_SMCD_COUNTER_ATTR(dmbs_unregistered);
+ISM_SMCD_COUNTER_ATTR(dmbs);
+ISM_SMCD_COUNTER_ATTR(peer_attaches);
+ISM_SMCD_COUNTER_ATTR(peer_attach_errors);
+ISM_SMCD_COUNTER_ATTR(peer_detaches);
+ISM_SMCD_COUNTER_ATTR(moves);
+ISM_SMCD_COUNTER_ATTR(move_bytes);
+ISM_SMCD_COUNTER_ATTR(moves_deferred);
+ISM_SMCD_COUNTER_ATTR(move_errors);
+ISM_SMCD_COUNTER_ATTR(signals);
+ISM_SMCD_COUNTER_ATTR(irqs);
+ISM_SMCD_COUNTER_ATTR(gid_queries);
+ISM_SMCD_COUNTER_ATTR(gid_refusals);
+
 static struct attribute *ism_counter_attrs[] = {
 	&dev_attr_ctrl_commands.attr,
 	&dev_attr_ctrl_errors.attr,
@@ -1670,6 +1939,20 @@ static struct attribute *ism_counter_attrs[] = {
 	&dev_attr_config_irqs.attr,
 	&dev_attr_events.attr,
 	&dev_attr_events_lost.attr,
+	&dev_attr_smcd_dmbs_registered.attr,
+	&dev_attr_smcd_dmbs_unregistered.attr,
+	&dev_attr_smcd_dmbs.attr,
+	&dev_attr_smcd_peer_attaches.attr,
+	&dev_attr_smcd_peer_attach_errors.attr,
+	&dev_attr_smcd_peer_detaches.attr,
+	&dev_attr_smcd_moves.attr,
+	&dev_attr_smcd_move_bytes.attr,
+	&dev_attr_smcd_moves_deferred.attr,
+	&dev_attr_smcd_move_errors.attr,
+	&dev_attr_smcd_signals.attr,
+	&dev_attr_smcd_irqs.attr,
+	&dev_attr_smcd_gid_queries.attr,
+	&dev_attr_smcd_gid_refusals.attr,
 	NULL,
 };
 
@@ -1695,8 +1978,23 @@ static ssize_t kick_vectors_show(struct device *dev, struct device_attribute *at
 }
 static DEVICE_ATTR_RO(kick_vectors);
 
+/* Whether the device is an SMC-D device, or why not (docs/smc.md). */
+static ssize_t smcd_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct ism_dev *ism = ism_from_dev(dev);
+	unsigned long flags;
+	ssize_t ret;
+
+	spin_lock_irqsave(&ism->smcd_state_lock, flags);
+	ret = sysfs_emit(buf, "%s\n", ism->smcd_state);
+	spin_unlock_irqrestore(&ism->smcd_state_lock, flags);
+	return ret;
+}
+static DEVICE_ATTR_RO(smcd);
+
 static struct attribute *ism_dev_attrs[] = {
 	&dev_attr_kick_vectors.attr,
+	&dev_attr_smcd.attr,
 	NULL,
 };
 
@@ -1825,6 +2123,8 @@ static int ism_probe(struct virtio_device *vdev)
 	INIT_LIST_HEAD(&ism->shared_kicks);
 	spin_lock_init(&ism->files_lock);
 	spin_lock_init(&ism->kick_lock);
+	spin_lock_init(&ism->smcd_state_lock);
+	strscpy(ism->smcd_state, "off: not set up yet", sizeof(ism->smcd_state));
 	init_waitqueue_head(&ism->wq);
 	INIT_WORK(&ism->event_work, ism_event_work);
 	ida_init(&ism->pending_ida);
@@ -1895,6 +2195,7 @@ static int ism_probe(struct virtio_device *vdev)
 		 (ism->features & VIRTIO_ISM_INFO_F_QUERY) ? " query" : "",
 		 (ism->features & VIRTIO_ISM_INFO_F_GRANT) ? " grant" : "",
 		 ism_kick_mode(ism));
+	virtio_ism_smc_probe(ism);
 	return 0;
 
 err_idr:
@@ -1921,6 +2222,8 @@ static void ism_remove(struct virtio_device *vdev)
 	struct ism_region *r, *tmp;
 	LIST_HEAD(all);
 
+	/* SMC first: it unregisters its DMBs through the device, which must still work. */
+	virtio_ism_smc_remove(ism);
 	mutex_lock(&ism_devs_lock);
 	idr_remove(&ism_devs, ism->instance);
 	mutex_unlock(&ism_devs_lock);
