@@ -905,6 +905,8 @@ static int ism_set_kick(struct ism_dev *ism, u64 token, virtio_ism_kick_fn fn, v
 	mutex_unlock(&ism->regions_lock);
 	if (!r)
 		ret = ism->gone ? -ENODEV : -ENOENT;
+	else if (r->kernel && !kernel)
+		ret = -EBUSY;	/* the SMC-D glue's: not another module's */
 	else if (fn)
 		ret = ism_region_bind(ism, r, true);
 	if (!ret) {
@@ -929,7 +931,8 @@ static int ism_set_kick(struct ism_dev *ism, u64 token, virtio_ism_kick_fn fn, v
  * region are not reported to user space. When the region goes away (detach,
  * revoke, remove) the handler is dropped; it is never called after that.
  *
- * Return: 0, -ENODEV (no such device), -ENOENT (region not held) or a bind error.
+ * Return: 0, -ENODEV (no such device), -ENOENT (region not held), -EBUSY (a region
+ * the module holds for SMC-D) or a bind error.
  */
 int virtio_ism_set_kick_handler(unsigned int instance, u64 token,
 				virtio_ism_kick_fn fn, void *data)

@@ -207,15 +207,17 @@ static void vsmc_peer_work(struct work_struct *work)
 {
 	struct vsmc_peer *p = container_of(work, struct vsmc_peer, work);
 	struct vsmc_dev *v = p->v;
+	u64 token = p->token;
 	struct vsmc_write *w;
 	struct ism_kmap map;
 	unsigned long flags;
 	LIST_HEAD(drop);
 	int ret;
 
-	ret = ism_k_attach(v->ism, p->token, &map);
+	ret = ism_k_attach(v->ism, token, &map);
 	spin_lock_irqsave(&v->peers_lock, flags);
 	if (ret) {
+		/* FAILED and not attached: vsmc_peer_new may free p once we unlock. */
 		p->state = VSMC_PEER_FAILED;
 		p->err = ret;
 		list_splice_init(&p->queue, &drop);
@@ -224,7 +226,7 @@ static void vsmc_peer_work(struct work_struct *work)
 		vsmc_free_writes(&drop);
 		atomic64_inc(&v->cnt->peer_attach_errors);
 		dev_warn_ratelimited(v->info.pci, "%s: SMC-D: cannot attach peer DMB %llx: %d\n",
-				     v->info.name, p->token, ret);
+				     v->info.name, token, ret);
 		return;
 	}
 	p->map = map;
@@ -280,12 +282,33 @@ static int vsmc_peer_queue(struct vsmc_peer *p, u32 offset, const void *data, u3
 	return 0;
 }
 
+/*
+ * Make room in a full table: free an entry whose ATTACH failed (its connection was
+ * aborted by the failure; nothing is mapped; its work touches it no more once it
+ * set FAILED and unlocked). Caller holds peers_lock.
+ */
+static bool vsmc_peer_evict(struct vsmc_dev *v)
+{
+	struct vsmc_peer *p;
+
+	list_for_each_entry(p, &v->peers, node) {
+		if (p->state == VSMC_PEER_FAILED && !p->attached && !atomic_read(&p->users)) {
+			list_del(&p->node);
+			v->nr_peers--;
+			vsmc_free_writes(&p->queue);
+			kfree(p);
+			return true;
+		}
+	}
+	return false;
+}
+
 /* A new entry for @token, its ATTACH started. Caller holds peers_lock. */
 static struct vsmc_peer *vsmc_peer_new(struct vsmc_dev *v, u64 token)
 {
 	struct vsmc_peer *p;
 
-	if (v->nr_peers >= VSMC_MAX_PEERS)
+	if (v->nr_peers >= VSMC_MAX_PEERS && !vsmc_peer_evict(v))
 		return ERR_PTR(-ENOSPC);
 	p = kzalloc(sizeof(*p), GFP_ATOMIC);
 	if (!p)
@@ -706,7 +729,7 @@ static void vsmc_register_work(struct work_struct *work)
 	smcd->local_gid = v->local_gid;
 	mutex_lock(&vsmc_lock);
 	if (!vsmc_seid[0])
-		snprintf(vsmc_seid, sizeof(vsmc_seid), "VIRTIO-ISM-SEID-%08X" "P%03X%04X",
+		snprintf(vsmc_seid, sizeof(vsmc_seid), "VIRTIO-ISM-SEID-%08XP%03X%04X",
 			 v->tag, v->tag >> 20, v->chid);
 	/* Set before SMC can call an op: region events look at v->smcd under vsmc_lock. */
 	v->smcd = smcd;
