@@ -262,22 +262,36 @@ static void vsmc_peer_work(struct work_struct *work)
 	}
 }
 
-/* Queue a write for a peer DMB being attached. Caller holds peers_lock. */
+/*
+ * Queue a write for a peer DMB being attached, in page-sized pieces (atomic
+ * allocations of order 0; SMC writes up to a whole DMB at once), the signal flag on
+ * the last. All or nothing. Caller holds peers_lock.
+ */
 static int vsmc_peer_queue(struct vsmc_peer *p, u32 offset, const void *data, u32 len,
 			   bool sf)
 {
+	const u32 piece = PAGE_SIZE - sizeof(struct vsmc_write);
 	struct vsmc_write *w;
+	LIST_HEAD(ws);
+	u32 done = 0, n;
 
 	if (len > VSMC_PENDING_MAX - p->queued)
 		return -ENOBUFS;
-	w = kmalloc(struct_size(w, data, len), GFP_ATOMIC);
-	if (!w)
-		return -ENOMEM;
-	w->offset = offset;
-	w->len = len;
-	w->sf = sf;
-	memcpy(w->data, data, len);
-	list_add_tail(&w->node, &p->queue);
+	do {
+		n = min(len - done, piece);
+		w = kmalloc(struct_size(w, data, n), GFP_ATOMIC);
+		if (!w) {
+			vsmc_free_writes(&ws);
+			return -ENOMEM;
+		}
+		w->offset = offset + done;
+		w->len = n;
+		w->sf = sf && done + n == len;
+		memcpy(w->data, data + done, n);
+		list_add_tail(&w->node, &ws);
+		done += n;
+	} while (done < len);
+	list_splice_tail(&ws, &p->queue);
 	p->queued += len;
 	return 0;
 }
