@@ -4,18 +4,19 @@
 //! A VMM started without a broker socket uses a [`LocalPool`] directly; the broker daemon
 //! runs one too and gives every connection a [`LocalSession`] of it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::PoolConfig;
 use crate::events::EventQueue;
-use crate::memory::RegionMemory;
+use crate::memory::{FileIdentity, RegionMemory};
 use crate::session::{
     DevId, GrantTarget, MissingPerm, Perms, PoolError, PoolEvent, PoolSession, RegionLease,
     SessionInfo, Token,
 };
+use crate::state::{ConfigRecord, PoolSnapshot, RegionRecord, STATE_FORMAT, SessionRecord};
 use crate::status::{PoolStatus, RegionStatus, SessionStatus};
 use crate::token::{mint_token, random_nonzero_u64};
 
@@ -70,6 +71,8 @@ struct VmUse {
 
 struct Region {
     memory: RegionMemory,
+    /// Which memfd `memory` is (recorded in the state file).
+    file: FileIdentity,
     owner: DevId,
     default_perms: Perms,
     grants: BTreeMap<DevId, Perms>,
@@ -97,6 +100,33 @@ struct SessionSlot {
     owner: SessionOwner,
     held: BTreeSet<Token>,
     events: Arc<EventQueue>,
+    /// The secret that lets this session's VMM take it over again after a broker restart.
+    key: u64,
+    /// A resumed session: regions it held before the restart that it has not handed back
+    /// yet (cleared when it says it is done).
+    pending: BTreeSet<Token>,
+}
+
+/// A session recorded before a restart that has not come back yet.
+struct RecordedSession {
+    key: u64,
+    held: BTreeSet<Token>,
+}
+
+/// A region recorded before a restart that no holder has handed back yet.
+struct RecordedRegion {
+    size: u64,
+    file: FileIdentity,
+    owner: DevId,
+    default_perms: Perms,
+    grants: BTreeMap<DevId, Perms>,
+}
+
+/// What a restarted pool still waits for.
+#[derive(Default)]
+struct Recovery {
+    sessions: BTreeMap<DevId, RecordedSession>,
+    regions: HashMap<Token, RecordedRegion>,
 }
 
 #[derive(Default)]
@@ -106,6 +136,10 @@ struct PoolState {
     regions: HashMap<Token, Region>,
     sessions: BTreeMap<DevId, SessionSlot>,
     vm_used: HashMap<VmKey, VmUse>,
+    recovery: Recovery,
+    /// Tokens recorded before a restart: never minted again, so a token is never handed
+    /// to a different region.
+    reserved: HashSet<Token>,
 }
 
 impl PoolState {
@@ -179,6 +213,39 @@ impl PoolState {
             if had_doorbell {
                 self.notify_holders(region, None, PoolEvent::DoorbellsChanged { token });
             }
+        }
+    }
+
+    /// Who may still hand `token` back: recorded sessions that have not resumed, and
+    /// resumed ones that have not handed it back yet.
+    fn claimants(&self) -> HashMap<Token, BTreeSet<DevId>> {
+        let mut claimants: HashMap<Token, BTreeSet<DevId>> = HashMap::new();
+        for (devid, recorded) in &self.recovery.sessions {
+            for token in &recorded.held {
+                claimants.entry(*token).or_default().insert(*devid);
+            }
+        }
+        for (devid, slot) in &self.sessions {
+            for token in &slot.pending {
+                claimants.entry(*token).or_default().insert(*devid);
+            }
+        }
+        claimants
+    }
+
+    /// Forgets recorded regions nobody can hand back any more.
+    fn forget_unclaimed(&mut self) {
+        let claimants = self.claimants();
+        self.recovery
+            .regions
+            .retain(|token, _| claimants.contains_key(token));
+    }
+
+    /// `devid` held `token` before a restart and will not hand it back: the holders that
+    /// did come back hear that it left.
+    fn abandon(&self, devid: DevId, token: Token) {
+        if let Some(region) = self.regions.get(&token) {
+            self.notify_holders(region, None, PoolEvent::PeerDetached { token, peer: devid });
         }
     }
 
@@ -281,6 +348,7 @@ impl LocalPool {
         // be inherited by a newcomer.
         state.next_devid += 1;
         let vm = owner.vm.clone().unwrap_or(VmKey::Session(devid));
+        let key = random_nonzero_u64()?;
         state.sessions.insert(
             devid,
             SessionSlot {
@@ -288,6 +356,8 @@ impl LocalPool {
                 owner,
                 held: BTreeSet::new(),
                 events: events.clone(),
+                key,
+                pending: BTreeSet::new(),
             },
         );
         Ok(Arc::new(LocalSession {
@@ -318,6 +388,316 @@ impl LocalPool {
             state.refund(&vm, size);
         }
         Ok(())
+    }
+
+    /// A pool restarted from `snapshot` (see [`LocalPool::snapshot`]): the same gid, devids
+    /// continuing where they stopped, and every recorded session and region waiting to be
+    /// taken back ([`LocalPool::resume_session`], [`LocalSession::reregister`]). Recorded
+    /// tokens are never minted again.
+    pub fn restore(
+        mut config: PoolConfig,
+        snapshot: &PoolSnapshot,
+    ) -> Result<Arc<Self>, PoolError> {
+        config.gid = Some(snapshot.gid);
+        let pool = Self::new(config)?;
+        {
+            let mut state = pool.lock();
+            let highest = snapshot
+                .sessions
+                .iter()
+                .map(|s| s.devid)
+                .chain(
+                    snapshot
+                        .regions
+                        .iter()
+                        .flat_map(|r| r.holders.iter().copied()),
+                )
+                .max()
+                .unwrap_or(0);
+            state.next_devid = snapshot.next_devid.max(highest.saturating_add(1)).max(1);
+            for region in &snapshot.regions {
+                let token = Token(region.token);
+                state.reserved.insert(token);
+                state.recovery.regions.insert(
+                    token,
+                    RecordedRegion {
+                        size: region.size,
+                        file: region.file,
+                        owner: DevId(region.owner),
+                        default_perms: Perms(region.default_perms),
+                        grants: region
+                            .grants
+                            .iter()
+                            .map(|(d, p)| (DevId(*d), Perms(*p)))
+                            .collect(),
+                    },
+                );
+            }
+            for session in &snapshot.sessions {
+                let held = session
+                    .held
+                    .iter()
+                    .map(|t| Token(*t))
+                    .filter(|t| state.recovery.regions.contains_key(t))
+                    .collect();
+                state.recovery.sessions.insert(
+                    DevId(session.devid),
+                    RecordedSession {
+                        key: session.key,
+                        held,
+                    },
+                );
+            }
+            state.forget_unclaimed();
+        }
+        Ok(pool)
+    }
+
+    /// Everything a restarted pool needs (see [`crate::state`]), including what a restarted
+    /// pool still waits for, so that a second restart loses nothing either.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let state = self.lock();
+        let claimants = state.claimants();
+        let mut sessions: Vec<SessionRecord> = state
+            .sessions
+            .iter()
+            .map(|(devid, slot)| SessionRecord {
+                devid: devid.0,
+                key: slot.key,
+                held: slot.held.union(&slot.pending).map(|t| t.0).collect(),
+            })
+            .chain(
+                state
+                    .recovery
+                    .sessions
+                    .iter()
+                    .map(|(devid, recorded)| SessionRecord {
+                        devid: devid.0,
+                        key: recorded.key,
+                        held: recorded.held.iter().map(|t| t.0).collect(),
+                    }),
+            )
+            .collect();
+        sessions.sort_by_key(|s| s.devid);
+        let holders = |token: &Token, live: Option<&BTreeSet<DevId>>| -> Vec<u64> {
+            let mut all: BTreeSet<DevId> = live.cloned().unwrap_or_default();
+            if let Some(waiting) = claimants.get(token) {
+                all.extend(waiting);
+            }
+            all.into_iter().map(|d| d.0).collect()
+        };
+        let grants =
+            |grants: &BTreeMap<DevId, Perms>| grants.iter().map(|(d, p)| (d.0, p.0)).collect();
+        let mut regions: Vec<RegionRecord> = state
+            .regions
+            .iter()
+            .map(|(token, region)| RegionRecord {
+                token: token.0,
+                size: region.memory.size(),
+                file: region.file,
+                owner: region.owner.0,
+                default_perms: region.default_perms.0,
+                grants: grants(&region.grants),
+                holders: holders(token, Some(&region.holders)),
+            })
+            .chain(
+                state
+                    .recovery
+                    .regions
+                    .iter()
+                    .map(|(token, recorded)| RegionRecord {
+                        token: token.0,
+                        size: recorded.size,
+                        file: recorded.file,
+                        owner: recorded.owner.0,
+                        default_perms: recorded.default_perms.0,
+                        grants: grants(&recorded.grants),
+                        holders: holders(token, None),
+                    }),
+            )
+            .collect();
+        regions.sort_by_key(|r| r.token);
+        PoolSnapshot {
+            format: STATE_FORMAT,
+            gid: self.gid,
+            config: ConfigRecord::of(&self.config),
+            next_devid: state.next_devid,
+            sessions,
+            regions,
+        }
+    }
+
+    /// Whether sessions recorded before a restart may still come back.
+    pub fn recovering(&self) -> bool {
+        !self.lock().recovery.sessions.is_empty()
+    }
+
+    /// Takes back the recorded session `devid` after a restart, if `key` is its key: the
+    /// same devid, and the regions it held waiting for [`LocalSession::reregister`]. A
+    /// session can be taken back once; an unknown devid and a wrong key are refused alike.
+    pub fn resume_session(
+        self: &Arc<Self>,
+        owner: SessionOwner,
+        devid: DevId,
+        key: u64,
+    ) -> Result<Arc<LocalSession>, PoolError> {
+        let events = Arc::new(EventQueue::new().map_err(PoolError::create_memory)?);
+        let mut state = self.lock();
+        let known = state
+            .recovery
+            .sessions
+            .get(&devid)
+            .is_some_and(|recorded| recorded.key == key);
+        let Some(recorded) = known
+            .then(|| state.recovery.sessions.remove(&devid))
+            .flatten()
+        else {
+            return Err(PoolError::Protocol(format!(
+                "Resume refused: no session {} waiting to be resumed with that key",
+                devid.0
+            )));
+        };
+        let vm = owner.vm.clone().unwrap_or(VmKey::Session(devid));
+        state.sessions.insert(
+            devid,
+            SessionSlot {
+                vm,
+                owner,
+                held: BTreeSet::new(),
+                events: events.clone(),
+                key,
+                pending: recorded.held,
+            },
+        );
+        Ok(Arc::new(LocalSession {
+            pool: self.clone(),
+            devid,
+            events,
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    /// A resumed session hands back region `token` with `fd`, a lease it got before the
+    /// restart. Accepted only if the session held the region then and has not handed it
+    /// back yet, and `fd` is that region's memfd: the same file (device and inode as
+    /// recorded), of the recorded size, owned by this process's uid and sealed as the pool
+    /// seals. The first holder back restores the region (memory, owner, grants); a
+    /// writable lease replaces a read-only one the pool had so far.
+    fn reregister(&self, devid: DevId, token: Token, fd: OwnedFd) -> Result<(), PoolError> {
+        use rustix::fs::{OFlags, SealFlags};
+        let refuse =
+            |why: &str| PoolError::Protocol(format!("Re-registration of {token} refused: {why}"));
+        let stat = rustix::fs::fstat(&fd).map_err(|_| refuse("not a file"))?;
+        let file = FileIdentity {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        };
+        let size = stat.st_size as u64;
+        if stat.st_uid != rustix::process::geteuid().as_raw() {
+            return Err(refuse("the file was not made by the pool"));
+        }
+        let seals = rustix::fs::fcntl_get_seals(&fd).map_err(|_| refuse("not a sealed memfd"))?;
+        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL) {
+            return Err(refuse("not sealed as region memory is"));
+        }
+        let writable = rustix::fs::fcntl_getfl(&fd)
+            .map_err(|_| refuse("unreadable descriptor flags"))?
+            & OFlags::RWMODE
+            == OFlags::RDWR;
+        let mut state = self.lock();
+        let vm = state.vm_of(devid)?;
+        let pending = state
+            .sessions
+            .get(&devid)
+            .is_some_and(|slot| slot.pending.contains(&token));
+        if !pending {
+            return Err(PoolError::NotHeld { token });
+        }
+        let matches = match (
+            state.regions.get(&token),
+            state.recovery.regions.get(&token),
+        ) {
+            (Some(region), _) => region.file == file && region.memory.size() == size,
+            (None, Some(recorded)) => recorded.file == file && recorded.size == size,
+            (None, None) => return Err(PoolError::NoSuchRegion(token)),
+        };
+        if !matches {
+            log::warn!(
+                "Device {} handed back a descriptor for {token} that is not its memory ({file:?}, {size} bytes)",
+                devid.0
+            );
+            return Err(refuse("the descriptor is not the region's memory"));
+        }
+        if let Some(region) = state.regions.get_mut(&token) {
+            if writable && !region.memory.writable() {
+                region.memory = RegionMemory::adopt(fd, size, true);
+            }
+            region.holders.insert(devid);
+        } else if let Some(recorded) = state.recovery.regions.remove(&token) {
+            state.regions.insert(
+                token,
+                Region {
+                    memory: RegionMemory::adopt(fd, size, writable),
+                    file,
+                    owner: recorded.owner,
+                    default_perms: recorded.default_perms,
+                    grants: recorded.grants,
+                    holders: BTreeSet::from([devid]),
+                    doorbells: BTreeMap::new(),
+                    doorbell_generation: 0,
+                },
+            );
+            state.used += size;
+        }
+        state.charge(&vm, size);
+        if let Some(slot) = state.sessions.get_mut(&devid) {
+            slot.pending.remove(&token);
+            slot.held.insert(token);
+        }
+        Ok(())
+    }
+
+    /// A resumed session handed back all it has: what it did not hand back it no longer
+    /// holds (the other holders hear it left).
+    fn finish_resume(&self, devid: DevId) {
+        let mut state = self.lock();
+        let pending = match state.sessions.get_mut(&devid) {
+            Some(slot) => std::mem::take(&mut slot.pending),
+            None => return,
+        };
+        for token in pending {
+            state.abandon(devid, token);
+        }
+        state.forget_unclaimed();
+    }
+
+    /// The grace period is over: sessions that did not come back are gone, with their
+    /// holds and grants; regions nobody handed back are forgotten (their tokens stay
+    /// reserved). Returns the devids given up.
+    pub fn expire_recovery(&self) -> Vec<DevId> {
+        let mut state = self.lock();
+        let gone = std::mem::take(&mut state.recovery.sessions);
+        for (devid, recorded) in &gone {
+            for token in &recorded.held {
+                state.abandon(*devid, *token);
+            }
+            for region in state.regions.values_mut() {
+                region.grants.remove(devid);
+            }
+        }
+        let unfinished: Vec<(DevId, BTreeSet<Token>)> = state
+            .sessions
+            .iter_mut()
+            .map(|(devid, slot)| (*devid, std::mem::take(&mut slot.pending)))
+            .filter(|(_, pending)| !pending.is_empty())
+            .collect();
+        for (devid, pending) in unfinished {
+            for token in pending {
+                state.abandon(devid, token);
+            }
+        }
+        state.forget_unclaimed();
+        gone.into_keys().collect()
     }
 
     /// A snapshot of every region and session.
@@ -408,9 +788,10 @@ impl LocalPool {
                 available,
             });
         }
-        let token = mint_token(|t| state.regions.contains_key(&t))?;
+        let token = mint_token(|t| state.regions.contains_key(&t) || state.reserved.contains(&t))?;
         let memory = RegionMemory::create(&format!("ism-{token}"), size, self.config.hugepages)
             .map_err(|e| PoolError::create_memory(e.into_io()))?;
+        let file = memory.identity().map_err(PoolError::create_memory)?;
         let fd = memory
             .read_write_fd()
             .map_err(|e| PoolError::create_memory(e.into_io()))?;
@@ -418,6 +799,7 @@ impl LocalPool {
             token,
             Region {
                 memory,
+                file,
                 owner: devid,
                 default_perms: Perms::NONE,
                 grants: BTreeMap::new(),
@@ -510,7 +892,9 @@ impl LocalPool {
         // and one to a departed device could never be used (its grants are dropped when it
         // leaves). Removing a grant (CLEAN_DEFAULT) is allowed for any devid.
         let unknown_peer = match target {
-            GrantTarget::Device(peer) if !clean => !state.sessions.contains_key(&peer),
+            GrantTarget::Device(peer) if !clean => {
+                !state.sessions.contains_key(&peer) && !state.recovery.sessions.contains_key(&peer)
+            }
             _ => false,
         };
         let region = state
@@ -612,7 +996,14 @@ impl LocalPool {
         for token in held {
             state.release(devid, token);
         }
-        state.sessions.remove(&devid);
+        if let Some(slot) = state.sessions.remove(&devid)
+            && !slot.pending.is_empty()
+        {
+            for token in &slot.pending {
+                state.abandon(devid, *token);
+            }
+            state.forget_unclaimed();
+        }
         // Grants naming the departed device can never be used again (devids are never
         // reused); drop them so that grant tables stay bounded.
         for region in state.regions.values_mut() {
@@ -687,6 +1078,26 @@ impl LocalSession {
     }
 
     /// The event queue's eventfd, for poll.
+    /// The secret that lets this session be resumed after a broker restart.
+    pub fn resume_key(&self) -> u64 {
+        self.pool
+            .lock()
+            .sessions
+            .get(&self.devid)
+            .map_or(0, |slot| slot.key)
+    }
+
+    /// Hands back a region this session held before a broker restart (see
+    /// [`LocalPool::resume_session`]).
+    pub fn reregister(&self, token: Token, fd: OwnedFd) -> Result<(), PoolError> {
+        self.pool.reregister(self.devid, token, fd)
+    }
+
+    /// This resumed session has handed back everything it still holds.
+    pub fn finish_resume(&self) {
+        self.pool.finish_resume(self.devid)
+    }
+
     pub fn event_fd_borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
         self.events.fd()
     }
