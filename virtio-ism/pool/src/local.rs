@@ -1880,4 +1880,125 @@ mod tests {
         let a = pool.session().unwrap();
         assert!(a.event_fd().is_some());
     }
+
+    /// A pool restored from a snapshot takes back exactly what was recorded: the right
+    /// session key, the very memfd of each region (once per holder), owners and grants.
+    #[test]
+    fn test_restored_pool_takes_back_recorded_sessions_and_regions_only() {
+        let before = pool(16 * PAGE_SIZE, None);
+        let a = before.open_session(SessionOwner::default()).unwrap();
+        let b = before.open_session(SessionOwner::default()).unwrap();
+        let lease = a.alloc(2 * PAGE_SIZE).unwrap();
+        let token = lease.token;
+        write_at(&lease, 0, b"kept");
+        a.grant(token, GrantTarget::Device(b.devid()), Perms(7))
+            .unwrap();
+        let b_lease = b.attach(token, Perms::READ).unwrap();
+        let snapshot = before.snapshot();
+        assert_eq!(snapshot.sessions.len(), 2);
+        assert_eq!(snapshot.regions[0].holders, vec![a.devid().0, b.devid().0]);
+        let (a_key, a_devid, b_key, b_devid) =
+            (a.resume_key(), a.devid(), b.resume_key(), b.devid());
+        assert_ne!(a_key, b_key);
+        // The broker died: its sessions and memfds are gone, the holders' leases are not.
+        std::mem::forget(a);
+        std::mem::forget(b);
+        drop(before);
+
+        let after = LocalPool::restore(
+            PoolConfig {
+                size: 16 * PAGE_SIZE,
+                ..PoolConfig::default()
+            },
+            &snapshot,
+        )
+        .unwrap();
+        assert_eq!(after.gid(), snapshot.gid);
+        assert!(after.recovering());
+        let owner = SessionOwner::default;
+        assert!(after.resume_session(owner(), a_devid, b_key).is_err());
+        assert!(after.resume_session(owner(), DevId(99), a_key).is_err());
+        let a = after.resume_session(owner(), a_devid, a_key).unwrap();
+        assert!(after.resume_session(owner(), a_devid, a_key).is_err());
+        // A foreign file of the right size is not the region.
+        let foreign = RegionMemory::create("foreign", 2 * PAGE_SIZE, false).unwrap();
+        assert!(matches!(
+            a.reregister(token, foreign.read_write_fd().unwrap()),
+            Err(PoolError::Protocol(_))
+        ));
+        // A token it never held is not accepted; its own region is, once.
+        assert!(matches!(
+            a.reregister(Token(token.0 ^ 1), lease.fd.try_clone().unwrap()),
+            Err(PoolError::NotHeld { .. })
+        ));
+        a.reregister(token, lease.fd.try_clone().unwrap()).unwrap();
+        assert!(matches!(
+            a.reregister(token, lease.fd.try_clone().unwrap()),
+            Err(PoolError::NotHeld { .. })
+        ));
+        a.finish_resume();
+        // New regions never get a recorded token, and devids continue.
+        let c = after.open_session(SessionOwner::default()).unwrap();
+        assert!(c.devid().0 > b_devid.0);
+        assert_ne!(c.alloc(PAGE_SIZE).unwrap().token, token);
+        // B is recorded: it can be granted to and can come back with its read-only lease.
+        a.grant(token, GrantTarget::Device(b_devid), Perms(7))
+            .unwrap();
+        let b = after.resume_session(owner(), b_devid, b_key).unwrap();
+        b.reregister(token, b_lease.fd.try_clone().unwrap())
+            .unwrap();
+        b.finish_resume();
+        assert!(!after.recovering());
+        let status = after.status();
+        let region = status.regions.iter().find(|r| r.token == token.0).unwrap();
+        assert_eq!(region.owner, a_devid.0);
+        assert_eq!(region.holders, vec![a_devid.0, b_devid.0]);
+        assert_eq!(region.grants, vec![(b_devid.0, 7)]);
+        // The memory is the same.
+        let d = after.session().unwrap();
+        a.grant(token, GrantTarget::Default, Perms(5)).unwrap();
+        let again = d.attach(token, Perms::READ).unwrap();
+        assert_eq!(read_at(&again, 0, 4), b"kept");
+    }
+
+    /// Sessions that never come back lose their holds at the end of the grace period, and
+    /// the holders that did come back hear it.
+    #[test]
+    fn test_expired_recovery_releases_absent_sessions() {
+        let before = pool(16 * PAGE_SIZE, None);
+        let a = before.open_session(SessionOwner::default()).unwrap();
+        let b = before.open_session(SessionOwner::default()).unwrap();
+        let lease = a.alloc(PAGE_SIZE).unwrap();
+        a.grant(lease.token, GrantTarget::Default, Perms(7))
+            .unwrap();
+        let _b_lease = b.attach(lease.token, Perms::NONE).unwrap();
+        let snapshot = before.snapshot();
+        let (a_key, a_devid, b_devid) = (a.resume_key(), a.devid(), b.devid());
+        std::mem::forget(a);
+        std::mem::forget(b);
+        drop(before);
+        let after = LocalPool::restore(
+            PoolConfig {
+                size: 16 * PAGE_SIZE,
+                ..PoolConfig::default()
+            },
+            &snapshot,
+        )
+        .unwrap();
+        let a = after
+            .resume_session(SessionOwner::default(), a_devid, a_key)
+            .unwrap();
+        a.reregister(lease.token, lease.fd.try_clone().unwrap())
+            .unwrap();
+        a.finish_resume();
+        assert_eq!(after.snapshot().regions[0].holders.len(), 2);
+        assert_eq!(after.expire_recovery(), vec![b_devid]);
+        assert!(a.take_events().contains(&PoolEvent::PeerDetached {
+            token: lease.token,
+            peer: b_devid
+        }));
+        let snapshot = after.snapshot();
+        assert_eq!(snapshot.sessions.len(), 1);
+        assert_eq!(snapshot.regions[0].holders, vec![a_devid.0]);
+    }
 }
