@@ -920,6 +920,7 @@ fn status_name(e: &IsmError) -> &'static str {
         IsmError::NoEntry => "ENOENT",
         IsmError::NoSpace => "ENOSPC",
         IsmError::NoMem => "ENOMEM",
+        IsmError::Again => "EAGAIN",
         IsmError::TooBig(_) => "E2BIG",
         IsmError::DeviceError(_) => "ERR",
         IsmError::ReadOnly => "READONLY",

@@ -149,6 +149,8 @@ impl HandleControl {
                 // A bare Err is what a broken broker connection becomes, and also what a few
                 // device-side refusals are: ask the broker whether it answers.
                 Status::Err => self.probe_broker(error),
+                // The device's own word for "the broker is down or does not answer".
+                Status::Again => ControlError::PoolUnavailable(Box::new(error)),
                 Status::Ok | Status::TooBig | Status::Unknown(_) => ControlError::internal(error),
             },
             // Mapping a region the pool just made: only the device's own window is involved.

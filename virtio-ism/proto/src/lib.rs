@@ -158,6 +158,7 @@ mod tests {
             (Status::TooBig, 7),
             (Status::NoMem, 12),
             (Status::NoSpc, 28),
+            (Status::Again, 11),
             (Status::PermAttach, 100),
             (Status::PermRead, 101),
             (Status::PermWrite, 102),
