@@ -163,6 +163,15 @@ impl PoolBroker {
         self.group.kill();
     }
 
+    /// Send `signal` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to the broker process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.group.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child, which is not reaped (the group is killed and
+        // reaped only on drop or by `kill`).
+        let done = unsafe { libc::kill(pid, signal) };
+        assert_eq!(done, 0, "kill({pid}, {signal})");
+    }
+
     /// Start the broker again on the same socket and state file with the same options,
     /// and wait until it answers.
     pub fn restart(&mut self) {
