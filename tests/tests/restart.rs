@@ -295,3 +295,57 @@ fn test_broker_stopped_longer_than_the_timeout_under_ism_vmm_guests() {
     assert_eq!(b.power_off(), Some(0));
     assert_eq!(a.power_off(), Some(0));
 }
+
+/// B's VMM is SIGKILLed while it attaches and detaches A's region in a loop: A keeps the
+/// region and its contents, hears that B left, and can allocate and grant again.
+#[test]
+fn test_peer_ism_vmm_killed_during_attach() {
+    require_kvm!();
+    require_vmm!(Vmm::IsmVmm);
+    let broker = PoolBroker::start("1G");
+    let spec = IsmSpec::on(Vmm::IsmVmm);
+    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
+    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
+    let token = a
+        .cmd("alloc 64K")
+        .ok("A alloc")
+        .get("token")
+        .unwrap()
+        .to_string();
+    a.cmd(&format!("fill {token} 0x99")).ok("A fill");
+    a.cmd(&format!("grant {token} default rwa")).ok("A grant");
+    // Queue many attach/detach pairs on B's serial input and kill it in the middle.
+    for _ in 0..200 {
+        b.send(&format!("attach {token} rw"));
+        b.send(&format!("detach {token}"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    b.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = broker.status();
+        if status["sessions"].as_array().unwrap().len() == 1 {
+            let regions = status["regions"].as_array().unwrap();
+            assert_eq!(regions.len(), 1, "{status}");
+            assert_eq!(
+                regions[0]["holders"].as_array().unwrap().len(),
+                1,
+                "{status}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "B's session stayed: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let check = a.cmd(&format!("check {token} 0x99")).ok("A check");
+    assert_eq!(check.get("match"), Some("true"), "{}", check.line);
+    let fresh = a
+        .cmd("alloc 4K")
+        .ok("A alloc again")
+        .get("token")
+        .unwrap()
+        .to_string();
+    a.cmd(&format!("grant {fresh} default r"))
+        .ok("A grant again");
+    assert_eq!(a.power_off(), Some(0));
+}
