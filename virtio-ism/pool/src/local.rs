@@ -781,7 +781,9 @@ impl LocalPool {
         let mut state = self.lock();
         let vm = state.vm_of(devid)?;
         self.check_quota(&state, &vm, size)?;
-        let available = self.config.size - state.used;
+        // Regions handed back after a restart are taken whatever the (possibly smaller) size
+        // the pool was restarted with, so `used` may exceed it.
+        let available = self.config.size.saturating_sub(state.used);
         if size > available {
             return Err(PoolError::PoolExhausted {
                 requested: size,
