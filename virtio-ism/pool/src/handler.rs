@@ -628,6 +628,57 @@ mod tests {
         ));
     }
 
+    /// Version 4: a device session gets a resume key (older ones keep the 24-byte
+    /// HELLO_OK); a RESUME the pool cannot honour is error 16 and closes; resume requests
+    /// on an older connection are refused; what changes the pool asks to be persisted.
+    #[test]
+    fn test_resume_key_and_refused_resume() {
+        let pool = pool();
+        let mut conn = Connection::new(pool.clone(), peer(false));
+        let packet = Request::Hello {
+            min_version: 1,
+            max_version: RESUME_VERSION,
+            role: Role::Device,
+        }
+        .encode(1);
+        let handled = conn.handle_packet(&packet, false, 0);
+        assert!(handled.persist);
+        let Reply::HelloOk {
+            devid, resume_key, ..
+        } = one_reply(&handled).1
+        else {
+            panic!("no hello");
+        };
+        assert_ne!(resume_key, 0);
+        assert_eq!(resume_key, conn.session().unwrap().resume_key());
+        let handled = conn.handle_packet(&Request::Alloc { size: 4096 }.encode(2), false, 0);
+        assert!(handled.persist);
+        let handled = conn.handle_packet(&Request::ResumeDone.encode(3), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::Ok));
+        let old = device(&pool);
+        assert!(matches!(
+            old.session().map(|s| s.devid()),
+            Some(d) if d.0 != devid
+        ));
+        let mut old = old;
+        let handled = old.handle_packet(&Request::ResumeDone.encode(4), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::Error(e) if e.code == error_code::PROTOCOL));
+        // Nobody waits to be resumed in a fresh pool, whatever the key.
+        let mut conn = Connection::new(pool, peer(false));
+        let resume = Request::Resume {
+            min_version: RESUME_VERSION,
+            max_version: RESUME_VERSION,
+            devid: DevId(devid),
+            key: resume_key,
+        };
+        let handled = conn.handle_packet(&resume.encode(1), false, 0);
+        assert!(handled.close);
+        assert!(matches!(
+            one_reply(&handled).1,
+            Reply::Error(e) if e.code == error_code::RESUME_REFUSED
+        ));
+    }
+
     #[test]
     fn test_alloc_returns_lease_with_fd_and_errors_are_typed() {
         let pool = pool();
