@@ -41,7 +41,11 @@ pub struct ClientOptions {
     /// ALLOC or ATTACH is given back with a DETACH).
     pub reply_timeout: Duration,
     /// Reconnect and resume the session after the connection broke (needs a broker of
-    /// protocol version 4).
+    /// protocol version 4), and give back a lease that arrives after its request timed
+    /// out. The session then keeps a duplicate of every lease and doorbell (made on the
+    /// calling thread), and its reader thread connects and sends: `socket` (AF_UNIX),
+    /// `connect`, `setsockopt`, `sendmsg`, `shutdown` (docs/seccomp.md). Off, the reader
+    /// thread only receives and the session ends with its connection.
     pub reconnect: bool,
     /// First wait before reconnecting; doubled after every failed attempt up to
     /// `backoff_max`.
@@ -223,13 +227,20 @@ impl BrokerSession {
         Self::connect_with(path, ClientOptions::default(), None)
     }
 
-    /// [`connect`](Self::connect), running `thread_start` first on the session's reader
-    /// thread (a VMM applies that thread's seccomp filter there).
+    /// [`connect`](Self::connect) without reconnecting (`reconnect: false`), running
+    /// `thread_start` first on the session's reader thread (a VMM applies that thread's
+    /// seccomp filter there). For VMMs whose reader-thread filter allows receiving only (the
+    /// cloud-hypervisor patch, until it allows what reconnecting needs); others use
+    /// [`connect_with`](Self::connect_with).
     pub fn connect_with_thread_start(
         path: impl AsRef<Path>,
         thread_start: Option<Arc<dyn Fn() + Send + Sync>>,
     ) -> Result<Arc<BrokerSession>, PoolError> {
-        Self::connect_with(path, ClientOptions::default(), thread_start)
+        let options = ClientOptions {
+            reconnect: false,
+            ..ClientOptions::default()
+        };
+        Self::connect_with(path, options, thread_start)
     }
 
     /// [`connect_with_thread_start`](Self::connect_with_thread_start) with `options`
@@ -346,6 +357,21 @@ impl BrokerSession {
                 && answer.id == id
             {
                 link.waiting = None;
+                // Kept before the reader can resume (it waits until the answer is taken),
+                // so a resume right after this lease hands it back too.
+                if let (true, Reply::Lease { token, .. }, Some(fd)) =
+                    (shared.options.reconnect, &answer.reply, answer.fds.first())
+                {
+                    match fd.try_clone() {
+                        Ok(copy) => {
+                            lock(&shared.held).insert(*token, copy);
+                        }
+                        Err(e) => log::warn!(
+                            "Cannot keep a copy of region {token} ({e}): a broker restart will lose it"
+                        ),
+                    }
+                }
+                shared.changed.notify_all();
                 return Ok((answer.reply, answer.fds));
             }
             if let Some(reason) = link.down.clone() {
@@ -531,6 +557,17 @@ fn reconnect(shared: &Shared) -> bool {
             }
         }
         attempts += 1;
+        // An answer delivered before the connection broke is taken (and its lease kept)
+        // before the held regions are listed.
+        {
+            let link = shared.link();
+            let _ = shared
+                .changed
+                .wait_timeout_while(link, shared.options.reply_timeout, |link| {
+                    link.answer.is_some()
+                })
+                .unwrap_or_else(|e| e.into_inner());
+        }
         match resume(shared) {
             Ok(socket) => {
                 let tokens: Vec<Token> = lock(&shared.held).keys().copied().collect();
@@ -628,14 +665,18 @@ fn resume(shared: &Shared) -> Result<OwnedFd, Resume> {
         Reply::Error(e) => return Err(Resume::Retry(e.into_pool_error().to_string())),
         other => return Err(Resume::Retry(format!("unexpected answer {other:?}"))),
     }
-    let held: Vec<(Token, OwnedFd)> = lock(&shared.held)
-        .iter()
-        .filter_map(|(token, fd)| Some((*token, fd.try_clone().ok()?)))
-        .collect();
+    // The descriptors are sent as they are kept (this thread duplicates nothing).
+    let held: Vec<Token> = lock(&shared.held).keys().copied().collect();
     let mut refused = Vec::new();
-    for (token, fd) in &held {
+    for token in &held {
         let id = shared.next_id();
-        send(&Request::Reregister { token: *token }, id, Some(fd.as_fd()))?;
+        {
+            let kept = lock(&shared.held);
+            let Some(fd) = kept.get(token) else {
+                continue;
+            };
+            send(&Request::Reregister { token: *token }, id, Some(fd.as_fd()))?;
+        }
         match resume_answer(shared, &socket, id)? {
             Reply::Ok => {}
             Reply::Error(e) => {
@@ -653,17 +694,20 @@ fn resume(shared: &Shared) -> Result<OwnedFd, Resume> {
         shared.forget(token);
         shared.events.push(PoolEvent::Revoked { token });
     }
-    let doorbells: Vec<(Token, OwnedFd)> = lock(&shared.doorbells)
-        .iter()
-        .filter_map(|(token, fd)| Some((*token, fd.try_clone().ok()?)))
-        .collect();
-    for (token, fd) in &doorbells {
+    let doorbells: Vec<Token> = lock(&shared.doorbells).keys().copied().collect();
+    for token in &doorbells {
         let id = shared.next_id();
-        send(
-            &Request::PublishDoorbell { token: *token },
-            id,
-            Some(fd.as_fd()),
-        )?;
+        {
+            let kept = lock(&shared.doorbells);
+            let Some(fd) = kept.get(token) else {
+                continue;
+            };
+            send(
+                &Request::PublishDoorbell { token: *token },
+                id,
+                Some(fd.as_fd()),
+            )?;
+        }
         if let Reply::Error(e) = resume_answer(shared, &socket, id)? {
             log::warn!(
                 "Publishing the doorbell of {token} again failed: {}",
@@ -694,15 +738,11 @@ fn read_loop(shared: &Shared, socket: &Arc<OwnedFd>) -> String {
                 let mut link = shared.link();
                 link.unresponsive = false;
                 if link.waiting == Some(id) {
-                    if let (Reply::Lease { token, .. }, Some(fd)) = (&reply, fds.first())
-                        && let Ok(copy) = fd.try_clone()
-                    {
-                        // Kept before the caller sees the lease: a resume right after it
-                        // hands this region back too.
-                        lock(&shared.held).insert(*token, copy);
-                    }
                     link.answer = Some(Answer { id, reply, fds });
-                } else if let Reply::Lease { token, .. } = reply {
+                } else if let (true, Reply::Lease { token, .. }) =
+                    (shared.options.reconnect, &reply)
+                {
+                    let token = *token;
                     // The answer to an ALLOC or ATTACH that timed out: the device never
                     // saw it, so give the region back.
                     drop(link);
@@ -773,7 +813,9 @@ impl PoolSession for BrokerSession {
     /// is published on resume.
     fn publish_doorbell(&self, token: Token, doorbell: BorrowedFd<'_>) -> Result<(), PoolError> {
         self.doorbells_supported()?;
-        if let Ok(copy) = doorbell.try_clone_to_owned() {
+        if self.shared.options.reconnect
+            && let Ok(copy) = doorbell.try_clone_to_owned()
+        {
             lock(&self.shared.doorbells).insert(token, copy);
         }
         let result =

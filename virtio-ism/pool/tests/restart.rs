@@ -617,3 +617,22 @@ fn test_ten_thousand_alloc_free_cycles_keep_descriptors_and_memory_flat() {
     assert!(end.3 <= start.3 + 64 * 1024, "client memory grew");
     assert!(broker.status().regions.is_empty());
 }
+
+/// A session opened without reconnecting (what a VMM whose pool-client filter only
+/// receives uses) ends with the broker, as before version 4: nothing comes back.
+#[test]
+fn test_a_session_without_reconnect_ends_with_the_broker() {
+    let mut broker = Broker::start(&["--grace", "1"]);
+    let a = BrokerSession::connect_with_thread_start(&broker.socket, None).unwrap();
+    let lease = a.alloc(PAGE).unwrap();
+    write_u64(&lease.fd, 0, 7);
+    broker.kill();
+    broker.restart();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!a.is_connected());
+    assert!(is_unavailable(&a.alloc(PAGE).unwrap_err()));
+    let status = broker.status();
+    assert!(status.sessions.is_empty() && status.regions.is_empty());
+    // The memory the device mapped stays its own.
+    assert_eq!(read_u64(&lease.fd, 0), 7);
+}

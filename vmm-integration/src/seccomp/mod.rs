@@ -277,9 +277,9 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
         Thread::RngWorker => &[],
         // Read the broker socket; after the broker died, reconnect (an AF_UNIX socket only,
         // see `socket_domains`), bound the handshake with SO_RCVTIMEO/SO_SNDTIMEO, hand
-        // back the session's regions and doorbells (sendmsg with SCM_RIGHTS), give back a
-        // lease that came after its request timed out; fcntl is F_GETFD and
-        // F_DUPFD_CLOEXEC only (keeping a duplicate of each lease, see `rules`).
+        // back the session's regions and doorbells (sendmsg with SCM_RIGHTS; the worker
+        // made the duplicates it sends), give back a lease that came after its request
+        // timed out; fcntl is F_GETFD only (see `rules`).
         Thread::PoolClient => &[
             libc::SYS_recvmsg,
             libc::SYS_fcntl,
@@ -333,6 +333,7 @@ fn fcntl_getfd_only(thread: Thread) -> bool {
             | Thread::HttpConnection
             | Thread::SignalHandler
             | Thread::ExitForward
+            | Thread::PoolClient
             | Thread::SerialInput
     )
 }
@@ -477,12 +478,6 @@ fn rules(thread: Thread, policy: &Policy) -> Result<BTreeMap<i64, Vec<SeccompRul
             libc::SYS_fcntl if fcntl_getfd_only(thread) => {
                 vec![arg_is(1, libc::F_GETFD as u64)?]
             }
-            // The pool client keeps a duplicate of each lease it receives (handed back to
-            // a restarted broker); it changes no descriptor flags.
-            libc::SYS_fcntl if thread == Thread::PoolClient => vec![
-                arg_is(1, libc::F_GETFD as u64)?,
-                arg_is(1, libc::F_DUPFD_CLOEXEC as u64)?,
-            ],
             libc::SYS_tgkill if !signals_threads(thread) => vec![abort_only()?],
             // Only adding a filter (a stacked worker filter).
             libc::SYS_seccomp => vec![arg_is(0, libc::SECCOMP_SET_MODE_FILTER.into())?],
@@ -960,20 +955,6 @@ mod tests {
                 libc::AF_NETLINK
             )))));
         }
-    }
-
-    /// The pool client may duplicate a descriptor (it keeps a copy of each lease) but
-    /// change no descriptor flags.
-    #[test]
-    fn test_the_pool_client_duplicates_descriptors_and_changes_no_flags() {
-        let kill = program(Thread::PoolClient, SeccompMode::Kill);
-        // SAFETY: fcntl on stdin with plain integer arguments.
-        let dup = || unsafe { libc::syscall(libc::SYS_fcntl, 0, libc::F_DUPFD_CLOEXEC, 3) };
-        let status = in_child(&[&kill], || returned(dup()));
-        assert!(exited_with(status, 7), "{status:#x}");
-        // SAFETY: as above.
-        let set = || unsafe { libc::syscall(libc::SYS_fcntl, 0, libc::F_SETFL, 0) };
-        assert!(killed_by_sigsys(in_child(&[&kill], || returned(set()))));
     }
 
     /// The request numbers in `ioctls` are the ones kvm-ioctls issues: every KVM call a
