@@ -91,6 +91,9 @@ struct Link {
     waiting: Option<u64>,
     answer: Option<Answer>,
     stopping: bool,
+    /// The connection a resume is being attempted on (shut down when the session stops,
+    /// so the attempt ends at once).
+    resuming: Option<Arc<OwnedFd>>,
 }
 
 struct Shared {
@@ -577,7 +580,7 @@ fn reconnect(shared: &Shared) -> bool {
                         seqpacket::shutdown(socket.as_fd());
                         return false;
                     }
-                    link.socket = Some(Arc::new(socket));
+                    link.socket = Some(socket);
                     link.down = None;
                     link.unresponsive = false;
                     shared.changed.notify_all();
@@ -634,9 +637,24 @@ fn resume_answer(shared: &Shared, socket: &OwnedFd, id: u64) -> Result<Reply, Re
 
 /// One resume attempt: connect, RESUME, hand back every held region (REREGISTER with a
 /// duplicate of its lease) and published doorbell, RESUME_DONE.
-fn resume(shared: &Shared) -> Result<OwnedFd, Resume> {
+fn resume(shared: &Shared) -> Result<Arc<OwnedFd>, Resume> {
     let retry = |e: std::io::Error| Resume::Retry(e.to_string());
-    let socket = seqpacket::connect(&shared.path).map_err(retry)?;
+    let socket = Arc::new(seqpacket::connect(&shared.path).map_err(retry)?);
+    {
+        let mut link = shared.link();
+        if link.stopping {
+            return Err(Resume::Retry("the session is closing".into()));
+        }
+        link.resuming = Some(socket.clone());
+    }
+    let result = resume_on(shared, &socket);
+    shared.link().resuming = None;
+    result.map(|()| socket)
+}
+
+/// [`resume`] on the connected `socket`.
+fn resume_on(shared: &Shared, socket: &OwnedFd) -> Result<(), Resume> {
+    let retry = |e: std::io::Error| Resume::Retry(e.to_string());
     // A hung broker fails the attempt instead of stalling this thread.
     seqpacket::set_recv_timeout(socket.as_fd(), Some(shared.options.reply_timeout))
         .map_err(retry)?;
@@ -719,7 +737,7 @@ fn resume(shared: &Shared) -> Result<OwnedFd, Resume> {
     send(&Request::ResumeDone, id, None)?;
     resume_answer(shared, &socket, id)?;
     seqpacket::set_recv_timeout(socket.as_fd(), None).map_err(retry)?;
-    Ok(socket)
+    Ok(())
 }
 
 /// Reads every broker message: answers go to the waiting request, events to the queue.
@@ -770,7 +788,7 @@ impl Drop for BrokerSession {
         {
             let mut link = self.shared.link();
             link.stopping = true;
-            if let Some(socket) = &link.socket {
+            for socket in link.socket.iter().chain(&link.resuming) {
                 seqpacket::shutdown(socket.as_fd());
             }
             self.shared.changed.notify_all();

@@ -636,3 +636,26 @@ fn test_a_session_without_reconnect_ends_with_the_broker() {
     // The memory the device mapped stays its own.
     assert_eq!(read_u64(&lease.fd, 0), 7);
 }
+
+/// A session dropped while it tries to resume on a broker that does not answer ends at
+/// once, not after the reply timeout: a VMM's shutdown is not held up by a hung broker.
+#[test]
+fn test_dropping_a_session_stops_a_hanging_resume_at_once() {
+    let mut broker = Broker::start(&[]);
+    let slow = ClientOptions {
+        reply_timeout: Duration::from_secs(20),
+        ..options()
+    };
+    let a = BrokerSession::connect_with(&broker.socket, slow, None).unwrap();
+    broker.kill();
+    // Something that accepts connections on the socket and never answers.
+    std::fs::remove_file(&broker.socket).unwrap();
+    let _mute = ism_pool::seqpacket::listen(&broker.socket, 8).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!a.is_connected());
+    let started = Instant::now();
+    drop(a);
+    let took = started.elapsed();
+    println!("session dropped during a hanging resume in {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
