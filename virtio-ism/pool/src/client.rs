@@ -669,7 +669,7 @@ fn resume_on(shared: &Shared, socket: &OwnedFd) -> Result<(), Resume> {
         key: shared.resume_key,
     };
     send(&hello, 1, None)?;
-    match resume_answer(shared, &socket, 1)? {
+    match resume_answer(shared, socket, 1)? {
         Reply::HelloOk { gid, devid, .. }
             if gid == shared.info.gid && devid == shared.info.devid.0 => {}
         Reply::HelloOk { gid, devid, .. } => {
@@ -695,7 +695,7 @@ fn resume_on(shared: &Shared, socket: &OwnedFd) -> Result<(), Resume> {
             };
             send(&Request::Reregister { token: *token }, id, Some(fd.as_fd()))?;
         }
-        match resume_answer(shared, &socket, id)? {
+        match resume_answer(shared, socket, id)? {
             Reply::Ok => {}
             Reply::Error(e) => {
                 log::warn!(
@@ -726,7 +726,7 @@ fn resume_on(shared: &Shared, socket: &OwnedFd) -> Result<(), Resume> {
                 Some(fd.as_fd()),
             )?;
         }
-        if let Reply::Error(e) = resume_answer(shared, &socket, id)? {
+        if let Reply::Error(e) = resume_answer(shared, socket, id)? {
             log::warn!(
                 "Publishing the doorbell of {token} again failed: {}",
                 e.into_pool_error()
@@ -735,7 +735,7 @@ fn resume_on(shared: &Shared, socket: &OwnedFd) -> Result<(), Resume> {
     }
     let id = shared.next_id();
     send(&Request::ResumeDone, id, None)?;
-    resume_answer(shared, &socket, id)?;
+    resume_answer(shared, socket, id)?;
     seqpacket::set_recv_timeout(socket.as_fd(), None).map_err(retry)?;
     Ok(())
 }
