@@ -25,6 +25,8 @@ pub const DEFAULT_OBSERVER_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a restarted broker waits for the sessions it recorded unless configured.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
+/// How often sessions waiting for a resume are checked against the grace period.
+const GRACE_CHECK: Duration = Duration::from_secs(1);
 
 /// Failures while starting the broker.
 #[derive(Debug, thiserror::Error)]
@@ -156,25 +158,29 @@ impl Broker {
                     "Waiting {} s for the recorded sessions to resume",
                     grace.as_secs_f64()
                 );
-                let pool = self.pool.clone();
-                let state = state.clone();
-                let grace = *grace;
-                let spawned = std::thread::Builder::new()
-                    .name("ism-pool-grace".into())
-                    .spawn(move || {
-                        std::thread::sleep(grace);
-                        let gone = pool.expire_recovery();
+            }
+            // Sessions wait for their resume from the restart, or from a connection that
+            // dropped in the middle of one: checked every second, for the broker's life.
+            let pool = self.pool.clone();
+            let state = state.clone();
+            let grace = *grace;
+            let spawned = std::thread::Builder::new()
+                .name("ism-pool-grace".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(GRACE_CHECK.min(grace));
+                        let gone = pool.expire_recovery(grace);
                         if !gone.is_empty() {
                             let gone: Vec<u64> = gone.iter().map(|d| d.0).collect();
                             log::warn!(
                                 "Grace period over: sessions {gone:?} did not come back; their holds are released"
                             );
+                            save_state(&pool, Some(&state));
                         }
-                        save_state(&pool, Some(&state));
-                    });
-                if let Err(e) = spawned {
-                    log::warn!("Failed to start the grace timer: {e}");
-                }
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("Failed to start the grace timer: {e}");
             }
         }
         loop {

@@ -112,6 +112,9 @@ struct Shared {
     held: Mutex<BTreeMap<Token, OwnedFd>>,
     /// A duplicate of every doorbell this session published, published again on resume.
     doorbells: Mutex<BTreeMap<Token, OwnedFd>>,
+    /// Regions detached while the broker could not be told (or did not answer): sent again
+    /// after a resume, in case the broker still counts them.
+    undone: Mutex<Vec<Token>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -280,6 +283,7 @@ impl BrokerSession {
             next_id: AtomicU64::new(2),
             held: Mutex::new(BTreeMap::new()),
             doorbells: Mutex::new(BTreeMap::new()),
+            undone: Mutex::new(Vec::new()),
         });
         let reader_shared = shared.clone();
         let reader = std::thread::Builder::new()
@@ -580,6 +584,20 @@ fn reconnect(shared: &Shared) -> bool {
                         seqpacket::shutdown(socket.as_fd());
                         return false;
                     }
+                    // Detaches the broker may have missed: not held now, so not handed back,
+                    // but a region handed back before the device let go of it would stay
+                    // counted. Their answers (or NotHeld refusals) are dropped unread.
+                    let undone = std::mem::take(&mut *lock(&shared.undone));
+                    for token in undone {
+                        if !lock(&shared.held).contains_key(&token) {
+                            let detach = Request::Detach { token };
+                            let _ = seqpacket::send(
+                                socket.as_fd(),
+                                &detach.encode(shared.next_id()),
+                                None,
+                            );
+                        }
+                    }
                     link.socket = Some(socket);
                     link.down = None;
                     link.unresponsive = false;
@@ -816,7 +834,13 @@ impl PoolSession for BrokerSession {
     /// does not hand it back, so the restarted broker releases it.
     fn detach(&self, token: Token) -> Result<(), PoolError> {
         self.shared.forget(token);
-        self.call_unit(Request::Detach { token })
+        let result = self.call_unit(Request::Detach { token });
+        if let Err(PoolError::Connection(_)) = &result
+            && self.shared.options.reconnect
+        {
+            lock(&self.shared.undone).push(token);
+        }
+        result
     }
 
     fn grant(&self, token: Token, target: GrantTarget, perms: Perms) -> Result<(), PoolError> {

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::config::PoolConfig;
 use crate::events::EventQueue;
@@ -105,12 +106,18 @@ struct SessionSlot {
     /// A resumed session: regions it held before the restart that it has not handed back
     /// yet (cleared when it says it is done).
     pending: BTreeSet<Token>,
+    /// Resumed and not done handing back: if its connection drops now, the session goes
+    /// back to waiting for a resume instead of ending (a hiccup during a resume must not
+    /// lose it). Since when.
+    resuming: Option<Instant>,
 }
 
 /// A session recorded before a restart that has not come back yet.
 struct RecordedSession {
     key: u64,
     held: BTreeSet<Token>,
+    /// Since when it is waiting (the restart, or its connection dropping mid-resume).
+    since: Instant,
 }
 
 /// A region recorded before a restart that no holder has handed back yet.
@@ -249,6 +256,51 @@ impl PoolState {
         }
     }
 
+    /// A session whose connection dropped in the middle of its resume goes back to
+    /// waiting for one: what it handed back so far is recorded again (a region nobody else
+    /// holds goes back to the recorded ones), its doorbells are withdrawn.
+    fn suspend(&mut self, devid: DevId) {
+        let Some(slot) = self.sessions.remove(&devid) else {
+            return;
+        };
+        for token in &slot.held {
+            let Some(region) = self.regions.get_mut(token) else {
+                continue;
+            };
+            region.holders.remove(&devid);
+            let size = region.memory.size();
+            if region.doorbells.remove(&devid).is_some() {
+                region.doorbell_generation += 1;
+                let region = &self.regions[token];
+                self.notify_holders(region, None, PoolEvent::DoorbellsChanged { token: *token });
+            }
+            self.refund(&slot.vm, size);
+            if self.regions[token].holders.is_empty()
+                && let Some(region) = self.regions.remove(token)
+            {
+                self.used -= size;
+                self.recovery.regions.insert(
+                    *token,
+                    RecordedRegion {
+                        size,
+                        file: region.file,
+                        owner: region.owner,
+                        default_perms: region.default_perms,
+                        grants: region.grants,
+                    },
+                );
+            }
+        }
+        self.recovery.sessions.insert(
+            devid,
+            RecordedSession {
+                key: slot.key,
+                held: slot.held.union(&slot.pending).copied().collect(),
+                since: Instant::now(),
+            },
+        );
+    }
+
     /// The region `devid` holds under `token`.
     fn held_region(&mut self, devid: DevId, token: Token) -> Result<&mut Region, PoolError> {
         let region = self
@@ -358,6 +410,7 @@ impl LocalPool {
                 events: events.clone(),
                 key,
                 pending: BTreeSet::new(),
+                resuming: None,
             },
         );
         Ok(Arc::new(LocalSession {
@@ -445,6 +498,7 @@ impl LocalPool {
                     RecordedSession {
                         key: session.key,
                         held,
+                        since: Instant::now(),
                     },
                 );
             }
@@ -567,6 +621,7 @@ impl LocalPool {
                 events: events.clone(),
                 key,
                 pending: recorded.held,
+                resuming: Some(Instant::now()),
             },
         );
         Ok(Arc::new(LocalSession {
@@ -662,7 +717,10 @@ impl LocalPool {
     fn finish_resume(&self, devid: DevId) {
         let mut state = self.lock();
         let pending = match state.sessions.get_mut(&devid) {
-            Some(slot) => std::mem::take(&mut slot.pending),
+            Some(slot) => {
+                slot.resuming = None;
+                std::mem::take(&mut slot.pending)
+            }
             None => return,
         };
         for token in pending {
@@ -671,12 +729,23 @@ impl LocalPool {
         state.forget_unclaimed();
     }
 
-    /// The grace period is over: sessions that did not come back are gone, with their
-    /// holds and grants; regions nobody handed back are forgotten (their tokens stay
-    /// reserved). Returns the devids given up.
-    pub fn expire_recovery(&self) -> Vec<DevId> {
+    /// Ends the grace period of sessions that have waited `grace` or longer: those that
+    /// did not come back are gone, with their holds and grants; those that came back and
+    /// did not finish handing back keep what they handed back; regions nobody handed back
+    /// are forgotten (their tokens stay reserved). Returns the devids given up.
+    pub fn expire_recovery(&self, grace: Duration) -> Vec<DevId> {
         let mut state = self.lock();
-        let gone = std::mem::take(&mut state.recovery.sessions);
+        let expired: Vec<DevId> = state
+            .recovery
+            .sessions
+            .iter()
+            .filter(|(_, recorded)| recorded.since.elapsed() >= grace)
+            .map(|(devid, _)| *devid)
+            .collect();
+        let gone: Vec<(DevId, RecordedSession)> = expired
+            .into_iter()
+            .filter_map(|devid| Some((devid, state.recovery.sessions.remove(&devid)?)))
+            .collect();
         for (devid, recorded) in &gone {
             for token in &recorded.held {
                 state.abandon(*devid, *token);
@@ -688,7 +757,11 @@ impl LocalPool {
         let unfinished: Vec<(DevId, BTreeSet<Token>)> = state
             .sessions
             .iter_mut()
-            .map(|(devid, slot)| (*devid, std::mem::take(&mut slot.pending)))
+            .filter(|(_, slot)| slot.resuming.is_some_and(|since| since.elapsed() >= grace))
+            .map(|(devid, slot)| {
+                slot.resuming = None;
+                (*devid, std::mem::take(&mut slot.pending))
+            })
             .filter(|(_, pending)| !pending.is_empty())
             .collect();
         for (devid, pending) in unfinished {
@@ -697,7 +770,7 @@ impl LocalPool {
             }
         }
         state.forget_unclaimed();
-        gone.into_keys().collect()
+        gone.into_iter().map(|(devid, _)| devid).collect()
     }
 
     /// A snapshot of every region and session.
@@ -991,6 +1064,18 @@ impl LocalPool {
 
     fn close_session(&self, devid: DevId) {
         let mut state = self.lock();
+        if state
+            .sessions
+            .get(&devid)
+            .is_some_and(|slot| slot.resuming.is_some())
+        {
+            log::warn!(
+                "Device {} went away in the middle of its resume; it may resume again",
+                devid.0
+            );
+            state.suspend(devid);
+            return;
+        }
         let held: Vec<Token> = match state.sessions.get(&devid) {
             Some(slot) => slot.held.iter().copied().collect(),
             None => return,
@@ -1963,6 +2048,52 @@ mod tests {
         assert_eq!(read_at(&again, 0, 4), b"kept");
     }
 
+    /// A connection that drops in the middle of a resume leaves the session waiting to be
+    /// resumed again, with everything it held; one that finished its resume closes as usual.
+    #[test]
+    fn test_a_resume_cut_short_can_be_resumed_again() {
+        let before = pool(16 * PAGE_SIZE, None);
+        let a = before.open_session(SessionOwner::default()).unwrap();
+        let lease = a.alloc(PAGE_SIZE).unwrap();
+        let other = a.alloc(PAGE_SIZE).unwrap();
+        let snapshot = before.snapshot();
+        let (key, devid) = (a.resume_key(), a.devid());
+        std::mem::forget(a);
+        drop(before);
+        let after = LocalPool::restore(
+            PoolConfig {
+                size: 16 * PAGE_SIZE,
+                ..PoolConfig::default()
+            },
+            &snapshot,
+        )
+        .unwrap();
+        let a = after
+            .resume_session(SessionOwner::default(), devid, key)
+            .unwrap();
+        a.reregister(lease.token, lease.fd.try_clone().unwrap())
+            .unwrap();
+        assert_eq!(after.status().used, PAGE_SIZE);
+        drop(a);
+        // Nothing is lost: both regions are recorded again, the session can come back.
+        assert_eq!(after.status().used, 0);
+        assert!(after.recovering());
+        assert_eq!(after.snapshot().regions.len(), 2);
+        let a = after
+            .resume_session(SessionOwner::default(), devid, key)
+            .unwrap();
+        a.reregister(lease.token, lease.fd.try_clone().unwrap())
+            .unwrap();
+        a.reregister(other.token, other.fd.try_clone().unwrap())
+            .unwrap();
+        a.finish_resume();
+        assert_eq!(after.status().used, 2 * PAGE_SIZE);
+        drop(a);
+        assert!(!after.recovering());
+        assert_eq!(after.status().used, 0);
+        assert!(after.snapshot().regions.is_empty());
+    }
+
     /// Sessions that never come back lose their holds at the end of the grace period, and
     /// the holders that did come back hear it.
     #[test]
@@ -1994,7 +2125,7 @@ mod tests {
             .unwrap();
         a.finish_resume();
         assert_eq!(after.snapshot().regions[0].holders.len(), 2);
-        assert_eq!(after.expire_recovery(), vec![b_devid]);
+        assert_eq!(after.expire_recovery(Duration::ZERO), vec![b_devid]);
         assert!(a.take_events().contains(&PoolEvent::PeerDetached {
             token: lease.token,
             peer: b_devid
