@@ -12,8 +12,10 @@
  *
  * Kicks: a bound region gets an MSI-X vector of its own when the transport can
  * allocate one at run time (PCI, Linux 6.2+, pci_msix_can_alloc_dyn()), so a kick
- * names its region. Otherwise regions share the config vector and a config
- * interrupt is reported as a kick of every region bound to it.
+ * names its region. Otherwise regions share the config vector; with
+ * VIRTIO_ISM_F_KICK_PENDING each gets a bit in ism_dev.pending that the device
+ * sets before raising the vector, so a kick still names its region. Without it a
+ * config interrupt is reported as a kick of every region bound to it.
  *
  * Locking: ctrl_lock serializes control commands and is held by whoever adds or
  * removes a region (so a region found under ctrl_lock stays valid); regions_lock
@@ -51,13 +53,15 @@
 #include <uapi/linux/virtio_ism_ioctl.h>
 #include "virtio_ism_status.h"
 
-#define ISM_CTRL_TIMEOUT	(5 * HZ)
 #define ISM_EVENT_BUFS		16
 #define ISM_FILE_EVENTS		64
 /* Areas asked for on the first try of ALLOC/ATTACH; E2BIG says how many are needed. */
 #define ISM_FIRST_AREAS		4
 /* No reply may claim more areas or tokens than this, whatever the window size. */
 #define ISM_MAX_ENTRIES		4096
+/* Pending bits for regions on the shared vector; more bound regions go without. */
+#define ISM_PENDING_BITS	1024
+#define ISM_PENDING_WORDS	(ISM_PENDING_BITS / 64)
 /* Regions a late reply to a timed-out ALLOC/ATTACH left on the device, to detach. */
 #define ISM_MAX_ORPHANS		16
 /* mmap offsets: region i is at i << ISM_MAP_SHIFT (1 TiB apart). */
@@ -68,6 +72,15 @@
 				 VIRTIO_ISM_PERM_ATTACH | VIRTIO_ISM_PERM_MANAGE | \
 				 VIRTIO_ISM_PERM_CLEAN_DEFAULT)
 #define ISM_FS_MAGIC		0x69736d31	/* "ism1" */
+
+/*
+ * Longer than the device's own wait for its host pool (5 s; docs/pool.md): a host
+ * pool that does not answer gives the device's EAGAIN status, not a timeout here.
+ */
+static unsigned int ctrl_timeout_ms = 10000;
+module_param(ctrl_timeout_ms, uint, 0644);
+MODULE_PARM_DESC(ctrl_timeout_ms,
+		 "Milliseconds a control command waits for the device (default 10000, at least 100)");
 
 static bool kick_vectors = true;
 module_param(kick_vectors, bool, 0444);
@@ -93,6 +106,7 @@ struct ism_region {
 	u32 flags;			/* VIRTIO_ISM_REGION_F_*, not KEPT or MINE */
 	int vector;			/* own MSI-X vector (OWN_VECTOR) */
 	int irq;			/* its Linux irq */
+	int pending_bit;		/* in ism_dev.pending, -1: none; under kick_lock */
 	virtio_ism_kick_fn kick_fn;	/* in-kernel handler, under kick_lock */
 	void *kick_data;
 	atomic64_t kicks;
@@ -150,6 +164,13 @@ struct ism_dev {
 
 	spinlock_t kick_lock;		/* shared_kicks, kick_fn/kick_data; hard IRQ */
 	struct list_head shared_kicks;	/* regions bound to the config vector */
+	/*
+	 * With VIRTIO_ISM_F_KICK_PENDING: ISM_PENDING_WORDS le64 words the device
+	 * ORs kicked regions' bits into (it reaches them by physical address: the
+	 * device does not use VIRTIO_F_ACCESS_PLATFORM). NULL without the feature.
+	 */
+	atomic64_t *pending;
+	struct ida pending_ida;		/* bits given to regions */
 
 	spinlock_t files_lock;		/* the files list; any context */
 	struct list_head files;
@@ -206,6 +227,9 @@ static void ism_free(struct kref *ref)
 	if (ism->mapping_inode)
 		ism_inode_put(ism->mapping_inode);
 	kfree(ism->event_bufs);
+	/* Only after the device was reset: it may write the pending words until then. */
+	kfree(ism->pending);
+	ida_destroy(&ism->pending_ida);
 	kfree(ism);
 }
 
@@ -264,19 +288,29 @@ static void ism_region_kicked(struct ism_dev *ism, struct ism_region *r)
 
 /*
  * The config vector: a config change, or a kick of a region bound to it (no
- * vector of its own). The device does not say which, so every region bound to
- * it is reported. Hard IRQ.
+ * vector of its own). A region with a pending bit is reported if its bit was
+ * set; one without (no VIRTIO_ISM_F_KICK_PENDING, or out of bits) on every
+ * interrupt, since the device does not say which region it was. Hard IRQ.
  */
 static void ism_config_changed(struct virtio_device *vdev)
 {
 	struct ism_dev *ism = vdev->priv;
+	u64 seen[ISM_PENDING_WORDS] = {};
 	struct ism_region *r;
 	unsigned long flags;
+	unsigned int i;
+	int bit;
 
 	atomic64_inc(&ism->config_irqs);
+	if (ism->pending)
+		for (i = 0; i < ISM_PENDING_WORDS; i++)
+			seen[i] = le64_to_cpu((__force __le64)atomic64_xchg(&ism->pending[i], 0));
 	spin_lock_irqsave(&ism->kick_lock, flags);
-	list_for_each_entry(r, &ism->shared_kicks, kick_node)
-		ism_region_kicked(ism, r);
+	list_for_each_entry(r, &ism->shared_kicks, kick_node) {
+		bit = r->pending_bit;
+		if (bit < 0 || (seen[bit / 64] & BIT_ULL(bit % 64)))
+			ism_region_kicked(ism, r);
+	}
 	spin_unlock_irqrestore(&ism->kick_lock, flags);
 }
 
@@ -358,6 +392,7 @@ static void ism_vector_free(struct ism_dev *ism, struct ism_region *r)
 static void ism_region_unbind_local(struct ism_dev *ism, struct ism_region *r)
 {
 	unsigned long flags;
+	int bit;
 
 	if (r->flags & VIRTIO_ISM_REGION_F_OWN_VECTOR)
 		ism_vector_free(ism, r);
@@ -365,7 +400,15 @@ static void ism_region_unbind_local(struct ism_dev *ism, struct ism_region *r)
 	list_del_init(&r->kick_node);
 	r->kick_fn = NULL;
 	r->kick_data = NULL;
+	bit = r->pending_bit;
+	r->pending_bit = -1;
 	spin_unlock_irqrestore(&ism->kick_lock, flags);
+	if (bit >= 0) {
+		/* A kick not yet handled must not be reported for the bit's next region. */
+		atomic64_andnot((__force s64)cpu_to_le64(BIT_ULL(bit % 64)),
+				&ism->pending[bit / 64]);
+		ida_free(&ism->pending_ida, bit);
+	}
 	r->flags &= ~(VIRTIO_ISM_REGION_F_BOUND | VIRTIO_ISM_REGION_F_OWN_VECTOR);
 }
 
@@ -426,7 +469,7 @@ static int __ism_ctrl(struct ism_dev *ism, u8 class, u8 cmd, u64 token,
 {
 	struct virtio_ism_ctrl_hdr *hdr;
 	struct scatterlist out_sg, in_sg, *sgs[2];
-	unsigned long left = ISM_CTRL_TIMEOUT;
+	unsigned long left = msecs_to_jiffies(max(READ_ONCE(ctrl_timeout_ms), 100U));
 	unsigned int used = 0;
 	struct ism_cmd *c, *done;
 	int ret;
@@ -582,6 +625,7 @@ static struct ism_region *ism_region_from_areas(struct ism_dev *ism,
 		goto bad;
 	}
 	r->ism = ism;
+	r->pending_bit = -1;
 	INIT_LIST_HEAD(&r->kick_node);
 	atomic64_set(&r->kicks, 0);
 	r->nr_areas = num;
@@ -753,49 +797,79 @@ static struct ism_region *ism_query_region(struct ism_dev *ism, u64 token)
 }
 
 /*
- * Bind @r's kicks to a vector of its own (or the config vector), or unbind.
+ * EVENT_VECTOR_SET, or EVENT_VECTOR_PENDING_SET when @bit (in ism->pending) is
+ * given. Caller holds ctrl_lock.
+ */
+static int ism_send_vector(struct ism_dev *ism, struct ism_region *r, u64 vector, int bit)
+{
+	struct virtio_ism_ctrl_event_vector_pending pending = {
+		.token = cpu_to_le64(r->token),
+		.vector = cpu_to_le64(vector),
+	};
+	struct virtio_ism_ctrl_event_vector req = {
+		.token = cpu_to_le64(r->token),
+		.vector = cpu_to_le64(vector),
+	};
+
+	if (bit < 0)
+		return ism_ctrl_simple(ism, VIRTIO_ISM_CTRL_EVENT_VECTOR,
+				       VIRTIO_ISM_CTRL_EVENT_VECTOR_SET, &req, sizeof(req));
+	pending.pending_addr = cpu_to_le64(virt_to_phys(&ism->pending[bit / 64]));
+	pending.pending_bit = cpu_to_le64(bit % 64);
+	return ism_ctrl_simple(ism, VIRTIO_ISM_CTRL_EVENT_VECTOR,
+			       VIRTIO_ISM_CTRL_EVENT_VECTOR_PENDING_SET, &pending, sizeof(pending));
+}
+
+/*
+ * Bind @r's kicks to a vector of its own, else to the config vector (with a
+ * pending bit when the device offers them), or unbind.
  * Caller holds ctrl_lock; @r is on the regions list.
  */
 static int ism_region_bind(struct ism_dev *ism, struct ism_region *r, bool bind)
 {
-	struct virtio_ism_ctrl_event_vector req = { .token = cpu_to_le64(r->token) };
 	unsigned long flags;
-	bool own = false;
+	int bit = -1;
+	bool own;
 	int ret;
 
 	if (bind == !!(r->flags & VIRTIO_ISM_REGION_F_BOUND))
 		return 0;
-	if (bind) {
-		own = !ism_vector_alloc(ism, r);
-		req.vector = cpu_to_le64(own ? r->vector : ISM_CONFIG_VECTOR);
-	} else {
-		req.vector = cpu_to_le64(VIRTIO_ISM_MSI_NO_VECTOR);
-	}
-	ret = ism_ctrl_simple(ism, VIRTIO_ISM_CTRL_EVENT_VECTOR,
-			      VIRTIO_ISM_CTRL_EVENT_VECTOR_SET, &req, sizeof(req));
-	if (ret && bind) {
-		if (own)
-			ism_vector_free(ism, r);
-		return ret;
-	}
 	if (!bind) {
+		ret = ism_send_vector(ism, r, VIRTIO_ISM_MSI_NO_VECTOR, -1);
 		/* Even if the device refused: stop listening. */
 		mutex_lock(&ism->regions_lock);
 		ism_region_unbind_local(ism, r);
 		mutex_unlock(&ism->regions_lock);
 		return ret;
 	}
-	mutex_lock(&ism->regions_lock);
-	r->flags |= VIRTIO_ISM_REGION_F_BOUND;
-	if (own) {
-		r->flags |= VIRTIO_ISM_REGION_F_OWN_VECTOR;
-	} else {
+	own = !ism_vector_alloc(ism, r);
+	if (!own) {
+		/* Out of bits (or none offered): the region hears every config interrupt. */
+		if (ism->pending)
+			bit = ida_alloc_max(&ism->pending_ida, ISM_PENDING_BITS - 1, GFP_KERNEL);
+		if (bit < 0)
+			bit = -1;
+		/* Listening before the device records kicks for the region: none is missed. */
+		mutex_lock(&ism->regions_lock);
 		spin_lock_irqsave(&ism->kick_lock, flags);
+		r->pending_bit = bit;
 		list_add_tail(&r->kick_node, &ism->shared_kicks);
 		spin_unlock_irqrestore(&ism->kick_lock, flags);
+		mutex_unlock(&ism->regions_lock);
+	}
+	ret = ism_send_vector(ism, r, own ? r->vector : ISM_CONFIG_VECTOR, bit);
+	mutex_lock(&ism->regions_lock);
+	if (ret) {
+		if (own)
+			ism_vector_free(ism, r);
+		ism_region_unbind_local(ism, r);
+	} else {
+		r->flags |= VIRTIO_ISM_REGION_F_BOUND;
+		if (own)
+			r->flags |= VIRTIO_ISM_REGION_F_OWN_VECTOR;
 	}
 	mutex_unlock(&ism->regions_lock);
-	return 0;
+	return ret;
 }
 
 /**
@@ -1314,7 +1388,8 @@ static long ism_ioc_info(struct ism_file *f, struct virtio_ism_info __user *arg)
 		.features = ism->features,
 		.shm_size = ism->shm.len,
 		.instance = ism->instance,
-		.flags = ism_can_own_vectors(ism) ? VIRTIO_ISM_INFO_KICK_VECTORS : 0,
+		.flags = (ism_can_own_vectors(ism) ? VIRTIO_ISM_INFO_KICK_VECTORS : 0) |
+			 (ism->pending ? VIRTIO_ISM_INFO_KICK_PENDING : 0),
 	};
 	struct ism_region *r;
 
@@ -1598,11 +1673,20 @@ static const struct attribute_group ism_counter_group = {
 	.attrs = ism_counter_attrs,
 };
 
-/* "per-region" or "shared": how kicks of bound regions arrive. */
+/*
+ * How kicks of bound regions arrive: "per-region" (own vectors), "pending-bits"
+ * (the shared vector plus the device's pending bits) or "shared".
+ */
+static const char *ism_kick_mode(struct ism_dev *ism)
+{
+	if (ism_can_own_vectors(ism))
+		return "per-region";
+	return ism->pending ? "pending-bits" : "shared";
+}
+
 static ssize_t kick_vectors_show(struct device *dev, struct device_attribute *attr, char *buf)
 {
-	return sysfs_emit(buf, "%s\n",
-			  ism_can_own_vectors(ism_from_dev(dev)) ? "per-region" : "shared");
+	return sysfs_emit(buf, "%s\n", ism_kick_mode(ism_from_dev(dev)));
 }
 static DEVICE_ATTR_RO(kick_vectors);
 
@@ -1738,6 +1822,7 @@ static int ism_probe(struct virtio_device *vdev)
 	spin_lock_init(&ism->kick_lock);
 	init_waitqueue_head(&ism->wq);
 	INIT_WORK(&ism->event_work, ism_event_work);
+	ida_init(&ism->pending_ida);
 
 	if (virtio_has_feature(vdev, VIRTIO_ISM_F_EVENT_QUEUE))
 		ism->features |= VIRTIO_ISM_INFO_F_EVENT_QUEUE;
@@ -1745,6 +1830,14 @@ static int ism_probe(struct virtio_device *vdev)
 		ism->features |= VIRTIO_ISM_INFO_F_QUERY;
 	if (virtio_has_feature(vdev, VIRTIO_ISM_F_GRANT))
 		ism->features |= VIRTIO_ISM_INFO_F_GRANT;
+	if (virtio_has_feature(vdev, VIRTIO_ISM_F_KICK_PENDING)) {
+		ism->features |= VIRTIO_ISM_INFO_F_KICK_PENDING;
+		ism->pending = kcalloc(ISM_PENDING_WORDS, sizeof(*ism->pending), GFP_KERNEL);
+		if (!ism->pending) {
+			ret = -ENOMEM;
+			goto err_free;
+		}
+	}
 
 	inode = ism_inode_new();
 	if (IS_ERR(inode)) {
@@ -1791,12 +1884,12 @@ static int ism_probe(struct virtio_device *vdev)
 	ret = misc_register(&ism->misc);
 	if (ret)
 		goto err_idr;
-	dev_info(&vdev->dev, "/dev/%s: gid %llu devid %llu chunk %llu window %llu MiB%s%s%s, %s kick vectors\n",
+	dev_info(&vdev->dev, "/dev/%s: gid %llu devid %llu chunk %llu window %llu MiB%s%s%s, kicks: %s\n",
 		 ism->name, ism->gid, ism->devid, ism->chunk_size, ism->shm.len >> 20,
 		 ism->event_vq ? " events" : "",
 		 (ism->features & VIRTIO_ISM_INFO_F_QUERY) ? " query" : "",
 		 (ism->features & VIRTIO_ISM_INFO_F_GRANT) ? " grant" : "",
-		 ism_can_own_vectors(ism) ? "per-region" : "shared");
+		 ism_kick_mode(ism));
 	return 0;
 
 err_idr:
@@ -1859,6 +1952,7 @@ static int ism_validate(struct virtio_device *vdev)
 		__virtio_clear_bit(vdev, VIRTIO_ISM_F_EVENT_QUEUE);
 		__virtio_clear_bit(vdev, VIRTIO_ISM_F_QUERY);
 		__virtio_clear_bit(vdev, VIRTIO_ISM_F_GRANT);
+		__virtio_clear_bit(vdev, VIRTIO_ISM_F_KICK_PENDING);
 	}
 	return 0;
 }
@@ -1867,6 +1961,7 @@ static unsigned int ism_features[] = {
 	VIRTIO_ISM_F_EVENT_QUEUE,
 	VIRTIO_ISM_F_QUERY,
 	VIRTIO_ISM_F_GRANT,
+	VIRTIO_ISM_F_KICK_PENDING,
 	/*
 	 * Not VIRTIO_ISM_F_VECTOR_EVENTS: events come on the event queue, so region
 	 * vectors carry kicks only.

@@ -73,9 +73,12 @@ pub struct Info {
     pub query: bool,
     /// Regions are owner-only until GRANTed (`VIRTIO_ISM_F_GRANT` negotiated).
     pub grant: bool,
-    /// BIND gives each region an MSI-X vector of its own, so a kick names its region;
-    /// otherwise a kick is reported for every bound region.
+    /// BIND gives each region an MSI-X vector of its own, so a kick names its region.
     pub kick_vectors: bool,
+    /// Regions on the shared vector get the device's pending bits, so a kick names its
+    /// region there too. Without this or `kick_vectors` a kick is reported for every
+    /// bound region.
+    pub kick_pending: bool,
     pub shm_size: u64,
     pub regions: u64,
     pub instance: u32,
@@ -271,6 +274,7 @@ impl Device {
             query: raw.features & uapi::VIRTIO_ISM_INFO_F_QUERY != 0,
             grant: raw.features & uapi::VIRTIO_ISM_INFO_F_GRANT != 0,
             kick_vectors: raw.flags & uapi::VIRTIO_ISM_INFO_KICK_VECTORS != 0,
+            kick_pending: raw.flags & uapi::VIRTIO_ISM_INFO_KICK_PENDING != 0,
             shm_size: raw.shm_size,
             regions: raw.nr_regions,
             instance: raw.instance,

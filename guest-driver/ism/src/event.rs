@@ -12,8 +12,8 @@ pub enum EventKind {
     /// (including types this crate does not know, as [`EventType::Unknown`]).
     Device(EventType),
     /// A peer kicked the bound region `token`. With per-region vectors
-    /// ([`crate::Info::kick_vectors`]) only the kicked region is reported; on the shared
-    /// config vector every bound region is.
+    /// ([`crate::Info::kick_vectors`]) or pending bits ([`crate::Info::kick_pending`]) only
+    /// the kicked region is reported; otherwise every region on the shared config vector is.
     Kick,
     /// This file's event queue overflowed in the driver; events were lost.
     Lost,

@@ -26,6 +26,7 @@ pub const VIRTIO_ISM_INFO_F_QUERY: u64 = 1 << 2;
 pub const VIRTIO_ISM_INFO_F_GRANT: u64 = 1 << 3;
 
 pub const VIRTIO_ISM_INFO_KICK_VECTORS: u32 = 1 << 0;
+pub const VIRTIO_ISM_INFO_KICK_PENDING: u32 = 1 << 1;
 
 pub const VIRTIO_ISM_EV_UPDATE: u64 = 1 << 0;
 pub const VIRTIO_ISM_EV_ATTACH: u64 = 1 << 1;

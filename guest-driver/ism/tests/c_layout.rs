@@ -48,6 +48,9 @@ const PROGRAM: &str = r#"
 #define VIRTIO_ISM_ALLOC_OFF_NUM	offsetof(struct virtio_ism_ctrl_alloc_reply, num)
 #define VIRTIO_ISM_GRANT_REQ_SIZE	sizeof(struct virtio_ism_ctrl_grant)
 #define VIRTIO_ISM_EVENT_VECTOR_REQ_SIZE sizeof(struct virtio_ism_ctrl_event_vector)
+#define VIRTIO_ISM_EVENT_VECTOR_PENDING_REQ_SIZE sizeof(struct virtio_ism_ctrl_event_vector_pending)
+#define VIRTIO_ISM_PENDING_OFF_ADDR	offsetof(struct virtio_ism_ctrl_event_vector_pending, pending_addr)
+#define VIRTIO_ISM_PENDING_OFF_BIT	offsetof(struct virtio_ism_ctrl_event_vector_pending, pending_bit)
 
 #define V(x) printf("%s %llu\n", #x, (unsigned long long)(x))
 #define S(t) printf("sizeof_%s %zu\n", #t, sizeof(struct t))
@@ -95,7 +98,8 @@ int main(void)
 	V(VIRTIO_ISM_REGION_F_KEPT); V(VIRTIO_ISM_REGION_F_MINE);
 	V(VIRTIO_ISM_REGION_F_HOTPLUGGED); V(VIRTIO_ISM_REGION_F_OWN_VECTOR);
 	V(VIRTIO_ISM_INFO_F_EVENT_QUEUE); V(VIRTIO_ISM_INFO_F_QUERY); V(VIRTIO_ISM_INFO_F_GRANT);
-	V(VIRTIO_ISM_INFO_KICK_VECTORS);
+	V(VIRTIO_ISM_INFO_KICK_VECTORS); V(VIRTIO_ISM_INFO_KICK_PENDING);
+	V(VIRTIO_ISM_INFO_F_KICK_PENDING);
 	V(VIRTIO_ISM_EV_UPDATE); V(VIRTIO_ISM_EV_ATTACH); V(VIRTIO_ISM_EV_DETACH);
 	V(VIRTIO_ISM_EV_REVOKE); V(VIRTIO_ISM_EV_REGION_ADDED); V(VIRTIO_ISM_EV_OVERFLOW);
 	V(VIRTIO_ISM_EV_KICK); V(VIRTIO_ISM_EV_LOST);
@@ -103,7 +107,7 @@ int main(void)
 	/* linux/virtio_ism.h */
 	V(VIRTIO_ID_ISM);
 	V(VIRTIO_ISM_F_EVENT_IRQ); V(VIRTIO_ISM_F_EVENT_QUEUE); V(VIRTIO_ISM_F_QUERY);
-	V(VIRTIO_ISM_F_GRANT); V(VIRTIO_ISM_F_VECTOR_EVENTS);
+	V(VIRTIO_ISM_F_GRANT); V(VIRTIO_ISM_F_VECTOR_EVENTS); V(VIRTIO_ISM_F_KICK_PENDING);
 	V(VIRTIO_ISM_CTRL_QUEUE); V(VIRTIO_ISM_EVENT_QUEUE);
 	V(VIRTIO_ISM_SHM_ID_REGIONS); V(VIRTIO_ISM_SHM_ID_NOTIFY);
 	V(VIRTIO_ISM_CTRL_ALLOC); V(VIRTIO_ISM_CTRL_ALLOC_REGION);
@@ -112,6 +116,9 @@ int main(void)
 	V(VIRTIO_ISM_CTRL_GRANT); V(VIRTIO_ISM_CTRL_GRANT_SET_DEFAULT);
 	V(VIRTIO_ISM_CTRL_GRANT_SET_FOR_DEVICE);
 	V(VIRTIO_ISM_CTRL_EVENT_VECTOR); V(VIRTIO_ISM_CTRL_EVENT_VECTOR_SET);
+	V(VIRTIO_ISM_CTRL_EVENT_VECTOR_PENDING_SET);
+	V(VIRTIO_ISM_EVENT_VECTOR_PENDING_REQ_SIZE);
+	V(VIRTIO_ISM_PENDING_OFF_ADDR); V(VIRTIO_ISM_PENDING_OFF_BIT);
 	V(VIRTIO_ISM_CTRL_QUERY); V(VIRTIO_ISM_CTRL_QUERY_LIST); V(VIRTIO_ISM_CTRL_QUERY_REGION);
 	V(VIRTIO_ISM_OK); V(VIRTIO_ISM_ENOENT); V(VIRTIO_ISM_E2BIG); V(VIRTIO_ISM_ENOMEM);
 	V(VIRTIO_ISM_ENOSPC); V(VIRTIO_ISM_EAGAIN); V(VIRTIO_ISM_PERM_EATTACH); V(VIRTIO_ISM_PERM_EREAD);
@@ -343,6 +350,7 @@ fn test_uapi_header_matches_rust_and_wire_header_matches_proto() {
         VIRTIO_ISM_INFO_F_QUERY as VIRTIO_ISM_INFO_F_QUERY,
         VIRTIO_ISM_INFO_F_GRANT as VIRTIO_ISM_INFO_F_GRANT,
         VIRTIO_ISM_INFO_KICK_VECTORS as VIRTIO_ISM_INFO_KICK_VECTORS,
+        VIRTIO_ISM_INFO_KICK_PENDING as VIRTIO_ISM_INFO_KICK_PENDING,
         VIRTIO_ISM_EV_UPDATE as VIRTIO_ISM_EV_UPDATE,
         VIRTIO_ISM_EV_ATTACH as VIRTIO_ISM_EV_ATTACH,
         VIRTIO_ISM_EV_DETACH as VIRTIO_ISM_EV_DETACH,
@@ -388,6 +396,31 @@ fn test_uapi_header_matches_rust_and_wire_header_matches_proto() {
     k.eq(
         "VIRTIO_ISM_INFO_F_GRANT",
         1 << defs::features::VIRTIO_ISM_F_GRANT,
+    );
+    // Pending bits on a shared vector.
+    k.eq(
+        "VIRTIO_ISM_F_KICK_PENDING",
+        defs::features::VIRTIO_ISM_F_KICK_PENDING.into(),
+    );
+    k.eq(
+        "VIRTIO_ISM_INFO_F_KICK_PENDING",
+        1 << defs::features::VIRTIO_ISM_F_KICK_PENDING,
+    );
+    k.eq(
+        "VIRTIO_ISM_CTRL_EVENT_VECTOR_PENDING_SET",
+        defs::ctrl::VIRTIO_ISM_CTRL_EVENT_VECTOR_PENDING_SET.into(),
+    );
+    k.eq(
+        "VIRTIO_ISM_EVENT_VECTOR_PENDING_REQ_SIZE",
+        virtio_ism_proto::EventVectorPendingRequest::SIZE as i128,
+    );
+    k.eq(
+        "VIRTIO_ISM_PENDING_OFF_ADDR",
+        virtio_ism_proto::EventVectorPendingRequest::pending_addr as i128,
+    );
+    k.eq(
+        "VIRTIO_ISM_PENDING_OFF_BIT",
+        virtio_ism_proto::EventVectorPendingRequest::pending_bit as i128,
     );
 
     // The wire header against the protocol crate.

@@ -298,6 +298,12 @@ fn run_request(
             outcome(regions.grant(token, GrantTarget::Device(peer), req.permissions))
         }
         Request::EventVector(req) => outcome(regions.set_vector(Token(req.token), req.vector)),
+        Request::EventVectorPending(req) => outcome(regions.set_vector_pending(
+            Token(req.token),
+            req.vector,
+            req.pending_addr,
+            req.pending_bit,
+        )),
         Request::QueryList => {
             let Some(capacity) = reply_capacity(writable_len, QueryListReplyHeader::SIZE, 8) else {
                 return Response::status(Status::Err);
@@ -376,6 +382,15 @@ where
     let (response, event) = match chain.request(features) {
         // Guest memory is not touched while the request runs: it was copied out above and
         // the reply is written below.
+        Ok(Request::EventVectorPending(req))
+            if !mem.check_range(GuestAddress(req.pending_addr), 8) =>
+        {
+            debug!(
+                "virtio-ism: pending bit at {:#x} is outside guest memory",
+                req.pending_addr
+            );
+            (Response::status(Status::Err), None)
+        }
         Ok(request) => execute(regions, request, chain.writable_len()),
         Err(fault) => {
             debug!("virtio-ism: refusing control request: {fault:?}");

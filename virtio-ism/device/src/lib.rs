@@ -15,6 +15,7 @@ mod ctrl;
 mod device;
 mod doorbell;
 mod events;
+mod kick_inbox;
 mod kick_routes;
 mod metrics;
 mod notify;

@@ -34,6 +34,12 @@ pub struct IsmMetrics {
     pub kicks_trapped_while_wired: AtomicU64,
     /// Kicks received from peers and raised as an interrupt.
     pub kicks_delivered: AtomicU64,
+    /// Peers' kicks recorded in a region's pending bit (EVENT_VECTOR_PENDING_SET) before
+    /// its vector was raised.
+    pub kicks_pending: AtomicU64,
+    /// Pending-bit kicks whose bit could not be set (the address left guest memory); the
+    /// vector was raised all the same.
+    pub pending_bit_faults: AtomicU64,
     /// Kicks that came through a one-hop eventfd (several peers) and were fanned out.
     pub kicks_one_hop: AtomicU64,
     /// Peer doorbells written by the device (one-hop and trap routes).
@@ -81,6 +87,8 @@ impl IsmMetrics {
                 get(&self.kicks_trapped_while_wired),
             ),
             ("kicks_delivered", get(&self.kicks_delivered)),
+            ("kicks_pending", get(&self.kicks_pending)),
+            ("pending_bit_faults", get(&self.pending_bit_faults)),
             ("kicks_one_hop", get(&self.kicks_one_hop)),
             ("doorbell_writes", get(&self.doorbell_writes)),
             ("kick_routes_zero_hop", get(&self.kick_routes_zero_hop)),

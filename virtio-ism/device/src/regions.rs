@@ -26,6 +26,7 @@ use crate::chunks::{ChunkMap, Extent};
 use crate::config::{DraftDefaultPerm, WindowLayout};
 use crate::doorbell::DoorbellRinger;
 use crate::events::PendingEvents;
+use crate::kick_inbox::{FiredKick, KickInbox, PendingKick};
 use crate::kick_routes::{KickRoutes, Route, borrow_eventfd};
 use crate::metrics::IsmMetrics;
 use crate::notify::NotifyWiring;
@@ -55,6 +56,9 @@ pub struct Region {
     pub doorbells: Vec<(DevId, OwnedFd)>,
     /// How the notify slot of the first chunk is wired.
     pub route: Route,
+    /// Bound with EVENT_VECTOR_PENDING_SET: peers' kicks go through this inbox, which sets
+    /// a bit in driver memory before the vector is raised.
+    pub pending: Option<PendingKick>,
 }
 
 /// The facts about a region an event carries (the region may be gone already).
@@ -131,6 +135,8 @@ pub struct RegionTable {
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     metrics: Arc<IsmMetrics>,
     routes: KickRoutes,
+    /// Inboxes of the regions bound with a pending bit.
+    inbox: KickInbox,
     /// Regions kicked through the trap while no peer doorbell was known: the worker rings
     /// them once it has absorbed the pool's reports.
     held_kicks: BTreeSet<Token>,
@@ -143,6 +149,7 @@ impl RegionTable {
         window: Arc<dyn ShmWindow>,
         metrics: Arc<IsmMetrics>,
         kick_epoll: Epoll,
+        inbox_epoll: Epoll,
         ringer: DoorbellRinger,
     ) -> Self {
         Self {
@@ -156,6 +163,7 @@ impl RegionTable {
             features: 0,
             interrupt: None,
             routes: KickRoutes::new(layout, metrics.clone(), kick_epoll, ringer),
+            inbox: KickInbox::new(inbox_epoll),
             metrics,
             held_kicks: BTreeSet::new(),
         }
@@ -320,6 +328,7 @@ impl RegionTable {
                 peers: 0,
                 doorbells: Vec::new(),
                 route: Route::Trap,
+                pending: None,
             },
         );
         Ok(())
@@ -352,6 +361,35 @@ impl RegionTable {
             v if v <= MAX_MSIX_VECTOR => Some(v as u16),
             _ => return Err(Status::Err.into()),
         };
+        region.pending = None;
+        Ok(())
+    }
+
+    /// EVENT_VECTOR_PENDING_SET: bind `vector` and record each peer kick in bit `bit` of the
+    /// le64 at guest-physical `addr` first. The caller checked that `addr` is guest memory.
+    pub fn set_vector_pending(
+        &mut self,
+        token: Token,
+        vector: u64,
+        addr: u64,
+        bit: u64,
+    ) -> Result<(), Refusal> {
+        if vector > MAX_MSIX_VECTOR || bit > 63 || !addr.is_multiple_of(8) {
+            return Err(Status::Err.into());
+        }
+        if !self.regions.contains_key(&token) {
+            return Err(Status::NoEnt.into());
+        }
+        let pending = self.inbox.open(token, addr, bit as u32).map_err(|e| {
+            warn!("virtio-ism: no kick inbox for {token}: {e}");
+            Refusal::from(Status::Err)
+        })?;
+        let region = self
+            .regions
+            .get_mut(&token)
+            .ok_or(Refusal::from(Status::NoEnt))?;
+        region.vector = Some(vector as u16);
+        region.pending = Some(pending);
         Ok(())
     }
 
@@ -487,7 +525,15 @@ impl RegionTable {
     /// The eventfd that raises this guest's interrupt for `token` (its bound vector's irqfd),
     /// to publish as this device's doorbell for the region.
     pub fn own_doorbell(&self, token: Token) -> Option<EventFd> {
-        let vector = self.regions.get(&token)?.vector?;
+        let region = self.regions.get(&token)?;
+        let vector = region.vector?;
+        if let Some(pending) = &region.pending {
+            return pending
+                .inbox
+                .try_clone()
+                .inspect_err(|e| warn!("virtio-ism: duplicating the kick inbox of {token}: {e}"))
+                .ok();
+        }
         self.interrupt
             .as_ref()?
             .notifier(VirtioInterruptType::Vector(vector))
@@ -563,11 +609,32 @@ impl RegionTable {
         self.routes.serve_one_hop_kicks(&self.regions)
     }
 
-    /// A peer kicked `token`: raise its vector. Returns whether an interrupt was raised.
+    /// The epoll instance over the pending-bit inboxes (for the worker's loop).
+    pub fn inbox_epoll_fd(&self) -> RawFd {
+        self.inbox.epoll_fd()
+    }
+
+    /// Consume the inboxes that fired: what the worker must record and raise.
+    pub fn take_fired_kicks(&self) -> Vec<FiredKick> {
+        self.inbox.take_fired(&self.regions)
+    }
+
+    /// A peer kicked `token`: raise its vector (through the inbox when it has a pending
+    /// bit, so the worker records the bit first). Returns whether the kick was passed on.
     pub fn deliver_kick(&self, token: Token) -> bool {
-        let Some(vector) = self.regions.get(&token).and_then(|r| r.vector) else {
+        let Some(region) = self.regions.get(&token) else {
             return false;
         };
+        let Some(vector) = region.vector else {
+            return false;
+        };
+        if let Some(pending) = &region.pending {
+            let delivered = pending.inbox.write(1).is_ok();
+            if delivered {
+                IsmMetrics::inc(&self.metrics.kicks_delivered);
+            }
+            return delivered;
+        }
         let Some(interrupt) = &self.interrupt else {
             return false;
         };
@@ -696,6 +763,24 @@ impl Regions {
         let doorbell = {
             let mut table = self.lock();
             table.set_vector(token, vector)?;
+            table.own_doorbell(token)
+        };
+        self.publish_doorbell(token, doorbell.as_ref());
+        Ok(())
+    }
+
+    /// EVENT_VECTOR_PENDING_SET, then publish the region's kick inbox as this device's
+    /// doorbell for it.
+    pub fn set_vector_pending(
+        &self,
+        token: Token,
+        vector: u64,
+        addr: u64,
+        bit: u64,
+    ) -> Result<(), Refusal> {
+        let doorbell = {
+            let mut table = self.lock();
+            table.set_vector_pending(token, vector, addr, bit)?;
             table.own_doorbell(token)
         };
         self.publish_doorbell(token, doorbell.as_ref());

@@ -18,7 +18,7 @@ use virtio_ism_pool_api::{DevId, PoolSession, Token};
 use virtio_ism_proto::ctrl::{decode_areas, decode_tokens, reply_len};
 use virtio_ism_proto::defs::features::{
     VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_IRQ, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT,
-    VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS, bit,
+    VIRTIO_ISM_F_KICK_PENDING, VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS, bit,
 };
 use virtio_ism_proto::defs::perm::{
     VIRTIO_ISM_PERM_ATTACH, VIRTIO_ISM_PERM_MANAGE, VIRTIO_ISM_PERM_READ, VIRTIO_ISM_PERM_WRITE,
@@ -469,6 +469,15 @@ impl TestVm {
         self.simple(Request::EventVector(EventVectorRequest {
             token: token.0,
             vector,
+        }))
+    }
+
+    fn event_vector_pending(&mut self, token: Token, vector: u64, addr: u64, bit: u64) -> Status {
+        self.simple(Request::EventVectorPending(EventVectorPendingRequest {
+            token: token.0,
+            vector,
+            pending_addr: addr,
+            pending_bit: bit,
         }))
     }
 
@@ -1873,6 +1882,144 @@ fn test_worker_thread_fans_out_one_hop_kicks_on_its_own() {
     assert_eq!((got_b, got_c), (1, 1));
     assert!(a.device.reset().is_some());
     assert!(wiring_a.wired_offsets().is_empty());
+}
+
+/// A guest like [`TestVm::wired`] whose driver negotiated `VIRTIO_ISM_F_KICK_PENDING`.
+fn pending_guest(pool: &Arc<LocalPool>) -> TestVm {
+    TestVm::build(
+        pool.session().unwrap(),
+        DRAFT_FEATURES | bit(VIRTIO_ISM_F_KICK_PENDING),
+        Arc::new(RecordingInterrupt::with_irqfds()),
+        Some(Arc::new(MemoryWiring::new(64))),
+    )
+}
+
+/// Where the pending-bit tests keep their word of pending bits (guest memory, unused by the
+/// queues and request buffers).
+const PENDING_WORD: u64 = 0x8000;
+
+fn pending_word(vm: &TestVm) -> u64 {
+    vm.mem.read_obj::<u64>(GuestAddress(PENDING_WORD)).unwrap()
+}
+
+/// Two regions on one vector (a transport with no vector per region): each peer kick is first
+/// recorded in the region's pending bit, then the shared vector is raised, so the driver
+/// learns which region was kicked. Every kick route reaches the bit: the peer's zero-hop
+/// ioeventfd, its trapped write, and an in-process delivery.
+#[test]
+fn test_pending_bits_name_the_kicked_region_on_a_shared_vector() {
+    let pool = pool();
+    let (mut a, mut b) = (pending_guest(&pool), pending_guest(&pool));
+    let (first, _) = a.alloc_shared(CHUNK);
+    let (second, _) = a.alloc_shared(CHUNK);
+    let b_first = b.attach(first, 0);
+    let b_second = b.attach(second, 0);
+    assert_eq!(
+        a.event_vector_pending(first, 1, PENDING_WORD, 0),
+        Status::Ok
+    );
+    assert_eq!(
+        a.event_vector_pending(second, 1, PENDING_WORD, 5),
+        Status::Ok
+    );
+    b.worker.process_pool_events().unwrap();
+    let slot = notify_slot(b_second[0].offset);
+    assert!(b.wiring().wired_offsets().contains(&slot));
+
+    // B's guest kicks the second region: KVM signals A's inbox, not A's irqfd.
+    a.interrupts.take();
+    assert!(b.wiring().guest_write(slot));
+    assert_eq!(a.interrupts.irqfd_count(1), 0);
+    assert_eq!(
+        pending_word(&a),
+        0,
+        "nothing recorded before A's worker ran"
+    );
+    assert_eq!(a.worker.process_inbox_kicks(), 1);
+    assert_eq!(pending_word(&a), 1 << 5);
+    assert_eq!(a.interrupts.take(), vec![VirtioInterruptType::Vector(1)]);
+    // Nothing more happened: a second pass finds no kick.
+    assert_eq!(a.worker.process_inbox_kicks(), 0);
+
+    // The driver clears its bits; a trapped write (the VMM calls handle_notify) and an
+    // in-process delivery reach the first region's bit the same way.
+    a.mem.write_obj(0u64, GuestAddress(PENDING_WORD)).unwrap();
+    assert_eq!(
+        b.handle().handle_notify(b_first[0].offset / CHUNK * 4),
+        Some(first)
+    );
+    assert_eq!(a.worker.process_inbox_kicks(), 1);
+    assert_eq!(pending_word(&a), 1);
+    assert!(a.handle().deliver_kick(first));
+    assert_eq!(a.worker.process_inbox_kicks(), 1);
+    assert_eq!(pending_word(&a), 1);
+    assert_eq!(
+        a.interrupts.take(),
+        vec![
+            VirtioInterruptType::Vector(1),
+            VirtioInterruptType::Vector(1)
+        ]
+    );
+    assert_eq!(a.counter("kicks_pending"), 3);
+    assert_eq!(a.counter("pending_bit_faults"), 0);
+
+    // Rebinding with EVENT_VECTOR_SET drops the pending bit: B's kicks raise A's irqfd for
+    // the vector directly again (zero hop), and nothing is recorded.
+    a.mem.write_obj(0u64, GuestAddress(PENDING_WORD)).unwrap();
+    assert_eq!(a.event_vector(second, 2), Status::Ok);
+    b.worker.process_pool_events().unwrap();
+    assert!(b.wiring().guest_write(slot));
+    assert_eq!(a.interrupts.irqfd_count(2), 1);
+    assert_eq!(a.worker.process_inbox_kicks(), 0);
+    assert_eq!(pending_word(&a), 0);
+}
+
+/// EVENT_VECTOR_PENDING_SET exists only with its feature bit, and takes only an aligned word
+/// of guest memory, a bit below 64, a vector of the MSI-X range and a held region.
+#[test]
+fn test_pending_bit_binding_is_checked() {
+    let pool = pool();
+    let mut draft = TestVm::new(&pool, DRAFT_FEATURES);
+    let (token, _) = draft.alloc(CHUNK);
+    assert_eq!(
+        draft.event_vector_pending(token, 1, PENDING_WORD, 0),
+        Status::Err,
+        "unknown without the feature"
+    );
+
+    let mut vm = pending_guest(&pool);
+    let (token, _) = vm.alloc(CHUNK);
+    let mem_end = MEM_SIZE as u64;
+    for (vector, addr, bit, why) in [
+        (1, PENDING_WORD + 4, 0, "unaligned"),
+        (1, PENDING_WORD, 64, "bit 64"),
+        (2048, PENDING_WORD, 0, "vector past the MSI-X range"),
+        (0xffff, PENDING_WORD, 0, "no vector"),
+        (1, mem_end, 0, "outside guest memory"),
+        (1, mem_end - 4, 0, "straddles the end of guest memory"),
+        (1, u64::MAX - 7, 0, "at the top of the address space"),
+    ] {
+        assert_eq!(
+            vm.event_vector_pending(token, vector, addr, bit),
+            Status::Err,
+            "{why}"
+        );
+    }
+    assert_eq!(
+        vm.event_vector_pending(Token(token.0 ^ 1), 1, PENDING_WORD, 0),
+        Status::NoEnt
+    );
+    assert_eq!(
+        vm.event_vector_pending(token, 1, mem_end - 8, 63),
+        Status::Ok
+    );
+    // The last word of guest memory works, bit 63 included.
+    assert!(vm.handle().deliver_kick(token));
+    assert_eq!(vm.worker.process_inbox_kicks(), 1);
+    assert_eq!(
+        vm.mem.read_obj::<u64>(GuestAddress(mem_end - 8)).unwrap(),
+        1 << 63
+    );
 }
 
 /// Records what an [`crate::IsmObserver`] is told.

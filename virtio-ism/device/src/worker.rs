@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::ctrl::{MAX_CHAIN_DESCRIPTORS, serve_chain};
+use crate::kick_inbox::set_pending_bit;
 use crate::metrics::IsmMetrics;
 use crate::observer::{IsmEvent, ObserverSlot};
 use crate::regions::Regions;
@@ -52,6 +53,7 @@ const EPOLL_EVENTQ: u64 = EPOLL_CTRL + 1;
 const EPOLL_WAKE: u64 = EPOLL_CTRL + 2;
 const EPOLL_POOL: u64 = EPOLL_CTRL + 3;
 const EPOLL_KICKS: u64 = EPOLL_CTRL + 4;
+const EPOLL_INBOX: u64 = EPOLL_CTRL + 5;
 /// How often pool events are polled when the session has no event fd.
 const POOL_POLL: Duration = Duration::from_millis(100);
 
@@ -175,6 +177,24 @@ where
         self.regions.lock().serve_one_hop_kicks()
     }
 
+    /// Record peers' kicks of pending-bit regions in driver memory, then raise their
+    /// vectors. Returns how many kicks were raised.
+    pub fn process_inbox_kicks(&mut self) -> usize {
+        let fired = self.regions.lock().take_fired_kicks();
+        let mem = self.mem.memory();
+        for kick in &fired {
+            // The bit before the interrupt: a driver that runs on the interrupt finds it.
+            if !set_pending_bit(&*mem, kick.addr, kick.mask) {
+                IsmMetrics::inc(&self.metrics.pending_bit_faults);
+            }
+            IsmMetrics::inc(&self.metrics.kicks_pending);
+            let _ = self
+                .interrupt
+                .trigger(VirtioInterruptType::Vector(kick.vector));
+        }
+        fired.len()
+    }
+
     fn notify(
         queue: &mut Queue,
         mem: &M::M,
@@ -205,8 +225,12 @@ where
             Some(fd) => helper.add_event(fd, EPOLL_POOL)?,
             None => helper = helper.with_timeout(POOL_POLL),
         }
-        let kick_epoll = self.regions.lock().kick_epoll_fd();
+        let (kick_epoll, inbox_epoll) = {
+            let table = self.regions.lock();
+            (table.kick_epoll_fd(), table.inbox_epoll_fd())
+        };
         helper.add_event(kick_epoll, EPOLL_KICKS)?;
+        helper.add_event(inbox_epoll, EPOLL_INBOX)?;
         helper.run(&mut self)?;
         debug!("virtio-ism: worker stopping");
         // Here rather than on the thread that stops the device: in some VMMs that is a vCPU
@@ -252,6 +276,9 @@ where
             }
             EPOLL_KICKS => {
                 self.process_one_hop_kicks();
+            }
+            EPOLL_INBOX => {
+                self.process_inbox_kicks();
             }
             other => error!("virtio-ism: unexpected epoll token {other}"),
         }

@@ -88,6 +88,8 @@ pub enum Command {
     GrantSetDefault,
     GrantSetForDevice,
     EventVectorSet,
+    /// Extension, needs VIRTIO_ISM_F_KICK_PENDING.
+    EventVectorPendingSet,
     /// Extension, needs VIRTIO_ISM_F_QUERY.
     QueryList,
     /// Extension, needs VIRTIO_ISM_F_QUERY.
@@ -112,6 +114,9 @@ impl Command {
             }
             (c::VIRTIO_ISM_CTRL_EVENT_VECTOR, c::VIRTIO_ISM_CTRL_EVENT_VECTOR_SET) => {
                 Self::EventVectorSet
+            }
+            (c::VIRTIO_ISM_CTRL_EVENT_VECTOR, c::VIRTIO_ISM_CTRL_EVENT_VECTOR_PENDING_SET) => {
+                Self::EventVectorPendingSet
             }
             (c::VIRTIO_ISM_CTRL_QUERY, c::VIRTIO_ISM_CTRL_QUERY_LIST) => Self::QueryList,
             (c::VIRTIO_ISM_CTRL_QUERY, c::VIRTIO_ISM_CTRL_QUERY_REGION) => Self::QueryRegion,
@@ -140,6 +145,10 @@ impl Command {
                 c::VIRTIO_ISM_CTRL_EVENT_VECTOR,
                 c::VIRTIO_ISM_CTRL_EVENT_VECTOR_SET,
             ),
+            Self::EventVectorPendingSet => (
+                c::VIRTIO_ISM_CTRL_EVENT_VECTOR,
+                c::VIRTIO_ISM_CTRL_EVENT_VECTOR_PENDING_SET,
+            ),
             Self::QueryList => (c::VIRTIO_ISM_CTRL_QUERY, c::VIRTIO_ISM_CTRL_QUERY_LIST),
             Self::QueryRegion => (c::VIRTIO_ISM_CTRL_QUERY, c::VIRTIO_ISM_CTRL_QUERY_REGION),
             Self::Unknown { class, cmd } => (class, cmd),
@@ -151,6 +160,7 @@ impl Command {
     pub fn required_feature(self) -> Option<u32> {
         match self {
             Self::QueryList | Self::QueryRegion => Some(features::VIRTIO_ISM_F_QUERY),
+            Self::EventVectorPendingSet => Some(features::VIRTIO_ISM_F_KICK_PENDING),
             _ => None,
         }
     }
@@ -164,6 +174,7 @@ impl Command {
             Self::GrantSetDefault => GrantDefaultRequest::SIZE,
             Self::GrantSetForDevice => GrantDeviceRequest::SIZE,
             Self::EventVectorSet => EventVectorRequest::SIZE,
+            Self::EventVectorPendingSet => EventVectorPendingRequest::SIZE,
             Self::QueryList => 0,
             Self::QueryRegion => QueryRegionRequest::SIZE,
             Self::Unknown { .. } => 0,
@@ -290,6 +301,14 @@ le64_struct! {
 }
 
 le64_struct! {
+    /// EVENT_VECTOR_PENDING_SET payload (extension):
+    /// `{ le64 token; le64 vector; le64 pending_addr; le64 pending_bit; }`. Binds `vector` like
+    /// EVENT_VECTOR_SET; before raising it for a peer's kick the device sets bit `pending_bit`
+    /// (0..=63) of the le64 at guest-physical `pending_addr` (8-byte aligned) atomically.
+    EventVectorPendingRequest { token @ 0, vector @ 8, pending_addr @ 16, pending_bit @ 24 } size 32
+}
+
+le64_struct! {
     /// QUERY_REGION payload (extension): `{ le64 token; }`.
     QueryRegionRequest { token @ 0 } size 8
 }
@@ -303,6 +322,7 @@ pub enum Request {
     GrantDefault(GrantDefaultRequest),
     GrantDevice(GrantDeviceRequest),
     EventVector(EventVectorRequest),
+    EventVectorPending(EventVectorPendingRequest),
     QueryList,
     QueryRegion(QueryRegionRequest),
     Unknown { class: u8, cmd: u8 },
@@ -321,6 +341,9 @@ impl Request {
             Command::GrantSetDefault => Self::GrantDefault(GrantDefaultRequest::decode(payload)?),
             Command::GrantSetForDevice => Self::GrantDevice(GrantDeviceRequest::decode(payload)?),
             Command::EventVectorSet => Self::EventVector(EventVectorRequest::decode(payload)?),
+            Command::EventVectorPendingSet => {
+                Self::EventVectorPending(EventVectorPendingRequest::decode(payload)?)
+            }
             Command::QueryList => Self::QueryList,
             Command::QueryRegion => Self::QueryRegion(QueryRegionRequest::decode(payload)?),
             Command::Unknown { class, cmd } => Self::Unknown { class, cmd },
@@ -335,6 +358,7 @@ impl Request {
             Self::GrantDefault(_) => Command::GrantSetDefault,
             Self::GrantDevice(_) => Command::GrantSetForDevice,
             Self::EventVector(_) => Command::EventVectorSet,
+            Self::EventVectorPending(_) => Command::EventVectorPendingSet,
             Self::QueryList => Command::QueryList,
             Self::QueryRegion(_) => Command::QueryRegion,
             Self::Unknown { class, cmd } => Command::Unknown {
@@ -354,6 +378,7 @@ impl Request {
                 Self::GrantDefault(_) => GrantDefaultRequest::SIZE,
                 Self::GrantDevice(_) => GrantDeviceRequest::SIZE,
                 Self::EventVector(_) => EventVectorRequest::SIZE,
+                Self::EventVectorPending(_) => EventVectorPendingRequest::SIZE,
                 Self::QueryList | Self::Unknown { .. } => 0,
                 Self::QueryRegion(_) => QueryRegionRequest::SIZE,
             }
@@ -371,6 +396,7 @@ impl Request {
             Self::GrantDefault(r) => r.encode(payload)?,
             Self::GrantDevice(r) => r.encode(payload)?,
             Self::EventVector(r) => r.encode(payload)?,
+            Self::EventVectorPending(r) => r.encode(payload)?,
             Self::QueryList | Self::Unknown { .. } => 0,
             Self::QueryRegion(r) => r.encode(payload)?,
         };

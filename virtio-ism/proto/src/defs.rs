@@ -116,6 +116,10 @@ pub mod features {
     /// grant update, revoke) when the event queue is not in use. Without it the vector fires
     /// for kicks only, as the draft says. [X]
     pub const VIRTIO_ISM_F_VECTOR_EVENTS: u32 = 4;
+    /// EVENT_VECTOR_PENDING_SET: before raising a region's vector for a peer's kick, the
+    /// device sets a driver-chosen bit in driver memory, so regions that share a vector
+    /// (a transport without a vector per region) still learn which region was kicked. [X]
+    pub const VIRTIO_ISM_F_KICK_PENDING: u32 = 5;
     /// VIRTIO_F_VERSION_1. [S]
     pub const VIRTIO_F_VERSION_1: u32 = 32;
 
@@ -161,6 +165,8 @@ pub mod ctrl {
 
     pub const VIRTIO_ISM_CTRL_EVENT_VECTOR: u8 = 4;
     pub const VIRTIO_ISM_CTRL_EVENT_VECTOR_SET: u8 = 0;
+    /// [X] needs VIRTIO_ISM_F_KICK_PENDING: bind a vector plus a pending bit in driver memory.
+    pub const VIRTIO_ISM_CTRL_EVENT_VECTOR_PENDING_SET: u8 = 1;
 
     /// [X] needs VIRTIO_ISM_F_QUERY.
     pub const VIRTIO_ISM_CTRL_QUERY: u8 = 5;

@@ -46,8 +46,9 @@ pub mod wire;
 pub use config::ConfigSpace;
 pub use ctrl::{
     AllocReplyHeader, AllocRequest, Area, AttachReplyHeader, AttachRequest, Command, CtrlClass,
-    CtrlHeader, DetachRequest, EventVectorRequest, GrantDefaultRequest, GrantDeviceRequest,
-    QueryListReplyHeader, QueryRegionReplyHeader, QueryRegionRequest, Request, Status,
+    CtrlHeader, DetachRequest, EventVectorPendingRequest, EventVectorRequest, GrantDefaultRequest,
+    GrantDeviceRequest, QueryListReplyHeader, QueryRegionReplyHeader, QueryRegionRequest, Request,
+    Status,
 };
 pub use event::{Event, EventType};
 pub use wire::{ShortBuffer, WireStruct};
@@ -120,6 +121,12 @@ mod tests {
             Request::EventVector(EventVectorRequest {
                 token: 9,
                 vector: 2,
+            }),
+            Request::EventVectorPending(EventVectorPendingRequest {
+                token: 9,
+                vector: 0,
+                pending_addr: 0x1000,
+                pending_bit: 63,
             }),
             Request::QueryList,
             Request::QueryRegion(QueryRegionRequest { token: 11 }),

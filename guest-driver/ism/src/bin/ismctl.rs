@@ -174,6 +174,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "kick_vectors",
                     &if i.kick_vectors {
                         "per-region"
+                    } else if i.kick_pending {
+                        "pending-bits"
                     } else {
                         "shared"
                     },

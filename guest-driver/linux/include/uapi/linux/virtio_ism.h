@@ -23,6 +23,7 @@
 #define VIRTIO_ISM_F_QUERY		2	/* QUERY_LIST and QUERY_REGION */
 #define VIRTIO_ISM_F_GRANT		3	/* regions are owner-only until GRANTed */
 #define VIRTIO_ISM_F_VECTOR_EVENTS	4	/* region events also raise the region's vector */
+#define VIRTIO_ISM_F_KICK_PENDING	5	/* EVENT_VECTOR_PENDING_SET: kicks set a driver bit */
 
 /* Virtqueues */
 #define VIRTIO_ISM_CTRL_QUEUE		0
@@ -56,6 +57,7 @@ struct virtio_ism_ctrl_hdr {
 #define VIRTIO_ISM_CTRL_GRANT_SET_FOR_DEVICE	1
 #define VIRTIO_ISM_CTRL_EVENT_VECTOR		4
 #define VIRTIO_ISM_CTRL_EVENT_VECTOR_SET	0
+#define VIRTIO_ISM_CTRL_EVENT_VECTOR_PENDING_SET	1	/* needs VIRTIO_ISM_F_KICK_PENDING */
 #define VIRTIO_ISM_CTRL_QUERY			5
 #define VIRTIO_ISM_CTRL_QUERY_LIST		0
 #define VIRTIO_ISM_CTRL_QUERY_REGION		1
@@ -124,6 +126,18 @@ struct virtio_ism_ctrl_grant {
 struct virtio_ism_ctrl_event_vector {
 	__le64 token;
 	__le64 vector;		/* MSI-X table index, or VIRTIO_ISM_MSI_NO_VECTOR */
+};
+
+/*
+ * EVENT_VECTOR_PENDING_SET: bind like EVENT_VECTOR_SET; before raising the vector
+ * for a peer's kick the device sets bit pending_bit (0..63) of the le64 at
+ * guest-physical pending_addr (8-byte aligned) with an atomic OR.
+ */
+struct virtio_ism_ctrl_event_vector_pending {
+	__le64 token;
+	__le64 vector;		/* MSI-X table index */
+	__le64 pending_addr;
+	__le64 pending_bit;
 };
 
 struct virtio_ism_ctrl_query_list_reply {

@@ -32,9 +32,11 @@
 #define VIRTIO_ISM_INFO_F_EVENT_QUEUE	(1ULL << VIRTIO_ISM_F_EVENT_QUEUE)
 #define VIRTIO_ISM_INFO_F_QUERY		(1ULL << VIRTIO_ISM_F_QUERY)
 #define VIRTIO_ISM_INFO_F_GRANT		(1ULL << VIRTIO_ISM_F_GRANT)
+#define VIRTIO_ISM_INFO_F_KICK_PENDING	(1ULL << VIRTIO_ISM_F_KICK_PENDING)
 
 /* virtio_ism_info.flags */
 #define VIRTIO_ISM_INFO_KICK_VECTORS	(1U << 0) /* BIND gives regions vectors of their own */
+#define VIRTIO_ISM_INFO_KICK_PENDING	(1U << 1) /* on the shared vector kicks name their region */
 
 struct virtio_ism_info {
 	__u64 gid;		/* group id of the device's pool */
@@ -122,8 +124,9 @@ struct virtio_ism_list {
 #define VIRTIO_ISM_EV_OVERFLOW		VIRTIO_ISM_EVENT_OVERFLOW
 /*
  * A peer kicked a bound region: token names it. With a vector per region
- * (VIRTIO_ISM_INFO_KICK_VECTORS) only the kicked region is reported; on a shared
- * vector every region bound to it is (receivers check the shared memory anyway).
+ * (VIRTIO_ISM_INFO_KICK_VECTORS) or the device's pending bits on the shared vector
+ * (VIRTIO_ISM_INFO_KICK_PENDING) only the kicked region is reported; otherwise
+ * every region bound to the shared vector is (receivers check the shared memory).
  */
 #define VIRTIO_ISM_EV_KICK		(1ULL << 16)
 /* This file's own event queue overflowed; events were lost. */
