@@ -349,3 +349,56 @@ fn test_peer_ism_vmm_killed_during_attach() {
         .ok("A grant again");
     assert_eq!(a.power_off(), Some(0));
 }
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// 10 000 ALLOC/DETACH cycles of a guest through ism-vmm and the broker leave the VMM's and
+/// the broker's descriptor counts and memory flat (measured and printed).
+#[test]
+fn test_ten_thousand_alloc_free_cycles_of_an_ism_vmm_guest_stay_flat() {
+    require_kvm!();
+    require_vmm!(Vmm::IsmVmm);
+    let broker = PoolBroker::start("1G");
+    let mut a = IsmGuest::start("A", &broker, &IsmSpec::on(Vmm::IsmVmm), &[]);
+    a.set_timeout(Duration::from_secs(900));
+    a.cmd("alloc-free 200 4K").ok("warm-up");
+    let (vmm, pool) = (a.pid(), broker.pid());
+    let start = [fd_count(vmm), fd_count(pool)];
+    let start_rss = [rss_kib(vmm), rss_kib(pool)];
+    let started = Instant::now();
+    let run = a.cmd("alloc-free 10000 4K").ok("alloc-free");
+    assert_eq!(run.number("done"), Some(10_000), "{}", run.line);
+    let took = started.elapsed();
+    let end = [fd_count(vmm), fd_count(pool)];
+    let end_rss = [rss_kib(vmm), rss_kib(pool)];
+    println!(
+        "10000 guest alloc/free cycles in {took:?}: ism-vmm fds {} -> {}, RSS {} -> {} KiB; ism-pool fds {} -> {}, RSS {} -> {} KiB",
+        start[0], end[0], start_rss[0], end_rss[0], start[1], end[1], start_rss[1], end_rss[1]
+    );
+    assert!(end[0] <= start[0] + 4, "ism-vmm descriptors grew");
+    assert!(end[1] <= start[1] + 4, "ism-pool descriptors grew");
+    assert!(
+        end_rss[0] <= start_rss[0] + 32 * 1024,
+        "ism-vmm memory grew"
+    );
+    assert!(
+        end_rss[1] <= start_rss[1] + 16 * 1024,
+        "ism-pool memory grew"
+    );
+    let status = broker.status();
+    assert!(status["regions"].as_array().unwrap().is_empty(), "{status}");
+    assert_eq!(a.power_off(), Some(0));
+}
