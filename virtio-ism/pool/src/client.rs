@@ -38,14 +38,14 @@ const MAX_STATUS_LEN: u32 = 64 << 20;
 pub struct ClientOptions {
     /// How long a request waits for the broker's answer. After a timeout the session
     /// fails requests at once until the broker answers anything again (a late answer to an
-    /// ALLOC or ATTACH is given back with a DETACH).
+    /// ALLOC or ATTACH is given back with a DETACH sent before the next request).
     pub reply_timeout: Duration,
     /// Reconnect and resume the session after the connection broke (needs a broker of
-    /// protocol version 4), and give back a lease that arrives after its request timed
-    /// out. The session then keeps a duplicate of every lease and doorbell (made on the
-    /// calling thread), and its reader thread connects and sends: `socket` (AF_UNIX),
-    /// `connect`, `setsockopt`, `sendmsg`, `shutdown` (docs/seccomp.md). Off, the reader
-    /// thread only receives and the session ends with its connection.
+    /// protocol version 4). The session then keeps a duplicate of every lease and doorbell
+    /// (made on the calling thread), and its reader thread, to resume, connects and sends:
+    /// `socket` (AF_UNIX), `connect`, `setsockopt`, `sendmsg`, `shutdown`
+    /// (docs/seccomp.md). Off, the reader thread only receives and the session ends with
+    /// its connection.
     pub reconnect: bool,
     /// First wait before reconnecting; doubled after every failed attempt up to
     /// `backoff_max`.
@@ -115,6 +115,9 @@ struct Shared {
     /// Regions detached while the broker could not be told (or did not answer): sent again
     /// after a resume, in case the broker still counts them.
     undone: Mutex<Vec<Token>>,
+    /// Regions leased in answer to a request that had timed out: given back (DETACH) before
+    /// the next request.
+    late: Mutex<Vec<Token>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -284,6 +287,7 @@ impl BrokerSession {
             held: Mutex::new(BTreeMap::new()),
             doorbells: Mutex::new(BTreeMap::new()),
             undone: Mutex::new(Vec::new()),
+            late: Mutex::new(Vec::new()),
         });
         let reader_shared = shared.clone();
         let reader = std::thread::Builder::new()
@@ -349,6 +353,13 @@ impl BrokerSession {
             link.answer = None;
             socket
         };
+        // Leases that came after their request timed out go back first; their answers
+        // (OK, or NotHeld after a resume released them) are not waited for.
+        let late = std::mem::take(&mut *lock(&shared.late));
+        for token in late {
+            let detach = Request::Detach { token };
+            let _ = seqpacket::send(socket.as_fd(), &detach.encode(shared.next_id()), None);
+        }
         if let Err(e) = seqpacket::send(socket.as_fd(), &request.encode(id), fd) {
             let mut link = shared.link();
             link.waiting = None;
@@ -775,17 +786,14 @@ fn read_loop(shared: &Shared, socket: &Arc<OwnedFd>) -> String {
                 link.unresponsive = false;
                 if link.waiting == Some(id) {
                     link.answer = Some(Answer { id, reply, fds });
-                } else if let (true, Reply::Lease { token, .. }) =
-                    (shared.options.reconnect, &reply)
-                {
-                    let token = *token;
-                    // The answer to an ALLOC or ATTACH that timed out: the device never
-                    // saw it, so give the region back.
-                    drop(link);
-                    log::info!("Giving back region {token}, leased after its request timed out");
-                    let detach = Request::Detach { token };
-                    let _ = seqpacket::send(socket.as_fd(), &detach.encode(shared.next_id()), None);
-                    continue;
+                } else if let Reply::Lease { token, .. } = &reply {
+                    // The answer to an ALLOC or ATTACH that timed out: the device never saw
+                    // it, so the next request gives the region back (from the caller's
+                    // thread: this one only receives while connected).
+                    log::info!(
+                        "Region {token} was leased after its request timed out; giving it back"
+                    );
+                    lock(&shared.late).push(*token);
                 }
                 shared.changed.notify_all();
             }
