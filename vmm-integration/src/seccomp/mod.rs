@@ -278,8 +278,8 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
         // Read the broker socket; after the broker died, reconnect (an AF_UNIX socket only,
         // see `socket_domains`), bound the handshake with SO_RCVTIMEO/SO_SNDTIMEO, hand
         // back the session's regions and doorbells (sendmsg with SCM_RIGHTS; the worker
-        // made the duplicates it sends), give back a lease that came after its request
-        // timed out; fcntl is F_GETFD only (see `rules`).
+        // made the duplicates it sends) and DETACHes the restarted broker may have missed;
+        // fcntl is F_GETFD only (see `rules`).
         Thread::PoolClient => &[
             libc::SYS_recvmsg,
             libc::SYS_fcntl,
