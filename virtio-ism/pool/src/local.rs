@@ -816,6 +816,12 @@ impl LocalPool {
                 })
                 .collect(),
             regions,
+            waiting_sessions: state.recovery.sessions.keys().map(|d| d.0).collect(),
+            waiting_regions: {
+                let mut tokens: Vec<u64> = state.recovery.regions.keys().map(|t| t.0).collect();
+                tokens.sort_unstable();
+                tokens
+            },
         }
     }
 

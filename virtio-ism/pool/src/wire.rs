@@ -14,8 +14,9 @@ use crate::session::{DevId, MissingPerm, Perms, PoolError, PoolEvent, Token};
 /// 16); everything else is as in version 1.
 pub const MIN_VERSION: u16 = 1;
 pub const MAX_VERSION: u16 = 4;
-/// First version that can resume a session after a broker restart.
-pub const RESUME_VERSION: u16 = 4;
+/// First version that can resume a session after a broker restart (and whose status report
+/// says what a restarted broker waits for).
+pub const RESUME_VERSION: u16 = virtio_ism_pool_api::status::RESUME_VERSION;
 /// First version with the doorbell exchange.
 pub const DOORBELL_VERSION: u16 = 2;
 /// First version with error codes 13..15 (`DescriptorLimit`, `RegionQuotaExceeded`,

@@ -538,6 +538,8 @@ fn test_sessions_that_do_not_come_back_are_released_after_the_grace_period() {
     broker.restart();
     wait_connected(&[&a]);
     let restarted = Instant::now();
+    // The operator sees what the broker still waits for.
+    assert_eq!(broker.status().waiting_sessions, vec![b_dev.0]);
     wait_until("B's hold to be released", Duration::from_secs(10), || {
         a.take_events().contains(&PoolEvent::PeerDetached {
             token: region.token,
@@ -551,6 +553,7 @@ fn test_sessions_that_do_not_come_back_are_released_after_the_grace_period() {
     let state: serde_json::Value = serde_json::from_str(&state).unwrap();
     assert_eq!(state["sessions"].as_array().unwrap().len(), 1);
     assert_eq!(broker.status().regions[0].holders, vec![a.info().devid.0]);
+    assert!(broker.status().waiting_sessions.is_empty());
 }
 
 fn fd_count(pid: u32) -> usize {
