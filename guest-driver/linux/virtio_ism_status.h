@@ -20,6 +20,8 @@ static inline int virtio_ism_status_errno(unsigned char status)
 		return -ENOMEM;
 	case VIRTIO_ISM_ENOSPC:
 		return -ENOSPC;
+	case VIRTIO_ISM_EAGAIN:
+		return -EAGAIN;
 	case VIRTIO_ISM_PERM_EATTACH:
 		return -EACCES;
 	case VIRTIO_ISM_PERM_EREAD:

@@ -85,11 +85,14 @@ impl Drop for ScratchDir {
     }
 }
 
-/// A running `ism-pool` broker on a socket in its own scratch directory.
+/// A running `ism-pool` broker on a socket in its own scratch directory (its state file
+/// next to the socket).
 pub struct PoolBroker {
     group: Group,
     socket: PathBuf,
     log: Arc<Mutex<String>>,
+    /// Everything after `--socket <path>`, for a restart.
+    args: Vec<String>,
     _dir: ScratchDir,
 }
 
@@ -103,42 +106,78 @@ impl PoolBroker {
 
     /// As [`PoolBroker::start`], with `extra` broker options instead of the test default.
     pub fn start_with_args(size: &str, extra: &[&str]) -> Self {
-        let binary = pool_binary();
         let dir = ScratchDir::new("pool");
         let socket = dir.path().join("pool.sock");
+        let mut args = vec!["--size".to_string(), size.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = Arc::new(Mutex::new(String::new()));
+        let group = Self::spawn(&socket, &args, &log);
+        let mut broker = Self {
+            group,
+            socket,
+            log,
+            args,
+            _dir: dir,
+        };
+        broker.wait_listening(|b| b.socket.exists());
+        broker
+    }
+
+    fn spawn(socket: &Path, args: &[String], log: &Arc<Mutex<String>>) -> Group {
+        let binary = pool_binary();
         let mut group = Group::spawn(
             Command::new(&binary)
                 .arg("--socket")
-                .arg(&socket)
-                .args(["--size", size])
-                .args(extra)
+                .arg(socket)
+                .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),
         )
         .unwrap_or_else(|e| panic!("Failed to start {}: {e}", binary.display()));
-        let log = Arc::new(Mutex::new(String::new()));
         let stderr = group.child.stderr.take().expect("piped");
         collect(stderr, log.clone());
+        group
+    }
+
+    /// Waits (10 s at most) until `ready` says the broker serves, failing if it exits.
+    fn wait_listening(&mut self, ready: impl Fn(&Self) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Ok(Some(status)) = group.child.try_wait() {
-                group.reaped = true;
-                panic!("ism-pool exited early ({status}):\n{}", log.lock().unwrap());
+        while !ready(self) {
+            if let Ok(Some(status)) = self.group.child.try_wait() {
+                self.group.reaped = true;
+                panic!("ism-pool exited early ({status}):\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
-                "ism-pool did not create {} within 10 s",
-                socket.display()
+                "ism-pool did not serve {} within 10 s",
+                self.socket.display()
             );
             thread::sleep(Duration::from_millis(10));
         }
-        Self {
-            group,
-            socket,
-            log,
-            _dir: dir,
-        }
+    }
+
+    /// SIGKILL the broker (as a crash or an OOM kill would) and reap it. Its socket file
+    /// and state file stay.
+    pub fn kill(&mut self) {
+        self.group.kill();
+    }
+
+    /// Send `signal` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to the broker process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.group.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child, which is not reaped (the group is killed and
+        // reaped only on drop or by `kill`).
+        let done = unsafe { libc::kill(pid, signal) };
+        assert_eq!(done, 0, "kill({pid}, {signal})");
+    }
+
+    /// Start the broker again on the same socket and state file with the same options,
+    /// and wait until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.group.reaped, "restart a broker that was killed");
+        self.group = Self::spawn(&self.socket, &self.args, &self.log);
+        self.wait_listening(|b| b.try_status().is_some());
     }
 
     /// The broker's socket path (what `--ism ...,pool=` takes).
@@ -149,6 +188,22 @@ impl PoolBroker {
     /// The broker's log so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `ism-pool status --json`, parsed; None if it fails (the broker is not serving).
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let output = Command::new(pool_binary())
+            .arg("status")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--json")
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&output.stdout).ok()
     }
 
     /// `ism-pool status --json`, parsed.

@@ -36,7 +36,8 @@ const PER_VCPU: u64 = 2;
 const PER_VIRTIO_DEVICE: u64 = 8;
 /// Per virtio-ism device besides its MSI-X irqfds: queue ioeventfds, the worker's epoll and
 /// eventfds, the pool session (held regions and doorbells come on top, as the guest maps
-/// them).
+/// them; with a broker each counts twice, since the session keeps a duplicate to hand back
+/// to a restarted broker).
 const PER_ISM_DEVICE: u64 = 32;
 
 /// How many descriptors `config` needs at startup, and what most of them are for.

@@ -966,7 +966,7 @@ impl Drop for Broker {
 
 /// A broker that dies under a running VMM is a 503 with its cause, not a 400: the pool's
 /// status, a region created (the device's session cannot reach the broker) and a region
-/// attached (the device only says `Err`; the broker does not answer) all say the pool is
+/// attached (the device says EAGAIN; the broker does not answer) all say the pool is
 /// unavailable, and the VMM serves on.
 #[test]
 fn test_a_pool_that_is_down_is_503_with_its_cause() {
@@ -1014,7 +1014,7 @@ fn test_a_pool_that_is_down_is_503_with_its_cause() {
     assert_ne!(chain[3], chain[4], "the session's own cause: {chain:?}");
     let chain = down("PUT", "vm.ism-add-region", r#"{"id":"ism0","token":1}"#);
     assert_eq!(chain[0], "Device \"ism0\" could not attach region 1");
-    assert!(chain[2].contains("status Err"), "{chain:?}");
+    assert!(chain[2].contains("status Again"), "{chain:?}");
 
     // Requests that do not need the pool are answered as before.
     let (status, body) = request(&sock, "GET", "vm.ism-regions", "");

@@ -16,6 +16,8 @@ pub enum CommandError {
     NoSpace,
     #[error("The host pool is out of memory or the quota is used up")]
     NoMemory,
+    #[error("The host pool is temporarily unavailable; retry later")]
+    Unavailable,
     #[error("ATTACH permission not granted")]
     AttachNotGranted,
     #[error("READ permission not granted")]
@@ -49,6 +51,7 @@ impl CommandError {
             libc::ENOENT => Self::NoSuchRegion,
             libc::ENOSPC => Self::NoSpace,
             libc::ENOMEM => Self::NoMemory,
+            libc::EAGAIN => Self::Unavailable,
             libc::EACCES => Self::AttachNotGranted,
             libc::EPERM => Self::ReadNotGranted,
             libc::EROFS => Self::WriteNotGranted,
@@ -70,6 +73,7 @@ impl CommandError {
             Self::NoSuchRegion => Status::NoEnt,
             Self::NoSpace => Status::NoSpc,
             Self::NoMemory => Status::NoMem,
+            Self::Unavailable => Status::Again,
             Self::AttachNotGranted => Status::PermAttach,
             Self::ReadNotGranted => Status::PermRead,
             Self::WriteNotGranted => Status::PermWrite,

@@ -241,6 +241,7 @@ impl Shell<'_> {
             "pingpong" => self.pingpong(words, seq),
             "events" => self.events(seq),
             "alloc-many" => self.alloc_many(words, seq),
+            "alloc-free" => self.alloc_free(words, seq),
             "attach-many" => self.attach_many(words, seq),
             "bench" => self.bench(words, seq),
             "poweroff" => Outcome::PowerOff,
@@ -774,6 +775,37 @@ impl Shell<'_> {
 
     /// `alloc-many N SIZE SEED PERMS`: allocate N regions, fill region i with SEED + i and
     /// grant PERMS to everyone; the tokens are listed comma-separated in order.
+    /// `alloc-free COUNT SIZE`: COUNT times, allocate a region of SIZE and detach it again
+    /// (leak checks); reports how many cycles completed.
+    fn alloc_free<'a>(&mut self, mut words: impl Iterator<Item = &'a str>, seq: u64) -> Outcome {
+        let (Some(count), Some(size)) = (
+            words.next().and_then(parse_number),
+            words.next().and_then(parse_size),
+        ) else {
+            return Outcome::Bad("alloc_free_args");
+        };
+        let mut done = 0u64;
+        let mut failure = None;
+        for _ in 0..count {
+            let result = self
+                .ism
+                .alloc(size)
+                .and_then(|region| self.ism.detach(region.token()));
+            match result {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    failure = Some(status_name(&e));
+                    break;
+                }
+            }
+        }
+        report!(
+            "seq={seq} cmd=alloc-free status={} done={done}",
+            failure.unwrap_or("ok")
+        );
+        Outcome::Done
+    }
+
     fn alloc_many<'a>(&mut self, mut words: impl Iterator<Item = &'a str>, seq: u64) -> Outcome {
         let (Some(count), Some(size), Some(seed), Some(perms)) = (
             words.next().and_then(parse_number),
@@ -920,6 +952,7 @@ fn status_name(e: &IsmError) -> &'static str {
         IsmError::NoEntry => "ENOENT",
         IsmError::NoSpace => "ENOSPC",
         IsmError::NoMem => "ENOMEM",
+        IsmError::Again => "EAGAIN",
         IsmError::TooBig(_) => "E2BIG",
         IsmError::DeviceError(_) => "ERR",
         IsmError::ReadOnly => "READONLY",

@@ -149,6 +149,19 @@ impl HandleControl {
                 // A bare Err is what a broken broker connection becomes, and also what a few
                 // device-side refusals are: ask the broker whether it answers.
                 Status::Err => self.probe_broker(error),
+                // The device's own word for "the broker is down or does not answer": the
+                // pool is unavailable whatever a probe says (the device's session may still
+                // be reconnecting); the probe only adds the broker's own cause.
+                Status::Again => match &self.broker {
+                    Some(path) => match ism_pool::client::query_status(path) {
+                        Err(probe) => ControlError::PoolUnavailable(Box::new(BrokerDown {
+                            attach: error,
+                            probe,
+                        })),
+                        Ok(_) => ControlError::PoolUnavailable(Box::new(error)),
+                    },
+                    None => ControlError::PoolUnavailable(Box::new(error)),
+                },
                 Status::Ok | Status::TooBig | Status::Unknown(_) => ControlError::internal(error),
             },
             // Mapping a region the pool just made: only the device's own window is involved.

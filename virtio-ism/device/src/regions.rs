@@ -112,6 +112,9 @@ pub fn pool_status(err: &PoolError) -> Status {
         | PoolError::RegionQuotaExceeded { .. }
         | PoolError::DescriptorLimit(_)
         | PoolError::CreateMemory(_) => Status::NoMem,
+        // The broker is down, being reconnected to, or did not answer in time: nothing
+        // changed, and the command may work when retried (docs/pool.md, "Failure model").
+        PoolError::Connection(_) => Status::Again,
         _ => Status::Err,
     }
 }
@@ -820,7 +823,9 @@ impl Regions {
         let _one_at_a_time = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
         let doorbells = match self.session.peer_doorbells(token) {
             Ok(doorbells) => doorbells,
-            Err(PoolError::DoorbellsUnsupported) => return,
+            // Without a broker to ask, the routes it gave stay: peers' doorbells keep
+            // working while it is down, and a resumed session asks again.
+            Err(PoolError::DoorbellsUnsupported | PoolError::Connection(_)) => return,
             Err(e) => {
                 // Typically NotHeld: the region went away meanwhile.
                 debug!("virtio-ism: no doorbells for {token}: {e}");

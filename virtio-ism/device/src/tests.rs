@@ -780,6 +780,21 @@ fn test_alloc_failures_map_to_draft_statuses() {
     assert_eq!(vm.counter("regions_attached"), 0);
 }
 
+/// A broker that is down, reconnecting or not answering is EAGAIN (retry later), never the
+/// generic ERR; a broker that answers keeps its own statuses.
+#[test]
+fn test_an_unavailable_broker_is_eagain() {
+    use crate::regions::pool_status;
+    use std::io::{Error, ErrorKind};
+    for kind in [ErrorKind::TimedOut, ErrorKind::ConnectionAborted] {
+        let error = virtio_ism_pool_api::PoolError::Connection(Error::from(kind));
+        assert_eq!(pool_status(&error), Status::Again);
+    }
+    assert_eq!(Status::Again.raw(), 11);
+    let refused = virtio_ism_pool_api::PoolError::Protocol("Resume refused".into());
+    assert_eq!(pool_status(&refused), Status::Err);
+}
+
 #[test]
 fn test_two_devices_share_region_bytes() {
     let (_pool, [mut a, mut b]) = guests([DRAFT_FEATURES, DRAFT_FEATURES]);

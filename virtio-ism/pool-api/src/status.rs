@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 /// sessions' `uid`, `vm`, `vm_regions` and `read_only_enforced` (`ism_pool::wire` speaks it
 /// as its `LIMITS_VERSION`).
 pub const LIMITS_VERSION: u16 = 3;
+/// First broker protocol version whose status report carries `waiting_sessions` and
+/// `waiting_regions` (what a restarted broker still waits for).
+pub const RESUME_VERSION: u16 = 4;
 
 /// A snapshot of the whole pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +36,14 @@ pub struct PoolStatus {
     pub sessions: Vec<SessionStatus>,
     /// Every live region.
     pub regions: Vec<RegionStatus>,
+    /// After a broker restart: devids of the recorded sessions that have not resumed yet
+    /// (protocol version 4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_sessions: Vec<u64>,
+    /// After a broker restart: tokens of the recorded regions no holder has handed back yet
+    /// (protocol version 4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_regions: Vec<u64>,
 }
 
 /// One open session (one virtio-ism device).
@@ -70,6 +81,10 @@ impl PoolStatus {
     /// than [`LIMITS_VERSION`] refuse fields they do not know, so those are left out for
     /// them.
     pub fn for_version(mut self, version: u16) -> Self {
+        if version < RESUME_VERSION {
+            self.waiting_sessions.clear();
+            self.waiting_regions.clear();
+        }
         if version < LIMITS_VERSION {
             self.per_vm_regions = None;
             for session in &mut self.sessions {
@@ -173,6 +188,19 @@ impl fmt::Display for PoolStatus {
                 held.join(", ")
             )?;
         }
+        if !self.waiting_sessions.is_empty() || !self.waiting_regions.is_empty() {
+            let regions: Vec<String> = self
+                .waiting_regions
+                .iter()
+                .map(|t| format!("{t:#018x}"))
+                .collect();
+            writeln!(
+                f,
+                "waiting to resume after a restart: devids {:?}, regions [{}]",
+                self.waiting_sessions,
+                regions.join(", ")
+            )?;
+        }
         writeln!(f, "regions: {}", self.regions.len())?;
         for region in &self.regions {
             let holders: Vec<String> = region.holders.iter().map(|d| d.to_string()).collect();
@@ -228,6 +256,8 @@ mod tests {
                 holders: vec![3],
                 doorbells: vec![],
             }],
+            waiting_sessions: vec![5],
+            waiting_regions: vec![11],
         }
     }
 
@@ -244,8 +274,12 @@ mod tests {
         let json = serde_json::to_value(&old).unwrap();
         assert!(json.get("per_vm_regions").is_none(), "{json}");
         assert!(json["sessions"][0].get("uid").is_none(), "{json}");
+        assert!(json.get("waiting_sessions").is_none(), "{json}");
+        let v3 = status().for_version(LIMITS_VERSION);
+        assert!(v3.waiting_sessions.is_empty() && v3.waiting_regions.is_empty());
+        assert_eq!(v3.per_vm_regions, Some(64));
         // A current client gets everything.
-        assert_eq!(status().for_version(LIMITS_VERSION), status());
+        assert_eq!(status().for_version(RESUME_VERSION), status());
     }
 
     #[test]
@@ -258,5 +292,11 @@ mod tests {
         assert!(text.contains("default RA"), "{text}");
         assert!(text.contains("grants [4:R]"), "{text}");
         assert!(text.contains("read-only enforced"), "{text}");
+        assert!(
+            text.contains(
+                "waiting to resume after a restart: devids [5], regions [0x000000000000000b]"
+            ),
+            "{text}"
+        );
     }
 }

@@ -12,6 +12,7 @@ use crate::admission::{AdmissionPolicy, ConnectionCount, ConnectionSlot, PeerInf
 use crate::handler::{Connection, ConnectionOptions, Outgoing};
 use crate::local::LocalPool;
 use crate::seqpacket;
+use crate::state::StateFile;
 use crate::wire::{Reply, WireError};
 
 /// A client must say hello within this time, or it is disconnected.
@@ -22,6 +23,10 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_OBSERVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not read its replies for this long is disconnected.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a restarted broker waits for the sessions it recorded unless configured.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
+/// How often sessions waiting for a resume are checked against the grace period.
+const GRACE_CHECK: Duration = Duration::from_secs(1);
 
 /// Failures while starting the broker.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +81,9 @@ pub struct Broker {
     path: PathBuf,
     options: BrokerOptions,
     connections: Arc<ConnectionCount>,
+    /// Where the pool is recorded for a restart, and how long a restarted broker waits for
+    /// the recorded sessions.
+    state: Option<(Arc<StateFile>, Duration)>,
 }
 
 impl Broker {
@@ -126,7 +134,15 @@ impl Broker {
             path: path.to_path_buf(),
             options,
             connections: Arc::new(ConnectionCount::default()),
+            state: None,
         })
+    }
+
+    /// Records the pool in `state` (before answering every request that changes it), and,
+    /// if the pool was restored from it, gives the recorded sessions `grace` to come back.
+    pub fn with_state_file(mut self, state: Arc<StateFile>, grace: Duration) -> Self {
+        self.state = Some((state, grace));
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -135,6 +151,38 @@ impl Broker {
 
     /// Serves clients until accept fails.
     pub fn run(&self) -> Result<(), BrokerError> {
+        if let Some((state, grace)) = &self.state {
+            save_state(&self.pool, Some(state));
+            if self.pool.recovering() {
+                log::info!(
+                    "Waiting {} s for the recorded sessions to resume",
+                    grace.as_secs_f64()
+                );
+            }
+            // Sessions wait for their resume from the restart, or from a connection that
+            // dropped in the middle of one: checked every second, for the broker's life.
+            let pool = self.pool.clone();
+            let state = state.clone();
+            let grace = *grace;
+            let spawned = std::thread::Builder::new()
+                .name("ism-pool-grace".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(GRACE_CHECK.min(grace));
+                        let gone = pool.expire_recovery(grace);
+                        if !gone.is_empty() {
+                            let gone: Vec<u64> = gone.iter().map(|d| d.0).collect();
+                            log::warn!(
+                                "Grace period over: sessions {gone:?} did not come back; their holds are released"
+                            );
+                            save_state(&pool, Some(&state));
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("Failed to start the grace timer: {e}");
+            }
+        }
         loop {
             let socket = match seqpacket::accept(self.listener.as_fd()) {
                 Ok(socket) => socket,
@@ -187,12 +235,15 @@ impl Broker {
         let pool = self.pool.clone();
         let options = self.options.connection;
         let observer_timeout = self.options.observer_timeout;
+        let state = self.state.as_ref().map(|(state, _)| state.clone());
         let spawned = std::thread::Builder::new()
             .name("ism-pool-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                let connection = Connection::with_options(pool, peer, options);
-                serve_connection(socket, connection, observer_timeout);
+                let connection = Connection::with_options(pool.clone(), peer, options);
+                serve_connection(socket, connection, observer_timeout, state.as_deref());
+                // The session is closed now: record that it is gone.
+                save_state(&pool, state.as_deref());
             });
         if let Err(e) = spawned {
             log::warn!("Failed to start a connection thread: {e}");
@@ -227,6 +278,16 @@ fn peer_info(socket: &OwnedFd, policy: &AdmissionPolicy) -> PeerInfo {
     }
 }
 
+/// Records the pool (if the broker has a state file). A failure is logged: the broker keeps
+/// serving, but a restart would lose what the file missed.
+fn save_state(pool: &LocalPool, state: Option<&StateFile>) {
+    if let Some(state) = state
+        && let Err(e) = state.save(|| pool.snapshot())
+    {
+        log::error!("{e}: a broker restart would lose the latest changes");
+    }
+}
+
 fn send_all(socket: &OwnedFd, out: Vec<Outgoing>) -> io::Result<()> {
     for message in out {
         let fds: Vec<_> = message.fds.iter().map(|fd| fd.as_fd()).collect();
@@ -238,7 +299,12 @@ fn send_all(socket: &OwnedFd, out: Vec<Outgoing>) -> io::Result<()> {
 
 /// Runs one connection until the client goes away (exit, crash or protocol violation).
 /// Dropping the connection closes its session, which releases every region it held.
-fn serve_connection(socket: OwnedFd, mut connection: Connection, observer_timeout: Duration) {
+fn serve_connection(
+    socket: OwnedFd,
+    mut connection: Connection,
+    observer_timeout: Duration,
+    state: Option<&StateFile>,
+) {
     if let Err(e) = seqpacket::set_send_timeout(socket.as_fd(), SEND_TIMEOUT) {
         log::warn!("Failed to set send timeout: {e}");
     }
@@ -285,6 +351,11 @@ fn serve_connection(socket: OwnedFd, mut connection: Connection, observer_timeou
         };
         // Descriptors are used only by PUBLISH_DOORBELL; the rest close unused.
         let handled = connection.handle_message(&packet.bytes, packet.truncated, packet.fds);
+        // Recorded before the client hears of it: a client never holds what the file does
+        // not know.
+        if handled.persist {
+            save_state(connection.pool(), state);
+        }
         if send_all(&socket, handled.out).is_err() || handled.close {
             break;
         }
@@ -298,5 +369,6 @@ fn serve_connection(socket: OwnedFd, mut connection: Connection, observer_timeou
     }
     if let Some(session) = connection.session() {
         log::info!("Device {} disconnected", session.devid().0);
+        session.close();
     }
 }

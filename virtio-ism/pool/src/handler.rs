@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 pub use crate::admission::PeerInfo;
 use crate::local::{LocalPool, LocalSession, SessionOwner};
-use crate::session::{PoolError, PoolEvent, PoolSession};
+use crate::session::{DevId, PoolError, PoolEvent, PoolSession};
 use crate::wire::{
     self, DOORBELL_VERSION, MAX_DOORBELLS_PER_REPLY, MAX_MESSAGE_LEN, MAX_VERSION, MIN_VERSION,
-    Reply, Request, Role, STATUS_CHUNK_LEN, WireError,
+    RESUME_VERSION, Reply, Request, Role, STATUS_CHUNK_LEN, WireError, error_code,
 };
 
 /// Per-broker rules a connection applies.
@@ -49,6 +49,9 @@ pub struct Handled {
     pub out: Vec<Outgoing>,
     /// Close the connection after sending `out`.
     pub close: bool,
+    /// The request may have changed what the state file records: save it before sending
+    /// `out`.
+    pub persist: bool,
 }
 
 enum State {
@@ -82,6 +85,11 @@ impl Connection {
             options,
             state: State::AwaitingHello,
         }
+    }
+
+    /// The pool this connection serves.
+    pub fn pool(&self) -> &Arc<LocalPool> {
+        &self.pool
     }
 
     /// Whether the client said hello as an observer.
@@ -135,6 +143,7 @@ impl Connection {
                     WireError::protocol("Unexpected file descriptors from client"),
                 )],
                 close: one_answer,
+                persist: false,
             };
         }
         self.handle_message(packet, truncated, Vec::new())
@@ -150,6 +159,7 @@ impl Connection {
         let refuse = |id: u64, error: WireError| Handled {
             out: vec![Outgoing::error(id, error)],
             close: one_answer,
+            persist: false,
         };
         if truncated || packet.len() > MAX_MESSAGE_LEN {
             return refuse(
@@ -166,10 +176,13 @@ impl Connection {
                 );
             }
         };
-        let publishing = matches!(request, Request::PublishDoorbell { .. });
+        let publishing = matches!(
+            request,
+            Request::PublishDoorbell { .. } | Request::Reregister { .. }
+        );
         if fds.len() != usize::from(publishing) {
             let text = if publishing {
-                "PUBLISH_DOORBELL needs exactly one descriptor"
+                "PUBLISH_DOORBELL and REREGISTER need exactly one descriptor"
             } else {
                 "Unexpected file descriptors from client"
             };
@@ -183,26 +196,65 @@ impl Connection {
                     max_version,
                     role,
                 },
-            ) => self.hello(id, min_version, max_version, role),
+            ) => self.hello(id, min_version, max_version, role, None),
+            (
+                State::AwaitingHello,
+                Request::Resume {
+                    min_version,
+                    max_version,
+                    devid,
+                    key,
+                },
+            ) => self.hello(
+                id,
+                min_version.max(RESUME_VERSION),
+                max_version,
+                Role::Device,
+                Some((devid, key)),
+            ),
             (State::AwaitingHello, _) => refuse(id, WireError::protocol("Expected hello first")),
-            (_, Request::Hello { .. }) => refuse(id, WireError::protocol("Hello sent twice")),
-            (State::Device { session, version }, request) => Handled {
-                out: vec![device_request(session, *version, id, request, fds)],
-                close: false,
-            },
+            (_, Request::Hello { .. } | Request::Resume { .. }) => {
+                refuse(id, WireError::protocol("Hello sent twice"))
+            }
+            (State::Device { session, version }, request) => {
+                let persist = matches!(
+                    request,
+                    Request::Alloc { .. }
+                        | Request::Attach { .. }
+                        | Request::Detach { .. }
+                        | Request::Grant { .. }
+                        | Request::Reregister { .. }
+                        | Request::ResumeDone
+                );
+                Handled {
+                    out: vec![device_request(session, *version, id, request, fds)],
+                    close: false,
+                    persist,
+                }
+            }
             // An observer that is not trusted gets the one answer it asked for (a refusal,
             // as it may do nothing) and is closed, so it cannot sit on a slot.
             (State::Observer { version }, request) => Handled {
+                persist: matches!(request, Request::Revoke { .. }),
                 out: self.observer_request(*version, id, request),
                 close: !self.peer.trusted,
             },
         }
     }
 
-    fn hello(&mut self, id: u64, min_version: u16, max_version: u16, role: Role) -> Handled {
+    /// HELLO, or RESUME when `resume` names the session to take back.
+    fn hello(
+        &mut self,
+        id: u64,
+        min_version: u16,
+        max_version: u16,
+        role: Role,
+        resume: Option<(DevId, u64)>,
+    ) -> Handled {
         let version = max_version.min(MAX_VERSION);
         if version < min_version.max(MIN_VERSION) {
             return Handled {
+                persist: false,
                 out: vec![Outgoing::error(
                     id,
                     WireError::protocol(format!(
@@ -221,6 +273,7 @@ impl Connection {
                     self.peer.uid
                 );
                 return Handled {
+                    persist: false,
                     out: vec![Outgoing::error(
                         id,
                         WireError::protocol(
@@ -230,23 +283,53 @@ impl Connection {
                     close: true,
                 };
             }
-            Role::Device => match self.pool.open_session(self.session_owner()) {
-                Ok(session) => {
-                    let devid = session.devid().0;
-                    self.state = State::Device { session, version };
-                    devid
+            Role::Device => {
+                let opened = match resume {
+                    Some((devid, key)) => self
+                        .pool
+                        .resume_session(self.session_owner(), devid, key)
+                        .map_err(|e| {
+                            log::warn!(
+                                "Refused to resume device {} for pid {:?}: {e}",
+                                devid.0,
+                                self.peer.pid
+                            );
+                            WireError {
+                                code: error_code::RESUME_REFUSED,
+                                ..WireError::from_pool_error(&e)
+                            }
+                        }),
+                    None => self
+                        .pool
+                        .open_session(self.session_owner())
+                        .map_err(|e| WireError::for_version(&e, version)),
+                };
+                match opened {
+                    Ok(session) => {
+                        let devid = session.devid().0;
+                        if resume.is_some() {
+                            log::info!("Device {devid} resumed its session");
+                        }
+                        self.state = State::Device { session, version };
+                        devid
+                    }
+                    Err(error) => {
+                        return Handled {
+                            out: vec![Outgoing::error(id, error)],
+                            close: true,
+                            persist: false,
+                        };
+                    }
                 }
-                Err(e) => {
-                    return Handled {
-                        out: vec![Outgoing::error(id, WireError::for_version(&e, version))],
-                        close: true,
-                    };
-                }
-            },
+            }
             Role::Observer => {
                 self.state = State::Observer { version };
                 0
             }
+        };
+        let resume_key = match &self.state {
+            State::Device { session, .. } if version >= RESUME_VERSION => session.resume_key(),
+            _ => 0,
         };
         Handled {
             out: vec![Outgoing::reply(
@@ -255,9 +338,11 @@ impl Connection {
                     version,
                     gid,
                     devid,
+                    resume_key,
                 },
             )],
             close: false,
+            persist: devid != 0,
         }
     }
 
@@ -325,6 +410,13 @@ fn device_request(
             | Request::WithdrawDoorbell { .. }
             | Request::PeerDoorbells { .. }
     );
+    let resume_request = matches!(request, Request::Reregister { .. } | Request::ResumeDone);
+    if resume_request && version < RESUME_VERSION {
+        return Outgoing::error(
+            id,
+            WireError::protocol(format!("Resuming needs protocol version {RESUME_VERSION}")),
+        );
+    }
     if doorbell_request && version < DOORBELL_VERSION {
         return Outgoing::error(
             id,
@@ -334,6 +426,16 @@ fn device_request(
         );
     }
     let lease = match request {
+        Request::Reregister { token } => {
+            let Some(fd) = fds.into_iter().next() else {
+                return Outgoing::error(id, WireError::protocol("Region descriptor missing"));
+            };
+            return result_reply(id, version, session.reregister(token, fd));
+        }
+        Request::ResumeDone => {
+            session.finish_resume();
+            return Outgoing::reply(id, &Reply::Ok);
+        }
         Request::PublishDoorbell { token } => {
             let Some(doorbell) = fds.first() else {
                 return Outgoing::error(id, WireError::protocol("Doorbell descriptor missing"));
@@ -364,7 +466,7 @@ fn device_request(
                 WireError::protocol("Not allowed on a device connection; connect as observer"),
             );
         }
-        Request::Hello { .. } => {
+        Request::Hello { .. } | Request::Resume { .. } => {
             return Outgoing::error(id, WireError::protocol("Hello sent twice"));
         }
     };
@@ -523,6 +625,57 @@ mod tests {
         assert!(matches!(
             one_reply(&handled).1,
             Reply::HelloOk { version: 1, .. }
+        ));
+    }
+
+    /// Version 4: a device session gets a resume key (older ones keep the 24-byte
+    /// HELLO_OK); a RESUME the pool cannot honour is error 16 and closes; resume requests
+    /// on an older connection are refused; what changes the pool asks to be persisted.
+    #[test]
+    fn test_resume_key_and_refused_resume() {
+        let pool = pool();
+        let mut conn = Connection::new(pool.clone(), peer(false));
+        let packet = Request::Hello {
+            min_version: 1,
+            max_version: RESUME_VERSION,
+            role: Role::Device,
+        }
+        .encode(1);
+        let handled = conn.handle_packet(&packet, false, 0);
+        assert!(handled.persist);
+        let Reply::HelloOk {
+            devid, resume_key, ..
+        } = one_reply(&handled).1
+        else {
+            panic!("no hello");
+        };
+        assert_ne!(resume_key, 0);
+        assert_eq!(resume_key, conn.session().unwrap().resume_key());
+        let handled = conn.handle_packet(&Request::Alloc { size: 4096 }.encode(2), false, 0);
+        assert!(handled.persist);
+        let handled = conn.handle_packet(&Request::ResumeDone.encode(3), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::Ok));
+        let old = device(&pool);
+        assert!(matches!(
+            old.session().map(|s| s.devid()),
+            Some(d) if d.0 != devid
+        ));
+        let mut old = old;
+        let handled = old.handle_packet(&Request::ResumeDone.encode(4), false, 0);
+        assert!(matches!(one_reply(&handled).1, Reply::Error(e) if e.code == error_code::PROTOCOL));
+        // Nobody waits to be resumed in a fresh pool, whatever the key.
+        let mut conn = Connection::new(pool, peer(false));
+        let resume = Request::Resume {
+            min_version: RESUME_VERSION,
+            max_version: RESUME_VERSION,
+            devid: DevId(devid),
+            key: resume_key,
+        };
+        let handled = conn.handle_packet(&resume.encode(1), false, 0);
+        assert!(handled.close);
+        assert!(matches!(
+            one_reply(&handled).1,
+            Reply::Error(e) if e.code == error_code::RESUME_REFUSED
         ));
     }
 

@@ -21,6 +21,7 @@ pub mod local;
 pub mod memory;
 pub mod seqpacket;
 pub mod session;
+pub mod state;
 pub mod status;
 pub mod token;
 pub mod wire;

@@ -4,18 +4,20 @@
 //! A VMM started without a broker socket uses a [`LocalPool`] directly; the broker daemon
 //! runs one too and gives every connection a [`LocalSession`] of it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::config::PoolConfig;
 use crate::events::EventQueue;
-use crate::memory::RegionMemory;
+use crate::memory::{FileIdentity, RegionMemory};
 use crate::session::{
     DevId, GrantTarget, MissingPerm, Perms, PoolError, PoolEvent, PoolSession, RegionLease,
     SessionInfo, Token,
 };
+use crate::state::{ConfigRecord, PoolSnapshot, RegionRecord, STATE_FORMAT, SessionRecord};
 use crate::status::{PoolStatus, RegionStatus, SessionStatus};
 use crate::token::{mint_token, random_nonzero_u64};
 
@@ -70,6 +72,8 @@ struct VmUse {
 
 struct Region {
     memory: RegionMemory,
+    /// Which memfd `memory` is (recorded in the state file).
+    file: FileIdentity,
     owner: DevId,
     default_perms: Perms,
     grants: BTreeMap<DevId, Perms>,
@@ -97,6 +101,39 @@ struct SessionSlot {
     owner: SessionOwner,
     held: BTreeSet<Token>,
     events: Arc<EventQueue>,
+    /// The secret that lets this session's VMM take it over again after a broker restart.
+    key: u64,
+    /// A resumed session: regions it held before the restart that it has not handed back
+    /// yet (cleared when it says it is done).
+    pending: BTreeSet<Token>,
+    /// Resumed and not done handing back: if its connection drops now, the session goes
+    /// back to waiting for a resume instead of ending (a hiccup during a resume must not
+    /// lose it). Since when.
+    resuming: Option<Instant>,
+}
+
+/// A session recorded before a restart that has not come back yet.
+struct RecordedSession {
+    key: u64,
+    held: BTreeSet<Token>,
+    /// Since when it is waiting (the restart, or its connection dropping mid-resume).
+    since: Instant,
+}
+
+/// A region recorded before a restart that no holder has handed back yet.
+struct RecordedRegion {
+    size: u64,
+    file: FileIdentity,
+    owner: DevId,
+    default_perms: Perms,
+    grants: BTreeMap<DevId, Perms>,
+}
+
+/// What a restarted pool still waits for.
+#[derive(Default)]
+struct Recovery {
+    sessions: BTreeMap<DevId, RecordedSession>,
+    regions: HashMap<Token, RecordedRegion>,
 }
 
 #[derive(Default)]
@@ -106,6 +143,10 @@ struct PoolState {
     regions: HashMap<Token, Region>,
     sessions: BTreeMap<DevId, SessionSlot>,
     vm_used: HashMap<VmKey, VmUse>,
+    recovery: Recovery,
+    /// Tokens recorded before a restart: never minted again, so a token is never handed
+    /// to a different region.
+    reserved: HashSet<Token>,
 }
 
 impl PoolState {
@@ -180,6 +221,84 @@ impl PoolState {
                 self.notify_holders(region, None, PoolEvent::DoorbellsChanged { token });
             }
         }
+    }
+
+    /// Who may still hand `token` back: recorded sessions that have not resumed, and
+    /// resumed ones that have not handed it back yet.
+    fn claimants(&self) -> HashMap<Token, BTreeSet<DevId>> {
+        let mut claimants: HashMap<Token, BTreeSet<DevId>> = HashMap::new();
+        for (devid, recorded) in &self.recovery.sessions {
+            for token in &recorded.held {
+                claimants.entry(*token).or_default().insert(*devid);
+            }
+        }
+        for (devid, slot) in &self.sessions {
+            for token in &slot.pending {
+                claimants.entry(*token).or_default().insert(*devid);
+            }
+        }
+        claimants
+    }
+
+    /// Forgets recorded regions nobody can hand back any more.
+    fn forget_unclaimed(&mut self) {
+        let claimants = self.claimants();
+        self.recovery
+            .regions
+            .retain(|token, _| claimants.contains_key(token));
+    }
+
+    /// `devid` held `token` before a restart and will not hand it back: the holders that
+    /// did come back hear that it left.
+    fn abandon(&self, devid: DevId, token: Token) {
+        if let Some(region) = self.regions.get(&token) {
+            self.notify_holders(region, None, PoolEvent::PeerDetached { token, peer: devid });
+        }
+    }
+
+    /// A session whose connection dropped in the middle of its resume goes back to
+    /// waiting for one: what it handed back so far is recorded again (a region nobody else
+    /// holds goes back to the recorded ones), its doorbells are withdrawn.
+    fn suspend(&mut self, devid: DevId) {
+        let Some(slot) = self.sessions.remove(&devid) else {
+            return;
+        };
+        for token in &slot.held {
+            let Some(region) = self.regions.get_mut(token) else {
+                continue;
+            };
+            region.holders.remove(&devid);
+            let size = region.memory.size();
+            if region.doorbells.remove(&devid).is_some() {
+                region.doorbell_generation += 1;
+                let region = &self.regions[token];
+                self.notify_holders(region, None, PoolEvent::DoorbellsChanged { token: *token });
+            }
+            self.refund(&slot.vm, size);
+            if self.regions[token].holders.is_empty()
+                && let Some(region) = self.regions.remove(token)
+            {
+                self.used -= size;
+                self.recovery.regions.insert(
+                    *token,
+                    RecordedRegion {
+                        size,
+                        file: region.file,
+                        owner: region.owner,
+                        default_perms: region.default_perms,
+                        grants: region.grants,
+                    },
+                );
+            }
+        }
+        self.recovery.sessions.insert(
+            devid,
+            RecordedSession {
+                key: slot.key,
+                held: slot.held.union(&slot.pending).copied().collect(),
+                since: Instant::now(),
+            },
+        );
     }
 
     /// The region `devid` holds under `token`.
@@ -281,6 +400,7 @@ impl LocalPool {
         // be inherited by a newcomer.
         state.next_devid += 1;
         let vm = owner.vm.clone().unwrap_or(VmKey::Session(devid));
+        let key = random_nonzero_u64()?;
         state.sessions.insert(
             devid,
             SessionSlot {
@@ -288,6 +408,9 @@ impl LocalPool {
                 owner,
                 held: BTreeSet::new(),
                 events: events.clone(),
+                key,
+                pending: BTreeSet::new(),
+                resuming: None,
             },
         );
         Ok(Arc::new(LocalSession {
@@ -318,6 +441,336 @@ impl LocalPool {
             state.refund(&vm, size);
         }
         Ok(())
+    }
+
+    /// A pool restarted from `snapshot` (see [`LocalPool::snapshot`]): the same gid, devids
+    /// continuing where they stopped, and every recorded session and region waiting to be
+    /// taken back ([`LocalPool::resume_session`], [`LocalSession::reregister`]). Recorded
+    /// tokens are never minted again.
+    pub fn restore(
+        mut config: PoolConfig,
+        snapshot: &PoolSnapshot,
+    ) -> Result<Arc<Self>, PoolError> {
+        config.gid = Some(snapshot.gid);
+        let pool = Self::new(config)?;
+        {
+            let mut state = pool.lock();
+            let highest = snapshot
+                .sessions
+                .iter()
+                .map(|s| s.devid)
+                .chain(
+                    snapshot
+                        .regions
+                        .iter()
+                        .flat_map(|r| r.holders.iter().copied()),
+                )
+                .max()
+                .unwrap_or(0);
+            state.next_devid = snapshot.next_devid.max(highest.saturating_add(1)).max(1);
+            for region in &snapshot.regions {
+                let token = Token(region.token);
+                state.reserved.insert(token);
+                state.recovery.regions.insert(
+                    token,
+                    RecordedRegion {
+                        size: region.size,
+                        file: region.file,
+                        owner: DevId(region.owner),
+                        default_perms: Perms(region.default_perms),
+                        grants: region
+                            .grants
+                            .iter()
+                            .map(|(d, p)| (DevId(*d), Perms(*p)))
+                            .collect(),
+                    },
+                );
+            }
+            for session in &snapshot.sessions {
+                let held = session
+                    .held
+                    .iter()
+                    .map(|t| Token(*t))
+                    .filter(|t| state.recovery.regions.contains_key(t))
+                    .collect();
+                state.recovery.sessions.insert(
+                    DevId(session.devid),
+                    RecordedSession {
+                        key: session.key,
+                        held,
+                        since: Instant::now(),
+                    },
+                );
+            }
+            state.forget_unclaimed();
+        }
+        Ok(pool)
+    }
+
+    /// Everything a restarted pool needs (see [`crate::state`]), including what a restarted
+    /// pool still waits for, so that a second restart loses nothing either.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let state = self.lock();
+        let claimants = state.claimants();
+        let mut sessions: Vec<SessionRecord> = state
+            .sessions
+            .iter()
+            .map(|(devid, slot)| SessionRecord {
+                devid: devid.0,
+                key: slot.key,
+                held: slot.held.union(&slot.pending).map(|t| t.0).collect(),
+            })
+            .chain(
+                state
+                    .recovery
+                    .sessions
+                    .iter()
+                    .map(|(devid, recorded)| SessionRecord {
+                        devid: devid.0,
+                        key: recorded.key,
+                        held: recorded.held.iter().map(|t| t.0).collect(),
+                    }),
+            )
+            .collect();
+        sessions.sort_by_key(|s| s.devid);
+        let holders = |token: &Token, live: Option<&BTreeSet<DevId>>| -> Vec<u64> {
+            let mut all: BTreeSet<DevId> = live.cloned().unwrap_or_default();
+            if let Some(waiting) = claimants.get(token) {
+                all.extend(waiting);
+            }
+            all.into_iter().map(|d| d.0).collect()
+        };
+        let grants =
+            |grants: &BTreeMap<DevId, Perms>| grants.iter().map(|(d, p)| (d.0, p.0)).collect();
+        let mut regions: Vec<RegionRecord> = state
+            .regions
+            .iter()
+            .map(|(token, region)| RegionRecord {
+                token: token.0,
+                size: region.memory.size(),
+                file: region.file,
+                owner: region.owner.0,
+                default_perms: region.default_perms.0,
+                grants: grants(&region.grants),
+                holders: holders(token, Some(&region.holders)),
+            })
+            .chain(
+                state
+                    .recovery
+                    .regions
+                    .iter()
+                    .map(|(token, recorded)| RegionRecord {
+                        token: token.0,
+                        size: recorded.size,
+                        file: recorded.file,
+                        owner: recorded.owner.0,
+                        default_perms: recorded.default_perms.0,
+                        grants: grants(&recorded.grants),
+                        holders: holders(token, None),
+                    }),
+            )
+            .collect();
+        regions.sort_by_key(|r| r.token);
+        PoolSnapshot {
+            format: STATE_FORMAT,
+            gid: self.gid,
+            config: ConfigRecord::of(&self.config),
+            next_devid: state.next_devid,
+            sessions,
+            regions,
+        }
+    }
+
+    /// Whether sessions recorded before a restart may still come back.
+    pub fn recovering(&self) -> bool {
+        !self.lock().recovery.sessions.is_empty()
+    }
+
+    /// Takes back the recorded session `devid` after a restart, if `key` is its key: the
+    /// same devid, and the regions it held waiting for [`LocalSession::reregister`]. A
+    /// session can be taken back once; an unknown devid and a wrong key are refused alike.
+    pub fn resume_session(
+        self: &Arc<Self>,
+        owner: SessionOwner,
+        devid: DevId,
+        key: u64,
+    ) -> Result<Arc<LocalSession>, PoolError> {
+        let events = Arc::new(EventQueue::new().map_err(PoolError::create_memory)?);
+        let mut state = self.lock();
+        let known = state
+            .recovery
+            .sessions
+            .get(&devid)
+            .is_some_and(|recorded| recorded.key == key);
+        let Some(recorded) = known
+            .then(|| state.recovery.sessions.remove(&devid))
+            .flatten()
+        else {
+            return Err(PoolError::Protocol(format!(
+                "Resume refused: no session {} waiting to be resumed with that key",
+                devid.0
+            )));
+        };
+        let vm = owner.vm.clone().unwrap_or(VmKey::Session(devid));
+        state.sessions.insert(
+            devid,
+            SessionSlot {
+                vm,
+                owner,
+                held: BTreeSet::new(),
+                events: events.clone(),
+                key,
+                pending: recorded.held,
+                resuming: Some(Instant::now()),
+            },
+        );
+        Ok(Arc::new(LocalSession {
+            pool: self.clone(),
+            devid,
+            events,
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    /// A resumed session hands back region `token` with `fd`, a lease it got before the
+    /// restart. Accepted only if the session held the region then and has not handed it
+    /// back yet, and `fd` is that region's memfd: the same file (device and inode as
+    /// recorded), of the recorded size, owned by this process's uid and sealed as the pool
+    /// seals. The first holder back restores the region (memory, owner, grants); a
+    /// writable lease replaces a read-only one the pool had so far.
+    fn reregister(&self, devid: DevId, token: Token, fd: OwnedFd) -> Result<(), PoolError> {
+        use rustix::fs::{OFlags, SealFlags};
+        let refuse =
+            |why: &str| PoolError::Protocol(format!("Re-registration of {token} refused: {why}"));
+        let stat = rustix::fs::fstat(&fd).map_err(|_| refuse("not a file"))?;
+        let file = FileIdentity {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        };
+        let size = stat.st_size as u64;
+        if stat.st_uid != rustix::process::geteuid().as_raw() {
+            return Err(refuse("the file was not made by the pool"));
+        }
+        let seals = rustix::fs::fcntl_get_seals(&fd).map_err(|_| refuse("not a sealed memfd"))?;
+        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL) {
+            return Err(refuse("not sealed as region memory is"));
+        }
+        let writable = rustix::fs::fcntl_getfl(&fd)
+            .map_err(|_| refuse("unreadable descriptor flags"))?
+            & OFlags::RWMODE
+            == OFlags::RDWR;
+        let mut state = self.lock();
+        let vm = state.vm_of(devid)?;
+        let pending = state
+            .sessions
+            .get(&devid)
+            .is_some_and(|slot| slot.pending.contains(&token));
+        if !pending {
+            return Err(PoolError::NotHeld { token });
+        }
+        let matches = match (
+            state.regions.get(&token),
+            state.recovery.regions.get(&token),
+        ) {
+            (Some(region), _) => region.file == file && region.memory.size() == size,
+            (None, Some(recorded)) => recorded.file == file && recorded.size == size,
+            (None, None) => return Err(PoolError::NoSuchRegion(token)),
+        };
+        if !matches {
+            log::warn!(
+                "Device {} handed back a descriptor for {token} that is not its memory ({file:?}, {size} bytes)",
+                devid.0
+            );
+            return Err(refuse("the descriptor is not the region's memory"));
+        }
+        if let Some(region) = state.regions.get_mut(&token) {
+            if writable && !region.memory.writable() {
+                region.memory = RegionMemory::adopt(fd, size, true);
+            }
+            region.holders.insert(devid);
+        } else if let Some(recorded) = state.recovery.regions.remove(&token) {
+            state.regions.insert(
+                token,
+                Region {
+                    memory: RegionMemory::adopt(fd, size, writable),
+                    file,
+                    owner: recorded.owner,
+                    default_perms: recorded.default_perms,
+                    grants: recorded.grants,
+                    holders: BTreeSet::from([devid]),
+                    doorbells: BTreeMap::new(),
+                    doorbell_generation: 0,
+                },
+            );
+            state.used += size;
+        }
+        state.charge(&vm, size);
+        if let Some(slot) = state.sessions.get_mut(&devid) {
+            slot.pending.remove(&token);
+            slot.held.insert(token);
+        }
+        Ok(())
+    }
+
+    /// A resumed session handed back all it has: what it did not hand back it no longer
+    /// holds (the other holders hear it left).
+    fn finish_resume(&self, devid: DevId) {
+        let mut state = self.lock();
+        let pending = match state.sessions.get_mut(&devid) {
+            Some(slot) => {
+                slot.resuming = None;
+                std::mem::take(&mut slot.pending)
+            }
+            None => return,
+        };
+        for token in pending {
+            state.abandon(devid, token);
+        }
+        state.forget_unclaimed();
+    }
+
+    /// Ends the grace period of sessions that have waited `grace` or longer: those that
+    /// did not come back are gone, with their holds and grants; those that came back and
+    /// did not finish handing back keep what they handed back; regions nobody handed back
+    /// are forgotten (their tokens stay reserved). Returns the devids given up.
+    pub fn expire_recovery(&self, grace: Duration) -> Vec<DevId> {
+        let mut state = self.lock();
+        let expired: Vec<DevId> = state
+            .recovery
+            .sessions
+            .iter()
+            .filter(|(_, recorded)| recorded.since.elapsed() >= grace)
+            .map(|(devid, _)| *devid)
+            .collect();
+        let gone: Vec<(DevId, RecordedSession)> = expired
+            .into_iter()
+            .filter_map(|devid| Some((devid, state.recovery.sessions.remove(&devid)?)))
+            .collect();
+        for (devid, recorded) in &gone {
+            for token in &recorded.held {
+                state.abandon(*devid, *token);
+            }
+            for region in state.regions.values_mut() {
+                region.grants.remove(devid);
+            }
+        }
+        let unfinished: Vec<(DevId, BTreeSet<Token>)> = state
+            .sessions
+            .iter_mut()
+            .filter(|(_, slot)| slot.resuming.is_some_and(|since| since.elapsed() >= grace))
+            .map(|(devid, slot)| {
+                slot.resuming = None;
+                (*devid, std::mem::take(&mut slot.pending))
+            })
+            .filter(|(_, pending)| !pending.is_empty())
+            .collect();
+        for (devid, pending) in unfinished {
+            for token in pending {
+                state.abandon(devid, token);
+            }
+        }
+        state.forget_unclaimed();
+        gone.into_iter().map(|(devid, _)| devid).collect()
     }
 
     /// A snapshot of every region and session.
@@ -363,6 +816,12 @@ impl LocalPool {
                 })
                 .collect(),
             regions,
+            waiting_sessions: state.recovery.sessions.keys().map(|d| d.0).collect(),
+            waiting_regions: {
+                let mut tokens: Vec<u64> = state.recovery.regions.keys().map(|t| t.0).collect();
+                tokens.sort_unstable();
+                tokens
+            },
         }
     }
 
@@ -401,16 +860,19 @@ impl LocalPool {
         let mut state = self.lock();
         let vm = state.vm_of(devid)?;
         self.check_quota(&state, &vm, size)?;
-        let available = self.config.size - state.used;
+        // Regions handed back after a restart are taken whatever the (possibly smaller) size
+        // the pool was restarted with, so `used` may exceed it.
+        let available = self.config.size.saturating_sub(state.used);
         if size > available {
             return Err(PoolError::PoolExhausted {
                 requested: size,
                 available,
             });
         }
-        let token = mint_token(|t| state.regions.contains_key(&t))?;
+        let token = mint_token(|t| state.regions.contains_key(&t) || state.reserved.contains(&t))?;
         let memory = RegionMemory::create(&format!("ism-{token}"), size, self.config.hugepages)
             .map_err(|e| PoolError::create_memory(e.into_io()))?;
+        let file = memory.identity().map_err(PoolError::create_memory)?;
         let fd = memory
             .read_write_fd()
             .map_err(|e| PoolError::create_memory(e.into_io()))?;
@@ -418,6 +880,7 @@ impl LocalPool {
             token,
             Region {
                 memory,
+                file,
                 owner: devid,
                 default_perms: Perms::NONE,
                 grants: BTreeMap::new(),
@@ -510,7 +973,9 @@ impl LocalPool {
         // and one to a departed device could never be used (its grants are dropped when it
         // leaves). Removing a grant (CLEAN_DEFAULT) is allowed for any devid.
         let unknown_peer = match target {
-            GrantTarget::Device(peer) if !clean => !state.sessions.contains_key(&peer),
+            GrantTarget::Device(peer) if !clean => {
+                !state.sessions.contains_key(&peer) && !state.recovery.sessions.contains_key(&peer)
+            }
             _ => false,
         };
         let region = state
@@ -605,6 +1070,18 @@ impl LocalPool {
 
     fn close_session(&self, devid: DevId) {
         let mut state = self.lock();
+        if state
+            .sessions
+            .get(&devid)
+            .is_some_and(|slot| slot.resuming.is_some())
+        {
+            log::warn!(
+                "Device {} went away in the middle of its resume; it may resume again",
+                devid.0
+            );
+            state.suspend(devid);
+            return;
+        }
         let held: Vec<Token> = match state.sessions.get(&devid) {
             Some(slot) => slot.held.iter().copied().collect(),
             None => return,
@@ -612,7 +1089,14 @@ impl LocalPool {
         for token in held {
             state.release(devid, token);
         }
-        state.sessions.remove(&devid);
+        if let Some(slot) = state.sessions.remove(&devid)
+            && !slot.pending.is_empty()
+        {
+            for token in &slot.pending {
+                state.abandon(devid, *token);
+            }
+            state.forget_unclaimed();
+        }
         // Grants naming the departed device can never be used again (devids are never
         // reused); drop them so that grant tables stay bounded.
         for region in state.regions.values_mut() {
@@ -687,6 +1171,26 @@ impl LocalSession {
     }
 
     /// The event queue's eventfd, for poll.
+    /// The secret that lets this session be resumed after a broker restart.
+    pub fn resume_key(&self) -> u64 {
+        self.pool
+            .lock()
+            .sessions
+            .get(&self.devid)
+            .map_or(0, |slot| slot.key)
+    }
+
+    /// Hands back a region this session held before a broker restart (see
+    /// [`LocalPool::resume_session`]).
+    pub fn reregister(&self, token: Token, fd: OwnedFd) -> Result<(), PoolError> {
+        self.pool.reregister(self.devid, token, fd)
+    }
+
+    /// This resumed session has handed back everything it still holds.
+    pub fn finish_resume(&self) {
+        self.pool.finish_resume(self.devid)
+    }
+
     pub fn event_fd_borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
         self.events.fd()
     }
@@ -1468,5 +1972,172 @@ mod tests {
         let pool = pool(8 * PAGE_SIZE, None);
         let a = pool.session().unwrap();
         assert!(a.event_fd().is_some());
+    }
+
+    /// A pool restored from a snapshot takes back exactly what was recorded: the right
+    /// session key, the very memfd of each region (once per holder), owners and grants.
+    #[test]
+    fn test_restored_pool_takes_back_recorded_sessions_and_regions_only() {
+        let before = pool(16 * PAGE_SIZE, None);
+        let a = before.open_session(SessionOwner::default()).unwrap();
+        let b = before.open_session(SessionOwner::default()).unwrap();
+        let lease = a.alloc(2 * PAGE_SIZE).unwrap();
+        let token = lease.token;
+        write_at(&lease, 0, b"kept");
+        a.grant(token, GrantTarget::Device(b.devid()), Perms(7))
+            .unwrap();
+        let b_lease = b.attach(token, Perms::READ).unwrap();
+        let snapshot = before.snapshot();
+        assert_eq!(snapshot.sessions.len(), 2);
+        assert_eq!(snapshot.regions[0].holders, vec![a.devid().0, b.devid().0]);
+        let (a_key, a_devid, b_key, b_devid) =
+            (a.resume_key(), a.devid(), b.resume_key(), b.devid());
+        assert_ne!(a_key, b_key);
+        // The broker died: its sessions and memfds are gone, the holders' leases are not.
+        std::mem::forget(a);
+        std::mem::forget(b);
+        drop(before);
+
+        let after = LocalPool::restore(
+            PoolConfig {
+                size: 16 * PAGE_SIZE,
+                ..PoolConfig::default()
+            },
+            &snapshot,
+        )
+        .unwrap();
+        assert_eq!(after.gid(), snapshot.gid);
+        assert!(after.recovering());
+        let owner = SessionOwner::default;
+        assert!(after.resume_session(owner(), a_devid, b_key).is_err());
+        assert!(after.resume_session(owner(), DevId(99), a_key).is_err());
+        let a = after.resume_session(owner(), a_devid, a_key).unwrap();
+        assert!(after.resume_session(owner(), a_devid, a_key).is_err());
+        // A foreign file of the right size is not the region.
+        let foreign = RegionMemory::create("foreign", 2 * PAGE_SIZE, false).unwrap();
+        assert!(matches!(
+            a.reregister(token, foreign.read_write_fd().unwrap()),
+            Err(PoolError::Protocol(_))
+        ));
+        // A token it never held is not accepted; its own region is, once.
+        assert!(matches!(
+            a.reregister(Token(token.0 ^ 1), lease.fd.try_clone().unwrap()),
+            Err(PoolError::NotHeld { .. })
+        ));
+        a.reregister(token, lease.fd.try_clone().unwrap()).unwrap();
+        assert!(matches!(
+            a.reregister(token, lease.fd.try_clone().unwrap()),
+            Err(PoolError::NotHeld { .. })
+        ));
+        a.finish_resume();
+        // New regions never get a recorded token, and devids continue.
+        let c = after.open_session(SessionOwner::default()).unwrap();
+        assert!(c.devid().0 > b_devid.0);
+        assert_ne!(c.alloc(PAGE_SIZE).unwrap().token, token);
+        // B is recorded: it can be granted to and can come back with its read-only lease.
+        a.grant(token, GrantTarget::Device(b_devid), Perms(7))
+            .unwrap();
+        let b = after.resume_session(owner(), b_devid, b_key).unwrap();
+        b.reregister(token, b_lease.fd.try_clone().unwrap())
+            .unwrap();
+        b.finish_resume();
+        assert!(!after.recovering());
+        let status = after.status();
+        let region = status.regions.iter().find(|r| r.token == token.0).unwrap();
+        assert_eq!(region.owner, a_devid.0);
+        assert_eq!(region.holders, vec![a_devid.0, b_devid.0]);
+        assert_eq!(region.grants, vec![(b_devid.0, 7)]);
+        // The memory is the same.
+        let d = after.session().unwrap();
+        a.grant(token, GrantTarget::Default, Perms(5)).unwrap();
+        let again = d.attach(token, Perms::READ).unwrap();
+        assert_eq!(read_at(&again, 0, 4), b"kept");
+    }
+
+    /// A connection that drops in the middle of a resume leaves the session waiting to be
+    /// resumed again, with everything it held; one that finished its resume closes as usual.
+    #[test]
+    fn test_a_resume_cut_short_can_be_resumed_again() {
+        let before = pool(16 * PAGE_SIZE, None);
+        let a = before.open_session(SessionOwner::default()).unwrap();
+        let lease = a.alloc(PAGE_SIZE).unwrap();
+        let other = a.alloc(PAGE_SIZE).unwrap();
+        let snapshot = before.snapshot();
+        let (key, devid) = (a.resume_key(), a.devid());
+        std::mem::forget(a);
+        drop(before);
+        let after = LocalPool::restore(
+            PoolConfig {
+                size: 16 * PAGE_SIZE,
+                ..PoolConfig::default()
+            },
+            &snapshot,
+        )
+        .unwrap();
+        let a = after
+            .resume_session(SessionOwner::default(), devid, key)
+            .unwrap();
+        a.reregister(lease.token, lease.fd.try_clone().unwrap())
+            .unwrap();
+        assert_eq!(after.status().used, PAGE_SIZE);
+        drop(a);
+        // Nothing is lost: both regions are recorded again, the session can come back.
+        assert_eq!(after.status().used, 0);
+        assert!(after.recovering());
+        assert_eq!(after.snapshot().regions.len(), 2);
+        let a = after
+            .resume_session(SessionOwner::default(), devid, key)
+            .unwrap();
+        a.reregister(lease.token, lease.fd.try_clone().unwrap())
+            .unwrap();
+        a.reregister(other.token, other.fd.try_clone().unwrap())
+            .unwrap();
+        a.finish_resume();
+        assert_eq!(after.status().used, 2 * PAGE_SIZE);
+        drop(a);
+        assert!(!after.recovering());
+        assert_eq!(after.status().used, 0);
+        assert!(after.snapshot().regions.is_empty());
+    }
+
+    /// Sessions that never come back lose their holds at the end of the grace period, and
+    /// the holders that did come back hear it.
+    #[test]
+    fn test_expired_recovery_releases_absent_sessions() {
+        let before = pool(16 * PAGE_SIZE, None);
+        let a = before.open_session(SessionOwner::default()).unwrap();
+        let b = before.open_session(SessionOwner::default()).unwrap();
+        let lease = a.alloc(PAGE_SIZE).unwrap();
+        a.grant(lease.token, GrantTarget::Default, Perms(7))
+            .unwrap();
+        let _b_lease = b.attach(lease.token, Perms::NONE).unwrap();
+        let snapshot = before.snapshot();
+        let (a_key, a_devid, b_devid) = (a.resume_key(), a.devid(), b.devid());
+        std::mem::forget(a);
+        std::mem::forget(b);
+        drop(before);
+        let after = LocalPool::restore(
+            PoolConfig {
+                size: 16 * PAGE_SIZE,
+                ..PoolConfig::default()
+            },
+            &snapshot,
+        )
+        .unwrap();
+        let a = after
+            .resume_session(SessionOwner::default(), a_devid, a_key)
+            .unwrap();
+        a.reregister(lease.token, lease.fd.try_clone().unwrap())
+            .unwrap();
+        a.finish_resume();
+        assert_eq!(after.snapshot().regions[0].holders.len(), 2);
+        assert_eq!(after.expire_recovery(Duration::ZERO), vec![b_devid]);
+        assert!(a.take_events().contains(&PoolEvent::PeerDetached {
+            token: lease.token,
+            peer: b_devid
+        }));
+        let snapshot = after.snapshot();
+        assert_eq!(snapshot.sessions.len(), 1);
+        assert_eq!(snapshot.regions[0].holders, vec![a_devid.0]);
     }
 }

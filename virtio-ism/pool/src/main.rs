@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ism_pool::admission::{AdmissionPolicy, ConnectionLimits, VmIdentity, resolve_group};
-use ism_pool::broker::{Broker, BrokerOptions};
+use ism_pool::broker::{Broker, BrokerOptions, DEFAULT_GRACE};
 use ism_pool::handler::ConnectionOptions;
+use ism_pool::state::StateFile;
 use ism_pool::{
     DEFAULT_PER_VM_REGIONS, LocalPool, PoolConfig, Token, client, default_per_vm_limit, fdlimit,
     parse_size,
@@ -40,18 +41,27 @@ struct ServeArgs {
     /// Unix socket to listen on.
     #[arg(long, required = true)]
     socket: Option<PathBuf>,
-    /// Pool size, e.g. 4G or 512M.
-    #[arg(long, value_parser = size_arg, required = true)]
+    /// Pool size, e.g. 4G or 512M (required unless the state file records it).
+    #[arg(long, value_parser = size_arg)]
     size: Option<u64>,
+    /// Where the pool's identity, configuration, sessions and regions are recorded so that
+    /// a restarted broker knows the pool as it was [default: the socket path + ".state"].
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Seconds a restarted broker waits for the recorded sessions to come back before
+    /// releasing what they held.
+    #[arg(long, default_value_t = DEFAULT_GRACE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    grace: u64,
     /// Back regions with 2 MiB huge pages (region sizes must be multiples of 2M).
     #[arg(long)]
     hugepages: bool,
     /// Most bytes of regions one VM may hold at once, e.g. 1G [default: half the pool].
     #[arg(long, value_parser = size_arg)]
     per_vm_limit: Option<u64>,
-    /// Most regions one VM may hold at once (each is a descriptor in the broker).
-    #[arg(long, default_value_t = DEFAULT_PER_VM_REGIONS, value_parser = clap::value_parser!(u64).range(1..))]
-    per_vm_regions: u64,
+    /// Most regions one VM may hold at once (each is a descriptor in the broker)
+    /// [default: 1024].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    per_vm_regions: Option<u64>,
     /// What one VM is, for quotas and connection limits: `cgroup` = a VMM uid plus its
     /// cgroup v2 path (one systemd unit per VM; other uids count per uid), `uid` = one VM
     /// per uid, `process` = one VM per process (forking multiplies quotas; tests only).
@@ -171,9 +181,32 @@ fn check_descriptor_limit(config: &PoolConfig, limits: &ConnectionLimits) {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let socket = args.socket.context("Missing --socket")?;
-    let size = args.size.context("Missing --size")?;
+    let state_path = args.state_file.unwrap_or_else(|| {
+        let mut path = socket.clone().into_os_string();
+        path.push(".state");
+        PathBuf::from(path)
+    });
+    let state = Arc::new(StateFile::new(state_path));
+    // What the last broker on this state file recorded: its gid, configuration, sessions
+    // and regions. Options given now override the recorded configuration.
+    let recorded = state.load().context("Cannot restore the pool")?;
+    let config_record = recorded.as_ref().map(|r| r.config.clone());
+    if let (Some(recorded), Some(gid)) = (&recorded, args.gid)
+        && recorded.gid != gid
+    {
+        anyhow::bail!(
+            "--gid {gid:#x} differs from the gid {:#x} recorded in {}; remove the state file to start a new pool",
+            recorded.gid,
+            state.path().display()
+        );
+    }
+    let size = args
+        .size
+        .or(config_record.as_ref().map(|c| c.size))
+        .context("Missing --size")?;
+    let hugepages = args.hugepages || config_record.as_ref().is_some_and(|c| c.hugepages);
     let page_size = PoolConfig {
-        hugepages: args.hugepages,
+        hugepages,
         ..PoolConfig::default()
     }
     .page_size();
@@ -181,12 +214,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         size,
         per_vm_limit: Some(
             args.per_vm_limit
+                .or(config_record.as_ref().and_then(|c| c.per_vm_limit))
                 .unwrap_or_else(|| default_per_vm_limit(size, page_size)),
         ),
-        per_vm_regions: Some(args.per_vm_regions),
-        hugepages: args.hugepages,
+        per_vm_regions: Some(
+            args.per_vm_regions
+                .or(config_record.as_ref().and_then(|c| c.per_vm_regions))
+                .unwrap_or(DEFAULT_PER_VM_REGIONS),
+        ),
+        hugepages,
         gid: args.gid,
     };
+    if let Some(before) = &config_record
+        && *before != ism_pool::state::ConfigRecord::of(&config)
+    {
+        log::warn!("Pool configuration changed since the last start: was {before:?}");
+    }
     let limits = ConnectionLimits {
         max: args.max_connections,
         reserved: args.reserved_connections,
@@ -208,10 +251,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         socket_gid: args.socket_group,
     };
     check_descriptor_limit(&config, &limits);
-    let pool: Arc<LocalPool> =
-        LocalPool::new(config.clone()).context("Invalid pool configuration")?;
+    let pool: Arc<LocalPool> = match &recorded {
+        Some(snapshot) => {
+            log::info!(
+                "Restoring pool gid {:#x} from {}: {} sessions and {} regions may come back within {} s",
+                snapshot.gid,
+                state.path().display(),
+                snapshot.sessions.len(),
+                snapshot.regions.len(),
+                args.grace
+            );
+            LocalPool::restore(config.clone(), snapshot)
+        }
+        None => LocalPool::new(config.clone()),
+    }
+    .context("Invalid pool configuration")?;
     let broker = Broker::bind_with(&socket, pool.clone(), options.clone())
-        .context("Failed to start the broker")?;
+        .context("Failed to start the broker")?
+        .with_state_file(state.clone(), Duration::from_secs(args.grace));
     log::info!(
         "Serving pool gid {:#x} of {} bytes (per-VM limit {:?} bytes in {:?} regions, VM identity {:?}, huge pages {}) on {} (mode {:#o}, group {:?})",
         pool.gid(),

@@ -52,6 +52,29 @@ impl MemoryError {
 pub struct RegionMemory {
     fd: OwnedFd,
     size: u64,
+    /// Whether `fd` is open read-write. Always for memory the pool made; a region restored
+    /// from a holder's read-only lease after a broker restart has only a read-only one until
+    /// a writer re-registers.
+    writable: bool,
+}
+
+/// Which file a descriptor is: the device and inode number of its memfd. Recorded in the
+/// broker's state file so that a restarted broker accepts only the very file it made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileIdentity {
+    /// The identity of the file `fd` is open on.
+    pub fn of(fd: impl AsFd) -> io::Result<Self> {
+        let stat = rustix::fs::fstat(fd)?;
+        Ok(FileIdentity {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        })
+    }
 }
 
 impl RegionMemory {
@@ -87,15 +110,40 @@ impl RegionMemory {
         rustix::fs::fchmod(&fd, Mode::RUSR).map_err(|e| MemoryError::Chmod(e.into()))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(|e| MemoryError::Seal(e.into()))?;
-        Ok(RegionMemory { fd, size })
+        Ok(RegionMemory {
+            fd,
+            size,
+            writable: true,
+        })
+    }
+
+    /// Region memory the pool made before a restart, handed back by a holder (checked by
+    /// the caller: identity, size, owner, seals).
+    pub fn adopt(fd: OwnedFd, size: u64, writable: bool) -> Self {
+        RegionMemory { fd, size, writable }
     }
 
     pub fn size(&self) -> u64 {
         self.size
     }
 
+    /// Whether read-write descriptors can be made from this memory.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The identity of the memfd.
+    pub fn identity(&self) -> io::Result<FileIdentity> {
+        FileIdentity::of(&self.fd)
+    }
+
     /// A new read-write descriptor of the same memory.
     pub fn read_write_fd(&self) -> Result<OwnedFd, MemoryError> {
+        if !self.writable {
+            return Err(MemoryError::Duplicate(io::Error::from_raw_os_error(
+                rustix::io::Errno::ACCESS.raw_os_error(),
+            )));
+        }
         self.fd.try_clone().map_err(MemoryError::Duplicate)
     }
 

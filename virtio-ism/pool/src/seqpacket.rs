@@ -59,6 +59,15 @@ pub fn set_send_timeout(socket: BorrowedFd<'_>, timeout: Duration) -> io::Result
     )?)
 }
 
+/// Bounds how long a receive may block (`None`: for ever).
+pub fn set_recv_timeout(socket: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<()> {
+    Ok(rustix::net::sockopt::set_socket_timeout(
+        socket,
+        rustix::net::sockopt::Timeout::Recv,
+        timeout,
+    )?)
+}
+
 /// Sends one packet, with `fd` attached if given.
 pub fn send(socket: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
     match fd {

@@ -9,9 +9,14 @@ use crate::session::{DevId, MissingPerm, Perms, PoolError, PoolEvent, Token};
 /// Protocol versions this build speaks. Version 2 adds the doorbell exchange
 /// (PUBLISH_DOORBELL, WITHDRAW_DOORBELL, PEER_DOORBELLS, DOORBELLS and the
 /// DOORBELLS_CHANGED event); version 3 adds error codes 13..15 and the admission and
-/// identity fields of the status report; everything else is as in version 1.
+/// identity fields of the status report; version 4 adds resuming a session after a
+/// broker restart (the resume key in HELLO_OK, RESUME, REREGISTER, RESUME_DONE, error code
+/// 16); everything else is as in version 1.
 pub const MIN_VERSION: u16 = 1;
-pub const MAX_VERSION: u16 = 3;
+pub const MAX_VERSION: u16 = 4;
+/// First version that can resume a session after a broker restart (and whose status report
+/// says what a restarted broker waits for).
+pub const RESUME_VERSION: u16 = virtio_ism_pool_api::status::RESUME_VERSION;
 /// First version with the doorbell exchange.
 pub const DOORBELL_VERSION: u16 = 2;
 /// First version with error codes 13..15 (`DescriptorLimit`, `RegionQuotaExceeded`,
@@ -42,6 +47,9 @@ pub mod kind {
     pub const PUBLISH_DOORBELL: u16 = 0x0008;
     pub const WITHDRAW_DOORBELL: u16 = 0x0009;
     pub const PEER_DOORBELLS: u16 = 0x000a;
+    pub const RESUME: u16 = 0x000b;
+    pub const REREGISTER: u16 = 0x000c;
+    pub const RESUME_DONE: u16 = 0x000d;
 
     pub const HELLO_OK: u16 = 0x8001;
     pub const OK: u16 = 0x8002;
@@ -109,6 +117,21 @@ pub enum Request {
         token: Token,
         start: u32,
     },
+    /// Instead of HELLO, after a broker restart (version 4): take session `devid` back,
+    /// proving it with the resume key its HELLO_OK carried.
+    Resume {
+        min_version: u16,
+        max_version: u16,
+        devid: DevId,
+        key: u64,
+    },
+    /// Comes with exactly one descriptor: a lease of `token` this session held before the
+    /// restart, handed back (version 4, resumed sessions).
+    Reregister {
+        token: Token,
+    },
+    /// A resumed session handed back everything it still holds (version 4).
+    ResumeDone,
 }
 
 /// A decoded broker message.
@@ -118,6 +141,9 @@ pub enum Reply {
         version: u16,
         gid: u64,
         devid: u64,
+        /// Version 4 device sessions: the secret that resumes this session after a broker
+        /// restart (0, and not on the wire, otherwise).
+        resume_key: u64,
     },
     Ok,
     /// Comes with exactly one file descriptor.
@@ -168,6 +194,10 @@ pub mod error_code {
     pub const DESCRIPTOR_LIMIT: u32 = 13;
     pub const REGION_QUOTA_EXCEEDED: u32 = 14;
     pub const UNKNOWN_DEVICE: u32 = 15;
+    /// A RESUME the broker cannot honour: no such session waits to be resumed (it was
+    /// reclaimed after the grace period, or the broker lost its state), or the key is
+    /// wrong. Retrying does not help.
+    pub const RESUME_REFUSED: u32 = 16;
 }
 
 fn missing_to_raw(missing: MissingPerm) -> u64 {
@@ -344,6 +374,7 @@ impl WireError {
             }
             REGION_QUOTA_EXCEEDED => PoolError::RegionQuotaExceeded { limit: a },
             UNKNOWN_DEVICE => PoolError::UnknownDevice(DevId(a)),
+            RESUME_REFUSED => PoolError::Protocol(self.text),
             other => PoolError::Protocol(format!("Unknown error code {other}: {}", self.text)),
         }
     }
@@ -559,6 +590,29 @@ pub fn decode_request(packet: &[u8]) -> Result<(u64, Request), DecodeError> {
             let start = f.u32();
             Request::PeerDoorbells { token, start }
         }
+        kind::RESUME => {
+            let mut f = expect_len(id, kind, body, 32)?;
+            let magic = f.u32();
+            if magic != HELLO_MAGIC {
+                return Err(DecodeError::BadMagic(magic));
+            }
+            let min_version = f.u16();
+            let max_version = f.u16();
+            let _reserved = f.u64();
+            Request::Resume {
+                min_version,
+                max_version,
+                devid: DevId(f.u64()),
+                key: f.u64(),
+            }
+        }
+        kind::REREGISTER => Request::Reregister {
+            token: token_only()?,
+        },
+        kind::RESUME_DONE => {
+            expect_len(id, kind, body, 0)?;
+            Request::ResumeDone
+        }
         other => return Err(DecodeError::UnknownKind { id, kind: other }),
     };
     Ok((id, request))
@@ -569,14 +623,20 @@ pub fn decode_reply(packet: &[u8]) -> Result<(u64, Reply), DecodeError> {
     let (kind, id, body) = split_frame(packet)?;
     let reply = match kind {
         kind::HELLO_OK => {
-            let mut f = expect_len(id, kind, body, 24)?;
+            // 24 bytes, or 32 with a resume key (version 4 device sessions).
+            let expected = if body.len() == 32 { 32 } else { 24 };
+            let mut f = expect_len(id, kind, body, expected)?;
             let version = f.u16();
             let _reserved = f.u16();
             let _reserved = f.u32();
+            let gid = f.u64();
+            let devid = f.u64();
+            let resume_key = if expected == 32 { f.u64() } else { 0 };
             Reply::HelloOk {
                 version,
-                gid: f.u64(),
-                devid: f.u64(),
+                gid,
+                devid,
+                resume_key,
             }
         }
         kind::OK => {
@@ -753,6 +813,23 @@ impl Request {
                 kind::PEER_DOORBELLS,
                 Body::new().u64(token.0).u32(*start).u32(0),
             ),
+            Request::Resume {
+                min_version,
+                max_version,
+                devid,
+                key,
+            } => (
+                kind::RESUME,
+                Body::new()
+                    .u32(HELLO_MAGIC)
+                    .u16(*min_version)
+                    .u16(*max_version)
+                    .u64(0)
+                    .u64(devid.0)
+                    .u64(*key),
+            ),
+            Request::Reregister { token } => (kind::REREGISTER, Body::new().u64(token.0)),
+            Request::ResumeDone => (kind::RESUME_DONE, Body::new()),
         };
         frame(kind, id, &body.0)
     }
@@ -765,15 +842,22 @@ impl Reply {
                 version,
                 gid,
                 devid,
-            } => (
-                kind::HELLO_OK,
-                Body::new()
+                resume_key,
+            } => {
+                let body = Body::new()
                     .u16(*version)
                     .u16(0)
                     .u32(0)
                     .u64(*gid)
-                    .u64(*devid),
-            ),
+                    .u64(*devid);
+                // Clients before version 4 expect exactly 24 bytes.
+                let body = if *resume_key != 0 {
+                    body.u64(*resume_key)
+                } else {
+                    body
+                };
+                (kind::HELLO_OK, body)
+            }
             Reply::Ok => (kind::OK, Body::new()),
             Reply::Lease {
                 token,
@@ -881,6 +965,14 @@ mod tests {
                 token: Token(8),
                 start: 16,
             },
+            Request::Resume {
+                min_version: 4,
+                max_version: 4,
+                devid: DevId(3),
+                key: 0x1234_5678_9abc_def0,
+            },
+            Request::Reregister { token: Token(8) },
+            Request::ResumeDone,
         ]
     }
 
@@ -899,6 +991,13 @@ mod tests {
                 version: 1,
                 gid: 5,
                 devid: 6,
+                resume_key: 0,
+            },
+            Reply::HelloOk {
+                version: 4,
+                gid: 5,
+                devid: 6,
+                resume_key: 0xfeed,
             },
             Reply::Ok,
             Reply::Lease {

@@ -196,6 +196,8 @@ pub enum Status {
     NoMem,
     /// No free chunks left in this device's shared-memory window.
     NoSpc,
+    /// The host pool is temporarily unavailable; retrying later may succeed (extension).
+    Again,
     PermAttach,
     PermRead,
     PermWrite,
@@ -211,6 +213,7 @@ impl Status {
             s::VIRTIO_ISM_E2BIG => Self::TooBig,
             s::VIRTIO_ISM_ENOMEM => Self::NoMem,
             s::VIRTIO_ISM_ENOSPC => Self::NoSpc,
+            s::VIRTIO_ISM_EAGAIN => Self::Again,
             s::VIRTIO_ISM_PERM_EATTACH => Self::PermAttach,
             s::VIRTIO_ISM_PERM_EREAD => Self::PermRead,
             s::VIRTIO_ISM_PERM_EWRITE => Self::PermWrite,
@@ -226,6 +229,7 @@ impl Status {
             Self::TooBig => s::VIRTIO_ISM_E2BIG,
             Self::NoMem => s::VIRTIO_ISM_ENOMEM,
             Self::NoSpc => s::VIRTIO_ISM_ENOSPC,
+            Self::Again => s::VIRTIO_ISM_EAGAIN,
             Self::PermAttach => s::VIRTIO_ISM_PERM_EATTACH,
             Self::PermRead => s::VIRTIO_ISM_PERM_EREAD,
             Self::PermWrite => s::VIRTIO_ISM_PERM_EWRITE,

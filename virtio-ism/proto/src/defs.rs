@@ -181,6 +181,10 @@ pub mod status {
     pub const VIRTIO_ISM_OK: u8 = 0;
     pub const VIRTIO_ISM_ENOENT: u8 = 2;
     pub const VIRTIO_ISM_E2BIG: u8 = 7;
+    /// Extension (not in the draft): the host pool is temporarily unavailable (its broker
+    /// is restarting or does not answer); nothing changed, the same command may succeed
+    /// when retried later.
+    pub const VIRTIO_ISM_EAGAIN: u8 = 11;
     pub const VIRTIO_ISM_ENOMEM: u8 = 12;
     /// Spelled `VIRTIO_ISM_ENOSPEC` in the draft header.
     pub const VIRTIO_ISM_ENOSPC: u8 = 28;

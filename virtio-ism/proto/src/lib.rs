@@ -165,6 +165,7 @@ mod tests {
             (Status::TooBig, 7),
             (Status::NoMem, 12),
             (Status::NoSpc, 28),
+            (Status::Again, 11),
             (Status::PermAttach, 100),
             (Status::PermRead, 101),
             (Status::PermWrite, 102),
@@ -243,9 +244,10 @@ mod tests {
 
     #[test]
     fn test_command_from_header_unknown_arm() {
-        let cmd = Command::from_header(CtrlHeader { class: 4, cmd: 1 });
-        assert_eq!(cmd, Command::Unknown { class: 4, cmd: 1 });
-        assert_eq!(cmd.header(), CtrlHeader { class: 4, cmd: 1 });
+        // Class 4 has commands 0 (EVENT_VECTOR_SET) and 1 (EVENT_VECTOR_PENDING_SET).
+        let cmd = Command::from_header(CtrlHeader { class: 4, cmd: 2 });
+        assert_eq!(cmd, Command::Unknown { class: 4, cmd: 2 });
+        assert_eq!(cmd.header(), CtrlHeader { class: 4, cmd: 2 });
         assert_eq!(
             Command::from_header(Command::QueryRegion.header()),
             Command::QueryRegion

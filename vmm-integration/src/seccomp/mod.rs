@@ -275,7 +275,20 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
         // getrandom: the std HashMap's keys, seeded once per thread.
         Thread::IsmWorker => &[libc::SYS_ioctl, libc::SYS_getrandom],
         Thread::RngWorker => &[],
-        Thread::PoolClient => &[libc::SYS_recvmsg, libc::SYS_fcntl],
+        // Read the broker socket; after the broker died, reconnect (an AF_UNIX socket only,
+        // see `socket_domains`), bound the handshake with SO_RCVTIMEO/SO_SNDTIMEO, hand
+        // back the session's regions and doorbells (sendmsg with SCM_RIGHTS; the worker
+        // made the duplicates it sends) and DETACHes the restarted broker may have missed;
+        // fcntl is F_GETFD only (see `rules`).
+        Thread::PoolClient => &[
+            libc::SYS_recvmsg,
+            libc::SYS_fcntl,
+            libc::SYS_sendmsg,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_setsockopt,
+            libc::SYS_shutdown,
+        ],
         Thread::SerialInput => &[libc::SYS_fcntl],
     };
     let mut list = own.to_vec();
@@ -375,8 +388,9 @@ pub fn allowed_ioctls(thread: Thread) -> Vec<u64> {
 /// The address families `thread` may open sockets in.
 pub fn socket_domains(thread: Thread) -> &'static [libc::c_int] {
     match thread {
-        // Unix sockets only: the event monitor, the broker.
-        Thread::Main => &[libc::AF_UNIX],
+        // Unix sockets only: the event monitor, the broker; the pool client reconnecting
+        // to a restarted broker.
+        Thread::Main | Thread::PoolClient => &[libc::AF_UNIX],
         _ => &[],
     }
 }
@@ -743,14 +757,15 @@ mod tests {
     /// kind would try with it.
     fn forbidden(thread: Thread) -> (libc::c_long, fn() -> libc::c_long) {
         match thread {
-            // Device workers and the pool client have no business opening sockets.
-            Thread::IsmWorker | Thread::RngWorker | Thread::PoolClient | Thread::Vcpu => (
+            // Device workers have no business opening sockets.
+            Thread::IsmWorker | Thread::RngWorker | Thread::Vcpu => (
                 libc::SYS_socket,
                 // SAFETY: a socket syscall with plain integer arguments.
                 || unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) },
             ),
-            // The serial input thread only reads stdin: no files.
-            Thread::SerialInput => (
+            // The serial input thread only reads stdin, the pool client its broker socket:
+            // no files.
+            Thread::SerialInput | Thread::PoolClient => (
                 libc::SYS_openat,
                 // SAFETY: a NUL-terminated path and plain flags.
                 || unsafe {
@@ -919,24 +934,27 @@ mod tests {
         }
     }
 
-    /// The main thread opens unix sockets only.
+    /// The main thread and the pool client (reconnecting to a restarted broker) open unix
+    /// sockets only.
     #[test]
     fn test_socket_families_are_checked() {
-        let kill = program(Thread::Main, SeccompMode::Kill);
-        // SAFETY: socket with plain integer arguments.
-        let open = |family: libc::c_int| unsafe {
-            libc::syscall(libc::SYS_socket, family, libc::SOCK_STREAM, 0)
-        };
-        assert!(exited_with(
-            in_child(&[&kill], || returned(open(libc::AF_UNIX))),
-            7
-        ));
-        assert!(killed_by_sigsys(in_child(&[&kill], || returned(open(
-            libc::AF_INET
-        )))));
-        assert!(killed_by_sigsys(in_child(&[&kill], || returned(open(
-            libc::AF_NETLINK
-        )))));
+        for thread in [Thread::Main, Thread::PoolClient] {
+            let kill = program(thread, SeccompMode::Kill);
+            // SAFETY: socket with plain integer arguments.
+            let open = |family: libc::c_int| unsafe {
+                libc::syscall(libc::SYS_socket, family, libc::SOCK_STREAM, 0)
+            };
+            assert!(exited_with(
+                in_child(&[&kill], || returned(open(libc::AF_UNIX))),
+                7
+            ));
+            assert!(killed_by_sigsys(in_child(&[&kill], || returned(open(
+                libc::AF_INET
+            )))));
+            assert!(killed_by_sigsys(in_child(&[&kill], || returned(open(
+                libc::AF_NETLINK
+            )))));
+        }
     }
 
     /// The request numbers in `ioctls` are the ones kvm-ioctls issues: every KVM call a

@@ -71,6 +71,7 @@ pub(crate) fn status_result(status: Status) -> Result<(), IsmError> {
         Status::NoEnt => Err(IsmError::NoEntry),
         Status::NoSpc => Err(IsmError::NoSpace),
         Status::NoMem => Err(IsmError::NoMem),
+        Status::Again => Err(IsmError::Again),
         Status::PermAttach => Err(IsmError::Perm(Perm::Attach)),
         Status::PermRead => Err(IsmError::Perm(Perm::Read)),
         Status::PermWrite => Err(IsmError::Perm(Perm::Write)),

@@ -233,6 +233,9 @@ pub enum IsmError {
     /// ENOMEM: the host pool is out of memory or the quota is used up.
     #[error("Host pool out of memory")]
     NoMem,
+    /// EAGAIN (extension): the host pool is temporarily unavailable; retry later.
+    #[error("Host pool temporarily unavailable")]
+    Again,
     /// E2BIG that the driver could not satisfy: the device needs this many entries.
     #[error("Reply needs {0} entries, more than the driver takes")]
     TooBig(u64),

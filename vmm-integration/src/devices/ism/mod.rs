@@ -10,6 +10,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
+use ism_pool::client::ClientOptions;
 use ism_pool::{BrokerSession, PoolBackend, PoolConfig, PoolError, PoolSession};
 use virtio_device::{
     ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
@@ -253,8 +254,11 @@ impl PoolBackends {
             }
         };
         let session = match &backend {
-            PoolBackend::Broker(path) => BrokerSession::connect_with_thread_start(
+            // Reconnects and resumes after a broker restart (docs/pool.md, "Failure
+            // model"); the reader thread's filter allows what that needs.
+            PoolBackend::Broker(path) => BrokerSession::connect_with(
                 path,
+                ClientOptions::default(),
                 Some(Arc::new(|| {
                     crate::seccomp::apply_or_exit(crate::seccomp::Thread::PoolClient)
                 })),

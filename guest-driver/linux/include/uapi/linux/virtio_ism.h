@@ -67,6 +67,8 @@ struct virtio_ism_ctrl_hdr {
 #define VIRTIO_ISM_ENOENT		2
 #define VIRTIO_ISM_E2BIG		7
 #define VIRTIO_ISM_ENOMEM		12
+/* Extension: the host pool is temporarily unavailable; the command may be retried. */
+#define VIRTIO_ISM_EAGAIN		11
 #define VIRTIO_ISM_ENOSPC		28
 #define VIRTIO_ISM_PERM_EATTACH		100
 #define VIRTIO_ISM_PERM_EREAD		101
