@@ -2264,6 +2264,7 @@ static int ism_validate(struct virtio_device *vdev)
 		__virtio_clear_bit(vdev, VIRTIO_ISM_F_QUERY);
 		__virtio_clear_bit(vdev, VIRTIO_ISM_F_GRANT);
 		__virtio_clear_bit(vdev, VIRTIO_ISM_F_KICK_PENDING);
+		__virtio_clear_bit(vdev, VIRTIO_ISM_F_EAGAIN);
 	}
 	return 0;
 }
@@ -2273,6 +2274,7 @@ static unsigned int ism_features[] = {
 	VIRTIO_ISM_F_QUERY,
 	VIRTIO_ISM_F_GRANT,
 	VIRTIO_ISM_F_KICK_PENDING,
+	VIRTIO_ISM_F_EAGAIN,
 	/*
 	 * Not VIRTIO_ISM_F_VECTOR_EVENTS: events come on the event queue, so region
 	 * vectors carry kicks only.

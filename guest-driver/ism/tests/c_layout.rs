@@ -108,6 +108,7 @@ int main(void)
 	V(VIRTIO_ID_ISM);
 	V(VIRTIO_ISM_F_EVENT_IRQ); V(VIRTIO_ISM_F_EVENT_QUEUE); V(VIRTIO_ISM_F_QUERY);
 	V(VIRTIO_ISM_F_GRANT); V(VIRTIO_ISM_F_VECTOR_EVENTS); V(VIRTIO_ISM_F_KICK_PENDING);
+	V(VIRTIO_ISM_F_EAGAIN);
 	V(VIRTIO_ISM_CTRL_QUEUE); V(VIRTIO_ISM_EVENT_QUEUE);
 	V(VIRTIO_ISM_SHM_ID_REGIONS); V(VIRTIO_ISM_SHM_ID_NOTIFY);
 	V(VIRTIO_ISM_CTRL_ALLOC); V(VIRTIO_ISM_CTRL_ALLOC_REGION);
@@ -401,6 +402,10 @@ fn test_uapi_header_matches_rust_and_wire_header_matches_proto() {
     k.eq(
         "VIRTIO_ISM_F_KICK_PENDING",
         defs::features::VIRTIO_ISM_F_KICK_PENDING.into(),
+    );
+    k.eq(
+        "VIRTIO_ISM_F_EAGAIN",
+        defs::features::VIRTIO_ISM_F_EAGAIN.into(),
     );
     k.eq(
         "VIRTIO_ISM_INFO_F_KICK_PENDING",

@@ -6,7 +6,7 @@
 use log::debug;
 use virtio_ism_pool_api::{DevId, GrantTarget, Perms, Token};
 use virtio_ism_proto::ctrl::{REPLY_OFFSET, reply_capacity};
-use virtio_ism_proto::defs::features::bit;
+use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EAGAIN, bit};
 use virtio_ism_proto::{
     AllocReplyHeader, Area, AttachReplyHeader, QueryListReplyHeader, QueryRegionReplyHeader,
     Request, Status, WireStruct,
@@ -391,7 +391,16 @@ where
             );
             (Response::status(Status::Err), None)
         }
-        Ok(request) => execute(regions, request, chain.writable_len()),
+        Ok(request) => {
+            let (response, event) = execute(regions, request, chain.writable_len());
+            // EAGAIN is an extension: a driver that did not negotiate it gets the draft's
+            // generic failure (the command changed nothing either way).
+            if response.status_byte() == Status::Again && features & bit(VIRTIO_ISM_F_EAGAIN) == 0 {
+                (Response::status(Status::Err), None)
+            } else {
+                (response, event)
+            }
+        }
         Err(fault) => {
             debug!("virtio-ism: refusing control request: {fault:?}");
             (Response::status(Status::Err), None)

@@ -15,8 +15,8 @@ use virtio_device::{
 use virtio_ism_pool_api::{GrantTarget, Perms, PoolError, PoolSession, PoolStatus, Token};
 use virtio_ism_proto::defs::VIRTIO_ID_ISM;
 use virtio_ism_proto::defs::features::{
-    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_KICK_PENDING,
-    VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS, bit,
+    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EAGAIN, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT,
+    VIRTIO_ISM_F_KICK_PENDING, VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS, bit,
 };
 use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX, QUEUE_SIZE};
 use virtio_ism_proto::defs::shm::{VIRTIO_ISM_SHM_ID_NOTIFY, VIRTIO_ISM_SHM_ID_REGIONS};
@@ -41,7 +41,8 @@ pub const AVAIL_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_ISM_F_QUERY)
     | bit(VIRTIO_ISM_F_GRANT)
     | bit(VIRTIO_ISM_F_VECTOR_EVENTS)
-    | bit(VIRTIO_ISM_F_KICK_PENDING);
+    | bit(VIRTIO_ISM_F_KICK_PENDING)
+    | bit(VIRTIO_ISM_F_EAGAIN);
 
 /// Why a device could not be created.
 #[derive(Debug, thiserror::Error)]

@@ -17,8 +17,9 @@ use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInte
 use virtio_ism_pool_api::{DevId, PoolSession, Token};
 use virtio_ism_proto::ctrl::{decode_areas, decode_tokens, reply_len};
 use virtio_ism_proto::defs::features::{
-    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EVENT_IRQ, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT,
-    VIRTIO_ISM_F_KICK_PENDING, VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS, bit,
+    VIRTIO_F_VERSION_1, VIRTIO_ISM_F_EAGAIN, VIRTIO_ISM_F_EVENT_IRQ, VIRTIO_ISM_F_EVENT_QUEUE,
+    VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_KICK_PENDING, VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS,
+    bit,
 };
 use virtio_ism_proto::defs::perm::{
     VIRTIO_ISM_PERM_ATTACH, VIRTIO_ISM_PERM_MANAGE, VIRTIO_ISM_PERM_READ, VIRTIO_ISM_PERM_WRITE,
@@ -793,6 +794,68 @@ fn test_an_unavailable_broker_is_eagain() {
     assert_eq!(Status::Again.raw(), 11);
     let refused = virtio_ism_pool_api::PoolError::Protocol("Resume refused".into());
     assert_eq!(pool_status(&refused), Status::Err);
+}
+
+/// A session whose broker is down: every pool request fails as unreachable.
+struct BrokerDown(Arc<dyn PoolSession>);
+
+impl BrokerDown {
+    fn error() -> virtio_ism_pool_api::PoolError {
+        virtio_ism_pool_api::PoolError::Connection(io::Error::from(
+            io::ErrorKind::ConnectionRefused,
+        ))
+    }
+}
+
+impl PoolSession for BrokerDown {
+    fn info(&self) -> virtio_ism_pool_api::SessionInfo {
+        self.0.info()
+    }
+    fn alloc(
+        &self,
+        _: u64,
+    ) -> Result<virtio_ism_pool_api::RegionLease, virtio_ism_pool_api::PoolError> {
+        Err(Self::error())
+    }
+    fn attach(
+        &self,
+        _: Token,
+        _: virtio_ism_pool_api::Perms,
+    ) -> Result<virtio_ism_pool_api::RegionLease, virtio_ism_pool_api::PoolError> {
+        Err(Self::error())
+    }
+    fn detach(&self, _: Token) -> Result<(), virtio_ism_pool_api::PoolError> {
+        Err(Self::error())
+    }
+    fn grant(
+        &self,
+        _: Token,
+        _: virtio_ism_pool_api::GrantTarget,
+        _: virtio_ism_pool_api::Perms,
+    ) -> Result<(), virtio_ism_pool_api::PoolError> {
+        Err(Self::error())
+    }
+    fn take_events(&self) -> Vec<virtio_ism_pool_api::PoolEvent> {
+        Vec::new()
+    }
+}
+
+/// EAGAIN is an extension: with `VIRTIO_ISM_F_EAGAIN` a driver learns that the pool is
+/// unavailable (retry helps); a driver that did not negotiate it gets the draft's ERR.
+#[test]
+fn test_eagain_only_for_drivers_that_negotiated_it() {
+    let pool = pool();
+    for (features, want) in [
+        (DRAFT_FEATURES, Status::Err),
+        (ALL_FEATURES, Status::Err),
+        (DRAFT_FEATURES | bit(VIRTIO_ISM_F_EAGAIN), Status::Again),
+    ] {
+        let mut vm = TestVm::with_session(Arc::new(BrokerDown(pool.session().unwrap())), features);
+        let reply = vm.request(Request::Alloc(AllocRequest { size: CHUNK }), 64);
+        assert_eq!(reply.status, want, "features {features:#x}");
+        let reply = vm.attach_raw(Token(7), 0);
+        assert_eq!(reply.status, want, "features {features:#x}");
+    }
 }
 
 #[test]

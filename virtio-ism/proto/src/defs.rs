@@ -120,6 +120,10 @@ pub mod features {
     /// device sets a driver-chosen bit in driver memory, so regions that share a vector
     /// (a transport without a vector per region) still learn which region was kicked. [X]
     pub const VIRTIO_ISM_F_KICK_PENDING: u32 = 5;
+    /// The device may answer EAGAIN (11) when its host pool is temporarily unavailable
+    /// (broker down, reconnecting or not answering); without it such commands answer ERR,
+    /// the draft's generic failure. [X]
+    pub const VIRTIO_ISM_F_EAGAIN: u32 = 6;
     /// VIRTIO_F_VERSION_1. [S]
     pub const VIRTIO_F_VERSION_1: u32 = 32;
 

@@ -4,8 +4,8 @@
 
 use virtio_ism_proto::ctrl::reply_len;
 use virtio_ism_proto::defs::features::{
-    VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS,
-    bit,
+    VIRTIO_ISM_F_EAGAIN, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_QUERY,
+    VIRTIO_ISM_F_VECTOR_EVENTS, bit,
 };
 use virtio_ism_proto::defs::perm::{VIRTIO_ISM_PERM_READ, VIRTIO_ISM_PERM_WRITE};
 use virtio_ism_proto::defs::queues::{CTRL_QUEUE_INDEX, EVENT_QUEUE_INDEX};
@@ -71,7 +71,8 @@ impl Default for IsmOptions {
         Self {
             features: bit(VIRTIO_ISM_F_EVENT_QUEUE)
                 | bit(VIRTIO_ISM_F_QUERY)
-                | bit(VIRTIO_ISM_F_GRANT),
+                | bit(VIRTIO_ISM_F_GRANT)
+                | bit(VIRTIO_ISM_F_EAGAIN),
             ctrl_vector: NO_VECTOR,
             event_vector: NO_VECTOR,
             max_waits: 1_000_000,
@@ -84,7 +85,8 @@ impl IsmOptions {
     pub const KNOWN_FEATURES: u64 = bit(VIRTIO_ISM_F_EVENT_QUEUE)
         | bit(VIRTIO_ISM_F_QUERY)
         | bit(VIRTIO_ISM_F_GRANT)
-        | bit(VIRTIO_ISM_F_VECTOR_EVENTS);
+        | bit(VIRTIO_ISM_F_VECTOR_EVENTS)
+        | bit(VIRTIO_ISM_F_EAGAIN);
 
     /// A driver written only against the draft: it negotiates no `VIRTIO_ISM_F_*` bit (so it
     /// has no event queue, no QUERY, and cannot GRANT: its regions get the operator's

@@ -48,8 +48,8 @@ pub use virtio_ism_proto::Area;
 
 /// Feature bit numbers of the extensions, and the mask helper for [`IsmOptions::features`].
 pub use virtio_ism_proto::defs::features::{
-    VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_QUERY, VIRTIO_ISM_F_VECTOR_EVENTS,
-    bit,
+    VIRTIO_ISM_F_EAGAIN, VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_GRANT, VIRTIO_ISM_F_QUERY,
+    VIRTIO_ISM_F_VECTOR_EVENTS, bit,
 };
 /// GRANT permission bits (`virtio_ism_proto::defs::perm`).
 pub use virtio_ism_proto::defs::perm::{

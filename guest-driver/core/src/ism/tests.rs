@@ -74,7 +74,8 @@ fn test_open_negotiates_extensions_and_validates_config() {
     let all = bit(VIRTIO_F_VERSION_1)
         | bit(VIRTIO_ISM_F_EVENT_QUEUE)
         | bit(VIRTIO_ISM_F_QUERY)
-        | bit(VIRTIO_ISM_F_GRANT);
+        | bit(VIRTIO_ISM_F_GRANT)
+        | bit(VIRTIO_ISM_F_EAGAIN);
     assert_eq!(info.features, all, "VECTOR_EVENTS only when asked for");
     assert_eq!(a.acked_features(), all);
     assert_eq!(a.status(), 1 | 2 | 8 | 4);

@@ -24,6 +24,7 @@
 #define VIRTIO_ISM_F_GRANT		3	/* regions are owner-only until GRANTed */
 #define VIRTIO_ISM_F_VECTOR_EVENTS	4	/* region events also raise the region's vector */
 #define VIRTIO_ISM_F_KICK_PENDING	5	/* EVENT_VECTOR_PENDING_SET: kicks set a driver bit */
+#define VIRTIO_ISM_F_EAGAIN		6	/* VIRTIO_ISM_EAGAIN (11) instead of ERR: pool away */
 
 /* Virtqueues */
 #define VIRTIO_ISM_CTRL_QUEUE		0
