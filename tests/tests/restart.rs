@@ -1,17 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Issue 15 with real guests: two test guests, each in its own ism-vmm, share a region
+//! Issue 15 with real guests: two test guests, each in its own VMM, share a region
 //! through an `ism-pool` broker that is SIGKILLed and restarted on the same socket (and
 //! state file). The shared memory and the zero-hop kicks keep working while it is down,
 //! control commands get EAGAIN, and after the restart both VMMs are back in the same pool:
 //! the region is known again and the guests can allocate, attach and grant.
-//!
-//! Only the ism-vmm variant: cloud-hypervisor's integration patches must first let their
-//! pool client thread reconnect (socket, connect, sendmsg, setsockopt, shutdown,
-//! fcntl(F_DUPFD_CLOEXEC); see docs/seccomp.md).
+//! Every test runs under ism-vmm and under cloud-hypervisor (`name::ism_vmm`,
+//! `name::cloud_hypervisor`), each VMM under its own seccomp filters.
 
 use std::time::{Duration, Instant};
 
-use ism_tests::{IsmGuest, IsmSpec, PoolBroker, Vmm, require_kvm, require_vmm};
+use ism_tests::{IsmGuest, IsmSpec, PoolBroker, Vmm, require_kvm, require_vmm, vmm_tests};
 
 /// Retries `command` on `guest` until it succeeds (the device reconnects on its own, with
 /// backoff), answering EAGAIN meanwhile; returns the answer and how many EAGAINs came first.
@@ -126,11 +124,6 @@ fn test_broker_killed_and_restarted_under_two_guests(vmm: Vmm) {
     assert_eq!(a.power_off(), Some(0));
 }
 
-#[test]
-fn test_broker_killed_and_restarted_under_two_ism_vmm_guests() {
-    test_broker_killed_and_restarted_under_two_guests(Vmm::IsmVmm);
-}
-
 /// Statuses a storm command may get: success, the broker being away, or the ordinary
 /// refusals of a race with the peer (the owner detached first, a grant not there yet).
 const STORM_STATUSES: [&str; 6] = [
@@ -180,12 +173,11 @@ fn storm(
 /// Both guests storm alloc / grant / attach / detach while the broker is SIGKILLed and
 /// restarted; the long-lived shared region keeps its data; afterwards the broker holds
 /// exactly that region again (nothing leaked, nothing lost), and sharing works.
-#[test]
-fn test_broker_killed_during_a_storm_of_two_ism_vmm_guests() {
+fn test_broker_killed_during_a_storm_of_two_guests(vmm: Vmm) {
     require_kvm!();
-    require_vmm!(Vmm::IsmVmm);
+    require_vmm!(vmm);
     let mut broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(Vmm::IsmVmm);
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let (a_dev, b_dev) = (a.devid(), b.devid());
@@ -242,12 +234,11 @@ fn test_broker_killed_during_a_storm_of_two_ism_vmm_guests() {
 /// A broker stopped for longer than the device's 5 s request timeout: the guest's command
 /// gets EAGAIN after about that long, the next at once; the other guest's memory and kicks
 /// are not held up; after SIGCONT everything works.
-#[test]
-fn test_broker_stopped_longer_than_the_timeout_under_ism_vmm_guests() {
+fn test_broker_stopped_longer_than_the_timeout_under_two_guests(vmm: Vmm) {
     require_kvm!();
-    require_vmm!(Vmm::IsmVmm);
+    require_vmm!(vmm);
     let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(Vmm::IsmVmm);
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let b_dev = b.devid();
@@ -298,12 +289,11 @@ fn test_broker_stopped_longer_than_the_timeout_under_ism_vmm_guests() {
 
 /// B's VMM is SIGKILLed while it attaches and detaches A's region in a loop: A keeps the
 /// region and its contents, hears that B left, and can allocate and grant again.
-#[test]
-fn test_peer_ism_vmm_killed_during_attach() {
+fn test_peer_vmm_killed_during_attach(vmm: Vmm) {
     require_kvm!();
-    require_vmm!(Vmm::IsmVmm);
+    require_vmm!(vmm);
     let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(Vmm::IsmVmm);
+    let spec = IsmSpec::on(vmm);
     let mut a = IsmGuest::start("A", &broker, &spec, &[]);
     let mut b = IsmGuest::start("B", &broker, &spec, &[]);
     let token = a
@@ -365,14 +355,13 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// 10 000 ALLOC/DETACH cycles of a guest through ism-vmm and the broker leave the VMM's and
+/// 10 000 ALLOC/DETACH cycles of a guest through its VMM and the broker leave the VMM's and
 /// the broker's descriptor counts and memory flat (measured and printed).
-#[test]
-fn test_ten_thousand_alloc_free_cycles_of_an_ism_vmm_guest_stay_flat() {
+fn test_ten_thousand_alloc_free_cycles_of_a_guest_stay_flat(vmm_kind: Vmm) {
     require_kvm!();
-    require_vmm!(Vmm::IsmVmm);
+    require_vmm!(vmm_kind);
     let broker = PoolBroker::start("1G");
-    let mut a = IsmGuest::start("A", &broker, &IsmSpec::on(Vmm::IsmVmm), &[]);
+    let mut a = IsmGuest::start("A", &broker, &IsmSpec::on(vmm_kind), &[]);
     a.set_timeout(Duration::from_secs(900));
     a.cmd("alloc-free 200 4K").ok("warm-up");
     let (vmm, pool) = (a.pid(), broker.pid());
@@ -385,14 +374,27 @@ fn test_ten_thousand_alloc_free_cycles_of_an_ism_vmm_guest_stay_flat() {
     let end = [fd_count(vmm), fd_count(pool)];
     let end_rss = [rss_kib(vmm), rss_kib(pool)];
     println!(
-        "10000 guest alloc/free cycles in {took:?}: ism-vmm fds {} -> {}, RSS {} -> {} KiB; ism-pool fds {} -> {}, RSS {} -> {} KiB",
-        start[0], end[0], start_rss[0], end_rss[0], start[1], end[1], start_rss[1], end_rss[1]
+        "10000 guest alloc/free cycles in {took:?}: {} fds {} -> {}, RSS {} -> {} KiB; ism-pool fds {} -> {}, RSS {} -> {} KiB",
+        vmm_kind.name(),
+        start[0],
+        end[0],
+        start_rss[0],
+        end_rss[0],
+        start[1],
+        end[1],
+        start_rss[1],
+        end_rss[1]
     );
-    assert!(end[0] <= start[0] + 4, "ism-vmm descriptors grew");
+    assert!(
+        end[0] <= start[0] + 4,
+        "{} descriptors grew",
+        vmm_kind.name()
+    );
     assert!(end[1] <= start[1] + 4, "ism-pool descriptors grew");
     assert!(
         end_rss[0] <= start_rss[0] + 32 * 1024,
-        "ism-vmm memory grew"
+        "{} memory grew",
+        vmm_kind.name()
     );
     assert!(
         end_rss[1] <= start_rss[1] + 16 * 1024,
@@ -402,3 +404,11 @@ fn test_ten_thousand_alloc_free_cycles_of_an_ism_vmm_guest_stay_flat() {
     assert!(status["regions"].as_array().unwrap().is_empty(), "{status}");
     assert_eq!(a.power_off(), Some(0));
 }
+
+vmm_tests!(
+    test_broker_killed_and_restarted_under_two_guests,
+    test_broker_killed_during_a_storm_of_two_guests,
+    test_broker_stopped_longer_than_the_timeout_under_two_guests,
+    test_peer_vmm_killed_during_attach,
+    test_ten_thousand_alloc_free_cycles_of_a_guest_stay_flat,
+);
