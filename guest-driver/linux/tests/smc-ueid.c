@@ -27,7 +27,7 @@
 struct msg {
 	struct nlmsghdr n;
 	struct genlmsghdr g;
-	char buf[256];
+	char buf[16384];	/* CTRL_CMD_GETFAMILY answers with every op and group */
 };
 
 static void put_attr(struct msg *m, unsigned short type, const void *data, size_t len)
