@@ -138,7 +138,7 @@ for g in "${guests[@]}"; do
     tap[$g]="ismt$$$g"
     mktap "$g"
 done
-echo "host: bridge $br, taps ${tap[*]}"
+echo "host: bridge $br, taps $(for g in "${guests[@]}"; do printf "%s " "${tap[$g]}"; done)"
 
 finish() {
     local result="$1" why="$2" g
