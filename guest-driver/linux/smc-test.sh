@@ -180,6 +180,13 @@ if [[ -z "$pool_bin" ]]; then
     pool_bin="${CARGO_TARGET_DIR:-$root/target}/debug/ism-pool"
 fi
 gcc -static -O2 -Wall -Wextra -Werror -o "$work/smc-check" "$here/tests/smc-check.c"
+# SMC-Dv2 between x86 guests needs the same user EID on both (docs/smc.md, where the module's
+# SMC-D part exists): tests/smc-ueid.c adds it, when the tree has it.
+extra=()
+if [[ -f "$here/tests/smc-ueid.c" ]]; then
+    gcc -static -O2 -Wall -Wextra -Werror -o "$work/smc-ueid" "$here/tests/smc-ueid.c"
+    extra+=(--add "$work/smc-ueid:/bin/smc-ueid")
+fi
 
 # One image for all guests: /smc-guest.sh ROLE ADDRESS BYTES [server: PEER:PORT...]
 #                                                           [client: SERVER PORT]
@@ -203,6 +210,9 @@ EOF
 }
 modprobe virtio_ism
 if [ -c /dev/ism0 ]; then say ism-device yes; else say ism-device no; fi
+# The module's SMC-D state, where it has one (docs/smc.md), and the shared user EID.
+[ -r /sys/class/misc/ism0/smcd ] && say "smcd $(cat /sys/class/misc/ism0/smcd)"
+if [ -x /bin/smc-ueid ]; then run "ueid: " smc-ueid ISM-SMC-TEST; fi
 run "" smc-check devices
 dev=""
 for d in /sys/class/net/*; do
@@ -239,7 +249,7 @@ say all-passed
 GUEST
 bash "$root/resources/linux/make-initramfs.sh" --output "$work/guest.cpio" --uncompressed \
     --root "$work/root" --add "$work/smc-check:/bin/smc-check" \
-    --add "$work/smc-guest.sh:/smc-guest.sh" >&2
+    --add "$work/smc-guest.sh:/smc-guest.sh" "${extra[@]}" >&2
 build_s=$((SECONDS - start))
 guests_start=$SECONDS
 
