@@ -301,13 +301,14 @@ echo "cloud-hypervisor exit: $(for g in "${guests[@]}"; do printf '%s %s  ' "${g
 
 # mode_of LOG PREFIX: the mode word of the SMC-MODE line under PREFIX (e.g. "SMC-TEST-A b smc: ").
 mode_of() {
-    grep -ao "^$2SMC-MODE [a-z]*" "$1" 2>/dev/null | head -n1 | sed 's/.*SMC-MODE //'
+    { grep -ao "^$2SMC-MODE [a-z]*" "$1" 2>/dev/null || true; } | head -n1 | sed 's/.*SMC-MODE //'
 }
 checked_ok() {
     grep -aq "^$2SMC-CHECK [a-z]* ok family=$3 sent=$bytes received=$bytes checked=$bytes" "$1"
 }
 smcd_devices() {
-    grep -ao "^SMC-TEST-$2 SMC-DEVICES smcd=[0-9]*" "$1" 2>/dev/null | head -n1 | sed 's/.*smcd=//'
+    { grep -ao "^SMC-TEST-$2 SMC-DEVICES smcd=[0-9]*" "$1" 2>/dev/null || true; } | head -n1 |
+        sed 's/.*smcd=//'
 }
 
 fails=()
