@@ -1,0 +1,365 @@
+#!/usr/bin/env bash
+# AF_SMC between PVM Linux guests under cloud-hypervisor, connected by virtio-net on a host
+# bridge, with the kernel's own word on whether each connection ran over SMC-D or fell back to
+# TCP (issue #16). See docs/smc-test.md.
+#
+# The script creates a Linux bridge and one tap per guest (names carry its pid), boots up to
+# three guests at once, each with `--net tap=...` on that bridge:
+#   A  server, with an `--ism` device on the ism-pool broker
+#   B  client, with an `--ism` device on the same broker         (case "smc")
+#   C  client, without an ism device                              (case "noism")
+# Every guest loads virtio_ism (installed into the image by `make install`), prints how many
+# SMC-D devices the SMC core has (tests/smc-check.c `devices`: SMC generic netlink), sets its
+# address with busybox `ip`, and each client pings A, then exchanges BYTES both ways with A
+# over plain TCP and then over AF_SMC (tests/smc-check.c: every byte checked on both sides).
+# While each AF_SMC connection is open both ends ask SMC diag (NETLINK_SOCK_DIAG, AF_SMC) for
+# the socket's mode: `smcd`, `smcr` or `fallback reason=...`.
+# Expectations: case noism must fall back (C has no SMC-D device) and still deliver every
+# byte; case smc must match --expect:
+#   smcd      both ends report SMC-D
+#   fallback  both ends report a TCP fallback
+#   auto      (default) smcd when both A and B have an SMC-D device registered with the SMC
+#             core (virtio_ism offering SMC-D), fallback otherwise; the mode seen is printed
+# The EXIT trap stops the guests and the broker and deletes the taps and the bridge.
+#
+# Usage: smc-test.sh [--vmm cloud-hypervisor|PATH] [--expect auto|smcd|fallback]
+#                    [--case all|smc|noism] [--bytes N] [--pool PATH] [--timeout SECONDS]
+#                    [--keep-logs DIR]
+#   --vmm: a cloud-hypervisor binary (the patched build with --ism); the default is
+#   lib-vmtest.sh's `cloud-hypervisor` ($ISM_CLOUD_HYPERVISOR_DIR or resources/cloud-hypervisor.sh).
+#   ism-vmm has no virtio-net and is refused.
+# Prints one "SKIPPED: ..." line and exits 0 without /dev/kvm, root, /dev/net/tun, `ip`, bridge
+# and tap support, or the cloud-hypervisor binary. Prints
+# `ISM-LINUX-SMC result=pass|fail smc=MODE noism=MODE bytes=N` and exits 0 only on pass.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+vmm="cloud-hypervisor"
+expect=auto
+which_case=all
+bytes=131072
+pool_bin=""
+timeout_s=1500
+keep=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --vmm) vmm="$2"; shift 2 ;;
+        --vmm=*) vmm="${1#--vmm=}"; shift ;;
+        --expect) expect="$2"; shift 2 ;;
+        --case) which_case="$2"; shift 2 ;;
+        --bytes) bytes="$2"; shift 2 ;;
+        --pool) pool_bin="$2"; shift 2 ;;
+        --timeout) timeout_s="$2"; shift 2 ;;
+        --keep-logs) keep="$2"; shift 2 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        *) echo "Unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+case "$expect" in auto|smcd|fallback) ;; *) echo "--expect auto|smcd|fallback" >&2; exit 2 ;; esac
+case "$which_case" in all|smc|noism) ;; *) echo "--case all|smc|noism" >&2; exit 2 ;; esac
+[[ "$bytes" =~ ^[0-9]+$ && "$bytes" -gt 0 ]] || { echo "--bytes needs a positive number" >&2; exit 2; }
+
+skip() {
+    echo "SKIPPED: $*"
+    exit 0
+}
+[[ -e /dev/kvm ]] || skip "/dev/kvm missing, cannot boot the Linux guests of smc-test.sh"
+[[ "$(id -u)" == 0 ]] || skip "smc-test.sh needs root for the host bridge and taps"
+[[ -c /dev/net/tun ]] || skip "/dev/net/tun missing: no taps for smc-test.sh"
+command -v ip >/dev/null || skip "iproute2's ip missing: no bridge and taps for smc-test.sh"
+
+# shellcheck source=lib-vmtest.sh
+source "$here/lib-vmtest.sh"
+# shellcheck source=lib-install.sh
+source "$here/lib-install.sh"
+case "$vmm" in
+    ism-vmm) echo "smc-test.sh needs cloud-hypervisor: ism-vmm has no virtio-net" >&2; exit 2 ;;
+esac
+# A path must name an existing binary: anything else is "not available here".
+if [[ "$vmm" == */* && ! -x "$vmm" ]]; then
+    skip "cloud-hypervisor binary $vmm missing"
+fi
+
+start=$SECONDS
+deadline=$((SECONDS + timeout_s))
+work="$(mktemp -d)"
+pids=()
+links=()
+build_s=0
+guests_start=$SECONDS
+# shellcheck disable=SC2317  # run by the EXIT trap
+cleanup() {
+    local pid link
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    # Taps first, then the bridge (deleting a tap also takes it off the bridge).
+    for link in "${links[@]}"; do
+        ip link del "$link" 2>/dev/null || true
+    done
+    if [[ -n "$keep" ]]; then
+        { mkdir -p "$keep" && cp "$work"/*.log "$keep/"; } 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+# Host network: a bridge with no address (guest traffic stays on it) and one tap per guest,
+# made before cloud-hypervisor opens them by name. Interface names are at most 15 bytes.
+br="ismbr$$"
+ip link add "$br" type bridge forward_delay 0 stp_state 0 2>"$work/net.log" ||
+    skip "cannot create a Linux bridge ($(head -n1 "$work/net.log"))"
+links+=("$br")
+ip link set "$br" up
+mktap() {
+    local tap="ismt$$$1"
+    ip tuntap add name "$tap" mode tap 2>>"$work/net.log" ||
+        skip "cannot create tap $tap ($(tail -n1 "$work/net.log"))"
+    links=("$tap" "${links[@]}")
+    ip link set "$tap" master "$br"
+    ip link set "$tap" up
+}
+
+guests=(a)
+case "$which_case" in
+    all) guests+=(b c) ;;
+    smc) guests+=(b) ;;
+    noism) guests+=(c) ;;
+esac
+declare -A tap addr mac port
+addr=([a]=192.168.116.1 [b]=192.168.116.2 [c]=192.168.116.3)
+mac=([a]=52:54:00:16:00:0a [b]=52:54:00:16:00:0b [c]=52:54:00:16:00:0c)
+# Each client's TCP check on port N, its AF_SMC exchange on N+1.
+port=([b]=7100 [c]=7200)
+for g in "${guests[@]}"; do
+    tap[$g]="ismt$$$g"
+    mktap "$g"
+done
+echo "host: bridge $br, taps $(for g in "${guests[@]}"; do printf "%s " "${tap[$g]}"; done)"
+
+finish() {
+    local result="$1" why="$2" g
+    for g in "${guests[@]}"; do
+        echo "--- guest ${g^^} serial (SMC-TEST lines)"
+        grep -a "SMC-TEST\|ISM-LINUX\|virtio_ism\|Error" "$work/$g.log" 2>/dev/null || true
+    done
+    if [[ "$result" != pass ]]; then
+        for g in "${guests[@]}"; do
+            echo "--- last lines of ${g^^}"; tail -n 15 "$work/$g.log" 2>/dev/null || true
+            echo "--- cloud-hypervisor of ${g^^}"; tail -n 15 "$work/$g.vmm.log" 2>/dev/null || true
+        done
+        echo "--- pool"; tail -n 15 "$work/pool.log" 2>/dev/null || true
+    fi
+    echo "elapsed $((SECONDS - start)) s (build $build_s s, guests $((SECONDS - guests_start)) s): $why"
+    echo "ISM-LINUX-SMC result=$result smc=${mode_smc:-n/a} noism=${mode_noism:-n/a} bytes=$bytes expect=$expect"
+    [[ "$result" == pass ]]
+}
+mode_smc="" mode_noism=""
+
+vmtest_pick_vmm "$vmm" 2>"$work/pick.log" ||
+    skip "no cloud-hypervisor binary ($(tail -n1 "$work/pick.log"))"
+[[ "$VMTEST_VMM_KIND" == cloud-hypervisor ]] ||
+    { echo "smc-test.sh needs cloud-hypervisor (--vmm), not $VMTEST_VMM" >&2; exit 2; }
+vmtest_build "$work" "$VMTEST_VMM"
+echo "VMM: $VMTEST_VMM ($("$VMTEST_VMM" --version 2>&1 | head -n 1))"
+release="$(install_release "$PVM_KERNEL_TREE")"
+[[ -n "$release" ]] || { echo "No kernel release in $PVM_KERNEL_TREE"; exit 1; }
+if ! grep -q '^CONFIG_SMC=y' "$PVM_KERNEL_TREE/.config" ||
+    ! grep -q '^CONFIG_SMC_DIAG=y' "$PVM_KERNEL_TREE/.config"; then
+    echo "the PVM kernel in $PVM_KERNEL_TREE has no CONFIG_SMC/CONFIG_SMC_DIAG (resources/linux/pvm-guest.config)"
+    exit 1
+fi
+install_kernel_modules_meta "$PVM_KERNEL_TREE" "$work/root"
+install_with_make "$PVM_KERNEL_TREE" "$work/root" "$work/install.log"
+install_check "$work/root" "$release" extra
+if [[ -z "$pool_bin" ]]; then
+    (cd "$root" && cargo build -q -p ism-pool --bin ism-pool)
+    pool_bin="${CARGO_TARGET_DIR:-$root/target}/debug/ism-pool"
+fi
+gcc -static -O2 -Wall -Wextra -Werror -o "$work/smc-check" "$here/tests/smc-check.c"
+# SMC-Dv2 between x86 guests needs the same user EID on both (docs/smc.md, where the module's
+# SMC-D part exists): tests/smc-ueid.c adds it, when the tree has it.
+extra=()
+if [[ -f "$here/tests/smc-ueid.c" ]]; then
+    gcc -static -O2 -Wall -Wextra -Werror -o "$work/smc-ueid" "$here/tests/smc-ueid.c"
+    extra+=(--add "$work/smc-ueid:/bin/smc-ueid")
+fi
+
+# One image for all guests: /smc-guest.sh ROLE ADDRESS BYTES [server: PEER:PORT...]
+#                                                           [client: SERVER PORT]
+cat >"$work/smc-guest.sh" <<'GUEST'
+set -e
+role="$1" addr="$2" bytes="$3"
+shift 3
+say() { echo "SMC-TEST-$role $*"; }
+# run LABEL CMD...: CMD's output, each line prefixed; the script stops when CMD fails.
+run() {
+    label="$1"
+    shift
+    rc=0
+    out="$("$@" 2>&1)" || rc=$?
+    while IFS= read -r line; do
+        say "$label$line"
+    done <<EOF
+$out
+EOF
+    [ "$rc" = 0 ] || { say "FAIL ${label}exit=$rc"; exit 1; }
+}
+modprobe virtio_ism
+if [ -c /dev/ism0 ]; then say ism-device yes; else say ism-device no; fi
+# The module's SMC-D state, where it has one (docs/smc.md), and the shared user EID.
+[ -r /sys/class/misc/ism0/smcd ] && say "smcd $(cat /sys/class/misc/ism0/smcd)"
+if [ -x /bin/smc-ueid ]; then run "ueid: " smc-ueid ISM-SMC-TEST; fi
+run "" smc-check devices
+dev=""
+for d in /sys/class/net/*; do
+    [ "${d##*/}" = lo ] && continue
+    dev="${d##*/}"
+    break
+done
+[ -n "$dev" ] || { say "FAIL no network interface"; exit 1; }
+ip link set "$dev" up
+ip addr add "$addr/24" dev "$dev"
+say net "$dev" "$addr"
+case "$role" in
+    A)
+        for spec in "$@"; do
+            peer="${spec%%:*}" p="${spec#*:}"
+            run "$peer tcp: " smc-check -t server "$p" "$bytes"
+            run "$peer smc: " smc-check server "$((p + 1))" "$bytes"
+        done
+        ;;
+    *)
+        server="$1" p="$2"
+        i=0
+        until ping -c 1 -W 2 "$server" >/dev/null 2>&1; do
+            i=$((i + 1))
+            [ "$i" -lt 300 ] || { say "FAIL no ping answer from $server"; exit 1; }
+            sleep 1
+        done
+        say ping ok "$server"
+        run "tcp: " smc-check -t client "$server" "$p" "$bytes"
+        run "smc: " smc-check client "$server" "$((p + 1))" "$bytes"
+        ;;
+esac
+say all-passed
+GUEST
+bash "$root/resources/linux/make-initramfs.sh" --output "$work/guest.cpio" --uncompressed \
+    --root "$work/root" --add "$work/smc-check:/bin/smc-check" \
+    --add "$work/smc-guest.sh:/smc-guest.sh" "${extra[@]}" >&2
+build_s=$((SECONDS - start))
+guests_start=$SECONDS
+
+sock="$work/pool.sock"
+"$pool_bin" --socket "$sock" --size 256M >"$work/pool.log" 2>&1 &
+pids+=("$!")
+for _ in $(seq 100); do
+    [[ -S "$sock" ]] && break
+    sleep 0.1
+done
+[[ -S "$sock" ]] || { finish fail "the pool broker did not create $sock"; exit 1; }
+
+# run_guest SIDE ISM(yes|no) ARGS: serial output to SIDE.log, cloud-hypervisor's to SIDE.vmm.log.
+run_guest() {
+    local side="$1" with_ism="$2" args="$3" ism=()
+    [[ "$with_ism" == yes ]] && ism=(--ism "id=ism0,size=16M,chunk_size=64K,pool=$sock")
+    vmtest_exec_vmm $((deadline - SECONDS > 1 ? deadline - SECONDS : 1)) \
+        "$work/$side.log" "$work/$side.vmm.log" \
+        --kernel "$PVM_VMLINUX" --initramfs "$work/guest.cpio" \
+        --cmdline "$VMTEST_PVM_CMDLINE -- sh /smc-guest.sh $args" --cpus boot=1 --memory size=256M \
+        --net "tap=${tap[$side]},mac=${mac[$side]}" "${ism[@]}"
+}
+
+server_args="A ${addr[a]} $bytes"
+for g in "${guests[@]:1}"; do
+    server_args+=" $g:${port[$g]}"
+done
+declare -A gpid
+run_guest a yes "$server_args" &
+gpid[a]=$!
+pids+=("${gpid[a]}")
+for g in "${guests[@]:1}"; do
+    with=yes
+    [[ "$g" == c ]] && with=no
+    run_guest "$g" "$with" "${g^^} ${addr[$g]} $bytes ${addr[a]} ${port[$g]}" &
+    gpid[$g]=$!
+    pids+=("${gpid[$g]}")
+done
+echo "guests: ${guests[*]} booting ($VMTEST_VMM_KIND, A and B with --ism, C without)"
+
+declare -A rc
+set +e
+for g in "${guests[@]}"; do
+    wait "${gpid[$g]}"
+    rc[$g]=$?
+done
+set -e
+echo "cloud-hypervisor exit: $(for g in "${guests[@]}"; do printf '%s %s  ' "${g^^}" "${rc[$g]}"; done)"
+
+# mode_of LOG PREFIX: the mode word of the SMC-MODE line under PREFIX (e.g. "SMC-TEST-A b smc: ").
+mode_of() {
+    { grep -ao "^$2SMC-MODE [a-z]*" "$1" 2>/dev/null || true; } | head -n1 | sed 's/.*SMC-MODE //'
+}
+checked_ok() {
+    grep -aq "^$2SMC-CHECK [a-z]* ok family=$3 sent=$bytes received=$bytes checked=$bytes" "$1"
+}
+smcd_devices() {
+    { grep -ao "^SMC-TEST-$2 SMC-DEVICES smcd=[0-9]*" "$1" 2>/dev/null || true; } | head -n1 |
+        sed 's/.*smcd=//'
+}
+
+fails=()
+for g in "${guests[@]}"; do
+    grep -aq "SMC-TEST-${g^^} all-passed" "$work/$g.log" || fails+=("guest ${g^^} did not pass all its steps")
+    [[ "${rc[$g]}" == 0 ]] || fails+=("cloud-hypervisor of ${g^^} exited ${rc[$g]}")
+done
+# check_case PEER EXPECTED: both ends' bytes and modes for the connection with client PEER.
+check_case() {
+    local peer="$1" want="$2" P m_srv m_cli
+    P="${peer^^}"
+    for fam in tcp smc; do
+        checked_ok "$work/a.log" "SMC-TEST-A $peer $fam: " "$fam" ||
+            fails+=("A did not check all $bytes bytes from ${P} over $fam")
+        checked_ok "$work/$peer.log" "SMC-TEST-$P $fam: " "$fam" ||
+            fails+=("${P} did not check all $bytes bytes from A over $fam")
+    done
+    m_srv="$(mode_of "$work/a.log" "SMC-TEST-A $peer smc: ")"
+    m_cli="$(mode_of "$work/$peer.log" "SMC-TEST-$P smc: ")"
+    echo "case $peer: A's end ${m_srv:-none}, ${P}'s end ${m_cli:-none}; expected $want"
+    [[ "$m_srv" == "$want" && "$m_cli" == "$want" ]] ||
+        fails+=("AF_SMC A<->${P}: modes A=${m_srv:-none} ${P}=${m_cli:-none}, expected $want")
+    MODE_SEEN="${m_srv:-none}/${m_cli:-none}"
+}
+if [[ " ${guests[*]} " == *" b "* ]]; then
+    want="$expect"
+    if [[ "$expect" == auto ]]; then
+        da="$(smcd_devices "$work/a.log" A)" db="$(smcd_devices "$work/b.log" B)"
+        if [[ "${da:-0}" -ge 1 && "${db:-0}" -ge 1 ]]; then want=smcd; else want=fallback; fi
+        echo "expect auto: SMC-D devices A=${da:-?} B=${db:-?} -> $want"
+    fi
+    check_case b "$want"
+    mode_smc="$MODE_SEEN"
+    grep -aq "SMC-TEST-B ism-device yes" "$work/b.log" || fails+=("B has no /dev/ism0")
+fi
+if [[ " ${guests[*]} " == *" c "* ]]; then
+    check_case c fallback
+    mode_noism="$MODE_SEEN"
+    grep -aq "SMC-TEST-C ism-device no" "$work/c.log" || fails+=("C, started without --ism, has an ism device")
+    grep -aq "SMC-TEST-C SMC-DEVICES smcd=0" "$work/c.log" || fails+=("C, started without --ism, has an SMC-D device")
+fi
+grep -aq "SMC-TEST-A ism-device yes" "$work/a.log" || fails+=("A has no /dev/ism0")
+
+if [[ ${#fails[@]} -eq 0 ]]; then
+    finish pass "every byte checked both ways over TCP and AF_SMC; modes as expected"
+    exit 0
+fi
+printf 'FAIL: %s\n' "${fails[@]}"
+if ((SECONDS >= deadline)); then
+    finish fail "timed out: the guests had not finished when the ${timeout_s} s budget ran out"
+else
+    finish fail "${fails[0]}"
+fi
+exit 1
