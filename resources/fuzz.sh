@@ -75,7 +75,10 @@ if [ "$mode" = check ]; then
             dir=corpus/$target
         fi
     fi
-    cargo fuzz build "$target" >/dev/null
+    if ! out=$(cargo fuzz build "$target" 2>&1); then
+        echo "$out"
+        exit 1
+    fi
     bin=$bin_dir/$target
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT

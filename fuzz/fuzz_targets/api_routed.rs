@@ -44,7 +44,10 @@ struct CountingWindow {
 
 impl ShmWindow for CountingWindow {
     fn map(&self, offset: u64, _: BorrowedFd<'_>, _: u64, len: u64, _: bool) -> io::Result<()> {
-        assert!(offset.checked_add(len).unwrap() <= SHM, "map outside shmid 1");
+        assert!(
+            offset.checked_add(len).unwrap() <= SHM,
+            "map outside shmid 1"
+        );
         *self.mapped.lock().unwrap() += 1;
         Ok(())
     }
@@ -122,7 +125,11 @@ impl Device {
     fn reset(&mut self) {
         self.worker = None;
         self.ism.reset();
-        assert_eq!(*self.window.mapped.lock().unwrap(), 0, "reset left mappings");
+        assert_eq!(
+            *self.window.mapped.lock().unwrap(),
+            0,
+            "reset left mappings"
+        );
         assert!(self.handle.regions().is_empty(), "reset left regions");
         self.session.take_events();
     }
@@ -189,7 +196,11 @@ impl Fixture {
             device.reset();
         }
         self.neighbour.take_events();
-        assert_eq!(self.pool.status(), self.baseline, "state left for the next input");
+        assert_eq!(
+            self.pool.status(),
+            self.baseline,
+            "state left for the next input"
+        );
         self.mem
             .write_slice(&[0u8; MEM_SIZE], GuestAddress(0))
             .unwrap();

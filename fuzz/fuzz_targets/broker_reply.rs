@@ -139,7 +139,11 @@ fn play_broker(socket: &OwnedFd, mut groups: std::vec::IntoIter<Vec<Message>>) {
             continue;
         }
         let (id, request) = wire::decode_request(&packet.bytes).expect("client sent garbage");
-        assert!(packet.fds.len() <= 1, "client sent {} fds", packet.fds.len());
+        assert!(
+            packet.fds.len() <= 1,
+            "client sent {} fds",
+            packet.fds.len()
+        );
         if matches!(request, Request::PublishDoorbell { .. }) {
             assert_eq!(packet.fds.len(), 1, "doorbell without its descriptor");
         }
@@ -232,7 +236,11 @@ fn play_device(path: &Path, calls: &[Call]) {
 
 fn check_lease(fd: &OwnedFd, size: u64, writable: bool) {
     let file = File::from(fd.try_clone().unwrap());
-    assert_eq!(file.metadata().unwrap().len(), size, "lease of another size");
+    assert_eq!(
+        file.metadata().unwrap().len(),
+        size,
+        "lease of another size"
+    );
     // A read-only lease cannot be written through.
     if !writable {
         assert!(std::io::Write::write(&mut &file, b"x").is_err());

@@ -36,11 +36,11 @@ use ism_pool::{
     DevId, GrantTarget, LocalPool, Perms, PoolConfig, PoolSession, PoolStatus, RegionLease, Token,
 };
 use libfuzzer_sys::fuzz_target;
+use virtio_device::Counters;
 use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use virtio_ism::{Ism, IsmConfig, IsmHandle, ShmWindow};
 use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit};
 use virtio_queue::{Queue, QueueT};
-use virtio_device::Counters;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -70,7 +70,7 @@ impl ShmWindow for CheckedWindow {
         len: u64,
         _writable: bool,
     ) -> io::Result<()> {
-        assert!(len > 0 && window_offset % CHUNK == 0);
+        assert!(len > 0 && window_offset.is_multiple_of(CHUNK));
         assert!(
             window_offset.checked_add(len).unwrap() <= SHM,
             "map outside shmid 1"
@@ -289,13 +289,21 @@ impl Fixture {
         let region = status.regions.iter().find(|r| r.token == token.0).unwrap();
         for &(target, _) in &region.grants {
             self.peer
-                .grant(token, GrantTarget::Device(DevId(target)), Perms::CLEAN_DEFAULT)
+                .grant(
+                    token,
+                    GrantTarget::Device(DevId(target)),
+                    Perms::CLEAN_DEFAULT,
+                )
                 .unwrap();
         }
         self.peer.take_events();
         self.device_session.take_events();
         // Nothing of this input is left in the pool.
-        assert_eq!(self.pool.status(), self.baseline, "state left for the next input");
+        assert_eq!(
+            self.pool.status(),
+            self.baseline,
+            "state left for the next input"
+        );
         // Nor in guest memory.
         self.mem
             .write_slice(&[0u8; MEM_SIZE], GuestAddress(0))
@@ -322,11 +330,9 @@ fn digest(mem: &GuestMemoryMmap, before: &Counters, after: &Counters) -> String 
         .filter(|(_, delta)| *delta != 0)
         .collect();
     moved.sort();
-    let hash = used
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-        });
+    let hash = used.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
     format!("used {hash:016x} counters {moved:?}")
 }
 
