@@ -26,7 +26,8 @@
 # stable, so RUSTC_BOOTSTRAP=1 lets stable rustc accept those flags; the sanitizer runtime
 # ships with the stable x86_64-unknown-linux-gnu standard library.
 set -euo pipefail
-cd "$(dirname "$0")/../fuzz"
+script=$(realpath "$0")
+cd "$(dirname "$script")/../fuzz"
 export PATH="$HOME/.cargo/bin:$PATH"
 export RUSTC_BOOTSTRAP=1
 
@@ -41,7 +42,7 @@ case "${1:-}" in
     shift
     ;;
 -h | --help)
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$script" | sed '$d; s/^# \{0,1\}//'
     exit 0
     ;;
 esac
