@@ -10,10 +10,13 @@
 //! instead of waiting 30 s for an answer).
 //!
 //! Input layout:
-//!   [0]      low 4 bits: n, the number of calls the device makes
-//!   n × 9    calls: kind u8 (mod 9: alloc, attach, detach, grant, publish doorbell, withdraw
-//!            doorbell, peer doorbells, take events, info), le64 argument (size or token;
-//!            attach/grant take their perms from the kind's high bits)
+//!   [0]      low 4 bits: n, the number of calls the device makes; bit 7: connect as an
+//!            operator tool instead (`ObserverClient`: status report, revoke), whose one
+//!            request gets one group before the broker hangs up
+//!   n × 9    calls: kind u8 (low 4 bits mod 9: alloc, attach, detach, grant, publish doorbell, withdraw
+//!            doorbell, peer doorbells, take events, info; an operator: even status, odd
+//!            revoke), le64 argument (size or token; attach/grant take their perms from the
+//!            kind's high bits)
 //!   then groups, one per request received, each: count u8 (low 3 bits), then count messages:
 //!     fds u8     low 5 bits: how many descriptors (at most 16), high 3 bits: which kind
 //!                (0 eventfd, 1 memfd read-write, 2 memfd read-only, 3 /dev/null, else eventfd)
@@ -30,6 +33,7 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ism_pool::client::ObserverClient;
 use ism_pool::memory::RegionMemory;
 use ism_pool::seqpacket;
 use ism_pool::wire::{self, MAX_MESSAGE_LEN, Reply, Request};
@@ -55,9 +59,9 @@ struct Message {
     flags: u8,
 }
 
-fn parse(input: &[u8]) -> (Vec<Call>, Vec<Vec<Message>>) {
+fn parse(input: &[u8]) -> (bool, Vec<Call>, Vec<Vec<Message>>) {
     let Some((&head, mut rest)) = input.split_first() else {
-        return (Vec::new(), Vec::new());
+        return (false, Vec::new(), Vec::new());
     };
     let mut calls = Vec::new();
     for _ in 0..usize::from(head & 0xf).min(MAX_CALLS) {
@@ -89,7 +93,7 @@ fn parse(input: &[u8]) -> (Vec<Call>, Vec<Vec<Message>>) {
         }
         groups.push(group);
     }
-    (calls, groups)
+    (head & 0x80 != 0, calls, groups)
 }
 
 fn eventfd() -> OwnedFd {
@@ -132,7 +136,7 @@ fn answer_id(message: &[u8], fds: usize) -> Option<u64> {
 
 /// The broker's side: answer every request with the next group, hang up when the script
 /// ends or the session would wait for an answer it never gets.
-fn play_broker(socket: &OwnedFd, mut groups: std::vec::IntoIter<Vec<Message>>) {
+fn play_broker(socket: &OwnedFd, observer: bool, mut groups: std::vec::IntoIter<Vec<Message>>) {
     let mut hung_up = false;
     while let Ok(Some(packet)) = seqpacket::recv(socket.as_fd()) {
         if hung_up {
@@ -176,7 +180,10 @@ fn play_broker(socket: &OwnedFd, mut groups: std::vec::IntoIter<Vec<Message>>) {
                 None => {}
             }
         }
-        if !answered {
+        // An operator tool reads until it has its answer (a status report may take several
+        // chunks): one group, then hang up.
+        let hello = matches!(request, Request::Hello { .. });
+        if !answered || observer && !hello {
             seqpacket::shutdown(socket.as_fd());
             hung_up = true;
         }
@@ -189,9 +196,42 @@ fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
         .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
 }
 
+/// With ISM_FUZZ_DEBUG set, what each call returned.
+fn trace<T: std::fmt::Debug, E: std::fmt::Display>(call: &str, result: &Result<T, E>) {
+    if std::env::var_os("ISM_FUZZ_DEBUG").is_some() {
+        match result {
+            Ok(value) => eprintln!("broker_reply: {call} -> {value:?}"),
+            Err(e) => eprintln!("broker_reply: {call} -> error: {e}"),
+        }
+    }
+}
+
+/// An operator tool's side: connect and ask.
+fn play_observer(path: &Path, calls: &[Call]) {
+    let client = ObserverClient::connect(path);
+    trace("connect", &client.as_ref().map(|_| ()));
+    let Ok(mut client) = client else {
+        return;
+    };
+    for call in calls {
+        if call.kind % 2 == 0 {
+            let status = client.status();
+            trace("status", &status);
+            if let Ok(status) = status {
+                let json = ism_pool::status::to_json(&status);
+                assert_eq!(ism_pool::status::from_json(&json).unwrap(), status);
+            }
+        } else {
+            trace("revoke", &client.revoke(Token(call.arg)));
+        }
+    }
+}
+
 /// The device's side: connect and make the calls.
 fn play_device(path: &Path, calls: &[Call]) {
-    let Ok(session) = BrokerSession::connect(path) else {
+    let session = BrokerSession::connect(path);
+    trace("connect", &session);
+    let Ok(session) = session else {
         return;
     };
     let session: Arc<dyn PoolSession> = session;
@@ -199,30 +239,39 @@ fn play_device(path: &Path, calls: &[Call]) {
     for call in calls {
         let token = Token(call.arg);
         let perms = Perms(u64::from(call.kind >> 4));
-        match call.kind % 9 {
+        match (call.kind & 0xf) % 9 {
             0 => {
-                if let Ok(lease) = session.alloc(call.arg) {
+                let lease = session.alloc(call.arg);
+                trace("alloc", &lease);
+                if let Ok(lease) = lease {
                     check_lease(&lease.fd, lease.size, lease.writable);
                 }
             }
             1 => {
-                if let Ok(lease) = session.attach(token, perms) {
+                let lease = session.attach(token, perms);
+                trace("attach", &lease);
+                if let Ok(lease) = lease {
                     check_lease(&lease.fd, lease.size, lease.writable);
                 }
             }
-            2 => drop(session.detach(token)),
+            2 => trace("detach", &session.detach(token)),
             3 => {
                 let target = if call.kind & 0x80 != 0 {
                     GrantTarget::Device(DevId(call.arg >> 32))
                 } else {
                     GrantTarget::Default
                 };
-                drop(session.grant(token, target, perms));
+                trace("grant", &session.grant(token, target, perms));
             }
-            4 => drop(session.publish_doorbell(token, doorbell.as_fd())),
-            5 => drop(session.withdraw_doorbell(token)),
+            4 => trace(
+                "publish",
+                &session.publish_doorbell(token, doorbell.as_fd()),
+            ),
+            5 => trace("withdraw", &session.withdraw_doorbell(token)),
             6 => {
-                if let Ok(doorbells) = session.peer_doorbells(token) {
+                let doorbells = session.peer_doorbells(token);
+                trace("peer_doorbells", &doorbells);
+                if let Ok(doorbells) = doorbells {
                     for (_, fd) in &doorbells {
                         assert!(is_eventfd(fd.as_fd()), "doorbell is no eventfd");
                     }
@@ -256,20 +305,26 @@ fn socket_path() -> PathBuf {
 }
 
 fuzz_target!(|input: &[u8]| {
-    let (calls, groups) = parse(input);
+    let (observer, calls, groups) = parse(input);
     let before = open_fds();
     let path = socket_path();
     let _ = std::fs::remove_file(&path);
     let listener = seqpacket::listen(&path, 1).unwrap();
     std::thread::scope(|scope| {
-        let device = scope.spawn(|| play_device(&path, &calls));
+        let client = scope.spawn(|| {
+            if observer {
+                play_observer(&path, &calls)
+            } else {
+                play_device(&path, &calls)
+            }
+        });
         let socket = seqpacket::accept(listener.as_fd()).unwrap();
         // Nothing else connects: the path goes at once.
         drop(listener);
         let _ = std::fs::remove_file(&path);
-        play_broker(&socket, groups.into_iter());
+        play_broker(&socket, observer, groups.into_iter());
         drop(socket);
-        device.join().unwrap();
+        client.join().unwrap();
     });
     assert_eq!(open_fds(), before, "descriptors left over");
 });

@@ -41,6 +41,10 @@ def doorbells(generation, total, start, devids):
     return frame(0x8007, body + b"".join(struct.pack("<Q", d) for d in devids))
 
 
+def status_chunk(total, offset, data):
+    return frame(0x8006, struct.pack("<II", total, offset) + data)
+
+
 def call(kind, arg=0, high=0):
     return bytes([kind | high << 4]) + struct.pack("<Q", arg)
 
@@ -53,8 +57,16 @@ def group(*messages):
     return bytes([len(messages)]) + b"".join(messages)
 
 
-def seed(calls, *groups):
-    return bytes([len(calls)]) + b"".join(calls) + b"".join(groups)
+def seed(calls, *groups, observer=False):
+    return bytes([len(calls) | (0x80 if observer else 0)]) + b"".join(calls) + b"".join(groups)
+
+
+STATUS = (b'{"protocol_version":3,"gid":1,"size":67108864,"used":8192,"per_vm_limit":null,'
+          b'"per_vm_regions":1024,"hugepages":false,"sessions":[{"devid":7,"pid":42,"vm_used":8192,'
+          b'"held":[4660],"uid":107,"vm":"uid 107","vm_regions":1,"read_only_enforced":true}],'
+          b'"regions":[{"token":4660,"size":8192,"owner":7,"default_perms":5,"grants":[[8,15]],'
+          b'"holders":[7],"doorbells":[7]}]}')
+STATUS_CALL, REVOKE_CALL = 0, 1
 
 
 HELLO = group(msg(hello_ok(), patch_id=False))
@@ -67,7 +79,7 @@ SEEDS = {
                              group(msg(lease(TOKEN, 4096, False), 1, MEMFD_RO, 1))),
     "lease-fd-mismatch": seed(
         [call(ALLOC, 8192), call(ALLOC, 8192), call(ALLOC, 4096)], HELLO,
-        group(msg(lease(TOKEN, 8192, True), 0)),
+        group(msg(lease(TOKEN, 8192, True), 0), msg(lease(TOKEN, 8192, True), 1, MEMFD_RW, 2)),
         group(msg(lease(TOKEN, 8192, True), 2, MEMFD_RW, 2), msg(lease(TOKEN, 8192, True), 1, MEMFD_RW, 1)),
         group(msg(lease(TOKEN, 4096, True), 1, MEMFD_RO, 1))),
     "doorbells": seed(
@@ -100,6 +112,17 @@ SEEDS = {
         [call(ALLOC, 4096), call(DETACH, TOKEN)], HELLO,
         group(msg(lease(TOKEN, 4096, True), 1, MEMFD_RW, 1, patch_id=False), msg(lease(TOKEN, 4096, True), 1, MEMFD_RW, 1)),
         group(msg(b"\x10\x00\x00\x00\x02\x80", 3), msg(ok()))),
+    "observer-status": seed(
+        [call(STATUS_CALL)], HELLO,
+        group(msg(status_chunk(len(STATUS), 0, STATUS[:100])), msg(ok(), patch_id=False),
+              msg(status_chunk(len(STATUS), 100, STATUS[100:]))), observer=True),
+    "observer-status-out-of-order": seed(
+        [call(STATUS_CALL)], HELLO,
+        group(msg(status_chunk(len(STATUS), 100, STATUS[100:])), msg(status_chunk(len(STATUS), 0, STATUS[:100]))),
+        observer=True),
+    "observer-revoke": seed(
+        [call(REVOKE_CALL, TOKEN), call(STATUS_CALL)], HELLO,
+        group(msg(ok(), patch_id=False), msg(error(1, b"no such region", (TOKEN, 0, 0)))), observer=True),
 }
 
 out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "corpus", "broker_reply")
