@@ -318,7 +318,14 @@ fuzz_target!(|input: &[u8]| {
                 play_device(&path, &calls)
             }
         });
-        let socket = seqpacket::accept(listener.as_fd()).unwrap();
+        // libFuzzer's timer signal (SIGALRM, for -timeout) may interrupt the wait; the
+        // broker's accept loop retries EINTR too.
+        let socket = loop {
+            match seqpacket::accept(listener.as_fd()) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                accepted => break accepted.unwrap(),
+            }
+        };
         // Nothing else connects: the path goes at once.
         drop(listener);
         let _ = std::fs::remove_file(&path);
