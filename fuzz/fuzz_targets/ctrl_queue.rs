@@ -16,17 +16,29 @@
 //!     ctl bit 7: host hotplug: add the peer's region to the device, or remove it if held
 //!     flags bit 7: keep flags and next exactly as given (next = offset & 0xf) instead of
 //!                  linking the descriptors in order: loops, indirect tables, dangling links.
+//!
+//! The pool, the peer with its region, the guest memory and the device are built once per
+//! process and put back to their initial state after every input (device reset, guest memory
+//! zeroed, the peer's holds and grants restored, pending pool events drained): the pool's
+//! status snapshot must then equal the one taken right after setup, so no input can leave
+//! state behind for the next. With ISM_FUZZ_DEBUG set, every input prints a digest of what
+//! the guest saw (used rings, counter deltas); `resources/fuzz.sh --check-reset` compares the
+//! digests of a corpus run in one process with each input run on its own.
 #![no_main]
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
-use ism_pool::{GrantTarget, LocalPool, Perms, PoolConfig, PoolSession, Token};
+use ism_pool::{
+    DevId, GrantTarget, LocalPool, Perms, PoolConfig, PoolSession, PoolStatus, RegionLease, Token,
+};
 use libfuzzer_sys::fuzz_target;
+use virtio_device::Counters;
 use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
-use virtio_ism::{Ism, IsmConfig, ShmWindow};
+use virtio_ism::{Ism, IsmConfig, IsmHandle, ShmWindow};
 use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -58,7 +70,7 @@ impl ShmWindow for CheckedWindow {
         len: u64,
         _writable: bool,
     ) -> io::Result<()> {
-        assert!(len > 0 && window_offset % CHUNK == 0);
+        assert!(len > 0 && window_offset.is_multiple_of(CHUNK));
         assert!(
             window_offset.checked_add(len).unwrap() <= SHM,
             "map outside shmid 1"
@@ -156,7 +168,183 @@ fn substitute_token(data: &mut [u8], token: Token) {
     }
 }
 
+/// Everything an input runs against, built once.
+struct Fixture {
+    pool: Arc<LocalPool>,
+    peer: Arc<dyn PoolSession>,
+    peer_lease: RegionLease,
+    /// The device's own session (a second handle on it), to drain events it left unread.
+    device_session: Arc<dyn PoolSession>,
+    mem: GuestMemoryMmap,
+    window: Arc<CheckedWindow>,
+    device: Ism,
+    handle: IsmHandle,
+    devid: DevId,
+    /// The pool as it is between inputs.
+    baseline: PoolStatus,
+    debug: bool,
+}
+
+const ALL: Perms = Perms(0xf);
+
+impl Fixture {
+    fn new() -> Self {
+        let pool = LocalPool::new(PoolConfig {
+            size: 2 * SHM,
+            per_vm_limit: None,
+            hugepages: false,
+            gid: Some(1),
+            ..PoolConfig::default()
+        })
+        .unwrap();
+        // The peer first: devid 1, the device devid 2 (as seeds written for a fresh pool
+        // per input expect).
+        let peer: Arc<dyn PoolSession> = pool.session().unwrap();
+        let peer_lease = peer.alloc(2 * CHUNK).unwrap();
+        peer.grant(peer_lease.token, GrantTarget::Default, ALL)
+            .unwrap();
+        let device_session: Arc<dyn PoolSession> = pool.session().unwrap();
+        let devid = device_session.info().devid;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let window = Arc::new(CheckedWindow {
+            mapped: Mutex::new(BTreeMap::new()),
+        });
+        let config = IsmConfig {
+            shm_size: SHM,
+            chunk_size: CHUNK,
+            notify_size: 4,
+            draft_default_perm: Default::default(),
+        };
+        let device = Ism::new("fuzz", config, device_session.clone(), window.clone()).unwrap();
+        let handle = device.handle();
+        let baseline = pool.status();
+        Self {
+            pool,
+            peer,
+            peer_lease,
+            device_session,
+            mem,
+            window,
+            device,
+            handle,
+            devid,
+            baseline,
+            debug: std::env::var_os("ISM_FUZZ_DEBUG").is_some(),
+        }
+    }
+
+    /// Put everything back as `new` left it, and check that nothing is left over.
+    fn reset(&mut self) {
+        // Whatever the guest did, reset gives everything back.
+        self.device.reset();
+        assert!(
+            self.window.mapped.lock().unwrap().is_empty(),
+            "reset left mappings"
+        );
+        assert!(self.handle.regions().is_empty(), "reset left regions");
+        let devid = self.devid.0;
+        assert!(
+            self.pool
+                .status()
+                .regions
+                .iter()
+                .all(|r| !r.holders.contains(&devid)),
+            "reset left the device holding regions"
+        );
+        // The peer: only its own region, with the permissions it started with.
+        let peer = self.peer.info().devid.0;
+        for region in self.pool.status().regions {
+            if region.token != self.peer_lease.token.0 && region.holders.contains(&peer) {
+                self.peer.detach(Token(region.token)).unwrap();
+            }
+        }
+        // Peer and device may both have let go of the peer's region (the peer detaches
+        // what it cannot attach): then it gets a new one, as a fresh process would.
+        if !self
+            .pool
+            .status()
+            .regions
+            .iter()
+            .any(|r| r.token == self.peer_lease.token.0)
+        {
+            let old = self.peer_lease.token.0;
+            self.peer_lease = self.peer.alloc(2 * CHUNK).unwrap();
+            let new = self.peer_lease.token.0;
+            for region in &mut self.baseline.regions {
+                if region.token == old {
+                    region.token = new;
+                }
+            }
+            for session in &mut self.baseline.sessions {
+                for held in &mut session.held {
+                    if *held == old {
+                        *held = new;
+                    }
+                }
+            }
+        }
+        let token = self.peer_lease.token;
+        self.peer.grant(token, GrantTarget::Default, ALL).unwrap();
+        let status = self.pool.status();
+        let region = status.regions.iter().find(|r| r.token == token.0).unwrap();
+        for &(target, _) in &region.grants {
+            self.peer
+                .grant(
+                    token,
+                    GrantTarget::Device(DevId(target)),
+                    Perms::CLEAN_DEFAULT,
+                )
+                .unwrap();
+        }
+        self.peer.take_events();
+        self.device_session.take_events();
+        // Nothing of this input is left in the pool.
+        assert_eq!(
+            self.pool.status(),
+            self.baseline,
+            "state left for the next input"
+        );
+        // Nor in guest memory.
+        self.mem
+            .write_slice(&[0u8; MEM_SIZE], GuestAddress(0))
+            .unwrap();
+    }
+}
+
+thread_local! {
+    static FIXTURE: RefCell<Option<Fixture>> = const { RefCell::new(None) };
+}
+
+/// What the guest saw of one input, for comparing runs: the used rings and how the counters
+/// moved (tokens are random, so replies themselves differ from run to run).
+fn digest(mem: &GuestMemoryMmap, before: &Counters, after: &Counters) -> String {
+    let mut used = [0u8; 2 * (4 + 8 * QUEUE_SIZE as usize)];
+    let half = used.len() / 2;
+    mem.read_slice(&mut used[..half], GuestAddress(CTRL.2))
+        .unwrap();
+    mem.read_slice(&mut used[half..], GuestAddress(EVENTQ.2))
+        .unwrap();
+    let mut moved: Vec<_> = after
+        .iter()
+        .map(|(name, value)| (*name, (value - before[name]).0))
+        .filter(|(_, delta)| *delta != 0)
+        .collect();
+    moved.sort();
+    let hash = used.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("used {hash:016x} counters {moved:?}")
+}
+
 fuzz_target!(|input: &[u8]| {
+    FIXTURE.with_borrow_mut(|fixture| {
+        let fixture = fixture.get_or_insert_with(Fixture::new);
+        run(fixture, input);
+        fixture.reset();
+    })
+});
+
+fn run(fixture: &mut Fixture, input: &[u8]) {
     if input.len() < 3 {
         return;
     }
@@ -176,38 +364,18 @@ fuzz_target!(|input: &[u8]| {
     let mut data = input[3..3 + data_len].to_vec();
     let mut ops = &input[3 + data_len..];
 
-    let pool = LocalPool::new(PoolConfig {
-        size: 2 * SHM,
-        per_vm_limit: None,
-        hugepages: false,
-        gid: Some(1),
-        ..PoolConfig::default()
-    })
-    .unwrap();
-    let peer: Arc<dyn PoolSession> = pool.session().unwrap();
-    let peer_lease = peer.alloc(2 * CHUNK).unwrap();
-    let all = Perms(0xf);
-    peer.grant(peer_lease.token, GrantTarget::Default, all)
-        .unwrap();
-    substitute_token(&mut data, peer_lease.token);
-
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let peer = &fixture.peer;
+    let peer_token = fixture.peer_lease.token;
+    substitute_token(&mut data, peer_token);
+    let mem = &fixture.mem;
     mem.write_slice(&data, GuestAddress(DATA)).unwrap();
-    let window = Arc::new(CheckedWindow {
-        mapped: Mutex::new(BTreeMap::new()),
-    });
-    let config = IsmConfig {
-        shm_size: SHM,
-        chunk_size: CHUNK,
-        notify_size: 4,
-        draft_default_perm: Default::default(),
-    };
-    let mut device = Ism::new("fuzz", config, pool.session().unwrap(), window.clone()).unwrap();
-    device.ack_features(features);
-    let handle = device.handle();
+    let before = fixture.device.counters().unwrap_or_default();
+    fixture.device.ack_features(features);
+    let handle = &fixture.handle;
     let mut ctrl = DriverRing::new(CTRL);
     let mut eventq = DriverRing::new(EVENTQ);
-    let mut worker = device
+    let mut worker = fixture
+        .device
         .activate_worker(ActivationContext {
             mem: GuestMemoryAtomic::new(mem.clone()),
             interrupt_cb: Arc::new(NoInterrupt),
@@ -241,10 +409,10 @@ fuzz_target!(|input: &[u8]| {
             .collect();
         if !descs.is_empty() {
             if ctl & 0x10 != 0 {
-                eventq.submit(&mem, &descs);
+                eventq.submit(mem, &descs);
                 worker.process_event_queue().unwrap();
             } else {
-                ctrl.submit(&mem, &descs);
+                ctrl.submit(mem, &descs);
                 worker.process_ctrl_queue().unwrap();
             }
         }
@@ -257,10 +425,10 @@ fuzz_target!(|input: &[u8]| {
             worker.process_pool_events().unwrap();
         }
         if ctl & 0x80 != 0 {
-            if handle.regions().contains(&peer_lease.token) {
-                handle.remove_region(peer_lease.token);
+            if handle.regions().contains(&peer_token) {
+                handle.remove_region(peer_token);
             } else {
-                let _ = handle.add_region(peer_lease.token, Perms::NONE);
+                let _ = handle.add_region(peer_token, Perms::NONE);
             }
             worker.process_event_queue().unwrap();
         }
@@ -271,26 +439,10 @@ fuzz_target!(|input: &[u8]| {
             }
         }
     }
+    drop(worker);
 
-    if std::env::var_os("ISM_FUZZ_DEBUG").is_some() {
-        let mut counters: Vec<_> = device.counters().unwrap_or_default().into_iter().collect();
-        counters.sort();
-        eprintln!("{counters:?}");
+    if fixture.debug {
+        let after = fixture.device.counters().unwrap_or_default();
+        eprintln!("ISM_FUZZ_DIGEST {}", digest(mem, &before, &after));
     }
-    // Whatever the guest did, reset gives everything back.
-    let mut devid = [0u8; 8];
-    device.read_config(8, &mut devid);
-    let devid = u64::from_le_bytes(devid);
-    device.reset();
-    assert!(
-        window.mapped.lock().unwrap().is_empty(),
-        "reset left mappings"
-    );
-    assert!(
-        pool.status()
-            .regions
-            .iter()
-            .all(|r| !r.holders.contains(&devid)),
-        "reset left the device holding regions"
-    );
-});
+}

@@ -96,7 +96,10 @@ fuzz_target!(|data: &[u8]| {
         ..PoolConfig::default()
     })
     .expect("pool");
-    let peer = |trusted| PeerInfo { trusted, ..PeerInfo::default() };
+    let peer = |trusted| PeerInfo {
+        trusted,
+        ..PeerInfo::default()
+    };
     let mut connections = [
         Connection::new(pool.clone(), peer(false)),
         Connection::new(pool.clone(), peer(true)),

@@ -26,6 +26,9 @@ pub const MMIO32_START: u64 = layout::MMIO32_START;
 pub const MMIO32_SIZE: u64 = layout::MMIO32_SIZE;
 pub const MMIO64_START: u64 = layout::MMIO64_MIN_START;
 pub const MMIO64_SIZE: u64 = layout::MMIO64_SIZE;
+/// Where the PCI Express configuration space (ECAM, bus 0) is.
+pub const ECAM_START: u64 = layout::PCI_ECAM_START;
+pub const ECAM_SIZE: u64 = layout::PCI_ECAM_SIZE;
 
 /// Why a device could not be plugged.
 #[derive(Debug, thiserror::Error)]
