@@ -218,6 +218,15 @@ step kick ok
 # B's regions in the pool), and go on working.
 devid="$(ismctl info | sed -n 's/^devid *//p')"
 echo 1500 >/sys/module/virtio_ism/parameters/ctrl_timeout_ms
+# The script counts B's regions in the pool now (A's, plus the page the SMC-D device keeps when
+# the kernel has SMC) and again at check-pool: exactly one more (the ALLOC after the timeout).
+# The SMC-D device's page is taken while it registers (a work item after probe): wait for it.
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    read -r smcd_state </sys/class/misc/ism0/smcd || smcd_state=""
+    case "$smcd_state" in *registering*) sleep 3 ;; *) break ;; esac
+done
+step smcd-state ok "$smcd_state"
+echo "ISM-PAIR-B pool-baseline devid=$devid"
 echo "ISM-PAIR-B stop-broker"
 sleep 4
 if out="$(ismctl alloc 64K 2>&1)"; then echo "ALLOC answered with the broker stopped: $out"; exit 1; fi
@@ -244,8 +253,8 @@ read -r orphans <$c/orphans_detached
 # orphans_detached is 1 when the late answer was the ALLOC's success (the broker resumed within
 # the device's 5 s wait), 0 when it was the device's "pool unavailable".
 step late-reply-collected ok "ctrl_timeouts=$timeouts late_replies=$late orphans_detached=$orphans"
-# B holds A's region and the ALLOC above; a region from the late answer must be gone.
-echo "ISM-PAIR-B check-pool devid=$devid regions=2"
+# One region more than at pool-baseline (the ALLOC above); the late answer's must be gone.
+echo "ISM-PAIR-B check-pool devid=$devid added=1"
 sleep 10
 echo "ISM-PAIR-B all-passed"
 GUEST
@@ -300,11 +309,23 @@ echo "--- pool status with A's region"
 run_guest b "/b.sh $token" &
 pid_b=$!
 pids+=("$pid_b")
-# B's control-timeout steps: stop and resume the broker when B says so, and count B's regions
-# in the pool when it asks (the line names B's devid and the count it must have).
-stopped="" resumed="" pool_checked=""
+# B's control-timeout steps: count B's regions in the pool before (pool-baseline), stop and
+# resume the broker when B says so, and count again when it asks (check-pool: how many it
+# added since the baseline).
+stopped="" resumed="" pool_checked="" baseline=""
+# b_regions DEVID: how many regions the pool says that session holds.
+b_regions() {
+    "$pool_bin" status --socket "$sock" 2>&1 | sed -n "s/^ *devid $1 .* in \([0-9]*\) *regions.*/\1/p"
+}
 while kill -0 "$pid_b" 2>/dev/null; do
-    if [[ -z "$stopped" ]] && grep -aq "ISM-PAIR-B stop-broker" "$work/b.log" 2>/dev/null; then
+    if [[ -z "$baseline" ]] && grep -aq "ISM-PAIR-B pool-baseline" "$work/b.log" 2>/dev/null; then
+        base_devid="$(grep -ao 'ISM-PAIR-B pool-baseline devid=[0-9]*' "$work/b.log" | head -n1)"
+        base_devid="${base_devid##*=}"
+        baseline="$(b_regions "$base_devid")"
+        echo "pool: B (devid $base_devid) holds ${baseline:-?} regions before its control-timeout step"
+        baseline="${baseline:-unknown}"
+    fi
+    if [[ -n "$baseline" && -z "$stopped" ]] && grep -aq "ISM-PAIR-B stop-broker" "$work/b.log" 2>/dev/null; then
         kill -STOP "$pool_pid"
         stopped=yes
         echo "broker stopped for B's control-timeout step"
@@ -314,16 +335,17 @@ while kill -0 "$pid_b" 2>/dev/null; do
         resumed=yes
         echo "broker resumed"
     fi
-    check="$(grep -ao 'ISM-PAIR-B check-pool devid=[0-9]* regions=[0-9]*' "$work/b.log" 2>/dev/null | head -n1 || true)"
+    check="$(grep -ao 'ISM-PAIR-B check-pool devid=[0-9]* added=[0-9]*' "$work/b.log" 2>/dev/null | head -n1 || true)"
     if [[ -n "$check" && -z "$pool_checked" ]]; then
         want_devid="${check#*devid=}"; want_devid="${want_devid%% *}"
-        want_regions="${check##*regions=}"
-        status="$("$pool_bin" status --socket "$sock" 2>&1 || true)"
-        have="$(sed -n "s/^ *devid $want_devid .* in \([0-9]*\) *regions.*/\1/p" <<<"$status")"
-        echo "pool: B (devid $want_devid) holds ${have:-?} regions, wants $want_regions"
-        pool_checked="$have"
-        if [[ "$have" != "$want_regions" ]]; then
-            echo "$status"
+        added="${check##*added=}"
+        have="$(b_regions "$want_devid")"
+        want="unknown"
+        [[ "$baseline" =~ ^[0-9]+$ ]] && want=$((baseline + added))
+        echo "pool: B (devid $want_devid) holds ${have:-?} regions, wants $want ($baseline before, $added added)"
+        pool_checked="${have:-none}"
+        if [[ "$have" != "$want" ]]; then
+            "$pool_bin" status --socket "$sock" 2>&1 || true
             pool_checked="bad"
         fi
     fi
