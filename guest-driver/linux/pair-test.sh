@@ -313,9 +313,11 @@ pids+=("$pid_b")
 # resume the broker when B says so, and count again when it asks (check-pool: how many it
 # added since the baseline).
 stopped="" resumed="" pool_checked="" baseline=""
-# b_regions DEVID: how many regions the pool says that session holds.
+# b_regions DEVID: how many regions that session holds: the tokens in its `holds [...]` list
+# (its "vm uses ... in N regions" counts the whole VM identity, here every root process).
 b_regions() {
-    "$pool_bin" status --socket "$sock" 2>&1 | sed -n "s/^ *devid $1 .* in \([0-9]*\) *regions.*/\1/p"
+    "$pool_bin" status --socket "$sock" 2>&1 |
+        sed -n "s/^ *devid $1 .*holds \[\([^]]*\)\].*/\1/p" | tr ',' '\n' | grep -c '0x' || true
 }
 while kill -0 "$pid_b" 2>/dev/null; do
     if [[ -z "$baseline" ]] && grep -aq "ISM-PAIR-B pool-baseline" "$work/b.log" 2>/dev/null; then
