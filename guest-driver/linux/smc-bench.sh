@@ -248,8 +248,9 @@ hz="$(getconf CLK_TCK)"
 sample_of() {
     local s
     for s in "${samples[@]}"; do
-        [[ "${s%%|*}" == "$1" ]] && { echo "$s"; return; }
+        [[ "${s%%|*}" == "$1" ]] && { echo "$s"; return 0; }
     done
+    return 0
 }
 for fam in tcp smc; do
     for phase in pingpong stream; do
@@ -268,6 +269,7 @@ for fam in tcp smc; do
             'BEGIN { printf "| %s | %s | %.2f | %.2f |\n", n, p, v * 1000 / hz / d, o * 1000 / hz / d }'
     done
 done
+echo "Samples (marker|A vCPU A other|B vCPU B other, ticks): $(printf '%s; ' "${samples[@]}")"
 echo
 echo "load average before: $load_before, after: $load_after ($(nproc) CPUs)"
 echo "elapsed $((SECONDS - start)) s (build $build_s s, guests $((SECONDS - guests_start)) s)"
