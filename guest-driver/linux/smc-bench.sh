@@ -161,7 +161,7 @@ while kill -0 "${gpid[a]}" 2>/dev/null || kill -0 "${gpid[b]}" 2>/dev/null; do
     n="${n:-0}"
     if ((n > seen)) && [[ -n "$pa" && -n "$pb" ]]; then
         ta="$(cpu_ticks "$pa")" tb="$(cpu_ticks "$pb")"
-        mapfile -t lines < <(grep -a "SMC-BENCH-PHASE" "$work/b.log" | sed 's/^SMC-BENCH-B //')
+        mapfile -t lines < <(grep -a "SMC-BENCH-PHASE" "$work/b.log" | sed 's/^SMC-BENCH-B //; s/\r$//')
         while ((seen < n)); do
             samples+=("${lines[$seen]}|$ta|$tb")
             seen=$((seen + 1))
@@ -177,6 +177,8 @@ for g in "${guests[@]}"; do
 done
 set -e
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+# The serial logs end their lines with CR LF.
+sed -i 's/\r$//' "$work/a.log" "$work/b.log"
 
 fails=()
 for g in a b; do
@@ -262,7 +264,7 @@ for fam in tcp smc; do
         read -r bbv bbo <<<"$(cut -d'|' -f3 <<<"$b0")"
         read -r eav eao <<<"$(cut -d'|' -f2 <<<"$e0")"
         read -r ebv ebo <<<"$(cut -d'|' -f3 <<<"$e0")"
-        name="$fam"
+        name="TCP/virtio-net"
         [[ "$fam" == smc ]] && name="$smc_label"
         awk -v v=$((eav - bav + ebv - bbv)) -v o=$((eao - bao + ebo - bbo)) -v d="$div" -v hz="$hz" \
             -v n="$name $phase" -v p="$per" \
