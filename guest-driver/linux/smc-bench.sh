@@ -44,7 +44,7 @@ while [[ $# -gt 0 ]]; do
         --pool) pool_bin="$2"; shift 2 ;;
         --timeout) timeout_s="$2"; shift 2 ;;
         --keep-logs) keep="$2"; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "Unknown argument $1" >&2; exit 2 ;;
     esac
 done
