@@ -60,68 +60,16 @@ case "$expect" in auto|smcd|fallback) ;; *) echo "--expect auto|smcd|fallback" >
 case "$which_case" in all|smc|noism) ;; *) echo "--case all|smc|noism" >&2; exit 2 ;; esac
 [[ "$bytes" =~ ^[0-9]+$ && "$bytes" -gt 0 ]] || { echo "--bytes needs a positive number" >&2; exit 2; }
 
-skip() {
-    echo "SKIPPED: $*"
-    exit 0
-}
-[[ -e /dev/kvm ]] || skip "/dev/kvm missing, cannot boot the Linux guests of smc-test.sh"
-[[ "$(id -u)" == 0 ]] || skip "smc-test.sh needs root for the host bridge and taps"
-[[ -c /dev/net/tun ]] || skip "/dev/net/tun missing: no taps for smc-test.sh"
-command -v ip >/dev/null || skip "iproute2's ip missing: no bridge and taps for smc-test.sh"
-
-# shellcheck source=lib-vmtest.sh
-source "$here/lib-vmtest.sh"
-# shellcheck source=lib-install.sh
-source "$here/lib-install.sh"
-case "$vmm" in
-    ism-vmm) echo "smc-test.sh needs cloud-hypervisor: ism-vmm has no virtio-net" >&2; exit 2 ;;
-esac
-# A path must name an existing binary: anything else is "not available here".
-if [[ "$vmm" == */* && ! -x "$vmm" ]]; then
-    skip "cloud-hypervisor binary $vmm missing"
-fi
+SMC_SCRIPT=smc-test.sh
+# shellcheck source=lib-smc.sh
+source "$here/lib-smc.sh"
+smc_preflight
 
 start=$SECONDS
 deadline=$((SECONDS + timeout_s))
-work="$(mktemp -d)"
-pids=()
-links=()
+smc_setup_work
 build_s=0
 guests_start=$SECONDS
-# shellcheck disable=SC2317  # run by the EXIT trap
-cleanup() {
-    local pid link
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    # Taps first, then the bridge (deleting a tap also takes it off the bridge).
-    for link in "${links[@]}"; do
-        ip link del "$link" 2>/dev/null || true
-    done
-    if [[ -n "$keep" ]]; then
-        { mkdir -p "$keep" && cp "$work"/*.log "$keep/"; } 2>/dev/null || true
-    fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-# Host network: a bridge with no address (guest traffic stays on it) and one tap per guest,
-# made before cloud-hypervisor opens them by name. Interface names are at most 15 bytes.
-br="ismbr$$"
-ip link add "$br" type bridge forward_delay 0 stp_state 0 2>"$work/net.log" ||
-    skip "cannot create a Linux bridge ($(head -n1 "$work/net.log"))"
-links+=("$br")
-ip link set "$br" up
-mktap() {
-    local tap="ismt$$$1"
-    ip tuntap add name "$tap" mode tap 2>>"$work/net.log" ||
-        skip "cannot create tap $tap ($(tail -n1 "$work/net.log"))"
-    links=("$tap" "${links[@]}")
-    ip link set "$tap" master "$br"
-    ip link set "$tap" up
-}
 
 guests=(a)
 case "$which_case" in
@@ -134,10 +82,7 @@ addr=([a]=192.168.116.1 [b]=192.168.116.2 [c]=192.168.116.3)
 mac=([a]=52:54:00:16:00:0a [b]=52:54:00:16:00:0b [c]=52:54:00:16:00:0c)
 # Each client's TCP check on port N, its AF_SMC exchange on N+1.
 port=([b]=7100 [c]=7200)
-for g in "${guests[@]}"; do
-    tap[$g]="ismt$$$g"
-    mktap "$g"
-done
+smc_setup_net "${guests[@]}"
 echo "host: bridge $br, taps $(for g in "${guests[@]}"; do printf "%s " "${tap[$g]}"; done)"
 
 finish() {
@@ -158,35 +103,6 @@ finish() {
     [[ "$result" == pass ]]
 }
 mode_smc="" mode_noism=""
-
-vmtest_pick_vmm "$vmm" 2>"$work/pick.log" ||
-    skip "no cloud-hypervisor binary ($(tail -n1 "$work/pick.log"))"
-[[ "$VMTEST_VMM_KIND" == cloud-hypervisor ]] ||
-    { echo "smc-test.sh needs cloud-hypervisor (--vmm), not $VMTEST_VMM" >&2; exit 2; }
-vmtest_build "$work" "$VMTEST_VMM"
-echo "VMM: $VMTEST_VMM ($("$VMTEST_VMM" --version 2>&1 | head -n 1))"
-release="$(install_release "$PVM_KERNEL_TREE")"
-[[ -n "$release" ]] || { echo "No kernel release in $PVM_KERNEL_TREE"; exit 1; }
-if ! grep -q '^CONFIG_SMC=y' "$PVM_KERNEL_TREE/.config" ||
-    ! grep -q '^CONFIG_SMC_DIAG=y' "$PVM_KERNEL_TREE/.config"; then
-    echo "the PVM kernel in $PVM_KERNEL_TREE has no CONFIG_SMC/CONFIG_SMC_DIAG (resources/linux/pvm-guest.config)"
-    exit 1
-fi
-install_kernel_modules_meta "$PVM_KERNEL_TREE" "$work/root"
-install_with_make "$PVM_KERNEL_TREE" "$work/root" "$work/install.log"
-install_check "$work/root" "$release" extra
-if [[ -z "$pool_bin" ]]; then
-    (cd "$root" && cargo build -q -p ism-pool --bin ism-pool)
-    pool_bin="${CARGO_TARGET_DIR:-$root/target}/debug/ism-pool"
-fi
-gcc -static -O2 -Wall -Wextra -Werror -o "$work/smc-check" "$here/tests/smc-check.c"
-# SMC-Dv2 between x86 guests needs the same user EID on both (docs/smc.md, where the module's
-# SMC-D part exists): tests/smc-ueid.c adds it, when the tree has it.
-extra=()
-if [[ -f "$here/tests/smc-ueid.c" ]]; then
-    gcc -static -O2 -Wall -Wextra -Werror -o "$work/smc-ueid" "$here/tests/smc-ueid.c"
-    extra+=(--add "$work/smc-ueid:/bin/smc-ueid")
-fi
 
 # One image for all guests: /smc-guest.sh ROLE ADDRESS BYTES [server: PEER:PORT...]
 #                                                           [client: SERVER PORT]
@@ -247,44 +163,27 @@ case "$role" in
 esac
 say all-passed
 GUEST
-bash "$root/resources/linux/make-initramfs.sh" --output "$work/guest.cpio" --uncompressed \
-    --root "$work/root" --add "$work/smc-check:/bin/smc-check" \
-    --add "$work/smc-guest.sh:/smc-guest.sh" "${extra[@]}" >&2
+# Builds (lib-smc.sh): the kernel and module, ism-pool, smc-check, smc-ueid, the image.
+smc_build "$work/smc-guest.sh"
 build_s=$((SECONDS - start))
 guests_start=$SECONDS
 
-sock="$work/pool.sock"
-"$pool_bin" --socket "$sock" --size 256M >"$work/pool.log" 2>&1 &
-pids+=("$!")
-for _ in $(seq 100); do
-    [[ -S "$sock" ]] && break
-    sleep 0.1
-done
-[[ -S "$sock" ]] || { finish fail "the pool broker did not create $sock"; exit 1; }
+smc_start_pool || { finish fail "the pool broker did not create $sock"; exit 1; }
 
-# run_guest SIDE ISM(yes|no) ARGS: serial output to SIDE.log, cloud-hypervisor's to SIDE.vmm.log.
-run_guest() {
-    local side="$1" with_ism="$2" args="$3" ism=()
-    [[ "$with_ism" == yes ]] && ism=(--ism "id=ism0,size=16M,chunk_size=64K,pool=$sock")
-    vmtest_exec_vmm $((deadline - SECONDS > 1 ? deadline - SECONDS : 1)) \
-        "$work/$side.log" "$work/$side.vmm.log" \
-        --kernel "$PVM_VMLINUX" --initramfs "$work/guest.cpio" \
-        --cmdline "$VMTEST_PVM_CMDLINE -- sh /smc-guest.sh $args" --cpus boot=1 --memory size=256M \
-        --net "tap=${tap[$side]},mac=${mac[$side]}" "${ism[@]}"
-}
-
+# smc_run_guest SIDE ISM(yes|no) ARGS (lib-smc.sh): serial output to SIDE.log,
+# cloud-hypervisor's to SIDE.vmm.log.
 server_args="A ${addr[a]} $bytes"
 for g in "${guests[@]:1}"; do
     server_args+=" $g:${port[$g]}"
 done
 declare -A gpid
-run_guest a yes "$server_args" &
+smc_run_guest a yes "$server_args" &
 gpid[a]=$!
 pids+=("${gpid[a]}")
 for g in "${guests[@]:1}"; do
     with=yes
     [[ "$g" == c ]] && with=no
-    run_guest "$g" "$with" "${g^^} ${addr[$g]} $bytes ${addr[a]} ${port[$g]}" &
+    smc_run_guest "$g" "$with" "${g^^} ${addr[$g]} $bytes ${addr[a]} ${port[$g]}" &
     gpid[$g]=$!
     pids+=("${gpid[$g]}")
 done
