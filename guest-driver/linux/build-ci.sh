@@ -91,7 +91,7 @@ if [[ "$build_pvm" == 1 ]]; then
 else
     # The newest cached tree, if any (the recipe hash may differ from the current one).
     # shellcheck disable=SC2012  # the cache's directory names are plain
-    pvm_tree="$(ls -d "${ISM_CACHE:-$HOME/.cache/ism}"/pvm-kernel/*/linux 2>/dev/null | tail -n1 || true)"
+    pvm_tree="$(ls -dt "${ISM_CACHE:-$HOME/.cache/ism}"/pvm-kernel/*/linux 2>/dev/null | head -n1 || true)"
 fi
 if [[ -n "$pvm_tree" && -f "$pvm_tree/Module.symvers" ]]; then
     build_against pvm "$pvm_tree" gcc
