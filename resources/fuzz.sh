@@ -11,6 +11,9 @@
 #                                                $ISM_FUZZ_CACHE/<target> (default
 #                                                ~/.cache/ism/fuzz) and crash inputs in
 #                                                $ISM_FUZZ_CACHE/artifacts/<target>/.
+#                                                ISM_FUZZ_RUNS=N stops each target after N
+#                                                executions (libFuzzer -runs) if that comes
+#                                                first; the summary gives the seconds taken.
 #   resources/fuzz.sh --check-reset TARGET [DIR] Runs every input of DIR (default the long
 #                                                campaign's corpus, else the seeds) once in one
 #                                                process and once each on its own, and compares
@@ -150,12 +153,20 @@ for target in "${targets[@]}"; do
         echo "fuzz: $target for ${secs}s"
     fi
     status=0
+    runs=()
+    if [ -n "${ISM_FUZZ_RUNS:-}" ]; then
+        runs=(-runs="$ISM_FUZZ_RUNS")
+    fi
+    # Built first, so the time below is the fuzzing alone.
+    cargo fuzz build "$target" >"$log" 2>&1 || { cat "$log"; exit 1; }
+    started=$SECONDS
     cargo fuzz run "$target" "${dirs[@]}" -- \
-        -max_total_time="$secs" -rss_limit_mb="$rss_limit" -timeout="$timeout" \
+        -max_total_time="$secs" "${runs[@]}" -rss_limit_mb="$rss_limit" -timeout="$timeout" \
         -print_final_stats=1 -artifact_prefix="$artifacts/" >"$log" 2>&1 || status=$?
+    took=$((SECONDS - started))
     crashes=$(find "$artifacts" -maxdepth 1 -type f \( -name 'crash-*' -o -name 'leak-*' \
         -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
-    line="$target: $(summarise "$log") crashes=$crashes"
+    line="$target: $(summarise "$log") seconds=$took crashes=$crashes"
     if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
         failed+=("$target")
         line="$line FAILED (exit $status)"

@@ -10,19 +10,26 @@
 //! instead of waiting 30 s for an answer).
 //!
 //! Input layout:
-//!   [0]      low 4 bits: n, the number of calls the device makes; bit 7: connect as an
+//!   [0]      low 4 bits: n, the number of calls the device makes; bit 6: the broker comes
+//!            back once after it hung up (a restart: it accepts the session's reconnection
+//!            and plays the remaining groups to the RESUME, REREGISTER, PUBLISH_DOORBELL and
+//!            RESUME_DONE the session sends, then to its calls); bit 7: connect as an
 //!            operator tool instead (`ObserverClient`: status report, revoke), whose one
 //!            request gets one group before the broker hangs up
-//!   n × 9    calls: kind u8 (low 4 bits mod 9: alloc, attach, detach, grant, publish doorbell, withdraw
-//!            doorbell, peer doorbells, take events, info; an operator: even status, odd
-//!            revoke), le64 argument (size or token; attach/grant take their perms from the
-//!            kind's high bits)
+//!   n × 9    calls: kind u8 (low 4 bits mod 10: alloc, attach, detach, grant, publish
+//!            doorbell, withdraw doorbell, peer doorbells, take events, info, wait (up to
+//!            50 ms) until the session is connected again or the broker is gone for good;
+//!            an operator: even status, odd revoke), le64 argument (size or token;
+//!            attach/grant take their perms from the kind's high bits)
 //!   then groups, one per request received, each: count u8 (low 3 bits), then count messages:
 //!     fds u8     low 5 bits: how many descriptors (at most 16), high 3 bits: which kind
 //!                (0 eventfd, 1 memfd read-write, 2 memfd read-only, 3 /dev/null, else eventfd)
 //!     pages u8   memfd size in 4 KiB pages
 //!     flags u8   bit 0: write the request's id into the header, bit 1: write the length
 //!     le16 len, then len bytes (cut to what is left): the message
+//!
+//! The session reconnects after 1 ms (backoff up to 10 ms) instead of 100 ms, so a comeback
+//! costs little time.
 //!
 //! Checks: nothing panics or hangs; a lease is a descriptor of the size and mode the broker
 //! announced; peer doorbells are eventfds; no descriptor the broker sent outlives the input.
@@ -31,9 +38,11 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
-use ism_pool::client::ObserverClient;
+use ism_pool::client::{ClientOptions, ObserverClient};
 use ism_pool::memory::RegionMemory;
 use ism_pool::seqpacket;
 use ism_pool::wire::{self, MAX_MESSAGE_LEN, Reply, Request};
@@ -59,9 +68,22 @@ struct Message {
     flags: u8,
 }
 
-fn parse(input: &[u8]) -> (bool, Vec<Call>, Vec<Vec<Message>>) {
+/// One input, parsed.
+struct Script {
+    observer: bool,
+    comeback: bool,
+    calls: Vec<Call>,
+    groups: Vec<Vec<Message>>,
+}
+
+fn parse(input: &[u8]) -> Script {
     let Some((&head, mut rest)) = input.split_first() else {
-        return (false, Vec::new(), Vec::new());
+        return Script {
+            observer: false,
+            comeback: false,
+            calls: Vec::new(),
+            groups: Vec::new(),
+        };
     };
     let mut calls = Vec::new();
     for _ in 0..usize::from(head & 0xf).min(MAX_CALLS) {
@@ -93,7 +115,12 @@ fn parse(input: &[u8]) -> (bool, Vec<Call>, Vec<Vec<Message>>) {
         }
         groups.push(group);
     }
-    (head & 0x80 != 0, calls, groups)
+    Script {
+        observer: head & 0x80 != 0,
+        comeback: head & 0x40 != 0,
+        calls,
+        groups,
+    }
 }
 
 fn eventfd() -> OwnedFd {
@@ -134,15 +161,40 @@ fn answer_id(message: &[u8], fds: usize) -> Option<u64> {
     (fds == expected).then_some(id)
 }
 
-/// The broker's side: answer every request with the next group, hang up when the script
-/// ends or the session would wait for an answer it never gets.
-fn play_broker(socket: &OwnedFd, observer: bool, mut groups: std::vec::IntoIter<Vec<Message>>) {
+/// Whether the session takes `message`, its first answer to its hello, as a welcome it can
+/// later resume (version 4 or later, with a resume key).
+fn resumable_welcome(message: &[u8], fds: usize) -> bool {
+    matches!(
+        wire::decode_reply(message),
+        Ok((1, Reply::HelloOk { version, devid, resume_key, .. }))
+            if fds == 0
+                && (wire::RESUME_VERSION..=wire::MAX_VERSION).contains(&version)
+                && devid != 0
+                && resume_key != 0
+    )
+}
+
+/// The broker's side of one connection: answer every request with the next group, hang up
+/// when the script ends or the session would wait for an answer it never gets. Returns
+/// whether the hello it answered lets the session come back after a hang-up.
+fn play_broker(
+    socket: &OwnedFd,
+    observer: bool,
+    groups: &mut std::vec::IntoIter<Vec<Message>>,
+) -> bool {
     let mut hung_up = false;
+    let mut resumable = false;
     while let Ok(Some(packet)) = seqpacket::recv(socket.as_fd()) {
         if hung_up {
             continue;
         }
         let (id, request) = wire::decode_request(&packet.bytes).expect("client sent garbage");
+        if std::env::var_os("ISM_FUZZ_DEBUG").is_some() {
+            eprintln!(
+                "broker_reply: broker got {id} {request:?}{}",
+                if hung_up { " (hung up)" } else { "" }
+            );
+        }
         assert!(
             packet.fds.len() <= 1,
             "client sent {} fds",
@@ -172,10 +224,16 @@ fn play_broker(socket: &OwnedFd, observer: bool, mut groups: std::vec::IntoIter<
             if seqpacket::send_fds(socket.as_fd(), &message.bytes, &borrowed).is_err() {
                 continue;
             }
-            // The hello is answered by whatever comes first; later requests by the last
-            // answer (each replaces the one before in the session's inbox).
+            // The hello is answered by whatever comes first; later requests (a RESUME
+            // too: the session waits for its id) by the last answer (each replaces the one
+            // before in the session's inbox).
             match answer_id(&message.bytes, fds.len()) {
-                _ if matches!(request, Request::Hello { .. }) => answered = true,
+                _ if matches!(request, Request::Hello { .. }) => {
+                    if !answered {
+                        resumable = resumable_welcome(&message.bytes, fds.len());
+                    }
+                    answered = true
+                }
                 Some(answer) => answered = answer == id,
                 None => {}
             }
@@ -188,6 +246,7 @@ fn play_broker(socket: &OwnedFd, observer: bool, mut groups: std::vec::IntoIter<
             hung_up = true;
         }
     }
+    resumable
 }
 
 fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
@@ -227,19 +286,36 @@ fn play_observer(path: &Path, calls: &[Call]) {
     }
 }
 
+/// Waits (at most 50 ms) until `session` is connected again or the broker is gone for good.
+fn wait_for_broker(session: &BrokerSession, broker_gone: &AtomicBool) -> bool {
+    let start = Instant::now();
+    while !session.is_connected() && !broker_gone.load(Ordering::Acquire) {
+        if start.elapsed() > Duration::from_millis(50) {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    session.is_connected()
+}
+
 /// The device's side: connect and make the calls.
-fn play_device(path: &Path, calls: &[Call]) {
-    let session = BrokerSession::connect(path);
+fn play_device(path: &Path, calls: &[Call], broker_gone: &AtomicBool) {
+    let options = ClientOptions {
+        backoff_min: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(10),
+        ..ClientOptions::default()
+    };
+    let session = BrokerSession::connect_with(path, options, None);
     trace("connect", &session);
-    let Ok(session) = session else {
+    let Ok(broker) = session else {
         return;
     };
-    let session: Arc<dyn PoolSession> = session;
+    let session: Arc<dyn PoolSession> = broker.clone();
     let doorbell = eventfd();
     for call in calls {
         let token = Token(call.arg);
         let perms = Perms(u64::from(call.kind >> 4));
-        match (call.kind & 0xf) % 9 {
+        match (call.kind & 0xf) % 10 {
             0 => {
                 let lease = session.alloc(call.arg);
                 trace("alloc", &lease);
@@ -278,7 +354,11 @@ fn play_device(path: &Path, calls: &[Call]) {
                 }
             }
             7 => drop(session.take_events()),
-            _ => drop(session.info()),
+            8 => drop(session.info()),
+            _ => {
+                let connected = wait_for_broker(&broker, broker_gone);
+                trace("wait", &Ok::<bool, String>(connected));
+            }
         }
     }
 }
@@ -300,38 +380,168 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Bound and removed once per input: on tmpfs (`/dev/shm`) where there is one, as making
+/// and removing a socket file on a disk filesystem cost a tenth of an input.
 fn socket_path() -> PathBuf {
-    std::env::temp_dir().join(format!("ism-fuzz-broker-{}.sock", std::process::id()))
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join(format!("ism-fuzz-broker-{}.sock", std::process::id()))
+}
+
+/// What the client side is asked to play for one input.
+struct Job {
+    path: PathBuf,
+    observer: bool,
+    calls: Vec<Call>,
+}
+
+/// Between the broker (the fuzz thread) and the client thread.
+struct Signals {
+    /// The broker will accept no more connections in this input.
+    broker_gone: AtomicBool,
+    /// An eventfd: the client side is done (its session dropped: it cannot reconnect any
+    /// more).
+    client_done: OwnedFd,
+}
+
+/// The client side runs on one thread for the whole process, taking one job per input:
+/// creating a thread per input (under ASan) cost more than the input itself. A panic there
+/// aborts the process (libfuzzer-sys's panic hook), as it did on a thread of its own.
+struct ClientThread {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<()>,
+    signals: Arc<Signals>,
+}
+
+impl ClientThread {
+    fn start() -> Self {
+        let (jobs, job_rx) = mpsc::channel::<Job>();
+        let (done_tx, done) = mpsc::channel();
+        let signals = Arc::new(Signals {
+            broker_gone: AtomicBool::new(false),
+            client_done: {
+                let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).expect("eventfd");
+                // SAFETY: `into_raw_fd` gives up ownership of a valid descriptor, taken over
+                // here once.
+                unsafe { OwnedFd::from_raw_fd(evt.into_raw_fd()) }
+            },
+        });
+        let theirs = signals.clone();
+        std::thread::Builder::new()
+            .name("fuzz-client".into())
+            .spawn(move || {
+                for job in job_rx {
+                    if job.observer {
+                        play_observer(&job.path, &job.calls)
+                    } else {
+                        play_device(&job.path, &job.calls, &theirs.broker_gone)
+                    }
+                    rustix::io::write(&theirs.client_done, &1u64.to_ne_bytes())
+                        .expect("eventfd write");
+                    if done_tx.send(()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("client thread");
+        ClientThread {
+            jobs,
+            done,
+            signals,
+        }
+    }
+}
+
+thread_local! {
+    static CLIENT: ClientThread = ClientThread::start();
+}
+
+fn accept(listener: &OwnedFd) -> OwnedFd {
+    // libFuzzer's timer signal (SIGALRM, for -timeout) may interrupt the wait; the
+    // broker's accept loop retries EINTR too.
+    loop {
+        match seqpacket::accept(listener.as_fd()) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            accepted => break accepted.unwrap(),
+        }
+    }
+}
+
+/// The session's reconnection, or None once the client side is done without one.
+fn accept_comeback(listener: &OwnedFd, client_done: &OwnedFd) -> Option<OwnedFd> {
+    use rustix::event::{PollFd, PollFlags, poll};
+    loop {
+        let mut fds = [
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::new(client_done, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Err(rustix::io::Errno::INTR) => continue,
+            result => {
+                result.expect("poll");
+            }
+        }
+        if !fds[0].revents().is_empty() {
+            return Some(accept(listener));
+        }
+        if !fds[1].revents().is_empty() {
+            return None;
+        }
+    }
 }
 
 fuzz_target!(|input: &[u8]| {
-    let (observer, calls, groups) = parse(input);
-    let before = open_fds();
-    let path = socket_path();
-    let _ = std::fs::remove_file(&path);
-    let listener = seqpacket::listen(&path, 1).unwrap();
-    std::thread::scope(|scope| {
-        let client = scope.spawn(|| {
-            if observer {
-                play_observer(&path, &calls)
-            } else {
-                play_device(&path, &calls)
+    let script = parse(input);
+    CLIENT.with(|client| {
+        let before = open_fds();
+        let signals = &client.signals;
+        signals.broker_gone.store(false, Ordering::Release);
+        let path = socket_path();
+        let _ = std::fs::remove_file(&path);
+        let listener = seqpacket::listen(&path, 1).unwrap();
+        client
+            .jobs
+            .send(Job {
+                path: path.clone(),
+                observer: script.observer,
+                calls: script.calls,
+            })
+            .expect("client thread gone");
+        let mut socket = accept(&listener);
+        // Without a comeback nothing else may connect: the path goes at once (a
+        // reconnecting session finds nobody there).
+        let mut listener = Some(listener);
+        let mut comeback = script.comeback && !script.observer;
+        if !comeback {
+            listener = None;
+            let _ = std::fs::remove_file(&path);
+        }
+        let mut groups = script.groups.into_iter();
+        loop {
+            let resumable = play_broker(&socket, script.observer, &mut groups);
+            drop(socket);
+            let next = match &listener {
+                // A session that cannot resume is not waited for.
+                Some(listener) if comeback && resumable && groups.len() > 0 => {
+                    accept_comeback(listener, &signals.client_done)
+                }
+                _ => None,
+            };
+            comeback = false;
+            match next {
+                Some(again) => socket = again,
+                None => break,
             }
-        });
-        // libFuzzer's timer signal (SIGALRM, for -timeout) may interrupt the wait; the
-        // broker's accept loop retries EINTR too.
-        let socket = loop {
-            match seqpacket::accept(listener.as_fd()) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                accepted => break accepted.unwrap(),
-            }
-        };
-        // Nothing else connects: the path goes at once.
+        }
         drop(listener);
         let _ = std::fs::remove_file(&path);
-        play_broker(&socket, observer, groups.into_iter());
-        drop(socket);
-        client.join().unwrap();
+        signals.broker_gone.store(true, Ordering::Release);
+        client.done.recv().expect("client thread gone");
+        let _ = rustix::io::read(&signals.client_done, &mut [0u8; 8]);
+        assert_eq!(open_fds(), before, "descriptors left over");
     });
-    assert_eq!(open_fds(), before, "descriptors left over");
 });

@@ -8,7 +8,7 @@ import os
 import struct
 import sys
 
-ALLOC, ATTACH, DETACH, GRANT, PUBLISH, WITHDRAW, PEER_DOORBELLS, TAKE_EVENTS, INFO = range(9)
+ALLOC, ATTACH, DETACH, GRANT, PUBLISH, WITHDRAW, PEER_DOORBELLS, TAKE_EVENTS, INFO, WAIT = range(10)
 EVENTFD, MEMFD_RW, MEMFD_RO, DEVNULL = range(4)
 
 
@@ -16,8 +16,11 @@ def frame(kind, body, id_=0):
     return struct.pack("<IHHQ", 16 + len(body), kind, 0, id_) + body
 
 
-def hello_ok(version=3, gid=1, devid=7):
-    return frame(0x8001, struct.pack("<HHIQQ", version, 0, 0, gid, devid), 1)
+def hello_ok(version=3, gid=1, devid=7, key=0):
+    body = struct.pack("<HHIQQ", version, 0, 0, gid, devid)
+    if key:
+        body += struct.pack("<Q", key)
+    return frame(0x8001, body, 1)
 
 
 def ok():
@@ -57,8 +60,9 @@ def group(*messages):
     return bytes([len(messages)]) + b"".join(messages)
 
 
-def seed(calls, *groups, observer=False):
-    return bytes([len(calls) | (0x80 if observer else 0)]) + b"".join(calls) + b"".join(groups)
+def seed(calls, *groups, observer=False, comeback=False):
+    head = len(calls) | (0x80 if observer else 0) | (0x40 if comeback else 0)
+    return bytes([head]) + b"".join(calls) + b"".join(groups)
 
 
 STATUS = (b'{"protocol_version":3,"gid":1,"size":67108864,"used":8192,"per_vm_limit":null,'
@@ -71,6 +75,16 @@ STATUS_CALL, REVOKE_CALL = 0, 1
 
 HELLO = group(msg(hello_ok(), patch_id=False))
 TOKEN = 0x1234_5678_9ABC_DEF0
+KEY = 0x5EED_0000_0000_0001
+# A version-4 session (it has a resume key) that allocates a region and publishes its
+# doorbell; the broker then leaves a GRANT unanswered (hangs up) and comes back.
+RESUMABLE = [call(ALLOC, 8192), call(PUBLISH, TOKEN), call(GRANT, TOKEN, 0x7)]
+RESUMABLE_GROUPS = [
+    group(msg(hello_ok(version=4, key=KEY), patch_id=False)),
+    group(msg(lease(TOKEN, 8192, True), 1, MEMFD_RW, 2)),
+    group(msg(ok())),
+    group(),
+]
 
 SEEDS = {
     "alloc": seed([call(ALLOC, 8192)], HELLO,
@@ -112,6 +126,32 @@ SEEDS = {
         [call(ALLOC, 4096), call(DETACH, TOKEN)], HELLO,
         group(msg(lease(TOKEN, 4096, True), 1, MEMFD_RW, 1, patch_id=False), msg(lease(TOKEN, 4096, True), 1, MEMFD_RW, 1)),
         group(msg(b"\x10\x00\x00\x00\x02\x80", 3), msg(ok()))),
+    # Back after a restart: RESUME, REREGISTER, PUBLISH_DOORBELL, RESUME_DONE, then calls.
+    "comeback": seed(
+        RESUMABLE + [call(WAIT), call(ALLOC, 4096), call(TAKE_EVENTS)], *RESUMABLE_GROUPS,
+        group(msg(hello_ok(version=4, key=KEY))),
+        group(msg(ok())),
+        group(msg(event(1, TOKEN, 3)), msg(ok())),
+        group(msg(ok())),
+        group(msg(lease(TOKEN + 1, 4096, True), 1, MEMFD_RW, 1)),
+        comeback=True),
+    # The restarted broker refuses the region, then the resume as a whole.
+    "comeback-region-refused": seed(
+        RESUMABLE + [call(WAIT), call(DETACH, TOKEN)], *RESUMABLE_GROUPS,
+        group(msg(hello_ok(version=4, key=KEY))),
+        group(msg(error(9, b"not its memory"))),
+        group(msg(ok())),
+        group(msg(ok())),
+        group(msg(error(2, b"not held", (TOKEN, 0, 0)))),
+        comeback=True),
+    "comeback-refused": seed(
+        RESUMABLE + [call(WAIT), call(ALLOC, 4096)], *RESUMABLE_GROUPS,
+        group(msg(error(16, b"no session 7 waiting"))),
+        comeback=True),
+    "comeback-other-session": seed(
+        RESUMABLE + [call(WAIT), call(ALLOC, 4096)], *RESUMABLE_GROUPS,
+        group(msg(hello_ok(version=4, devid=8, key=KEY))),
+        comeback=True),
     "observer-status": seed(
         [call(STATUS_CALL)], HELLO,
         group(msg(status_chunk(len(STATUS), 0, STATUS[:100])), msg(ok(), patch_id=False),
