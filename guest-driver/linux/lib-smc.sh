@@ -4,6 +4,12 @@
 # `root` (the repository) and SMC_SCRIPT (the caller's name, for messages); the caller keeps
 # its own arguments, guest script and checks.
 #
+# smc_parse_args HELP_END ARG...
+#                            the options both scripts take: --vmm (and --vmm=), --pool,
+#                            --timeout, --keep-logs, -h/--help (prints the caller's header
+#                            comment, lines 2 to HELP_END); any other option with its value
+#                            goes to the caller's `smc_option NAME VALUE`, which returns
+#                            non-zero for an option it does not know
 # smc_skip MESSAGE...        prints "SKIPPED: MESSAGE" and exits 0
 # smc_preflight              skips without /dev/kvm, root, /dev/net/tun or `ip`; sources
 #                            lib-vmtest.sh and lib-install.sh; refuses ism-vmm and skips on a
@@ -23,6 +29,26 @@
 #                            with `sh /smc-guest.sh ARGS`; serial output to $work/SIDE.log,
 #                            cloud-hypervisor's to $work/SIDE.vmm.log; limit: $deadline
 # shellcheck shell=bash disable=SC2034,SC2154
+
+smc_parse_args() {
+    local help_end=$1
+    shift
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --vmm=*) vmm="${1#--vmm=}"; shift; continue ;;
+            -h|--help) sed -n "2,${help_end}p" "$here/$SMC_SCRIPT"; exit 0 ;;
+        esac
+        [[ $# -ge 2 ]] || { echo "$1 needs a value" >&2; exit 2; }
+        case "$1" in
+            --vmm) vmm="$2" ;;
+            --pool) pool_bin="$2" ;;
+            --timeout) timeout_s="$2" ;;
+            --keep-logs) keep="$2" ;;
+            *) smc_option "$1" "$2" || { echo "Unknown argument $1" >&2; exit 2; } ;;
+        esac
+        shift 2
+    done
+}
 
 smc_skip() {
     echo "SKIPPED: $*"

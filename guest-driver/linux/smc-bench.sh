@@ -34,26 +34,21 @@ expect=smcd
 pool_bin=""
 timeout_s=1500
 keep=""
-while [[ $# -gt 0 ]]; do
+# shellcheck source=lib-smc.sh
+source "$here/lib-smc.sh"
+smc_option() {
     case "$1" in
-        --vmm) vmm="$2"; shift 2 ;;
-        --vmm=*) vmm="${1#--vmm=}"; shift ;;
-        --rounds) rounds="$2"; shift 2 ;;
-        --stream) stream="$2"; shift 2 ;;
-        --expect) expect="$2"; shift 2 ;;
-        --pool) pool_bin="$2"; shift 2 ;;
-        --timeout) timeout_s="$2"; shift 2 ;;
-        --keep-logs) keep="$2"; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
-        *) echo "Unknown argument $1" >&2; exit 2 ;;
+        --rounds) rounds="$2" ;;
+        --stream) stream="$2" ;;
+        --expect) expect="$2" ;;
+        *) return 1 ;;
     esac
-done
+}
+smc_parse_args 24 "$@"
 case "$expect" in smcd|any) ;; *) echo "--expect smcd|any" >&2; exit 2 ;; esac
 [[ "$rounds" =~ ^[0-9]+$ && "$rounds" -gt 0 ]] || { echo "--rounds needs a positive number" >&2; exit 2; }
 [[ "$stream" =~ ^[0-9]+$ && "$stream" -gt 0 ]] || { echo "--stream needs a positive number" >&2; exit 2; }
 
-# shellcheck source=lib-smc.sh
-source "$here/lib-smc.sh"
 smc_preflight
 
 start=$SECONDS

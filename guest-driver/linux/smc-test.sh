@@ -35,6 +35,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
+SMC_SCRIPT=smc-test.sh
 vmm="cloud-hypervisor"
 expect=auto
 which_case=all
@@ -42,27 +43,21 @@ bytes=131072
 pool_bin=""
 timeout_s=1500
 keep=""
-while [[ $# -gt 0 ]]; do
+# shellcheck source=lib-smc.sh
+source "$here/lib-smc.sh"
+smc_option() {
     case "$1" in
-        --vmm) vmm="$2"; shift 2 ;;
-        --vmm=*) vmm="${1#--vmm=}"; shift ;;
-        --expect) expect="$2"; shift 2 ;;
-        --case) which_case="$2"; shift 2 ;;
-        --bytes) bytes="$2"; shift 2 ;;
-        --pool) pool_bin="$2"; shift 2 ;;
-        --timeout) timeout_s="$2"; shift 2 ;;
-        --keep-logs) keep="$2"; shift 2 ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
-        *) echo "Unknown argument $1" >&2; exit 2 ;;
+        --expect) expect="$2" ;;
+        --case) which_case="$2" ;;
+        --bytes) bytes="$2" ;;
+        *) return 1 ;;
     esac
-done
+}
+smc_parse_args 32 "$@"
 case "$expect" in auto|smcd|fallback) ;; *) echo "--expect auto|smcd|fallback" >&2; exit 2 ;; esac
 case "$which_case" in all|smc|noism) ;; *) echo "--case all|smc|noism" >&2; exit 2 ;; esac
 [[ "$bytes" =~ ^[0-9]+$ && "$bytes" -gt 0 ]] || { echo "--bytes needs a positive number" >&2; exit 2; }
 
-SMC_SCRIPT=smc-test.sh
-# shellcheck source=lib-smc.sh
-source "$here/lib-smc.sh"
 smc_preflight
 
 start=$SECONDS

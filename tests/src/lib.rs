@@ -10,7 +10,7 @@ pub mod vm;
 pub mod vmm_kind;
 
 pub use api::ApiEndpoint;
-pub use pair::{Answer, IsmGuest, IsmSpec, PoolBroker};
+pub use pair::{Answer, IsmGuest, IsmSpec, PoolBroker, broker_and_two_guests};
 pub use report::GuestReport;
 pub use vm::{VmOutcome, VmRun, kvm_available, pool_binary, test_guest, vmm_binary};
 pub use vmm_kind::{Vmm, cloud_hypervisor_dir};

@@ -24,6 +24,16 @@ use crate::vmm_kind::Vmm;
 /// Hard limit for one paired-guest VM (the whole test shares the deadline of its VMs).
 pub const PAIR_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// A broker with a 1 GiB pool and guests "A" and "B" on `vmm` with the default device: where
+/// most paired tests start.
+pub fn broker_and_two_guests(vmm: Vmm) -> (PoolBroker, IsmGuest, IsmGuest) {
+    let broker = PoolBroker::start("1G");
+    let spec = IsmSpec::on(vmm);
+    let a = IsmGuest::start("A", &broker, &spec, &[]);
+    let b = IsmGuest::start("B", &broker, &spec, &[]);
+    (broker, a, b)
+}
+
 /// A child process in its own group, killed with its group on drop.
 struct Group {
     child: Child,
@@ -511,6 +521,32 @@ impl IsmGuest {
     pub fn cmd(&mut self, command: &str) -> Answer {
         self.send(command);
         self.answer(self.seq)
+    }
+
+    /// Allocates a region of `size` ("64K"); returns its token. Panics with the guest's
+    /// answer if refused.
+    pub fn alloc(&mut self, size: &str) -> String {
+        let what = format!("{} alloc {size}", self.name);
+        let answer = self.cmd(&format!("alloc {size}")).ok(&what);
+        answer.get("token").expect("token").to_string()
+    }
+
+    /// Allocates a region of `size`, fills it with `seed` and grants `perms` ("rwa") to `peer`
+    /// (a devid or "default"); returns its token.
+    pub fn shared_region(
+        &mut self,
+        size: &str,
+        seed: impl std::fmt::Display,
+        peer: impl std::fmt::Display,
+        perms: &str,
+    ) -> String {
+        let token = self.alloc(size);
+        let name = self.name.clone();
+        self.cmd(&format!("fill {token} {seed}"))
+            .ok(&format!("{name} fill"));
+        self.cmd(&format!("grant {token} {peer} {perms}"))
+            .ok(&format!("{name} grant"));
+        token
     }
 
     /// Send one command line without waiting; returns its sequence number.

@@ -4,19 +4,9 @@
 //! other's serial input, as an application would pass them. Every VM and the broker run in
 //! their own process groups with a hard deadline and are killed when a test fails.
 
-use ism_tests::{IsmGuest, IsmSpec, PoolBroker, Vmm, require_kvm, require_vmm, vmm_tests};
-
-/// A allocates `size`, fills it with `seed` and grants `perms` to `peer` (a devid or
-/// "default"); returns the token.
-fn shared_region(owner: &mut IsmGuest, size: &str, seed: u64, peer: &str, perms: &str) -> String {
-    let alloc = owner.cmd(&format!("alloc {size}")).ok("alloc");
-    let token = alloc.get("token").expect("token").to_string();
-    owner.cmd(&format!("fill {token} {seed}")).ok("fill");
-    owner
-        .cmd(&format!("grant {token} {peer} {perms}"))
-        .ok("grant");
-    token
-}
+use ism_tests::{
+    IsmGuest, IsmSpec, PoolBroker, Vmm, broker_and_two_guests, require_kvm, require_vmm, vmm_tests,
+};
 
 fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply(vmm: Vmm) {
     require_kvm!();
@@ -38,7 +28,7 @@ fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply(vmm: Vmm) {
     );
     assert_ne!(a.devid(), b.devid());
 
-    let token = shared_region(&mut a, "64K", 0x5eed, &b.devid().to_string(), "rwa");
+    let token = a.shared_region("64K", 0x5eed, b.devid(), "rwa");
     let attach = b.cmd(&format!("attach {token} rw")).ok("B attach");
     assert_eq!(attach.number("size"), Some(64 << 10));
     assert_eq!(attach.get("writable"), Some("true"));
@@ -90,11 +80,8 @@ fn test_peer_reads_owner_bytes_and_owner_sees_peer_reply(vmm: Vmm) {
 fn test_kicks_reach_the_peer_as_interrupt_and_latched_while_masked(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
-    let token = shared_region(&mut a, "4K", 1, &b.devid().to_string(), "rwa");
+    let (_broker, mut a, mut b) = broker_and_two_guests(vmm);
+    let token = a.shared_region("4K", 1, b.devid(), "rwa");
     b.cmd(&format!("attach {token} rw")).ok("B attach");
     a.cmd(&format!("bind {token}")).ok("A bind");
     b.cmd(&format!("bind {token}")).ok("B bind");
@@ -145,11 +132,8 @@ fn test_kicks_reach_the_peer_as_interrupt_and_latched_while_masked(vmm: Vmm) {
 fn test_read_only_grant_keeps_owner_data_unchanged(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
-    let token = shared_region(&mut a, "16K", 77, &b.devid().to_string(), "ra");
+    let (_broker, mut a, mut b) = broker_and_two_guests(vmm);
+    let token = a.shared_region("16K", 77, b.devid(), "ra");
 
     let refused = b.cmd(&format!("attach {token} rw"));
     assert_eq!(refused.status(), "PERM_EWRITE", "{}", refused.line);
@@ -188,11 +172,8 @@ fn test_read_only_grant_keeps_owner_data_unchanged(vmm: Vmm) {
 fn test_guest_without_grant_or_with_guessed_token_is_refused(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
-    let mut c = IsmGuest::start("C", &broker, &spec, &[]);
+    let (broker, mut a, mut b) = broker_and_two_guests(vmm);
+    let mut c = IsmGuest::start("C", &broker, &IsmSpec::on(vmm), &[]);
     let alloc = a.cmd("alloc 8K").ok("alloc");
     let token = alloc.get("token").unwrap().to_string();
 
@@ -232,11 +213,8 @@ fn test_guest_without_grant_or_with_guessed_token_is_refused(vmm: Vmm) {
 fn test_detach_reattach_and_owner_killed_while_peer_attached(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let mut broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
-    let token = shared_region(&mut a, "256K", 9, "default", "ra");
+    let (mut broker, mut a, mut b) = broker_and_two_guests(vmm);
+    let token = a.shared_region("256K", 9, "default", "ra");
     let token_value = u64::from_str_radix(token.trim_start_matches("0x"), 16).unwrap();
 
     b.cmd(&format!("attach {token} ro")).ok("B attach");
@@ -285,7 +263,7 @@ fn test_detach_reattach_and_owner_killed_while_peer_attached(vmm: Vmm) {
     );
 
     // The pool still serves newcomers.
-    let mut c = IsmGuest::start("C", &broker, &spec, &[]);
+    let mut c = IsmGuest::start("C", &broker, &IsmSpec::on(vmm), &[]);
     let alloc = c.cmd("alloc 1M").ok("C alloc after crash");
     let new_token = alloc.get("token").unwrap().to_string();
     assert_ne!(new_token, token);
@@ -304,10 +282,7 @@ fn test_guest_attaches_256_regions_with_their_contents(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
     const REGIONS: usize = 256;
-    let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
+    let (_broker, mut a, mut b) = broker_and_two_guests(vmm);
     let made = a
         .cmd(&format!("alloc-many {REGIONS} 4K 1000 ra"))
         .ok("alloc-many");
@@ -341,11 +316,8 @@ fn test_guest_attaches_256_regions_with_their_contents(vmm: Vmm) {
 fn test_masked_kick_sets_the_pending_bit(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
-    let token = shared_region(&mut a, "4K", 1, &b.devid().to_string(), "rwa");
+    let (_broker, mut a, mut b) = broker_and_two_guests(vmm);
+    let token = a.shared_region("4K", 1, b.devid(), "rwa");
     b.cmd(&format!("attach {token} rw")).ok("B attach");
     b.cmd("kick-mode poll").ok("B kick-mode");
     b.cmd(&format!("bind {token}")).ok("B bind");

@@ -9,7 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use ism_tests::{IsmGuest, IsmSpec, PoolBroker, Vmm, require_kvm, require_vmm, vmm_tests};
+use ism_tests::{
+    IsmGuest, IsmSpec, PoolBroker, Vmm, broker_and_two_guests, require_kvm, require_vmm, vmm_tests,
+};
 
 /// Retries `command` on `guest` until it succeeds (the device reconnects on its own, with
 /// backoff), answering EAGAIN meanwhile; returns the answer and how many EAGAINs came first.
@@ -32,21 +34,11 @@ fn until_ok(guest: &mut IsmGuest, command: &str) -> (ism_tests::Answer, u32) {
 fn test_broker_killed_and_restarted_under_two_guests(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let mut broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
+    let (mut broker, mut a, mut b) = broker_and_two_guests(vmm);
     let (a_dev, b_dev) = (a.devid(), b.devid());
     let gid = broker.status()["gid"].clone();
 
-    let token = a
-        .cmd("alloc 64K")
-        .ok("A alloc")
-        .get("token")
-        .unwrap()
-        .to_string();
-    a.cmd(&format!("fill {token} 0x15")).ok("A fill");
-    a.cmd(&format!("grant {token} {b_dev} rwa")).ok("A grant");
+    let token = a.shared_region("64K", "0x15", b_dev, "rwa");
     b.cmd(&format!("attach {token} rw")).ok("B attach");
     a.cmd(&format!("bind {token}")).ok("A bind");
     b.cmd(&format!("bind {token}")).ok("B bind");
@@ -176,19 +168,9 @@ fn storm(
 fn test_broker_killed_during_a_storm_of_two_guests(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let mut broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
+    let (mut broker, mut a, mut b) = broker_and_two_guests(vmm);
     let (a_dev, b_dev) = (a.devid(), b.devid());
-    let token = a
-        .cmd("alloc 64K")
-        .ok("A alloc")
-        .get("token")
-        .unwrap()
-        .to_string();
-    a.cmd(&format!("fill {token} 0x77")).ok("A fill");
-    a.cmd(&format!("grant {token} {b_dev} rwa")).ok("A grant");
+    let token = a.shared_region("64K", "0x77", b_dev, "rwa");
     b.cmd(&format!("attach {token} rw")).ok("B attach");
 
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -237,17 +219,9 @@ fn test_broker_killed_during_a_storm_of_two_guests(vmm: Vmm) {
 fn test_broker_stopped_longer_than_the_timeout_under_two_guests(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
+    let (broker, mut a, mut b) = broker_and_two_guests(vmm);
     let b_dev = b.devid();
-    let token = a
-        .cmd("alloc 4K")
-        .ok("A alloc")
-        .get("token")
-        .unwrap()
-        .to_string();
+    let token = a.alloc("4K");
     a.cmd(&format!("grant {token} {b_dev} rwa")).ok("A grant");
     b.cmd(&format!("attach {token} rw")).ok("B attach");
     a.cmd(&format!("bind {token}")).ok("A bind");
@@ -292,18 +266,8 @@ fn test_broker_stopped_longer_than_the_timeout_under_two_guests(vmm: Vmm) {
 fn test_peer_vmm_killed_during_attach(vmm: Vmm) {
     require_kvm!();
     require_vmm!(vmm);
-    let broker = PoolBroker::start("1G");
-    let spec = IsmSpec::on(vmm);
-    let mut a = IsmGuest::start("A", &broker, &spec, &[]);
-    let mut b = IsmGuest::start("B", &broker, &spec, &[]);
-    let token = a
-        .cmd("alloc 64K")
-        .ok("A alloc")
-        .get("token")
-        .unwrap()
-        .to_string();
-    a.cmd(&format!("fill {token} 0x99")).ok("A fill");
-    a.cmd(&format!("grant {token} default rwa")).ok("A grant");
+    let (broker, mut a, mut b) = broker_and_two_guests(vmm);
+    let token = a.shared_region("64K", "0x99", "default", "rwa");
     // Queue many attach/detach pairs on B's serial input and kill it in the middle.
     for _ in 0..200 {
         b.send(&format!("attach {token} rw"));
@@ -329,12 +293,7 @@ fn test_peer_vmm_killed_during_attach(vmm: Vmm) {
     }
     let check = a.cmd(&format!("check {token} 0x99")).ok("A check");
     assert_eq!(check.get("match"), Some("true"), "{}", check.line);
-    let fresh = a
-        .cmd("alloc 4K")
-        .ok("A alloc again")
-        .get("token")
-        .unwrap()
-        .to_string();
+    let fresh = a.alloc("4K");
     a.cmd(&format!("grant {fresh} default r"))
         .ok("A grant again");
     assert_eq!(a.power_off(), Some(0));
