@@ -192,6 +192,29 @@ fn test_api_session_under_seccomp() {
     api_session(&[]);
 }
 
+/// (name, seccomp mode) of every thread of process `pid`.
+fn thread_modes(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        // A thread that ended since the listing has no files left.
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue;
+        };
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        threads.push((comm.trim().to_owned(), mode));
+    }
+    threads
+}
+
 fn api_session(extra: &[&str]) {
     if !kvm_or_skip("api_session") {
         return;
@@ -203,34 +226,32 @@ fn api_session(extra: &[&str]) {
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["pid"], vmm.child.id());
 
-    // Once the main loop answers, every thread runs under a filter (mode 2) or none (0).
+    // Every thread runs under a filter (mode 2) or none (0). A thread names itself and
+    // applies its filter when it starts, which may be after the first answer on a loaded
+    // host: look again (for at most 10 s) until every expected thread is up.
     let want_mode = if extra.contains(&"false") { "0" } else { "2" };
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", vmm.child.id())).unwrap();
-    let mut names = Vec::new();
-    for task in tasks {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        let mode = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp:"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        assert_eq!(mode, want_mode, "thread {comm}");
-        names.push(comm.trim().to_owned());
-    }
-    for expected in [
+    let expected = [
         "ism-vmm",
         "vcpu0",
         "http-server",
         "event-monitor",
         "signal-handler",
-    ] {
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let threads = thread_modes(vmm.child.id());
+        let all_up = expected
+            .iter()
+            .all(|name| threads.iter().any(|(comm, _)| comm == name));
+        let filtered = threads.iter().all(|(_, mode)| mode == want_mode);
+        if all_up && filtered {
+            break;
+        }
         assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} in {names:?}"
+            Instant::now() < deadline,
+            "threads (name, seccomp mode) {threads:?}: want {expected:?} all in mode {want_mode}"
         );
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     let (status, body) = request(&sock, "GET", "vm.info", "");
