@@ -156,6 +156,22 @@ case "$role" in
         run "smc: " smc-check client "$server" "$((p + 1))" "$bytes"
         ;;
 esac
+# Teardown: the sockets are closed, but SMC keeps its link groups and their DMBs for reuse.
+# Unloading the module takes the SMC-D device away: SMC must end those link groups and
+# unregister every DMB through the device, the module must find none left, and the kernel
+# must not complain while it happens (the log is cleared first).
+if [ -c /dev/ism0 ]; then
+    c=/sys/class/misc/ism0/counters
+    say "teardown dmbs=$(cat $c/smcd_dmbs) registered=$(cat $c/smcd_dmbs_registered)" \
+        "unregistered=$(cat $c/smcd_dmbs_unregistered)"
+    dmesg -c >/dev/null
+    run "rmmod: " rmmod virtio_ism
+    if dmesg | grep -E "left at remove|WARNING:|BUG:|Oops|refcount_t"; then
+        say "FAIL teardown: the kernel log above"
+        exit 1
+    fi
+    say teardown-done
+fi
 say all-passed
 GUEST
 # Builds (lib-smc.sh): the kernel and module, ism-pool, smc-check, smc-ueid, the image.
@@ -245,6 +261,20 @@ if [[ " ${guests[*]} " == *" c "* ]]; then
     grep -aq "SMC-TEST-C SMC-DEVICES smcd=0" "$work/c.log" || fails+=("C, started without --ism, has an SMC-D device")
 fi
 grep -aq "SMC-TEST-A ism-device yes" "$work/a.log" || fails+=("A has no /dev/ism0")
+# Teardown (guests with an ism device): rmmod returned, no DMB was left, the kernel said
+# nothing; where the connection ran over SMC-D, its DMBs were still registered before.
+for g in a b; do
+    [[ " ${guests[*]} " == *" $g "* ]] || continue
+    G="${g^^}"
+    line="$(grep -ao "SMC-TEST-$G teardown dmbs=[0-9]*.*" "$work/$g.log" | head -n1 || true)"
+    echo "teardown $G: ${line#SMC-TEST-"$G" teardown }"
+    grep -aq "SMC-TEST-$G teardown-done" "$work/$g.log" ||
+        fails+=("$G: unloading virtio_ism did not end cleanly")
+    dmbs="$(sed -n 's/.*teardown dmbs=\([0-9]*\).*/\1/p' <<<"$line")"
+    if [[ "$mode_smc" == smcd/smcd && "${dmbs:-0}" -lt 1 ]]; then
+        fails+=("$G: no DMB registered before the teardown: it tested nothing")
+    fi
+done
 
 if [[ ${#fails[@]} -eq 0 ]]; then
     finish pass "every byte checked both ways over TCP and AF_SMC; modes as expected"
