@@ -171,6 +171,8 @@ if [ -c /dev/ism0 ]; then
         exit 1
     fi
     say teardown-done
+    # The host reads the pool meanwhile: this device must hold no region any more.
+    sleep 15
 fi
 say all-passed
 GUEST
@@ -199,6 +201,38 @@ for g in "${guests[@]:1}"; do
     pids+=("${gpid[$g]}")
 done
 echo "guests: ${guests[*]} booting ($VMTEST_VMM_KIND, A and B with --ism, C without)"
+
+# pool_holds GUEST: the tokens the pool says GUEST's device holds (`ism-pool status`: the
+# session whose pid is GUEST's cloud-hypervisor).
+pool_holds() {
+    local vmm_pid
+    vmm_pid="$(pgrep -P "${gpid[$1]}" | head -n1)"
+    [[ -n "$vmm_pid" ]] || return 1
+    local line
+    line="$("$pool_bin" status --socket "$sock" 2>/dev/null |
+        sed -n "s/^ *devid [0-9]* *pid $vmm_pid .*holds \(\[[^]]*\]\).*/\1/p" | head -n1)"
+    [[ -n "$line" ]] || return 1
+    line="${line#[}"
+    echo "${line%]}"
+}
+# While each ism guest waits after its teardown, what the pool says it holds, to
+# $work/teardown-GUEST.pool ("holds=TOKENS"; TOKENS empty when it holds nothing).
+(
+    for _ in $(seq $((timeout_s * 2))); do
+        left=0
+        for g in a b; do
+            [[ " ${guests[*]} " == *" $g "* && ! -e "$work/teardown-$g.pool" ]] || continue
+            left=1
+            if grep -aq "SMC-TEST-${g^^} teardown-done" "$work/$g.log" 2>/dev/null; then
+                held="$(pool_holds "$g" || echo unknown)"
+                echo "holds=${held// /}" >"$work/teardown-$g.pool"
+            fi
+        done
+        [[ "$left" == 1 ]] || break
+        sleep 0.5
+    done
+) &
+pids+=("$!")
 
 declare -A rc
 set +e
@@ -270,6 +304,9 @@ for g in a b; do
     echo "teardown $G: ${line#SMC-TEST-"$G" teardown }"
     grep -aq "SMC-TEST-$G teardown-done" "$work/$g.log" ||
         fails+=("$G: unloading virtio_ism did not end cleanly")
+    pool="$(cat "$work/teardown-$g.pool" 2>/dev/null || echo "holds=not-read")"
+    echo "teardown $G: the pool after it: $pool"
+    [[ "$pool" == "holds=" ]] || fails+=("$G: after the teardown the pool says its device $pool")
     dmbs="$(sed -n 's/.*teardown dmbs=\([0-9]*\).*/\1/p' <<<"$line")"
     if [[ "$mode_smc" == smcd/smcd && "${dmbs:-0}" -lt 1 ]]; then
         fails+=("$G: no DMB registered before the teardown: it tested nothing")
