@@ -18,46 +18,24 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::BorrowedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use ism_fuzz::{CountingWindow, check_nothing_left};
 use ism_pool::{GrantTarget, LocalPool, Perms, PoolConfig, PoolSession, PoolStatus, RegionLease};
 use ism_vmm::rest::{self as router, ApiAction};
 use libfuzzer_sys::fuzz_target;
 use virtio_device::{ActivationContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
-use virtio_ism::{Ism, IsmConfig, IsmHandle, IsmWorker, ShmWindow};
+use virtio_ism::{Ism, IsmConfig, IsmHandle, IsmWorker};
 use virtio_ism_api::{HandleControl, IsmDevices, IsmEntry};
 use virtio_ism_proto::defs::features::{VIRTIO_ISM_F_EVENT_QUEUE, VIRTIO_ISM_F_QUERY, bit};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const CHUNK: u64 = 4096;
 const SHM: u64 = 32 * CHUNK;
 const MEM_SIZE: usize = 0x4000;
 const MAX_REQUESTS: usize = 16;
-
-#[derive(Default)]
-struct CountingWindow {
-    mapped: Mutex<u64>,
-}
-
-impl ShmWindow for CountingWindow {
-    fn map(&self, offset: u64, _: BorrowedFd<'_>, _: u64, len: u64, _: bool) -> io::Result<()> {
-        assert!(
-            offset.checked_add(len).unwrap() <= SHM,
-            "map outside shmid 1"
-        );
-        *self.mapped.lock().unwrap() += 1;
-        Ok(())
-    }
-
-    fn unmap(&self, _: u64, _: u64) -> io::Result<()> {
-        let mut mapped = self.mapped.lock().unwrap();
-        *mapped = mapped.checked_sub(1).expect("unmap of nothing mapped");
-        Ok(())
-    }
-}
 
 struct NoInterrupt;
 
@@ -78,7 +56,7 @@ struct Device {
 impl Device {
     fn new(pool: &Arc<LocalPool>, id: &str) -> Self {
         let session: Arc<dyn PoolSession> = pool.session().unwrap();
-        let window = Arc::new(CountingWindow::default());
+        let window = Arc::new(CountingWindow::new(SHM));
         let config = IsmConfig {
             shm_size: SHM,
             chunk_size: CHUNK,
@@ -125,11 +103,7 @@ impl Device {
     fn reset(&mut self) {
         self.worker = None;
         self.ism.reset();
-        assert_eq!(
-            *self.window.mapped.lock().unwrap(),
-            0,
-            "reset left mappings"
-        );
+        assert_eq!(self.window.mapped(), 0, "reset left mappings");
         assert!(self.handle.regions().is_empty(), "reset left regions");
         self.session.take_events();
     }
@@ -196,14 +170,7 @@ impl Fixture {
             device.reset();
         }
         self.neighbour.take_events();
-        assert_eq!(
-            self.pool.status(),
-            self.baseline,
-            "state left for the next input"
-        );
-        self.mem
-            .write_slice(&[0u8; MEM_SIZE], GuestAddress(0))
-            .unwrap();
+        check_nothing_left(&self.pool, &self.baseline, &self.mem, MEM_SIZE);
     }
 }
 

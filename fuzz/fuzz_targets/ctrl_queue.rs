@@ -32,6 +32,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
+use ism_fuzz::check_nothing_left;
 use ism_pool::{
     DevId, GrantTarget, LocalPool, Perms, PoolConfig, PoolSession, PoolStatus, RegionLease, Token,
 };
@@ -298,16 +299,8 @@ impl Fixture {
         }
         self.peer.take_events();
         self.device_session.take_events();
-        // Nothing of this input is left in the pool.
-        assert_eq!(
-            self.pool.status(),
-            self.baseline,
-            "state left for the next input"
-        );
-        // Nor in guest memory.
-        self.mem
-            .write_slice(&[0u8; MEM_SIZE], GuestAddress(0))
-            .unwrap();
+        // Nothing of this input is left in the pool, nor in guest memory.
+        check_nothing_left(&self.pool, &self.baseline, &self.mem, MEM_SIZE);
     }
 }
 

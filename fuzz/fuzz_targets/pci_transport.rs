@@ -23,10 +23,9 @@
 #![no_main]
 
 use std::cell::RefCell;
-use std::io;
-use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
+use ism_fuzz::{CountingWindow, check_nothing_left};
 use ism_pool::{LocalPool, PoolConfig, PoolSession, PoolStatus};
 use ism_vmm::test_pci::{ECAM_START, PciBench};
 use libfuzzer_sys::fuzz_target;
@@ -34,8 +33,8 @@ use virtio_device::{
     ActivateError, ActivationContext, Counters, ShmError, VirtioDevice, VirtioInterrupt,
     VirtioSharedMemoryList,
 };
-use virtio_ism::{Ism, IsmConfig, IsmHandle, IsmWorker, ShmWindow};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_ism::{Ism, IsmConfig, IsmHandle, IsmWorker};
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 const SLOT: u8 = 4;
 const VECTORS: usize = 4;
@@ -43,29 +42,6 @@ const MEM_SIZE: usize = 0x10000;
 const CHUNK: u64 = 4096;
 const SHM: u64 = 16 * CHUNK;
 const MAX_OPS: usize = 256;
-
-/// Counts live mappings; keeps no memory.
-#[derive(Default)]
-struct CountingWindow {
-    mapped: Mutex<u64>,
-}
-
-impl ShmWindow for CountingWindow {
-    fn map(&self, offset: u64, _: BorrowedFd<'_>, _: u64, len: u64, _: bool) -> io::Result<()> {
-        assert!(
-            offset.checked_add(len).unwrap() <= SHM,
-            "map outside shmid 1"
-        );
-        *self.mapped.lock().unwrap() += 1;
-        Ok(())
-    }
-
-    fn unmap(&self, _: u64, _: u64) -> io::Result<()> {
-        let mut mapped = self.mapped.lock().unwrap();
-        *mapped = mapped.checked_sub(1).expect("unmap of nothing mapped");
-        Ok(())
-    }
-}
 
 /// virtio-ism with its worker kept here instead of on a thread.
 struct FuzzIsm {
@@ -136,7 +112,7 @@ impl Fixture {
         })
         .unwrap();
         let session: Arc<dyn PoolSession> = pool.session().unwrap();
-        let window = Arc::new(CountingWindow::default());
+        let window = Arc::new(CountingWindow::new(SHM));
         let config = IsmConfig {
             shm_size: SHM,
             chunk_size: CHUNK,
@@ -161,21 +137,10 @@ impl Fixture {
 
     fn reset(&self) {
         self.device.lock().unwrap().reset();
-        assert_eq!(
-            *self.window.mapped.lock().unwrap(),
-            0,
-            "reset left mappings"
-        );
+        assert_eq!(self.window.mapped(), 0, "reset left mappings");
         assert!(self.handle.regions().is_empty(), "reset left regions");
         self.session.take_events();
-        assert_eq!(
-            self.pool.status(),
-            self.baseline,
-            "state left for the next input"
-        );
-        self.mem
-            .write_slice(&[0u8; MEM_SIZE], GuestAddress(0))
-            .unwrap();
+        check_nothing_left(&self.pool, &self.baseline, &self.mem, MEM_SIZE);
     }
 }
 
