@@ -5,8 +5,9 @@
 # its own arguments, guest script and checks.
 #
 # smc_parse_args HELP_END ARG...
-#                            the options both scripts take: --vmm (and --vmm=), --pool,
-#                            --timeout, --keep-logs, -h/--help (prints the caller's header
+#                            the options both scripts take, with their defaults:
+#                            --vmm (and --vmm=; cloud-hypervisor), --pool (built), --timeout
+#                            (1500 s), --keep-logs (none), -h/--help (prints the caller's header
 #                            comment, lines 2 to HELP_END); any other option with its value
 #                            goes to the caller's `smc_option NAME VALUE`, which returns
 #                            non-zero for an option it does not know
@@ -33,6 +34,10 @@
 smc_parse_args() {
     local help_end=$1
     shift
+    vmm="cloud-hypervisor"
+    pool_bin=""
+    timeout_s=1500
+    keep=""
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --vmm=*) vmm="${1#--vmm=}"; shift; continue ;;

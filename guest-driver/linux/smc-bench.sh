@@ -27,13 +27,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 SMC_SCRIPT=smc-bench.sh
-vmm="cloud-hypervisor"
 rounds=200
 stream=1048576
 expect=smcd
-pool_bin=""
-timeout_s=1500
-keep=""
 # shellcheck source=lib-smc.sh
 source "$here/lib-smc.sh"
 smc_option() {

@@ -36,13 +36,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 SMC_SCRIPT=smc-test.sh
-vmm="cloud-hypervisor"
 expect=auto
 which_case=all
 bytes=131072
-pool_bin=""
-timeout_s=1500
-keep=""
 # shellcheck source=lib-smc.sh
 source "$here/lib-smc.sh"
 smc_option() {
