@@ -28,8 +28,9 @@
 //!     flags u8   bit 0: write the request's id into the header, bit 1: write the length
 //!     le16 len, then len bytes (cut to what is left): the message
 //!
-//! The session reconnects after 1 ms (backoff up to 10 ms) instead of 100 ms, so a comeback
-//! costs little time.
+//! The session reconnects after 20 us (backoff up to 1 ms) instead of 100 ms, so a comeback
+//! costs little time (measured on one CPU: about 3 000 inputs/s with 1 ms, 3 300-3 650/s
+//! with 20 us).
 //!
 //! Checks: nothing panics or hangs; a lease is a descriptor of the size and mode the broker
 //! announced; peer doorbells are eventfds; no descriptor the broker sent outlives the input.
@@ -293,7 +294,7 @@ fn wait_for_broker(session: &BrokerSession, broker_gone: &AtomicBool) -> bool {
         if start.elapsed() > Duration::from_millis(50) {
             break;
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_micros(20));
     }
     session.is_connected()
 }
@@ -301,8 +302,8 @@ fn wait_for_broker(session: &BrokerSession, broker_gone: &AtomicBool) -> bool {
 /// The device's side: connect and make the calls.
 fn play_device(path: &Path, calls: &[Call], broker_gone: &AtomicBool) {
     let options = ClientOptions {
-        backoff_min: Duration::from_millis(1),
-        backoff_max: Duration::from_millis(10),
+        backoff_min: Duration::from_micros(20),
+        backoff_max: Duration::from_millis(1),
         ..ClientOptions::default()
     };
     let session = BrokerSession::connect_with(path, options, None);
@@ -419,6 +420,7 @@ struct ClientThread {
 
 impl ClientThread {
     fn start() -> Self {
+        pin_to_one_cpu();
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let (done_tx, done) = mpsc::channel();
         let signals = Arc::new(Signals {
@@ -454,6 +456,26 @@ impl ClientThread {
             signals,
         }
     }
+}
+
+/// Keeps this thread, and the threads it starts from now on (the client thread and every
+/// session's reader), on the CPU it runs on, unless the process was already given one CPU
+/// (`taskset -c N`, to run two fuzzers side by side). A request crosses three threads: on
+/// one CPU each hand-over is a plain context switch, while waking a thread on another CPU
+/// takes an interrupt between CPUs, a VM exit on a virtualised host. Measured on this
+/// project's PVM host: 3 235 inputs/s on one CPU, 2 669/s free on two.
+fn pin_to_one_cpu() {
+    use rustix::thread::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
+    let Ok(allowed) = sched_getaffinity(None) else {
+        return;
+    };
+    if allowed.count() <= 1 {
+        return;
+    }
+    let mut one = CpuSet::new();
+    one.set(sched_getcpu());
+    // Best effort: on failure the target is slower, not wrong.
+    let _ = sched_setaffinity(None, &one);
 }
 
 thread_local! {

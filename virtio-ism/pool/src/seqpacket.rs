@@ -5,6 +5,7 @@
 //! Packets keep message boundaries, so a malformed message never desynchronises the stream
 //! and an oversized one is detected (MSG_TRUNC) and answered instead of closing the link.
 
+use std::cell::RefCell;
 use std::io;
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -117,7 +118,16 @@ pub struct Packet {
 
 /// Receives one packet; `None` at end of stream.
 pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
-    let mut bytes = vec![0u8; MAX_MESSAGE_LEN];
+    RECV_BUFFER.with_borrow_mut(|buffer| recv_into(socket, buffer))
+}
+
+thread_local! {
+    /// Room for the longest message, kept per thread: most packets are a few dozen bytes,
+    /// and a fresh zeroed 64 KiB buffer per packet cost more than receiving it.
+    static RECV_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_MESSAGE_LEN].into_boxed_slice());
+}
+
+fn recv_into(socket: BorrowedFd<'_>, bytes: &mut [u8]) -> io::Result<Option<Packet>> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_PACKET))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     // CMSG_CLOEXEC: region fds must not leak into processes the VMM spawns.
@@ -125,12 +135,7 @@ pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
     let mut flags = RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC;
     let mut reset = None;
     let received = loop {
-        match rustix::net::recvmsg(
-            socket,
-            &mut [IoSliceMut::new(&mut bytes)],
-            &mut control,
-            flags,
-        ) {
+        match rustix::net::recvmsg(socket, &mut [IoSliceMut::new(bytes)], &mut control, flags) {
             Ok(received) => break received,
             Err(rustix::io::Errno::INTR) => continue,
             // A peer that closed with our packets unread (a broker refusing a connection
@@ -153,9 +158,8 @@ pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
         return Ok(None);
     }
     let truncated = received.bytes > MAX_MESSAGE_LEN || received.flags.contains(ReturnFlags::TRUNC);
-    bytes.truncate(received.bytes.min(MAX_MESSAGE_LEN));
     Ok(Some(Packet {
-        bytes,
+        bytes: bytes[..received.bytes.min(MAX_MESSAGE_LEN)].to_vec(),
         truncated,
         fds,
     }))
