@@ -44,8 +44,8 @@ pub struct ClientOptions {
     /// protocol version 4). The session then keeps a duplicate of every lease and doorbell
     /// (made on the calling thread), and its reader thread, to resume, connects and sends:
     /// `socket` (AF_UNIX), `connect`, `setsockopt`, `sendmsg`, `shutdown`
-    /// (docs/seccomp.md). Off, the reader thread only receives and the session ends with
-    /// its connection.
+    /// (docs/seccomp.md). Off, the reader thread only receives (`recvmsg`, and `poll` when
+    /// a receive returns nothing) and the session ends with its connection.
     pub reconnect: bool,
     /// First wait before reconnecting; doubled after every failed attempt up to
     /// `backoff_max`.
@@ -535,6 +535,12 @@ fn run_reader(shared: &Shared) {
             return;
         };
         let reason = read_loop(shared, &socket);
+        // Hung up before reconnecting: the connection may have ended on this side only (a
+        // receive error), and a broker that still sees it
+        // would keep the session, and its regions, as they were while the resume comes in.
+        // Callers may still hold the socket for a moment: shut down, not just dropped.
+        seqpacket::shutdown(socket.as_fd());
+        drop(socket);
         {
             let mut link = shared.link();
             link.socket = None;
@@ -993,4 +999,62 @@ pub fn query_status(path: impl AsRef<Path>) -> Result<PoolStatus, PoolError> {
 /// Asks the broker at `path` to revoke region `token`.
 pub fn revoke(path: impl AsRef<Path>, token: Token) -> Result<(), PoolError> {
     ObserverClient::connect(path)?.revoke(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker that answers the hello, then each request with `before` followed by OK.
+    /// Returns how many connections it accepted after the first (reconnections).
+    fn scripted_broker(listener: OwnedFd, before: &'static [u8]) -> JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let conn = seqpacket::accept(listener.as_fd()).unwrap();
+            while let Ok(Some(packet)) = seqpacket::recv(conn.as_fd()) {
+                let (id, request) = wire::decode_request(&packet.bytes).unwrap();
+                let reply = match request {
+                    Request::Hello { .. } => Reply::HelloOk {
+                        version: MAX_VERSION,
+                        gid: 1,
+                        devid: 2,
+                        resume_key: 3,
+                    },
+                    _ => {
+                        seqpacket::send(conn.as_fd(), before, None).unwrap();
+                        Reply::Ok
+                    }
+                };
+                seqpacket::send(conn.as_fd(), &reply.encode(id), None).unwrap();
+            }
+            rustix::net::sockopt::set_socket_timeout(
+                &listener,
+                rustix::net::sockopt::Timeout::Recv,
+                Some(Duration::from_millis(200)),
+            )
+            .unwrap();
+            std::iter::from_fn(|| seqpacket::accept(listener.as_fd()).ok()).count()
+        })
+    }
+
+    /// An empty packet reads like the end of the stream on SOCK_SEQPACKET; the session took
+    /// it for a hang-up and reconnected while the broker still had it connected. Now it is
+    /// a malformed message like any other: ignored, and the answer after it still arrives.
+    #[test]
+    fn test_an_empty_packet_from_the_broker_is_no_hang_up() {
+        let path =
+            std::env::temp_dir().join(format!("ism-empty-packet-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let broker = scripted_broker(seqpacket::listen(&path, 4).unwrap(), b"");
+        let options = ClientOptions {
+            backoff_min: Duration::from_millis(1),
+            ..ClientOptions::default()
+        };
+        let session = BrokerSession::connect_with(&path, options, None).unwrap();
+        session.detach(Token(5)).unwrap();
+        session.detach(Token(6)).unwrap();
+        assert!(session.is_connected());
+        drop(session);
+        assert_eq!(broker.join().unwrap(), 0, "the session reconnected");
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -154,7 +154,10 @@ fn recv_into(socket: BorrowedFd<'_>, bytes: &mut [u8]) -> io::Result<Option<Pack
             fds.extend(received_fds);
         }
     }
-    if received.bytes == 0 && fds.is_empty() {
+    // SOCK_SEQPACKET reports an empty packet and the end of the stream alike (0 bytes): only
+    // a hung-up socket is the end. An empty packet is a message like any other (a malformed
+    // one), not a reason to drop the connection.
+    if received.bytes == 0 && fds.is_empty() && hung_up(socket) {
         return Ok(None);
     }
     let truncated = received.bytes > MAX_MESSAGE_LEN || received.flags.contains(ReturnFlags::TRUNC);
@@ -163,6 +166,24 @@ fn recv_into(socket: BorrowedFd<'_>, bytes: &mut [u8]) -> io::Result<Option<Pack
         truncated,
         fds,
     }))
+}
+
+/// Whether the peer closed or shut down its sending side, or this side shut down: nothing
+/// more will arrive once what is queued has been read.
+fn hung_up(socket: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(&socket, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::HUP | PollFlags::RDHUP),
+        // Cannot tell: the end, as before.
+        Err(_) => true,
+    }
 }
 
 /// Stops both directions so that a thread blocked in `recv` on this socket returns.
@@ -215,4 +236,64 @@ pub fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32, u32)> {
         cred.uid.as_raw(),
         cred.gid.as_raw(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn test_an_empty_packet_is_a_packet() {
+        let (a, b) = pair();
+        send(a.as_fd(), b"", None).unwrap();
+        send(a.as_fd(), b"next", None).unwrap();
+        let empty = recv(b.as_fd())
+            .unwrap()
+            .expect("an empty packet, not the end");
+        assert!(empty.bytes.is_empty() && empty.fds.is_empty() && !empty.truncated);
+        assert_eq!(recv(b.as_fd()).unwrap().unwrap().bytes, b"next");
+    }
+
+    #[test]
+    fn test_the_end_of_the_stream_is_none() {
+        // The peer closes, with an empty packet still queued.
+        let (a, b) = pair();
+        send(a.as_fd(), b"", None).unwrap();
+        drop(a);
+        assert!(recv(b.as_fd()).unwrap().is_none());
+        // The peer stops sending.
+        let (a, b) = pair();
+        rustix::net::shutdown(&a, rustix::net::Shutdown::Write).unwrap();
+        assert!(recv(b.as_fd()).unwrap().is_none());
+        // This side shuts down (how a reader thread is stopped).
+        let (_a, b) = pair();
+        shutdown(b.as_fd());
+        assert!(recv(b.as_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn test_a_packet_longer_than_a_message_is_cut_and_flagged() {
+        let (a, b) = pair();
+        let long = vec![7u8; MAX_MESSAGE_LEN + 10];
+        send(a.as_fd(), &long, None).unwrap();
+        send(a.as_fd(), b"short", None).unwrap();
+        let cut = recv(b.as_fd()).unwrap().unwrap();
+        assert!(cut.truncated);
+        assert_eq!(cut.bytes.len(), MAX_MESSAGE_LEN);
+        // The buffer kept between calls holds nothing of the long packet for the next.
+        let next = recv(b.as_fd()).unwrap().unwrap();
+        assert!(!next.truncated);
+        assert_eq!(next.bytes, b"short");
+    }
 }

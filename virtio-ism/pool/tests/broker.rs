@@ -814,6 +814,9 @@ fn test_malformed_messages_are_answered_and_others_keep_working() {
             .encode(8),
         ),
         ("status on device connection", Request::Status.encode(9)),
+        // Reads like the end of the stream on SOCK_SEQPACKET: the broker took it for a
+        // hang-up and dropped the connection.
+        ("empty packet", Vec::new()),
     ];
     for (what, packet) in &broken {
         seqpacket::send(conn.as_fd(), packet, None).unwrap();

@@ -279,9 +279,12 @@ fn extra(thread: Thread, embedded_pool: bool) -> Vec<libc::c_long> {
         // see `socket_domains`), bound the handshake with SO_RCVTIMEO/SO_SNDTIMEO, hand
         // back the session's regions and doorbells (sendmsg with SCM_RIGHTS; the worker
         // made the duplicates it sends) and DETACHes the restarted broker may have missed;
-        // fcntl is F_GETFD only (see `rules`).
+        // fcntl is F_GETFD only (see `rules`); poll tells the end of the stream from an
+        // empty packet (both read as 0 bytes).
         Thread::PoolClient => &[
             libc::SYS_recvmsg,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
             libc::SYS_fcntl,
             libc::SYS_sendmsg,
             libc::SYS_socket,
