@@ -536,9 +536,9 @@ fn run_reader(shared: &Shared) {
         };
         let reason = read_loop(shared, &socket);
         // Hung up before reconnecting: the connection may have ended on this side only (a
-        // receive error), and a broker that still sees it
-        // would keep the session, and its regions, as they were while the resume comes in.
-        // Callers may still hold the socket for a moment: shut down, not just dropped.
+        // receive error), and a broker that still sees it would keep the session, and its
+        // regions, as they were while the resume comes in. Callers may still hold the
+        // socket for a moment: shut down, not just dropped.
         seqpacket::shutdown(socket.as_fd());
         drop(socket);
         {
